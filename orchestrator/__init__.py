@@ -1,0 +1,3 @@
+"""Live-migration orchestrator for passthrough devices."""
+
+__version__ = "0.1.0"
