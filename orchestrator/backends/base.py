@@ -1,0 +1,129 @@
+"""The one small interface every device backend implements.
+
+A backend drives one device endpoint: the source device of a migration or
+its destination device.  The interface mirrors the kernel's VFIO migration
+v2 uAPI, because that is the richest of the device models we drive; other
+backends (vhost-vdpa) map their own operations onto it.
+
+Invariants a backend keeps:
+
+* ``set_state`` performs exactly one arc of the state model
+  (``orchestrator.states``).  Multi-step requests are walked by the runner,
+  one arc at a time, so every transition is traced, timed and
+  fault-injectable.  A failed arc leaves the device in its old state or in
+  ERROR; ``get_state`` tells which.
+* ``read`` returns the next bytes of the device's migration stream.  An
+  empty result means "no more data now": in a PRE_COPY state that is the
+  temporary end of the currently available data (``-ENOMSG`` in the uAPI,
+  ``0`` from some drivers); in STOP_COPY it is the end of the stream.
+* ``write`` feeds the stream to a device in RESUMING, in order.
+* Every failure is a :class:`orchestrator.errors.DeviceError`; a backend
+  translates its errno at this boundary and nowhere else.
+* Backends never sleep on a deadline of their own: the runner puts every
+  call under one.  Blocking system calls run in worker threads so that many
+  devices proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from orchestrator.errors import Problem
+from orchestrator.states import Capabilities, DeviceState, Side
+
+
+@dataclass(frozen=True)
+class PrecopyInfo:
+    """What VFIO_MIG_GET_PRECOPY_INFO reports.
+
+    ``initial_bytes``: data of the initial pass not yet read; the device wants
+    it drained before the switchover.  ``dirty_bytes``: an estimate of data
+    that changed since it was read and will have to be sent again.
+    """
+
+    initial_bytes: int
+    dirty_bytes: int
+
+
+class Device(abc.ABC):
+    """One device endpoint, source or destination, of one backend."""
+
+    #: The backend's name as plans spell it.
+    backend: ClassVar[str]
+
+    def __init__(self, name: str, side: Side) -> None:
+        self.name = name
+        self.side = side
+
+    @abc.abstractmethod
+    async def open(self) -> Capabilities:
+        """Open the device and report its migration capabilities."""
+
+    @abc.abstractmethod
+    async def get_state(self) -> DeviceState:
+        """The device's current migration state, as the device reports it."""
+
+    @abc.abstractmethod
+    async def set_state(self, target: DeviceState) -> None:
+        """Take one arc of the state model to ``target``."""
+
+    @abc.abstractmethod
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of the migration stream; ``b""``: nothing more now."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Load the next bytes of the migration stream (RESUMING only)."""
+
+    @abc.abstractmethod
+    async def precopy_info(self) -> PrecopyInfo:
+        """Initial and dirty bytes still to send (PRE_COPY states only)."""
+
+    @abc.abstractmethod
+    async def stop_copy_size(self) -> int:
+        """Estimated bytes the device would produce in STOP_COPY from now."""
+
+    @abc.abstractmethod
+    async def reset(self) -> None:
+        """Reset the device: it leaves ERROR and reads RUNNING, its state is lost."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the device.  Safe to call more than once."""
+
+    async def state_digest(self) -> str | None:
+        """A digest of the device's internal state, where the backend can tell.
+
+        The simulated backend can; real hardware cannot, and returns None.
+        """
+        return None
+
+
+class Backend(abc.ABC):
+    """How plans name, validate and create the devices of one backend."""
+
+    #: The name plans use in ``backend = "..."``.
+    name: ClassVar[str]
+    #: The pydantic model of a ``source`` or ``destination`` table.
+    params_model: ClassVar[type[BaseModel]]
+
+    def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
+        """Fields the destination table inherits from the source when it omits them."""
+        return {}
+
+    def static_capabilities(self, params: BaseModel) -> Capabilities | None:
+        """Capabilities known without opening the device (None: ask the device)."""
+        return None
+
+    def check_pair(self, source: BaseModel, destination: BaseModel) -> list[Problem]:
+        """Problems that make this source/destination pair unable to migrate."""
+        return []
+
+    @abc.abstractmethod
+    def create(self, name: str, side: Side, params: BaseModel) -> Device:
+        """A device object for one endpoint; nothing is opened yet."""

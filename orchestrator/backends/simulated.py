@@ -1,0 +1,971 @@
+"""The simulated backend: a device with real state bytes and injectable faults.
+
+This is the test double of the project, in the spirit of httpx's
+``MockTransport``: every test, example plan and benchmark can migrate
+simulated devices through the same :class:`~orchestrator.backends.base.Device`
+interface the VFIO and vhost-vdpa backends implement, and a test can prove
+that the destination ends up holding exactly the bytes the source had.
+
+Theory of operation
+-------------------
+
+A device holds ``state_mib`` of state in a ``bytearray`` cut into
+``page_kib`` pages (the size is rounded to whole 8-byte words; the last page
+may be partial).  A source starts from ``random.Random(seed).randbytes(size)``;
+a destination starts from different bytes derived from the seed and its side,
+so a load is always visible in its digest.
+
+While the device is in a running state (RUNNING, PRE_COPY, RUNNING_P2P,
+PRE_COPY_P2P) it dirties its state at ``dirty_mib_s``: page-sized mutations
+per second of ``trio.current_time()``, so it follows trio's ``MockClock``.
+Dirtying is lazy: every call first catches up with the clock, with a
+fractional carry.  Mutation ``k`` (counted by :attr:`SimulatedDevice.mutations`)
+is a pure function of ``(seed, k)``: it picks a page and XORs one non-zero
+64-bit word into it, so it always changes that page.
+:func:`reference_digest` replays mutations ``0..k-1`` on fresh content, which
+proves that a device holds its own state and nothing else (a rolled-back
+source was neither written into nor reset).
+
+The migration stream
+--------------------
+
+The stream is opaque to the orchestrator but checks itself.  All integers
+are big-endian.
+
+* header, 20 bytes: ``b"SIMG"``, version ``u16`` (1), flags ``u16`` (0),
+  page size ``u32``, state size ``u64``.
+* page run, 17 bytes + payload: ``b"P"``, offset ``u64``, length ``u32``,
+  crc32 ``u32`` of the tag, offset and length fields followed by the payload.
+  A run covers contiguous pages; it starts on a page boundary and ends on one
+  or at the end of the state.
+* end, 45 bytes: ``b"E"``, mutation count ``u64``, sha256 of the source state
+  as it was when it stopped (32 bytes), crc32 ``u32`` of the preceding 41 bytes.
+
+One stream runs from entering a saving state (PRE_COPY, PRE_COPY_P2P or, when
+pre-copy is skipped or missing, STOP_COPY) until the device leaves the saving
+states; PRE_COPY -> PRE_COPY_P2P -> STOP_COPY keeps the same stream, and a
+later saving state starts a new one from scratch.  Pre-copy sends every page
+once in index order (the *initial* data), then the pages dirtied since they
+were sent.  In a PRE_COPY state ``read`` returns ``b""`` when nothing is
+pending right now; in STOP_COPY it sends whatever is pending, the end record,
+then ``b""`` for ever.  Reads coalesce contiguous pages up to ``max_bytes``;
+a record larger than a read is split across reads.
+
+A destination in RESUMING parses records incrementally (a record may be
+split across writes), checks every crc and bound, and applies the pages.  A
+bad record poisons the load: that ``write`` and every later one fail naming
+the record's stream offset.  RESUMING -> STOP succeeds only when the end
+record arrived, nothing was poisoned and the sha256 of the loaded state
+equals the source's; otherwise the device falls into ERROR.  A loaded
+destination continues the source's mutation count, so with the same seed it
+dirties exactly as the source would have.
+
+Faults
+------
+
+``fault = {at = ..., kind = ..., offset = ..., once = ...}``:
+
+* ``at = "<STATE>"`` without ``offset``: fires when ``set_state`` is asked to
+  enter that state (after the arc was validated and its latency slept).
+  ``error``: DeviceError, state unchanged.  ``error_state``: DeviceError and
+  the device is now in ERROR.  ``hang``: never returns (the runner's deadline
+  cancels it; the state is unchanged).  ``corrupt``: the arc succeeds and the
+  next stream byte the device produces (source) or consumes (destination)
+  is flipped (XOR 0xFF).
+* ``at = "stream"``, ``offset = N``: fires on the ``read`` (source) or
+  ``write`` (destination) whose byte range covers stream byte ``N``, in every
+  stream.  ``error``/``error_state``/``hang`` as above; ``corrupt`` flips
+  byte ``N``.
+* ``at = "<STATE>"`` with ``offset = N``: entering the state arms the
+  ``at = "stream"`` behaviour for byte ``N`` (of the current or a later
+  stream).
+* ``once = true`` (the default) fires once and clears; ``once = false`` fires
+  every time (each entry to the state, or each call covering byte ``N``).
+
+Invariants
+----------
+
+* ``set_state`` takes exactly one arc of :mod:`orchestrator.states` for the
+  device's capabilities; anything else is refused with errno EINVAL and the
+  state unchanged.  ERROR is left only by :meth:`SimulatedDevice.reset`.
+* A call that fails or is cancelled has no effect on the stream: an
+  injected error, a hang and a cancelled drain delay leave the bytes it
+  would have returned (or consumed) in place for the next call.  Only
+  ``error_state`` changes state, into ERROR, which discards the stream.
+* Stopped states (STOP, STOP_COPY, RESUMING, ERROR) never mutate the state.
+* ``reset`` loses the content (zero-filled), discards any stream, and
+  restarts the mutation count from the zeroed content.
+* Time is spent only in ``trio.sleep``: ``transition_ms`` before each arc
+  (and each reset), ``n / drain_mib_s`` for a read or write moving ``n``
+  bytes.  The device serves one call at a time, as the runner drives it.
+* No per-byte Python loops: pages move as memoryview slices, checksums are
+  ``zlib.crc32`` over views, pending pages are found with ``bytearray.find``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import random
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NoReturn
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.errors import DeviceError, Problem
+from orchestrator.states import (
+    RUNNING_STATES,
+    SAVING_STATES,
+    Capabilities,
+    DeviceState,
+    MigrationFlags,
+    Side,
+    is_arc,
+)
+
+__all__ = [
+    "END_SIZE",
+    "HEADER_SIZE",
+    "MAGIC",
+    "RUN_HEADER_SIZE",
+    "VERSION",
+    "FaultSpec",
+    "SimulatedBackend",
+    "SimulatedDevice",
+    "SimulatedParams",
+    "reference_digest",
+]
+
+MIB = 1 << 20
+KIB = 1 << 10
+
+MAGIC = b"SIMG"
+VERSION = 1
+TAG_RUN = b"P"
+TAG_END = b"E"
+_HEADER = struct.Struct(">4sHHIQ")  # magic, version, flags, page size, state size
+_RUN_FIELDS = struct.Struct(">cQI")  # tag, offset, length: what the run's crc covers first
+_RUN = struct.Struct(">cQII")  # the fields above, then crc32
+_END = struct.Struct(">cQ32sI")  # tag, mutation count, sha256, crc32 of the rest
+HEADER_SIZE = _HEADER.size
+RUN_HEADER_SIZE = _RUN.size
+END_SIZE = _END.size
+
+FaultKind = Literal["error", "error_state", "hang", "corrupt"]
+
+#: States a fault can be injected at: every one a device can be asked to enter.
+FAULT_STATES: tuple[str, ...] = tuple(s.name for s in DeviceState if s is not DeviceState.ERROR)
+_PRE_COPY_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P})
+
+
+class FaultSpec(BaseModel):
+    """One injected fault: where it fires, what it does, how often."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: str = Field(
+        description='A device state the fault fires on entering (for example "STOP_COPY"; '
+        'case-insensitive), or "stream" to fire at the stream byte `offset`.'
+    )
+    kind: FaultKind = Field(
+        description="error: the call fails, state unchanged; error_state: the call fails and "
+        "the device is in ERROR; hang: the call never returns; corrupt: one stream byte is "
+        "flipped."
+    )
+    offset: int | None = Field(
+        default=None,
+        ge=0,
+        description='Stream byte offset the fault fires at; required with at = "stream". '
+        "With a state, entering the state arms the fault for this byte.",
+    )
+    once: bool = Field(
+        default=True,
+        description="Fire once, then clear; false fires every time the trigger is met.",
+    )
+
+    @field_validator("at")
+    @classmethod
+    def _normalise_at(cls, value: str) -> str:
+        name = value.strip()
+        if name.lower() == "stream":
+            return "stream"
+        upper = name.upper()
+        if upper == DeviceState.ERROR.name:
+            raise ValueError(
+                "a fault cannot be injected at ERROR: a device only falls into ERROR; "
+                "use kind = 'error_state' at the state whose entry should fail"
+            )
+        if upper not in FAULT_STATES:
+            raise ValueError(
+                f"unknown fault point {value!r}: expected 'stream' or one of "
+                f"{', '.join(FAULT_STATES)}"
+            )
+        return upper
+
+    @model_validator(mode="after")
+    def _stream_needs_offset(self) -> FaultSpec:
+        if self.at == "stream" and self.offset is None:
+            raise ValueError('a fault at "stream" needs offset = the stream byte it fires at')
+        return self
+
+    @property
+    def state(self) -> DeviceState | None:
+        """The state whose entry triggers the fault; None for a stream fault."""
+        return None if self.at == "stream" else DeviceState[self.at]
+
+
+class SimulatedParams(BaseModel):
+    """The ``source`` or ``destination`` table of a ``backend = "simulated"`` device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_mib: float = Field(
+        default=1.0,
+        gt=0,
+        le=4096,
+        allow_inf_nan=False,
+        description="Size of the device state in MiB (rounded to whole 8-byte words).",
+    )
+    page_kib: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="Page size in KiB, a power of two: the unit of dirtying and of transfer.",
+    )
+    dirty_mib_s: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="MiB per second of pages the running device rewrites (0: never).",
+    )
+    transition_ms: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Latency of each state arc (and of a reset), in milliseconds.",
+    )
+    drain_mib_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Rate, in MiB/s, at which the device produces (read) or consumes (write) "
+        "stream bytes; unset: unlimited.",
+    )
+    p2p: bool = Field(default=True, description="The device has the P2P (NDMA) states.")
+    pre_copy: bool = Field(default=True, description="The device has the PRE_COPY states.")
+    seed: int = Field(default=0, description="Seed of the initial content and of the dirtying.")
+    fault: FaultSpec | None = Field(default=None, description="A fault to inject, if any.")
+
+    @field_validator("page_kib")
+    @classmethod
+    def _page_power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"page_kib must be a power of two (1, 2, 4, ..., 1024), not {value}")
+        return value
+
+    @property
+    def state_bytes(self) -> int:
+        """The state size in bytes: ``state_mib`` rounded to whole 8-byte words."""
+        return max(8, round(self.state_mib * MIB / 8) * 8)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_kib * KIB
+
+    @property
+    def capabilities(self) -> Capabilities:
+        flags = MigrationFlags.STOP_COPY
+        if self.p2p:
+            flags |= MigrationFlags.P2P
+        if self.pre_copy:
+            flags |= MigrationFlags.PRE_COPY
+        return Capabilities(flags, stop_copy_size=True, dirty_logging=False)
+
+
+# --- content and dirtying ---------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    size: int
+    page_size: int
+    n_pages: int
+    words_per_page: int
+
+    @classmethod
+    def of(cls, params: SimulatedParams) -> _Layout:
+        size, page = params.state_bytes, params.page_bytes
+        return cls(size, page, -(-size // page), page // 8)
+
+    @property
+    def full_stream_bound(self) -> int:
+        """Upper bound of a whole stream: header, one record per page, end."""
+        return HEADER_SIZE + self.size + self.n_pages * RUN_HEADER_SIZE + END_SIZE
+
+
+def _initial_content(params: SimulatedParams, side: Side) -> bytearray:
+    size = params.state_bytes
+    if side is Side.SOURCE:
+        return bytearray(random.Random(params.seed).randbytes(size))
+    return bytearray(random.Random(f"simulated:{side.name}:{params.seed}").randbytes(size))
+
+
+def _mutation_key(seed: int) -> int:
+    return (seed * _MIX1 + _GOLDEN) & _MASK64
+
+
+def _apply_mutations(
+    words: memoryview,
+    layout: _Layout,
+    key: int,
+    first: int,
+    count: int,
+    pending: bytearray | None,
+) -> int:
+    """Apply mutations ``first .. first+count-1``; return how many pages became pending.
+
+    Mutation ``k`` is splitmix64 of ``(key, k)``: the value picks the page and
+    the word in it, and (made odd, so non-zero) is XORed into that word.
+    """
+    n_pages = layout.n_pages
+    per_page = layout.words_per_page
+    n_words = len(words)
+    newly_pending = 0
+    for k in range(first, first + count):
+        x = (key + k * _GOLDEN) & _MASK64
+        x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+        x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+        x ^= x >> 31
+        page = x % n_pages
+        base = page * per_page
+        index = base + (x >> 40) % per_page
+        if index >= n_words:  # the last page is partial
+            index = base + (index - base) % (n_words - base)
+        words[index] ^= x | 1
+        if pending is not None and not pending[page]:
+            pending[page] = 1
+            newly_pending += 1
+    return newly_pending
+
+
+def reference_digest(params: SimulatedParams, mutations: int, *, reset: bool = False) -> str:
+    """The sha256 a source device holds after ``mutations`` mutations, rebuilt from scratch.
+
+    ``reset=True``: the content a device holds after a reset (zeros) and then
+    ``mutations`` mutations.
+    """
+    layout = _Layout.of(params)
+    content = bytearray(layout.size) if reset else _initial_content(params, Side.SOURCE)
+    with memoryview(content) as view, view.cast("Q") as words:
+        _apply_mutations(words, layout, _mutation_key(params.seed), 0, mutations, None)
+    return hashlib.sha256(content).hexdigest()
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    corrupted = bytearray(data)
+    corrupted[index] ^= 0xFF
+    return bytes(corrupted)
+
+
+# --- the stream -------------------------------------------------------------------------
+
+
+class _Saver:
+    """The source side of one stream: what is pending, what was built, what was read."""
+
+    def __init__(
+        self, layout: _Layout, content: memoryview, finish: Callable[[], tuple[int, bytes]]
+    ) -> None:
+        self.layout = layout
+        self.content = content
+        self.finish = finish
+        self.pending = bytearray(b"\x01") * layout.n_pages
+        self.pending_count = layout.n_pages
+        self.zeros = memoryview(bytes(layout.n_pages))
+        self.sweep_next = 0  # pages below it were sent by the initial sweep
+        self.cursor = 0  # where the search for dirty pages resumes
+        self.header_built = False
+        self.end_built = False
+        self.built = 0  # stream bytes built so far
+        self.read_pos = 0  # stream bytes handed to the reader
+        self.initial_end = 0  # stream offset just past the last initial record built
+        self.leftover: memoryview = memoryview(b"")  # built, not yet read: built - read_pos
+
+    def produce(self, max_bytes: int, stopped: bool) -> bytes:
+        """The next up to ``max_bytes`` of the stream (counted as read)."""
+        parts: list[bytes | memoryview] = []
+        taken = 0
+        if self.leftover:
+            head = self.leftover[:max_bytes]
+            self.leftover = self.leftover[len(head) :]
+            parts.append(head)
+            taken = len(head)
+        page_record = RUN_HEADER_SIZE + self.layout.page_size
+        while taken < max_bytes:
+            budget = max_bytes - taken
+            if taken and budget < page_record:
+                break  # rather than split a record just to fill this read
+            record = self._next_record(budget, stopped)
+            if record is None:
+                break
+            parts.extend(record)
+            taken += sum(len(part) for part in record)
+        data = b"".join(parts)
+        if len(data) > max_bytes:
+            self.leftover = memoryview(data)[max_bytes:]
+            data = data[:max_bytes]
+        self.read_pos += len(data)
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Give back what ``produce`` returned: the next read starts with it again."""
+        if data:
+            self.leftover = memoryview(data + bytes(self.leftover))
+            self.read_pos -= len(data)
+
+    def _next_record(self, budget: int, stopped: bool) -> list[bytes | memoryview] | None:
+        layout = self.layout
+        if not self.header_built:
+            self.header_built = True
+            header = _HEADER.pack(MAGIC, VERSION, 0, layout.page_size, layout.size)
+            self.built += len(header)
+            self.initial_end = self.built
+            return [header]
+        fit = max(1, (budget - RUN_HEADER_SIZE) // layout.page_size)
+        if self.sweep_next < layout.n_pages:
+            start = self.sweep_next
+            stop = min(layout.n_pages, start + fit)
+            self.sweep_next = stop
+            record = self._run(start, stop)
+            self.initial_end = self.built
+            return record
+        if self.pending_count:
+            start = self.pending.find(1, self.cursor)
+            if start < 0:
+                start = self.pending.find(1, 0, self.cursor)
+            limit = min(layout.n_pages, start + fit)
+            stop = self.pending.find(0, start, limit)
+            if stop < 0:
+                stop = limit
+            self.cursor = stop % layout.n_pages
+            return self._run(start, stop)
+        if stopped and not self.end_built:
+            self.end_built = True
+            mutations, digest = self.finish()
+            body = _END.pack(TAG_END, mutations, digest, 0)[: END_SIZE - 4]
+            end = body + struct.pack(">I", zlib.crc32(body))
+            self.built += len(end)
+            return [end]
+        return None
+
+    def _run(self, start: int, stop: int) -> list[bytes | memoryview]:
+        """The record of pages ``start .. stop-1``, which are no longer pending."""
+        self.pending[start:stop] = self.zeros[: stop - start]
+        self.pending_count -= stop - start
+        page = self.layout.page_size
+        offset = start * page
+        end = min(stop * page, self.layout.size)
+        payload = self.content[offset:end]
+        fields = _RUN_FIELDS.pack(TAG_RUN, offset, end - offset)
+        header = _RUN.pack(TAG_RUN, offset, end - offset, zlib.crc32(payload, zlib.crc32(fields)))
+        self.built += len(header) + len(payload)
+        return [header, payload]
+
+    def precopy_info(self) -> PrecopyInfo:
+        layout = self.layout
+        unswept = layout.n_pages - self.sweep_next
+        initial_unread = max(0, self.initial_end - self.read_pos)
+        initial = (
+            max(0, layout.size - self.sweep_next * layout.page_size)
+            + (0 if self.header_built else HEADER_SIZE)
+            + initial_unread
+        )
+        built_unread = self.built - self.read_pos
+        dirty = (self.pending_count - unswept) * layout.page_size + built_unread - initial_unread
+        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+
+    def stop_copy_size(self) -> int:
+        """Upper bound of what is left: one record per pending page, then the end."""
+        return (
+            len(self.leftover)
+            + (0 if self.header_built else HEADER_SIZE)
+            + min(self.pending_count * self.layout.page_size, self.layout.size)
+            + self.pending_count * RUN_HEADER_SIZE
+            + (0 if self.end_built else END_SIZE)
+        )
+
+
+class _BadStream(Exception):
+    """A record the loader rejects; the message names its stream offset."""
+
+
+class _Loader:
+    """The destination side of one stream: an incremental, checking parser."""
+
+    def __init__(self, layout: _Layout, content: memoryview) -> None:
+        self.layout = layout
+        self.content = content
+        self.received = 0  # stream bytes written so far
+        self.parsed = 0  # stream bytes parsed and applied
+        self.inbuf = bytearray()  # received, not yet parsed: a partial record
+        self.header_ok = False
+        self.end: tuple[int, bytes] | None = None  # (mutation count, sha256)
+        self.poison: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.poison is not None:
+            raise _BadStream(self.poison)
+        self.received += len(data)
+        source: bytes | bytearray = data
+        if self.inbuf:
+            self.inbuf += data
+            source = self.inbuf
+        with memoryview(source) as view:
+            used = self._parse(view)
+            if used or source is not self.inbuf:
+                self.inbuf = bytearray(view[used:])
+
+    def _reject(self, at: int, reason: str) -> NoReturn:
+        self.poison = f"bad record at stream offset {at}: {reason}"
+        raise _BadStream(self.poison)
+
+    def _parse(self, view: memoryview) -> int:
+        """Apply every complete record in ``view``; return the bytes used."""
+        layout = self.layout
+        pos = 0
+        size = len(view)
+        try:
+            while pos < size:
+                at = self.parsed + pos
+                if not self.header_ok:
+                    if size - pos < HEADER_SIZE:
+                        break
+                    magic, version, flags, page, state = _HEADER.unpack_from(view, pos)
+                    if magic != MAGIC:
+                        self._reject(at, f"bad magic {magic!r}, expected {MAGIC!r}")
+                    if version != VERSION or flags != 0:
+                        self._reject(at, f"unsupported version {version} flags {flags:#x}")
+                    if page != layout.page_size or state != layout.size:
+                        self._reject(
+                            at,
+                            f"stream of {state} bytes in {page}-byte pages, device holds "
+                            f"{layout.size} bytes in {layout.page_size}-byte pages",
+                        )
+                    self.header_ok = True
+                    pos += HEADER_SIZE
+                    continue
+                if self.end is not None:
+                    self._reject(at, "data after the end record")
+                tag = view[pos : pos + 1]
+                if tag == TAG_RUN:
+                    if size - pos < RUN_HEADER_SIZE:
+                        break
+                    _, offset, length, crc = _RUN.unpack_from(view, pos)
+                    end = offset + length
+                    if (
+                        offset % layout.page_size
+                        or length <= 0
+                        or end > layout.size
+                        or (length % layout.page_size and end != layout.size)
+                    ):
+                        self._reject(at, f"page run [{offset}, {end}) out of bounds")
+                    if size - pos < RUN_HEADER_SIZE + length:
+                        break
+                    body = pos + RUN_HEADER_SIZE
+                    payload = view[body : body + length]
+                    fields = view[pos : pos + _RUN_FIELDS.size]
+                    if zlib.crc32(payload, zlib.crc32(fields)) != crc:
+                        self._reject(at, f"crc mismatch in page run [{offset}, {end})")
+                    self.content[offset:end] = payload
+                    pos = body + length
+                elif tag == TAG_END:
+                    if size - pos < END_SIZE:
+                        break
+                    _, mutations, digest, crc = _END.unpack_from(view, pos)
+                    if zlib.crc32(view[pos : pos + END_SIZE - 4]) != crc:
+                        self._reject(at, "crc mismatch in the end record")
+                    self.end = (mutations, digest)
+                    pos += END_SIZE
+                else:
+                    self._reject(at, f"unknown record tag {bytes(tag)!r}")
+        finally:
+            self.parsed += pos
+        return pos
+
+    def verdict(self) -> str | None:
+        """Why the loaded state cannot be used, or None when it is the source's."""
+        if self.poison is not None:
+            return self.poison
+        if not self.header_ok:
+            return f"incomplete stream: no header ({self.received} bytes received)"
+        if self.inbuf:
+            return f"incomplete stream: it ends inside a record at offset {self.parsed}"
+        if self.end is None:
+            return f"incomplete stream: no end record ({self.received} bytes received)"
+        loaded = hashlib.sha256(self.content).digest()
+        if loaded != self.end[1]:
+            return (
+                f"loaded state sha256 {loaded.hex()} differs from the source's {self.end[1].hex()}"
+            )
+        return None
+
+
+# --- the device -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ArmedFault:
+    kind: FaultKind
+    offset: int | None  # None: the next stream byte
+
+
+class SimulatedDevice(Device):
+    """One simulated endpoint; see the module docstring for its behaviour."""
+
+    backend: ClassVar[str] = "simulated"
+
+    def __init__(self, name: str, side: Side, params: SimulatedParams) -> None:
+        super().__init__(name, side)
+        self.params = params
+        #: Mutations applied to the content since it was created or reset (a loaded
+        #: destination takes the source's count).  Dirtying is lazy: this is the count
+        #: as of the device's latest call.
+        self.mutations = 0
+        #: Resets the device went through.
+        self.resets = 0
+        self._layout = _Layout.of(params)
+        self._capabilities = params.capabilities
+        self._fault = params.fault
+        self._armed: _ArmedFault | None = None
+        self._transition_s = params.transition_ms / 1000
+        self._drain_bytes_s = None if params.drain_mib_s is None else params.drain_mib_s * MIB
+        self._dirty_per_s = params.dirty_mib_s * MIB / self._layout.page_size
+        self._key = _mutation_key(params.seed)
+        self._opened = False
+        self._closed = False
+        self._state = DeviceState.RUNNING
+        self._content = bytearray()
+        self._words = memoryview(b"")
+        self._carry = 0.0
+        self._last = 0.0
+        self._saver: _Saver | None = None
+        self._loader: _Loader | None = None
+
+    # -- introspection for tests (sync; the Device interface is async) --
+
+    @property
+    def state(self) -> DeviceState:
+        return self._state
+
+    @property
+    def fault(self) -> FaultSpec | None:
+        """The configured fault still to fire (None once a ``once`` fault fired)."""
+        return self._fault
+
+    # -- Device --
+
+    async def open(self) -> Capabilities:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise self._error("open", "the device is closed", errno.EBADF)
+        if not self._opened:
+            self._set_content(_initial_content(self.params, self.side))
+            self._last = trio.current_time()
+            self._opened = True
+        return self._capabilities
+
+    async def get_state(self) -> DeviceState:
+        await self._begin("get_state")
+        return self._state
+
+    async def set_state(self, target: DeviceState) -> None:
+        await self._begin("set_state")
+        current = self._state
+        if current is DeviceState.ERROR:
+            raise self._error(
+                "set_state", "the device is in ERROR; only a reset leaves it", errno.EINVAL, target
+            )
+        if not is_arc(self._capabilities.flags, current, target):
+            raise self._error(
+                "set_state",
+                f"{current.name} -> {target.name} is not one arc of the state model "
+                f"for this device",
+                errno.EINVAL,
+                target,
+            )
+        if self._transition_s:
+            await trio.sleep(self._transition_s)
+            self._advance()
+        fault = self._fault
+        if fault is not None and fault.state is target:
+            if fault.once:
+                self._fault = None
+            if fault.offset is None and fault.kind != "corrupt":
+                await self._fire(fault.kind, "set_state", f"entering {target.name}", target)
+            self._armed = _ArmedFault(fault.kind, fault.offset)
+        self._enter(target)
+
+    async def read(self, max_bytes: int) -> bytes:
+        await self._begin("read")
+        saver = self._saver
+        if saver is None:
+            raise self._error("read", f"no migration stream in {self._state.name}", errno.EINVAL)
+        if max_bytes <= 0:
+            raise self._error("read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL)
+        start = saver.read_pos
+        data = saver.produce(max_bytes, stopped=self._state is DeviceState.STOP_COPY)
+        try:
+            fired = self._stream_fault(start, len(data))
+            if fired is not None:
+                kind, offset = fired
+                if kind == "corrupt":
+                    data = _flip(data, offset - start)
+                else:
+                    await self._fire(kind, "read", f"stream offset {offset}")
+            if self._drain_bytes_s is not None and data:
+                await trio.sleep(len(data) / self._drain_bytes_s)
+        except BaseException:
+            if self._saver is saver:
+                saver.unread(data)
+            raise
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._begin("write")
+        loader = self._loader
+        if loader is None:
+            raise self._error(
+                "write", f"the device loads only in RESUMING, not {self._state.name}", errno.EINVAL
+            )
+        if loader.poison is not None:
+            raise self._error("write", loader.poison, errno.EINVAL)
+        if self._drain_bytes_s is not None and data:
+            await trio.sleep(len(data) / self._drain_bytes_s)
+        fired = self._stream_fault(loader.received, len(data))
+        if fired is not None:
+            kind, offset = fired
+            if kind == "corrupt":
+                data = _flip(data, offset - loader.received)
+            else:
+                await self._fire(kind, "write", f"stream offset {offset}")
+        try:
+            loader.feed(data)
+        except _BadStream as exc:
+            raise self._error("write", str(exc), errno.EINVAL) from None
+
+    async def precopy_info(self) -> PrecopyInfo:
+        await self._begin("precopy_info")
+        if self._state not in _PRE_COPY_STATES or self._saver is None:
+            raise self._error(
+                "precopy_info",
+                f"precopy info exists only in PRE_COPY states, not {self._state.name}",
+                errno.EINVAL,
+            )
+        return self._saver.precopy_info()
+
+    async def stop_copy_size(self) -> int:
+        await self._begin("stop_copy_size")
+        if self._state is DeviceState.ERROR:
+            raise self._error("stop_copy_size", "the device is in ERROR", errno.EINVAL)
+        if self._saver is None:
+            return self._layout.full_stream_bound
+        return self._saver.stop_copy_size()
+
+    async def reset(self) -> None:
+        await self._begin("reset")
+        if self._transition_s:
+            await trio.sleep(self._transition_s)
+        self._set_content(bytearray(self._layout.size))
+        self._state = DeviceState.RUNNING
+        self._saver = None
+        self._loader = None
+        self._armed = None
+        self._carry = 0.0
+        self._last = trio.current_time()
+        self.resets += 1
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._opened and not self._closed:
+            self._advance()
+        self._closed = True
+        self._saver = None
+        self._loader = None
+
+    async def state_digest(self) -> str:
+        """sha256 of the content; unlike other calls, still answers after close."""
+        await trio.lowlevel.checkpoint()
+        if not self._opened:
+            raise self._error("state_digest", "the device is not open", errno.EBADF)
+        if not self._closed:
+            self._advance()
+        return hashlib.sha256(self._content).hexdigest()
+
+    # -- internals --
+
+    async def _begin(self, operation: str) -> None:
+        """Every call: a checkpoint, the open check, and catching up with the clock."""
+        await trio.lowlevel.checkpoint()
+        if not self._opened:
+            raise self._error(operation, "the device is not open", errno.EBADF)
+        if self._closed:
+            raise self._error(operation, "the device is closed", errno.EBADF)
+        self._advance()
+
+    def _error(
+        self, operation: str, message: str, err: int, target: DeviceState | None = None
+    ) -> DeviceError:
+        return DeviceError(
+            message,
+            device=self.name,
+            operation=operation,
+            target=None if target is None else target.name,
+            errno=err,
+        )
+
+    def _set_content(self, content: bytearray) -> None:
+        self._words.release()
+        self._content = content
+        self._words = memoryview(content).cast("Q")
+        self.mutations = 0
+
+    def _advance(self) -> None:
+        """Apply the mutations due since the last call, if the device was running."""
+        now = trio.current_time()
+        if self._state in RUNNING_STATES and self._dirty_per_s:
+            due = self._carry + (now - self._last) * self._dirty_per_s
+            count = int(due)
+            self._carry = due - count
+            if count:
+                saver = self._saver
+                newly = _apply_mutations(
+                    self._words,
+                    self._layout,
+                    self._key,
+                    self.mutations,
+                    count,
+                    None if saver is None else saver.pending,
+                )
+                if saver is not None:
+                    saver.pending_count += newly
+                self.mutations += count
+        self._last = now
+
+    def _enter(self, target: DeviceState) -> None:
+        """Take the arc's effects on the stream, then the state."""
+        current = self._state
+        if current is DeviceState.RESUMING and self._loader is not None:
+            problem = self._loader.verdict()
+            if problem is not None:
+                self._enter_error()
+                raise self._error("set_state", f"load failed: {problem}", errno.EIO, target)
+            if self._loader.end is not None:  # always, once the verdict is good
+                self.mutations = self._loader.end[0]
+            self._carry = 0.0
+            self._loader = None
+        if target in SAVING_STATES and current not in SAVING_STATES:
+            self._saver = _Saver(self._layout, memoryview(self._content), self._end_facts)
+        elif target not in SAVING_STATES:
+            self._saver = None
+        if target is DeviceState.RESUMING:
+            self._loader = _Loader(self._layout, memoryview(self._content))
+        self._state = target
+
+    def _enter_error(self) -> None:
+        self._state = DeviceState.ERROR
+        self._saver = None
+        self._loader = None
+
+    def _end_facts(self) -> tuple[int, bytes]:
+        return self.mutations, hashlib.sha256(self._content).digest()
+
+    def _stream_fault(self, start: int, length: int) -> tuple[FaultKind, int] | None:
+        """The fault, if any, that fires on a call moving stream bytes [start, start+length)."""
+        if not length:
+            return None
+        armed = self._armed
+        if armed is not None:
+            offset = start if armed.offset is None else armed.offset
+            if start <= offset < start + length:
+                self._armed = None
+                return armed.kind, offset
+        fault = self._fault
+        if (
+            fault is not None
+            and fault.offset is not None
+            and fault.at == "stream"
+            and start <= fault.offset < start + length
+        ):
+            if fault.once:
+                self._fault = None
+            return fault.kind, fault.offset
+        return None
+
+    async def _fire(
+        self, kind: FaultKind, operation: str, where: str, target: DeviceState | None = None
+    ) -> NoReturn:
+        if kind == "hang":
+            await trio.sleep_forever()
+        if kind == "error_state":
+            self._enter_error()
+        raise self._error(operation, f"injected {kind} fault at {where}", errno.EIO, target)
+
+
+# --- the backend ------------------------------------------------------------------------
+
+#: What a destination table inherits from its source when it omits them.
+_INHERITED = ("state_mib", "page_kib", "p2p", "pre_copy", "seed")
+
+
+def _params(params: BaseModel) -> SimulatedParams:
+    if not isinstance(params, SimulatedParams):
+        raise TypeError(f"expected SimulatedParams, got {type(params).__name__}")
+    return params
+
+
+class SimulatedBackend(Backend):
+    """``backend = "simulated"``: in-memory devices for tests, examples and benchmarks."""
+
+    name: ClassVar[str] = "simulated"
+    params_model: ClassVar[type[BaseModel]] = SimulatedParams
+
+    def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
+        params = _params(source)
+        return {field: getattr(params, field) for field in _INHERITED}
+
+    def static_capabilities(self, params: BaseModel) -> Capabilities:
+        return _params(params).capabilities
+
+    def check_pair(self, source: BaseModel, destination: BaseModel) -> list[Problem]:
+        src, dst = _params(source), _params(destination)
+        problems = []
+        if src.state_bytes != dst.state_bytes:
+            problems.append(
+                Problem(
+                    "destination.state_mib",
+                    f"the destination holds {dst.state_mib} MiB of state, the source "
+                    f"{src.state_mib} MiB: the stream could not load",
+                )
+            )
+        if src.page_kib != dst.page_kib:
+            problems.append(
+                Problem(
+                    "destination.page_kib",
+                    f"the destination uses {dst.page_kib} KiB pages, the source "
+                    f"{src.page_kib} KiB: the stream could not load",
+                )
+            )
+        return problems
+
+    def create(self, name: str, side: Side, params: BaseModel) -> SimulatedDevice:
+        return SimulatedDevice(name, side, _params(params))
