@@ -1,0 +1,558 @@
+"""The migration of one VM's devices, as a pure state machine.
+
+This module decides; it does no I/O and never waits.  The runner
+(``orchestrator.runner``) executes its decisions against real or simulated
+devices and reports back what happened, one arc at a time.  Everything here
+can be driven by plain synchronous tests.
+
+Theory of operation
+-------------------
+
+Every device of the VM has two endpoints, a source and a destination, and a
+*route*: the states each endpoint passes through in the reference flow of
+DESIGN.md, chosen from its capabilities::
+
+    source        RUNNING -> PRE_COPY -> PRE_COPY_P2P -> STOP_COPY ... STOP
+    destination   RUNNING -> ... -> RESUMING -> STOP -> RUNNING_P2P -> RUNNING
+
+A device without PRE_COPY skips pre-copy (all its state moves in
+STOP_COPY); a device without P2P has no grace state and so skips the
+barriers, which a plan only allows when the VM has a single device or when
+it declares ``p2p = false`` (the VM uses no peer-to-peer DMA).
+
+The VM as a whole moves through phases (``Phase``): prepare, precopy,
+source_grace, stop_copy, destination_grace, commit, resume, release, or
+rollback.  Devices move independently inside a phase; the flow only cares
+about the few points where they must not:
+
+Invariants (checked on every arc the runner is about to take; a violation
+raises ``ProtocolViolation`` and changes nothing):
+
+1. Source P2P barrier: no barrier device of the source stops (enters a
+   state outside ``RUNNING_STATES``) while another barrier device of the
+   source could still issue P2P DMA (is in RUNNING or PRE_COPY).
+2. Reverse barrier, in rollback: no barrier device of the source runs fully
+   again (RUNNING or PRE_COPY) while another is still stopped.
+3. Destination barrier: no destination device runs fully before every
+   barrier device of the destination is in RUNNING_P2P or RUNNING.
+4. Commit: no destination device runs fully before the commit decision is
+   recorded; no source device enters any running state after it.
+5. A device in ERROR leaves it only by a reset, and a reset device no
+   longer takes part in any barrier (its DMA context is gone).
+
+The commit point is reached when every destination device has loaded its
+stream and stands in its grace state; the runner then records the decision
+durably and calls ``record_commit``.  Before that, any failure leads to
+``rollback_plan``; after it, the only way is forward.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from orchestrator.errors import PlanError, Problem, ProtocolViolation
+from orchestrator.plan import Plan
+from orchestrator.states import (
+    P2P_STATES,
+    RUNNING_STATES,
+    Capabilities,
+    DeviceState,
+    Side,
+    is_arc,
+    path,
+)
+
+FULLY_RUNNING = frozenset({DeviceState.RUNNING, DeviceState.PRE_COPY})
+
+
+class Phase(enum.StrEnum):
+    """Phases of one VM's migration, in the order a successful one takes them."""
+
+    PREPARE = "prepare"
+    PRECOPY = "precopy"
+    SOURCE_GRACE = "source_grace"
+    STOP_COPY = "stop_copy"
+    DESTINATION_GRACE = "destination_grace"
+    COMMIT = "commit"
+    RESUME = "resume"
+    RELEASE = "release"
+    ROLLBACK = "rollback"
+    DONE = "done"
+
+
+#: The phases a migration may move to from each phase.  ROLLBACK is allowed
+#: from everything before COMMIT: that is the two-phase commit's promise.
+PHASE_ORDER: Mapping[Phase, frozenset[Phase]] = {
+    Phase.PREPARE: frozenset({Phase.PRECOPY, Phase.ROLLBACK, Phase.DONE}),
+    Phase.PRECOPY: frozenset({Phase.SOURCE_GRACE, Phase.ROLLBACK}),
+    Phase.SOURCE_GRACE: frozenset({Phase.STOP_COPY, Phase.ROLLBACK}),
+    Phase.STOP_COPY: frozenset({Phase.DESTINATION_GRACE, Phase.ROLLBACK}),
+    Phase.DESTINATION_GRACE: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
+    Phase.COMMIT: frozenset({Phase.RESUME}),
+    Phase.RESUME: frozenset({Phase.RELEASE}),
+    Phase.RELEASE: frozenset({Phase.DONE}),
+    Phase.ROLLBACK: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """The states one device endpoint is driven to, phase by phase.
+
+    ``None`` for a grace state means the endpoint has no P2P states and
+    skips the barrier.
+    """
+
+    precopy: DeviceState | None
+    grace: DeviceState | None
+    # Source: the state that stops it (STOP_COPY); destination: RESUMING.
+    transfer: DeviceState
+    # Source: STOP after commit; destination: STOP once its stream is loaded.
+    settle: DeviceState
+    # Destination only: RUNNING after commit.
+    final: DeviceState | None
+
+
+def source_route(caps: Capabilities) -> Route:
+    grace = None
+    if caps.p2p:
+        grace = DeviceState.PRE_COPY_P2P if caps.pre_copy else DeviceState.RUNNING_P2P
+    return Route(
+        precopy=DeviceState.PRE_COPY if caps.pre_copy else None,
+        grace=grace,
+        transfer=DeviceState.STOP_COPY,
+        settle=DeviceState.STOP,
+        final=None,
+    )
+
+
+def destination_route(caps: Capabilities) -> Route:
+    return Route(
+        precopy=None,
+        grace=DeviceState.RUNNING_P2P if caps.p2p else None,
+        transfer=DeviceState.RESUMING,
+        settle=DeviceState.STOP,
+        final=DeviceState.RUNNING,
+    )
+
+
+def check_capabilities(
+    plan: Plan, capabilities: Mapping[str, tuple[Capabilities, Capabilities]]
+) -> list[Problem]:
+    """The cross-device rules a plan must meet, given its devices' capabilities.
+
+    ``capabilities`` maps a device name to its (source, destination)
+    capabilities; devices whose capabilities are not known yet are left out
+    and checked again once they are opened.
+    """
+    problems: list[Problem] = []
+    multi = len(plan.devices) > 1
+    index = {spec.name: i for i, spec in enumerate(plan.devices)}
+    for name, (src, dst) in capabilities.items():
+        where = f"devices[{index.get(name, 0)}]"
+        if src.p2p != dst.p2p:
+            problems.append(
+                Problem(
+                    where,
+                    f"device {name!r}: the source {'has' if src.p2p else 'lacks'} the P2P states "
+                    f"but the destination {'has' if dst.p2p else 'lacks'} them; "
+                    "both ends must agree "
+                    "for the grace barriers to mean the same on both hosts",
+                )
+            )
+        if multi and plan.p2p and not (src.p2p and dst.p2p):
+            problems.append(
+                Problem(
+                    where,
+                    f"device {name!r} has no P2P (NDMA) states, so it cannot take part in the "
+                    f"P2P grace barrier; a VM with {len(plan.devices)} devices may only migrate if "
+                    "every device has them, or if the plan declares p2p = false (the VM uses no "
+                    "peer-to-peer DMA between its devices)",
+                )
+            )
+    return problems
+
+
+def barrier_skip_reason(plan: Plan, name: str, caps: Capabilities) -> str | None:
+    """Why a device skips the P2P barriers, or None when it takes part."""
+    if caps.p2p:
+        return None
+    if len(plan.devices) == 1:
+        return (
+            f"device {name!r} has no P2P states; it is the VM's only device, "
+            "so no peer can DMA to it"
+        )
+    return (
+        f"device {name!r} has no P2P states; the plan declares p2p = false "
+        "(the VM uses no peer-to-peer DMA), so it skips the grace barriers"
+    )
+
+
+# --------------------------------------------------------------------------
+# Pre-copy convergence
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """What one source device still has to send, as it reports it."""
+
+    initial_bytes: int
+    dirty_bytes: int
+    stop_copy_bytes: int
+    #: False for a device without PRE_COPY: its bytes never shrink before the stop.
+    pre_copy: bool = True
+
+
+@dataclass(frozen=True)
+class PrecopyDecision:
+    action: Literal["continue", "switchover", "abort"]
+    reason: str
+    #: Downtime the stop-copy would take at the measured bandwidth.
+    expected_downtime_ms: float
+    stop_copy_bytes: int
+    converged: bool
+
+
+def decide_precopy(
+    plan: Plan,
+    *,
+    round_number: int,
+    remaining: Mapping[str, Remaining],
+    bandwidth_bytes_s: float,
+    elapsed_s: float,
+) -> PrecopyDecision:
+    """After a pre-copy round: go on, switch over, or abort.
+
+    Converged means every device drained its initial data (the device asks
+    for that before a switchover) and the estimated stop-copy bytes move
+    within the downtime limit at the measured bandwidth.  Otherwise, after
+    ``precopy_max_rounds`` rounds or the pre-copy deadline, or at once when
+    the devices without pre-copy alone already exceed the budget (no round
+    can help), the plan's policy decides.
+    """
+    stop_bytes = sum(r.stop_copy_bytes for r in remaining.values())
+    if bandwidth_bytes_s > 0:
+        expected_ms = stop_bytes / bandwidth_bytes_s * 1000.0
+    else:
+        expected_ms = 0.0 if stop_bytes == 0 else float("inf")
+    budget_bytes = plan.downtime_limit_ms / 1000.0 * bandwidth_bytes_s
+    initial_left = sorted(n for n, r in remaining.items() if r.pre_copy and r.initial_bytes > 0)
+
+    def decided(action: Literal["continue", "switchover", "abort"], reason: str) -> PrecopyDecision:
+        return PrecopyDecision(action, reason, expected_ms, stop_bytes, converged=False)
+
+    if not initial_left and stop_bytes <= budget_bytes:
+        return PrecopyDecision(
+            "switchover",
+            f"converged after {round_number} round(s): {stop_bytes} stop-copy bytes fit "
+            f"{plan.downtime_limit_ms:g} ms at {bandwidth_bytes_s / 2**20:.1f} MiB/s",
+            expected_ms,
+            stop_bytes,
+            converged=True,
+        )
+    fixed = sum(r.stop_copy_bytes for r in remaining.values() if not r.pre_copy)
+    why_not = (
+        f"initial data not drained on {', '.join(initial_left)}"
+        if initial_left
+        else f"{stop_bytes} stop-copy bytes need {expected_ms:.0f} ms, over the "
+        f"{plan.downtime_limit_ms:g} ms limit"
+    )
+    if bandwidth_bytes_s > 0 and fixed > budget_bytes:
+        stuck = "the devices without pre-copy alone need "
+        stuck += f"{fixed / bandwidth_bytes_s * 1000:.0f} ms of stop-copy"
+        return decided(_policy(plan), f"cannot converge: {stuck}; policy {plan.precopy_policy}")
+    if not any(r.pre_copy for r in remaining.values()):
+        # Nothing shrinks before the stop: more rounds would only wait.
+        return decided(
+            "switchover",
+            f"no device has pre-copy: all {stop_bytes} bytes move in stop-copy",
+        )
+    if round_number >= plan.precopy_max_rounds:
+        return decided(
+            _policy(plan),
+            f"not converged after {round_number} round(s) ({why_not}); "
+            f"policy {plan.precopy_policy}",
+        )
+    if elapsed_s >= plan.timeouts.precopy_s:
+        return decided(
+            _policy(plan),
+            f"not converged within the {plan.timeouts.precopy_s:g} s pre-copy deadline "
+            f"({why_not}); policy {plan.precopy_policy}",
+        )
+    return decided("continue", why_not)
+
+
+def _policy(plan: Plan) -> Literal["switchover", "abort"]:
+    return "abort" if plan.precopy_policy == "abort" else "switchover"
+
+
+# --------------------------------------------------------------------------
+# The per-VM state machine
+
+
+@dataclass
+class Endpoint:
+    """What the flow knows of one device endpoint."""
+
+    name: str
+    side: Side
+    capabilities: Capabilities
+    route: Route
+    #: Takes part in the P2P barriers of its side.
+    barrier: bool
+    state: DeviceState = DeviceState.RUNNING
+    #: The arc in flight, if any: the runner asked for it and has not reported back.
+    pending: DeviceState | None = None
+    reset: bool = False
+    #: Touched by the migration (left its initial state at least once).
+    touched: bool = False
+
+
+@dataclass(frozen=True)
+class RollbackStep:
+    """One endpoint's part in a rollback."""
+
+    name: str
+    side: Side
+    #: Reset the device first (it is in ERROR, or it is a destination).
+    reset: bool
+    #: State to reach before the reverse barrier (a grace state, or the final one).
+    quiesce: DeviceState | None
+    #: State to reach after the reverse barrier.
+    final: DeviceState | None
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    steps: tuple[RollbackStep, ...]
+
+    def for_side(self, side: Side) -> tuple[RollbackStep, ...]:
+        return tuple(s for s in self.steps if s.side is side)
+
+
+@dataclass
+class MigrationFlow:
+    """The VM-level state machine: phases, barriers, commit, rollback."""
+
+    plan: Plan
+    endpoints: dict[tuple[Side, str], Endpoint] = field(default_factory=dict)
+    phase: Phase = Phase.PREPARE
+    committed: bool = False
+    notes: list[str] = field(default_factory=list)
+    # Barrier members of each side that could issue P2P DMA (fully running,
+    # or an arc there in flight), and those that are stopped (or stopping).
+    # Kept up to date on every change so that checking an arc costs O(1)
+    # whatever the number of devices.
+    _exposed: dict[Side, set[str]] = field(default_factory=lambda: {s: set() for s in Side})
+    _stopped: dict[Side, set[str]] = field(default_factory=lambda: {s: set() for s in Side})
+
+    @classmethod
+    def create(
+        cls, plan: Plan, capabilities: Mapping[str, tuple[Capabilities, Capabilities]]
+    ) -> MigrationFlow:
+        """The flow for a plan whose devices reported these capabilities.
+
+        Raises PlanError (through ``check_capabilities``) if the devices
+        cannot migrate together.  Nothing has been changed at that point.
+        """
+        problems = check_capabilities(plan, capabilities)
+        if problems:
+            raise PlanError(problems)
+        flow = cls(plan)
+        for spec in plan.devices:
+            src, dst = capabilities[spec.name]
+            skip = barrier_skip_reason(plan, spec.name, src)
+            if skip is not None and len(plan.devices) > 1:
+                flow.notes.append(skip)
+            for side, caps, route in (
+                (Side.SOURCE, src, source_route(src)),
+                (Side.DESTINATION, dst, destination_route(dst)),
+            ):
+                endpoint = Endpoint(
+                    name=spec.name, side=side, capabilities=caps, route=route, barrier=skip is None
+                )
+                flow.endpoints[(side, spec.name)] = endpoint
+                flow._track(endpoint)
+        return flow
+
+    # -- queries -----------------------------------------------------------
+
+    def endpoint(self, side: Side, name: str) -> Endpoint:
+        try:
+            return self.endpoints[(side, name)]
+        except KeyError:
+            raise ProtocolViolation(f"no {side.value} device {name!r} in this migration") from None
+
+    def side(self, side: Side) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.side is side]
+
+    def barrier_members(self, side: Side) -> list[Endpoint]:
+        return [e for e in self.side(side) if e.barrier and not e.reset]
+
+    def source_grace_met(self) -> bool:
+        """Every barrier device of the source stands in its grace state (or beyond)."""
+        return all(
+            e.state in P2P_STATES or e.state not in RUNNING_STATES
+            for e in self.barrier_members(Side.SOURCE)
+        )
+
+    def commit_point_reached(self) -> bool:
+        """Every destination device loaded its stream and stands in its grace state.
+
+        Devices without P2P states count once loaded (STOP).
+        """
+        for e in self.side(Side.DESTINATION):
+            wanted = e.route.grace or e.route.settle
+            if e.state is not wanted or e.pending is not None:
+                return False
+        return True
+
+    # -- phases ------------------------------------------------------------
+
+    def enter_phase(self, phase: Phase) -> None:
+        if phase not in PHASE_ORDER[self.phase]:
+            raise ProtocolViolation(f"cannot go from phase {self.phase.value} to {phase.value}")
+        if phase is Phase.COMMIT and not self.commit_point_reached():
+            raise ProtocolViolation(
+                "commit before every destination device reached its grace state"
+            )
+        if phase is Phase.STOP_COPY and not self.source_grace_met():
+            raise ProtocolViolation("stop-copy before the source P2P barrier was met")
+        self.phase = phase
+
+    def record_commit(self) -> None:
+        """The decision is durably recorded: from now on only forward."""
+        if self.phase is not Phase.COMMIT:
+            raise ProtocolViolation(f"commit recorded in phase {self.phase.value}")
+        self.committed = True
+
+    # -- arcs --------------------------------------------------------------
+
+    def plan_arcs(self, side: Side, name: str, target: DeviceState) -> tuple[DeviceState, ...]:
+        """The arcs that take an endpoint to ``target``, from the state model."""
+        e = self.endpoint(side, name)
+        return path(e.capabilities.flags, e.state, target)
+
+    def begin_arc(self, side: Side, name: str, target: DeviceState) -> None:
+        """The runner is about to ask for one arc; refuse it if an invariant forbids it."""
+        e = self.endpoint(side, name)
+        if e.pending is not None:
+            raise ProtocolViolation(f"{side.value} device {name!r} already has an arc in flight")
+        if e.state is DeviceState.ERROR:
+            raise ProtocolViolation(
+                f"{side.value} device {name!r} is in ERROR: only a reset leaves it"
+            )
+        if not is_arc(e.capabilities.flags, e.state, target):
+            raise ProtocolViolation(
+                f"{e.state.name} -> {target.name} is not one arc for {side.value} device {name!r}"
+            )
+        self._check_barriers(e, target)
+        e.pending = target
+        e.touched = True
+        self._track(e)
+
+    def end_arc(self, side: Side, name: str) -> None:
+        """The arc in flight succeeded."""
+        e = self.endpoint(side, name)
+        if e.pending is None:
+            raise ProtocolViolation(f"{side.value} device {name!r} has no arc in flight")
+        e.state, e.pending = e.pending, None
+        self._track(e)
+
+    def arc_failed(self, side: Side, name: str, now: DeviceState) -> None:
+        """The arc in flight failed; the device reports ``now`` (its old state or ERROR)."""
+        e = self.endpoint(side, name)
+        e.pending = None
+        e.state = now
+        self._track(e)
+
+    def record_reset(self, side: Side, name: str) -> None:
+        """The device was reset: it reads RUNNING and has lost its state."""
+        e = self.endpoint(side, name)
+        e.pending = None
+        e.state = DeviceState.RUNNING
+        e.reset = True
+        e.touched = True
+        self._track(e)
+
+    def _track(self, e: Endpoint) -> None:
+        exposed, stopped = self._exposed[e.side], self._stopped[e.side]
+        exposed.discard(e.name)
+        stopped.discard(e.name)
+        if e.barrier and not e.reset:
+            if e.state in FULLY_RUNNING or e.pending in FULLY_RUNNING:
+                exposed.add(e.name)
+            if _stopped(e):
+                stopped.add(e.name)
+
+    def _check_barriers(self, e: Endpoint, target: DeviceState) -> None:
+        exposed = self._exposed[e.side] - {e.name}
+        stopped = self._stopped[e.side] - {e.name}
+        stops = target not in RUNNING_STATES
+        # Moving between RUNNING and PRE_COPY adds no P2P exposure.
+        runs_fully = target in FULLY_RUNNING and e.state not in FULLY_RUNNING
+        who = f"{e.side.value} device {e.name!r}"
+        if e.side is Side.SOURCE:
+            if self.committed and target in RUNNING_STATES:
+                raise ProtocolViolation(f"{who} may not run again after the commit point")
+            if e.barrier and stops and exposed:
+                raise ProtocolViolation(
+                    f"{who} may not stop while {_names(exposed)} could still send it P2P DMA"
+                )
+            if e.barrier and runs_fully and stopped:
+                raise ProtocolViolation(
+                    f"{who} may not run fully while {_names(stopped)} is stopped"
+                )
+        else:
+            if runs_fully and not self.committed:
+                raise ProtocolViolation(f"{who} may not run before the commit point is recorded")
+            if e.barrier and runs_fully and stopped:
+                raise ProtocolViolation(
+                    f"{who} may not run while {_names(stopped)} is not in its grace state"
+                )
+
+    # -- rollback ----------------------------------------------------------
+
+    def rollback_plan(self) -> RollbackPlan:
+        """How to return to where the migration started, from the current states.
+
+        Source devices go back to RUNNING through the reverse P2P barrier
+        (grace state first, then RUNNING); a source device in ERROR is reset
+        instead.  Every destination device that the migration touched is
+        reset.  Only valid before the commit point.
+        """
+        if self.committed:
+            raise ProtocolViolation("no rollback after the commit point")
+        steps: list[RollbackStep] = []
+        for e in self.side(Side.SOURCE):
+            if e.state is DeviceState.ERROR:
+                steps.append(RollbackStep(e.name, e.side, reset=True, quiesce=None, final=None))
+                continue
+            # A device that never left the fully running states needs no
+            # grace state: it cannot be the target of a stopped peer's DMA.
+            quiesce = None
+            if e.barrier and e.capabilities.p2p and e.state not in FULLY_RUNNING:
+                quiesce = DeviceState.RUNNING_P2P
+            steps.append(
+                RollbackStep(
+                    e.name, e.side, reset=False, quiesce=quiesce, final=DeviceState.RUNNING
+                )
+            )
+        for e in self.side(Side.DESTINATION):
+            if e.touched or e.state is not DeviceState.RUNNING:
+                steps.append(RollbackStep(e.name, e.side, reset=True, quiesce=None, final=None))
+        return RollbackPlan(tuple(steps))
+
+
+def _stopped(e: Endpoint) -> bool:
+    return e.state not in RUNNING_STATES or (
+        e.pending is not None and e.pending not in RUNNING_STATES
+    )
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(sorted(names))

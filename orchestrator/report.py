@@ -1,0 +1,95 @@
+"""The report of one migration: what `orchestrator run --json` prints.
+
+The same model serves the REST API later, so its field names are a contract:
+extend it, do not rename.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Outcome = Literal["succeeded", "rolled_back", "failed"]
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong first: the cause, not its consequences."""
+
+    kind: str = Field(
+        description=(
+            "device_error, device_timeout, plan_error, precopy_not_converged, "
+            "phase_timeout, cancelled or internal_error"
+        )
+    )
+    message: str
+    phase: str | None = Field(None, description="Phase the migration was in.")
+    side: Literal["source", "destination"] | None = None
+    device: str | None = None
+    operation: str | None = Field(None, description="The device call that failed, if one did.")
+
+
+class DeviceReport(BaseModel):
+    name: str
+    backend: str
+    source_state: str = Field(description="Final state of the source device.")
+    destination_state: str = Field(description="Final state of the destination device.")
+    source_reset: bool = Field(
+        False, description="The source device was reset (its state is lost)."
+    )
+    destination_reset: bool = Field(False, description="The destination device was reset.")
+    bytes_precopy: int = 0
+    bytes_stopcopy: int = 0
+    source_digest: str | None = None
+    destination_digest: str | None = None
+    barrier: str = Field(
+        "held", description='"held", or why the device skipped the P2P grace barriers.'
+    )
+    barrier_wait_ms: dict[str, float] = Field(
+        default_factory=dict, description="Time this device waited at each barrier."
+    )
+    stop_copy_path_ms: float | None = Field(
+        None,
+        description=(
+            "This device's own calls from its stop to its destination running: "
+            "the downtime it would cause alone."
+        ),
+    )
+
+
+class PrecopyReport(BaseModel):
+    rounds: int = 0
+    converged: bool = False
+    decision: str | None = Field(None, description="switchover or abort, when one was taken.")
+    reason: str | None = None
+    bandwidth_mib_s: float | None = None
+    expected_downtime_ms: float | None = None
+
+
+class BarrierReport(BaseModel):
+    members: int
+    wait_ms_max: float
+    wait_ms_mean: float
+
+
+class MigrationReport(BaseModel):
+    id: str
+    vm: str
+    outcome: Outcome
+    downtime_ms: float | None = Field(
+        None,
+        description=(
+            "From the first source device stopping to the last destination device running "
+            "(or, after a rollback, to the last source device running again)."
+        ),
+    )
+    duration_ms: float
+    phases: dict[str, float] = Field(
+        default_factory=dict, description="Phase name -> ms spent in it."
+    )
+    devices: list[DeviceReport] = Field(default_factory=list)
+    precopy: PrecopyReport = Field(default_factory=PrecopyReport)
+    barriers: dict[str, BarrierReport] = Field(default_factory=dict)
+    committed: bool = Field(False, description="The commit point was reached and recorded.")
+    notes: list[str] = Field(default_factory=list)
+    error: ErrorInfo | None = None

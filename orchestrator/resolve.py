@@ -1,0 +1,106 @@
+"""Resolving a plan: every device's parameters checked by its own backend.
+
+``resolve`` is stage 2 of plan validation (stage 1 is the plan's own shape,
+``orchestrator.plan``): each device's ``source`` and ``destination`` tables
+against its backend's parameter model, the pair against each other, and the
+cross-device rules of the flow (``orchestrator.flow.check_capabilities``)
+with whatever capabilities are known before a device is opened.  Every
+problem is reported with its field path.
+
+A plan that passes can still meet a device whose real capabilities differ
+from what the plan implies; the runner applies the same cross-device rules
+again after opening the devices and before changing any state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.backends import Backend, get_backend
+from orchestrator.errors import PlanError, Problem
+from orchestrator.flow import check_capabilities
+from orchestrator.plan import Plan, parse_plan, problems_from_validation, read_plan_data
+from orchestrator.states import Capabilities
+
+
+@dataclass(frozen=True)
+class ResolvedDevice:
+    """A device whose parameters its backend has validated."""
+
+    name: str
+    backend: Backend
+    source: BaseModel
+    destination: BaseModel
+    #: Capabilities known before opening (None: only the device can tell).
+    source_capabilities: Capabilities | None
+    destination_capabilities: Capabilities | None
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    plan: Plan
+    devices: tuple[ResolvedDevice, ...]
+
+
+def resolve(plan: Plan) -> ResolvedPlan:
+    """Stage 2: every device against its backend, and the cross-device rules."""
+    problems: list[Problem] = []
+    devices: list[ResolvedDevice] = []
+    for index, spec in enumerate(plan.devices):
+        where = f"devices[{index}]"
+        try:
+            backend = get_backend(spec.backend)
+        except PlanError as exc:
+            problems.extend(Problem(f"{where}.backend", p.message) for p in exc.problems)
+            continue
+        source = _backend_params(backend, spec.source, f"{where}.source", problems)
+        if source is None:
+            continue
+        inherited: Mapping[str, Any] = backend.destination_defaults(source)
+        destination = _backend_params(
+            backend, {**inherited, **spec.destination}, f"{where}.destination", problems
+        )
+        if destination is None:
+            continue
+        for problem in backend.check_pair(source, destination):
+            problems.append(Problem(f"{where}.{problem.path}", problem.message))
+        devices.append(
+            ResolvedDevice(
+                name=spec.name,
+                backend=backend,
+                source=source,
+                destination=destination,
+                source_capabilities=backend.static_capabilities(source),
+                destination_capabilities=backend.static_capabilities(destination),
+            )
+        )
+    if not problems:
+        known = {
+            d.name: (d.source_capabilities, d.destination_capabilities)
+            for d in devices
+            if d.source_capabilities is not None and d.destination_capabilities is not None
+        }
+        problems.extend(check_capabilities(plan, known))
+    if problems:
+        raise PlanError(problems)
+    return ResolvedPlan(plan=plan, devices=tuple(devices))
+
+
+def _backend_params(
+    backend: Backend, raw: Mapping[str, Any], where: str, problems: list[Problem]
+) -> BaseModel | None:
+    try:
+        return backend.params_model.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems.extend(problems_from_validation(exc, where))
+        return None
+
+
+def load_plan(path: Path) -> ResolvedPlan:
+    """Read, parse and resolve a plan file."""
+    return resolve(parse_plan(read_plan_data(path)))

@@ -1,0 +1,398 @@
+"""The pure migration flow: routes, barriers, commit, rollback, convergence.
+
+Plain synchronous tests, in the manner of h11's test_state.py: drive the
+state machine by hand, assert the whole state after each step, and check
+that every forbidden step raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.errors import PlanError, ProtocolViolation
+from orchestrator.flow import (
+    MigrationFlow,
+    Phase,
+    Remaining,
+    check_capabilities,
+    decide_precopy,
+    destination_route,
+    source_route,
+)
+from orchestrator.plan import Plan
+from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side
+from tests.helpers import make_plan, sim_device
+
+S = DeviceState
+F = MigrationFlags
+FULL = Capabilities(F.STOP_COPY | F.P2P | F.PRE_COPY)
+P2P_ONLY = Capabilities(F.STOP_COPY | F.P2P)
+PRECOPY_ONLY = Capabilities(F.STOP_COPY | F.PRE_COPY)
+BARE = Capabilities(F.STOP_COPY)
+ALL_CAPS = [FULL, P2P_ONLY, PRECOPY_ONLY, BARE]
+
+
+def plan_of(n: int, **top: object) -> Plan:
+    return make_plan([sim_device(f"d{i}") for i in range(n)], **top)
+
+
+def flow_of(caps: list[Capabilities], **top: object) -> MigrationFlow:
+    plan = plan_of(len(caps), **top)
+    return MigrationFlow.create(plan, {f"d{i}": (c, c) for i, c in enumerate(caps)})
+
+
+def snapshot(
+    flow: MigrationFlow,
+) -> dict[tuple[Side, str], tuple[DeviceState, DeviceState | None, bool]]:
+    return {k: (e.state, e.pending, e.reset) for k, e in flow.endpoints.items()}
+
+
+def walk(flow: MigrationFlow, side: Side, name: str, target: DeviceState) -> None:
+    for step in flow.plan_arcs(side, name, target):
+        flow.begin_arc(side, name, step)
+        flow.end_arc(side, name)
+
+
+def forbidden(flow: MigrationFlow, side: Side, name: str, target: DeviceState) -> None:
+    before = snapshot(flow)
+    with pytest.raises(ProtocolViolation):
+        flow.begin_arc(side, name, target)
+    assert snapshot(flow) == before
+
+
+# -- routes and plan rules -------------------------------------------------
+
+
+def test_routes_follow_capabilities() -> None:
+    assert source_route(FULL).precopy is S.PRE_COPY
+    assert source_route(FULL).grace is S.PRE_COPY_P2P
+    assert source_route(P2P_ONLY).precopy is None
+    assert source_route(P2P_ONLY).grace is S.RUNNING_P2P
+    assert source_route(PRECOPY_ONLY).grace is None
+    assert source_route(BARE).grace is None
+    for caps in ALL_CAPS:
+        assert source_route(caps).transfer is S.STOP_COPY
+        assert source_route(caps).settle is S.STOP
+        dst = destination_route(caps)
+        assert (dst.transfer, dst.settle, dst.final) == (S.RESUMING, S.STOP, S.RUNNING)
+        assert dst.grace is (S.RUNNING_P2P if caps.p2p else None)
+
+
+def test_multi_device_without_p2p_is_refused_naming_device() -> None:
+    plan = plan_of(3)
+    problems = check_capabilities(
+        plan, {"d0": (FULL, FULL), "d1": (BARE, BARE), "d2": (FULL, FULL)}
+    )
+    assert len(problems) == 1
+    assert problems[0].path == "devices[1]"
+    assert "'d1'" in problems[0].message and "p2p = false" in problems[0].message
+    with pytest.raises(PlanError, match="d1"):
+        flow_of([FULL, BARE, FULL])
+
+
+def test_plan_declaring_no_p2p_dma_allows_mix_and_records_why() -> None:
+    flow = flow_of([FULL, BARE, PRECOPY_ONLY], p2p=False)
+    assert [e.barrier for e in flow.side(Side.SOURCE)] == [True, False, False]
+    assert len(flow.notes) == 2 and all("p2p = false" in n for n in flow.notes)
+
+
+def test_single_device_without_p2p_needs_no_declaration() -> None:
+    flow = flow_of([BARE])
+    assert flow.endpoint(Side.SOURCE, "d0").barrier is False
+    assert flow.notes == []
+
+
+def test_source_and_destination_must_agree_on_p2p() -> None:
+    problems = check_capabilities(plan_of(1), {"d0": (FULL, PRECOPY_ONLY)})
+    assert len(problems) == 1 and "destination lacks" in problems[0].message
+
+
+# -- the happy path, step by step --------------------------------------------
+
+
+def test_full_flow_by_hand_with_every_barrier_enforced() -> None:
+    flow = flow_of([FULL, FULL, FULL])
+    names = ["d0", "d1", "d2"]
+    src, dst = Side.SOURCE, Side.DESTINATION
+    for n in names:
+        walk(flow, dst, n, S.RESUMING)
+        assert flow.endpoint(dst, n).state is S.RESUMING
+    flow.enter_phase(Phase.PRECOPY)
+    for n in names:
+        walk(flow, src, n, S.PRE_COPY)
+    flow.enter_phase(Phase.SOURCE_GRACE)
+    walk(flow, src, "d0", S.PRE_COPY_P2P)
+    # d0 is quiesced but d1, d2 could still DMA to it: nobody may stop yet.
+    forbidden(flow, src, "d0", S.STOP_COPY)
+    with pytest.raises(ProtocolViolation):
+        flow.enter_phase(Phase.STOP_COPY)
+    assert flow.phase is Phase.SOURCE_GRACE
+    walk(flow, src, "d1", S.PRE_COPY_P2P)
+    assert not flow.source_grace_met()
+    walk(flow, src, "d2", S.PRE_COPY_P2P)
+    assert flow.source_grace_met()
+    flow.enter_phase(Phase.STOP_COPY)
+    for n in names:
+        walk(flow, src, n, S.STOP_COPY)
+        assert flow.endpoint(src, n).state is S.STOP_COPY
+    flow.enter_phase(Phase.DESTINATION_GRACE)
+    walk(flow, dst, "d0", S.STOP)
+    walk(flow, dst, "d0", S.RUNNING_P2P)
+    # Before the commit point is recorded no destination device may run.
+    forbidden(flow, dst, "d0", S.RUNNING)
+    with pytest.raises(ProtocolViolation):
+        flow.enter_phase(Phase.COMMIT)
+    for n in ["d1", "d2"]:
+        walk(flow, dst, n, S.STOP)
+        walk(flow, dst, n, S.RUNNING_P2P)
+    assert flow.commit_point_reached()
+    forbidden(flow, dst, "d0", S.RUNNING)  # reached, but not yet recorded
+    with pytest.raises(ProtocolViolation):
+        flow.record_commit()
+    flow.enter_phase(Phase.COMMIT)
+    flow.record_commit()
+    assert flow.committed
+    with pytest.raises(ProtocolViolation):
+        flow.rollback_plan()
+    flow.enter_phase(Phase.RESUME)
+    for n in names:
+        walk(flow, dst, n, S.RUNNING)
+    flow.enter_phase(Phase.RELEASE)
+    # The source never runs again once the destination has won.
+    for n in names:
+        walk(flow, src, n, S.STOP)
+    for n in names:
+        forbidden(flow, src, n, S.RUNNING_P2P)
+    flow.enter_phase(Phase.DONE)
+    assert {(k[0], e.state) for k, e in flow.endpoints.items()} == {(src, S.STOP), (dst, S.RUNNING)}
+
+
+def test_destination_waits_for_every_peer_in_grace_even_after_commit_recorded() -> None:
+    flow = flow_of([FULL, FULL])
+    for n in ["d0", "d1"]:
+        walk(flow, Side.DESTINATION, n, S.RESUMING)
+        walk(flow, Side.DESTINATION, n, S.STOP)
+    walk(flow, Side.DESTINATION, "d0", S.RUNNING_P2P)
+    flow.committed = True  # as if recorded; the barrier still has to hold
+    forbidden(flow, Side.DESTINATION, "d0", S.RUNNING)
+
+
+def test_arc_bookkeeping_errors_change_nothing() -> None:
+    flow = flow_of([FULL])
+    forbidden(flow, Side.SOURCE, "d0", S.STOP_COPY)  # not one arc from RUNNING
+    flow.begin_arc(Side.SOURCE, "d0", S.PRE_COPY)
+    forbidden(flow, Side.SOURCE, "d0", S.PRE_COPY)  # an arc already in flight
+    flow.arc_failed(Side.SOURCE, "d0", S.ERROR)
+    forbidden(flow, Side.SOURCE, "d0", S.RUNNING)  # ERROR: only a reset leaves it
+    with pytest.raises(ProtocolViolation):
+        flow.end_arc(Side.SOURCE, "d0")
+    flow.record_reset(Side.SOURCE, "d0")
+    e = flow.endpoint(Side.SOURCE, "d0")
+    assert (e.state, e.reset, e.pending) == (S.RUNNING, True, None)
+    with pytest.raises(ProtocolViolation):
+        flow.endpoint(Side.SOURCE, "nope")
+
+
+def test_phase_order_is_enforced() -> None:
+    flow = flow_of([FULL])
+    for bad in [Phase.COMMIT, Phase.STOP_COPY, Phase.RESUME, Phase.RELEASE]:
+        with pytest.raises(ProtocolViolation):
+            flow.enter_phase(bad)
+        assert flow.phase is Phase.PREPARE
+
+
+# -- rollback from every point before the commit -------------------------------
+
+
+def forward_steps(
+    flow: MigrationFlow,
+) -> Iterator[tuple[str, Side | None, str, DeviceState | Phase]]:
+    """The reference flow as a sequence of single steps."""
+    names = [e.name for e in flow.side(Side.SOURCE)]
+    for n in names:
+        for st in flow.plan_arcs(Side.DESTINATION, n, S.RESUMING):
+            yield ("arc", Side.DESTINATION, n, st)
+    yield ("phase", None, "", Phase.PRECOPY)
+    for n in names:
+        r = flow.endpoint(Side.SOURCE, n).route
+        if r.precopy:
+            yield ("arc", Side.SOURCE, n, r.precopy)
+    yield ("phase", None, "", Phase.SOURCE_GRACE)
+    for n in names:
+        r = flow.endpoint(Side.SOURCE, n).route
+        if r.grace:
+            current = r.precopy or S.RUNNING
+            for st in _arcs_between(flow, Side.SOURCE, n, current, r.grace):
+                yield ("arc", Side.SOURCE, n, st)
+    yield ("phase", None, "", Phase.STOP_COPY)
+    for n in names:
+        r = flow.endpoint(Side.SOURCE, n).route
+        current = r.grace or r.precopy or S.RUNNING
+        for st in _arcs_between(flow, Side.SOURCE, n, current, S.STOP_COPY):
+            yield ("arc", Side.SOURCE, n, st)
+    yield ("phase", None, "", Phase.DESTINATION_GRACE)
+    for n in names:
+        r = flow.endpoint(Side.DESTINATION, n).route
+        yield ("arc", Side.DESTINATION, n, S.STOP)
+        if r.grace:
+            yield ("arc", Side.DESTINATION, n, r.grace)
+
+
+def _arcs_between(
+    flow: MigrationFlow, side: Side, name: str, a: DeviceState, b: DeviceState
+) -> tuple[DeviceState, ...]:
+    from orchestrator.states import path
+
+    return path(flow.endpoint(side, name).capabilities.flags, a, b)
+
+
+def apply_step(
+    flow: MigrationFlow, step: tuple[str, Side | None, str, DeviceState | Phase]
+) -> None:
+    kind, side, name, what = step
+    if kind == "phase":
+        assert isinstance(what, Phase)
+        flow.enter_phase(what)
+    else:
+        assert side is not None and isinstance(what, DeviceState)
+        flow.begin_arc(side, name, what)
+        flow.end_arc(side, name)
+
+
+def execute_rollback(flow: MigrationFlow) -> None:
+    """Carry out rollback_plan the way the runner does, through the flow's guards."""
+    flow.enter_phase(Phase.ROLLBACK)
+    plan = flow.rollback_plan()
+    for step in plan.steps:
+        if step.reset:
+            flow.record_reset(step.side, step.name)
+        elif step.quiesce is not None:
+            walk(flow, step.side, step.name, step.quiesce)
+    for step in plan.for_side(Side.SOURCE):
+        if step.final is not None and not flow.endpoint(Side.SOURCE, step.name).reset:
+            walk(flow, Side.SOURCE, step.name, step.final)
+
+
+CAP_MIXES = [
+    ([FULL, FULL, FULL], {}),
+    ([P2P_ONLY, FULL], {}),
+    ([FULL, BARE, PRECOPY_ONLY], {"p2p": False}),
+    ([BARE], {}),
+    ([PRECOPY_ONLY], {}),
+]
+
+
+@pytest.mark.parametrize(("caps", "top"), CAP_MIXES)
+def test_rollback_from_every_point_before_commit(
+    caps: list[Capabilities], top: dict[str, bool]
+) -> None:
+    template = flow_of(caps, **top)
+    steps = list(forward_steps(copy.deepcopy(template)))
+    assert steps, "the reference flow has steps"
+    for cut in range(len(steps) + 1):
+        flow = copy.deepcopy(template)
+        for step in steps[:cut]:
+            apply_step(flow, step)
+        execute_rollback(flow)
+        for e in flow.side(Side.SOURCE):
+            assert e.state is S.RUNNING and not e.reset, (cut, e)
+        for e in flow.side(Side.DESTINATION):
+            assert e.state is S.RUNNING
+            assert e.reset == e.touched, (cut, e)
+
+
+def test_rollback_resets_a_source_device_in_error_and_keeps_the_barrier() -> None:
+    flow = flow_of([FULL, FULL])
+    for step in forward_steps(flow):
+        if step[0] == "phase" and step[3] is Phase.DESTINATION_GRACE:
+            break
+        if step[1] is Side.SOURCE and step[2] == "d1" and step[3] is S.STOP_COPY:
+            flow.begin_arc(Side.SOURCE, "d1", S.STOP_COPY)
+            flow.arc_failed(Side.SOURCE, "d1", S.ERROR)
+            continue
+        apply_step(flow, step)
+    flow.enter_phase(Phase.ROLLBACK)
+    plan = flow.rollback_plan()
+    by_name = {(s.side, s.name): s for s in plan.steps}
+    assert by_name[(Side.SOURCE, "d1")].reset
+    assert by_name[(Side.SOURCE, "d0")].quiesce is S.RUNNING_P2P
+    # d0 may not run fully while d1 is still in ERROR (stopped).
+    walk(flow, Side.SOURCE, "d0", S.RUNNING_P2P)
+    forbidden(flow, Side.SOURCE, "d0", S.RUNNING)
+    flow.record_reset(Side.SOURCE, "d1")
+    walk(flow, Side.SOURCE, "d0", S.RUNNING)
+
+
+# -- pre-copy convergence ----------------------------------------------------
+
+
+def decide(
+    plan: Plan,
+    remaining: dict[str, Remaining],
+    *,
+    bw: float = 100 * 2**20,
+    rnd: int = 1,
+    elapsed: float = 0.0,
+) -> tuple[str, str]:
+    d = decide_precopy(
+        plan, round_number=rnd, remaining=remaining, bandwidth_bytes_s=bw, elapsed_s=elapsed
+    )
+    return d.action, d.reason
+
+
+def test_converges_when_initial_drained_and_bytes_fit() -> None:
+    plan = plan_of(2, downtime_limit_ms=100)  # 100 ms at 100 MiB/s = 10 MiB
+    ok = {"d0": Remaining(0, 4 << 20, 4 << 20), "d1": Remaining(0, 0, 5 << 20)}
+    action, reason = decide(plan, ok)
+    assert action == "switchover" and "converged" in reason
+    d = decide_precopy(
+        plan, round_number=1, remaining=ok, bandwidth_bytes_s=100 * 2**20, elapsed_s=0
+    )
+    assert d.converged and d.expected_downtime_ms == pytest.approx(90.0)
+
+
+def test_waits_for_initial_bytes_even_when_small() -> None:
+    plan = plan_of(1)
+    action, reason = decide(plan, {"d0": Remaining(10, 0, 10)})
+    assert action == "continue" and "initial data not drained on d0" in reason
+
+
+def test_continues_then_applies_policy_at_max_rounds() -> None:
+    big = {"d0": Remaining(0, 50 << 20, 50 << 20)}
+    for policy in ("abort", "switchover"):
+        plan = plan_of(1, downtime_limit_ms=100, precopy_max_rounds=5, precopy_policy=policy)
+        assert decide(plan, big, rnd=4)[0] == "continue"
+        action, reason = decide(plan, big, rnd=5)
+        assert action == policy and "after 5 round(s)" in reason
+
+
+def test_precopy_deadline_applies_policy() -> None:
+    plan = plan_of(1, downtime_limit_ms=100, timeouts={"precopy_s": 30})
+    action, reason = decide(plan, {"d0": Remaining(0, 50 << 20, 50 << 20)}, elapsed=31)
+    assert action == "abort" and "deadline" in reason
+
+
+def test_device_without_precopy_that_cannot_fit_decides_at_once() -> None:
+    plan = plan_of(2, downtime_limit_ms=100, precopy_policy="switchover")
+    remaining = {"d0": Remaining(0, 0, 0), "d1": Remaining(0, 0, 20 << 20, pre_copy=False)}
+    action, reason = decide(plan, remaining, rnd=1)
+    assert action == "switchover" and "cannot converge" in reason
+
+
+def test_without_any_precopy_device_switches_over_at_once() -> None:
+    plan = plan_of(2, downtime_limit_ms=100)
+    remaining = {n: Remaining(0, 0, 1 << 20, pre_copy=False) for n in ("d0", "d1")}
+    # Bandwidth unknown: nothing was sent in pre-copy to measure it.
+    action, reason = decide(plan, remaining, bw=0.0)
+    assert action == "switchover" and "no device has pre-copy" in reason
+
+
+@pytest.mark.parametrize(("rnd", "limit"), list(itertools.product([1, 3], [10, 1000])))
+def test_decision_is_never_continue_past_max_rounds(rnd: int, limit: int) -> None:
+    plan = plan_of(1, downtime_limit_ms=limit, precopy_max_rounds=rnd)
+    action, _ = decide(plan, {"d0": Remaining(5, 1 << 30, 1 << 30)}, rnd=rnd)
+    assert action in ("abort", "switchover")
