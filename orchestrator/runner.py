@@ -1,0 +1,931 @@
+"""Runs one VM's migration with trio: the only place where I/O meets the flow.
+
+The runner executes what ``orchestrator.flow`` decides.  It owns:
+
+* one task per device endpoint, inside one nursery, so that every device
+  moves in parallel and any failure cancels the rest;
+* the barriers: the pre-copy rounds, the source P2P grace barrier and the
+  destination barrier whose release is the commit point;
+* a deadline on every single device call (``timeouts.device_call_s``) and
+  on the phases that must not drag on, so that a device that never answers
+  fails the migration instead of hanging it;
+* cancellation: an operator's cancel, a timeout or any failure before the
+  commit point rolls back, shielded from further cancellation and under its
+  own deadline; after the commit point the only way is forward;
+* the measurements: downtime from the first source device stopping to the
+  last destination device running, per-phase times, barrier waits.
+
+It is also the only place where a backend's ``DeviceError`` becomes a
+migration failure (``DeviceFailure``), tagged with the side, device, phase
+and operation, and where the first failure in time is kept as the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import structlog
+import trio
+
+from orchestrator.backends.base import Device
+from orchestrator.errors import DeviceError, DeviceTimeout, PeerError, PlanError
+from orchestrator.flow import MigrationFlow, Phase, PrecopyDecision, Remaining, decide_precopy
+from orchestrator.report import (
+    BarrierReport,
+    DeviceReport,
+    ErrorInfo,
+    MigrationReport,
+    Outcome,
+    PrecopyReport,
+)
+from orchestrator.resolve import ResolvedPlan
+from orchestrator.states import RUNNING_STATES, Capabilities, DeviceState, Side
+from orchestrator.transport import RateLimiter, StreamReceiver, StreamSender, local_stream
+
+T = TypeVar("T")
+
+MIB = 1 << 20
+
+#: Phases after which an operator's cancel is refused: the decision is being
+#: or has been recorded, so the destination must win.
+NO_CANCEL_PHASES = frozenset({Phase.COMMIT, Phase.RESUME, Phase.RELEASE, Phase.DONE})
+
+
+class MigrationAborted(Exception):
+    """Stops the forward path; the cause is in ``Migration.error``."""
+
+
+class DeviceFailure(MigrationAborted):
+    """A device call failed during the migration; ``info`` says where and how."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+class CommitJournal(Protocol):
+    """Where the commit decision is made durable before anyone acts on it."""
+
+    async def record_commit(self, migration_id: str) -> None: ...
+
+
+@dataclass
+class TraceEvent:
+    """One thing that happened, in order.  Tests check invariants on the trace."""
+
+    seq: int
+    time: float
+    kind: str  # arc_begin, arc_end, arc_failed, reset, phase, barrier, commit, decision
+    side: Side | None = None
+    device: str | None = None
+    from_state: DeviceState | None = None
+    to_state: DeviceState | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceStats:
+    bytes_precopy: int = 0
+    bytes_stopcopy: int = 0
+    barrier_wait_s: dict[str, float] = field(default_factory=dict)
+    # This device's own busy time from its stop to its destination running.
+    stop_path_s: float = 0.0
+    source_digest: str | None = None
+    destination_digest: str | None = None
+    remaining: Remaining | None = None
+
+
+class Barrier:
+    """``parties`` tasks meet; the last to arrive runs ``on_release`` before anyone goes on."""
+
+    def __init__(self, name: str, parties: int, on_release: Callable[[], None]) -> None:
+        self.name = name
+        self.parties = parties
+        self._on_release = on_release
+        self._arrived = 0
+        self.released = trio.Event()
+
+    async def arrive(self) -> float:
+        """Wait for every party; returns how long this one waited, in seconds."""
+        start = trio.current_time()
+        self._arrived += 1
+        if self._arrived == self.parties:
+            self._on_release()
+            self.released.set()
+        await self.released.wait()
+        return trio.current_time() - start
+
+
+class RoundGate:
+    """A cyclic barrier for pre-copy rounds: the last report of a round decides for all."""
+
+    def __init__(self, parties: int, decide: Callable[[dict[str, Remaining]], PrecopyDecision]):
+        self.parties = parties
+        self._decide = decide
+        self._reports: dict[str, Remaining] = {}
+        self._round_done = trio.Event()
+        self.decision: PrecopyDecision | None = None
+        #: Set once a round decides anything but "continue".
+        self.final = trio.Event()
+
+    async def arrive(self, name: str, remaining: Remaining) -> PrecopyDecision:
+        self._reports[name] = remaining
+        done = self._round_done
+        if len(self._reports) == self.parties:
+            reports, self._reports = self._reports, {}
+            self._round_done = trio.Event()
+            self.decision = self._decide(reports)
+            if self.decision.action != "continue":
+                self.final.set()
+            done.set()
+        await done.wait()
+        assert self.decision is not None
+        return self.decision
+
+
+class Migration:
+    """One VM's migration: build it from a resolved plan, then ``await run()``."""
+
+    def __init__(
+        self,
+        resolved: ResolvedPlan,
+        *,
+        migration_id: str | None = None,
+        journal: CommitJournal | None = None,
+        sequential_switchover: bool = False,
+        read_chunk_bytes: int = MIB,
+        observers: list[Callable[[TraceEvent], None]] | None = None,
+    ) -> None:
+        self.resolved = resolved
+        self.plan = resolved.plan
+        self.id = migration_id or uuid.uuid4().hex
+        self.journal = journal
+        # QEMU before 10.0 stopped and drained devices one after another; kept
+        # as a baseline for the benchmark, not for production use.
+        self.sequential_switchover = sequential_switchover
+        self.read_chunk_bytes = read_chunk_bytes
+        self.observers = list(observers or [])
+        self.log = structlog.get_logger("orchestrator").bind(vm=self.plan.vm, migration=self.id)
+
+        self.trace: list[TraceEvent] = []
+        self.error: ErrorInfo | None = None
+        self.report: MigrationReport | None = None
+        self.flow: MigrationFlow | None = None
+        self.sources: dict[str, Device] = {}
+        self.destinations: dict[str, Device] = {}
+        self.stats: dict[str, DeviceStats] = {d.name: DeviceStats() for d in resolved.devices}
+        self.precopy = PrecopyReport()
+        self.phase = Phase.PREPARE
+
+        self._t0: float | None = None
+        self._phase_started: dict[Phase, float] = {}
+        self._phase_ms: dict[str, float] = {}
+        self._downtime_start: float | None = None
+        self._downtime_end: float | None = None
+        self._scope: trio.CancelScope | None = None
+        self._cancel_reason: str | None = None
+        self._post_commit_errors: list[ErrorInfo] = []
+        self._release_errors: list[ErrorInfo] = []
+        self._rollback_errors: list[ErrorInfo] = []
+        self._barrier_waits: dict[str, list[float]] = {}
+        self._barrier_members: dict[str, int] = {}
+        self._precopy_bytes = 0
+        self._precopy_busy_s = 0.0
+        # Time each endpoint spent inside device calls.
+        self._busy: dict[tuple[Side, str], float] = {}
+
+    # -- public --------------------------------------------------------------
+
+    @property
+    def committed(self) -> bool:
+        return self.flow is not None and self.flow.committed
+
+    def cancel(self, reason: str = "cancelled by the operator") -> bool:
+        """Roll the migration back if the commit point is not reached; False if too late."""
+        if self.phase in NO_CANCEL_PHASES or self.committed or self.report is not None:
+            return False
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+        return True
+
+    def progress(self) -> dict[str, Any]:
+        """A snapshot for progress displays and the API; cheap, never blocks."""
+        remaining = [s.remaining for s in self.stats.values() if s.remaining is not None]
+        return {
+            "phase": self.phase.value,
+            "precopy_round": self.precopy.rounds,
+            "bytes_sent": {
+                name: s.bytes_precopy + s.bytes_stopcopy for name, s in self.stats.items()
+            },
+            "remaining_bytes": sum(r.stop_copy_bytes for r in remaining) if remaining else None,
+            "expected_downtime_ms": self.precopy.expected_downtime_ms,
+        }
+
+    async def run(self) -> MigrationReport:
+        """Migrate; returns the report (also in ``self.report``).  Never raises for a
+        failed migration: the report says what happened.  Re-raises cancellation
+        from outside (after rolling back) and bugs."""
+        self._t0 = trio.current_time()
+        self._enter_phase_timing(Phase.PREPARE)
+        self.log.info("migration.start", devices=len(self.resolved.devices))
+        try:
+            with trio.CancelScope() as self._scope:
+                await self._forward()
+        except BaseException as exc:
+            await self._after_forward_failure(exc)
+        else:
+            if self._scope.cancelled_caught:
+                self._set_error("cancelled", self._cancel_reason or "cancelled")
+                await self._recover()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_all()
+                self._finish_phase_timing()
+                report = self.report = await self._build_report()
+                self.log.info(
+                    "migration.end",
+                    outcome=report.outcome,
+                    downtime_ms=report.downtime_ms,
+                    duration_ms=report.duration_ms,
+                )
+        return report
+
+    # -- the forward path ----------------------------------------------------
+
+    async def _forward(self) -> None:
+        timeout = self.plan.timeouts.prepare_s
+        try:
+            with trio.fail_after(timeout):
+                flow = self.flow = await self._open_all()
+                await self._for_each_device(self._prepare_destination)
+        except trio.TooSlowError:
+            raise self._abort("phase_timeout", f"prepare took over {timeout:g} s") from None
+        self._enter(Phase.PRECOPY)
+        limiter = None
+        if self.plan.bandwidth_limit_mib_s is not None:
+            limiter = RateLimiter(self.plan.bandwidth_limit_mib_s * MIB)
+        names = [d.name for d in self.resolved.devices]
+        self._rounds = RoundGate(len(names), self._decide_round)
+        self._round_started = trio.current_time()
+        self._grace_signal = trio.Event()
+        self._source_barrier = Barrier("source_p2p", len(names), self._source_barrier_released)
+        self._destination_barrier = Barrier("destination_p2p", len(names), lambda: None)
+        self._drained = 0
+        self._all_drained = trio.Event()
+        self._committed = trio.Event()
+        self._resumed_count = 0
+        self._resumed = trio.Event()
+        self._sequential = trio.Lock()
+        self._loaded = {name: trio.Event() for name in names}
+        self._barrier_members = {
+            "source_p2p": len(flow.barrier_members(Side.SOURCE)),
+            "destination_p2p": len(flow.barrier_members(Side.DESTINATION)),
+        }
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._coordinate)
+            for name in names:
+                sender, receiver = local_stream(limiter)
+                nursery.start_soon(self._source_task, name, sender)
+                nursery.start_soon(self._destination_task, name, receiver)
+        self._enter(Phase.DONE)
+
+    async def _open_all(self) -> MigrationFlow:
+        for d in self.resolved.devices:
+            self.sources[d.name] = d.backend.create(d.name, Side.SOURCE, d.source)
+            self.destinations[d.name] = d.backend.create(d.name, Side.DESTINATION, d.destination)
+        caps: dict[tuple[Side, str], Capabilities] = {}
+
+        async def open_one(side: Side, name: str) -> None:
+            device = self._device(side, name)
+            caps[(side, name)] = await self._call(side, name, "open", device.open)
+
+        async with trio.open_nursery() as nursery:
+            for name in self.sources:
+                for side in Side:
+                    nursery.start_soon(open_one, side, name)
+        try:
+            return MigrationFlow.create(
+                self.plan,
+                {n: (caps[(Side.SOURCE, n)], caps[(Side.DESTINATION, n)]) for n in self.sources},
+            )
+        except PlanError as exc:
+            raise self._abort("plan_error", f"the devices cannot migrate together: {exc}") from None
+
+    async def _prepare_destination(self, name: str) -> None:
+        assert self.flow is not None
+        await self._walk(
+            Side.DESTINATION, name, self.flow.endpoint(Side.DESTINATION, name).route.transfer
+        )
+
+    async def _coordinate(self) -> None:
+        await self._rounds.final.wait()
+        decision = self._rounds.decision
+        assert decision is not None
+        if decision.action == "abort":
+            raise self._abort("precopy_not_converged", decision.reason)
+        self._enter(Phase.SOURCE_GRACE)
+        self._grace_signal.set()
+        await self._source_barrier.released.wait()
+        timeout = self.plan.timeouts.switchover_s
+        try:
+            with trio.fail_after(timeout):
+                await self._all_drained.wait()
+                self._enter(Phase.DESTINATION_GRACE)
+                await self._destination_barrier.released.wait()
+        except trio.TooSlowError:
+            raise self._abort(
+                "phase_timeout",
+                f"the switchover did not reach the commit point within {timeout:g} s",
+            ) from None
+        self._enter(Phase.COMMIT)
+        with trio.CancelScope(shield=True):
+            if self.journal is not None:
+                await self.journal.record_commit(self.id)
+        assert self.flow is not None
+        self.flow.record_commit()
+        self._emit("commit")
+        self.log.info("migration.commit")
+        self._committed.set()
+        self._enter(Phase.RESUME)
+        await self._resumed.wait()
+        self._enter(Phase.RELEASE)
+
+    def _decide_round(self, reports: dict[str, Remaining]) -> PrecopyDecision:
+        now = trio.current_time()
+        self._precopy_busy_s += now - self._round_started
+        self._round_started = now
+        self.precopy.rounds += 1
+        measured = self._precopy_bytes / self._precopy_busy_s if self._precopy_busy_s > 0 else 0.0
+        if self.plan.bandwidth_limit_mib_s is not None:
+            limit = self.plan.bandwidth_limit_mib_s * MIB
+            measured = min(measured, limit) if measured > 0 else limit
+        decision = decide_precopy(
+            self.plan,
+            round_number=self.precopy.rounds,
+            remaining=reports,
+            bandwidth_bytes_s=measured,
+            elapsed_s=now - self._phase_started[Phase.PRECOPY],
+        )
+        self.precopy.bandwidth_mib_s = round(measured / MIB, 3) if measured > 0 else None
+        self.precopy.expected_downtime_ms = (
+            round(decision.expected_downtime_ms, 3)
+            if math.isfinite(decision.expected_downtime_ms)
+            else None
+        )
+        self.precopy.reason = decision.reason
+        self.precopy.converged = decision.converged
+        if decision.action != "continue":
+            self.precopy.decision = decision.action
+            self.log.info(
+                "migration.precopy_decision", action=decision.action, reason=decision.reason
+            )
+        self._emit("decision", detail={"action": decision.action, "round": self.precopy.rounds})
+        return decision
+
+    def _source_barrier_released(self) -> None:
+        self._enter(Phase.STOP_COPY)
+        self._emit("barrier", detail={"barrier": "source_p2p"})
+
+    # -- per-device tasks ----------------------------------------------------
+
+    async def _source_task(self, name: str, sender: StreamSender) -> None:
+        assert self.flow is not None
+        route = self.flow.endpoint(Side.SOURCE, name).route
+        device = self.sources[name]
+        stats = self.stats[name]
+        async with _closing(sender):
+            if route.precopy is not None:
+                await self._walk(Side.SOURCE, name, route.precopy)
+            while True:
+                if route.precopy is not None:
+                    # A round sends what was pending when it began, no more: a
+                    # device that dirties faster than it drains must still end
+                    # its round so that the convergence decision is taken.
+                    info = await self._call(Side.SOURCE, name, "precopy_info", device.precopy_info)
+                    pending = info.initial_bytes + info.dirty_bytes
+                    await self._drain(name, sender, precopy=True, limit=max(pending, 1))
+                    info = await self._call(Side.SOURCE, name, "precopy_info", device.precopy_info)
+                    size = await self._call(
+                        Side.SOURCE, name, "stop_copy_size", device.stop_copy_size
+                    )
+                    stats.remaining = Remaining(info.initial_bytes, info.dirty_bytes, size)
+                elif stats.remaining is None:
+                    size = await self._call(
+                        Side.SOURCE, name, "stop_copy_size", device.stop_copy_size
+                    )
+                    stats.remaining = Remaining(0, 0, size, pre_copy=False)
+                decision = await self._rounds.arrive(name, stats.remaining)
+                if decision.action != "continue":
+                    break
+            await self._grace_signal.wait()
+            if route.grace is not None:
+                await self._walk(Side.SOURCE, name, route.grace)
+            stats.barrier_wait_s["source_p2p"] = await self._source_barrier.arrive()
+            self._barrier_waits.setdefault("source_p2p", []).append(
+                stats.barrier_wait_s["source_p2p"]
+            )
+            if self.sequential_switchover:
+                async with self._sequential:
+                    await self._stop_and_drain(name, sender)
+                    await self._loaded[name].wait()
+            else:
+                await self._stop_and_drain(name, sender)
+        self._drained += 1
+        if self._drained == len(self.sources):
+            self._all_drained.set()
+        await self._resumed.wait()
+        # Release: outside the downtime window, after the commit point.
+        try:
+            await self._walk(Side.SOURCE, name, route.settle)
+        except DeviceFailure as failure:
+            # The VM runs on the destination: a source that cannot be
+            # released needs an operator, but the migration has succeeded.
+            self._release_errors.append(failure.info)
+
+    async def _stop_and_drain(self, name: str, sender: StreamSender) -> None:
+        busy_before = self._busy.get((Side.SOURCE, name), 0.0)
+        await self._walk(Side.SOURCE, name, DeviceState.STOP_COPY)
+        await self._drain(name, sender, precopy=False)
+        try:
+            await sender.end()
+        except PeerError as exc:
+            raise self._fail(Side.SOURCE, name, "send", exc) from None
+        self.stats[name].stop_path_s += self._busy.get((Side.SOURCE, name), 0.0) - busy_before
+
+    async def _drain(
+        self, name: str, sender: StreamSender, *, precopy: bool, limit: int | None = None
+    ) -> None:
+        """Read and send until the device has nothing more now (or ``limit`` bytes)."""
+        device = self.sources[name]
+        stats = self.stats[name]
+        sent = 0
+        while limit is None or sent < limit:
+            chunk = await self._call(Side.SOURCE, name, "read", device.read, self.read_chunk_bytes)
+            if not chunk:
+                return
+            sent += len(chunk)
+            if precopy:
+                stats.bytes_precopy += len(chunk)
+                self._precopy_bytes += len(chunk)
+            else:
+                stats.bytes_stopcopy += len(chunk)
+            try:
+                await sender.send(chunk)
+            except PeerError as exc:
+                raise self._fail(Side.SOURCE, name, "send", exc) from None
+
+    async def _destination_task(self, name: str, receiver: StreamReceiver) -> None:
+        assert self.flow is not None
+        route = self.flow.endpoint(Side.DESTINATION, name).route
+        device = self.destinations[name]
+        stats = self.stats[name]
+        last_write_s = 0.0
+        try:
+            while True:
+                try:
+                    chunk = await receiver.receive()
+                except PeerError as exc:
+                    raise self._fail(Side.DESTINATION, name, "receive", exc) from None
+                if chunk is None:
+                    break
+                start = trio.current_time()
+                await self._call(Side.DESTINATION, name, "write", device.write, chunk)
+                last_write_s = trio.current_time() - start
+        finally:
+            with trio.CancelScope(shield=True):
+                await receiver.aclose()
+        busy_before = self._busy.get((Side.DESTINATION, name), 0.0)
+        await self._walk(Side.DESTINATION, name, route.settle)
+        if route.grace is not None:
+            await self._walk(Side.DESTINATION, name, route.grace)
+        self._loaded[name].set()
+        stats.barrier_wait_s["destination_p2p"] = await self._destination_barrier.arrive()
+        self._barrier_waits.setdefault("destination_p2p", []).append(
+            stats.barrier_wait_s["destination_p2p"]
+        )
+        await self._committed.wait()
+        assert route.final is not None
+        try:
+            await self._walk(Side.DESTINATION, name, route.final)
+        except DeviceFailure as failure:
+            self._post_commit_errors.append(failure.info)
+        stats.stop_path_s += (
+            last_write_s + self._busy.get((Side.DESTINATION, name), 0.0) - busy_before
+        )
+        self._resumed_count += 1
+        if self._resumed_count == len(self.destinations):
+            self._resumed.set()
+
+    # -- arcs and calls ------------------------------------------------------
+
+    async def _walk(self, side: Side, name: str, target: DeviceState) -> None:
+        assert self.flow is not None
+        for step in self.flow.plan_arcs(side, name, target):
+            await self._arc(side, name, step)
+
+    async def _arc(self, side: Side, name: str, target: DeviceState) -> None:
+        assert self.flow is not None
+        before = self.flow.endpoint(side, name).state
+        self.flow.begin_arc(side, name, target)
+        start = trio.current_time()
+        if (
+            side is Side.SOURCE
+            and target not in RUNNING_STATES
+            and self._downtime_start is None
+            and self.phase is Phase.STOP_COPY
+        ):
+            self._downtime_start = start
+        self._emit("arc_begin", side, name, before, target)
+        try:
+            await self._call(
+                side, name, "set_state", self._device(side, name).set_state, target, target=target
+            )
+        except DeviceFailure:
+            now = await self._probe_state(side, name)
+            self.flow.arc_failed(side, name, now)
+            self._emit("arc_failed", side, name, before, now, detail={"target": target.name})
+            raise
+        self.flow.end_arc(side, name)
+        end = trio.current_time()
+        if side is Side.DESTINATION and target is DeviceState.RUNNING and self.flow.committed:
+            self._downtime_end = end
+        self._emit("arc_end", side, name, before, target)
+        self.log.info(
+            "device.transition",
+            device=name,
+            side=side.value,
+            **{"from": before.name, "to": target.name},
+            duration_ms=round((end - start) * 1000, 3),
+        )
+
+    async def _probe_state(self, side: Side, name: str) -> DeviceState:
+        """Where a device stands after a failed arc; ERROR if it cannot tell."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.plan.timeouts.device_call_s):
+            try:
+                return await self._device(side, name).get_state()
+            except DeviceError:
+                pass
+        return DeviceState.ERROR
+
+    async def _call(
+        self,
+        side: Side,
+        name: str,
+        operation: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        target: DeviceState | None = None,
+    ) -> T:
+        """One device call under its deadline; DeviceError becomes DeviceFailure here."""
+        deadline = self.plan.timeouts.device_call_s
+        start = trio.current_time()
+        try:
+            with trio.fail_after(deadline):
+                return await fn(*args)
+        except trio.TooSlowError:
+            err: DeviceError = DeviceTimeout(
+                f"no answer within {deadline:g} s",
+                device=name,
+                operation=operation,
+                target=target.name if target else None,
+            )
+            raise self._fail(side, name, operation, err) from None
+        except DeviceError as exc:
+            raise self._fail(side, name, operation, exc) from exc
+        finally:
+            key = (side, name)
+            self._busy[key] = self._busy.get(key, 0.0) + trio.current_time() - start
+
+    def _device(self, side: Side, name: str) -> Device:
+        return self.sources[name] if side is Side.SOURCE else self.destinations[name]
+
+    async def _for_each_device(self, fn: Callable[[str], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            for name in self.sources:
+                nursery.start_soon(fn, name)
+
+    # -- failures and recovery -----------------------------------------------
+
+    def _fail(self, side: Side, name: str, operation: str, exc: Exception) -> DeviceFailure:
+        kind = (
+            "device_timeout"
+            if isinstance(exc, DeviceTimeout)
+            else ("peer_error" if isinstance(exc, PeerError) else "device_error")
+        )
+        info = ErrorInfo(
+            kind=kind,
+            message=str(exc),
+            phase=self.phase.value,
+            side=side.value,
+            device=name,
+            operation=operation,
+        )
+        if self.error is None:
+            self.error = info
+        self.log.warning("device.failure", **info.model_dump(exclude_none=True))
+        return DeviceFailure(info)
+
+    def _abort(self, kind: str, message: str) -> MigrationAborted:
+        self._set_error(kind, message)
+        return MigrationAborted(message)
+
+    def _set_error(self, kind: str, message: str) -> None:
+        if self.error is None:
+            self.error = ErrorInfo(kind=kind, message=message, phase=self.phase.value)
+
+    async def _after_forward_failure(self, exc: BaseException) -> None:
+        cancelled, rest = _split(exc, trio.Cancelled)
+        expected, unexpected = _split(rest, MigrationAborted) if rest is not None else (None, None)
+        del expected
+        if unexpected is not None:
+            self._set_error("internal_error", f"{type(unexpected).__name__}: {unexpected}")
+        if cancelled is not None:
+            self._set_error("cancelled", self._cancel_reason or "the migration was cancelled")
+        await self._recover()
+        if unexpected is not None or cancelled is not None:
+            raise exc
+
+    async def _recover(self) -> None:
+        """Roll back if the commit point was not recorded; otherwise nothing is undone."""
+        if self.flow is None or self.committed:
+            return
+        with trio.CancelScope(shield=True):
+            await self._rollback()
+
+    async def _rollback(self) -> None:
+        assert self.flow is not None
+        flow = self.flow
+        self._enter(Phase.ROLLBACK)
+        self.log.warning("migration.rollback", cause=self.error.message if self.error else None)
+        deadline = self.plan.timeouts.rollback_s
+        with trio.move_on_after(deadline) as scope:
+            # An arc that was in flight when the forward path was cancelled may
+            # or may not have happened: ask the device.
+            for (side, name), e in list(flow.endpoints.items()):
+                if e.pending is not None:
+                    flow.arc_failed(side, name, await self._probe_state(side, name))
+            plan = flow.rollback_plan()
+            async with trio.open_nursery() as nursery:
+                for step in plan.steps:
+                    nursery.start_soon(
+                        self._rollback_quiesce, step.side, step.name, step.reset, step.quiesce
+                    )
+            async with trio.open_nursery() as nursery:
+                for step in plan.for_side(Side.SOURCE):
+                    if step.final is not None and not flow.endpoint(Side.SOURCE, step.name).reset:
+                        nursery.start_soon(self._rollback_final, step.name, step.final)
+        if scope.cancelled_caught:
+            self._rollback_errors.append(
+                ErrorInfo(
+                    kind="phase_timeout",
+                    message=f"rollback took over {deadline:g} s",
+                    phase="rollback",
+                )
+            )
+        self._enter(Phase.DONE)
+
+    async def _rollback_quiesce(
+        self, side: Side, name: str, reset: bool, quiesce: DeviceState | None
+    ) -> None:
+        try:
+            if not reset and quiesce is not None:
+                await self._walk(side, name, quiesce)
+                return
+        except DeviceFailure as failure:
+            assert self.flow is not None
+            if self.flow.endpoint(side, name).state is not DeviceState.ERROR:
+                self._rollback_errors.append(failure.info)
+                return
+        if reset or self._needs_reset(side, name):
+            await self._reset(side, name)
+
+    async def _rollback_final(self, name: str, final: DeviceState) -> None:
+        try:
+            await self._walk(Side.SOURCE, name, final)
+        except DeviceFailure as failure:
+            if self._needs_reset(Side.SOURCE, name):
+                await self._reset(Side.SOURCE, name)
+            else:
+                self._rollback_errors.append(failure.info)
+
+    def _needs_reset(self, side: Side, name: str) -> bool:
+        assert self.flow is not None
+        return self.flow.endpoint(side, name).state is DeviceState.ERROR
+
+    async def _reset(self, side: Side, name: str) -> None:
+        assert self.flow is not None
+        before = self.flow.endpoint(side, name).state
+        try:
+            await self._call(side, name, "reset", self._device(side, name).reset)
+        except DeviceFailure as failure:
+            self._rollback_errors.append(failure.info)
+            return
+        self.flow.record_reset(side, name)
+        self._emit("reset", side, name, before, DeviceState.RUNNING)
+        self.log.info("device.reset", device=name, side=side.value, **{"from": before.name})
+
+    async def _close_all(self) -> None:
+        async def close(device: Device) -> None:
+            with trio.move_on_after(self.plan.timeouts.device_call_s):
+                with contextlib.suppress(DeviceError):
+                    await device.close()
+
+        async with trio.open_nursery() as nursery:
+            for device in [*self.sources.values(), *self.destinations.values()]:
+                nursery.start_soon(close, device)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        if self.flow is not None:
+            self.flow.enter_phase(phase)
+        previous = self.phase
+        self.phase = phase
+        duration = self._enter_phase_timing(phase)
+        self._emit("phase", detail={"phase": phase.value, "previous": previous.value})
+        self.log.info(
+            "migration.phase",
+            phase=phase.value,
+            previous=previous.value,
+            previous_ms=round(duration * 1000, 3),
+        )
+
+    def _enter_phase_timing(self, phase: Phase) -> float:
+        now = trio.current_time()
+        duration = 0.0
+        if self._phase_started:
+            last = next(reversed(self._phase_started))
+            duration = now - self._phase_started[last]
+            self._phase_ms[last.value] = self._phase_ms.get(last.value, 0.0) + duration * 1000
+        if phase is not Phase.DONE:
+            self._phase_started[phase] = now
+            # Keep insertion order meaning "most recent last".
+            self._phase_started[phase] = self._phase_started.pop(phase)
+        return duration
+
+    def _finish_phase_timing(self) -> None:
+        if self.phase is not Phase.DONE:
+            self._enter_phase_timing(Phase.DONE)
+
+    def _emit(
+        self,
+        kind: str,
+        side: Side | None = None,
+        device: str | None = None,
+        from_state: DeviceState | None = None,
+        to_state: DeviceState | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        event = TraceEvent(
+            seq=len(self.trace),
+            time=trio.current_time(),
+            kind=kind,
+            side=side,
+            device=device,
+            from_state=from_state,
+            to_state=to_state,
+            detail=detail or {},
+        )
+        self.trace.append(event)
+        for observer in self.observers:
+            observer(event)
+
+    # -- report --------------------------------------------------------------
+
+    def _outcome(self) -> Outcome:
+        if self.committed:
+            failed = self._post_commit_errors or self.phase is not Phase.DONE
+            return "failed" if failed else "succeeded"
+        if self.flow is None or self._rollback_errors:
+            return "failed"
+        if self.error is not None and self.error.kind == "plan_error":
+            return "failed"
+        return "rolled_back"
+
+    async def _build_report(self) -> MigrationReport:
+        now = trio.current_time()
+        assert self._t0 is not None
+        outcome = self._outcome()
+        error = self.error
+        if error is None and (self._post_commit_errors or self._rollback_errors):
+            error = (self._post_commit_errors or self._rollback_errors)[0]
+        if outcome == "succeeded":
+            error = None
+        devices = []
+        for spec in self.resolved.devices:
+            devices.append(await self._device_report(spec.name, spec.backend.name))
+        downtime = None
+        if self._downtime_start is not None:
+            end = self._downtime_end
+            if not self.committed:
+                end = self._last_source_running()
+            if end is not None:
+                downtime = round((end - self._downtime_start) * 1000, 3)
+        barriers = {}
+        for name, waits in self._barrier_waits.items():
+            barriers[name] = BarrierReport(
+                members=self._barrier_members.get(name, 0),
+                wait_ms_max=round(max(waits) * 1000, 3),
+                wait_ms_mean=round(sum(waits) / len(waits) * 1000, 3),
+            )
+        notes = list(self.flow.notes) if self.flow else []
+        for info in self._rollback_errors + self._post_commit_errors:
+            if info is not error:
+                notes.append(f"also failed: {info.message}")
+        for info in self._release_errors:
+            notes.append(f"source device {info.device!r} could not be released: {info.message}")
+        for spec in self.resolved.devices:
+            if self.flow is not None and self.flow.endpoint(Side.SOURCE, spec.name).reset:
+                notes.append(
+                    f"source device {spec.name!r} fell into ERROR and was reset: its state is lost"
+                )
+        return MigrationReport(
+            id=self.id,
+            vm=self.plan.vm,
+            outcome=outcome,
+            downtime_ms=downtime,
+            duration_ms=round((now - self._t0) * 1000, 3),
+            phases={k: round(v, 3) for k, v in self._phase_ms.items()},
+            devices=devices,
+            precopy=self.precopy,
+            barriers=barriers,
+            committed=self.committed,
+            notes=notes,
+            error=error,
+        )
+
+    def _last_source_running(self) -> float | None:
+        times = [
+            e.time
+            for e in self.trace
+            if e.side is Side.SOURCE
+            and e.kind in ("arc_end", "reset")
+            and e.to_state is DeviceState.RUNNING
+        ]
+        return max(times) if times else None
+
+    async def _device_report(self, name: str, backend: str) -> DeviceReport:
+        stats = self.stats[name]
+        src_state = dst_state = "unknown"
+        src_reset = dst_reset = False
+        barrier = "held"
+        if self.flow is not None:
+            src = self.flow.endpoint(Side.SOURCE, name)
+            dst = self.flow.endpoint(Side.DESTINATION, name)
+            src_state, dst_state = src.state.name, dst.state.name
+            src_reset, dst_reset = src.reset, dst.reset
+            if not src.barrier:
+                barrier = "skipped: no P2P states on this device"
+        with trio.move_on_after(self.plan.timeouts.device_call_s):
+            with contextlib.suppress(DeviceError):
+                if name in self.sources:
+                    stats.source_digest = await self.sources[name].state_digest()
+                if name in self.destinations:
+                    stats.destination_digest = await self.destinations[name].state_digest()
+        return DeviceReport(
+            name=name,
+            backend=backend,
+            source_state=src_state,
+            destination_state=dst_state,
+            source_reset=src_reset,
+            destination_reset=dst_reset,
+            bytes_precopy=stats.bytes_precopy,
+            bytes_stopcopy=stats.bytes_stopcopy,
+            source_digest=stats.source_digest,
+            destination_digest=stats.destination_digest,
+            barrier=barrier,
+            barrier_wait_ms={k: round(v * 1000, 3) for k, v in stats.barrier_wait_s.items()},
+            stop_copy_path_ms=round(stats.stop_path_s * 1000, 3) if stats.stop_path_s else None,
+        )
+
+
+def _split(
+    exc: BaseException | None, kind: type[BaseException]
+) -> tuple[BaseException | None, BaseException | None]:
+    """Split an exception (or group) into the part of ``kind`` and the rest."""
+    if exc is None:
+        return None, None
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(kind)
+    return (exc, None) if isinstance(exc, kind) else (None, exc)
+
+
+@contextlib.asynccontextmanager
+async def _closing(sender: StreamSender) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            await sender.aclose()
+
+
+async def run_plan(resolved: ResolvedPlan, **kwargs: Any) -> MigrationReport:
+    """Run a resolved plan to its end and return the report."""
+    return await Migration(resolved, **kwargs).run()

@@ -1,0 +1,112 @@
+"""Checks of a finished migration against the promises of DESIGN.md.
+
+Every check reads the recorded trace and the devices themselves, never the
+runner's own conclusions alone, so a runner that lies in its report fails.
+"""
+
+from __future__ import annotations
+
+from orchestrator.backends.simulated import SimulatedDevice, reference_digest
+from orchestrator.flow import FULLY_RUNNING
+from orchestrator.runner import Migration, TraceEvent
+from orchestrator.states import P2P_STATES, RUNNING_STATES, DeviceState, Side
+
+
+def _forward(trace: list[TraceEvent]) -> list[TraceEvent]:
+    """The trace up to the start of a rollback, if any."""
+    for i, e in enumerate(trace):
+        if e.kind == "phase" and e.detail.get("phase") == "rollback":
+            return trace[:i]
+    return trace
+
+
+def check_barriers_held(m: Migration) -> None:
+    """(a) No barrier device stopped before every barrier device of its side was
+    in its grace state; no destination device ran before every destination
+    barrier device was in its grace state."""
+    assert m.flow is not None
+    src_members = {e.name for e in m.flow.side(Side.SOURCE) if e.barrier}
+    dst_members = {e.name for e in m.flow.side(Side.DESTINATION) if e.barrier}
+    in_grace: dict[Side, set[str]] = {Side.SOURCE: set(), Side.DESTINATION: set()}
+    for e in _forward(m.trace):
+        if e.kind == "arc_end" and e.to_state in P2P_STATES and e.side is not None:
+            assert e.device is not None
+            in_grace[e.side].add(e.device)
+        if e.kind != "arc_begin" or e.device is None:
+            continue
+        if e.side is Side.SOURCE and e.device in src_members and e.to_state not in RUNNING_STATES:
+            missing = src_members - in_grace[Side.SOURCE]
+            assert not missing, f"source {e.device} stopped (seq {e.seq}) before {missing} in grace"
+        if e.side is Side.DESTINATION and e.device in dst_members and e.to_state in FULLY_RUNNING:
+            missing = dst_members - in_grace[Side.DESTINATION]
+            assert not missing, (
+                f"destination {e.device} ran (seq {e.seq}) before {missing} in grace"
+            )
+
+
+def check_commit_ordering(m: Migration) -> None:
+    """(d) No destination device ran before the commit was recorded; no source
+    device entered a running state after it."""
+    committed = False
+    for e in m.trace:
+        if e.kind == "commit":
+            committed = True
+        if e.kind != "arc_begin":
+            continue
+        if e.side is Side.DESTINATION and e.to_state in FULLY_RUNNING:
+            assert committed, f"destination {e.device} ran before the commit (seq {e.seq})"
+        if e.side is Side.SOURCE and committed:
+            assert e.to_state not in RUNNING_STATES, f"source {e.device} ran after the commit"
+    assert committed == m.committed
+
+
+def _sim(device: object) -> SimulatedDevice:
+    assert isinstance(device, SimulatedDevice)
+    return device
+
+
+async def check_outcome(m: Migration) -> None:
+    """(b) and (c): what each outcome promises about every device."""
+    report = m.report
+    assert report is not None
+    devices = {d.name: d for d in report.devices}
+    if report.outcome == "succeeded":
+        assert report.error is None
+        assert report.downtime_ms is not None and report.downtime_ms >= 0
+        for name, d in devices.items():
+            src, dst = _sim(m.sources[name]), _sim(m.destinations[name])
+            assert src.state not in RUNNING_STATES, name
+            if src.state is not DeviceState.STOP:
+                assert any(name in n and "could not be released" in n for n in report.notes)
+            assert dst.state is DeviceState.RUNNING, name
+            assert d.source_digest == d.destination_digest is not None, name
+            assert await src.state_digest() == await dst.state_digest(), name
+    elif report.outcome == "rolled_back":
+        assert report.error is not None
+        for name, d in devices.items():
+            src, dst = _sim(m.sources[name]), _sim(m.destinations[name])
+            assert src.state is DeviceState.RUNNING, (name, src.state)
+            if d.source_reset:
+                assert src.resets >= 1
+                assert any(name in note and "reset" in note for note in report.notes)
+            else:
+                # The source holds exactly its own state: nothing was loaded
+                # into it and it was not reset.
+                assert src.resets == 0
+                digest = await src.state_digest()  # brings dirtying up to now, then hashes
+                assert digest == reference_digest(src.params, src.mutations), name
+            touched = any(
+                e.side is Side.DESTINATION and e.device == name and e.kind == "arc_begin"
+                for e in m.trace
+            )
+            if touched:
+                assert d.destination_reset and dst.state is DeviceState.RUNNING, name
+    else:
+        assert report.outcome == "failed"
+        assert report.error is not None
+
+
+async def check_all(m: Migration) -> None:
+    check_barriers_held(m)
+    check_commit_ordering(m)
+    await check_outcome(m)

@@ -1,0 +1,326 @@
+"""The trio runner against simulated devices, on trio's mock clock.
+
+Every test checks the invariants of tests/invariants.py on the recorded
+trace and on the devices themselves, besides what it is about.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+from orchestrator.flow import Phase
+from orchestrator.resolve import ResolvedDevice, ResolvedPlan
+from orchestrator.runner import Migration
+from orchestrator.states import DeviceState, Side
+from tests.helpers import make_resolved, sim_device
+from tests.invariants import check_all
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def migrate(devices: list[dict[str, Any]], **top: Any) -> Migration:
+    m = Migration(make_resolved(devices, **top))
+    await m.run()
+    await check_all(m)
+    return m
+
+
+def gpus(n: int, **source: Any) -> list[dict[str, Any]]:
+    params = {"transition_ms": 2, "dirty_mib_s": 1, "drain_mib_s": 64, **source}
+    return [sim_device(f"gpu{i}", seed=i, **params) for i in range(n)]
+
+
+async def test_three_devices_migrate_and_the_report_says_so(autojump_clock: Any) -> None:
+    m = await migrate(gpus(3))
+    r = m.report
+    assert r is not None
+    assert r.outcome == "succeeded" and r.committed and r.error is None
+    assert [d.name for d in r.devices] == ["gpu0", "gpu1", "gpu2"]
+    for d in r.devices:
+        assert (d.source_state, d.destination_state) == ("STOP", "RUNNING")
+        assert d.bytes_precopy >= 64 * 1024  # the whole state went in pre-copy
+        assert d.bytes_stopcopy > 0  # the end record and the last dirty pages
+        assert d.source_digest == d.destination_digest
+        assert d.barrier == "held"
+        assert set(d.barrier_wait_ms) == {"source_p2p", "destination_p2p"}
+    assert r.precopy.converged and r.precopy.decision == "switchover"
+    assert set(r.barriers) == {"source_p2p", "destination_p2p"}
+    assert r.barriers["source_p2p"].members == 3
+    for phase in ["prepare", "precopy", "source_grace", "stop_copy", "destination_grace", "resume"]:
+        assert phase in r.phases
+    # Downtime: from the first source stop to the last destination RUNNING.
+    stops = [
+        e.time for e in m.trace if e.kind == "arc_begin" and e.to_state is DeviceState.STOP_COPY
+    ]
+    runs = [
+        e.time
+        for e in m.trace
+        if e.kind == "arc_end" and e.side is Side.DESTINATION and e.to_state is DeviceState.RUNNING
+    ]
+    assert r.downtime_ms == pytest.approx((max(runs) - min(stops)) * 1000, abs=1e-3)
+    assert r.downtime_ms is not None and r.downtime_ms < r.duration_ms
+
+
+async def test_source_is_released_only_after_the_destination_runs(autojump_clock: Any) -> None:
+    m = await migrate(gpus(2))
+    last_run = max(
+        e.seq for e in m.trace if e.side is Side.DESTINATION and e.to_state is DeviceState.RUNNING
+    )
+    releases = [e.seq for e in m.trace if e.kind == "arc_begin" and e.to_state is DeviceState.STOP]
+    releases = [s for s in releases if m.trace[s].side is Side.SOURCE]
+    assert releases and min(releases) > last_run
+
+
+async def test_destination_loads_while_the_stream_arrives(autojump_clock: Any) -> None:
+    # A slow source drain: the destination must be writing long before the
+    # source has finished reading.
+    m = Migration(make_resolved(gpus(1, state_mib=4, drain_mib_s=8)))
+    writes: list[float] = []
+
+    def wrap_writes(event: Any) -> None:
+        # The first event comes after the devices were opened.
+        dst = m.destinations["gpu0"]
+        if writes or getattr(dst, "_wrapped", False):
+            return
+        original = dst.write
+
+        async def write(data: bytes) -> None:
+            writes.append(trio.current_time())
+            await original(data)
+
+        dst.write = write  # type: ignore[method-assign]
+        dst._wrapped = True  # type: ignore[attr-defined]
+
+    m.observers.append(wrap_writes)
+    await m.run()
+    last_precopy_read = max(e.time for e in m.trace if e.kind == "decision")
+    assert m.report is not None and m.report.outcome == "succeeded"
+    # 4 MiB at 8 MiB/s takes 0.5 s of pre-copy; writes are spread over it.
+    assert len(writes) >= 4
+    assert writes[0] < last_precopy_read - 0.25
+
+
+# Every state each route enters before the commit point.
+PRE_COMMIT_STATES = [
+    ("source", True, "PRE_COPY"),
+    ("source", True, "PRE_COPY_P2P"),
+    ("source", True, "STOP_COPY"),
+    ("source", False, "RUNNING_P2P"),
+    ("source", False, "STOP"),
+    ("source", False, "STOP_COPY"),
+    ("destination", True, "RUNNING_P2P"),
+    ("destination", True, "STOP"),
+    ("destination", True, "RESUMING"),
+]
+
+
+@pytest.mark.parametrize(("side", "pre_copy", "at"), PRE_COMMIT_STATES)
+@pytest.mark.parametrize("kind", ["error", "error_state", "hang"])
+async def test_a_fault_before_the_commit_rolls_back(
+    autojump_clock: Any, side: str, pre_copy: bool, at: str, kind: str
+) -> None:
+    devices = gpus(3, pre_copy=pre_copy)
+    devices[1][side]["fault"] = {"at": at, "kind": kind}
+    m = await migrate(devices, timeouts={"device_call_s": 2})
+    r = m.report
+    assert r is not None
+    assert r.outcome == "rolled_back", r.error
+    assert r.error is not None
+    assert (r.error.side, r.error.device) == (side, "gpu1")
+    assert r.error.kind == ("device_timeout" if kind == "hang" else "device_error")
+    gpu1 = {d.name: d for d in r.devices}["gpu1"]
+    if side == "source" and kind == "error_state":
+        assert gpu1.source_reset and any("reset" in n for n in r.notes)
+    for d in r.devices:
+        assert d.source_state == "RUNNING"
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+async def test_a_corrupted_stream_fails_to_load_and_rolls_back(
+    autojump_clock: Any, side: str
+) -> None:
+    devices = gpus(2)
+    devices[0][side]["fault"] = {"at": "stream", "offset": 5000, "kind": "corrupt"}
+    m = await migrate(devices)
+    r = m.report
+    assert r is not None and r.outcome == "rolled_back"
+    assert r.error is not None and (r.error.side, r.error.device) == ("destination", "gpu0")
+
+
+async def test_hang_mid_stream_times_out_instead_of_hanging(autojump_clock: Any) -> None:
+    devices = gpus(2)
+    devices[1]["source"]["fault"] = {"at": "stream", "offset": 100, "kind": "hang"}
+    m = await migrate(devices, timeouts={"device_call_s": 3})
+    assert m.report is not None and m.report.outcome == "rolled_back"
+    assert m.report.error is not None and m.report.error.kind == "device_timeout"
+    assert "3 s" in m.report.error.message
+
+
+async def test_a_destination_failure_after_commit_fails_forward(autojump_clock: Any) -> None:
+    devices = gpus(2)
+    # RUNNING is entered on the destination only after the commit point.
+    devices[0]["destination"]["fault"] = {"at": "RUNNING", "kind": "error"}
+    m = await migrate(devices)
+    r = m.report
+    assert r is not None and r.committed and r.outcome == "failed"
+    assert r.error is not None and r.error.phase == "resume"
+    # The source never runs again after the commit point.
+    assert {d.source_state for d in r.devices} == {"STOP"}
+
+
+async def test_a_source_release_failure_after_commit_is_a_note(autojump_clock: Any) -> None:
+    devices = gpus(2)
+    devices[1]["source"]["fault"] = {"at": "STOP", "kind": "error"}
+    m = await migrate(devices)
+    r = m.report
+    assert r is not None and r.outcome == "succeeded"
+    assert any("gpu1" in n and "release" in n for n in r.notes)
+
+
+async def test_cancel_during_precopy_rolls_back(autojump_clock: Any) -> None:
+    m = Migration(make_resolved(gpus(2, state_mib=8, drain_mib_s=4)))
+    in_precopy = trio.Event()
+
+    def watch(event: Any) -> None:
+        if event.detail.get("phase") == "precopy":
+            in_precopy.set()
+
+    m.observers.append(watch)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(m.run)
+        await in_precopy.wait()
+        await trio.sleep(0.5)
+        assert m.phase is Phase.PRECOPY
+        assert m.cancel("operator said so")
+    await check_all(m)
+    assert m.report is not None and m.report.outcome == "rolled_back"
+    assert m.report.error is not None and m.report.error.kind == "cancelled"
+    assert m.report.error.message == "operator said so"
+
+
+async def test_cancel_is_refused_after_the_commit(autojump_clock: Any) -> None:
+    m = Migration(make_resolved(gpus(2)))
+    answers: list[bool] = []
+
+    def on_event(event: Any) -> None:
+        if event.kind == "commit":
+            answers.append(m.cancel())
+
+    m.observers.append(on_event)
+    await m.run()
+    await check_all(m)
+    assert answers == [False]
+    assert m.report is not None and m.report.outcome == "succeeded"
+
+
+async def test_cancel_from_outside_rolls_back_then_propagates(autojump_clock: Any) -> None:
+    m = Migration(make_resolved(gpus(2, state_mib=8, drain_mib_s=4)))
+    with trio.move_on_after(0.8):
+        await m.run()
+    await check_all(m)
+    assert m.report is not None and m.report.outcome == "rolled_back"
+    assert m.report.error is not None and m.report.error.kind == "cancelled"
+
+
+@pytest.mark.parametrize("policy", ["abort", "switchover"])
+async def test_no_convergence_follows_the_policy(autojump_clock: Any, policy: str) -> None:
+    # Dirtying faster than the device drains: pre-copy can never converge.
+    devices = gpus(2, state_mib=1, dirty_mib_s=64, drain_mib_s=16)
+    m = await migrate(devices, downtime_limit_ms=5, precopy_max_rounds=4, precopy_policy=policy)
+    r = m.report
+    assert r is not None and r.precopy.rounds == 4 and not r.precopy.converged
+    assert r.precopy.decision == policy
+    assert r.precopy.reason is not None and f"policy {policy}" in r.precopy.reason
+    if policy == "abort":
+        assert r.outcome == "rolled_back"
+        assert r.error is not None and r.error.kind == "precopy_not_converged"
+    else:
+        assert r.outcome == "succeeded"
+
+
+async def test_mixed_capabilities_with_p2p_declared_off(autojump_clock: Any) -> None:
+    devices = [
+        sim_device("gpu0", transition_ms=1),
+        sim_device("nic0", p2p=False, transition_ms=1),
+        sim_device("vf0", pre_copy=False, transition_ms=1),
+    ]
+    m = await migrate(devices, p2p=False)
+    r = m.report
+    assert r is not None and r.outcome == "succeeded"
+    by = {d.name: d for d in r.devices}
+    assert by["nic0"].barrier.startswith("skipped")
+    assert by["vf0"].bytes_precopy == 0 and by["vf0"].bytes_stopcopy > 64 * 1024
+    assert any("nic0" in note and "p2p = false" in note for note in r.notes)
+
+
+async def test_sequential_baseline_is_slower_than_parallel(autojump_clock: Any) -> None:
+    devices = gpus(4, pre_copy=False, drain_mib_s=3.2, dirty_mib_s=0)
+    parallel = await migrate(devices)
+    m = Migration(make_resolved(devices), sequential_switchover=True)
+    await m.run()
+    await check_all(m)
+    assert parallel.report is not None and m.report is not None
+    assert m.report.outcome == "succeeded"
+    assert parallel.report.downtime_ms is not None and m.report.downtime_ms is not None
+    # 64 KiB at 3.2 MiB/s is about 20 ms per device.
+    assert m.report.downtime_ms > 3 * parallel.report.downtime_ms
+
+
+async def test_devices_whose_real_capabilities_do_not_fit_are_refused_before_any_change(
+    autojump_clock: Any,
+) -> None:
+    # The plan is built behind resolve()'s back, as if the device reported
+    # other capabilities than its parameters implied.
+    good = make_resolved([sim_device("a"), sim_device("b")])
+    bare = make_resolved([sim_device("b", p2p=False)]).devices[0]
+    devices = (good.devices[0], ResolvedDevice(**{**bare.__dict__, "name": "b"}))
+    m = Migration(ResolvedPlan(plan=good.plan, devices=devices))
+    report = await m.run()
+    assert report.outcome == "failed"
+    assert report.error is not None and report.error.kind == "plan_error"
+    assert "'b'" in report.error.message and "P2P" in report.error.message
+    assert not [e for e in m.trace if e.kind == "arc_begin"]
+
+
+async def test_bandwidth_limit_is_honoured(autojump_clock: Any) -> None:
+    m = await migrate(gpus(2, state_mib=2, drain_mib_s=None), bandwidth_limit_mib_s=8)
+    r = m.report
+    assert r is not None and r.outcome == "succeeded"
+    sent = sum(d.bytes_precopy + d.bytes_stopcopy for d in r.devices)
+    precopy_s = r.phases["precopy"] / 1000
+    # 4 MiB at 8 MiB/s: at least about half a second.
+    assert precopy_s >= (sent / 2**20) / 8 * 0.9
+    assert r.precopy.bandwidth_mib_s is not None and r.precopy.bandwidth_mib_s <= 8.0
+
+
+async def test_one_log_event_per_transition_and_per_phase(autojump_clock: Any) -> None:
+    from orchestrator import logs
+
+    logs.configure("info")
+    with structlog.testing.capture_logs() as events:
+        m = await migrate(gpus(2))
+    arcs = [e for e in m.trace if e.kind == "arc_end"]
+    transitions = [e for e in events if e["event"] == "device.transition"]
+    assert len(transitions) == len(arcs)
+    for t in transitions:
+        assert {"vm", "device", "side", "from", "to", "duration_ms"} <= t.keys()
+        assert t["vm"] == "vm-test"
+    phases = [e for e in events if e["event"] == "migration.phase"]
+    assert [p["phase"] for p in phases] == [
+        "precopy",
+        "source_grace",
+        "stop_copy",
+        "destination_grace",
+        "commit",
+        "resume",
+        "release",
+        "done",
+    ]
