@@ -490,8 +490,8 @@ class MigrationFlow:
                 stopped.add(e.name)
 
     def _check_barriers(self, e: Endpoint, target: DeviceState) -> None:
-        exposed = self._exposed[e.side] - {e.name}
-        stopped = self._stopped[e.side] - {e.name}
+        exposed = _Others(self._exposed[e.side], e.name)
+        stopped = _Others(self._stopped[e.side], e.name)
         stops = target not in RUNNING_STATES
         # Moving between RUNNING and PRE_COPY adds no P2P exposure.
         runs_fully = target in FULLY_RUNNING and e.state not in FULLY_RUNNING
@@ -501,18 +501,18 @@ class MigrationFlow:
                 raise ProtocolViolation(f"{who} may not run again after the commit point")
             if e.barrier and stops and exposed:
                 raise ProtocolViolation(
-                    f"{who} may not stop while {_names(exposed)} could still send it P2P DMA"
+                    f"{who} may not stop while {exposed} could still send it P2P DMA"
                 )
             if e.barrier and runs_fully and stopped:
                 raise ProtocolViolation(
-                    f"{who} may not run fully while {_names(stopped)} is stopped"
+                    f"{who} may not run fully while {stopped} is stopped"
                 )
         else:
             if runs_fully and not self.committed:
                 raise ProtocolViolation(f"{who} may not run before the commit point is recorded")
             if e.barrier and runs_fully and stopped:
                 raise ProtocolViolation(
-                    f"{who} may not run while {_names(stopped)} is not in its grace state"
+                    f"{who} may not run while {stopped} is not in its grace state"
                 )
 
     # -- rollback ----------------------------------------------------------
@@ -554,5 +554,15 @@ def _stopped(e: Endpoint) -> bool:
     )
 
 
-def _names(names: set[str]) -> str:
-    return ", ".join(sorted(names))
+@dataclass(frozen=True)
+class _Others:
+    """The members of a set other than one name, without copying the set."""
+
+    members: set[str]
+    name: str
+
+    def __bool__(self) -> bool:
+        return len(self.members) > (self.name in self.members)
+
+    def __str__(self) -> str:
+        return ", ".join(sorted(self.members - {self.name}))
