@@ -490,29 +490,31 @@ class MigrationFlow:
                 stopped.add(e.name)
 
     def _check_barriers(self, e: Endpoint, target: DeviceState) -> None:
-        exposed = _Others(self._exposed[e.side], e.name)
-        stopped = _Others(self._stopped[e.side], e.name)
+        exposed, stopped = self._exposed[e.side], self._stopped[e.side]
         stops = target not in RUNNING_STATES
         # Moving between RUNNING and PRE_COPY adds no P2P exposure.
         runs_fully = target in FULLY_RUNNING and e.state not in FULLY_RUNNING
-        who = f"{e.side.value} device {e.name!r}"
         if e.side is Side.SOURCE:
             if self.committed and target in RUNNING_STATES:
-                raise ProtocolViolation(f"{who} may not run again after the commit point")
-            if e.barrier and stops and exposed:
+                raise ProtocolViolation(f"{_who(e)} may not run again after the commit point")
+            if e.barrier and stops and _others(exposed, e.name):
                 raise ProtocolViolation(
-                    f"{who} may not stop while {exposed} could still send it P2P DMA"
+                    f"{_who(e)} may not stop while {_others(exposed, e.name)} "
+                    "could still send it P2P DMA"
                 )
-            if e.barrier and runs_fully and stopped:
+            if e.barrier and runs_fully and _others(stopped, e.name):
                 raise ProtocolViolation(
-                    f"{who} may not run fully while {stopped} is stopped"
+                    f"{_who(e)} may not run fully while {_others(stopped, e.name)} is stopped"
                 )
         else:
             if runs_fully and not self.committed:
-                raise ProtocolViolation(f"{who} may not run before the commit point is recorded")
-            if e.barrier and runs_fully and stopped:
                 raise ProtocolViolation(
-                    f"{who} may not run while {stopped} is not in its grace state"
+                    f"{_who(e)} may not run before the commit point is recorded"
+                )
+            if e.barrier and runs_fully and _others(stopped, e.name):
+                raise ProtocolViolation(
+                    f"{_who(e)} may not run while {_others(stopped, e.name)} "
+                    "is not in its grace state"
                 )
 
     # -- rollback ----------------------------------------------------------
@@ -554,15 +556,15 @@ def _stopped(e: Endpoint) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class _Others:
-    """The members of a set other than one name, without copying the set."""
+def _others(members: set[str], name: str) -> str:
+    """The members other than ``name``, as text; empty (false) when there are none.
 
-    members: set[str]
-    name: str
+    Cheap when there are none, the common case on every arc.
+    """
+    if len(members) <= (name in members):
+        return ""
+    return ", ".join(sorted(members - {name}))
 
-    def __bool__(self) -> bool:
-        return len(self.members) > (self.name in self.members)
 
-    def __str__(self) -> str:
-        return ", ".join(sorted(self.members - {self.name}))
+def _who(e: Endpoint) -> str:
+    return f"{e.side.value} device {e.name!r}"

@@ -113,8 +113,13 @@ class Side(enum.StrEnum):
     DESTINATION = "destination"
 
 
-class DeviceState(enum.Enum):
-    """The v2 migration states; values are the kernel's ``vfio_device_mig_state``."""
+class DeviceState(enum.IntEnum):
+    """The v2 migration states; values are the kernel's ``vfio_device_mig_state``.
+
+    An IntEnum, as the uAPI's is an integer: it also hashes in C, which
+    matters because every arc of a 256-device switchover looks states up in
+    sets several times.
+    """
 
     ERROR = 0
     STOP = 1
