@@ -564,7 +564,7 @@ class Migration:
         end = trio.current_time()
         if side is Side.DESTINATION and target is DeviceState.RUNNING and self.flow.committed:
             self._downtime_end = end
-        self._emit("arc_end", side, name, before, target)
+        self._emit("arc_end", side, name, before, target, {"duration_s": end - start})
         if self._log_arcs:
             self.log.info(
                 "device.transition",
