@@ -225,14 +225,20 @@ class Migration:
 
     def progress(self) -> dict[str, Any]:
         """A snapshot for progress displays and the API; cheap, never blocks."""
-        remaining = [s.remaining for s in self.stats.values() if s.remaining is not None]
+        remaining = [s.remaining for s in self.stats.values()]
+        known = [r for r in remaining if r is not None]
+        in_precopy = self.phase is Phase.PRECOPY
         return {
             "phase": self.phase.value,
-            "precopy_round": self.precopy.rounds,
+            # The round under way during pre-copy; the rounds done after it.
+            "precopy_round": self.precopy.rounds + (1 if in_precopy else 0),
             "bytes_sent": {
                 name: s.bytes_precopy + s.bytes_stopcopy for name, s in self.stats.items()
             },
-            "remaining_bytes": sum(r.stop_copy_bytes for r in remaining) if remaining else None,
+            # Only once every device has said what it still has to send.
+            "remaining_bytes": (
+                sum(r.stop_copy_bytes for r in known) if len(known) == len(remaining) else None
+            ),
             "expected_downtime_ms": self.precopy.expected_downtime_ms,
         }
 
@@ -845,6 +851,11 @@ class Migration:
                 wait_ms_mean=round(sum(waits) / len(waits) * 1000, 3),
             )
         notes = list(self.flow.notes) if self.flow else []
+        if downtime is not None and downtime > self.plan.downtime_limit_ms:
+            notes.append(
+                f"downtime {downtime:.1f} ms exceeded the plan's limit of "
+                f"{self.plan.downtime_limit_ms:g} ms"
+            )
         for info in self._rollback_errors + self._post_commit_errors:
             if info is not error:
                 notes.append(f"also failed: {info.message}")

@@ -244,6 +244,21 @@ async def test_no_convergence_follows_the_policy(autojump_clock: Any, policy: st
         assert r.error is not None and r.error.kind == "precopy_not_converged"
     else:
         assert r.outcome == "succeeded"
+        assert r.downtime_ms is not None and r.downtime_ms > 5
+        assert any("exceeded the plan's limit of 5 ms" in n for n in r.notes)
+
+
+async def test_progress_reports_rounds_and_remaining_bytes(autojump_clock: Any) -> None:
+    m = Migration(make_resolved(gpus(2, state_mib=2, drain_mib_s=8)))
+    seen: list[dict[str, Any]] = []
+    m.observers.append(lambda event: seen.append(m.progress()))
+    await m.run()
+    first_precopy = next(p for p in seen if p["phase"] == "precopy")
+    assert first_precopy["precopy_round"] == 1
+    assert first_precopy["remaining_bytes"] is None  # nobody has reported yet
+    late = seen[-1]
+    assert late["remaining_bytes"] is not None and late["remaining_bytes"] > 0
+    assert sum(late["bytes_sent"].values()) >= 4 * 2**20
 
 
 async def test_mixed_capabilities_with_p2p_declared_off(autojump_clock: Any) -> None:
