@@ -18,7 +18,7 @@ class ErrorInfo(BaseModel):
 
     kind: str = Field(
         description=(
-            "device_error, device_timeout, plan_error, precopy_not_converged, "
+            "device_error, device_timeout, peer_error, plan_error, precopy_not_converged, "
             "phase_timeout, cancelled or internal_error"
         )
     )

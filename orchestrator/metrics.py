@@ -1,0 +1,284 @@
+"""Prometheus metrics of the orchestrator, in a registry the caller passes in.
+
+``Metrics`` registers every metric in the ``CollectorRegistry`` it is given,
+never in prometheus_client's global one, so a daemon exposes its own registry
+and each test builds a fresh one.  It is fed from two places:
+
+* live, from the runner's trace: ``observer(migration)`` returns a callback
+  for ``Migration.observers`` that times every device transition as it ends;
+* once per migration, from its report: ``migration_finished`` records the
+  downtime, the duration, the outcome, the phase times, the bytes moved, the
+  pre-copy rounds, the barrier waits and the device error that caused a
+  failure.
+
+``orchestrator_migrations_active`` counts the migrations between
+``migration_started`` and ``migration_finished``; it is read at scrape time
+from the set of migrations in flight, so calling either twice cannot skew it.
+A daemon must call ``migration_finished`` however ``run()`` ends, which is
+what ``track`` does::
+
+    with metrics.track(migration):
+        await migration.run()
+
+or, spelled out::
+
+    metrics.migration_started(migration)
+    migration.observers.append(metrics.observer(migration))
+    try:
+        await migration.run()
+    finally:
+        # run() sets migration.report even when it re-raises a cancellation.
+        metrics.migration_finished(migration.report, migration)
+
+Invariants it keeps:
+
+* Label values come from the project's enums and fixed vocabularies
+  (``Outcome``, ``Phase``, ``DeviceState``, ``BACKENDS``, the runner's
+  barriers and device error kinds), and every series for a known label value
+  exists from construction on, at zero, so that a rate or an alert on a
+  failure works before the first failure happens.
+* Times are in seconds and sizes in bytes, as the metric names say, whatever
+  unit the report uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Final, get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from orchestrator.backends import BACKENDS
+from orchestrator.flow import Phase
+from orchestrator.report import MigrationReport, Outcome
+from orchestrator.states import DeviceState, MigrationFlags, arcs
+
+if TYPE_CHECKING:
+    from orchestrator.runner import Migration, TraceEvent
+
+OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+
+#: Phases the report times: every one but DONE, which ends the clock.
+TIMED_PHASES: Final = tuple(p for p in Phase if p is not Phase.DONE)
+
+#: The runner's two P2P barriers (``runner.Barrier`` names).
+BARRIERS: Final = ("source_p2p", "destination_p2p")
+
+#: The phases a device's stream bytes move in (``bytes_precopy``, ``bytes_stopcopy``).
+BYTES_PHASES: Final = (Phase.PRECOPY, Phase.STOP_COPY)
+
+#: The ``ErrorInfo.kind`` of a failure the runner pins on one device
+#: (``Migration._fail``); the other kinds belong to the migration as a whole.
+DEVICE_ERROR_KINDS: Final = ("device_error", "device_timeout", "peer_error")
+
+#: A passthrough device is paused for milliseconds when things go well and
+#: for tens of seconds when they do not; 30 s is a downtime no plan allows.
+DOWNTIME_BUCKETS: Final = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
+)  # fmt: skip
+#: Whole migrations: seconds for a small device, up to an hour for a large
+#: pre-copy over a slow link.
+DURATION_BUCKETS: Final = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+#: Phases run from a few milliseconds (commit) to minutes (pre-copy).
+PHASE_BUCKETS: Final = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
+#: One arc is one ioctl: tens of microseconds on a simple device, seconds on
+#: a GPU that saves its context, up to the default 10 s device call deadline.
+TRANSITION_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: A barrier wait is the gap between the first and the last device reaching it.
+BARRIER_BUCKETS: Final = (
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+)  # fmt: skip
+#: Pre-copy rounds per migration; plans cap them (``precopy_max_rounds``).
+PRECOPY_ROUND_BUCKETS: Final = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 75, 100)
+
+
+def every_arc() -> tuple[tuple[DeviceState, DeviceState], ...]:
+    """Every arc any device may take, whatever its capability flags."""
+    found: set[tuple[DeviceState, DeviceState]] = set()
+    for extra in range(1 << len(MigrationFlags)):
+        flags = MigrationFlags(extra) | MigrationFlags.STOP_COPY
+        for start, ends in arcs(flags).items():
+            found.update((start, end) for end in ends)
+    return tuple(sorted(found))
+
+
+class Metrics:
+    """The orchestrator's metrics, registered in ``registry``.
+
+    ``backends`` are the backend names whose series are created up front;
+    the registry's (``orchestrator.backends.BACKENDS``) by default.  A device
+    of another backend still gets its series, from its first sample on.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, *, backends: Iterable[str] | None = None
+    ) -> None:
+        self.registry = registry
+        known_backends = tuple(sorted(BACKENDS if backends is None else backends))
+        self._active: dict[str, Migration] = {}
+
+        self.downtime = Histogram(
+            "orchestrator_migration_downtime_seconds",
+            "Time the VM's devices were stopped: from the first source device stopping to "
+            "the last destination device running (after a rollback, to the last source "
+            "device running again).",
+            registry=registry,
+            buckets=DOWNTIME_BUCKETS,
+        )
+        self.duration = Histogram(
+            "orchestrator_migration_duration_seconds",
+            "Wall time of a whole migration, from start to its report.",
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
+        self.migrations = Counter(
+            "orchestrator_migrations_total",
+            "Migrations finished, by outcome (succeeded, rolled_back or failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.active = Gauge(
+            "orchestrator_migrations_active",
+            "Migrations started and not yet finished.",
+            registry=registry,
+        )
+        self.active.set_function(lambda: len(self._active))
+        self.phase_time = Histogram(
+            "orchestrator_migration_phase_seconds",
+            "Time a migration spent in each phase.",
+            ["phase"],
+            registry=registry,
+            buckets=PHASE_BUCKETS,
+        )
+        self.transition = Histogram(
+            "orchestrator_device_transition_seconds",
+            "Time one device took for one arc of the migration state machine, "
+            "source and destination alike.",
+            ["backend", "from_state", "to_state"],
+            registry=registry,
+            buckets=TRANSITION_BUCKETS,
+        )
+        self.device_bytes = Counter(
+            "orchestrator_device_bytes_total",
+            "Bytes of device migration streams sent, by the phase they moved in "
+            "(precopy while the VM runs, stop_copy while it is stopped).",
+            ["backend", "phase"],
+            registry=registry,
+        )
+        self.precopy_rounds = Histogram(
+            "orchestrator_precopy_rounds",
+            "Pre-copy rounds a migration took before its switchover decision.",
+            registry=registry,
+            buckets=PRECOPY_ROUND_BUCKETS,
+        )
+        self.barrier_wait = Histogram(
+            "orchestrator_barrier_wait_seconds",
+            "Time one device waited at a P2P barrier for the other devices of its side.",
+            ["barrier"],
+            registry=registry,
+            buckets=BARRIER_BUCKETS,
+        )
+        self.device_errors = Counter(
+            "orchestrator_device_errors_total",
+            "Migrations whose first failure was a device's (device_error, device_timeout "
+            "or peer_error), by that device's backend.",
+            ["backend", "kind"],
+            registry=registry,
+        )
+
+        for outcome in OUTCOMES:
+            self.migrations.labels(outcome)
+        for phase in TIMED_PHASES:
+            self.phase_time.labels(phase.value)
+        for barrier in BARRIERS:
+            self.barrier_wait.labels(barrier)
+        all_arcs = every_arc()
+        for backend in known_backends:
+            for start, end in all_arcs:
+                self.transition.labels(backend, start.name, end.name)
+            for phase in BYTES_PHASES:
+                self.device_bytes.labels(backend, phase.value)
+            for kind in DEVICE_ERROR_KINDS:
+                self.device_errors.labels(backend, kind)
+
+    # -- live ----------------------------------------------------------------
+
+    def observer(self, migration: Migration) -> Callable[[TraceEvent], None]:
+        """A callback for ``migration.observers`` that times each device arc as it ends."""
+        backend_of = {d.name: d.backend.name for d in migration.resolved.devices}
+        transition = self.transition
+
+        def record(event: TraceEvent) -> None:
+            # Called on the runner's hot path: everything but arc_end returns at once.
+            if event.kind != "arc_end":
+                return
+            if event.device is None or event.from_state is None or event.to_state is None:
+                return
+            transition.labels(
+                backend_of.get(event.device, "unknown"),
+                event.from_state.name,
+                event.to_state.name,
+            ).observe(event.detail["duration_s"])
+
+        return record
+
+    def migration_started(self, migration: Migration) -> None:
+        """Count ``migration`` as active until ``migration_finished``."""
+        self._active[migration.id] = migration
+
+    def migration_finished(self, report: MigrationReport | None, migration: Migration) -> None:
+        """``migration`` is over: no longer active, and its report (if any) recorded.
+
+        Call it exactly once per report, also when ``run()`` raised
+        (``report`` is then ``migration.report``, or None if there is none).
+        """
+        self._active.pop(migration.id, None)
+        if report is not None:
+            self.record_report(report)
+
+    @contextlib.contextmanager
+    def track(self, migration: Migration) -> Iterator[None]:
+        """Observe ``migration`` and record its report when the block ends, however."""
+        self.migration_started(migration)
+        migration.observers.append(self.observer(migration))
+        try:
+            yield
+        finally:
+            self.migration_finished(migration.report, migration)
+
+    # -- from the report -------------------------------------------------------
+
+    def record_report(self, report: MigrationReport) -> None:
+        """Everything a finished migration's report tells, in seconds and bytes."""
+        self.migrations.labels(report.outcome).inc()
+        self.duration.observe(report.duration_ms / 1000)
+        if report.downtime_ms is not None:
+            self.downtime.observe(report.downtime_ms / 1000)
+        for phase, ms in report.phases.items():
+            self.phase_time.labels(phase).observe(ms / 1000)
+        # A migration that never reached pre-copy took no rounds worth counting.
+        if Phase.PRECOPY.value in report.phases:
+            self.precopy_rounds.observe(report.precopy.rounds)
+        backend_of: dict[str, str] = {}
+        for device in report.devices:
+            backend_of[device.name] = device.backend
+            self.device_bytes.labels(device.backend, Phase.PRECOPY.value).inc(device.bytes_precopy)
+            self.device_bytes.labels(device.backend, Phase.STOP_COPY.value).inc(
+                device.bytes_stopcopy
+            )
+            for barrier, ms in device.barrier_wait_ms.items():
+                self.barrier_wait.labels(barrier).observe(ms / 1000)
+        error = report.error
+        if error is not None and error.device is not None:
+            self.device_errors.labels(backend_of.get(error.device, "unknown"), error.kind).inc()

@@ -1,0 +1,393 @@
+"""The Prometheus metrics, read back from the text exposition after real runs.
+
+Every test builds its own ``CollectorRegistry``.  The last ones lint the
+exposition with ``promtool check metrics`` (Debian package ``prometheus``);
+without promtool, and without a way to install it, they skip and say why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.metrics import (
+    BARRIERS,
+    DEVICE_ERROR_KINDS,
+    OUTCOMES,
+    TIMED_PHASES,
+    Metrics,
+    every_arc,
+)
+from orchestrator.report import MigrationReport
+from orchestrator.runner import Migration
+from tests.helpers import make_resolved, sim_device
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+STOP_FAULT = {"fault": {"at": "STOP", "kind": "error"}}
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry)
+
+
+def exposition(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
+    """Every sample of the text exposition, by name and label set."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(exposition(registry)):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+async def run_tracked(metrics: Metrics, devices: list[dict[str, Any]]) -> Migration:
+    migration = Migration(make_resolved(devices))
+    with metrics.track(migration):
+        await migration.run()
+    return migration
+
+
+def two_gpus(**destination: Any) -> list[dict[str, Any]]:
+    return [
+        sim_device("gpu0", transition_ms=1),
+        sim_device("gpu1", transition_ms=1, destination=destination or None),
+    ]
+
+
+def test_every_series_exists_at_zero_before_any_migration(registry: CollectorRegistry) -> None:
+    Metrics(registry)
+    samples = scrape(registry)
+    for outcome in OUTCOMES:
+        assert value(samples, "orchestrator_migrations_total", outcome=outcome) == 0
+    for kind in DEVICE_ERROR_KINDS:
+        assert (
+            value(samples, "orchestrator_device_errors_total", backend="simulated", kind=kind) == 0
+        )
+    for phase in ("precopy", "stop_copy"):
+        assert (
+            value(samples, "orchestrator_device_bytes_total", backend="simulated", phase=phase) == 0
+        )
+    for p in TIMED_PHASES:
+        assert value(samples, "orchestrator_migration_phase_seconds_count", phase=p.value) == 0
+    for barrier in BARRIERS:
+        assert value(samples, "orchestrator_barrier_wait_seconds_count", barrier=barrier) == 0
+    for start, end in every_arc():
+        labels = {"backend": "simulated", "from_state": start.name, "to_state": end.name}
+        assert value(samples, "orchestrator_device_transition_seconds_count", **labels) == 0
+    for name in (
+        "orchestrator_migration_downtime_seconds_count",
+        "orchestrator_migration_duration_seconds_count",
+        "orchestrator_precopy_rounds_count",
+        "orchestrator_migrations_active",
+    ):
+        assert value(samples, name) == 0
+
+
+def test_downtime_buckets_span_1_ms_to_30_s(registry: CollectorRegistry) -> None:
+    Metrics(registry)
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for (name, labels), _ in scrape(registry).items()
+        if name == "orchestrator_migration_downtime_seconds_bucket"
+    )
+    assert bounds[0] == 0.001
+    assert bounds[-2:] == [30.0, math.inf]
+
+
+def test_registries_do_not_share_series() -> None:
+    first, second = CollectorRegistry(), CollectorRegistry()
+    Metrics(first).migrations.labels("failed").inc()
+    Metrics(second)
+    assert value(scrape(first), "orchestrator_migrations_total", outcome="failed") == 1
+    assert value(scrape(second), "orchestrator_migrations_total", outcome="failed") == 0
+
+
+async def test_a_successful_run_is_recorded_as_its_report_says(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    m = await run_tracked(metrics, two_gpus())
+    r = m.report
+    assert r is not None and r.outcome == "succeeded" and r.downtime_ms is not None
+    s = scrape(registry)
+
+    assert value(s, "orchestrator_migrations_total", outcome="succeeded") == 1
+    assert value(s, "orchestrator_migrations_total", outcome="rolled_back") == 0
+    assert value(s, "orchestrator_migrations_active") == 0
+    assert value(s, "orchestrator_migration_downtime_seconds_count") == 1
+    assert value(s, "orchestrator_migration_downtime_seconds_sum") == pytest.approx(
+        r.downtime_ms / 1000
+    )
+    assert value(s, "orchestrator_migration_duration_seconds_sum") == pytest.approx(
+        r.duration_ms / 1000
+    )
+    for phase, ms in r.phases.items():
+        assert value(s, "orchestrator_migration_phase_seconds_count", phase=phase) == 1
+        assert value(s, "orchestrator_migration_phase_seconds_sum", phase=phase) == pytest.approx(
+            ms / 1000
+        )
+    assert value(s, "orchestrator_precopy_rounds_count") == 1
+    assert value(s, "orchestrator_precopy_rounds_sum") == r.precopy.rounds
+
+    arc_ends = [e for e in m.trace if e.kind == "arc_end"]
+    assert arc_ends
+    assert total(s, "orchestrator_device_transition_seconds_count") == len(arc_ends)
+    assert total(s, "orchestrator_device_transition_seconds_sum") == pytest.approx(
+        sum(e.detail["duration_s"] for e in arc_ends)
+    )
+    first = arc_ends[0]
+    assert first.from_state is not None and first.to_state is not None
+    same_arc = [
+        e for e in arc_ends if (e.from_state, e.to_state) == (first.from_state, first.to_state)
+    ]
+    labels = {
+        "backend": "simulated",
+        "from_state": first.from_state.name,
+        "to_state": first.to_state.name,
+    }
+    assert value(s, "orchestrator_device_transition_seconds_count", **labels) == len(same_arc)
+
+    precopy = sum(d.bytes_precopy for d in r.devices)
+    stopcopy = sum(d.bytes_stopcopy for d in r.devices)
+    assert precopy > 0 and stopcopy > 0
+    bytes_total = "orchestrator_device_bytes_total"
+    assert value(s, bytes_total, backend="simulated", phase="precopy") == precopy
+    assert value(s, bytes_total, backend="simulated", phase="stop_copy") == stopcopy
+
+    for barrier in BARRIERS:
+        waits = [d.barrier_wait_ms[barrier] for d in r.devices]
+        name = "orchestrator_barrier_wait_seconds"
+        assert value(s, f"{name}_count", barrier=barrier) == len(r.devices)
+        assert value(s, f"{name}_sum", barrier=barrier) == pytest.approx(sum(waits) / 1000)
+    assert total(s, "orchestrator_device_errors_total") == 0
+
+
+async def test_a_rolled_back_run_counts_the_device_error(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    m = await run_tracked(metrics, two_gpus(**STOP_FAULT))
+    r = m.report
+    assert r is not None and r.outcome == "rolled_back"
+    assert r.error is not None and r.error.kind == "device_error" and r.error.device == "gpu1"
+    s = scrape(registry)
+    assert value(s, "orchestrator_migrations_total", outcome="rolled_back") == 1
+    assert value(s, "orchestrator_migrations_total", outcome="succeeded") == 0
+    errors = "orchestrator_device_errors_total"
+    assert value(s, errors, backend="simulated", kind="device_error") == 1
+    assert total(s, errors) == 1
+    assert value(s, "orchestrator_migration_phase_seconds_count", phase="rollback") == 1
+    assert value(s, "orchestrator_migrations_active") == 0
+    if r.downtime_ms is not None:
+        assert value(s, "orchestrator_migration_downtime_seconds_sum") == pytest.approx(
+            r.downtime_ms / 1000
+        )
+
+
+async def test_counts_add_up_over_several_migrations(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    reports: list[MigrationReport] = []
+    for devices in (two_gpus(), two_gpus(**STOP_FAULT), two_gpus()):
+        m = await run_tracked(metrics, devices)
+        assert m.report is not None
+        reports.append(m.report)
+    s = scrape(registry)
+    assert value(s, "orchestrator_migrations_total", outcome="succeeded") == 2
+    assert value(s, "orchestrator_migrations_total", outcome="rolled_back") == 1
+    assert value(s, "orchestrator_migration_duration_seconds_count") == 3
+    assert value(s, "orchestrator_device_bytes_total", backend="simulated", phase="precopy") == sum(
+        d.bytes_precopy for r in reports for d in r.devices
+    )
+
+
+async def test_the_active_gauge_counts_running_migrations_and_returns_to_zero(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    seen: list[float] = []
+    migrations = [Migration(make_resolved(two_gpus())) for _ in range(2)]
+
+    def watch_active(event: Any) -> None:
+        if event.kind == "commit":
+            seen.append(value(scrape(registry), "orchestrator_migrations_active"))
+
+    async def run(m: Migration) -> None:
+        with metrics.track(m):
+            m.observers.append(watch_active)
+            await m.run()
+
+    async with trio.open_nursery() as nursery:
+        for m in migrations:
+            nursery.start_soon(run, m)
+    assert seen and max(seen) == 2
+    assert value(scrape(registry), "orchestrator_migrations_active") == 0
+
+
+async def test_the_active_gauge_is_decremented_when_the_run_raises(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    m = Migration(make_resolved(two_gpus()))
+    with trio.CancelScope() as outer:
+
+        def cancel_in_stop_copy(event: Any) -> None:
+            if event.kind == "phase" and event.detail["phase"] == "stop_copy":
+                outer.cancel()
+
+        m.observers.append(cancel_in_stop_copy)
+        with metrics.track(m):
+            assert value(scrape(registry), "orchestrator_migrations_active") == 1
+            await m.run()
+    assert outer.cancelled_caught
+    # run() re-raised the cancellation after rolling back, and left its report.
+    assert m.report is not None and m.report.outcome == "rolled_back"
+    s = scrape(registry)
+    assert value(s, "orchestrator_migrations_active") == 0
+    assert value(s, "orchestrator_migrations_total", outcome="rolled_back") == 1
+    # A cancellation is no device's fault.
+    assert total(s, "orchestrator_device_errors_total") == 0
+
+    def boom() -> None:
+        raise RuntimeError("the daemon failed before run()")
+
+    other = Migration(make_resolved(two_gpus()))
+    with pytest.raises(RuntimeError), metrics.track(other):
+        boom()
+    assert value(scrape(registry), "orchestrator_migrations_active") == 0
+    # No report, nothing recorded.
+    assert total(scrape(registry), "orchestrator_migrations_total") == 1
+
+
+def test_finishing_twice_does_not_drive_the_gauge_below_zero(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    m = Migration(make_resolved(two_gpus()))
+    metrics.migration_started(m)
+    metrics.migration_started(m)
+    assert value(scrape(registry), "orchestrator_migrations_active") == 1
+    metrics.migration_finished(None, m)
+    metrics.migration_finished(None, m)
+    assert value(scrape(registry), "orchestrator_migrations_active") == 0
+
+
+# -- promtool ------------------------------------------------------------------
+
+
+def _install_promtool() -> str:
+    """Install Debian's ``prometheus`` (which ships promtool); why not, if it cannot."""
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install prometheus"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Wait for the dpkg lock rather than fail while another apt-get runs.
+    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
+    install = [*apt, "install", "-y", "--no-install-recommends", "prometheus"]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    result = run(install)
+    if result.returncode != 0:
+        # The package lists may be missing or stale: refresh them once and retry.
+        run([*apt, "update"])
+        result = run(install)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        return f"apt-get failed: {' '.join(tail)}"
+    return "promtool still not on PATH after installing prometheus"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        reason = _install_promtool()
+        path = shutil.which("promtool")
+        if path is None:
+            print(f"promtool not available: {reason}")
+            pytest.skip(f"promtool not available: {reason}")
+    return path
+
+
+def promtool_check(promtool: str, text: str) -> None:
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"promtool check metrics:\n{result.stdout}{result.stderr}"
+
+
+def test_promtool_accepts_the_fresh_exposition(
+    promtool: str, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    promtool_check(promtool, exposition(registry))
+
+
+async def test_promtool_accepts_the_exposition_after_runs(
+    promtool: str, autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    await run_tracked(metrics, two_gpus())
+    await run_tracked(metrics, two_gpus(**STOP_FAULT))
+    text = exposition(registry)
+    assert 'orchestrator_migrations_total{outcome="rolled_back"} 1.0' in text
+    promtool_check(promtool, text)
+
+
+def test_the_exposition_names_exactly_the_issue_s_metrics(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    families: Mapping[str, str] = {
+        f.name: f.type for f in text_string_to_metric_families(exposition(registry))
+    }
+    created = {n for n in families if n.endswith("_created")}
+    assert {n: t for n, t in families.items() if n not in created} == {
+        "orchestrator_migration_downtime_seconds": "histogram",
+        "orchestrator_migration_duration_seconds": "histogram",
+        "orchestrator_migrations": "counter",  # exposed as orchestrator_migrations_total
+        "orchestrator_migrations_active": "gauge",
+        "orchestrator_migration_phase_seconds": "histogram",
+        "orchestrator_device_transition_seconds": "histogram",
+        "orchestrator_device_bytes": "counter",
+        "orchestrator_precopy_rounds": "histogram",
+        "orchestrator_barrier_wait_seconds": "histogram",
+        "orchestrator_device_errors": "counter",
+    }
+    text = exposition(registry)
+    for name in (
+        "orchestrator_migrations_total",
+        "orchestrator_device_bytes_total",
+        "orchestrator_device_errors_total",
+    ):
+        assert f"# TYPE {name} counter" in text
