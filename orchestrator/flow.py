@@ -84,14 +84,16 @@ class Phase(enum.StrEnum):
 
 
 #: The phases a migration may move to from each phase.  ROLLBACK is allowed
-#: from everything before COMMIT: that is the two-phase commit's promise.
+#: until the commit decision is recorded (COMMIT is the phase in which it is
+#: being recorded; if that fails, the migration still rolls back): that is
+#: the two-phase commit's promise.
 PHASE_ORDER: Mapping[Phase, frozenset[Phase]] = {
     Phase.PREPARE: frozenset({Phase.PRECOPY, Phase.ROLLBACK, Phase.DONE}),
     Phase.PRECOPY: frozenset({Phase.SOURCE_GRACE, Phase.ROLLBACK}),
     Phase.SOURCE_GRACE: frozenset({Phase.STOP_COPY, Phase.ROLLBACK}),
     Phase.STOP_COPY: frozenset({Phase.DESTINATION_GRACE, Phase.ROLLBACK}),
     Phase.DESTINATION_GRACE: frozenset({Phase.COMMIT, Phase.ROLLBACK}),
-    Phase.COMMIT: frozenset({Phase.RESUME}),
+    Phase.COMMIT: frozenset({Phase.RESUME, Phase.ROLLBACK}),
     Phase.RESUME: frozenset({Phase.RELEASE}),
     Phase.RELEASE: frozenset({Phase.DONE}),
     Phase.ROLLBACK: frozenset({Phase.DONE}),
@@ -416,6 +418,8 @@ class MigrationFlow:
     def enter_phase(self, phase: Phase) -> None:
         if phase not in PHASE_ORDER[self.phase]:
             raise ProtocolViolation(f"cannot go from phase {self.phase.value} to {phase.value}")
+        if phase is Phase.ROLLBACK and self.committed:
+            raise ProtocolViolation("no rollback after the commit decision was recorded")
         if phase is Phase.COMMIT and not self.commit_point_reached():
             raise ProtocolViolation(
                 "commit before every destination device reached its grace state"
@@ -478,6 +482,28 @@ class MigrationFlow:
         e.reset = True
         e.touched = True
         self._track(e)
+
+    # -- recovery ----------------------------------------------------------
+
+    def adopt_state(self, side: Side, name: str, state: DeviceState) -> None:
+        """Recovery: a device reports where a previous run left it.
+
+        The endpoint counts as touched, so that a rollback resets it if it is
+        a destination: after a crash nobody knows what it has loaded.
+        """
+        e = self.endpoint(side, name)
+        if e.pending is not None:
+            raise ProtocolViolation(f"{side.value} device {name!r} has an arc in flight")
+        e.state = state
+        e.touched = True
+        self._track(e)
+
+    def adopt_commit(self) -> None:
+        """Recovery: the journal says a previous run recorded the commit decision."""
+        if self.phase is not Phase.PREPARE:
+            raise ProtocolViolation(f"cannot adopt a commit in phase {self.phase.value}")
+        self.phase = Phase.COMMIT
+        self.committed = True
 
     def _track(self, e: Endpoint) -> None:
         exposed, stopped = self._exposed[e.side], self._stopped[e.side]

@@ -199,6 +199,7 @@ class Migration:
         self._cancel_reason: str | None = None
         self._post_commit_errors: list[ErrorInfo] = []
         self._release_errors: list[ErrorInfo] = []
+        self._recovery_note: str | None = None
         self._rollback_errors: list[ErrorInfo] = []
         self._barrier_waits: dict[str, list[float]] = {}
         self._barrier_members: dict[str, int] = {}
@@ -270,6 +271,76 @@ class Migration:
                     duration_ms=report.duration_ms,
                 )
         return report
+
+    async def recover(
+        self, *, committed: bool, interrupted_phase: str | None = None
+    ) -> MigrationReport:
+        """Finish a migration that a previous run left unfinished (the daemon died).
+
+        Opens every device again and asks each where it stands.  If the
+        commit decision was never recorded, rolls back exactly as after a
+        failure.  If it was, completes the destination: every destination
+        device to RUNNING (the barrier still holds), every source device to
+        STOP, never running again.  Returns the report, as ``run`` does.
+        """
+        self._t0 = trio.current_time()
+        self._enter_phase_timing(Phase.PREPARE)
+        where = f" in phase {interrupted_phase}" if interrupted_phase else ""
+        self.log.warning("migration.recover", committed=committed, interrupted=interrupted_phase)
+        try:
+            with trio.CancelScope(shield=True), trio.fail_after(self.plan.timeouts.rollback_s):
+                flow = self.flow = await self._open_all()
+                await self._for_each_device(self._adopt_source_and_destination)
+                if committed:
+                    self._recovery_note = (
+                        f"completed on restart: the orchestrator stopped{where} after the "
+                        "commit decision was recorded"
+                    )
+                    flow.adopt_commit()
+                    self._enter(Phase.RESUME)
+                    await self._for_each_device(self._complete_destination)
+                    self._enter(Phase.RELEASE)
+                    await self._for_each_device(self._release_source)
+                    self._enter(Phase.DONE)
+                else:
+                    self._set_error(
+                        "interrupted",
+                        f"the orchestrator stopped{where} before the commit point; "
+                        "rolled back on restart",
+                    )
+                    await self._rollback()
+        except (MigrationAborted, trio.TooSlowError) as exc:
+            self._set_error("recovery_failed", f"recovery did not finish: {exc}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_all()
+                self._finish_phase_timing()
+                report = self.report = await self._build_report()
+                self.log.warning("migration.recovered", outcome=report.outcome)
+        return report
+
+    async def _adopt_source_and_destination(self, name: str) -> None:
+        assert self.flow is not None
+        for side in Side:
+            device = self._device(side, name)
+            state = await self._call(side, name, "get_state", device.get_state)
+            self.flow.adopt_state(side, name, state)
+
+    async def _complete_destination(self, name: str) -> None:
+        assert self.flow is not None
+        route = self.flow.endpoint(Side.DESTINATION, name).route
+        assert route.final is not None
+        try:
+            await self._walk(Side.DESTINATION, name, route.final)
+        except DeviceFailure as failure:
+            self._post_commit_errors.append(failure.info)
+
+    async def _release_source(self, name: str) -> None:
+        assert self.flow is not None
+        try:
+            await self._walk(Side.SOURCE, name, self.flow.endpoint(Side.SOURCE, name).route.settle)
+        except DeviceFailure as failure:
+            self._release_errors.append(failure.info)
 
     # -- the forward path ----------------------------------------------------
 
@@ -359,9 +430,15 @@ class Migration:
                 f"the switchover did not reach the commit point within {timeout:g} s",
             ) from None
         self._enter(Phase.COMMIT)
-        with trio.CancelScope(shield=True):
-            if self.journal is not None:
-                await self.journal.record_commit(self.id)
+        if self.journal is not None:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.journal.record_commit(self.id)
+            except Exception as exc:
+                # Not on disk, not decided: the migration must roll back.
+                raise self._abort(
+                    "journal_error", f"the commit decision could not be recorded: {exc}"
+                ) from exc
         assert self.flow is not None
         self.flow.record_commit()
         self._emit("commit")
@@ -455,13 +532,10 @@ class Migration:
         if self._drained == len(self.sources):
             self._all_drained.set()
         await self._resumed.wait()
-        # Release: outside the downtime window, after the commit point.
-        try:
-            await self._walk(Side.SOURCE, name, route.settle)
-        except DeviceFailure as failure:
-            # The VM runs on the destination: a source that cannot be
-            # released needs an operator, but the migration has succeeded.
-            self._release_errors.append(failure.info)
+        # Release: outside the downtime window, after the commit point.  A
+        # source that cannot be released needs an operator, but the VM runs
+        # on the destination: the migration has succeeded.
+        await self._release_source(name)
 
     async def _stop_and_drain(self, name: str, sender: StreamSender) -> None:
         busy_before = self._busy.get((Side.SOURCE, name), 0.0)
@@ -525,11 +599,7 @@ class Migration:
             stats.barrier_wait_s["destination_p2p"]
         )
         await self._committed.wait()
-        assert route.final is not None
-        try:
-            await self._walk(Side.DESTINATION, name, route.final)
-        except DeviceFailure as failure:
-            self._post_commit_errors.append(failure.info)
+        await self._complete_destination(name)
         stats.stop_path_s += (
             last_write_s + self._busy.get((Side.DESTINATION, name), 0.0) - busy_before
         )
@@ -851,6 +921,8 @@ class Migration:
                 wait_ms_mean=round(sum(waits) / len(waits) * 1000, 3),
             )
         notes = list(self.flow.notes) if self.flow else []
+        if self._recovery_note:
+            notes.append(self._recovery_note)
         if downtime is not None and downtime > self.plan.downtime_limit_ms:
             notes.append(
                 f"downtime {downtime:.1f} ms exceeded the plan's limit of "
