@@ -1,0 +1,804 @@
+"""The durable record of migrations: SQLite under the daemon's state directory.
+
+The journal is what lets the daemon keep its promise across a crash.  It holds
+every migration, its plan, each phase change, the trace events the API
+replays as Server-Sent Events, the devices each migration holds, the commit
+decision and the final report.  On start the daemon asks it which migrations
+are unfinished and splits them on ``committed``: before the commit point it
+rolls them back, after it it completes the destination.
+
+Invariants:
+
+* **Written before acted on.**  Every write is one transaction, committed (and,
+  with ``synchronous=FULL``, fsynced) before the method returns.  A caller
+  that awaits a write and then acts knows the record survives a crash.
+* **The commit is durable.**  ``record_commit`` is the runner's
+  ``CommitJournal``: when it returns, the decision is on disk, power loss
+  included.  A committed migration never goes back: the journal refuses to
+  enter the rollback phase or to finish it as ``rolled_back``.
+* **Nothing journaled is ever deleted by the journal.**  Events are
+  append-only and a finished migration is frozen; SQL triggers refuse an
+  UPDATE or DELETE that would break this, whoever issues it.
+* **Errors are ours.**  Misuse (an unknown migration, a write after
+  ``finish``) and a corrupt or unreadable database are a
+  :class:`JournalError` naming the file, never a raw ``sqlite3`` exception.
+
+Theory of operation: sqlite3 blocks, so every public method is ``async`` and
+runs its SQL in a worker thread (``trio.to_thread.run_sync``), one at a time
+(a ``CapacityLimiter(1)``), on a single connection opened with
+``check_same_thread=False``.  A worker thread is never abandoned on cancel,
+so a transaction is either wholly written or not at all.  Writers in one
+daemon are serialized by the limiter; another process (a CLI reading history)
+waits on SQLite's busy timeout.
+
+Schema (version 1; ``schema_version`` holds the number, and ``open`` upgrades
+an older file step by step in ``SCHEMA_UPGRADES``).  Times are Unix seconds
+(``time.time()``, REAL)::
+
+    migrations(
+        id              TEXT PRIMARY KEY,
+        vm              TEXT NOT NULL,
+        plan_json       TEXT NOT NULL,      -- Plan.model_dump_json()
+        idempotency_key TEXT UNIQUE,        -- NULL: none given
+        created_at, updated_at REAL NOT NULL,
+        phase           TEXT NOT NULL,      -- a flow.Phase value, the last recorded
+        committed       INTEGER 0/1,        -- the commit decision
+        committed_at    REAL,
+        outcome         TEXT,               -- NULL until finished
+        finished_at     REAL,
+        report_json     TEXT,               -- MigrationReport, at finish
+        error_json      TEXT)               -- the report's ErrorInfo, if any
+    events(                                 -- append-only
+        migration_id    TEXT REFERENCES migrations,
+        seq             INTEGER,            -- 1, 2, ... per migration
+        time            REAL,               -- when journaled
+        kind            TEXT,               -- phase, arc_begin, ..., finished
+        data_json       TEXT,               -- side, device, from, to, detail, trace_time
+        PRIMARY KEY (migration_id, seq))
+    devices(                                -- the devices a migration holds
+        migration_id    TEXT REFERENCES migrations,
+        device          TEXT,               -- the plan's device name
+        side            TEXT,               -- source or destination
+        PRIMARY KEY (migration_id, device, side))
+
+Events the journal writes itself: ``phase`` (at ``create`` and on every
+``record_phase``) and ``finished`` (at ``finish``).  Everything else comes
+from the runner's trace through ``record_event``; a trace event of kind
+``phase`` also moves the migration's phase, so a daemon that forwards the
+whole trace need not call ``record_phase`` as well.  ``record_commit`` writes
+no event: the runner's own ``commit`` trace event, right after it, is the one
+subscribers see.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar, get_args
+
+import trio
+from pydantic import ValidationError
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.flow import Phase
+from orchestrator.plan import Plan
+from orchestrator.report import MigrationReport, Outcome
+from orchestrator.runner import TraceEvent
+from orchestrator.states import Side
+
+__all__ = [
+    "FILENAME",
+    "SCHEMA_VERSION",
+    "Journal",
+    "JournalError",
+    "JournalEvent",
+    "MigrationRecord",
+]
+
+T = TypeVar("T")
+
+#: The database file's name inside the state directory.
+FILENAME: Final = "journal.sqlite3"
+
+#: The schema this code reads and writes.
+SCHEMA_VERSION: Final = 1
+
+_OUTCOMES: Final = frozenset(get_args(Outcome))
+_PHASES: Final = frozenset(p.value for p in Phase)
+#: A committed migration never rolls back: the two-phase commit's promise.  (Earlier
+#: forward phases are not refused: a forwarded trace may deliver them after the
+#: runner itself recorded the commit.)
+_NEVER_AFTER_COMMIT: Final = frozenset({Phase.ROLLBACK})
+
+_SCHEMA_V1: Final = (
+    """
+    CREATE TABLE migrations (
+        id              TEXT PRIMARY KEY NOT NULL,
+        vm              TEXT NOT NULL,
+        plan_json       TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        phase           TEXT NOT NULL,
+        committed       INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
+        committed_at    REAL,
+        outcome         TEXT CHECK (outcome IN ('succeeded', 'rolled_back', 'failed')),
+        finished_at     REAL,
+        report_json     TEXT,
+        error_json      TEXT
+    )
+    """,
+    "CREATE INDEX migrations_by_created ON migrations (created_at)",
+    "CREATE INDEX migrations_unfinished ON migrations (created_at) WHERE outcome IS NULL",
+    """
+    CREATE TABLE events (
+        migration_id TEXT NOT NULL REFERENCES migrations (id),
+        seq          INTEGER NOT NULL CHECK (seq > 0),
+        time         REAL NOT NULL,
+        kind         TEXT NOT NULL,
+        data_json    TEXT NOT NULL,
+        PRIMARY KEY (migration_id, seq)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE devices (
+        migration_id TEXT NOT NULL REFERENCES migrations (id),
+        device       TEXT NOT NULL,
+        side         TEXT NOT NULL CHECK (side IN ('source', 'destination')),
+        PRIMARY KEY (migration_id, device, side)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX devices_by_device ON devices (device)",
+    # The invariants, kept by the database itself and not only by this module.
+    """
+    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END
+    """,
+    """
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END
+    """,
+    """
+    CREATE TRIGGER devices_no_delete BEFORE DELETE ON devices
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
+    """,
+    """
+    CREATE TRIGGER migrations_no_delete BEFORE DELETE ON migrations
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
+    """,
+    """
+    CREATE TRIGGER migrations_finished_frozen BEFORE UPDATE ON migrations
+    WHEN OLD.outcome IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'a finished migration is frozen'); END
+    """,
+    """
+    CREATE TRIGGER migrations_commit_final BEFORE UPDATE OF committed ON migrations
+    WHEN OLD.committed = 1 AND NEW.committed = 0
+    BEGIN SELECT RAISE(ABORT, 'a commit cannot be undone'); END
+    """,
+)
+
+#: ``SCHEMA_UPGRADES[n]`` takes a database from version ``n - 1`` to ``n``
+#: (version 0: an empty file).  Each step runs in one transaction.
+SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {1: _SCHEMA_V1}
+
+
+class JournalError(OrchestratorError):
+    """The journal was misused, or its database cannot be read or written.
+
+    ``path`` names the database file.
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        self.path = path
+        super().__init__(f"journal {str(path)!r}: {message}" if path else message)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRecord:
+    """One migration as the journal knows it."""
+
+    id: str
+    vm: str
+    plan: Plan
+    idempotency_key: str | None
+    phase: str
+    committed: bool
+    committed_at: float | None
+    #: None until the migration finished.
+    outcome: Outcome | None
+    report: MigrationReport | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    """One journaled event; ``seq`` counts from 1 per migration (an SSE id)."""
+
+    migration_id: str
+    seq: int
+    #: Wall-clock time it was journaled, Unix seconds.
+    time: float
+    kind: str
+    side: str | None
+    device: str | None
+    from_state: str | None
+    to_state: str | None
+    detail: Mapping[str, Any]
+    #: The runner's own clock for a trace event (``trio.current_time()``).
+    trace_time: float | None
+
+
+class Journal:
+    """The migration journal on one SQLite file.  Open with ``await Journal.open(dir)``."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = connection
+        self._limiter = trio.CapacityLimiter(1)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, state_dir: Path) -> Journal:
+        """Open (or create) ``state_dir/journal.sqlite3``, upgrading its schema."""
+        path = Path(state_dir) / FILENAME
+        connection = await trio.to_thread.run_sync(_connect, Path(state_dir), path)
+        return cls(path, connection)
+
+    async def close(self) -> None:
+        """Close the database after any write in flight.  Safe to call twice."""
+        await trio.to_thread.run_sync(self._close_now, limiter=self._limiter)
+
+    def _close_now(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error as exc:
+                raise JournalError(str(exc), path=self.path) from None
+
+    async def __aenter__(self) -> Journal:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with trio.CancelScope(shield=True):
+            await self.close()
+
+    # -- writes ----------------------------------------------------------------
+
+    async def create(
+        self, migration_id: str, plan: Plan, idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
+        """Record a new migration in phase ``prepare``, with the devices it holds.
+
+        Returns ``(id, True)``; or, when ``idempotency_key`` was seen before,
+        the first migration's ``(id, False)`` and records nothing.
+        """
+
+        def write(db: sqlite3.Connection) -> tuple[str, bool]:
+            with _transaction(db):
+                if idempotency_key is not None:
+                    row = db.execute(
+                        "SELECT id FROM migrations WHERE idempotency_key = ?", (idempotency_key,)
+                    ).fetchone()
+                    if row is not None:
+                        return str(row[0]), False
+                if _exists(db, migration_id):
+                    raise JournalError(f"migration {migration_id!r} already exists", path=self.path)
+                now = time.time()
+                db.execute(
+                    "INSERT INTO migrations (id, vm, plan_json, idempotency_key, created_at, "
+                    "updated_at, phase) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        migration_id,
+                        plan.vm,
+                        plan.model_dump_json(),
+                        idempotency_key,
+                        now,
+                        now,
+                        Phase.PREPARE.value,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO devices (migration_id, device, side) VALUES (?, ?, ?)",
+                    [(migration_id, d.name, side.value) for d in plan.devices for side in Side],
+                )
+                _append(
+                    db,
+                    migration_id,
+                    now,
+                    "phase",
+                    {"detail": {"phase": Phase.PREPARE.value, "previous": None}},
+                )
+            return migration_id, True
+
+        return await self._run(write)
+
+    async def record_phase(self, migration_id: str, phase: str) -> int:
+        """The migration entered ``phase`` (a ``flow.Phase`` value); returns the event's seq."""
+
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                return self._write_phase(db, migration_id, phase, time.time(), None)
+
+        return await self._run(write)
+
+    async def record_event(self, migration_id: str, event: TraceEvent) -> int:
+        """Append one of the runner's trace events; returns its seq."""
+        return await self.record_events(migration_id, [event])
+
+    async def record_events(self, migration_id: str, events: Iterable[TraceEvent]) -> int:
+        """Append trace events in one transaction (one fsync); returns the last seq.
+
+        A forwarder that drains a channel should write what has piled up
+        with one call: a 256-device switchover emits thousands of events.
+        """
+        batch = builtins.list(events)
+
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                seq = self._require_unfinished(db, migration_id, "record an event for")[1]
+                now = time.time()
+                for event in batch:
+                    if event.kind == "phase":
+                        phase = event.detail.get("phase")
+                        if not isinstance(phase, str):
+                            raise JournalError(
+                                f"phase event without a phase: {event!r}", path=self.path
+                            )
+                        seq = self._write_phase(db, migration_id, phase, now, event)
+                    else:
+                        seq = _append(db, migration_id, now, event.kind, _trace_data(event))
+            return seq
+
+        return await self._run(write)
+
+    async def record_commit(self, migration_id: str) -> None:
+        """Record the commit decision; it is on disk when this returns.
+
+        A second call is harmless.  Committing a finished or unknown
+        migration is a JournalError.
+        """
+
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                committed, _ = self._require_unfinished(db, migration_id, "commit")
+                if committed:
+                    return
+                now = time.time()
+                db.execute(
+                    "UPDATE migrations SET committed = 1, committed_at = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (now, now, migration_id),
+                )
+
+        await self._run(write)
+
+    async def finish(self, migration_id: str, report: MigrationReport) -> int:
+        """Record the outcome and the report; the migration is frozen from now on.
+
+        The report must be this migration's and agree with the journal on the
+        commit.  Returns the seq of the ``finished`` event.
+        """
+
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                committed, _ = self._require_unfinished(db, migration_id, "finish")
+                if report.id != migration_id:
+                    raise JournalError(
+                        f"report of migration {report.id!r} given for {migration_id!r}",
+                        path=self.path,
+                    )
+                if report.committed != committed:
+                    said = "committed" if report.committed else "not committed"
+                    raise JournalError(
+                        f"migration {migration_id!r}: the report says {said}, the journal "
+                        f"says {'committed' if committed else 'not committed'}",
+                        path=self.path,
+                    )
+                if committed and report.outcome == "rolled_back":
+                    raise JournalError(
+                        f"migration {migration_id!r} is committed: it cannot have rolled back",
+                        path=self.path,
+                    )
+                now = time.time()
+                db.execute(
+                    "UPDATE migrations SET outcome = ?, finished_at = ?, updated_at = ?, "
+                    "report_json = ?, error_json = ? WHERE id = ?",
+                    (
+                        report.outcome,
+                        now,
+                        now,
+                        report.model_dump_json(),
+                        report.error.model_dump_json() if report.error else None,
+                        migration_id,
+                    ),
+                )
+                return _append(
+                    db,
+                    migration_id,
+                    now,
+                    "finished",
+                    {"detail": {"outcome": report.outcome, "committed": report.committed}},
+                )
+
+        return await self._run(write)
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, migration_id: str) -> MigrationRecord | None:
+        """The migration, or None if the journal never heard of it."""
+
+        def read(db: sqlite3.Connection) -> MigrationRecord | None:
+            row = db.execute(f"{_SELECT} WHERE id = ?", (migration_id,)).fetchone()
+            return None if row is None else self._record(row)
+
+        return await self._run(read)
+
+    async def find_by_idempotency_key(self, key: str) -> MigrationRecord | None:
+        """The migration first created with this idempotency key, if any."""
+
+        def read(db: sqlite3.Connection) -> MigrationRecord | None:
+            row = db.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
+            return None if row is None else self._record(row)
+
+        return await self._run(read)
+
+    async def list(
+        self,
+        *,
+        outcome: Outcome | None = None,
+        phase: str | None = None,
+        limit: int | None = 100,
+    ) -> builtins.list[MigrationRecord]:
+        """Migrations, newest first, filtered by outcome and phase (None: any)."""
+        if outcome is not None and outcome not in _OUTCOMES:
+            raise JournalError(f"unknown outcome {outcome!r}")
+        if phase is not None and phase not in _PHASES:
+            raise JournalError(f"unknown phase {phase!r}")
+        if limit is not None and limit < 1:
+            raise JournalError(f"limit must be at least 1, not {limit}")
+        where, args = [], []
+        for column, value in (("outcome", outcome), ("phase", phase)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = _SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+
+        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
+            return [self._record(row) for row in db.execute(sql, args)]
+
+        return await self._run(read)
+
+    async def events(self, migration_id: str, after_seq: int = 0) -> builtins.list[JournalEvent]:
+        """The migration's events with seq > ``after_seq``, in order (SSE replay)."""
+
+        def read(db: sqlite3.Connection) -> builtins.list[JournalEvent]:
+            rows = db.execute(
+                "SELECT seq, time, kind, data_json FROM events "
+                "WHERE migration_id = ? AND seq > ? ORDER BY seq",
+                (migration_id, after_seq),
+            ).fetchall()
+            if not rows and not _exists(db, migration_id):
+                raise JournalError(f"unknown migration {migration_id!r}", path=self.path)
+            return [_event(self.path, migration_id, *row) for row in rows]
+
+        return await self._run(read)
+
+    async def unfinished(self) -> builtins.list[MigrationRecord]:
+        """Migrations without an outcome, oldest first: what recovery must resolve.
+
+        Recovery splits them on ``committed``: before the commit point roll
+        back, after it complete the destination.
+        """
+
+        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
+            rows = db.execute(
+                f"{_SELECT} WHERE outcome IS NULL ORDER BY created_at, rowid"
+            ).fetchall()
+            return [self._record(row) for row in rows]
+
+        return await self._run(read)
+
+    async def active_devices(self) -> dict[str, str]:
+        """Device name -> id of the unfinished migration that holds it.
+
+        Names are the plans' device names: a label within one plan, not a
+        host-wide identity, so two VMs whose plans both say "gpu0" appear to
+        share it until backends name their devices host-wide.  Should two
+        unfinished migrations name the same device, the older one is given.
+        """
+
+        def read(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute(
+                "SELECT DISTINCT d.device, m.id FROM devices d "
+                "JOIN migrations m ON m.id = d.migration_id "
+                "WHERE m.outcome IS NULL ORDER BY m.created_at DESC, m.rowid DESC"
+            ).fetchall()
+            # Newest first, so that the oldest holder is written last and wins.
+            return {str(device): str(mid) for device, mid in rows}
+
+        return await self._run(read)
+
+    # -- internals -------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection in a worker thread, one call at a time."""
+        if self._db is None:
+            raise JournalError("the journal is closed", path=self.path)
+        return await trio.to_thread.run_sync(self._in_thread, fn, limiter=self._limiter)
+
+    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        if db is None:  # closed while this call waited for its turn
+            raise JournalError("the journal is closed", path=self.path)
+        try:
+            return fn(db)
+        except sqlite3.Error as exc:
+            raise JournalError(_describe(exc), path=self.path) from None
+
+    def _require_unfinished(
+        self, db: sqlite3.Connection, migration_id: str, action: str
+    ) -> tuple[bool, int]:
+        """(committed, last seq) of a known, unfinished migration, else JournalError."""
+        row = db.execute(
+            "SELECT committed, outcome, "
+            "(SELECT COALESCE(MAX(seq), 0) FROM events WHERE migration_id = ?) "
+            "FROM migrations WHERE id = ?",
+            (migration_id, migration_id),
+        ).fetchone()
+        if row is None:
+            raise JournalError(
+                f"cannot {action} unknown migration {migration_id!r}", path=self.path
+            )
+        if row[1] is not None:
+            raise JournalError(
+                f"cannot {action} migration {migration_id!r}: it finished ({row[1]})",
+                path=self.path,
+            )
+        return bool(row[0]), int(row[2])
+
+    def _write_phase(
+        self,
+        db: sqlite3.Connection,
+        migration_id: str,
+        phase: str,
+        now: float,
+        event: TraceEvent | None,
+    ) -> int:
+        if phase not in _PHASES:
+            raise JournalError(f"unknown phase {phase!r}", path=self.path)
+        committed, _ = self._require_unfinished(db, migration_id, f"enter phase {phase} in")
+        if committed and Phase(phase) in _NEVER_AFTER_COMMIT:
+            raise JournalError(
+                f"migration {migration_id!r} is committed: it cannot enter {phase}",
+                path=self.path,
+            )
+        (previous,) = db.execute(
+            "SELECT phase FROM migrations WHERE id = ?", (migration_id,)
+        ).fetchone()
+        db.execute(
+            "UPDATE migrations SET phase = ?, updated_at = ? WHERE id = ?",
+            (phase, now, migration_id),
+        )
+        if event is not None:
+            data = _trace_data(event)
+        else:
+            data = {"detail": {"phase": phase, "previous": previous}}
+        return _append(db, migration_id, now, "phase", data)
+
+    def _record(self, row: tuple[Any, ...]) -> MigrationRecord:
+        (
+            mid,
+            vm,
+            plan_json,
+            key,
+            created_at,
+            updated_at,
+            phase,
+            committed,
+            committed_at,
+            outcome,
+            finished_at,
+            report_json,
+        ) = row
+        try:
+            plan = Plan.model_validate_json(plan_json)
+            report = MigrationReport.model_validate_json(report_json) if report_json else None
+        except ValidationError as exc:
+            raise JournalError(
+                f"migration {mid!r}: the stored record no longer validates: "
+                f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
+                path=self.path,
+            ) from None
+        if outcome is not None and outcome not in _OUTCOMES:
+            raise JournalError(f"migration {mid!r}: unknown outcome {outcome!r}", path=self.path)
+        return MigrationRecord(
+            id=str(mid),
+            vm=str(vm),
+            plan=plan,
+            idempotency_key=key,
+            phase=str(phase),
+            committed=bool(committed),
+            committed_at=committed_at,
+            outcome=outcome,
+            report=report,
+            created_at=float(created_at),
+            updated_at=float(updated_at),
+            finished_at=finished_at,
+        )
+
+
+_SELECT: Final = (
+    "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
+    "committed_at, outcome, finished_at, report_json FROM migrations"
+)
+
+
+def _connect(state_dir: Path, path: Path) -> sqlite3.Connection:
+    """Open the database file, set it up for durability and bring its schema up to date."""
+    try:
+        if not state_dir.is_dir():
+            state_dir.mkdir(mode=0o700, parents=True)
+            state_dir.chmod(0o700)  # mkdir's mode is filtered by the umask
+        # Create the file ourselves so it is never readable by others; SQLite
+        # gives its -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise JournalError(f"cannot create: {exc.strerror or exc}", path=path) from None
+    try:
+        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise JournalError(_describe(exc), path=path) from None
+    try:
+        _configure(db, path)
+    except sqlite3.Error as exc:
+        db.close()
+        raise JournalError(_describe(exc), path=path) from None
+    except JournalError:
+        db.close()
+        raise
+    return db
+
+
+def _configure(db: sqlite3.Connection, path: Path) -> None:
+    (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise JournalError(
+            f"the file system does not support SQLite's WAL mode (got {mode})", path=path
+        )
+    # FULL: every commit is fsynced, so a recorded decision survives power loss.
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
+    _upgrade_schema(db, path)
+
+
+def _upgrade_schema(db: sqlite3.Connection, path: Path) -> None:
+    with _transaction(db):
+        has_table = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if has_table:
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = int(row[0]) if row else 0
+        else:
+            others = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            if others:
+                raise JournalError("an SQLite database, but not a journal", path=path)
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"schema version {version} was written by a newer orchestrator "
+                f"(this one reads up to {SCHEMA_VERSION})",
+                path=path,
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in SCHEMA_UPGRADES[step]:
+                db.execute(statement)
+        if version < SCHEMA_VERSION:
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back if it raises."""
+    # IMMEDIATE takes the write lock up front, so a read-then-write cannot be
+    # interleaved with another process's write.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _exists(db: sqlite3.Connection, migration_id: str) -> bool:
+    row = db.execute("SELECT 1 FROM migrations WHERE id = ?", (migration_id,)).fetchone()
+    return row is not None
+
+
+def _append(
+    db: sqlite3.Connection, migration_id: str, now: float, kind: str, data: Mapping[str, Any]
+) -> int:
+    """Append an event after the migration's last one; returns its seq."""
+    (seq,) = db.execute(
+        "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE migration_id = ?", (migration_id,)
+    ).fetchone()
+    db.execute(
+        "INSERT INTO events (migration_id, seq, time, kind, data_json) VALUES (?, ?, ?, ?, ?)",
+        (migration_id, seq, now, kind, json.dumps(data, default=str, separators=(",", ":"))),
+    )
+    return int(seq)
+
+
+def _trace_data(event: TraceEvent) -> dict[str, Any]:
+    return {
+        "side": event.side.value if event.side is not None else None,
+        "device": event.device,
+        "from": event.from_state.name if event.from_state is not None else None,
+        "to": event.to_state.name if event.to_state is not None else None,
+        "detail": dict(event.detail),
+        "trace_time": event.time,
+    }
+
+
+def _event(
+    path: Path, migration_id: str, seq: int, at: float, kind: str, data_json: str
+) -> JournalEvent:
+    try:
+        data = json.loads(data_json)
+    except ValueError:
+        raise JournalError(
+            f"migration {migration_id!r}: event {seq} is not valid JSON", path=path
+        ) from None
+    return JournalEvent(
+        migration_id=migration_id,
+        seq=seq,
+        time=at,
+        kind=kind,
+        side=data.get("side"),
+        device=data.get("device"),
+        from_state=data.get("from"),
+        to_state=data.get("to"),
+        detail=data.get("detail") or {},
+        trace_time=data.get("trace_time"),
+    )
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """SQLite's complaint, in words an operator can act on."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.OperationalError | sqlite3.IntegrityError
+    ):
+        return f"the database is unreadable or corrupt: {text}"
+    return text
