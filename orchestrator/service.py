@@ -1,0 +1,430 @@
+"""The daemon's migration service: every migration of this host, in one nursery.
+
+The REST layer (``orchestrator.api``) is a thin shell over this class; the
+migration logic itself stays in the flow and the runner.  The service owns:
+
+* the migrations in flight, each a ``runner.Migration`` running as a task in
+  the service's nursery;
+* the device locks: a device (its backend and name) belongs to at most one
+  unfinished migration, so a second plan naming it is refused (409);
+* the journal: every migration is recorded before it starts, its commit
+  decision is on disk before any destination device runs, its events and
+  phases follow in order, and its report when it ends.  Phase changes and
+  device transitions are written by a background writer in the order they
+  happened, not awaited on the hot path: only the commit decision decides
+  what recovery does, and an fsync per phase inside the downtime window
+  would lengthen it;
+* recovery: on start, every migration the journal holds unfinished (the
+  daemon died under it) is rolled back if its commit decision was never
+  recorded, or completed on the destination if it was, before the service
+  reports ready;
+* graceful shutdown: new migrations are refused, running ones get a grace
+  period to finish, the rest are rolled back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+from pydantic import BaseModel, Field
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.journal import Journal, JournalEvent, MigrationRecord
+from orchestrator.metrics import Metrics
+from orchestrator.plan import Plan
+from orchestrator.report import MigrationReport, Outcome
+from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.runner import Migration, TraceEvent
+
+log = structlog.get_logger("orchestrator.service")
+
+
+class MigrationNotFound(OrchestratorError):
+    status_hint = 404
+
+
+class DeviceBusy(OrchestratorError):
+    """A device of the plan belongs to another unfinished migration."""
+
+    status_hint = 409
+
+
+class PastCommitPoint(OrchestratorError):
+    """Too late to cancel: the destination has won, or the migration is over."""
+
+    status_hint = 409
+
+
+class ShuttingDown(OrchestratorError):
+    status_hint = 503
+
+
+class Progress(BaseModel):
+    """Live progress of a migration in flight."""
+
+    precopy_round: int = Field(description="The pre-copy round under way, or the rounds done.")
+    bytes_sent: dict[str, int] = Field(description="Device name -> bytes sent so far.")
+    remaining_bytes: int | None = Field(
+        description="Estimated bytes still to send (once every device has reported)."
+    )
+    expected_downtime_ms: float | None = Field(
+        description="Downtime the stop-copy would take at the measured bandwidth."
+    )
+
+
+class MigrationStatus(BaseModel):
+    """A migration as the API shows it: its report when it has ended, progress while it runs."""
+
+    id: str
+    vm: str
+    phase: str
+    outcome: Outcome | None = Field(description="None while the migration runs.")
+    committed: bool
+    created_at: float = Field(description="Unix time the migration was accepted.")
+    progress: Progress | None = None
+    report: MigrationReport | None = Field(
+        None, description="The same report as `orchestrator run --json`, once it has ended."
+    )
+
+
+class DeviceStatus(BaseModel):
+    device: str = Field(description="The device's key: its backend and name.")
+    backend: str
+    name: str
+    migration: str | None = Field(description="The unfinished migration holding it, if any.")
+
+
+def device_keys(plan: Plan) -> list[str]:
+    """How the service names the devices of a plan, for locking."""
+    return [f"{d.backend}:{d.name}" for d in plan.devices]
+
+
+#: Queued after a migration's last event: the writer then journals its report.
+_FINISH = object()
+
+
+@dataclass
+class _Entry:
+    """A migration this service runs (or recovers)."""
+
+    migration: Migration
+    created_at: float
+    keys: list[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    # Set once the journal holds the report.
+    journaled: trio.Event = field(default_factory=trio.Event)
+    # Set and replaced whenever new events reach the journal: wakes followers.
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class MigrationService:
+    """Runs migrations for the API; see the module docstring."""
+
+    def __init__(self, journal: Journal, metrics: Metrics | None = None) -> None:
+        self.journal = journal
+        self.metrics = metrics
+        self.ready = False
+        self.accepting = True
+        self._entries: dict[str, _Entry] = {}
+        self._locks: dict[str, str] = {}
+        self._known: dict[str, DeviceStatus] = {}
+        self._nursery: trio.Nursery | None = None
+        self._writer_done = trio.Event()
+        self._journal_send, self._journal_receive = trio.open_memory_channel[
+            tuple[_Entry, TraceEvent | object]
+        ](math.inf)
+
+    # -- life cycle ------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[MigrationService] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Recover what the journal holds unfinished, report ready, then serve
+        until cancelled.  Use with ``await nursery.start(service.run)``."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._journal_writer)
+            await self._recover_all()
+            self.ready = True
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Refuse new migrations, let running ones finish for ``grace_s``, roll back the rest."""
+        self.accepting = False
+        self.ready = False
+        active = [e for e in self._entries.values() if not e.done.is_set()]
+        log.info("service.shutdown", active=len(active), grace_s=grace_s)
+        with trio.move_on_after(grace_s):
+            for entry in active:
+                await entry.done.wait()
+        for entry in active:
+            if not entry.done.is_set() and entry.migration.cancel(
+                "the orchestrator is shutting down"
+            ):
+                log.warning("service.shutdown_rollback", migration=entry.migration.id)
+        for entry in active:
+            await entry.done.wait()
+        # Nothing runs any more: let the writer flush what is queued, and end.
+        self._journal_send.close()
+        await self._writer_done.wait()
+
+    # -- requests ----------------------------------------------------------------
+
+    async def submit(
+        self, plan: Plan, idempotency_key: str | None = None
+    ) -> tuple[MigrationStatus, bool]:
+        """Start a migration; returns its status and whether it is new.
+
+        A repeated ``idempotency_key`` returns the first migration instead of
+        starting another.  Raises PlanError (the plan cannot succeed),
+        DeviceBusy or ShuttingDown; nothing is recorded then.
+        """
+        if not self.accepting or self._nursery is None:
+            raise ShuttingDown("the orchestrator is shutting down and accepts no new migration")
+        if idempotency_key is not None:
+            first = await self.journal.find_by_idempotency_key(idempotency_key)
+            if first is not None:
+                return await self.status(first.id), False
+        resolved = resolve(plan)
+        keys = device_keys(plan)
+        self._check_free(keys)
+        migration_id = uuid.uuid4().hex
+        for key in keys:
+            self._locks[key] = migration_id
+        try:
+            recorded_id, created = await self.journal.create(migration_id, plan, idempotency_key)
+        except BaseException:
+            self._unlock(keys, migration_id)
+            raise
+        if not created:
+            # Another request with the same key won the race.
+            self._unlock(keys, migration_id)
+            return await self.status(recorded_id), False
+        entry = self._start(resolved, migration_id, keys)
+        log.info("service.accepted", migration=migration_id, vm=plan.vm, devices=len(keys))
+        return self._status_of(entry), True
+
+    async def status(self, migration_id: str) -> MigrationStatus:
+        entry = self._entries.get(migration_id)
+        if entry is not None and not entry.done.is_set():
+            return self._status_of(entry)
+        record = await self.journal.get(migration_id)
+        if record is None:
+            raise MigrationNotFound(f"no migration {migration_id!r}")
+        return _status_of_record(record)
+
+    async def list(
+        self, outcome: Outcome | None = None, phase: str | None = None
+    ) -> builtins.list[MigrationStatus]:
+        records = await self.journal.list(outcome=outcome, phase=phase, limit=None)
+        out = []
+        for record in records:
+            entry = self._entries.get(record.id)
+            live = entry is not None and not entry.done.is_set()
+            status = self._status_of(entry) if live and entry else _status_of_record(record)
+            if phase is None or status.phase == phase:
+                out.append(status)
+        return out
+
+    async def cancel(self, migration_id: str) -> MigrationStatus:
+        """Roll a migration back; PastCommitPoint once the destination has won or it ended."""
+        entry = self._entries.get(migration_id)
+        if entry is None or entry.done.is_set():
+            status = await self.status(migration_id)  # MigrationNotFound if unknown
+            raise PastCommitPoint(
+                f"migration {migration_id!r} has already ended ({status.outcome})"
+            )
+        if not entry.migration.cancel("cancelled through the API"):
+            raise PastCommitPoint(
+                f"migration {migration_id!r} is past its commit point: the destination completes"
+            )
+        return self._status_of(entry)
+
+    async def follow(self, migration_id: str, after_seq: int = 0) -> AsyncIterator[JournalEvent]:
+        """The journaled events of a migration after ``after_seq``, then live ones until it ends."""
+        await self.status(migration_id)  # MigrationNotFound if unknown
+        seq = after_seq
+        while True:
+            entry = self._entries.get(migration_id)
+            changed = entry.changed if entry is not None else None
+            finished = entry is None or entry.done.is_set()
+            for event in await self.journal.events(migration_id, after_seq=seq):
+                seq = event.seq
+                yield event
+            if finished:
+                return
+            assert changed is not None
+            await changed.wait()
+
+    def devices(self) -> builtins.list[DeviceStatus]:
+        return [
+            status.model_copy(update={"migration": self._locks.get(key)})
+            for key, status in sorted(self._known.items())
+        ]
+
+    # -- internals ---------------------------------------------------------------
+
+    def _check_free(self, keys: builtins.list[str]) -> None:
+        busy = [(key, self._locks[key]) for key in keys if key in self._locks]
+        if busy:
+            held = ", ".join(f"{key} (migration {mid})" for key, mid in busy)
+            raise DeviceBusy(f"devices already part of an active migration: {held}")
+
+    def _unlock(self, keys: builtins.list[str], migration_id: str) -> None:
+        for key in keys:
+            if self._locks.get(key) == migration_id:
+                del self._locks[key]
+
+    def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
+        assert self._nursery is not None
+        migration = Migration(resolved, migration_id=migration_id, journal=self.journal)
+        entry = self._register(migration, time.time(), keys)
+        self._nursery.start_soon(self._run_one, entry)
+        return entry
+
+    def _register(
+        self, migration: Migration, created_at: float, keys: builtins.list[str]
+    ) -> _Entry:
+        """Track a migration: its entry, its devices, its events on their way to the journal."""
+        entry = _Entry(migration=migration, created_at=created_at, keys=keys)
+        self._entries[migration.id] = entry
+        for spec in migration.plan.devices:
+            key = f"{spec.backend}:{spec.name}"
+            self._known[key] = DeviceStatus(
+                device=key, backend=spec.backend, name=spec.name, migration=None
+            )
+        migration.observers.append(lambda event: self._journal_send.send_nowait((entry, event)))
+        return entry
+
+    async def _run_one(self, entry: _Entry) -> None:
+        migration = entry.migration
+        try:
+            if self.metrics is not None:
+                with self.metrics.track(migration):
+                    await migration.run()
+            else:
+                await migration.run()
+        finally:
+            await self._finish(entry)
+
+    async def _finish(self, entry: _Entry) -> None:
+        """Journal the report after every event of the migration, then free its devices."""
+        migration = entry.migration
+        with trio.CancelScope(shield=True):
+            if migration.report is not None:
+                self._journal_send.send_nowait((entry, _FINISH))
+                await entry.journaled.wait()
+            self._unlock(entry.keys, migration.id)
+            entry.done.set()
+            entry.notify()
+            outcome = migration.report.outcome if migration.report else None
+            log.info("service.finished", migration=migration.id, outcome=outcome)
+
+    async def _journal_writer(self) -> None:
+        """Writes each migration's events, then its report, to the journal, in order."""
+        try:
+            async for item in self._journal_receive:
+                items = [item]
+                # Whatever is queued already goes in the same pass, in batches.
+                while True:
+                    try:
+                        items.append(self._journal_receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._write_in_order(items)
+        finally:
+            self._writer_done.set()
+
+    async def _write_in_order(
+        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
+    ) -> None:
+        batch: builtins.list[TraceEvent] = []
+        batch_entry: _Entry | None = None
+        with trio.CancelScope(shield=True):
+            for entry, item in items:
+                if batch and (entry is not batch_entry or item is _FINISH):
+                    assert batch_entry is not None
+                    await self._write_events(batch_entry, batch)
+                    batch = []
+                if item is _FINISH:
+                    report = entry.migration.report
+                    assert report is not None
+                    await self.journal.finish(entry.migration.id, report)
+                    entry.journaled.set()
+                else:
+                    assert isinstance(item, TraceEvent)
+                    batch_entry = entry
+                    batch.append(item)
+            if batch:
+                assert batch_entry is not None
+                await self._write_events(batch_entry, batch)
+
+    async def _write_events(self, entry: _Entry, events: builtins.list[TraceEvent]) -> None:
+        await self.journal.record_events(entry.migration.id, events)
+        entry.notify()
+
+    async def _recover_all(self) -> None:
+        unfinished = await self.journal.unfinished()
+        if not unfinished:
+            return
+        log.warning("service.recovering", migrations=len(unfinished))
+        async with trio.open_nursery() as nursery:
+            for record in unfinished:
+                nursery.start_soon(self._recover_one, record)
+
+    async def _recover_one(self, record: MigrationRecord) -> None:
+        resolved = resolve(record.plan)
+        keys = device_keys(record.plan)
+        for key in keys:
+            self._locks[key] = record.id
+        migration = Migration(resolved, migration_id=record.id, journal=self.journal)
+        entry = self._register(migration, record.created_at, keys)
+        try:
+            report = await migration.recover(
+                committed=record.committed, interrupted_phase=record.phase
+            )
+        finally:
+            await self._finish(entry)
+        if self.metrics is not None:
+            self.metrics.record_report(report)
+
+    def _status_of(self, entry: _Entry) -> MigrationStatus:
+        m = entry.migration
+        report = m.report
+        progress: dict[str, Any] = m.progress()
+        progress.pop("phase", None)
+        return MigrationStatus(
+            id=m.id,
+            vm=m.plan.vm,
+            phase=m.phase.value,
+            outcome=report.outcome if report else None,
+            committed=m.committed,
+            created_at=entry.created_at,
+            progress=None if report else Progress(**progress),
+            report=report,
+        )
+
+
+def _status_of_record(record: MigrationRecord) -> MigrationStatus:
+    return MigrationStatus(
+        id=record.id,
+        vm=record.vm,
+        phase=record.phase,
+        outcome=record.outcome,
+        committed=record.committed,
+        created_at=record.created_at,
+        report=record.report,
+    )

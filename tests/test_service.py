@@ -1,0 +1,150 @@
+"""The migration service: many migrations, device locks, journal, cancel, shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from orchestrator.errors import PlanError
+from orchestrator.journal import Journal
+from orchestrator.metrics import Metrics
+from orchestrator.service import (
+    DeviceBusy,
+    MigrationNotFound,
+    MigrationService,
+    MigrationStatus,
+    PastCommitPoint,
+    ShuttingDown,
+)
+from tests.helpers import make_plan, sim_device
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[MigrationService]:
+    async with await Journal.open(tmp_path / "state") as journal:
+        svc = MigrationService(journal, Metrics(CollectorRegistry()))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            yield svc
+            await svc.shutdown(grace_s=5)
+            nursery.cancel_scope.cancel()
+
+
+def plan_for(vm: str, *names: str, **source: Any) -> Any:
+    params = {"transition_ms": 1, **source}
+    return make_plan([sim_device(n, **params) for n in names], vm=vm)
+
+
+async def wait_done(svc: MigrationService, migration_id: str) -> MigrationStatus:
+    async for _ in svc.follow(migration_id):
+        pass
+    return await svc.status(migration_id)
+
+
+async def test_a_migration_runs_to_its_report_and_is_journaled(service: MigrationService) -> None:
+    status, created = await service.submit(plan_for("vm1", "gpu0", "gpu1"))
+    assert created and status.outcome is None and status.progress is not None
+    final = await wait_done(service, status.id)
+    assert final.outcome == "succeeded" and final.report is not None
+    assert all(d.source_digest == d.destination_digest for d in final.report.devices)
+    record = await service.journal.get(status.id)
+    assert record is not None and record.committed and record.outcome == "succeeded"
+    kinds = [e.kind for e in await service.journal.events(status.id)]
+    assert "commit" in kinds and kinds.count("arc_end") >= 10
+
+
+async def test_events_replay_then_follow_live(service: MigrationService) -> None:
+    status, _ = await service.submit(plan_for("vm1", "gpu0", state_mib=1, drain_mib_s=16))
+    seen = [e async for e in service.follow(status.id)]
+    seqs = [e.seq for e in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    again = [e.seq async for e in service.follow(status.id, after_seq=seqs[3])]
+    assert again == seqs[4:]
+
+
+async def test_a_busy_device_is_refused_and_freed_when_the_migration_ends(
+    service: MigrationService,
+) -> None:
+    first, _ = await service.submit(plan_for("vm1", "gpu0", state_mib=1, drain_mib_s=8))
+    with pytest.raises(DeviceBusy, match="simulated:gpu0"):
+        await service.submit(plan_for("vm2", "gpu0"))
+    assert {d.name: d.migration for d in service.devices()} == {"gpu0": first.id}
+    await wait_done(service, first.id)
+    assert {d.name: d.migration for d in service.devices()} == {"gpu0": None}
+    second, created = await service.submit(plan_for("vm2", "gpu0"))
+    assert created and (await wait_done(service, second.id)).outcome == "succeeded"
+
+
+async def test_idempotency_key_returns_the_first_migration(service: MigrationService) -> None:
+    first, created = await service.submit(plan_for("vm1", "gpu0"), idempotency_key="abc")
+    again, created_again = await service.submit(plan_for("vm1", "gpu0"), idempotency_key="abc")
+    assert created and not created_again and again.id == first.id
+
+
+async def test_a_plan_that_cannot_succeed_is_refused_and_not_recorded(
+    service: MigrationService,
+) -> None:
+    bad = make_plan([sim_device("gpu0"), sim_device("nic0", p2p=False)])
+    with pytest.raises(PlanError, match="nic0"):
+        await service.submit(bad)
+    assert await service.list() == []
+    assert service.devices() == []
+
+
+async def test_cancel_rolls_back_before_the_commit_and_is_refused_after(
+    service: MigrationService,
+) -> None:
+    status, _ = await service.submit(plan_for("vm1", "gpu0", state_mib=4, drain_mib_s=4))
+    await trio.sleep(0.2)
+    await service.cancel(status.id)
+    final = await wait_done(service, status.id)
+    assert final.outcome == "rolled_back"
+    assert final.report is not None and final.report.error is not None
+    assert final.report.error.kind == "cancelled"
+    with pytest.raises(PastCommitPoint, match="already ended"):
+        await service.cancel(status.id)
+    with pytest.raises(MigrationNotFound):
+        await service.cancel("nope")
+
+
+async def test_fifty_migrations_at_once_all_succeed_and_share_no_device(
+    service: MigrationService,
+) -> None:
+    ids: list[str] = []
+
+    async def submit(i: int) -> None:
+        status, _ = await service.submit(plan_for(f"vm{i}", f"gpu{i}a", f"gpu{i}b"))
+        ids.append(status.id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(submit, i)
+    finals = [await wait_done(service, i) for i in ids]
+    assert [f.outcome for f in finals] == ["succeeded"] * 50
+    holders = {d.name for f in finals for d in (f.report.devices if f.report else [])}
+    assert len(holders) == 100
+    listed = await service.list(outcome="succeeded")
+    assert {s.id for s in listed} == set(ids)
+
+
+async def test_shutdown_refuses_new_work_and_rolls_back_what_does_not_finish(
+    tmp_path: Path,
+) -> None:
+    async with await Journal.open(tmp_path / "state") as journal:
+        svc = MigrationService(journal)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            slow, _ = await svc.submit(plan_for("vm1", "gpu0", state_mib=8, drain_mib_s=2))
+            quick, _ = await svc.submit(plan_for("vm2", "nic0"))
+            await svc.shutdown(grace_s=0.5)
+            with pytest.raises(ShuttingDown):
+                await svc.submit(plan_for("vm3", "nic1"))
+            nursery.cancel_scope.cancel()
+        assert (await svc.status(quick.id)).outcome == "succeeded"
+        assert (await svc.status(slow.id)).outcome == "rolled_back"
+        assert await journal.unfinished() == []
