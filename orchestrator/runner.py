@@ -191,7 +191,10 @@ class Migration:
         self.phase = Phase.PREPARE
 
         self._t0: float | None = None
+        # When each phase was first entered, and the phase whose clock runs.
         self._phase_started: dict[Phase, float] = {}
+        self._timed_phase: Phase | None = None
+        self._timed_since = 0.0
         self._phase_ms: dict[str, float] = {}
         self._downtime_start: float | None = None
         self._downtime_end: float | None = None
@@ -843,21 +846,24 @@ class Migration:
         )
 
     def _enter_phase_timing(self, phase: Phase) -> float:
+        """Stop the clock of the phase being timed and start ``phase``'s.
+
+        Returns the seconds the stopped phase took.  DONE stops every clock,
+        so calling this with DONE again changes nothing.
+        """
         now = trio.current_time()
         duration = 0.0
-        if self._phase_started:
-            last = next(reversed(self._phase_started))
-            duration = now - self._phase_started[last]
-            self._phase_ms[last.value] = self._phase_ms.get(last.value, 0.0) + duration * 1000
-        if phase is not Phase.DONE:
-            self._phase_started[phase] = now
-            # Keep insertion order meaning "most recent last".
-            self._phase_started[phase] = self._phase_started.pop(phase)
+        if self._timed_phase is not None:
+            duration = now - self._timed_since
+            key = self._timed_phase.value
+            self._phase_ms[key] = self._phase_ms.get(key, 0.0) + duration * 1000
+        self._timed_phase = None if phase is Phase.DONE else phase
+        self._timed_since = now
+        self._phase_started.setdefault(phase, now)
         return duration
 
     def _finish_phase_timing(self) -> None:
-        if self.phase is not Phase.DONE:
-            self._enter_phase_timing(Phase.DONE)
+        self._enter_phase_timing(Phase.DONE)
 
     def _emit(
         self,
