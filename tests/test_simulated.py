@@ -6,11 +6,13 @@ jumps as soon as every task sleeps), so they are exact and instant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import random
 import struct
 import zlib
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import pytest
@@ -37,6 +39,13 @@ KIB = 1024
 MIB = 1024 * 1024
 # 64 KiB of state in 4 KiB pages: 16 pages, small enough to reason about.
 SMALL = 1 / 16
+
+
+def state_digest_of(content: bytes, page_size: int = 4 * KIB) -> str:
+    """The state digest as the module docstring defines it, computed here independently:
+    sha256 over the first 16 bytes of each page's sha256."""
+    pages = [content[i : i + page_size] for i in range(0, len(content), page_size)]
+    return hashlib.sha256(b"".join(hashlib.sha256(p).digest()[:16] for p in pages)).hexdigest()
 
 
 def make_params(**changes: Any) -> SimulatedParams:
@@ -246,7 +255,7 @@ async def test_dirty_pages_are_sent_again(autojump_clock: trio.testing.MockClock
     }
     assert resent == changed  # exactly the pages the device rewrote
     assert len(resent) * page == info.dirty_bytes
-    assert hashlib.sha256(now).hexdigest() == await source.state_digest()
+    assert state_digest_of(now) == await source.state_digest()
 
 
 def apply_pages(params: SimulatedParams, stream: bytes) -> bytes:
@@ -359,7 +368,7 @@ async def test_reference_digest_proves_a_rolled_back_source_holds_its_own_state(
     # One mutation more or less would not match: the digest pins the count.
     assert await source.state_digest() != reference_digest(params, source.mutations - 1)
     initial = random.Random(11).randbytes(params.state_bytes)
-    assert reference_digest(params, 0) == hashlib.sha256(initial).hexdigest()
+    assert reference_digest(params, 0) == state_digest_of(initial)
 
 
 async def test_dirtying_follows_the_clock(autojump_clock: trio.testing.MockClock) -> None:
@@ -388,7 +397,7 @@ async def test_reset_loses_the_content_and_restarts_the_count(
     await source.reset()
     assert await source.get_state() is S.RUNNING
     assert (source.resets, source.mutations) == (1, 0)
-    assert await source.state_digest() == hashlib.sha256(bytes(params.state_bytes)).hexdigest()
+    assert await source.state_digest() == state_digest_of(bytes(params.state_bytes))
     with pytest.raises(DeviceError, match="no migration stream"):
         await source.read(100)
     await trio.sleep(0.5)
@@ -419,6 +428,224 @@ async def test_reset_leaves_error_and_discards_a_load() -> None:
     source = await opened(make_params())
     await migrate(source, destination)
     assert await destination.state_digest() == await source.state_digest()
+
+
+# --- the digest cache -------------------------------------------------------------------
+
+
+def page_runs(stream: bytes, start: int = HEADER_SIZE) -> list[tuple[int, int, int]]:
+    """(stream position, state offset, length) of each page run from ``start`` on."""
+    runs = []
+    pos = start
+    while pos < len(stream) and stream[pos : pos + 1] == b"P":
+        _, offset, length, _crc = struct.unpack_from(">cQII", stream, pos)
+        runs.append((pos, offset, length))
+        pos += RUN_HEADER_SIZE + length
+    return runs
+
+
+def pages_of(runs: list[tuple[int, int, int]], page: int = 4 * KIB) -> set[int]:
+    return {
+        i
+        for _, offset, length in runs
+        for i in range(offset // page, -(-(offset + length) // page))
+    }
+
+
+def reseal_flip(stream: bytes, state_offset: int) -> bytes:
+    """Flip the byte carrying ``state_offset`` in the first run that carries it, and re-seal
+    the run's crc: the stream is well formed, only a digest can tell."""
+    out = bytearray(stream)
+    for pos, offset, length in page_runs(stream):
+        if offset <= state_offset < offset + length:
+            body = pos + RUN_HEADER_SIZE
+            out[body + state_offset - offset] ^= 0xFF
+            crc = zlib.crc32(out[body : body + length], zlib.crc32(out[pos : pos + 13]))
+            struct.pack_into(">I", out, pos + 13, crc)
+            return bytes(out)
+    raise AssertionError(f"no run carries state offset {state_offset}")
+
+
+async def exact(device: SimulatedDevice) -> bool:
+    """The device's cached digest is the one its content has now, hashed from scratch."""
+    digest = await device.state_digest()  # catches up with the clock first
+    return digest == state_digest_of(bytes(device._content), device.params.page_bytes)
+
+
+async def test_end_digest_catches_a_flipped_byte_in_a_page_sent_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    params = make_params(state_mib=0.25, dirty_mib_s=0.5, seed=5)  # 64 pages
+    page = params.page_bytes
+    source = await opened(params)
+    clean = await opened(params, Side.DESTINATION)
+    corrupted = await opened(params, Side.DESTINATION)
+    for destination in (clean, corrupted):
+        await walk(destination, *destination_route(params))
+    await walk(source, S.PRE_COPY)
+    sweep = await drain(source)
+    await trio.sleep(0.1)  # a few pages change after they were sent
+    await walk(source, S.PRE_COPY_P2P, S.STOP_COPY)
+    tail = await drain(source)
+    resent = pages_of(page_runs(tail, 0))
+    assert resent
+    victim = next(i for i in range(64) if i not in resent and i > 30)
+    await clean.write(sweep)
+    await corrupted.write(reseal_flip(sweep, victim * page + 1234))
+    for destination in (clean, corrupted):
+        await destination.write(tail)
+    await walk(clean, S.STOP)  # the same stream, unflipped, loads
+    assert await clean.state_digest() == await source.state_digest()
+    with pytest.raises(DeviceError, match="differs from the source's"):
+        await corrupted.set_state(S.STOP)
+    assert await corrupted.get_state() is S.ERROR
+    assert await corrupted.state_digest() != await source.state_digest()
+    assert await exact(corrupted)
+
+
+@pytest.mark.parametrize("drop_resend", [False, True])
+async def test_a_page_dirtied_after_it_was_sent_is_resent_and_checked(
+    autojump_clock: trio.testing.MockClock, drop_resend: bool
+) -> None:
+    params = make_params(dirty_mib_s=0.1, seed=9)  # 25.6 page mutations a second
+    page = params.page_bytes
+    source = await opened(params)
+    destination = await opened(params, Side.DESTINATION)
+    await walk(destination, *destination_route(params))
+    await walk(source, S.PRE_COPY)
+    sweep = await drain(source)
+    await destination.write(sweep)
+    at_sweep = source.mutations
+    await trio.sleep(0.2)
+    await walk(source, S.PRE_COPY_P2P, S.STOP_COPY)
+    assert source.mutations > at_sweep
+    tail = await drain(source)
+    runs = page_runs(tail, 0)
+    # Exactly the pages that changed since the sweep come again, before the end record.
+    stopped = apply_pages(params, sweep + tail)
+    at_sweep_content = apply_pages(params, sweep)
+    changed = {
+        i
+        for i in range(16)
+        if stopped[i * page : (i + 1) * page] != at_sweep_content[i * page : (i + 1) * page]
+    }
+    assert pages_of(runs) == changed != set()
+    assert state_digest_of(stopped) == await source.state_digest()
+    if drop_resend:
+        pos, _, length = runs[0]
+        tail = tail[:pos] + tail[pos + RUN_HEADER_SIZE + length :]
+        await destination.write(tail)
+        with pytest.raises(DeviceError, match="differs from the source's"):
+            await destination.set_state(S.STOP)
+        assert await destination.get_state() is S.ERROR
+    else:
+        await destination.write(tail)
+        await walk(destination, S.STOP)
+        assert await destination.state_digest() == await source.state_digest()
+        assert await source.state_digest() == reference_digest(params, source.mutations)
+    assert await exact(destination)
+
+
+async def test_digest_cache_stays_exact_across_reset_and_a_second_migration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    params = make_params(dirty_mib_s=2.0, seed=4)
+    source = await opened(params)
+    destination = await opened(params, Side.DESTINATION)
+    await trio.sleep(0.3)
+    await migrate(source, destination)
+    assert await destination.state_digest() == await source.state_digest()
+    await walk(destination, S.RUNNING_P2P, S.RUNNING)
+    await trio.sleep(0.2)
+    for device in (source, destination):
+        assert await exact(device)
+        await device.reset()
+        assert await device.state_digest() == state_digest_of(bytes(params.state_bytes))
+    await trio.sleep(0.3)
+    for device in (source, destination):
+        await device.get_state()
+        assert device.mutations > 0
+        assert await device.state_digest() == reference_digest(params, device.mutations, reset=True)
+        assert await exact(device)
+
+    await migrate(source, destination)  # the second migration, from reset content
+    assert await destination.state_digest() == await source.state_digest()
+    assert await source.state_digest() == reference_digest(params, source.mutations, reset=True)
+    await walk(destination, S.RUNNING_P2P, S.RUNNING)
+    await trio.sleep(0.2)
+    await destination.get_state()
+    assert destination.mutations > source.mutations
+    assert await destination.state_digest() == reference_digest(
+        params, destination.mutations, reset=True
+    )
+    for device in (source, destination):
+        assert await exact(device)
+
+
+@pytest.mark.parametrize("state_mib", [SMALL, 4.0], ids=["16-pages", "1024-pages"])
+async def test_switchover_hashes_only_the_pages_it_moves(
+    autojump_clock: trio.testing.MockClock, state_mib: float
+) -> None:
+    """Entering STOP_COPY and RESUMING -> STOP hash nothing; the pages re-sent in stop-copy
+    are hashed once on each side, whatever the size of the state."""
+    params = make_params(state_mib=state_mib, dirty_mib_s=0.1, seed=2)
+    n_pages = params.state_bytes // params.page_bytes
+    source = await opened(params)
+    destination = await opened(params, Side.DESTINATION)
+    assert (source.pages_hashed, destination.pages_hashed) == (n_pages, 0)  # at open
+    await walk(destination, *destination_route(params))
+    await trio.sleep(0.2)  # some pages change before the sweep
+    await walk(source, S.PRE_COPY)
+    sweep = await drain(source)
+    await destination.write(sweep)
+    initial = random.Random(2).randbytes(params.state_bytes)
+    swept = apply_pages(params, sweep)
+    page = params.page_bytes
+    early = sum(
+        swept[i * page : (i + 1) * page] != initial[i * page : (i + 1) * page]
+        for i in range(n_pages)
+    )
+    assert early > 0
+    # The sweep rehashed on the source the pages that changed since open, the destination
+    # hashed every page as it landed.
+    assert (source.pages_hashed, destination.pages_hashed) == (n_pages + early, n_pages)
+    hashed_before_stop = source.pages_hashed
+    at_sweep = source.mutations
+    await trio.sleep(0.2)
+
+    await walk(source, S.PRE_COPY_P2P, S.STOP_COPY)
+    assert source.pages_hashed == hashed_before_stop  # entering STOP_COPY hashes nothing
+    tail = await drain(source)
+    resent = len(pages_of(page_runs(tail, 0)))
+    assert 0 < resent <= source.mutations - at_sweep <= 10
+    # The re-sent pages, hashed as they leave; the end record has nothing left to hash.
+    assert source.pages_hashed == hashed_before_stop + resent
+    await destination.write(tail)
+    assert destination.pages_hashed == n_pages + resent  # hashed as they land
+    await walk(destination, S.STOP)
+    assert destination.pages_hashed == n_pages + resent  # the verdict hashes nothing
+    assert await destination.state_digest() == await source.state_digest()
+    assert await source.state_digest() == reference_digest(params, source.mutations)
+    assert source.pages_hashed == hashed_before_stop + resent
+    assert destination.pages_hashed == n_pages + resent
+
+
+async def test_digest_of_a_partial_last_page_and_of_the_initial_content() -> None:
+    # 2.5 MiB + 6 KiB in 8 KiB pages: several generation chunks and a partial last page.
+    params = make_params(state_mib=2.5 + 6 / 1024, page_kib=8, seed=21)
+    size, page = params.state_bytes, params.page_bytes
+    assert size % page == 6 * KIB
+    source = await opened(params)
+    destination = await opened(params, Side.DESTINATION)
+    expected = state_digest_of(random.Random(21).randbytes(size), page)
+    assert await source.state_digest() == reference_digest(params, 0) == expected
+    other = random.Random("simulated:DESTINATION:21").randbytes(size)
+    assert await destination.state_digest() == state_digest_of(other, page)
+    await migrate(source, destination)
+    assert await destination.state_digest() == expected
+    await source.reset()
+    assert await source.state_digest() == state_digest_of(bytes(size), page)
+    assert await source.state_digest() == reference_digest(params, 0, reset=True)
 
 
 # --- arcs -------------------------------------------------------------------------------
@@ -676,14 +903,14 @@ async def test_corrupt_at_a_stream_offset_on_the_destination() -> None:
 
 
 async def test_a_corrupt_digest_is_caught_at_stop() -> None:
-    """Flipping a byte of the end record's sha256 fails its crc; check the digest path too."""
+    """Flipping a byte of the end record's digest fails its crc; check the digest path too."""
     params = make_params()
     source = await opened(params)
     destination = await opened(params, Side.DESTINATION)
     await walk(source, S.RUNNING_P2P, S.STOP, S.STOP_COPY)
     stream = bytearray(await drain(source))
     await walk(destination, *destination_route(params))
-    # Re-seal a wrong digest with a valid crc: only the sha256 comparison can tell.
+    # Re-seal a wrong digest with a valid crc: only the digest comparison can tell.
     end = len(stream) - END_SIZE
     stream[end + 9] ^= 0xFF
     stream[-4:] = struct.pack(">I", zlib.crc32(bytes(stream[end:-4])))
@@ -780,6 +1007,71 @@ async def test_a_cancelled_read_loses_nothing(autojump_clock: trio.testing.MockC
     assert await destination.state_digest() == await source.state_digest()
 
 
+@contextlib.contextmanager
+def one_checkpoint() -> Iterator[None]:
+    """The block is exactly one trio checkpoint: one schedule point and one cancel point
+    (the task counters ``trio.testing.assert_checkpoints`` reads)."""
+    task = trio.lowlevel.current_task()
+    cancel, schedule = task._cancel_points, task._schedule_points
+    yield
+    assert (task._cancel_points - cancel, task._schedule_points - schedule) == (1, 1)
+
+
+@pytest.mark.parametrize("delays", [False, True], ids=["instant", "with-latency"])
+async def test_every_call_is_one_checkpoint(
+    autojump_clock: trio.testing.MockClock, delays: bool
+) -> None:
+    """A call's latency (a transition or a drain) is its checkpoint; there is no other."""
+    changes: dict[str, Any] = {"transition_ms": 1, "drain_mib_s": 1.0} if delays else {}
+    params = make_params(**changes)
+    source = await opened(params)
+    destination = await opened(params, Side.DESTINATION)
+
+    async def refused(call: Awaitable[object]) -> None:
+        with one_checkpoint(), pytest.raises(DeviceError):
+            await call
+
+    for device in (source, destination):
+        with one_checkpoint():
+            await device.get_state()
+        with one_checkpoint():
+            await device.stop_copy_size()
+        await refused(device.set_state(S.STOP_COPY))  # not one arc
+        await refused(device.read(100))  # no stream
+        await refused(device.write(b"x"))  # not resuming
+        await refused(device.precopy_info())
+    for state in (S.RUNNING_P2P, S.STOP, S.STOP_COPY):
+        with one_checkpoint():
+            await source.set_state(state)
+    for state in (S.RUNNING_P2P, S.STOP, S.RESUMING):
+        with one_checkpoint():
+            await destination.set_state(state)
+    await refused(source.read(0))
+    while True:
+        with one_checkpoint():
+            chunk = await source.read(10 * KIB)
+        with one_checkpoint():
+            await destination.write(chunk)  # b"" at the end: still a checkpoint
+        if not chunk:
+            break
+    with one_checkpoint():
+        await destination.set_state(S.STOP)
+    await walk(source, S.STOP, S.RUNNING_P2P, S.RUNNING, S.PRE_COPY)
+    with one_checkpoint():
+        await source.precopy_info()
+    for device in (source, destination):
+        with one_checkpoint():
+            await device.reset()
+        with one_checkpoint():
+            await device.state_digest()
+        with one_checkpoint():
+            await device.close()
+        await refused(device.get_state())  # closed
+        await refused(device.set_state(S.RUNNING_P2P))
+        await refused(device.reset())
+    assert await destination.state_digest() == await source.state_digest()
+
+
 # --- lifecycle --------------------------------------------------------------------------
 
 
@@ -804,6 +1096,10 @@ async def test_open_reports_capabilities_and_close_ends_use() -> None:
     with pytest.raises(DeviceError, match="closed"):
         await device.open()
     assert await device.state_digest() == digest  # still answers, for tests
+    never_opened = SimulatedDevice("n", Side.SOURCE, make_params())
+    await never_opened.close()
+    with pytest.raises(DeviceError, match="not open"):
+        await never_opened.get_state()
 
 
 # --- params -----------------------------------------------------------------------------

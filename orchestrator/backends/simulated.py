@@ -15,6 +15,16 @@ may be partial).  A source starts from ``random.Random(seed).randbytes(size)``;
 a destination starts from different bytes derived from the seed and its side,
 so a load is always visible in its digest.
 
+The *state digest* (what :meth:`SimulatedDevice.state_digest` answers, what
+the end record carries and what a load is checked against) is the sha256 of
+the concatenated *page digests*, a page's digest being the first 16 bytes of
+the page's sha256.  Each device keeps its page digests cached: a mutation
+marks its page stale, a page the source sends is rehashed if it was stale,
+and a page run a destination loads is rehashed as it lands.  So entering
+STOP_COPY and leaving RESUMING hash only what moves in the switchover (the
+pages re-sent then), never the whole state: real hardware has no digest to
+compute there, and the simulator should not put one in the downtime.
+
 While the device is in a running state (RUNNING, PRE_COPY, RUNNING_P2P,
 PRE_COPY_P2P) it dirties its state at ``dirty_mib_s``: page-sized mutations
 per second of ``trio.current_time()``, so it follows trio's ``MockClock``.
@@ -38,8 +48,9 @@ are big-endian.
   crc32 ``u32`` of the tag, offset and length fields followed by the payload.
   A run covers contiguous pages; it starts on a page boundary and ends on one
   or at the end of the state.
-* end, 45 bytes: ``b"E"``, mutation count ``u64``, sha256 of the source state
-  as it was when it stopped (32 bytes), crc32 ``u32`` of the preceding 41 bytes.
+* end, 45 bytes: ``b"E"``, mutation count ``u64``, the state digest of the
+  source as it was when it stopped (32 bytes), crc32 ``u32`` of the preceding
+  41 bytes.
 
 One stream runs from entering a saving state (PRE_COPY, PRE_COPY_P2P or, when
 pre-copy is skipped or missing, STOP_COPY) until the device leaves the saving
@@ -55,8 +66,8 @@ A destination in RESUMING parses records incrementally (a record may be
 split across writes), checks every crc and bound, and applies the pages.  A
 bad record poisons the load: that ``write`` and every later one fail naming
 the record's stream offset.  RESUMING -> STOP succeeds only when the end
-record arrived, nothing was poisoned and the sha256 of the loaded state
-equals the source's; otherwise the device falls into ERROR.  A loaded
+record arrived, nothing was poisoned and the state digest of the loaded
+state equals the source's; otherwise the device falls into ERROR.  A loaded
 destination continues the source's mutation count, so with the same seed it
 dirties exactly as the source would have.
 
@@ -98,8 +109,15 @@ Invariants
 * Time is spent only in ``trio.sleep``: ``transition_ms`` before each arc
   (and each reset), ``n / drain_mib_s`` for a read or write moving ``n``
   bytes.  The device serves one call at a time, as the runner drives it.
+* Every call is a checkpoint once: its sleep when it has one (a refused call
+  takes a plain checkpoint before raising), else a plain checkpoint first.
+  (A read of a device with a fault configured keeps a checkpoint before its
+  drain delay, so the fault fires at a fixed point.)
+* The page digests are exact: every page whose stale flag is clear has its
+  current content's digest.  Whatever writes the content keeps it so.
 * No per-byte Python loops: pages move as memoryview slices, checksums are
-  ``zlib.crc32`` over views, pending pages are found with ``bytearray.find``.
+  ``zlib.crc32`` over views, pending and stale pages are found with
+  ``bytearray.find``.
 """
 
 from __future__ import annotations
@@ -125,13 +143,14 @@ from orchestrator.states import (
     DeviceState,
     MigrationFlags,
     Side,
-    is_arc,
+    arcs,
 )
 
 __all__ = [
     "END_SIZE",
     "HEADER_SIZE",
     "MAGIC",
+    "PAGE_DIGEST_SIZE",
     "RUN_HEADER_SIZE",
     "VERSION",
     "FaultSpec",
@@ -161,6 +180,14 @@ FaultKind = Literal["error", "error_state", "hang", "corrupt"]
 #: States a fault can be injected at: every one a device can be asked to enter.
 FAULT_STATES: tuple[str, ...] = tuple(s.name for s in DeviceState if s is not DeviceState.ERROR)
 _PRE_COPY_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P})
+_ERROR = DeviceState.ERROR
+_RESUMING = DeviceState.RESUMING
+_STOP_COPY = DeviceState.STOP_COPY
+
+# Bound once: the hot paths call them on every device call.
+_checkpoint = trio.lowlevel.checkpoint
+_sleep = trio.sleep
+_current_time = trio.current_time
 
 
 class FaultSpec(BaseModel):
@@ -313,11 +340,22 @@ class _Layout:
         return HEADER_SIZE + self.size + self.n_pages * RUN_HEADER_SIZE + END_SIZE
 
 
+#: Bytes of ``randbytes`` drawn at a time: a multiple of 4, so the chunks concatenate to
+#: exactly ``randbytes(size)`` (it is ``getrandbits(8 * n)`` in little-endian order, whose
+#: 32-bit words come off the generator in order), without building one huge integer.
+_RANDOM_CHUNK = 1 << 20
+
+
 def _initial_content(params: SimulatedParams, side: Side) -> bytearray:
     size = params.state_bytes
     if side is Side.SOURCE:
-        return bytearray(random.Random(params.seed).randbytes(size))
-    return bytearray(random.Random(f"simulated:{side.name}:{params.seed}").randbytes(size))
+        rng = random.Random(params.seed)
+    else:
+        rng = random.Random(f"simulated:{side.name}:{params.seed}")
+    content = bytearray(size)
+    for offset in range(0, size, _RANDOM_CHUNK):
+        content[offset : offset + _RANDOM_CHUNK] = rng.randbytes(min(_RANDOM_CHUNK, size - offset))
+    return content
 
 
 def _mutation_key(seed: int) -> int:
@@ -331,11 +369,13 @@ def _apply_mutations(
     first: int,
     count: int,
     pending: bytearray | None,
+    stale: bytearray,
 ) -> int:
     """Apply mutations ``first .. first+count-1``; return how many pages became pending.
 
     Mutation ``k`` is splitmix64 of ``(key, k)``: the value picks the page and
-    the word in it, and (made odd, so non-zero) is XORed into that word.
+    the word in it, and (made odd, so non-zero) is XORed into that word.  Every
+    page touched is flagged in ``stale`` (its cached digest no longer holds).
     """
     n_pages = layout.n_pages
     per_page = layout.words_per_page
@@ -352,6 +392,7 @@ def _apply_mutations(
         if index >= n_words:  # the last page is partial
             index = base + (index - base) % (n_words - base)
         words[index] ^= x | 1
+        stale[page] = 1
         if pending is not None and not pending[page]:
             pending[page] = 1
             newly_pending += 1
@@ -359,16 +400,105 @@ def _apply_mutations(
 
 
 def reference_digest(params: SimulatedParams, mutations: int, *, reset: bool = False) -> str:
-    """The sha256 a source device holds after ``mutations`` mutations, rebuilt from scratch.
+    """The state digest of a source after ``mutations`` mutations, rebuilt from scratch.
 
+    The content is rebuilt and every page hashed afresh: no device's cache is
+    involved, so this checks the cache of the device it is compared with.
     ``reset=True``: the content a device holds after a reset (zeros) and then
     ``mutations`` mutations.
     """
     layout = _Layout.of(params)
     content = bytearray(layout.size) if reset else _initial_content(params, Side.SOURCE)
     with memoryview(content) as view, view.cast("Q") as words:
-        _apply_mutations(words, layout, _mutation_key(params.seed), 0, mutations, None)
-    return hashlib.sha256(content).hexdigest()
+        key = _mutation_key(params.seed)
+        _apply_mutations(words, layout, key, 0, mutations, None, bytearray(layout.n_pages))
+        page_digests = _hash_pages(view, layout.page_size, 0, layout.n_pages)
+    return hashlib.sha256(page_digests).hexdigest()
+
+
+# --- page digests -----------------------------------------------------------------------
+
+#: Bytes of a page's sha256 its page digest keeps.
+PAGE_DIGEST_SIZE = 16
+
+
+def _hash_pages(view: memoryview, page_size: int, start: int, stop: int) -> bytes:
+    """The page digests of pages ``start .. stop-1`` of ``view`` (bytes), concatenated."""
+    sha256 = hashlib.sha256
+    end = min(stop * page_size, len(view))
+    return b"".join(
+        [
+            sha256(view[offset : offset + page_size]).digest()[:PAGE_DIGEST_SIZE]
+            for offset in range(start * page_size, end, page_size)
+        ]
+    )
+
+
+class _PageDigests:
+    """A device's page digests, kept exact without a full pass.
+
+    ``digests`` holds one page digest per page; a page's entry is its
+    content's digest unless its ``stale`` flag is set.  Mutations set the flag
+    (:func:`_apply_mutations`), :meth:`rehash` recomputes pages just written,
+    :meth:`refresh` the stale ones of a range, and :meth:`state_digest` the
+    stale ones left before combining.
+    """
+
+    __slots__ = ("_clean", "digests", "hashed", "layout", "stale", "view")
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.view = memoryview(b"")
+        self.digests = bytearray(layout.n_pages * PAGE_DIGEST_SIZE)
+        self.stale = bytearray(layout.n_pages)
+        self._clean = memoryview(bytes(layout.n_pages))
+        #: Page digests computed so far, over the device's life (for tests).
+        self.hashed = 0
+
+    def track(self, content: bytearray, known: Literal["hash", "stale", "zeros"]) -> None:
+        """Follow new content: ``hash`` every page now, leave every page ``stale``
+        (hashed when first asked for), or take the content as all ``zeros``."""
+        layout = self.layout
+        self.view.release()
+        self.view = memoryview(content)
+        if known == "hash":
+            self.stale = bytearray(layout.n_pages)
+            self.rehash(0, layout.n_pages)
+        elif known == "stale":
+            self.stale = bytearray(b"\x01") * layout.n_pages
+        else:
+            full, rest = divmod(layout.size, layout.page_size)
+            zeros = bytes(layout.page_size)
+            digests = _hash_pages(memoryview(zeros), layout.page_size, 0, 1) * full
+            if rest:
+                digests += _hash_pages(memoryview(zeros[:rest]), layout.page_size, 0, 1)
+            self.digests[:] = digests
+            self.stale = bytearray(layout.n_pages)
+            self.hashed += 1 + bool(rest)
+
+    def rehash(self, start: int, stop: int) -> None:
+        """Hash pages ``start .. stop-1`` now: their content was just written."""
+        self.digests[start * PAGE_DIGEST_SIZE : stop * PAGE_DIGEST_SIZE] = _hash_pages(
+            self.view, self.layout.page_size, start, stop
+        )
+        self.stale[start:stop] = self._clean[: stop - start]
+        self.hashed += stop - start
+
+    def refresh(self, start: int, stop: int) -> None:
+        """Rehash the stale pages among ``start .. stop-1``."""
+        stale = self.stale
+        first = stale.find(1, start, stop)
+        while first >= 0:
+            end = stale.find(0, first, stop)
+            if end < 0:
+                end = stop
+            self.rehash(first, end)
+            first = stale.find(1, end, stop)
+
+    def state_digest(self) -> bytes:
+        """sha256 of the page digests, once the stale pages are rehashed."""
+        self.refresh(0, self.layout.n_pages)
+        return hashlib.sha256(self.digests).digest()
 
 
 def _flip(data: bytes, index: int) -> bytes:
@@ -384,10 +514,15 @@ class _Saver:
     """The source side of one stream: what is pending, what was built, what was read."""
 
     def __init__(
-        self, layout: _Layout, content: memoryview, finish: Callable[[], tuple[int, bytes]]
+        self,
+        layout: _Layout,
+        content: memoryview,
+        pages: _PageDigests,
+        finish: Callable[[], tuple[int, bytes]],
     ) -> None:
         self.layout = layout
         self.content = content
+        self.pages = pages
         self.finish = finish
         self.pending = bytearray(b"\x01") * layout.n_pages
         self.pending_count = layout.n_pages
@@ -418,8 +553,9 @@ class _Saver:
             record = self._next_record(budget, stopped)
             if record is None:
                 break
-            parts.extend(record)
-            taken += sum(len(part) for part in record)
+            for part in record:
+                parts.append(part)
+                taken += len(part)
         data = b"".join(parts)
         if len(data) > max_bytes:
             self.leftover = memoryview(data)[max_bytes:]
@@ -469,9 +605,14 @@ class _Saver:
         return None
 
     def _run(self, start: int, stop: int) -> list[bytes | memoryview]:
-        """The record of pages ``start .. stop-1``, which are no longer pending."""
+        """The record of pages ``start .. stop-1``, which are no longer pending.
+
+        Those that changed since they were hashed are rehashed as they leave, so
+        the end record's digest has only the pages sent in stop-copy to hash.
+        """
         self.pending[start:stop] = self.zeros[: stop - start]
         self.pending_count -= stop - start
+        self.pages.refresh(start, stop)
         page = self.layout.page_size
         offset = start * page
         end = min(stop * page, self.layout.size)
@@ -512,14 +653,15 @@ class _BadStream(Exception):
 class _Loader:
     """The destination side of one stream: an incremental, checking parser."""
 
-    def __init__(self, layout: _Layout, content: memoryview) -> None:
+    def __init__(self, layout: _Layout, content: memoryview, pages: _PageDigests) -> None:
         self.layout = layout
         self.content = content
+        self.pages = pages
         self.received = 0  # stream bytes written so far
         self.parsed = 0  # stream bytes parsed and applied
         self.inbuf = bytearray()  # received, not yet parsed: a partial record
         self.header_ok = False
-        self.end: tuple[int, bytes] | None = None  # (mutation count, sha256)
+        self.end: tuple[int, bytes] | None = None  # (mutation count, state digest)
         self.poison: str | None = None
 
     def feed(self, data: bytes) -> None:
@@ -587,6 +729,8 @@ class _Loader:
                     if zlib.crc32(payload, zlib.crc32(fields)) != crc:
                         self._reject(at, f"crc mismatch in page run [{offset}, {end})")
                     self.content[offset:end] = payload
+                    page = layout.page_size
+                    self.pages.rehash(offset // page, -(-end // page))
                     pos = body + length
                 elif tag == TAG_END:
                     if size - pos < END_SIZE:
@@ -612,10 +756,10 @@ class _Loader:
             return f"incomplete stream: it ends inside a record at offset {self.parsed}"
         if self.end is None:
             return f"incomplete stream: no end record ({self.received} bytes received)"
-        loaded = hashlib.sha256(self.content).digest()
+        loaded = self.pages.state_digest()
         if loaded != self.end[1]:
             return (
-                f"loaded state sha256 {loaded.hex()} differs from the source's {self.end[1].hex()}"
+                f"loaded state digest {loaded.hex()} differs from the source's {self.end[1].hex()}"
             )
         return None
 
@@ -645,6 +789,7 @@ class SimulatedDevice(Device):
         self.resets = 0
         self._layout = _Layout.of(params)
         self._capabilities = params.capabilities
+        self._arcs: dict[DeviceState, frozenset[DeviceState]] = dict(arcs(self._capabilities.flags))
         self._fault = params.fault
         self._armed: _ArmedFault | None = None
         self._transition_s = params.transition_ms / 1000
@@ -653,9 +798,11 @@ class SimulatedDevice(Device):
         self._key = _mutation_key(params.seed)
         self._opened = False
         self._closed = False
+        self._live = False  # opened and not closed: the one test on the hot paths
         self._state = DeviceState.RUNNING
         self._content = bytearray()
         self._words = memoryview(b"")
+        self._pages = _PageDigests(self._layout)
         self._carry = 0.0
         self._last = 0.0
         self._saver: _Saver | None = None
@@ -672,40 +819,62 @@ class SimulatedDevice(Device):
         """The configured fault still to fire (None once a ``once`` fault fired)."""
         return self._fault
 
+    @property
+    def pages_hashed(self) -> int:
+        """Page digests the device computed so far (its digest cache's work)."""
+        return self._pages.hashed
+
     # -- Device --
 
     async def open(self) -> Capabilities:
-        await trio.lowlevel.checkpoint()
+        await _checkpoint()
         if self._closed:
             raise self._error("open", "the device is closed", errno.EBADF)
         if not self._opened:
-            self._set_content(_initial_content(self.params, self.side))
-            self._last = trio.current_time()
-            self._opened = True
+            # A source hashes its pages now, in the prepare phase; a destination's
+            # content is about to be replaced by a load, so it hashes lazily.
+            known: Literal["hash", "stale"] = "hash" if self.side is Side.SOURCE else "stale"
+            self._set_content(_initial_content(self.params, self.side), known)
+            self._last = _current_time()
+            self._opened = self._live = True
         return self._capabilities
 
     async def get_state(self) -> DeviceState:
-        await self._begin("get_state")
+        await _checkpoint()
+        self._catch_up("get_state")
         return self._state
 
     async def set_state(self, target: DeviceState) -> None:
-        await self._begin("set_state")
-        current = self._state
-        if current is DeviceState.ERROR:
-            raise self._error(
-                "set_state", "the device is in ERROR; only a reset leaves it", errno.EINVAL, target
-            )
-        if not is_arc(self._capabilities.flags, current, target):
-            raise self._error(
-                "set_state",
-                f"{current.name} -> {target.name} is not one arc of the state model "
-                f"for this device",
-                errno.EINVAL,
-                target,
-            )
-        if self._transition_s:
-            await trio.sleep(self._transition_s)
-            self._advance()
+        delay = self._transition_s
+        if not delay:
+            await _checkpoint()
+        try:
+            self._catch_up("set_state")
+            current = self._state
+            if current is _ERROR:
+                raise self._error(
+                    "set_state",
+                    "the device is in ERROR; only a reset leaves it",
+                    errno.EINVAL,
+                    target,
+                )
+            targets = self._arcs.get(current)
+            if targets is None or target not in targets:
+                raise self._error(
+                    "set_state",
+                    f"{current.name} -> {target.name} is not one arc of the state model "
+                    f"for this device",
+                    errno.EINVAL,
+                    target,
+                )
+        except DeviceError:
+            if delay:  # refused at once, no latency: still a checkpoint
+                await _checkpoint()
+            raise
+        if delay:
+            await _sleep(delay)
+            if self._dirty_per_s:
+                self._advance()
         fault = self._fault
         if fault is not None and fault.state is target:
             if fault.once:
@@ -716,15 +885,35 @@ class SimulatedDevice(Device):
         self._enter(target)
 
     async def read(self, max_bytes: int) -> bytes:
-        await self._begin("read")
-        saver = self._saver
-        if saver is None:
-            raise self._error("read", f"no migration stream in {self._state.name}", errno.EINVAL)
-        if max_bytes <= 0:
-            raise self._error("read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL)
-        start = saver.read_pos
-        data = saver.produce(max_bytes, stopped=self._state is DeviceState.STOP_COPY)
+        drain = self._drain_bytes_s
+        # The drain delay is the call's checkpoint, unless a fault may fire before it.
+        rate = drain if self._fault is None and self._armed is None else None
+        if rate is None:
+            await _checkpoint()
         try:
+            self._catch_up("read")
+            saver = self._saver
+            if saver is None:
+                raise self._error(
+                    "read", f"no migration stream in {self._state.name}", errno.EINVAL
+                )
+            if max_bytes <= 0:
+                raise self._error(
+                    "read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL
+                )
+        except DeviceError:
+            if rate is not None:
+                await _checkpoint()
+            raise
+        start = saver.read_pos
+        data = saver.produce(max_bytes, stopped=self._state is _STOP_COPY)
+        try:
+            if rate is not None:
+                if data:
+                    await _sleep(len(data) / rate)
+                else:
+                    await _checkpoint()
+                return data
             fired = self._stream_fault(start, len(data))
             if fired is not None:
                 kind, offset = fired
@@ -732,8 +921,8 @@ class SimulatedDevice(Device):
                     data = _flip(data, offset - start)
                 else:
                     await self._fire(kind, "read", f"stream offset {offset}")
-            if self._drain_bytes_s is not None and data:
-                await trio.sleep(len(data) / self._drain_bytes_s)
+            if drain is not None and data:
+                await _sleep(len(data) / drain)
         except BaseException:
             if self._saver is saver:
                 saver.unread(data)
@@ -741,30 +930,42 @@ class SimulatedDevice(Device):
         return data
 
     async def write(self, data: bytes) -> None:
-        await self._begin("write")
-        loader = self._loader
-        if loader is None:
-            raise self._error(
-                "write", f"the device loads only in RESUMING, not {self._state.name}", errno.EINVAL
-            )
-        if loader.poison is not None:
-            raise self._error("write", loader.poison, errno.EINVAL)
-        if self._drain_bytes_s is not None and data:
-            await trio.sleep(len(data) / self._drain_bytes_s)
-        fired = self._stream_fault(loader.received, len(data))
-        if fired is not None:
-            kind, offset = fired
-            if kind == "corrupt":
-                data = _flip(data, offset - loader.received)
-            else:
-                await self._fire(kind, "write", f"stream offset {offset}")
+        rate = self._drain_bytes_s if data else None  # the drain delay is the checkpoint
+        if rate is None:
+            await _checkpoint()
+        try:
+            self._catch_up("write")
+            loader = self._loader
+            if loader is None:
+                raise self._error(
+                    "write",
+                    f"the device loads only in RESUMING, not {self._state.name}",
+                    errno.EINVAL,
+                )
+            if loader.poison is not None:
+                raise self._error("write", loader.poison, errno.EINVAL)
+        except DeviceError:
+            if rate is not None:
+                await _checkpoint()
+            raise
+        if rate is not None:
+            await _sleep(len(data) / rate)
+        if self._fault is not None or self._armed is not None:
+            fired = self._stream_fault(loader.received, len(data))
+            if fired is not None:
+                kind, offset = fired
+                if kind == "corrupt":
+                    data = _flip(data, offset - loader.received)
+                else:
+                    await self._fire(kind, "write", f"stream offset {offset}")
         try:
             loader.feed(data)
         except _BadStream as exc:
             raise self._error("write", str(exc), errno.EINVAL) from None
 
     async def precopy_info(self) -> PrecopyInfo:
-        await self._begin("precopy_info")
+        await _checkpoint()
+        self._catch_up("precopy_info")
         if self._state not in _PRE_COPY_STATES or self._saver is None:
             raise self._error(
                 "precopy_info",
@@ -774,53 +975,63 @@ class SimulatedDevice(Device):
         return self._saver.precopy_info()
 
     async def stop_copy_size(self) -> int:
-        await self._begin("stop_copy_size")
-        if self._state is DeviceState.ERROR:
+        await _checkpoint()
+        self._catch_up("stop_copy_size")
+        if self._state is _ERROR:
             raise self._error("stop_copy_size", "the device is in ERROR", errno.EINVAL)
         if self._saver is None:
             return self._layout.full_stream_bound
         return self._saver.stop_copy_size()
 
     async def reset(self) -> None:
-        await self._begin("reset")
-        if self._transition_s:
-            await trio.sleep(self._transition_s)
-        self._set_content(bytearray(self._layout.size))
+        delay = self._transition_s
+        if not delay:
+            await _checkpoint()
+        try:
+            self._catch_up("reset")
+        except DeviceError:
+            if delay:
+                await _checkpoint()
+            raise
+        if delay:
+            await _sleep(delay)
+        self._set_content(bytearray(self._layout.size), "zeros")
         self._state = DeviceState.RUNNING
         self._saver = None
         self._loader = None
         self._armed = None
         self._carry = 0.0
-        self._last = trio.current_time()
+        self._last = _current_time()
         self.resets += 1
 
     async def close(self) -> None:
-        await trio.lowlevel.checkpoint()
-        if self._opened and not self._closed:
+        await _checkpoint()
+        if self._live:
             self._advance()
         self._closed = True
+        self._live = False
         self._saver = None
         self._loader = None
 
     async def state_digest(self) -> str:
-        """sha256 of the content; unlike other calls, still answers after close."""
-        await trio.lowlevel.checkpoint()
+        """The state digest (see the module docstring); unlike other calls, still
+        answers after close."""
+        await _checkpoint()
         if not self._opened:
             raise self._error("state_digest", "the device is not open", errno.EBADF)
-        if not self._closed:
+        if self._live:
             self._advance()
-        return hashlib.sha256(self._content).hexdigest()
+        return self._pages.state_digest().hex()
 
     # -- internals --
 
-    async def _begin(self, operation: str) -> None:
-        """Every call: a checkpoint, the open check, and catching up with the clock."""
-        await trio.lowlevel.checkpoint()
-        if not self._opened:
-            raise self._error(operation, "the device is not open", errno.EBADF)
-        if self._closed:
-            raise self._error(operation, "the device is closed", errno.EBADF)
-        self._advance()
+    def _catch_up(self, operation: str) -> None:
+        """Every call, after its checkpoint: the open check, and catching up with the clock."""
+        if not self._live:
+            message = "the device is not open" if not self._opened else "the device is closed"
+            raise self._error(operation, message, errno.EBADF)
+        if self._dirty_per_s:
+            self._advance()
 
     def _error(
         self, operation: str, message: str, err: int, target: DeviceState | None = None
@@ -833,16 +1044,19 @@ class SimulatedDevice(Device):
             errno=err,
         )
 
-    def _set_content(self, content: bytearray) -> None:
+    def _set_content(self, content: bytearray, known: Literal["hash", "stale", "zeros"]) -> None:
         self._words.release()
         self._content = content
         self._words = memoryview(content).cast("Q")
+        self._pages.track(content, known)
         self.mutations = 0
 
     def _advance(self) -> None:
         """Apply the mutations due since the last call, if the device was running."""
-        now = trio.current_time()
-        if self._state in RUNNING_STATES and self._dirty_per_s:
+        if not self._dirty_per_s:
+            return  # nothing ever dirties: the clock does not matter
+        now = _current_time()
+        if self._state in RUNNING_STATES:
             due = self._carry + (now - self._last) * self._dirty_per_s
             count = int(due)
             self._carry = due - count
@@ -855,6 +1069,7 @@ class SimulatedDevice(Device):
                     self.mutations,
                     count,
                     None if saver is None else saver.pending,
+                    self._pages.stale,
                 )
                 if saver is not None:
                     saver.pending_count += newly
@@ -864,21 +1079,25 @@ class SimulatedDevice(Device):
     def _enter(self, target: DeviceState) -> None:
         """Take the arc's effects on the stream, then the state."""
         current = self._state
-        if current is DeviceState.RESUMING and self._loader is not None:
-            problem = self._loader.verdict()
+        loader = self._loader
+        if current is _RESUMING and loader is not None:
+            problem = loader.verdict()
             if problem is not None:
                 self._enter_error()
                 raise self._error("set_state", f"load failed: {problem}", errno.EIO, target)
-            if self._loader.end is not None:  # always, once the verdict is good
-                self.mutations = self._loader.end[0]
+            if loader.end is not None:  # always, once the verdict is good
+                self.mutations = loader.end[0]
             self._carry = 0.0
             self._loader = None
-        if target in SAVING_STATES and current not in SAVING_STATES:
-            self._saver = _Saver(self._layout, memoryview(self._content), self._end_facts)
-        elif target not in SAVING_STATES:
+        if target in SAVING_STATES:
+            if current not in SAVING_STATES:
+                self._saver = _Saver(
+                    self._layout, memoryview(self._content), self._pages, self._end_facts
+                )
+        else:
             self._saver = None
-        if target is DeviceState.RESUMING:
-            self._loader = _Loader(self._layout, memoryview(self._content))
+        if target is _RESUMING:
+            self._loader = _Loader(self._layout, memoryview(self._content), self._pages)
         self._state = target
 
     def _enter_error(self) -> None:
@@ -887,7 +1106,7 @@ class SimulatedDevice(Device):
         self._loader = None
 
     def _end_facts(self) -> tuple[int, bytes]:
-        return self.mutations, hashlib.sha256(self._content).digest()
+        return self.mutations, self._pages.state_digest()
 
     def _stream_fault(self, start: int, length: int) -> tuple[FaultKind, int] | None:
         """The fault, if any, that fires on a call moving stream bytes [start, start+length)."""
