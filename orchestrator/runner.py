@@ -255,6 +255,9 @@ class Migration:
         self.log.info("migration.start", devices=len(self.resolved.devices))
         try:
             with trio.CancelScope() as self._scope:
+                if self._cancel_reason is not None:
+                    # cancel() came before run() had a scope to cancel.
+                    self._scope.cancel()
                 await self._forward()
         except BaseException as exc:
             await self._after_forward_failure(exc)
@@ -894,7 +897,12 @@ class Migration:
         if self.committed:
             failed = self._post_commit_errors or self.phase is not Phase.DONE
             return "failed" if failed else "succeeded"
-        if self.flow is None or self._rollback_errors:
+        if self.flow is None:
+            # Nothing was touched: a cancel leaves the VM as it was; anything
+            # else (a device that would not open) needs an operator's look.
+            cancelled = self.error is not None and self.error.kind == "cancelled"
+            return "rolled_back" if cancelled else "failed"
+        if self._rollback_errors:
             return "failed"
         if self.error is not None and self.error.kind == "plan_error":
             return "failed"

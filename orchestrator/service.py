@@ -227,9 +227,10 @@ class MigrationService:
         return _status_of_record(record)
 
     async def list(
-        self, outcome: Outcome | None = None, phase: str | None = None
+        self, outcome: Outcome | None = None, phase: str | None = None, limit: int = 1000
     ) -> builtins.list[MigrationStatus]:
-        records = await self.journal.list(outcome=outcome, phase=phase, limit=None)
+        """Migrations, newest first, at most ``limit`` of them."""
+        records = await self.journal.list(outcome=outcome, phase=phase, limit=limit)
         out = []
         for record in records:
             entry = self._entries.get(record.id)
@@ -403,7 +404,9 @@ class MigrationService:
 
     def _status_of(self, entry: _Entry) -> MigrationStatus:
         m = entry.migration
-        report = m.report
+        # The outcome shows once the report is journaled and the devices are
+        # free, so whoever sees it can act on it at once.
+        report = m.report if entry.done.is_set() else None
         progress: dict[str, Any] = m.progress()
         progress.pop("phase", None)
         return MigrationStatus(
