@@ -1,10 +1,16 @@
 """The ``orchestrator`` command.
 
+``run``, ``validate`` and ``states`` work on this host without a daemon;
+``serve`` runs the daemon and ``submit``, ``status``, ``watch`` and
+``cancel`` talk to it over its REST API (``orchestrator.api.client``);
+``openapi`` prints or renews the committed OpenAPI document.
+
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
 directly.  Exit status: 0 the command did what was asked; 1 a migration ran
-but did not succeed (rolled back or failed); 2 the input was bad (usage, an
-invalid plan).  Bad input never shows a traceback: every problem is printed
-with its field path.
+but did not succeed (rolled back or failed), or the daemon could not be
+reached or could not start; 2 the input was bad (usage, an invalid plan, bad
+settings, any 4xx answer of the API).  Bad input never shows a traceback:
+every problem is printed with its field path.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import signal
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
@@ -27,6 +33,13 @@ from orchestrator.report import MigrationReport
 from orchestrator.resolve import ResolvedPlan, load_plan, resolve
 from orchestrator.runner import Migration
 from orchestrator.states import MigrationFlags, transition_table_markdown
+
+if TYPE_CHECKING:
+    # The daemon's modules (FastAPI, httpx) load only for the commands that need them.
+    from orchestrator.api.client import Client
+    from orchestrator.api.models import MigrationEvent
+    from orchestrator.service import MigrationStatus
+    from orchestrator.settings import SettingsError
 
 EXIT_OK = 0
 EXIT_NOT_SUCCEEDED = 1
@@ -52,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
             "info otherwise)"
         ),
     )
-    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=None,
+        help="log format on stderr (default: console; for serve, the settings' log.format)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="migrate the devices of a plan on this host")
@@ -77,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="STOP_COPY,P2P,PRE_COPY",
         help="comma-separated migration flags (STOP_COPY is always implied)",
     )
+    _add_daemon_commands(sub)
     return parser
 
 
@@ -85,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     interactive = sys.stderr.isatty()
     level = args.log_level or ("warning" if interactive else "info")
-    logs.configure(level, args.log_format)
+    logs.configure(level, args.log_format or "console")
     try:
         if args.command == "run":
             return _run(args, interactive)
         if args.command == "validate":
             return _validate(args)
-        return _states(args)
+        if args.command == "states":
+            return _states(args)
+        return _daemon_commands(args)
     except PlanError as exc:
         _print_problems(exc, sys.stderr)
         return EXIT_BAD_INPUT
@@ -206,11 +227,17 @@ def _mib(n: int) -> str:
 
 
 def print_summary(report: MigrationReport, resolved: ResolvedPlan, out: TextIO) -> None:
-    plan = resolved.plan
+    print_report(report, out, downtime_limit_ms=resolved.plan.downtime_limit_ms)
+
+
+def print_report(
+    report: MigrationReport, out: TextIO, *, downtime_limit_ms: float | None = None
+) -> None:
     downtime = "n/a" if report.downtime_ms is None else f"{report.downtime_ms:.1f} ms"
+    limit = "" if downtime_limit_ms is None else f" (limit {downtime_limit_ms:g} ms)"
     print(
         f"VM {report.vm}: {report.outcome} in {report.duration_ms:.1f} ms, "
-        f"downtime {downtime} (limit {plan.downtime_limit_ms:g} ms)",
+        f"downtime {downtime}{limit}",
         file=out,
     )
     pre = report.precopy
@@ -263,5 +290,289 @@ def print_summary(report: MigrationReport, resolved: ResolvedPlan, out: TextIO) 
 
 def _print_problems(exc: PlanError, out: TextIO) -> None:
     print(f"invalid plan: {len(exc.problems)} problem(s)", file=out)
+    for problem in exc.problems:
+        print(f"  {problem}", file=out)
+
+
+# -- the daemon and its clients ------------------------------------------------------
+
+
+def _add_daemon_commands(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon: the REST API over the migration service",
+        description=(
+            "Settings come from --config (or $ORCHESTRATOR_CONFIG), then the environment "
+            "(ORCHESTRATOR_STATE_DIR, ORCHESTRATOR_API__TCP, ...), then these flags."
+        ),
+    )
+    serve.add_argument("--config", type=Path, help="settings file (TOML)")
+    serve.add_argument("--state-dir", type=Path, help="directory of the journal")
+    serve.add_argument("--unix-socket", type=Path, help="the API's Unix socket")
+    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP")
+    serve.add_argument("--token-file", type=Path, help="file of accepted bearer tokens")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate for the TCP listener")
+    serve.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    serve.add_argument("--max-body-bytes", help="largest request body accepted")
+    serve.add_argument("--shutdown-grace-s", help="time running migrations get on SIGTERM")
+    # Also accepted after the command; SUPPRESS keeps a value given before it.
+    serve.add_argument("--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS)
+    serve.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
+
+    openapi = sub.add_parser("openapi", help="print the REST API's OpenAPI document")
+    openapi.add_argument(
+        "--write", action="store_true", help="renew the committed orchestrator/api/openapi.json"
+    )
+
+    connection = argparse.ArgumentParser(add_help=False)
+    group = connection.add_argument_group("connection to the daemon")
+    group.add_argument(
+        "--config", type=Path, help="the daemon's settings file: its socket and token file"
+    )
+    group.add_argument(
+        "--url", help="the daemon over TCP, http(s)://HOST:PORT (default: its Unix socket)"
+    )
+    group.add_argument("--socket", type=Path, help="the daemon's Unix socket")
+    group.add_argument(
+        "--token-file", type=Path, help="bearer token file (default: the settings' one)"
+    )
+    group.add_argument("--cacert", type=Path, help="CA certificate to verify an https --url")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+
+    submit = sub.add_parser("submit", parents=[connection], help="start a migration")
+    submit.add_argument("plan", type=Path, help="plan file, .toml or .json")
+    submit.add_argument(
+        "--idempotency-key", help="submitting again with this key returns the first migration"
+    )
+    submit.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    status = sub.add_parser("status", parents=[connection], help="show a migration")
+    status.add_argument("id")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    watch = sub.add_parser(
+        "watch",
+        parents=[connection],
+        help="follow a migration to its end (exit 0 only if it succeeded)",
+    )
+    watch.add_argument("id")
+    watch.add_argument("--json", action="store_true", help="print the final status as JSON")
+    watch.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cancel = sub.add_parser("cancel", parents=[connection], help="roll a migration back")
+    cancel.add_argument("id")
+    cancel.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
+def _daemon_commands(args: argparse.Namespace) -> int:
+    from orchestrator.settings import SettingsError
+
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "openapi":
+            return _openapi(args)
+        return _client_command(args)
+    except SettingsError as exc:
+        _print_settings_problems(exc, sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from orchestrator import daemon
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.settings import Settings, SettingsError
+
+    flags = {
+        "state_dir": args.state_dir,
+        "shutdown_grace_s": args.shutdown_grace_s,
+        "api": {
+            "unix_socket": args.unix_socket,
+            "tcp": args.tcp,
+            "token_file": args.token_file,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "max_body_bytes": args.max_body_bytes,
+        },
+        "log": {"level": args.log_level, "format": args.log_format},
+    }
+    settings = Settings.load(args.config, flags)
+    logs.configure(settings.log.level, settings.log.format)
+    failures: list[OrchestratorError] = []
+    try:
+        trio.run(daemon.serve, settings)
+    except* OrchestratorError as group:
+        failures.extend(_leaves(group))
+    for failure in failures:
+        if isinstance(failure, SettingsError):
+            _print_settings_problems(failure, sys.stderr)
+        else:
+            print(f"orchestrator serve: {failure}", file=sys.stderr)
+    if any(isinstance(f, SettingsError) for f in failures):
+        return EXIT_BAD_INPUT
+    return EXIT_NOT_SUCCEEDED if failures else EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
+    out: list[Any] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from orchestrator.api import render_openapi, write_openapi
+
+    if args.write:
+        print(f"wrote {write_openapi()}")
+    else:
+        sys.stdout.write(render_openapi())
+    return EXIT_OK
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from orchestrator.api.client import ApiError, Unreachable
+
+    try:
+        with _client(args) as client:
+            if args.command == "submit":
+                return _submit(client, args)
+            if args.command == "status":
+                _print_status(client.status(args.id), args.json, sys.stdout)
+                return EXIT_OK
+            if args.command == "watch":
+                return _watch(client, args)
+            status = client.cancel(args.id)
+            if args.json:
+                print(status.model_dump_json(indent=2))
+            else:
+                print(f"migration {status.id}: cancelled, rolling back")
+            return EXIT_OK
+    except Unreachable as exc:
+        print(f"orchestrator {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NOT_SUCCEEDED
+    except ApiError as exc:
+        print(
+            f"orchestrator {args.command}: {exc.message} ({exc.status} {exc.kind})", file=sys.stderr
+        )
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_NOT_SUCCEEDED
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from orchestrator.api.client import Client
+    from orchestrator.settings import Settings, read_token_file
+
+    settings = None
+    if args.token_file is None or (args.url is None and args.socket is None):
+        settings = Settings.load(args.config)
+    token_file = args.token_file or (settings.api.token_file if settings else None)
+    assert token_file is not None
+    # The first token; the file's mode is its owner's business, not the daemon's.
+    token = read_token_file(token_file, check_mode=False)[0]
+    if args.url is not None:
+        return Client(token=token, url=args.url, cacert=args.cacert, timeout_s=args.timeout)
+    socket_path = args.socket or (settings.socket_path if settings else None)
+    return Client(token=token, socket_path=socket_path, timeout_s=args.timeout)
+
+
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    from orchestrator.plan import read_plan_data
+
+    data = read_plan_data(args.plan)  # the daemon checks it; this only reads it
+    status, created = client.submit(data, args.idempotency_key)
+    if args.json:
+        print(status.model_dump_json(indent=2))
+    elif created:
+        print(f"migration {status.id} started (VM {status.vm}): orchestrator watch {status.id}")
+    else:
+        print(f"migration {status.id} (VM {status.vm}) was already submitted with this key")
+    return EXIT_OK
+
+
+def _print_status(status: MigrationStatus, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(status.model_dump_json(indent=2), file=out)
+        return
+    state = status.outcome or "running"
+    committed = ", committed" if status.committed else ""
+    print(
+        f"migration {status.id}: VM {status.vm}, {state}, phase {status.phase}{committed}",
+        file=out,
+    )
+    if status.progress is not None:
+        print(
+            "  " + progress_line({**status.progress.model_dump(), "phase": status.phase}), file=out
+        )
+    if status.report is not None:
+        print_report(status.report, out)
+
+
+def _watch(client: Client, args: argparse.Namespace) -> int:
+    client.status(args.id)  # an unknown id fails here, before any bar is drawn
+    bar = WatchBar(sys.stderr) if sys.stderr.isatty() and not args.no_progress else None
+    try:
+        for event in client.events(args.id):
+            if bar is not None:
+                bar.update(event)
+    finally:
+        if bar is not None:
+            bar.clear()
+    final = client.status(args.id)
+    _print_status(final, args.json, sys.stdout)
+    return EXIT_OK if final.outcome == "succeeded" else EXIT_NOT_SUCCEEDED
+
+
+class WatchBar:
+    """A one-line progress bar on a terminal, driven by a migration's events."""
+
+    WIDTH = 24
+
+    def __init__(self, out: TextIO) -> None:
+        from orchestrator.flow import Phase
+
+        self.out = out
+        # The forward path; rollback has no place on it and shows as such.
+        self.order = [p.value for p in Phase if p is not Phase.ROLLBACK]
+        self.phase = self.order[0]
+        self.arcs = 0
+        self.round: int | None = None
+        self._drawn_at = 0.0
+
+    def update(self, event: MigrationEvent) -> None:
+        import time
+
+        changed = False
+        if event.kind == "phase" and "phase" in event.detail:
+            self.phase, changed = str(event.detail["phase"]), True
+        elif event.kind == "arc_end":
+            self.arcs += 1
+        elif event.kind == "decision":
+            self.round = event.detail.get("round")
+        now = time.monotonic()
+        if changed or now - self._drawn_at >= 0.1:
+            self._drawn_at = now
+            self.out.write("\r\x1b[K" + self.line())
+            self.out.flush()
+
+    def line(self) -> str:
+        if self.phase in self.order:
+            done = round(self.WIDTH * self.order.index(self.phase) / (len(self.order) - 1))
+            bar = "#" * done + "-" * (self.WIDTH - done)
+        else:
+            bar = "<" * self.WIDTH
+        parts = [f"[{bar}]", self.phase, f"{self.arcs} state changes"]
+        if self.round:
+            parts.append(f"pre-copy rounds {self.round}")
+        return "  ".join(parts)
+
+    def clear(self) -> None:
+        self.out.write("\r\x1b[K")
+        self.out.flush()
+
+
+def _print_settings_problems(exc: SettingsError, out: TextIO) -> None:
+    print(f"invalid settings: {len(exc.problems)} problem(s)", file=out)
     for problem in exc.problems:
         print(f"  {problem}", file=out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,8 +138,14 @@ def _location(loc: Sequence[int | str]) -> str:
 
 def problems_from_validation(exc: ValidationError, prefix: str = "") -> list[Problem]:
     """Turn pydantic's errors into problems located by their field path."""
+    return problems_from_errors(exc.errors(include_url=False), prefix)
+
+
+def problems_from_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> list[Problem]:
+    """The same for error dicts in pydantic's shape (``loc``, ``msg``, ``type``),
+    such as those a web framework collects while validating a request."""
     problems = []
-    for error in exc.errors(include_url=False):
+    for error in errors:
         loc = _location(error["loc"])
         path = f"{prefix}.{loc}" if prefix and loc else prefix or loc
         message = error["msg"]

@@ -1,0 +1,324 @@
+"""The REST API: a thin FastAPI shell over ``MigrationService``.
+
+Each route translates one request into one service call and the service's
+answer (or its exception, through ``errors``) into JSON; there is no
+migration logic here.  Every endpoint is ``async def``: a sync one would run
+in a worker thread and triple the tail latency.
+
+Routes (all but ``/healthz`` need a bearer token, see ``middleware``):
+
+    POST /v1/migrations                 a plan in, its MigrationStatus out (201, or 200 when
+                                        the Idempotency-Key repeats)
+    GET  /v1/migrations                 filter by ?outcome= and ?phase=
+    GET  /v1/migrations/{id}            report + phase + live progress
+    POST /v1/migrations/{id}/cancel     202 when it will roll back, 409 past the commit point
+    GET  /v1/migrations/{id}/events     Server-Sent Events until the migration ends
+    GET  /v1/devices
+    GET  /healthz  /readyz  /metrics  /openapi.json
+
+The app holds the service and the metrics registry in ``app.state``; it
+does not run the service: the daemon's nursery does (``daemon.serve``), so
+the app has no lifespan work of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry, generate_latest
+
+from orchestrator import __version__
+from orchestrator.errors import OrchestratorError
+from orchestrator.flow import Phase
+from orchestrator.journal import JournalEvent
+from orchestrator.plan import Plan
+from orchestrator.report import Outcome
+from orchestrator.service import DeviceStatus, MigrationService, MigrationStatus
+
+from .errors import install_error_handlers
+from .middleware import BearerAuth, BodySizeLimit, CrashGuard
+from .models import ErrorBody, Health, MigrationEvent, Readiness
+
+#: The Prometheus text format the registry is exposed in.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NotReady(OrchestratorError):
+    """The service is still recovering what the journal holds unfinished, or is stopping."""
+
+    status_hint = 503
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    service: MigrationService
+    registry: CollectorRegistry
+
+
+async def _context(request: Request) -> ApiContext:
+    return cast(ApiContext, request.app.state.orchestrator)
+
+
+async def _service(request: Request) -> MigrationService:
+    return (await _context(request)).service
+
+
+Service = Annotated[MigrationService, Depends(_service)]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        401: "No bearer token (the answer has `WWW-Authenticate: Bearer`).",
+        403: "The bearer token is not valid.",
+        404: "No migration with this id.",
+        409: "Conflict: see the error's kind.",
+        413: "The request body is larger than api.max_body_bytes.",
+        422: "Invalid request: every problem with its field path.",
+        503: "The daemon is starting or shutting down.",
+    }
+    return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}
+
+
+open_router = APIRouter(tags=["probes"])
+router = APIRouter(responses=_errors(401, 403))
+
+
+@open_router.get(
+    "/healthz",
+    summary="Liveness: 200 while the process answers (no token needed).",
+    openapi_extra={"security": []},
+)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    tags=["probes"],
+    summary="Readiness: 200 once recovery is done, 503 while starting or shutting down.",
+    responses=_errors(503),
+)
+async def readyz(service: Service) -> Readiness:
+    if not service.ready:
+        raise NotReady(
+            "the orchestrator is shutting down"
+            if not service.accepting
+            else "the orchestrator is recovering unfinished migrations"
+        )
+    return Readiness(ready=True)
+
+
+@router.get(
+    "/metrics",
+    tags=["probes"],
+    summary="Prometheus metrics of this daemon, in the text exposition format 0.0.4.",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    registry = (await _context(request)).registry
+    return Response(generate_latest(registry), headers={"content-type": METRICS_CONTENT_TYPE})
+
+
+@router.post(
+    "/v1/migrations",
+    tags=["migrations"],
+    status_code=201,
+    summary="Start a migration.",
+    description=(
+        "The body is a plan, the same model as a plan file.  201 with the new migration and "
+        "`Location: /v1/migrations/{id}`; 200 with the first migration when the "
+        "`Idempotency-Key` was used before (nothing new is started).  The plan is checked "
+        "completely first: 422 lists every problem with its field path, as "
+        "`orchestrator validate` does."
+    ),
+    responses={
+        200: {"model": MigrationStatus, "description": "The Idempotency-Key was seen before."},
+        **_errors(409, 413, 422, 503),
+    },
+)
+async def submit_migration(
+    plan: Plan,
+    response: Response,
+    service: Service,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Repeat a request safely: the same key returns the first migration.",
+        ),
+    ] = None,
+) -> MigrationStatus:
+    if service.accepting and not service.ready:
+        raise NotReady("the orchestrator is recovering unfinished migrations; try again shortly")
+    status, created = await service.submit(plan, idempotency_key)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/migrations/{status.id}"
+    return status
+
+
+@router.get(
+    "/v1/migrations",
+    tags=["migrations"],
+    summary="Every migration this daemon knows, newest first.",
+    responses=_errors(422),
+)
+async def list_migrations(
+    service: Service,
+    outcome: Annotated[
+        Outcome | None, Query(description="Only migrations that ended so (none: any).")
+    ] = None,
+    phase: Annotated[Phase | None, Query(description="Only migrations in this phase.")] = None,
+) -> list[MigrationStatus]:
+    return await service.list(outcome=outcome, phase=None if phase is None else phase.value)
+
+
+@router.get(
+    "/v1/migrations/{migration_id}",
+    tags=["migrations"],
+    summary="One migration: its phase and live progress, its report once it has ended.",
+    responses=_errors(404, 422),
+)
+async def get_migration(migration_id: str, service: Service) -> MigrationStatus:
+    return await service.status(migration_id)
+
+
+@router.post(
+    "/v1/migrations/{migration_id}/cancel",
+    tags=["migrations"],
+    status_code=202,
+    summary="Roll a migration back.",
+    description=(
+        "202: it rolls back (follow it to its end: its outcome will be rolled_back, or failed "
+        "if the rollback itself fails).  409 once it is past its commit point (the destination "
+        "completes) or has ended."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def cancel_migration(migration_id: str, service: Service) -> MigrationStatus:
+    return await service.cancel(migration_id)
+
+
+@router.get(
+    "/v1/migrations/{migration_id}/events",
+    tags=["migrations"],
+    summary="The migration's events as Server-Sent Events, until it ends.",
+    description=(
+        "Each event has `id: <seq>`, `event: <kind>` and `data: <MigrationEvent as JSON>`.  "
+        "The journaled events come first, then live ones; the stream ends after the "
+        "migration's `finished` event.  Send `Last-Event-ID` to resume after an event."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "An event stream.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"$ref": "#/components/schemas/MigrationEvent"},
+                }
+            },
+        },
+        **_errors(404, 422),
+    },
+)
+async def migration_events(
+    migration_id: str,
+    service: Service,
+    last_event_id: Annotated[
+        int | None,
+        Header(alias="Last-Event-ID", ge=0, description="Resume after the event with this id."),
+    ] = None,
+) -> StreamingResponse:
+    await service.status(migration_id)  # 404 now, not in the middle of a 200
+    return StreamingResponse(
+        _event_stream(service, migration_id, last_event_id or 0),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _event_stream(
+    service: MigrationService, migration_id: str, after_seq: int
+) -> AsyncIterator[bytes]:
+    events = cast(AsyncGenerator[JournalEvent, None], service.follow(migration_id, after_seq))
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield format_sse(event)
+
+
+def format_sse(event: JournalEvent) -> bytes:
+    data = MigrationEvent.of(event).model_dump_json()
+    return f"id: {event.seq}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+
+
+@router.get(
+    "/v1/devices",
+    tags=["devices"],
+    summary="The devices this daemon has migrated, and the migration holding each, if any.",
+)
+async def list_devices(service: Service) -> list[DeviceStatus]:
+    return service.devices()
+
+
+class OrchestratorAPI(FastAPI):
+    """FastAPI with the bearer scheme and the event model in its OpenAPI document."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token from the daemon's api.token_file.",
+        }
+        schema["security"] = [{"bearer": []}]
+        event_schema = MigrationEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = {**components.get("schemas", {}), "MigrationEvent": event_schema}
+        components["schemas"] = dict(sorted(schemas.items()))
+        self.openapi_schema = schema
+        return schema
+
+
+def build_app() -> OrchestratorAPI:
+    """The routes and error handlers, without a service: enough for the OpenAPI document."""
+    app = OrchestratorAPI(
+        title="Passthrough live-migration orchestrator",
+        version=__version__,
+        description=(
+            "Live-migrates the passthrough devices (GPUs, NICs, VFs, vDPA) of VMs through the "
+            "Linux device migration flow.  Every answer but /metrics and the event stream is "
+            'JSON; every error is `{"error": {"kind", "message", "problems"}}`.'
+        ),
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(open_router)
+    app.include_router(router)
+    return app
+
+
+def create_app(
+    service: MigrationService,
+    *,
+    registry: CollectorRegistry,
+    tokens: Sequence[str],
+    max_body_bytes: int = 1 << 20,
+) -> OrchestratorAPI:
+    """The API over ``service``, authenticated by ``tokens``; the caller runs the service."""
+    app = build_app()
+    app.state.orchestrator = ApiContext(service=service, registry=registry)
+    # Added innermost first: CrashGuard ends up outermost.
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(BearerAuth, tokens=tokens)
+    app.add_middleware(CrashGuard)
+    return app

@@ -1,0 +1,429 @@
+"""``orchestrator serve``: the HTTP server and the migration service in one trio nursery.
+
+Start-up, in this order, so that nothing is half-started when a check fails:
+
+1. the settings' host checks: the token file (present, not empty, owner-only)
+   and the TLS certificate and key (readable, a matching pair);
+2. two lock files, taken with ``flock`` and holding the daemon's pid: one in
+   the state directory (one daemon per journal) and one beside the Unix
+   socket (one daemon per socket).  The kernel drops them if the process
+   dies, so a crash never leaves a stale lock; a socket file left by a
+   crash is removed once the lock is ours;
+3. the journal (``Journal.open(state_dir)``), a fresh ``CollectorRegistry``
+   with the ``Metrics``, the ``MigrationService`` and the API over it;
+4. the listening sockets, bound here rather than by hypercorn: the Unix
+   socket is made mode 0600 before ``listen``, so no one can connect while
+   it is still open to others;
+5. the HTTP server (hypercorn's trio worker) with ``nursery.start``: it
+   answers /healthz, and /readyz says 503, while
+6. the service recovers what the journal holds unfinished
+   (``nursery.start(service.run)``); /readyz says 200 once it has.
+
+Shutdown, on SIGTERM or SIGINT (or ``shutdown_trigger`` in tests): new
+migrations are refused with 503, running ones get ``shutdown_grace_s`` to
+finish and the rest are rolled back (``service.shutdown``), then the HTTP
+server stops (its own grace lets answers in flight go out), the service's
+tasks end, the socket file and the locks are removed.  ``serve`` then
+returns and ``orchestrator serve`` exits 0.  Signals that arrive during the
+shutdown are logged and otherwise ignored: a rollback must not be cut short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import ssl
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, cast
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
+from prometheus_client import CollectorRegistry
+
+from orchestrator.api import create_app
+from orchestrator.api.app import OrchestratorAPI
+from orchestrator.errors import OrchestratorError, Problem
+from orchestrator.journal import Journal
+from orchestrator.metrics import Metrics
+from orchestrator.service import MigrationService
+from orchestrator.settings import UNIX_PATH_MAX, Settings, SettingsError, read_token_file
+
+log = structlog.get_logger("orchestrator.daemon")
+
+#: How long the HTTP server lets answers in flight finish once it is told to stop.
+HTTP_GRACE_S: Final = 5.0
+BACKLOG: Final = 128
+STATE_LOCK: Final = "daemon.lock"
+
+
+class DaemonError(OrchestratorError):
+    """The daemon cannot start: its socket or state directory is taken, a port is in use."""
+
+
+@dataclass(frozen=True)
+class Running:
+    """What ``await nursery.start(serve, settings)`` hands back once the daemon is ready."""
+
+    service: MigrationService
+    socket_path: Path
+    #: The bound TCP address (the real port when the settings said 0), if any.
+    tcp_address: tuple[str, int] | None
+    #: The server's own view: "http://unix:/...", "https://127.0.0.1:8443".
+    urls: tuple[str, ...]
+
+
+# -- start-up checks -------------------------------------------------------------
+
+
+def check_tls(settings: Settings) -> ssl.SSLContext | None:
+    """Load the certificate and key now, so that a bad pair stops the start with a clear error."""
+    api = settings.api
+    if api.tls_cert is None or api.tls_key is None:
+        return None
+    for field, path in (("api.tls_cert", api.tls_cert), ("api.tls_key", api.tls_key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError([Problem(field, f"cannot read {path}: {exc.strerror}")]) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(api.tls_cert, api.tls_key)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            [
+                Problem(
+                    "api.tls_cert",
+                    f"cannot use {api.tls_cert} with the key {api.tls_key}: {exc.reason or exc}",
+                )
+            ]
+        ) from None
+    return context
+
+
+def check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise SettingsError(
+            [
+                Problem(
+                    "api.unix_socket",
+                    f"{path} is {len(os.fsencode(path))} bytes long; a Unix socket path "
+                    f"holds at most {UNIX_PATH_MAX}",
+                )
+            ]
+        )
+
+
+# -- locks and sockets -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pid_lock(path: Path, holder_of: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (with our pid in it) for the block.
+
+    ``holder_of`` completes "another orchestrator daemon ... is serving on"
+    style messages.  The file is removed on exit while still locked, so the
+    next daemon never takes a lock on a file that is already unlinked: it
+    checks, after locking, that the name still leads to the file it locked.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise DaemonError(
+                f"another orchestrator daemon{pid} {holder_of}: it holds the lock {path}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed it as we opened it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600.  Call with the socket's lock held."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise SettingsError(
+                [Problem("api.unix_socket", f"{path} exists and is not a socket: not removing it")]
+            )
+        # We hold its lock, so it is a socket a dead daemon left behind.
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        # Before listen(): until then a connect is refused, whatever the mode.
+        os.chmod(path, 0o600)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(f"cannot listen on the Unix socket {path}: {exc.strerror}") from None
+    return sock
+
+
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SettingsError([Problem("api.tcp", f"cannot resolve {host!r}: {exc}")]) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(f"cannot listen on TCP {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+@contextlib.contextmanager
+def _removed_on_exit(path: Path) -> Iterator[None]:
+    """Remove the socket file we created at ``path`` when the block ends (hypercorn leaves it)."""
+    created = os.lstat(path).st_ino
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_ino == created:
+                os.unlink(path)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- hypercorn -----------------------------------------------------------------------
+
+
+class _ToStructlog(logging.Handler):
+    """Hypercorn logs through stdlib logging; send its records on to our structlog output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger("orchestrator.http").log(record.levelno, record.getMessage())
+
+
+def _http_logger() -> logging.Logger:
+    logger = logging.getLogger("orchestrator.http")
+    logger.handlers = [_ToStructlog()]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)  # structlog filters by the configured level
+    return logger
+
+
+def _hypercorn_config(
+    settings: Settings, sockets: list[socket.socket], tls: bool
+) -> HypercornConfig:
+    """Serve the sockets we bound (as ``fd://``); the TCP one with TLS when configured."""
+    config = HypercornConfig()
+    binds = [f"fd://{sock.detach()}" for sock in sockets]
+    if tls:
+        assert settings.api.tls_cert is not None and settings.api.tls_key is not None
+        config.certfile = os.fspath(settings.api.tls_cert)
+        config.keyfile = os.fspath(settings.api.tls_key)
+        # The Unix socket (first) stays plain: its file mode is its protection.
+        config.insecure_bind = binds[:1]
+        config.bind = binds[1:]
+    else:
+        config.bind = binds
+    config.graceful_timeout = HTTP_GRACE_S
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = _http_logger()
+    return config
+
+
+# -- the daemon ------------------------------------------------------------------------
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or ``shutdown_trigger`` returns), then stop it
+    gracefully; see the module docstring.  Raises SettingsError or DaemonError when it
+    cannot start."""
+    with contextlib.ExitStack() as stack:
+        # First of all, so that a signal during start-up is a graceful stop too.
+        signals = None
+        if shutdown_trigger is None:
+            signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+        tokens = read_token_file(settings.api.token_file)
+        tls = check_tls(settings) is not None
+        socket_path = settings.socket_path
+        check_socket_path(socket_path)
+        _make_dir(settings.state_dir, "state_dir")
+        _make_dir(socket_path.parent, "api.unix_socket")
+        stack.enter_context(
+            pid_lock(
+                settings.state_dir / STATE_LOCK,
+                f"uses the state directory {settings.state_dir}",
+            )
+        )
+        stack.enter_context(
+            pid_lock(
+                socket_path.with_name(socket_path.name + ".lock"),
+                f"is serving on {socket_path}",
+            )
+        )
+        journal = await Journal.open(settings.state_dir)
+        async with journal:
+            registry = CollectorRegistry()
+            service = MigrationService(journal, Metrics(registry))
+            app = create_app(
+                service,
+                registry=registry,
+                tokens=tokens,
+                max_body_bytes=settings.api.max_body_bytes,
+            )
+            sockets = [bind_unix_socket(socket_path)]
+            stack.enter_context(_removed_on_exit(socket_path))
+            tcp_address = None
+            if settings.api.tcp_address is not None:
+                host, port = settings.api.tcp_address
+                if not tls and not _is_loopback(host):
+                    log.warning(
+                        "daemon.tcp_without_tls",
+                        tcp=settings.api.tcp,
+                        hint="bearer tokens cross the network in clear: set api.tls_cert "
+                        "and api.tls_key",
+                    )
+                try:
+                    tcp_socket = bind_tcp_socket(host, port)
+                except BaseException:
+                    sockets[0].close()
+                    raise
+                tcp_address = tcp_socket.getsockname()[:2]
+                sockets.append(tcp_socket)
+            config = _hypercorn_config(settings, sockets, tls)
+            await _run(
+                settings,
+                service,
+                app,
+                config,
+                signals,
+                shutdown_trigger,
+                task_status,
+                socket_path,
+                tcp_address,
+            )
+
+
+async def _run(
+    settings: Settings,
+    service: MigrationService,
+    app: OrchestratorAPI,
+    config: HypercornConfig,
+    signals: AsyncIterator[int] | None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None,
+    task_status: trio.TaskStatus[Running],
+    socket_path: Path,
+    tcp_address: tuple[str, int] | None,
+) -> None:
+    stop = trio.Event()
+    stop_http = trio.Event()
+    http_stopped = trio.Event()
+
+    async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            # Starlette's ASGI types and hypercorn's describe the same protocol.
+            asgi_app = cast(ASGIFramework, app)
+            await hypercorn_serve(
+                asgi_app, config, shutdown_trigger=stop_http.wait, task_status=task_status
+            )
+        finally:
+            http_stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        if signals is not None:
+            nursery.start_soon(_stop_on_signal, signals, stop)
+        else:
+            assert shutdown_trigger is not None
+            nursery.start_soon(_stop_when, shutdown_trigger, stop)
+        urls = await nursery.start(run_http)
+        await nursery.start(service.run)
+        log.info(
+            "daemon.ready",
+            urls=urls,
+            state_dir=str(settings.state_dir),
+            pid=os.getpid(),
+        )
+        task_status.started(
+            Running(
+                service=service,
+                socket_path=socket_path,
+                tcp_address=tcp_address,
+                urls=tuple(urls),
+            )
+        )
+        await stop.wait()
+        log.info("daemon.stopping", grace_s=settings.shutdown_grace_s)
+        await service.shutdown(settings.shutdown_grace_s)
+        stop_http.set()
+        await http_stopped.wait()
+        nursery.cancel_scope.cancel()
+    log.info("daemon.stopped")
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("daemon.signal_ignored", signal=name, reason="already shutting down")
+        else:
+            log.info("daemon.signal", signal=name)
+            stop.set()
+
+
+async def _stop_when(trigger: Callable[[], Awaitable[object]], stop: trio.Event) -> None:
+    await trigger()
+    stop.set()
+
+
+def _make_dir(path: Path, field: str) -> None:
+    try:
+        if not path.is_dir():
+            path.mkdir(mode=0o700, parents=True)
+    except OSError as exc:
+        raise SettingsError([Problem(field, f"cannot create {path}: {exc.strerror}")]) from None

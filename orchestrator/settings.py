@@ -1,0 +1,326 @@
+"""The daemon's settings: one model per subsystem, from a TOML file, the environment and flags.
+
+Precedence, lowest first: the defaults here, the TOML file given with
+``--config`` (or named by ``ORCHESTRATOR_CONFIG``), the environment
+(``ORCHESTRATOR_`` prefix, ``__`` between nested names:
+``ORCHESTRATOR_API__TCP=127.0.0.1:8443``), then command-line flags.  Nested
+tables merge key by key, so an environment variable overrides one key of the
+file's ``[api]`` table and leaves the others.
+
+Every failure is a :class:`SettingsError` listing each problem with the
+field's path (``api.tcp``), the same shape as a plan's problems; the CLI
+prints them and exits 2.  Unknown keys are refused, in the file and in the
+environment alike: a misspelt setting silently ignored is a daemon that
+listens where nobody expects it.
+
+Checks that concern files on the daemon's host (the token file, the TLS
+certificate) are not made when the settings load, because the CLI client
+loads the same settings to find the daemon: ``read_token_file`` and the
+daemon make them at start.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from orchestrator.errors import OrchestratorError, Problem
+from orchestrator.plan import problems_from_validation
+
+#: The environment variable naming a config file when ``--config`` is not given.
+CONFIG_ENV: Final = "ORCHESTRATOR_CONFIG"
+ENV_PREFIX: Final = "ORCHESTRATOR_"
+
+#: The longest path a Unix socket address holds (``sun_path`` less its NUL).
+UNIX_PATH_MAX: Final = 107
+
+SOCKET_NAME: Final = "api.sock"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["console", "json"]
+
+
+class SettingsError(OrchestratorError):
+    """The settings are unusable; carries every problem found, by field path."""
+
+    def __init__(self, problems: list[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError('expected "host:port", for example "127.0.0.1:8443" or "[::1]:8443"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError('an IPv6 address goes in brackets: "[::1]:8443"')
+    if not host:
+        raise ValueError("the host is empty")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"the port must be a number from 0 to 65535, not {port_text!r}")
+    return host, int(port_text)
+
+
+class ApiSettings(BaseModel):
+    """The REST API's listeners, its authentication and its limits (the ``[api]`` table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unix_socket: Path | None = Field(
+        None,
+        description=(
+            f"Unix socket the API listens on, mode 0600, with a lock file beside it "
+            f"(default: {SOCKET_NAME} in state_dir).  The CLI client connects here."
+        ),
+    )
+    tcp: str | None = Field(
+        None,
+        description=(
+            'Also listen on TCP at "host:port" ("[::1]:8443" for IPv6; port 0 takes a free '
+            "port).  Off by default.  Use TLS (tls_cert, tls_key) off the loopback: the "
+            "bearer tokens travel in every request."
+        ),
+    )
+    token_file: Path = Field(
+        Path("/etc/orchestrator/api-tokens"),
+        description=(
+            "File of the bearer tokens the API accepts, one per line; blank lines and lines "
+            "starting with # are ignored.  It must be readable by its owner only (mode 0600)."
+        ),
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) for the TCP listener; needs tls_key and tcp.",
+    )
+    tls_key: Path | None = Field(
+        None,
+        validate_default=True,
+        description="PEM private key of tls_cert; needs tls_cert and tcp.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 30,
+        description="Largest request body accepted, in bytes; a larger one is refused with 413.",
+    )
+
+    @field_validator("tcp")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # ORCHESTRATOR_API__TCP="" turns TCP off again
+        parse_host_port(value.strip())
+        return value.strip()
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        # Here rather than on the model, so that the error names a field.
+        if "tls_cert" not in info.data:
+            return key  # tls_cert itself is invalid and reported
+        cert = info.data["tls_cert"]
+        if (cert is None) != (key is None):
+            given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+            raise ValueError(f"tls_cert and tls_key go together: {given} is set, {missing} is not")
+        if key is not None and info.data.get("tcp") is None and "tcp" in info.data:
+            raise ValueError("TLS applies to the TCP listener, and tcp is not set")
+        return key
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return None if self.tcp is None else parse_host_port(self.tcp)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class LogSettings(BaseModel):
+    """The daemon's logs on stderr (the ``[log]`` table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: LogLevel = Field("info", description="Least severe level logged.")
+    format: LogFormat = Field(
+        "console", description='"console" for people, "json" (one object a line) for collectors.'
+    )
+
+
+#: The config file's values, for ``Settings.settings_customise_sources`` during ``load``.
+_FILE_VALUES: ContextVar[Mapping[str, Any] | None] = ContextVar(
+    "orchestrator_file_values", default=None
+)
+
+
+class Settings(BaseSettings):
+    """Everything ``orchestrator serve`` is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    state_dir: Path = Field(
+        Path("/var/lib/orchestrator"),
+        description=(
+            "Directory of the journal (journal.sqlite3) and the daemon's lock; created with "
+            "mode 0700 if missing.  One daemon per state directory."
+        ),
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+        description=(
+            "On SIGTERM or SIGINT: how long running migrations may go on to finish; the ones "
+            "still before their commit point then are rolled back."
+        ),
+    )
+    api: ApiSettings = Field(default_factory=ApiSettings, description="The REST API.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest precedence first: flags (passed as init arguments), the
+        # environment, then the file.  No .env or secrets directory.
+        file_values = InitSettingsSource(settings_cls, init_kwargs=dict(_FILE_VALUES.get() or {}))
+        return init_settings, env_settings, file_values
+
+    @classmethod
+    def load(
+        cls, config_file: Path | None = None, flags: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Defaults < ``config_file`` (else ``$ORCHESTRATOR_CONFIG``) < environment < ``flags``.
+
+        ``flags`` are nested like the file (``{"api": {"tcp": "..."}}``); a None
+        value means the flag was not given.  Raises SettingsError.
+        """
+        if config_file is None and os.environ.get(CONFIG_ENV):
+            config_file = Path(os.environ[CONFIG_ENV])
+        file_values = read_config_file(config_file) if config_file is not None else {}
+        token = _FILE_VALUES.set(file_values)
+        try:
+            return cls(**_without_none(flags or {}))
+        except ValidationError as exc:
+            raise SettingsError(problems_from_validation(exc)) from None
+        finally:
+            _FILE_VALUES.reset(token)
+
+    @property
+    def socket_path(self) -> Path:
+        """Where the API's Unix socket is."""
+        return self.api.unix_socket or self.state_dir / SOCKET_NAME
+
+
+def _without_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            nested = _without_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML config file's tables; every failure a SettingsError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(
+            f"cannot read the config file {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {str(path)!r}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {str(path)!r}: invalid TOML: {exc}") from None
+
+
+def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
+    """The bearer tokens in ``path``: one per line, blank lines and # comments ignored.
+
+    Refuses (SettingsError on ``api.token_file``) a file that is missing, not a
+    regular file, holds no token, or, with ``check_mode``, that group or
+    other may access: every token in it grants full control of migrations.
+    The client reads its token with ``check_mode=False``: that file's
+    permissions are its owner's business, not the daemon's.
+    """
+    field = "api.token_file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SettingsError([Problem(field, f"{path} does not exist")]) from None
+    except OSError as exc:
+        raise SettingsError(
+            [Problem(field, f"cannot open {path}: {exc.strerror or exc}")]
+        ) from None
+    try:
+        # fstat the file we read, not the name: no window for a swap between the two.
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SettingsError([Problem(field, f"{path} is not a regular file")])
+        if check_mode and mode & 0o077:
+            who = " and ".join(
+                name for name, bits in (("group", 0o070), ("other", 0o007)) if mode & bits
+            )
+            raise SettingsError(
+                [
+                    Problem(
+                        field,
+                        f"{path} is accessible by {who} (mode {stat.S_IMODE(mode):04o}): "
+                        f"make it readable by its owner only (chmod 600)",
+                    )
+                ]
+            )
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            text = file.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError([Problem(field, f"cannot read {path}: {exc}")]) from None
+    finally:
+        os.close(fd)
+    tokens = tuple(
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    )
+    if not tokens:
+        raise SettingsError(
+            [
+                Problem(
+                    field,
+                    f"{path} holds no token (one per line; blank lines and # comments are ignored)",
+                )
+            ]
+        )
+    return tokens

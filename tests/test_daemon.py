@@ -1,0 +1,496 @@
+"""The real daemon: hypercorn on a Unix socket and TCP (and TLS), locks, signals, the CLI.
+
+In-process tests run ``daemon.serve`` in the test's nursery with a
+``shutdown_trigger``; the signal tests run ``orchestrator serve`` as a
+subprocess, since signals belong to a process's main thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from orchestrator import cli, daemon
+from orchestrator.api.client import parse_sse
+from orchestrator.daemon import DaemonError, Running
+from orchestrator.journal import Journal
+from orchestrator.settings import Settings
+
+TOKEN = "daemon-test-token-42"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plan_body(vm: str, *names: str, **source: Any) -> dict[str, Any]:
+    params = {"state_mib": 0.0625, "transition_ms": 1, **source}
+    return {
+        "vm": vm,
+        "downtime_limit_ms": 500,
+        "devices": [{"name": n, "backend": "simulated", "source": params} for n in names],
+    }
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="orch-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def token_file(short_dir: Path) -> Path:
+    path = short_dir / "tokens"
+    path.write_text(f"# test tokens\n{TOKEN}\n")
+    path.chmod(0o600)
+    return path
+
+
+def settings_for(base: Path, token_file: Path, **api: Any) -> Settings:
+    return Settings.load(
+        flags={
+            "state_dir": str(base / "state"),
+            "shutdown_grace_s": 5,
+            "api": {"unix_socket": str(base / "api.sock"), "token_file": str(token_file), **api},
+        }
+    )
+
+
+@dataclass
+class Daemon:
+    running: Running
+    stop: trio.Event
+
+
+@asynccontextmanager
+async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(daemon.serve, settings, shutdown_trigger=stop.wait))
+        yield Daemon(running, stop)
+        stop.set()
+
+
+def unix_client(path: Path, token: str | None = TOKEN) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(path)),
+        base_url="http://orchestrator",
+        headers=headers,
+        timeout=10,
+    )
+
+
+async def wait_outcome(client: httpx.AsyncClient, migration_id: str) -> dict[str, Any]:
+    with trio.fail_after(20):
+        while True:
+            status: dict[str, Any] = (await client.get(f"/v1/migrations/{migration_id}")).json()
+            if status["outcome"] is not None:
+                return status
+            await trio.sleep(0.02)
+
+
+async def poll_until(
+    client: httpx.AsyncClient, path: str, done: Callable[[httpx.Response], bool]
+) -> None:
+    with trio.fail_after(10):
+        while True:
+            if done(await client.get(path)):
+                return
+            await trio.sleep(0.01)
+
+
+# -- in process ---------------------------------------------------------------------------
+
+
+async def test_serves_on_the_unix_socket_and_on_tcp(short_dir: Path, token_file: Path) -> None:
+    settings = settings_for(short_dir, token_file, tcp="127.0.0.1:0")
+    socket_path = short_dir / "api.sock"
+    async with running_daemon(settings) as d:
+        assert d.running.socket_path == socket_path
+        mode = os.lstat(socket_path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        lock = short_dir / "api.sock.lock"
+        assert lock.read_text().strip() == str(os.getpid())
+        assert d.running.tcp_address is not None
+        host, port = d.running.tcp_address
+        assert host == "127.0.0.1" and port > 0
+
+        async with unix_client(socket_path) as client:
+            assert (await client.get("/readyz")).json() == {"ready": True}
+            response = await client.post("/v1/migrations", json=plan_body("vm1", "gpu0", "gpu1"))
+            assert response.status_code == 201, response.text
+            migration_id = response.json()["id"]
+        async with unix_client(socket_path, token=None) as anonymous:
+            assert (await anonymous.get("/healthz")).status_code == 200
+            assert (await anonymous.get("/readyz")).status_code == 401
+
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        ) as tcp:
+            assert (await tcp.get("/v1/devices")).status_code == 200
+            assert (
+                await tcp.get("/readyz", headers={"authorization": "Bearer x"})
+            ).status_code == 403
+            # The event stream through the real server, read as it comes.
+            async with tcp.stream("GET", f"/v1/migrations/{migration_id}/events") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                lines = [line async for line in stream.aiter_lines()]
+            events = list(parse_sse(iter(lines)))
+            assert events[-1].event == "finished"
+            assert json.loads(events[-1].data)["detail"]["outcome"] == "succeeded"
+            status = await wait_outcome(tcp, migration_id)
+            assert status["outcome"] == "succeeded"
+            assert all(
+                d["source_digest"] == d["destination_digest"] for d in status["report"]["devices"]
+            )
+            metrics = await tcp.get("/metrics")
+            assert 'orchestrator_migrations_total{outcome="succeeded"} 1.0' in metrics.text
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(300):
+                    yield b" " * 4096
+
+            # Over the limit without a Content-Length: counted, cut, answered.
+            response = await tcp.post(
+                "/v1/migrations", content=chunks(), headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 413
+            assert response.json()["error"]["kind"] == "body_too_large"
+            assert (await tcp.get("/readyz")).status_code == 200
+    # Stopped: the socket file and the locks are gone, the journal kept the migration.
+    assert not socket_path.exists() and not lock.exists()
+    assert not (short_dir / "state" / "daemon.lock").exists()
+    async with await Journal.open(short_dir / "state") as journal:
+        record = await journal.get(migration_id)
+        assert record is not None and record.outcome == "succeeded"
+
+
+async def test_a_second_daemon_refuses_the_same_socket_or_state_dir(
+    short_dir: Path, token_file: Path
+) -> None:
+    settings = settings_for(short_dir, token_file)
+    async with running_daemon(settings) as d:
+        pid = os.getpid()
+        same_socket = settings_for(short_dir, token_file).model_copy(
+            update={"state_dir": short_dir / "other-state"}
+        )
+        with pytest.raises(DaemonError) as exc:
+            await daemon.serve(same_socket, shutdown_trigger=trio.sleep_forever)
+        assert str(exc.value) == (
+            f"another orchestrator daemon (pid {pid}) is serving on {short_dir / 'api.sock'}: "
+            f"it holds the lock {short_dir / 'api.sock.lock'}"
+        )
+        same_state = settings.model_copy(
+            update={"api": settings.api.model_copy(update={"unix_socket": short_dir / "b.sock"})}
+        )
+        with pytest.raises(DaemonError, match="uses the state directory"):
+            await daemon.serve(same_state, shutdown_trigger=trio.sleep_forever)
+        assert not (short_dir / "b.sock").exists()
+        # The refused daemons left the first one's socket alone.
+        async with unix_client(d.running.socket_path) as client:
+            assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_socket_left_by_a_dead_daemon_is_replaced(
+    short_dir: Path, token_file: Path
+) -> None:
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(short_dir / "api.sock"))
+    stale.close()
+    (short_dir / "api.sock.lock").write_text("99999\n")  # a lock file nobody holds
+    async with (
+        running_daemon(settings_for(short_dir, token_file)) as d,
+        unix_client(d.running.socket_path) as client,
+    ):
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_file_in_the_sockets_place_is_not_removed(
+    short_dir: Path, token_file: Path
+) -> None:
+    (short_dir / "api.sock").write_text("precious")
+    with pytest.raises(Exception, match="exists and is not a socket") as exc:
+        await daemon.serve(settings_for(short_dir, token_file), shutdown_trigger=trio.sleep_forever)
+    assert "api.unix_socket" in str(exc.value)
+    assert (short_dir / "api.sock").read_text() == "precious"
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_on_tcp_with_a_self_signed_certificate(short_dir: Path, token_file: Path) -> None:
+    if shutil.which("openssl") is None:
+        print("skipping: no `openssl` to make a certificate with (nor the cryptography package)")
+        pytest.skip("no openssl command to make a self-signed certificate")
+    cert, key = _self_signed(short_dir)
+    settings = settings_for(
+        short_dir, token_file, tcp="127.0.0.1:0", tls_cert=str(cert), tls_key=str(key)
+    )
+    async with running_daemon(settings) as d:
+        assert d.running.tcp_address is not None
+        port = d.running.tcp_address[1]
+        assert f"https://127.0.0.1:{port}" in d.running.urls
+        verify = ssl.create_default_context(cafile=cert)
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{port}",
+            verify=verify,
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        ) as https:
+            assert (await https.get("/readyz")).json() == {"ready": True}
+            assert (await https.get("/readyz", headers={"authorization": ""})).status_code == 401
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get("/healthz")
+        # The Unix socket stays plain HTTP.
+        async with unix_client(d.running.socket_path) as client:
+            assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_bad_certificate_is_a_settings_error(short_dir: Path, token_file: Path) -> None:
+    cert = short_dir / "cert.pem"
+    cert.write_text("not a certificate\n")
+    settings = settings_for(
+        short_dir, token_file, tcp="127.0.0.1:0", tls_cert=str(cert), tls_key=str(cert)
+    )
+    with pytest.raises(Exception, match=r"api\.tls_cert: cannot use") as exc:
+        await daemon.serve(settings, shutdown_trigger=trio.sleep_forever)
+    assert type(exc.value).__name__ == "SettingsError"
+    missing = settings_for(
+        short_dir, token_file, tcp="127.0.0.1:0", tls_cert=str(cert), tls_key="/nonexistent"
+    )
+    with pytest.raises(Exception, match=r"api\.tls_key: cannot read /nonexistent"):
+        await daemon.serve(missing, shutdown_trigger=trio.sleep_forever)
+
+
+# -- the CLI client verbs against a daemon ----------------------------------------------------
+
+
+async def test_cli_submit_status_watch_cancel(
+    short_dir: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = short_dir / "plan.json"
+    plan.write_text(json.dumps(plan_body("vm-cli", "gpu0")))
+    bad_plan = short_dir / "bad.json"
+    bad_plan.write_text(json.dumps({**plan_body("vm-cli", "gpu0"), "downtime_limit_ms": -1}))
+    conn = ["--socket", str(short_dir / "api.sock"), "--token-file", str(token_file)]
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await trio.to_thread.run_sync(cli.main, [*argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async with running_daemon(settings_for(short_dir, token_file)):
+        code, out, _ = await run("submit", str(plan), "--json", "--idempotency-key", "k", *conn)
+        assert code == 0
+        migration_id = json.loads(out)["id"]
+        code, out, _ = await run("submit", str(plan), "--idempotency-key", "k", *conn)
+        assert code == 0 and "already submitted" in out and migration_id in out
+
+        code, out, _ = await run("watch", migration_id, *conn)
+        assert code == 0 and "succeeded" in out
+        code, out, _ = await run("status", migration_id, *conn)
+        assert code == 0 and f"migration {migration_id}: VM vm-cli, succeeded" in out
+        code, out, _ = await run("status", migration_id, "--json", *conn)
+        assert json.loads(out)["report"]["outcome"] == "succeeded"
+
+        code, _, err = await run("cancel", migration_id, *conn)
+        assert code == 2 and "already ended" in err and "409 past_commit_point" in err
+        code, _, err = await run("status", "nope", *conn)
+        assert code == 2 and "404 migration_not_found" in err
+        code, _, err = await run("submit", str(bad_plan), *conn)
+        assert code == 2 and "  downtime_limit_ms: Input should be greater than 0" in err
+
+        wrong = short_dir / "wrong"
+        wrong.write_text("wrong-token\n")
+        code, _, err = await run(
+            "status", migration_id, "--socket", str(short_dir / "api.sock"), "--token-file",
+            str(wrong),
+        )  # fmt: skip
+        assert code == 2 and "403 forbidden" in err
+
+    code, _, err = await run("status", migration_id, *conn)
+    assert code == 1 and "cannot reach the orchestrator at unix:" in err
+    assert "Traceback" not in err
+
+
+# -- signals: the daemon as a process -----------------------------------------------------------
+
+
+def _daemon_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+async def _start_process(config: Path, log: Path, *extra: str) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "orchestrator", "--log-format", "json", "serve",
+         "--config", str(config), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=_daemon_env(),
+        cwd=ROOT,
+    )  # fmt: skip
+
+
+async def _wait_ready(socket_path: Path, process: trio.Process, log: Path) -> None:
+    with trio.fail_after(20):
+        while True:
+            assert process.poll() is None, await trio.Path(log).read_text()
+            if await trio.Path(socket_path).exists():
+                async with unix_client(socket_path) as client:
+                    try:
+                        if (await client.get("/readyz")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("grace_s", "outcome"), [(30, "succeeded"), (0, "rolled_back")])
+async def test_sigterm_with_a_migration_in_flight_exits_0_with_it_finished(
+    short_dir: Path, token_file: Path, grace_s: float, outcome: str
+) -> None:
+    socket_path = short_dir / "api.sock"
+    config = short_dir / "orchestrator.toml"
+    config.write_text(
+        f'state_dir = "{short_dir / "state"}"\n'
+        f"shutdown_grace_s = {grace_s}\n"
+        f'[api]\nunix_socket = "{socket_path}"\ntoken_file = "{token_file}"\n'
+    )
+    log = short_dir / "daemon.log"
+    process = await _start_process(config, log)
+    try:
+        await _wait_ready(socket_path, process, log)
+        async with unix_client(socket_path) as client:
+            response = await client.post(
+                "/v1/migrations", json=plan_body("vm1", "gpu0", state_mib=3, drain_mib_s=4)
+            )
+            assert response.status_code == 201, response.text
+            migration_id = response.json()["id"]
+            await poll_until(
+                client, f"/v1/migrations/{migration_id}", lambda r: r.json()["phase"] == "precopy"
+            )
+
+            process.send_signal(signal.SIGTERM)
+            if grace_s:
+                # Refused from the signal on, while the one in flight finishes.
+                await poll_until(client, "/readyz", lambda r: r.status_code == 503)
+                response = await client.post("/v1/migrations", json=plan_body("vm2", "nic0"))
+                assert response.status_code == 503
+                assert response.json()["error"]["kind"] == "shutting_down"
+
+        with trio.fail_after(20):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text
+    assert not socket_path.exists() and not (short_dir / "api.sock.lock").exists()
+    async with await Journal.open(short_dir / "state") as journal:
+        record = await journal.get(migration_id)
+        assert record is not None and record.outcome == outcome, text
+        assert await journal.unfinished() == []
+
+
+async def test_a_second_daemon_process_on_the_same_socket_exits_1(
+    short_dir: Path, token_file: Path
+) -> None:
+    socket_path = short_dir / "api.sock"
+    config = short_dir / "orchestrator.toml"
+    config.write_text(
+        f'state_dir = "{short_dir / "state"}"\n'
+        f'[api]\nunix_socket = "{socket_path}"\ntoken_file = "{token_file}"\n'
+    )
+    first_log, second_log = short_dir / "first.log", short_dir / "second.log"
+    first = await _start_process(config, first_log)
+    try:
+        await _wait_ready(socket_path, first, first_log)
+        second = await _start_process(config, second_log, "--state-dir", str(short_dir / "s2"))
+        with trio.fail_after(20):
+            assert await second.wait() == 1
+        text = second_log.read_text()
+        assert f"another orchestrator daemon (pid {first.pid}) is serving on {socket_path}" in text
+        assert "Traceback" not in text
+        async with unix_client(socket_path) as client:
+            assert (await client.get("/readyz")).status_code == 200
+        first.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await first.wait() == 0
+    finally:
+        if first.returncode is None:
+            first.kill()
+            await first.wait()
+
+
+def test_the_watch_bar_follows_the_phases() -> None:
+    import io
+
+    from orchestrator.api import MigrationEvent
+
+    out = io.StringIO()
+    bar = cli.WatchBar(out)
+
+    def event(seq: int, kind: str, **detail: Any) -> MigrationEvent:
+        return MigrationEvent(migration_id="m", seq=seq, time=0.0, kind=kind, detail=detail)
+
+    bar.update(event(1, "phase", phase="prepare"))
+    assert bar.line().startswith("[" + "-" * bar.WIDTH + "]  prepare")
+    bar.update(event(2, "arc_end"))
+    bar.update(event(3, "decision", action="switchover", round=4))
+    bar.update(event(4, "phase", phase="stop_copy"))
+    assert "stop_copy  1 state changes  pre-copy rounds 4" in bar.line()
+    bar.update(event(5, "phase", phase="done"))
+    assert bar.line().startswith("[" + "#" * bar.WIDTH + "]  done")
+    bar.update(event(6, "phase", phase="rollback"))
+    assert bar.line().startswith("[" + "<" * bar.WIDTH + "]  rollback")
+    bar.clear()
+    assert out.getvalue().endswith("\r\x1b[K")
+
+
+def test_orchestrator_openapi_prints_the_committed_document(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from orchestrator.api import OPENAPI_PATH
+
+    assert cli.main(["openapi"]) == 0
+    assert capsys.readouterr().out == OPENAPI_PATH.read_text(encoding="utf-8")

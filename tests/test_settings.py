@@ -1,0 +1,292 @@
+"""Daemon settings: defaults < file < environment < flags; every problem named; token files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from orchestrator import cli
+from orchestrator.settings import (
+    CONFIG_ENV,
+    ApiSettings,
+    LogSettings,
+    Settings,
+    SettingsError,
+    parse_host_port,
+    read_token_file,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(name)
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def problems_of(exc: pytest.ExceptionInfo[SettingsError]) -> dict[str, str]:
+    return {p.path: p.message for p in exc.value.problems}
+
+
+def test_defaults() -> None:
+    settings = Settings.load()
+    assert settings.state_dir == Path("/var/lib/orchestrator")
+    assert settings.socket_path == Path("/var/lib/orchestrator/api.sock")
+    assert settings.api.tcp is None and settings.api.tcp_address is None
+    assert settings.api.max_body_bytes == 1 << 20
+    assert not settings.api.tls
+    assert (settings.log.level, settings.log.format) == ("info", "console")
+
+
+def test_every_setting_is_documented() -> None:
+    models: list[type[BaseModel]] = [Settings, ApiSettings, LogSettings]
+    for model in models:
+        for name, info in model.model_fields.items():
+            assert info.description, f"{model.__name__}.{name} has no description"
+
+
+def test_the_example_config_loads_and_states_the_defaults() -> None:
+    example = Settings.load(ROOT / "config" / "orchestrator.toml")
+    assert example == Settings.load()
+
+
+def test_precedence_is_file_then_environment_then_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path / "o.toml",
+        """
+        state_dir = "/from/file"
+        shutdown_grace_s = 5
+        [api]
+        tcp = "127.0.0.1:1"
+        token_file = "/file/tokens"
+        max_body_bytes = 1000
+        [log]
+        level = "debug"
+        """,
+    )
+    settings = Settings.load(config)
+    assert settings.state_dir == Path("/from/file") and settings.api.tcp == "127.0.0.1:1"
+
+    monkeypatch.setenv("ORCHESTRATOR_STATE_DIR", "/from/env")
+    monkeypatch.setenv("ORCHESTRATOR_API__TCP", "127.0.0.1:2")
+    monkeypatch.setenv("ORCHESTRATOR_API__MAX_BODY_BYTES", "2000")
+    settings = Settings.load(config)
+    assert settings.state_dir == Path("/from/env")
+    assert settings.api.tcp == "127.0.0.1:2" and settings.api.max_body_bytes == 2000
+    # Nested tables merge key by key: the file's other [api] keys stay.
+    assert settings.api.token_file == Path("/file/tokens")
+    assert settings.shutdown_grace_s == 5 and settings.log.level == "debug"
+
+    flags: dict[str, Any] = {
+        "state_dir": "/from/flag",
+        "shutdown_grace_s": None,  # not given
+        "api": {"tcp": "[::1]:3", "unix_socket": "/flag.sock", "token_file": None},
+        "log": {"level": None, "format": "json"},
+    }
+    settings = Settings.load(config, flags)
+    assert settings.state_dir == Path("/from/flag")
+    assert settings.api.tcp_address == ("::1", 3)
+    assert settings.socket_path == Path("/flag.sock")
+    assert settings.api.max_body_bytes == 2000  # env
+    assert settings.api.token_file == Path("/file/tokens")  # file
+    assert settings.shutdown_grace_s == 5 and settings.log.level == "debug"  # file
+    assert settings.log.format == "json"  # flag
+
+
+def test_the_config_file_may_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(tmp_path / "o.toml", 'state_dir = "/via/env"\n')
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    assert Settings.load().state_dir == Path("/via/env")
+    other = write(tmp_path / "p.toml", 'state_dir = "/via/flag"\n')
+    assert Settings.load(other).state_dir == Path("/via/flag")
+
+
+def test_an_empty_tcp_turns_tcp_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path / "o.toml", '[api]\ntcp = "127.0.0.1:8443"\n')
+    monkeypatch.setenv("ORCHESTRATOR_API__TCP", "")
+    assert Settings.load(config).api.tcp is None
+
+
+def test_every_bad_field_in_the_file_is_named(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "o.toml",
+        """
+        colour = "blue"
+        shutdown_grace_s = -1
+        [api]
+        tcp = "8443"
+        max_body_bytes = 0
+        tls_cert = "/c.pem"
+        bogus = 1
+        [log]
+        level = "loud"
+        format = "xml"
+        """,
+    )
+    with pytest.raises(SettingsError) as exc:
+        Settings.load(config)
+    found = problems_of(exc)
+    assert set(found) == {
+        "colour",
+        "shutdown_grace_s",
+        "api.tcp",
+        "api.max_body_bytes",
+        "api.tls_key",
+        "api.bogus",
+        "log.level",
+        "log.format",
+    }
+    assert found["colour"] == found["api.bogus"] == "unknown field"
+    assert "host:port" in found["api.tcp"]
+    assert "tls_cert is set, tls_key is not" in found["api.tls_key"]
+
+
+def test_tls_needs_both_files_and_tcp() -> None:
+    with pytest.raises(SettingsError) as exc:
+        Settings.load(flags={"api": {"tls_key": "/k.pem", "tcp": "127.0.0.1:1"}})
+    assert "tls_key is set, tls_cert is not" in problems_of(exc)["api.tls_key"]
+    with pytest.raises(SettingsError) as exc:
+        Settings.load(flags={"api": {"tls_key": "/k.pem", "tls_cert": "/c.pem"}})
+    assert "tcp is not set" in problems_of(exc)["api.tls_key"]
+    settings = Settings.load(
+        flags={"api": {"tls_key": "/k.pem", "tls_cert": "/c.pem", "tcp": "0.0.0.0:8443"}}
+    )
+    assert settings.api.tls
+
+
+def test_bad_environment_and_flag_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_API__MAX_BODY_BYTES", "lots")
+    monkeypatch.setenv("ORCHESTRATOR_API__NOPE", "1")
+    with pytest.raises(SettingsError) as exc:
+        Settings.load(flags={"shutdown_grace_s": "soon"})
+    assert set(problems_of(exc)) == {"api.max_body_bytes", "api.nope", "shutdown_grace_s"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ],
+)
+def test_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8443", "host:port"),
+        (":8443", "host:port"),
+        ("::1:8443", "brackets"),
+        ("[]:80", "empty"),
+        ("host:65536", "0 to 65535"),
+        ("host:http", "0 to 65535"),
+    ],
+)
+def test_bad_host_port(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_host_port(text)
+
+
+def test_a_missing_or_broken_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"cannot read the config file .*nope\.toml"):
+        Settings.load(tmp_path / "nope.toml")
+    broken = write(tmp_path / "broken.toml", "[api\n")
+    with pytest.raises(SettingsError, match=r"broken\.toml.*invalid TOML"):
+        Settings.load(broken)
+
+
+# -- token files ------------------------------------------------------------------------
+
+
+def test_tokens_one_per_line_without_blanks_or_comments(tmp_path: Path) -> None:
+    path = write(tmp_path / "tokens", "# ops\n\n  alpha-token  \n#beta\nbeta-token\n")
+    assert read_token_file(path) == ("alpha-token", "beta-token")
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"),
+    [(0o640, "group"), (0o604, "other"), (0o644, "group and other"), (0o660, "group")],
+)
+def test_a_token_file_others_may_read_is_refused(tmp_path: Path, mode: int, who: str) -> None:
+    path = write(tmp_path / "tokens", "secret\n", mode)
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(path)
+    message = problems_of(exc)["api.token_file"]
+    assert f"accessible by {who} (mode {mode:04o})" in message and "chmod 600" in message
+    # A client reading its own token does not judge the file's mode.
+    assert read_token_file(path, check_mode=False) == ("secret",)
+
+
+def test_a_missing_empty_or_odd_token_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(tmp_path / "absent")
+    assert "does not exist" in problems_of(exc)["api.token_file"]
+    empty = write(tmp_path / "empty", "# only a comment\n\n   \n")
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(empty)
+    assert "holds no token" in problems_of(exc)["api.token_file"]
+    (tmp_path / "dir").mkdir(mode=0o700)
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(tmp_path / "dir")
+    assert "not a regular file" in problems_of(exc)["api.token_file"]
+
+
+# -- through the CLI: exit 2, the field named, no traceback ---------------------------------
+
+
+def test_serve_with_bad_settings_exits_2_naming_the_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path / "o.toml", '[api]\ntcp = "nowhere"\nmax_body_bytes = -5\n')
+    assert cli.main(["serve", "--config", str(config), "--shutdown-grace-s", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings: 3 problem(s)" in err
+    for field in ("api.tcp", "api.max_body_bytes", "shutdown_grace_s"):
+        assert f"  {field}: " in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (None, 0o600, "does not exist"),
+        ("# nothing\n", 0o600, "holds no token"),
+        ("token\n", 0o644, "accessible by group and other"),
+    ],
+)
+def test_serve_refuses_a_bad_token_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | None,
+    mode: int,
+    message: str,
+) -> None:
+    tokens = tmp_path / "tokens"
+    if content is not None:
+        write(tokens, content, mode)
+    argv = ["serve", "--state-dir", str(tmp_path / "s"), "--token-file", str(tokens)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"api.token_file: {tokens}" in err and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "s").exists(), "nothing starts before the checks pass"
