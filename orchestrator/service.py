@@ -331,6 +331,10 @@ class MigrationService:
             self._unlock(entry.keys, migration.id)
             entry.done.set()
             entry.notify()
+            # The journal holds it from now on; a long-running daemon must not
+            # keep every migration (and its trace) it ever ran in memory.
+            if self._entries.get(migration.id) is entry:
+                del self._entries[migration.id]
             outcome = migration.report.outcome if migration.report else None
             log.info("service.finished", migration=migration.id, outcome=outcome)
 
