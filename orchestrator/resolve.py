@@ -47,14 +47,20 @@ class ResolvedPlan:
     devices: tuple[ResolvedDevice, ...]
 
 
-def resolve(plan: Plan) -> ResolvedPlan:
-    """Stage 2: every device against its backend, and the cross-device rules."""
+def resolve(plan: Plan, backends: Mapping[str, Backend] | None = None) -> ResolvedPlan:
+    """Stage 2: every device against its backend, and the cross-device rules.
+
+    ``backends`` is the registry the plan's backend names are looked up in
+    (default: ``orchestrator.backends.BACKENDS``, whose simulated devices live
+    in memory; ``backends_for(state_dir)`` gives persistent ones).  The
+    resolved devices are created by those backends.
+    """
     problems: list[Problem] = []
     devices: list[ResolvedDevice] = []
     for index, spec in enumerate(plan.devices):
         where = f"devices[{index}]"
         try:
-            backend = get_backend(spec.backend)
+            backend = get_backend(spec.backend, backends)
         except PlanError as exc:
             problems.extend(Problem(f"{where}.backend", p.message) for p in exc.problems)
             continue
