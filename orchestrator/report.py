@@ -18,8 +18,10 @@ class ErrorInfo(BaseModel):
 
     kind: str = Field(
         description=(
-            "device_error, device_timeout, peer_error, plan_error, precopy_not_converged, "
-            "phase_timeout, cancelled or internal_error"
+            "device_error, device_timeout, peer_error, plan_error, device_state (a device "
+            "not RUNNING at the start), precopy_not_converged, phase_timeout, journal_error, "
+            "cancelled, interrupted (the orchestrator stopped; rolled back on restart), "
+            "recovery_failed or internal_error"
         )
     )
     message: str

@@ -315,8 +315,13 @@ class Migration:
                         "rolled back on restart",
                     )
                     await self._rollback()
-        except (MigrationAborted, trio.TooSlowError) as exc:
-            self._set_error("recovery_failed", f"recovery did not finish: {exc}")
+        except Exception as exc:
+            # Device failures come out of the nurseries wrapped in groups;
+            # anything else is a bug and goes on up once the report is built.
+            failures, unexpected = _split(exc, (MigrationAborted, trio.TooSlowError))
+            self._set_error("recovery_failed", f"recovery did not finish: {failures or exc}")
+            if unexpected is not None:
+                raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_all()
@@ -355,6 +360,7 @@ class Migration:
         try:
             with trio.fail_after(timeout):
                 flow = self.flow = await self._open_all()
+                await self._for_each_device(self._require_running)
                 await self._for_each_device(self._prepare_destination)
         except trio.TooSlowError:
             raise self._abort("phase_timeout", f"prepare took over {timeout:g} s") from None
@@ -408,6 +414,23 @@ class Migration:
             )
         except PlanError as exc:
             raise self._abort("plan_error", f"the devices cannot migrate together: {exc}") from None
+
+    async def _require_running(self, name: str) -> None:
+        """Refuse, before any change, a device that is not where a migration starts.
+
+        A device left in another state (stopped by an earlier migration, or
+        half-way through one that was never recovered) must not be driven
+        from an assumed RUNNING: a rollback would then start the wrong side.
+        """
+        for side in Side:
+            device = self._device(side, name)
+            state = await self._call(side, name, "get_state", device.get_state)
+            if state is not DeviceState.RUNNING:
+                raise self._abort(
+                    "device_state",
+                    f"{side.value} device {name!r} is in {state.name}, not RUNNING: it may "
+                    "still belong to an earlier migration; nothing was changed",
+                )
 
     async def _prepare_destination(self, name: str) -> None:
         assert self.flow is not None
@@ -904,7 +927,8 @@ class Migration:
             return "rolled_back" if cancelled else "failed"
         if self._rollback_errors:
             return "failed"
-        if self.error is not None and self.error.kind == "plan_error":
+        if self.error is not None and self.error.kind in ("plan_error", "device_state"):
+            # Refused before any change: the devices need an operator's look.
             return "failed"
         return "rolled_back"
 
@@ -1013,7 +1037,7 @@ class Migration:
 
 
 def _split(
-    exc: BaseException | None, kind: type[BaseException]
+    exc: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]
 ) -> tuple[BaseException | None, BaseException | None]:
     """Split an exception (or group) into the part of ``kind`` and the rest."""
     if exc is None:

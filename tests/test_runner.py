@@ -339,3 +339,23 @@ async def test_one_log_event_per_transition_and_per_phase(autojump_clock: Any) -
         "release",
         "done",
     ]
+
+
+async def test_a_device_not_running_at_the_start_is_refused_before_any_change(
+    tmp_path: Any,
+) -> None:
+    # Persistent devices: after a successful migration the sources are STOP.
+    from orchestrator.backends import backends_for
+    from orchestrator.plan import parse_plan
+    from orchestrator.resolve import resolve
+
+    plan = parse_plan({"vm": "vm1", "downtime_limit_ms": 500, "devices": gpus(2)})
+    first = await Migration(resolve(plan, backends_for(tmp_path))).run()
+    assert first.outcome == "succeeded"
+    again = Migration(resolve(plan, backends_for(tmp_path)))
+    report = await again.run()
+    assert report.outcome == "failed"
+    assert report.error is not None and report.error.kind == "device_state"
+    assert "is in STOP, not RUNNING" in report.error.message
+    assert not [e for e in again.trace if e.kind in ("arc_begin", "reset")]
+    assert {(d.source_state, d.destination_state) for d in first.devices} == {("STOP", "RUNNING")}
