@@ -53,6 +53,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
+from orchestrator.backends import backends_for
 from orchestrator.errors import OrchestratorError, Problem
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
@@ -310,7 +311,9 @@ async def serve(
         journal = await Journal.open(settings.state_dir)
         async with journal:
             registry = CollectorRegistry()
-            service = MigrationService(journal, Metrics(registry))
+            service = MigrationService(
+                journal, Metrics(registry), backends=backends_for(settings.state_dir)
+            )
             app = create_app(
                 service,
                 registry=registry,

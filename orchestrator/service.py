@@ -28,7 +28,7 @@ import builtins
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ import structlog
 import trio
 from pydantic import BaseModel, Field
 
+from orchestrator.backends import Backend
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
 from orchestrator.metrics import Metrics
@@ -132,9 +133,17 @@ class _Entry:
 class MigrationService:
     """Runs migrations for the API; see the module docstring."""
 
-    def __init__(self, journal: Journal, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        metrics: Metrics | None = None,
+        backends: Mapping[str, Backend] | None = None,
+    ) -> None:
         self.journal = journal
         self.metrics = metrics
+        #: The backends plans resolve against (the daemon's own: persistent
+        #: simulated devices under its state directory).
+        self.backends = backends
         self.ready = False
         self.accepting = True
         self._entries: dict[str, _Entry] = {}
@@ -198,7 +207,7 @@ class MigrationService:
             first = await self.journal.find_by_idempotency_key(idempotency_key)
             if first is not None:
                 return await self.status(first.id), False
-        resolved = resolve(plan)
+        resolved = resolve(plan, self.backends)
         keys = device_keys(plan)
         self._check_free(keys)
         migration_id = uuid.uuid4().hex
@@ -391,7 +400,7 @@ class MigrationService:
                 nursery.start_soon(self._recover_one, record)
 
     async def _recover_one(self, record: MigrationRecord) -> None:
-        resolved = resolve(record.plan)
+        resolved = resolve(record.plan, self.backends)
         keys = device_keys(record.plan)
         for key in keys:
             self._locks[key] = record.id

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from hypothesis import Phase, settings
 
@@ -14,3 +19,25 @@ def _quiet_logs() -> None:
 
 # A profile for debugging a failure without waiting for the shrinker.
 settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+#: The bearer token of the daemon tests' token file.
+TOKEN = "daemon-test-token-42"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="orch-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def token_file(short_dir: Path) -> Path:
+    path = short_dir / "tokens"
+    path.write_text(f"# test tokens\n{TOKEN}\n")
+    path.chmod(0o600)
+    return path

@@ -15,8 +15,7 @@ import ssl
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -32,8 +31,8 @@ from orchestrator.api.client import parse_sse
 from orchestrator.daemon import DaemonError, Running
 from orchestrator.journal import Journal
 from orchestrator.settings import Settings
+from tests.conftest import TOKEN
 
-TOKEN = "daemon-test-token-42"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,24 +43,6 @@ def plan_body(vm: str, *names: str, **source: Any) -> dict[str, Any]:
         "downtime_limit_ms": 500,
         "devices": [{"name": n, "backend": "simulated", "source": params} for n in names],
     }
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: a Unix socket path holds at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="orch-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def token_file(short_dir: Path) -> Path:
-    path = short_dir / "tokens"
-    path.write_text(f"# test tokens\n{TOKEN}\n")
-    path.chmod(0o600)
-    return path
 
 
 def settings_for(base: Path, token_file: Path, **api: Any) -> Settings:
