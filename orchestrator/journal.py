@@ -246,10 +246,17 @@ class JournalEvent:
 class Journal:
     """The migration journal on one SQLite file.  Open with ``await Journal.open(dir)``."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, reader: sqlite3.Connection
+    ) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = connection
         self._limiter = trio.CapacityLimiter(1)
+        # Reads go through a connection of their own: in WAL mode they see
+        # the last committed state without waiting behind a write's fsync,
+        # so the API's GETs stay fast while migrations journal their events.
+        self._reader: sqlite3.Connection | None = reader
+        self._read_limiter = trio.CapacityLimiter(1)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -258,11 +265,22 @@ class Journal:
         """Open (or create) ``state_dir/journal.sqlite3``, upgrading its schema."""
         path = Path(state_dir) / FILENAME
         connection = await trio.to_thread.run_sync(_connect, Path(state_dir), path)
-        return cls(path, connection)
+        try:
+            reader = await trio.to_thread.run_sync(_connect_reader, path)
+        except BaseException:
+            connection.close()
+            raise
+        return cls(path, connection, reader)
 
     async def close(self) -> None:
-        """Close the database after any write in flight.  Safe to call twice."""
+        """Close the database after any read or write in flight.  Safe to call twice."""
+        await trio.to_thread.run_sync(self._close_reader, limiter=self._read_limiter)
         await trio.to_thread.run_sync(self._close_now, limiter=self._limiter)
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     def _close_now(self) -> None:
         db, self._db = self._db, None
@@ -453,7 +471,7 @@ class Journal:
             row = db.execute(f"{_SELECT} WHERE id = ?", (migration_id,)).fetchone()
             return None if row is None else self._record(row)
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def find_by_idempotency_key(self, key: str) -> MigrationRecord | None:
         """The migration first created with this idempotency key, if any."""
@@ -462,7 +480,7 @@ class Journal:
             row = db.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
             return None if row is None else self._record(row)
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def list(
         self,
@@ -493,7 +511,7 @@ class Journal:
         def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
             return [self._record(row) for row in db.execute(sql, args)]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def events(self, migration_id: str, after_seq: int = 0) -> builtins.list[JournalEvent]:
         """The migration's events with seq > ``after_seq``, in order (SSE replay)."""
@@ -508,7 +526,7 @@ class Journal:
                 raise JournalError(f"unknown migration {migration_id!r}", path=self.path)
             return [_event(self.path, migration_id, *row) for row in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def unfinished(self) -> builtins.list[MigrationRecord]:
         """Migrations without an outcome, oldest first: what recovery must resolve.
@@ -523,7 +541,7 @@ class Journal:
             ).fetchall()
             return [self._record(row) for row in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def active_devices(self) -> dict[str, str]:
         """Device name -> id of the unfinished migration that holds it.
@@ -543,7 +561,7 @@ class Journal:
             # Newest first, so that the oldest holder is written last and wins.
             return {str(device): str(mid) for device, mid in rows}
 
-        return await self._run(read)
+        return await self._read(read)
 
     # -- internals -------------------------------------------------------------
 
@@ -552,6 +570,21 @@ class Journal:
         if self._db is None:
             raise JournalError("the journal is closed", path=self.path)
         return await trio.to_thread.run_sync(self._in_thread, fn, limiter=self._limiter)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``fn`` on the reader connection, in a worker thread."""
+        if self._reader is None:
+            raise JournalError("the journal is closed", path=self.path)
+        return await trio.to_thread.run_sync(self._read_in_thread, fn, limiter=self._read_limiter)
+
+    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._reader
+        if db is None:
+            raise JournalError("the journal is closed", path=self.path)
+        try:
+            return fn(db)
+        except sqlite3.Error as exc:
+            raise JournalError(_describe(exc), path=self.path) from None
 
     def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db
@@ -683,6 +716,16 @@ def _connect(state_dir: Path, path: Path) -> sqlite3.Connection:
     except JournalError:
         db.close()
         raise
+    return db
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """A second, read-only connection (the writer has set the file up)."""
+    try:
+        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA query_only = ON")
+    except sqlite3.Error as exc:
+        raise JournalError(_describe(exc), path=path) from None
     return db
 
 
