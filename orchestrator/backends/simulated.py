@@ -426,6 +426,10 @@ class _Layout:
 _RANDOM_CHUNK = 1 << 20
 
 
+#: States larger than this are made (or mapped and hashed) in a worker thread.
+_OPEN_IN_THREAD_BYTES = 8 << 20
+
+
 def _initial_content(params: SimulatedParams, side: Side) -> bytearray:
     content = bytearray(params.state_bytes)
     _fill_initial(content, params, side)
@@ -1299,10 +1303,23 @@ class SimulatedDevice(Device):
             # A source hashes its pages now, in the prepare phase; a destination's
             # content is about to be replaced by a load, so it hashes lazily.
             known: Literal["hash", "stale"] = "hash" if self.side is Side.SOURCE else "stale"
-            if self.state_file is None:
-                self._set_content(_initial_content(self.params, self.side), known)
+            state_file = self.state_file
+
+            def build() -> None:
+                if state_file is None:
+                    self._set_content(_initial_content(self.params, self.side), known)
+                else:
+                    self._open_file(state_file, known)
+
+            # Making and hashing a large state takes tens of ms: in a worker
+            # thread, as a real backend's blocking open would be, so that
+            # other devices (and a daemon's API) go on meanwhile.  Small ones
+            # are built in place: cheaper than a thread hop, and it keeps
+            # trio's MockClock (which jumps ahead while a thread works) usable.
+            if self._layout.size > _OPEN_IN_THREAD_BYTES:
+                await trio.to_thread.run_sync(build)
             else:
-                self._open_file(self.state_file, known)
+                build()
             self._last = _current_time()
             self._opened = self._live = True
         return self._capabilities
