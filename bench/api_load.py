@@ -39,8 +39,9 @@ def free_port() -> int:
         return port
 
 
-def slow_plan(vm: str, device: str) -> dict[str, Any]:
-    # 16 MiB drained at 1 MiB/s: each migration runs for about 16 s.
+def slow_plan(vm: str, device: str, state_mib: float) -> dict[str, Any]:
+    # Drained at a sixteenth of its size per second: each migration runs for
+    # about 16 s, whatever its size.
     return {
         "vm": vm,
         "downtime_limit_ms": 1000,
@@ -48,7 +49,12 @@ def slow_plan(vm: str, device: str) -> dict[str, Any]:
             {
                 "name": device,
                 "backend": "simulated",
-                "source": {"state_mib": 16, "drain_mib_s": 1, "transition_ms": 1, "seed": 1},
+                "source": {
+                    "state_mib": state_mib,
+                    "drain_mib_s": state_mib / 16,
+                    "transition_ms": 1,
+                    "seed": 1,
+                },
                 "destination": {"transition_ms": 1},
             }
         ],
@@ -173,7 +179,8 @@ async def measure(
     ) as client:
         ids = []
         for i in range(50):
-            r = await client.post("/v1/migrations", json=slow_plan(f"bench-vm{i}", f"bench-gpu{i}"))
+            plan = slow_plan(f"bench-vm{i}", f"bench-gpu{i}", args.state_mib)
+            r = await client.post("/v1/migrations", json=plan)
             r.raise_for_status()
             ids.append(r.json()["id"])
         get_lat: list[float] = []
@@ -226,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--post-rate", type=float, default=5.0, help="POST requests per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the load lasts")
     parser.add_argument("--connections", type=int, default=16, help="client connection pool")
+    parser.add_argument(
+        "--state-mib", type=float, default=16.0, help="state of each running migration's device"
+    )
     args = parser.parse_args(argv)
     if not (0 < args.seconds <= 120 and 0 < args.rate <= 5000 and 0 < args.post_rate <= 100):
         parser.error("keep the load bounded: seconds <= 120, rate <= 5000, post-rate <= 100")
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpu, Python {platform.python_version()}; "
         f"{args.seconds:g} s of open-loop load over {args.connections} connections, "
-        "while 50 migrations run"
+        f"while 50 migrations of {args.state_mib:g} MiB devices run"
     )
     with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp)) as (url, token):
         rows = trio.run(measure, url, token, args)
