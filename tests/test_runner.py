@@ -359,3 +359,13 @@ async def test_a_device_not_running_at_the_start_is_refused_before_any_change(
     assert "is in STOP, not RUNNING" in report.error.message
     assert not [e for e in again.trace if e.kind in ("arc_begin", "reset")]
     assert {(d.source_state, d.destination_state) for d in first.devices} == {("STOP", "RUNNING")}
+
+
+async def test_a_slow_device_answers_each_read_within_the_call_deadline(
+    autojump_clock: Any,
+) -> None:
+    # 1 MiB at 1/16 MiB/s takes 16 s in all; no single read may take 2 s.
+    devices = [sim_device("slow0", state_mib=1, drain_mib_s=0.0625, transition_ms=1)]
+    m = await migrate(devices, timeouts={"device_call_s": 2})
+    assert m.report is not None and m.report.outcome == "succeeded", m.report.error
+    assert m.report.duration_ms > 16_000
