@@ -474,21 +474,34 @@ def _apply_mutations(
     n_words = len(words)
     newly_pending = 0
     for k in range(first, first + count):
-        x = (key + k * _GOLDEN) & _MASK64
-        x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
-        x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
-        x ^= x >> 31
-        page = x % n_pages
-        base = page * per_page
-        index = base + (x >> 40) % per_page
-        if index >= n_words:  # the last page is partial
-            index = base + (index - base) % (n_words - base)
-        words[index] ^= x | 1
+        page, index, value = _mutation_site(key, k, n_pages, per_page, n_words)
+        words[index] ^= value
         stale[page] = 1
         if pending is not None and not pending[page]:
             pending[page] = 1
             newly_pending += 1
     return newly_pending
+
+
+def _mutation_site(
+    key: int, k: int, n_pages: int, per_page: int, n_words: int
+) -> tuple[int, int, int]:
+    """Where the k-th mutation lands and what it XORs in: (page, word index, value).
+
+    A splitmix64-style mix of the device's key and k; the value is odd, so
+    the word always changes.  Both mutation loops use it, so an in-memory and
+    a persistent device dirty exactly the same words.
+    """
+    x = (key + k * _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    x ^= x >> 31
+    page = x % n_pages
+    base = page * per_page
+    index = base + (x >> 40) % per_page
+    if index >= n_words:  # the last page is partial
+        index = base + (index - base) % (n_words - base)
+    return page, index, x | 1
 
 
 def _apply_mutations_logged(
@@ -504,11 +517,11 @@ def _apply_mutations_logged(
 ) -> int:
     """:func:`_apply_mutations` for a persistent device, safe against a kill at any point.
 
-    The same mutations (the two loops must stay in step: the tests hold both
-    to :func:`reference_digest`), in chunks of at most the undo log's
-    capacity.  Before each XOR, the word's index and old value go to the undo
-    log and the log's length is bumped; after a chunk, the mutation count is
-    committed and the log emptied.  A process killed in between leaves a log
+    The same mutations (both place them with :func:`_mutation_site`), in
+    chunks of at most the undo log's capacity.  Before each XOR, the word's
+    index and old value go to the undo log and the log's length is bumped;
+    after a chunk, the mutation count is committed and the log emptied.  A
+    process killed in between leaves a log
     that :meth:`_StateFile.open` undoes, back to the committed count.
     """
     n_pages = layout.n_pages
@@ -522,20 +535,12 @@ def _apply_mutations_logged(
         header[_H_UNDO_BASE] = chunk
         slot = 0
         for k in range(chunk, stop):
-            x = (key + k * _GOLDEN) & _MASK64
-            x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
-            x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
-            x ^= x >> 31
-            page = x % n_pages
-            base = page * per_page
-            index = base + (x >> 40) % per_page
-            if index >= n_words:  # the last page is partial
-                index = base + (index - base) % (n_words - base)
+            page, index, value = _mutation_site(key, k, n_pages, per_page, n_words)
             log[slot] = index
             log[slot + 1] = words[index]
             slot += 2
             header[_H_UNDO_LEN] = slot >> 1
-            words[index] ^= x | 1
+            words[index] ^= value
             stale[page] = 1
             if pending is not None and not pending[page]:
                 pending[page] = 1
