@@ -367,5 +367,7 @@ async def test_a_slow_device_answers_each_read_within_the_call_deadline(
     # 1 MiB at 1/16 MiB/s takes 16 s in all; no single read may take 2 s.
     devices = [sim_device("slow0", state_mib=1, drain_mib_s=0.0625, transition_ms=1)]
     m = await migrate(devices, timeouts={"device_call_s": 2})
-    assert m.report is not None and m.report.outcome == "succeeded", m.report.error
-    assert m.report.duration_ms > 16_000
+    report = m.report
+    assert report is not None
+    assert report.outcome == "succeeded", report.error
+    assert report.duration_ms > 16_000
