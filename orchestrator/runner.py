@@ -264,7 +264,7 @@ class Migration:
         else:
             if self._scope.cancelled_caught:
                 self._set_error("cancelled", self._cancel_reason or "cancelled")
-                await self._recover()
+                await self._roll_back_unless_committed()
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_all()
@@ -756,17 +756,16 @@ class Migration:
 
     async def _after_forward_failure(self, exc: BaseException) -> None:
         cancelled, rest = _split(exc, trio.Cancelled)
-        expected, unexpected = _split(rest, MigrationAborted) if rest is not None else (None, None)
-        del expected
+        _, unexpected = _split(rest, MigrationAborted)
         if unexpected is not None:
             self._set_error("internal_error", f"{type(unexpected).__name__}: {unexpected}")
         if cancelled is not None:
             self._set_error("cancelled", self._cancel_reason or "the migration was cancelled")
-        await self._recover()
+        await self._roll_back_unless_committed()
         if unexpected is not None or cancelled is not None:
             raise exc
 
-    async def _recover(self) -> None:
+    async def _roll_back_unless_committed(self) -> None:
         """Roll back if the commit point was not recorded; otherwise nothing is undone."""
         if self.flow is None or self.committed:
             return
