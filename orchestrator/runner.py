@@ -35,7 +35,13 @@ import structlog
 import trio
 
 from orchestrator.backends.base import Device
-from orchestrator.errors import DeviceError, DeviceTimeout, PeerError, PlanError
+from orchestrator.errors import (
+    DeviceError,
+    DeviceTimeout,
+    PeerError,
+    PlanError,
+    ProtocolViolation,
+)
 from orchestrator.flow import MigrationFlow, Phase, PrecopyDecision, Remaining, decide_precopy
 from orchestrator.report import (
     BarrierReport,
@@ -221,6 +227,10 @@ class Migration:
         """Roll the migration back if the commit point is not reached; False if too late."""
         if self.phase in NO_CANCEL_PHASES or self.committed or self.report is not None:
             return False
+        reached = self.flow is not None and self.flow.commit_point_reached()
+        if self.phase is Phase.DESTINATION_GRACE and reached:
+            # The decision is about to be recorded: the destination wins.
+            return False
         if self._cancel_reason is None:
             self._cancel_reason = reason
         if self._scope is not None:
@@ -264,7 +274,7 @@ class Migration:
         else:
             if self._scope.cancelled_caught:
                 self._set_error("cancelled", self._cancel_reason or "cancelled")
-                await self._roll_back_unless_committed()
+                await self._settle()
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_all()
@@ -303,11 +313,7 @@ class Migration:
                         "commit decision was recorded"
                     )
                     flow.adopt_commit()
-                    self._enter(Phase.RESUME)
-                    await self._for_each_device(self._complete_destination)
-                    self._enter(Phase.RELEASE)
-                    await self._for_each_device(self._release_source)
-                    self._enter(Phase.DONE)
+                    await self._complete_after_commit()
                 else:
                     self._set_error(
                         "interrupted",
@@ -339,19 +345,68 @@ class Migration:
 
     async def _complete_destination(self, name: str) -> None:
         assert self.flow is not None
-        route = self.flow.endpoint(Side.DESTINATION, name).route
-        assert route.final is not None
+        e = self.flow.endpoint(Side.DESTINATION, name)
+        assert e.route.final is not None
+        if e.state is DeviceState.ERROR:
+            # After the commit a reset would only lose the VM's state: an
+            # operator has to look at it.
+            self._post_commit_errors.append(self._stuck(Side.DESTINATION, name, "run"))
+            return
         try:
-            await self._walk(Side.DESTINATION, name, route.final)
+            await self._walk(Side.DESTINATION, name, e.route.final)
         except DeviceFailure as failure:
             self._post_commit_errors.append(failure.info)
 
     async def _release_source(self, name: str) -> None:
         assert self.flow is not None
+        e = self.flow.endpoint(Side.SOURCE, name)
+        if e.state is DeviceState.ERROR:
+            # Never reset it: a reset source reads RUNNING, beside a running destination.
+            self._release_errors.append(self._stuck(Side.SOURCE, name, "be released"))
+            return
         try:
-            await self._walk(Side.SOURCE, name, self.flow.endpoint(Side.SOURCE, name).route.settle)
+            await self._walk(Side.SOURCE, name, e.route.settle)
         except DeviceFailure as failure:
             self._release_errors.append(failure.info)
+
+    def _stuck(self, side: Side, name: str, verb: str) -> ErrorInfo:
+        return ErrorInfo(
+            kind="device_error",
+            message=f"{side.value} device {name!r} is in ERROR and cannot {verb}",
+            phase=self.phase.value,
+            side=side.value,
+            device=name,
+        )
+
+    async def _complete_after_commit(self) -> None:
+        """Finish the forward path after the commit point, whatever interrupted it.
+
+        Every destination device goes to RUNNING (the barrier still holds)
+        and every source device to STOP; the VM must end up running somewhere.
+        """
+        assert self.flow is not None
+        flow = self.flow
+        with trio.move_on_after(self.plan.timeouts.rollback_s) as scope:
+            for (side, name), e in list(flow.endpoints.items()):
+                if e.pending is not None:
+                    flow.arc_failed(side, name, await self._probe_state(side, name))
+            if self.phase is Phase.COMMIT:
+                self._enter(Phase.RESUME)
+            # A destination already RUNNING is left as it is.
+            await self._for_each_device(self._complete_destination)
+            if self.phase is Phase.RESUME:
+                self._enter(Phase.RELEASE)
+            await self._for_each_device(self._release_source)
+            self._enter(Phase.DONE)
+        if scope.cancelled_caught:
+            self._post_commit_errors.append(
+                ErrorInfo(
+                    kind="phase_timeout",
+                    message="completing the destination after the commit point took over "
+                    f"{self.plan.timeouts.rollback_s:g} s",
+                    phase=self.phase.value,
+                )
+            )
 
     # -- the forward path ----------------------------------------------------
 
@@ -761,16 +816,22 @@ class Migration:
             self._set_error("internal_error", f"{type(unexpected).__name__}: {unexpected}")
         if cancelled is not None:
             self._set_error("cancelled", self._cancel_reason or "the migration was cancelled")
-        await self._roll_back_unless_committed()
+        await self._settle()
         if unexpected is not None or cancelled is not None:
             raise exc
 
-    async def _roll_back_unless_committed(self) -> None:
-        """Roll back if the commit point was not recorded; otherwise nothing is undone."""
-        if self.flow is None or self.committed:
+    async def _settle(self) -> None:
+        """After the forward path stopped early: roll back if the commit was not
+        recorded, complete the destination if it was.  Shielded: a migration
+        interrupted by a cancel still ends with the VM running on one side."""
+        if self.flow is None:
             return
         with trio.CancelScope(shield=True):
-            await self._rollback()
+            if self.committed:
+                if self.phase is not Phase.DONE:
+                    await self._complete_after_commit()
+            else:
+                await self._rollback()
 
     async def _rollback(self) -> None:
         assert self.flow is not None
@@ -827,6 +888,18 @@ class Migration:
                 await self._reset(Side.SOURCE, name)
             else:
                 self._rollback_errors.append(failure.info)
+        except ProtocolViolation as exc:
+            # A peer could not leave a stopped state: running this device
+            # fully would expose it to that peer.  It waits for an operator.
+            self._rollback_errors.append(
+                ErrorInfo(
+                    kind="device_error",
+                    message=f"left in its grace state: {exc}",
+                    phase=self.phase.value,
+                    side=Side.SOURCE.value,
+                    device=name,
+                )
+            )
 
     def _needs_reset(self, side: Side, name: str) -> bool:
         assert self.flow is not None

@@ -371,3 +371,43 @@ async def test_a_slow_device_answers_each_read_within_the_call_deadline(
     assert report is not None
     assert report.outcome == "succeeded", report.error
     assert report.duration_ms > 16_000
+
+
+async def test_a_cancel_from_outside_after_the_commit_completes_the_destination(
+    autojump_clock: Any,
+) -> None:
+    m = Migration(make_resolved(gpus(3)))
+    with trio.CancelScope() as outer:
+
+        def cancel_at_commit(event: Any) -> None:
+            if event.kind == "commit":
+                outer.cancel()
+
+        m.observers.append(cancel_at_commit)
+        await m.run()
+    assert outer.cancelled_caught
+    await check_all(m)
+    assert m.report is not None and m.report.outcome == "succeeded"
+    assert {(d.source_state, d.destination_state) for d in m.report.devices} == {
+        ("STOP", "RUNNING")
+    }
+
+
+async def test_a_rollback_blocked_by_a_stuck_peer_reports_instead_of_raising(
+    autojump_clock: Any,
+) -> None:
+    # Pre-copy devices reach RUNNING_P2P only on the way back: gpu1 fails it
+    # every time, so it cannot return to its grace state.
+    devices = gpus(2)
+    devices[0]["source"]["fault"] = {"at": "STOP_COPY", "kind": "error"}
+    devices[1]["source"]["fault"] = {"at": "RUNNING_P2P", "kind": "error", "once": False}
+    m = Migration(make_resolved(devices))
+    report = await m.run()  # returns a report; nothing escapes
+    assert report.outcome == "failed"
+    assert report.error is not None and report.error.device == "gpu0"
+    states = {d.name: d.source_state for d in report.devices}
+    assert states["gpu1"] != "RUNNING"
+    if states["gpu1"] in ("STOP", "STOP_COPY"):
+        # The reverse barrier: gpu0 may not run fully beside a stopped peer.
+        assert states["gpu0"] == "RUNNING_P2P"
+        assert any("left in its grace state" in n for n in report.notes)
