@@ -151,6 +151,10 @@ class MigrationService:
         self._known: dict[str, DeviceStatus] = {}
         self._nursery: trio.Nursery | None = None
         self._writer_done = trio.Event()
+        #: Set when a journal write failed: the daemon reports itself not ready.
+        self.journal_failure: str | None = None
+        self._submitting = 0
+        self._submits_idle = trio.Event()
         self._journal_send, self._journal_receive = trio.open_memory_channel[
             tuple[_Entry, TraceEvent | object]
         ](math.inf)
@@ -174,6 +178,10 @@ class MigrationService:
         """Refuse new migrations, let running ones finish for ``grace_s``, roll back the rest."""
         self.accepting = False
         self.ready = False
+        # A submit already past its check finishes starting its migration
+        # first, so that the migration is counted below.
+        while self._submitting:
+            await self._submits_idle.wait()
         active = [e for e in self._entries.values() if not e.done.is_set()]
         log.info("service.shutdown", active=len(active), grace_s=grace_s)
         with trio.move_on_after(grace_s):
@@ -203,6 +211,18 @@ class MigrationService:
         """
         if not self.accepting or self._nursery is None:
             raise ShuttingDown("the orchestrator is shutting down and accepts no new migration")
+        self._submitting += 1
+        try:
+            return await self._submit(plan, idempotency_key)
+        finally:
+            self._submitting -= 1
+            if not self._submitting:
+                self._submits_idle.set()
+                self._submits_idle = trio.Event()
+
+    async def _submit(
+        self, plan: Plan, idempotency_key: str | None
+    ) -> tuple[MigrationStatus, bool]:
         if idempotency_key is not None:
             first = await self.journal.find_by_idempotency_key(idempotency_key)
             if first is not None:
@@ -327,6 +347,10 @@ class MigrationService:
                     await migration.run()
             else:
                 await migration.run()
+        except Exception:
+            # A bug in one migration (its report says internal_error) must not
+            # cancel every other migration of the host.
+            log.exception("service.migration_crashed", migration=migration.id)
         finally:
             await self._finish(entry)
 
@@ -358,9 +382,24 @@ class MigrationService:
                         items.append(self._journal_receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await self._write_in_order(items)
+                await self._write_in_order_or_log(items)
         finally:
             self._writer_done.set()
+
+    async def _write_in_order_or_log(
+        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
+    ) -> None:
+        """Like ``_write_in_order``; a journal that fails makes the daemon unready
+        (the operator must see it) but never stalls the migrations waiting on it."""
+        try:
+            await self._write_in_order(items)
+        except Exception as exc:
+            self.ready = False
+            self.journal_failure = str(exc)
+            log.exception("service.journal_failed")
+            for entry, item in items:
+                if item is _FINISH:
+                    entry.journaled.set()
 
     async def _write_in_order(
         self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
@@ -395,9 +434,10 @@ class MigrationService:
         if not unfinished:
             return
         log.warning("service.recovering", migrations=len(unfinished))
-        async with trio.open_nursery() as nursery:
-            for record in unfinished:
-                nursery.start_soon(self._recover_one, record)
+        # One after another: two unfinished migrations may name the same
+        # device, which must never be driven by both at once.
+        for record in unfinished:
+            await self._recover_one(record)
 
     async def _recover_one(self, record: MigrationRecord) -> None:
         resolved = resolve(record.plan, self.backends)

@@ -148,3 +148,28 @@ async def test_shutdown_refuses_new_work_and_rolls_back_what_does_not_finish(
         assert (await svc.status(quick.id)).outcome == "succeeded"
         assert (await svc.status(slow.id)).outcome == "rolled_back"
         assert await journal.unfinished() == []
+
+
+async def test_a_failing_journal_makes_the_daemon_unready_but_never_hangs_it(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.journal import JournalError
+
+    async with await Journal.open(tmp_path / "state") as journal:
+        svc = MigrationService(journal)
+
+        async def broken(*args: Any, **kwargs: Any) -> int:
+            raise JournalError("disk full", path=tmp_path)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            journal.record_events = broken  # type: ignore[method-assign]
+            status, _ = await svc.submit(plan_for("vm1", "gpu0"))
+            with trio.fail_after(10):
+                async for _ in svc.follow(status.id):
+                    pass
+            assert not svc.ready and svc.journal_failure is not None
+            assert svc.devices()[0].migration is None  # the lock was released
+            with trio.fail_after(10):
+                await svc.shutdown(grace_s=1)
+            nursery.cancel_scope.cancel()
