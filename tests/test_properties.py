@@ -47,7 +47,9 @@ def device_lists(draw: st.DrawFn) -> tuple[list[dict[str, Any]], bool]:
         devices.append(
             {"name": f"d{i}", "backend": "simulated", "source": source, "destination": destination}
         )
-    if draw(st.booleans()):
+    # Up to two faults, so that a failure can also strike during the rollback
+    # the first one causes (a fault that is not "once" fires again there).
+    for _ in range(draw(st.integers(min_value=0, max_value=2))):
         victim = draw(st.integers(min_value=0, max_value=n - 1))
         side = draw(st.sampled_from(["source", "destination"]))
         states = SOURCE_STATES if side == "source" else DESTINATION_STATES
@@ -57,6 +59,7 @@ def device_lists(draw: st.DrawFn) -> tuple[list[dict[str, Any]], bool]:
             fault = {"at": "stream", "offset": draw(st.integers(0, 70_000)), "kind": kind}
         else:
             fault = {"at": draw(st.sampled_from(states)), "kind": kind}
+        fault["once"] = draw(st.booleans())
         devices[victim][side]["fault"] = fault
     return devices, p2p_plan
 
@@ -86,8 +89,9 @@ def test_random_migrations_keep_every_promise(
         await check_all(m)
         assert report.outcome in ("succeeded", "rolled_back", "failed")
         if report.outcome == "failed":
-            # Only a fault the destination meets after the commit fails forward here.
-            assert report.committed
-            assert report.error is not None and report.error.side == "destination"
+            # Failed means: a fault after the commit point, or a rollback that
+            # could not finish; either way the report says what went wrong.
+            assert report.error is not None
+            assert report.committed or report.notes
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
