@@ -313,6 +313,8 @@ class Migration:
                         "commit decision was recorded"
                     )
                     flow.adopt_commit()
+                    self.phase = Phase.COMMIT
+                    self._enter_phase_timing(Phase.COMMIT)
                     await self._complete_after_commit()
                 else:
                     self._set_error(
@@ -345,34 +347,37 @@ class Migration:
 
     async def _complete_destination(self, name: str) -> None:
         assert self.flow is not None
-        e = self.flow.endpoint(Side.DESTINATION, name)
-        assert e.route.final is not None
-        if e.state is DeviceState.ERROR:
-            # After the commit a reset would only lose the VM's state: an
-            # operator has to look at it.
-            self._post_commit_errors.append(self._stuck(Side.DESTINATION, name, "run"))
-            return
-        try:
-            await self._walk(Side.DESTINATION, name, e.route.final)
-        except DeviceFailure as failure:
-            self._post_commit_errors.append(failure.info)
+        final = self.flow.endpoint(Side.DESTINATION, name).route.final
+        assert final is not None
+        await self._drive_after_commit(Side.DESTINATION, name, final, self._post_commit_errors)
 
     async def _release_source(self, name: str) -> None:
         assert self.flow is not None
-        e = self.flow.endpoint(Side.SOURCE, name)
-        if e.state is DeviceState.ERROR:
-            # Never reset it: a reset source reads RUNNING, beside a running destination.
-            self._release_errors.append(self._stuck(Side.SOURCE, name, "be released"))
+        settle = self.flow.endpoint(Side.SOURCE, name).route.settle
+        await self._drive_after_commit(Side.SOURCE, name, settle, self._release_errors)
+
+    async def _drive_after_commit(
+        self, side: Side, name: str, target: DeviceState, errors: list[ErrorInfo]
+    ) -> None:
+        """Walk one endpoint to ``target`` after the commit; failures go to ``errors``.
+
+        A device in ERROR is reported, never reset: after the commit a reset
+        destination loses the VM's state, and a reset source reads RUNNING
+        beside a running destination.
+        """
+        assert self.flow is not None
+        if self.flow.endpoint(side, name).state is DeviceState.ERROR:
+            errors.append(self._stuck(side, name, target))
             return
         try:
-            await self._walk(Side.SOURCE, name, e.route.settle)
+            await self._walk(side, name, target)
         except DeviceFailure as failure:
-            self._release_errors.append(failure.info)
+            errors.append(failure.info)
 
-    def _stuck(self, side: Side, name: str, verb: str) -> ErrorInfo:
+    def _stuck(self, side: Side, name: str, target: DeviceState) -> ErrorInfo:
         return ErrorInfo(
             kind="device_error",
-            message=f"{side.value} device {name!r} is in ERROR and cannot {verb}",
+            message=f"{side.value} device {name!r} is in ERROR and cannot go to {target.name}",
             phase=self.phase.value,
             side=side.value,
             device=name,
@@ -390,11 +395,11 @@ class Migration:
             for (side, name), e in list(flow.endpoints.items()):
                 if e.pending is not None:
                     flow.arc_failed(side, name, await self._probe_state(side, name))
-            if self.phase is Phase.COMMIT:
+            if flow.phase is Phase.COMMIT:
                 self._enter(Phase.RESUME)
             # A destination already RUNNING is left as it is.
             await self._for_each_device(self._complete_destination)
-            if self.phase is Phase.RESUME:
+            if flow.phase is Phase.RESUME:
                 self._enter(Phase.RELEASE)
             await self._for_each_device(self._release_source)
             self._enter(Phase.DONE)
