@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from orchestrator.plan import Plan, parse_plan
 from orchestrator.resolve import ResolvedPlan, resolve
@@ -27,3 +34,38 @@ def make_plan(devices: list[dict[str, Any]], **top: Any) -> Plan:
 
 def make_resolved(devices: list[dict[str, Any]], **top: Any) -> ResolvedPlan:
     return resolve(make_plan(devices, **top))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_child(module: str, *args: str | Path) -> subprocess.Popen[str]:
+    """Run ``python -m <module> <args>`` from the checkout, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_line(proc: subprocess.Popen[str]) -> str:
+    """The child's next output line; fails the test with its stderr if it died."""
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        pytest.fail(f"the child died: {proc.stderr.read()}")
+    return line.strip()
+
+
+def kill_child(proc: subprocess.Popen[str]) -> list[str]:
+    """SIGKILL the child; the lines it printed that were not read yet."""
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert proc.stdout is not None and proc.stderr is not None
+    rest = proc.stdout.read().splitlines()
+    proc.stdout.close()
+    proc.stderr.close()
+    return rest

@@ -7,12 +7,8 @@ SIGKILL and read what it left on disk.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -35,9 +31,7 @@ from orchestrator.plan import Plan
 from orchestrator.report import ErrorInfo, MigrationReport, Outcome
 from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import DeviceState, Side
-from tests.helpers import make_plan, make_resolved, sim_device
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import kill_child, make_plan, make_resolved, read_line, sim_device, spawn_child
 
 
 def plan(*devices: str, vm: str = "vm-test") -> Plan:
@@ -471,40 +465,13 @@ async def test_concurrent_creates_with_one_idempotency_key_make_one_migration(
 # -- durability: a killed process -----------------------------------------------------
 
 
-def spawn(mode: str, state: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.journal_child", mode, str(state)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()
-    proc.stderr.close()
-
-
-def read_line(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=30)
-        pytest.fail(f"the child died: {proc.stderr.read()}")
-    return line.strip()
-
-
 def test_a_recorded_commit_survives_sigkill(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    proc = spawn("commit", state)
+    proc = spawn_child("tests.journal_child", "commit", state)
     try:
         assert read_line(proc) == "committed"
     finally:
-        kill(proc)
+        kill_child(proc)
 
     async def check() -> None:
         async with await Journal.open(state) as j:
@@ -518,12 +485,12 @@ def test_a_recorded_commit_survives_sigkill(tmp_path: Path) -> None:
 
 def test_a_write_cut_by_sigkill_leaves_a_readable_journal(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    proc = spawn("write", state)
+    proc = spawn_child("tests.journal_child", "write", state)
     try:
         acknowledged = [int(read_line(proc)) for _ in range(10)]
     finally:
         # The child writes without pause: the kill lands in or between writes.
-        kill(proc)
+        kill_child(proc)
     db = sqlite3.connect(state / FILENAME)
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
-import signal
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +48,10 @@ from orchestrator.resolve import ResolvedPlan, resolve
 from orchestrator.runner import Migration
 from orchestrator.states import DeviceState, Side
 from tests import sim_child
-from tests.helpers import make_plan, sim_device
+from tests.helpers import kill_child, make_plan, read_line, sim_device, spawn_child
 
 S = DeviceState
 KIB = 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def params(**changes: Any) -> SimulatedParams:
@@ -402,49 +397,19 @@ async def test_a_kill_at_any_store_of_a_batch_leaves_a_consistent_device(tmp_pat
     await again.close()
 
 
-def spawn(mode: str, state_dir: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.sim_child", mode, str(state_dir)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_line(proc: subprocess.Popen[str]) -> str:
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=30)
-        pytest.fail(f"the child died: {proc.stderr.read()}")
-    return line.strip()
-
-
-def kill(proc: subprocess.Popen[str]) -> list[str]:
-    """SIGKILL the child; the lines it printed that were not read yet."""
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert proc.stdout is not None and proc.stderr is not None
-    rest = proc.stdout.read().splitlines()
-    proc.stdout.close()
-    proc.stderr.close()
-    return rest
-
-
 def test_a_kill_while_dirtying_leaves_the_reference_state(tmp_path: Path) -> None:
     name, p = sim_child.DIRTY_DEVICE
     undone = []
     last = 0
     for _ in range(3):
-        proc = spawn("dirty", tmp_path)
+        proc = spawn_child("tests.sim_child", "dirty", tmp_path)
         try:
             word, count = read_line(proc).split()
             # It goes on from where the last one was killed (and this process closed it).
             assert word == "dirtying" and int(count) >= last
             time.sleep(0.3)
         finally:
-            kill(proc)
+            kill_child(proc)
 
         async def check() -> tuple[int, int]:
             dev = await opened(tmp_path, p, name=name)
@@ -593,13 +558,13 @@ async def test_a_device_open_elsewhere_is_refused(tmp_path: Path) -> None:
 def test_a_device_held_by_another_process_is_refused_until_it_dies(tmp_path: Path) -> None:
     spec = resolve(sim_child.migration_plan()).devices[0]
     p = cast(SimulatedParams, spec.source)
-    proc = spawn("hold", tmp_path)
+    proc = spawn_child("tests.sim_child", "hold", tmp_path)
     try:
         assert read_line(proc) == "held"
         error = trio.run(open_fails, tmp_path, p)
         assert "is in use" in str(error)
     finally:
-        kill(proc)
+        kill_child(proc)
 
     async def reopen() -> None:
         dev = await opened(tmp_path, p)  # the kernel dropped the dead process's lock
@@ -670,7 +635,7 @@ KILL_POINTS = [(phase, 0.0) for phase in PHASES] + [
 def run_until_killed(state_dir: Path, phase: str, delay: float) -> tuple[list[str], str, bool]:
     """Run the child's migration and kill it ``delay`` seconds into ``phase``: the lines it
     printed, the phase it was in, and whether it had recorded the commit decision."""
-    proc = spawn("migrate", state_dir)
+    proc = spawn_child("tests.sim_child", "migrate", state_dir)
     lines = []
     try:
         while (line := read_line(proc)) != f"phase {phase}":
@@ -678,7 +643,7 @@ def run_until_killed(state_dir: Path, phase: str, delay: float) -> tuple[list[st
         lines.append(line)
         time.sleep(delay)
     finally:
-        lines += kill(proc)
+        lines += kill_child(proc)
     last = [line.split()[1] for line in lines if line.startswith("phase ")][-1]
     return lines, last, "committed" in lines
 
