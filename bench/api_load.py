@@ -39,40 +39,33 @@ def free_port() -> int:
         return port
 
 
+def one_device_plan(
+    vm: str, device: str, destination: dict[str, Any], **source: Any
+) -> dict[str, Any]:
+    return {
+        "vm": vm,
+        "downtime_limit_ms": 1000,
+        "devices": [
+            {
+                "name": device,
+                "backend": "simulated",
+                "source": {"transition_ms": 1, **source},
+                "destination": destination,
+            }
+        ],
+    }
+
+
 def slow_plan(vm: str, device: str, state_mib: float) -> dict[str, Any]:
     # Drained at a sixteenth of its size per second: each migration runs for
     # about 16 s, whatever its size.
-    return {
-        "vm": vm,
-        "downtime_limit_ms": 1000,
-        "devices": [
-            {
-                "name": device,
-                "backend": "simulated",
-                "source": {
-                    "state_mib": state_mib,
-                    "drain_mib_s": state_mib / 16,
-                    "transition_ms": 1,
-                    "seed": 1,
-                },
-                "destination": {"transition_ms": 1},
-            }
-        ],
-    }
+    return one_device_plan(
+        vm, device, {"transition_ms": 1}, state_mib=state_mib, drain_mib_s=state_mib / 16, seed=1
+    )
 
 
 def quick_plan(vm: str, device: str) -> dict[str, Any]:
-    return {
-        "vm": vm,
-        "downtime_limit_ms": 1000,
-        "devices": [
-            {
-                "name": device,
-                "backend": "simulated",
-                "source": {"state_mib": 0.0625, "transition_ms": 1},
-            }
-        ],
-    }
+    return one_device_plan(vm, device, {}, state_mib=0.0625)
 
 
 @contextlib.contextmanager
