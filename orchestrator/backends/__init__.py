@@ -7,6 +7,9 @@ test's own double, say) inject it instead of registering it globally:
 ``resolve(plan, backends)`` takes any such mapping, and
 :func:`backends_for` builds the daemon's, whose simulated devices live in
 files under its state directory and so survive a crash of the daemon.
+
+``vfio`` drives real devices through the kernel's VFIO migration uAPI
+(``orchestrator.backends.vfio``); it has no state of its own to keep.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from types import MappingProxyType
 
 from orchestrator.backends.base import Backend, Device, PrecopyInfo
 from orchestrator.backends.simulated import SimulatedBackend
+from orchestrator.backends.vfio import VfioBackend
 from orchestrator.errors import PlanError
 
 __all__ = ["BACKENDS", "Backend", "Device", "PrecopyInfo", "backends_for", "get_backend"]
 
 BACKENDS: Mapping[str, Backend] = MappingProxyType(
-    {backend.name: backend for backend in (SimulatedBackend(),)}
+    {backend.name: backend for backend in (SimulatedBackend(), VfioBackend())}
 )
 
 
@@ -36,7 +40,10 @@ def backends_for(state_dir: Path | None) -> Mapping[str, Backend]:
     if state_dir is None:
         return BACKENDS
     return MappingProxyType(
-        {backend.name: backend for backend in (SimulatedBackend(Path(state_dir)),)}
+        {
+            backend.name: backend
+            for backend in (SimulatedBackend(Path(state_dir)), BACKENDS[VfioBackend.name])
+        }
     )
 
 

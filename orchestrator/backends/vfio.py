@@ -1,0 +1,1161 @@
+"""The VFIO backend: real devices through the kernel's VFIO migration v2 uAPI.
+
+What it drives
+--------------
+
+A device that a VFIO driver owns: a mediated device (mdev, named by its
+UUID), a PCI function bound to ``vfio-pci`` or a vendor variant of it (a VF,
+named by its address), or any device named by its sysfs path.  A plan's
+``source`` and ``destination`` tables say which, in exactly one of ``mdev``,
+``pci`` or ``sysfs``; :func:`locate` finds it under ``/sys`` and the plan is
+refused up front, with the field's path, when it is not there.
+
+The device is opened one of two ways, as the kernel offers:
+
+* its IOMMU group and a type1v2 container: ``/dev/vfio/vfio``
+  (``VFIO_GET_API_VERSION``, ``VFIO_CHECK_EXTENSION(TYPE1v2)``), the group
+  ``/dev/vfio/<N>`` (``VFIO_GROUP_GET_STATUS`` viable,
+  ``VFIO_GROUP_SET_CONTAINER``), ``VFIO_SET_IOMMU``, then
+  ``VFIO_GROUP_GET_DEVICE_FD`` with the device's name.  A group is opened
+  once per process and shared by the devices in it (the kernel lets a group
+  be opened only once); another process holding it gets EBUSY, which is how
+  two migrations of one device are kept apart across processes.
+* its VFIO cdev ``/dev/vfio/devices/vfioN`` with iommufd:
+  ``VFIO_DEVICE_BIND_IOMMUFD`` to ``/dev/iommu``, ``IOMMU_IOAS_ALLOC``,
+  ``VFIO_DEVICE_ATTACH_IOMMUFD_PT``.  ``iommufd = "auto"`` (the default)
+  takes it when the kernel offers the cdev, ``"never"`` never does,
+  ``"require"`` refuses a device without it.
+
+or it is handed over already open (:meth:`VfioDevice.from_fd`): the backend
+duplicates the descriptor and owns only its duplicate.
+
+Migration follows ``include/uapi/linux/vfio.h``: capabilities from
+``VFIO_DEVICE_FEATURE_MIGRATION`` (and probes of ``MIG_DATA_SIZE`` and
+``DMA_LOGGING_START``), state changes with ``MIG_DEVICE_STATE`` (one arc
+per call: the runner walks paths), the stream over the ``data_fd`` the
+kernel returns on entering a saving or resuming state,
+``VFIO_MIG_GET_PRECOPY_INFO`` on that fd, and ``VFIO_DEVICE_RESET``.
+
+Invariants
+----------
+
+* One ``data_fd`` per stream.  Entering PRE_COPY, PRE_COPY_P2P (from
+  RUNNING_P2P) or STOP_COPY (from STOP) opens a save stream, entering
+  RESUMING a load stream: the kernel must return a new fd.  An arc between
+  saving states (PRE_COPY <-> PRE_COPY_P2P, PRE_COPY_P2P -> STOP_COPY)
+  carries the stream on; the kernel returns -1 and the fd is kept (a new fd
+  there is refused: the destination could not tell two streams apart).
+  Leaving the saving and resuming states closes the fd; so do a reset and
+  a device found in ERROR.
+* ``read`` returns ``b""`` for "nothing more now": in a PRE_COPY state when
+  the fd is not readable within 10 ms, or ``read()`` gives -ENOMSG (the
+  uAPI's temporary end of pre-copy data) or 0 (what mtty gives there); in
+  STOP_COPY when ``read()`` gives 0, the end of the stream.  -ENOMSG in
+  STOP_COPY is a protocol error.
+* A failed arc re-reads the state, so the error says whether the device
+  stayed where it was or fell into ERROR, and the data_fd follows it.
+* Every errno becomes a :class:`DeviceError` naming the ioctl (for
+  example ``VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)``), the device (the plan's
+  name, and in the message its host identity, such as ``mdev <uuid>``) and
+  the state asked for.
+* ``state_digest`` is the sha256 of the latest migration stream: the bytes
+  read from a source, or written into a destination.  Hardware has no
+  digest of its internal state; the stream's digest is the most that can be
+  checked, and equal digests on both ends prove that the destination
+  loaded exactly what the source saved.  None until a stream has begun.
+
+Threads and cancellation
+------------------------
+
+Every system call that can block (opens, ioctls, reads and writes, and the
+close, which on a PCI function may reset it) runs in a trio worker thread,
+so the devices of a migration move in parallel.  Worker threads are
+*abandoned* on cancellation (``abandon_on_cancel=True``): a driver stuck in
+an ioctl must not hang the runner past its deadline.  Abandoning is made
+safe by never closing a descriptor under a thread that may still use it:
+
+* each worker registers itself with its device while it runs;
+* every descriptor the device gives up (a data_fd at the end of a stream,
+  all of them at ``close``) is *retired* and closed only when no worker of
+  that device is running; the last one out closes them.  So a descriptor
+  number is never reused under a worker that is about to pass it to the
+  kernel;
+* a waiting ``poll`` loop (a read or write waiting for the data_fd) wakes
+  every 100 ms and gives up once its caller was cancelled or the device
+  closed; a blocked ioctl simply finishes late, and its thread then only
+  updates this object's bookkeeping (a data_fd it brings back after its
+  device was closed is retired at once).
+
+A device whose ioctl never returns therefore keeps its descriptors, and
+with them its group, until the kernel lets go: that is the truth about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import select
+import struct
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator.backends import vfio_uapi as uapi
+from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.errors import DeviceError, Problem
+from orchestrator.states import SAVING_STATES, Capabilities, DeviceState, MigrationFlags, Side
+
+__all__ = [
+    "DEFAULT_STOP_COPY_ESTIMATE",
+    "DeviceLocation",
+    "LocateError",
+    "Syscalls",
+    "VfioBackend",
+    "VfioDevice",
+    "VfioParams",
+    "locate",
+]
+
+T = TypeVar("T")
+
+MIB = 1 << 20
+
+#: What ``stop_copy_size`` answers for a device without ``MIG_DATA_SIZE`` (kernels
+#: before 6.2): QEMU's default estimate, so the pre-copy decision stays cautious.
+DEFAULT_STOP_COPY_ESTIMATE = 100 * MIB
+
+#: States with an open data_fd: the saving states and RESUMING.
+STREAM_STATES = SAVING_STATES | {DeviceState.RESUMING}
+_PRE_COPY_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P})
+#: How long a read in a PRE_COPY state waits for the data_fd to become readable.
+_PRECOPY_POLL_MS = 10
+#: The slice a waiting poll sleeps before checking for cancellation.
+_POLL_SLICE_MS = 100
+
+_PCI_ADDRESS = re.compile(r"^(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
+_SYSFS_PATH = re.compile(r"^/sys/(?:bus/[^/]+/devices/[^/]+|devices/.+)$")
+_MIGRATION_FLAGS_KNOWN = int(
+    MigrationFlags.STOP_COPY | MigrationFlags.P2P | MigrationFlags.PRE_COPY
+)
+
+
+# --- plan parameters ---------------------------------------------------------------------
+
+
+class VfioParams(BaseModel):
+    """One VFIO device endpoint, as a plan's ``source`` or ``destination`` table names it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mdev: str | None = Field(
+        default=None,
+        description="UUID of a mediated device (/sys/bus/mdev/devices/<uuid>).",
+    )
+    pci: str | None = Field(
+        default=None,
+        description="PCI address domain:bus:device.function of a function bound to vfio-pci "
+        "or a vendor variant driver, for example 0000:3b:00.1 (the domain defaults to 0000).",
+    )
+    sysfs: str | None = Field(
+        default=None,
+        description="The device's sysfs path: /sys/bus/<bus>/devices/<name> or /sys/devices/...",
+    )
+    iommufd: Literal["auto", "never", "require"] = Field(
+        default="auto",
+        description="Open the device through its VFIO cdev and iommufd: auto when the kernel "
+        "offers the cdev, never (always the IOMMU group and a type1v2 container), or require.",
+    )
+
+    @field_validator("mdev")
+    @classmethod
+    def _canonical_uuid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(uuid.UUID(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a UUID") from None
+
+    @field_validator("pci")
+    @classmethod
+    def _canonical_pci(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _PCI_ADDRESS.match(value.strip().lower())
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a PCI address (domain:bus:device.function, "
+                "for example 0000:3b:00.1)"
+            )
+        domain, bus, slot, function = match.groups()
+        return f"{domain or '0000'}:{bus}:{slot}.{function}"
+
+    @field_validator("sysfs")
+    @classmethod
+    def _sysfs_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = value.rstrip("/")
+        if not _SYSFS_PATH.match(path) or "/../" in f"{path}/" or "/./" in f"{path}/":
+            raise ValueError(
+                f"{value!r} is not a device's sysfs path "
+                "(/sys/bus/<bus>/devices/<name> or /sys/devices/...)"
+            )
+        return path
+
+    @model_validator(mode="after")
+    def _one_address(self) -> VfioParams:
+        given = [name for name in ("mdev", "pci", "sysfs") if getattr(self, name) is not None]
+        if len(given) != 1:
+            which = " and ".join(given) if given else "none"
+            raise ValueError(f"name the device by exactly one of mdev, pci or sysfs (got {which})")
+        return self
+
+    @property
+    def address_field(self) -> str:
+        """The field that names the device."""
+        return "mdev" if self.mdev else ("pci" if self.pci else "sysfs")
+
+
+# --- finding a device in sysfs --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceLocation:
+    """Where a device is: its sysfs directory and what opening it needs."""
+
+    #: The device's sysfs directory, symlinks resolved: its host-wide identity.
+    sysfs: Path
+    #: The name VFIO_GROUP_GET_DEVICE_FD wants (the directory's name).
+    name: str
+    #: How messages name it: "mdev <uuid>", "PCI 0000:3b:00.1" or the sysfs path.
+    identity: str
+    #: Its IOMMU group number, if it has one.
+    group: int | None
+    #: Its VFIO cdev (``vfioN``), if the kernel made one.
+    cdev: str | None
+
+
+class LocateError(Exception):
+    """A device a plan names is not where it says, or is not a VFIO device."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+def _host_path(sysfs_root: Path, path: str) -> Path:
+    """``/sys/...`` under ``sysfs_root`` (which is ``/sys`` except in tests)."""
+    return sysfs_root.joinpath(*Path(path).parts[2:])
+
+
+def locate(params: VfioParams, sysfs_root: Path = Path("/sys")) -> DeviceLocation:
+    """Find the device ``params`` names; LocateError naming the field if it is not there."""
+    where = params.address_field
+    if params.mdev is not None:
+        identity = f"mdev {params.mdev}"
+        link = sysfs_root / "bus" / "mdev" / "devices" / params.mdev
+        if not link.exists():
+            raise LocateError(
+                where,
+                f"no mediated device {params.mdev} (nothing at /sys/bus/mdev/devices/"
+                f"{params.mdev}); create it by writing its UUID to "
+                "/sys/class/mdev_bus/<parent>/mdev_supported_types/<type>/create",
+            )
+    elif params.pci is not None:
+        identity = f"PCI {params.pci}"
+        link = sysfs_root / "bus" / "pci" / "devices" / params.pci
+        if not link.exists():
+            raise LocateError(
+                where, f"no PCI device {params.pci} (nothing at /sys/bus/pci/devices/{params.pci})"
+            )
+        driver = link / "driver"
+        if not driver.exists():
+            raise LocateError(
+                where,
+                f"PCI device {params.pci} is bound to no driver; bind it to vfio-pci "
+                "(or its vendor's vfio-pci variant, which migration needs)",
+            )
+        driver_name = driver.resolve().name
+        if "vfio" not in driver_name:
+            raise LocateError(
+                where,
+                f"PCI device {params.pci} is bound to {driver_name}, not to a VFIO driver; "
+                "bind it to its vendor's vfio-pci variant driver (migration needs one)",
+            )
+    else:
+        assert params.sysfs is not None
+        identity = params.sysfs
+        link = _host_path(sysfs_root, params.sysfs)
+        if not link.is_dir():
+            raise LocateError(where, f"no device at {params.sysfs}")
+    device_dir = link.resolve()
+    group = None
+    group_link = device_dir / "iommu_group"
+    if group_link.exists():
+        try:
+            group = int(group_link.resolve().name)
+        except ValueError:
+            raise LocateError(
+                where, f"{identity}: iommu_group points to {group_link.resolve()}, not a group"
+            ) from None
+    cdev = None
+    vfio_dev = device_dir / "vfio-dev"
+    if vfio_dev.is_dir():
+        names = sorted(p.name for p in vfio_dev.iterdir() if p.name.startswith("vfio"))
+        cdev = names[0] if names else None
+    if group is None and cdev is None:
+        raise LocateError(
+            where,
+            f"{identity} has no IOMMU group and no VFIO cdev: it is not bound to a VFIO "
+            "driver (or the IOMMU is off)",
+        )
+    return DeviceLocation(
+        sysfs=device_dir, name=device_dir.name, identity=identity, group=group, cdev=cdev
+    )
+
+
+# --- system calls ------------------------------------------------------------------------
+
+
+class Syscalls:
+    """The system calls the backend makes; a test may substitute a fake kernel."""
+
+    def open(self, path: Path, flags: int) -> int:
+        return os.open(path, flags | os.O_CLOEXEC)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def dup(self, fd: int) -> int:
+        return os.dup(fd)
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
+        """One ioctl; a bytearray is passed by pointer and updated in place."""
+        if isinstance(arg, bytearray):
+            return int(fcntl.ioctl(fd, request, arg, True))
+        return int(fcntl.ioctl(fd, request, arg))
+
+    def read(self, fd: int, size: int) -> bytes:
+        return os.read(fd, size)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def poll(self, fd: int, events: int, timeout_ms: int) -> bool:
+        """Whether ``fd`` has any of ``events`` (or an error) within the timeout."""
+        poller = select.poll()
+        poller.register(fd, events)
+        return bool(poller.poll(timeout_ms))
+
+
+REAL_SYSCALLS = Syscalls()
+
+
+# --- groups and containers ------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """An IOMMU group opened in this process, with its own type1v2 container."""
+
+    key: tuple[str, int]
+    container_fd: int
+    group_fd: int
+    syscalls: Syscalls
+    users: int = 0
+
+
+class _Registry:
+    """The groups this process holds, and the devices it has open.
+
+    A group can be opened only once in the kernel, so the devices of one
+    group share it; and a device opened twice in one process (two
+    migrations racing in a daemon) is refused here with EBUSY, as another
+    process would be refused by the group.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[tuple[str, int], _Group] = {}
+        self._devices: set[str] = set()
+
+    def claim(self, key: str) -> bool:
+        with self._lock:
+            if key in self._devices:
+                return False
+            self._devices.add(key)
+            return True
+
+    def unclaim(self, key: str) -> None:
+        with self._lock:
+            self._devices.discard(key)
+
+    def acquire(self, dev_root: Path, number: int, opener: Callable[[], _Group]) -> _Group:
+        key = (str(dev_root), number)
+        with self._lock:
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = opener()
+            group.users += 1
+            return group
+
+    def release(self, group: _Group) -> None:
+        with self._lock:
+            group.users -= 1
+            if group.users > 0:
+                return
+            self._groups.pop(group.key, None)
+        # Closing the group fd detaches it from its container; then the container goes.
+        for fd in (group.group_fd, group.container_fd):
+            with contextlib.suppress(OSError):
+                group.syscalls.close(fd)
+
+
+_REGISTRY = _Registry()
+
+
+# --- the device ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """One migration stream of this endpoint: its fd and the digest of its bytes."""
+
+    fd: int
+    digest: Any = field(default_factory=hashlib.sha256)
+    nbytes: int = 0
+    ended: bool = False
+
+
+class VfioDevice(Device):
+    """One VFIO device endpoint.  See the module docstring for the rules it keeps."""
+
+    backend: ClassVar[str] = "vfio"
+
+    def __init__(
+        self,
+        name: str,
+        side: Side,
+        params: VfioParams | None,
+        *,
+        sysfs_root: Path = Path("/sys"),
+        dev_root: Path = Path("/dev"),
+        syscalls: Syscalls = REAL_SYSCALLS,
+        handed_fd: int | None = None,
+        identity: str | None = None,
+    ) -> None:
+        super().__init__(name, side)
+        if (params is None) == (handed_fd is None):
+            raise ValueError("a VFIO device is named by its parameters or handed in as an fd")
+        self.params = params
+        self.sysfs_root = sysfs_root
+        self.dev_root = dev_root
+        self.syscalls = syscalls
+        #: How messages name the device on this host.
+        self.identity = identity or (
+            f"{params.address_field} {getattr(params, params.address_field)}"
+            if params is not None
+            else f"device fd {handed_fd}"
+        )
+        #: The device's host-wide identity (its sysfs directory) once opened by address.
+        self.host_key: str | None = None
+        #: How it was opened: "group", "iommufd" or "fd".
+        self.opened_by: str | None = None
+        self.capabilities: Capabilities | None = None
+
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._retired: list[int] = []
+        self._closed = False
+        self._opened = False
+        self._device_fd = -1 if handed_fd is None else handed_fd
+        self._iommufd = -1
+        self._group: _Group | None = None
+        self._claimed: str | None = None
+        self._state: DeviceState | None = None
+        self._stream: _Stream | None = None
+        self._last_digest: str | None = None
+
+    @classmethod
+    def from_fd(
+        cls,
+        name: str,
+        side: Side,
+        fd: int,
+        *,
+        identity: str | None = None,
+        syscalls: Syscalls = REAL_SYSCALLS,
+    ) -> VfioDevice:
+        """A device already open elsewhere (a VMM hands its descriptor over).
+
+        The descriptor is duplicated at once: the caller keeps and closes its
+        own; this object owns and closes only the duplicate.  Group,
+        container and iommufd stay with whoever opened them.
+        """
+        try:
+            own = syscalls.dup(fd)
+        except OSError as exc:
+            raise DeviceError(
+                f"{identity or f'device fd {fd}'}: cannot duplicate the descriptor: "
+                f"{os.strerror(exc.errno or errno.EBADF)}",
+                device=name,
+                operation="dup",
+                errno=exc.errno,
+            ) from None
+        return cls(
+            name,
+            side,
+            None,
+            syscalls=syscalls,
+            handed_fd=own,
+            identity=identity or f"device fd {fd}",
+        )
+
+    # -- the Device interface --
+
+    async def open(self) -> Capabilities:
+        return await self._in_thread("open", self._open_blocking)
+
+    async def get_state(self) -> DeviceState:
+        return await self._in_thread(
+            "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)", lambda _: self._read_state()
+        )
+
+    async def set_state(self, target: DeviceState) -> None:
+        await self._in_thread(
+            "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)", lambda _: self._set_state_blocking(target)
+        )
+
+    async def read(self, max_bytes: int) -> bytes:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self._check_open("read(data_fd)")
+        stream, state = self._stream, self._state
+        if stream is None or state not in SAVING_STATES:
+            raise self._error(
+                "read(data_fd)",
+                errno.EINVAL,
+                f"there is no save stream to read in {_name(state)}",
+            )
+        if stream.ended:
+            return b""
+        data = await self._in_thread(
+            "read(data_fd)", lambda cancel: self._read_blocking(cancel, stream, state, max_bytes)
+        )
+        if data:
+            stream.digest.update(data)
+            stream.nbytes += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self._check_open("write(data_fd)")
+        stream, state = self._stream, self._state
+        if stream is None or state is not DeviceState.RESUMING:
+            raise self._error(
+                "write(data_fd)",
+                errno.EINVAL,
+                f"the device loads only in RESUMING, not {_name(state)}",
+            )
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._in_thread(
+            "write(data_fd)", lambda cancel: self._write_blocking(cancel, stream, data)
+        )
+        stream.digest.update(data)
+        stream.nbytes += len(data)
+
+    async def precopy_info(self) -> PrecopyInfo:
+        operation = "VFIO_MIG_GET_PRECOPY_INFO"
+        self._check_open(operation)
+        stream, state = self._stream, self._state
+        if stream is None or state not in _PRE_COPY_STATES:
+            raise self._error(
+                operation,
+                errno.EINVAL,
+                f"precopy info exists only in PRE_COPY states, not {_name(state)}",
+            )
+
+        def query(_: threading.Event) -> PrecopyInfo:
+            buf = uapi.precopy_info_request()
+            self._ioctl(stream.fd, uapi.VFIO_MIG_GET_PRECOPY_INFO, buf, operation)
+            initial, dirty = uapi.precopy_info_result(buf)
+            return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+
+        return await self._in_thread(operation, query)
+
+    async def stop_copy_size(self) -> int:
+        operation = "VFIO_DEVICE_FEATURE(MIG_DATA_SIZE)"
+        caps = self.capabilities
+        if caps is not None and not caps.stop_copy_size:
+            await trio.lowlevel.checkpoint()
+            return DEFAULT_STOP_COPY_ESTIMATE
+
+        def query(_: threading.Event) -> int:
+            buf = uapi.feature_request(
+                uapi.Feature.MIG_DATA_SIZE, uapi.FeatureOp.GET, uapi.FEATURE_MIG_DATA_SIZE.size
+            )
+            self._ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf, operation)
+            (size,) = uapi.FEATURE_MIG_DATA_SIZE.unpack_from(buf, uapi.FEATURE_HEADER.size)
+            return int(size)
+
+        return await self._in_thread(operation, query)
+
+    async def reset(self) -> None:
+        await self._in_thread("VFIO_DEVICE_RESET", self._reset_blocking)
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                release = False
+            else:
+                self._closed = True
+                self._finish_stream_locked()
+                release = self._workers == 0
+                if release:
+                    # This close is the last one out: it releases, in a thread of its own.
+                    self._workers += 1
+        if not release:
+            await trio.lowlevel.checkpoint()
+            return
+        # Closing a device fd may reset a PCI function: a worker thread, abandoned on
+        # cancel, which finishes the release on its own.
+        await trio.to_thread.run_sync(self._leave, abandon_on_cancel=True)
+
+    async def state_digest(self) -> str | None:
+        """The sha256 of the latest migration stream (see the module docstring)."""
+        await trio.lowlevel.checkpoint()
+        stream = self._stream
+        if stream is not None:
+            return str(stream.digest.hexdigest())
+        return self._last_digest
+
+    # -- worker threads --
+
+    async def _in_thread(self, operation: str, fn: Callable[[threading.Event], T]) -> T:
+        cancel = threading.Event()
+
+        def work() -> T:
+            with self._lock:
+                if self._closed:
+                    raise self._error(operation, errno.EBADF, "the device is closed")
+                self._workers += 1
+            try:
+                return fn(cancel)
+            finally:
+                self._leave()
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            cancel.set()
+            raise
+
+    def _leave(self) -> None:
+        """A worker is done: the last one out closes what was retired."""
+        group = None
+        claimed = None
+        with self._lock:
+            self._workers -= 1
+            if self._workers:
+                return
+            retired, self._retired = self._retired, []
+            if self._closed:
+                retired += [fd for fd in (self._device_fd, self._iommufd) if fd >= 0]
+                self._device_fd = self._iommufd = -1
+                group, self._group = self._group, None
+                claimed, self._claimed = self._claimed, None
+        for fd in retired:
+            with contextlib.suppress(OSError):
+                self.syscalls.close(fd)
+        if group is not None:
+            _REGISTRY.release(group)
+        if claimed is not None:
+            _REGISTRY.unclaim(claimed)
+
+    def _finish_stream_locked(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            self._stream = None
+            self._last_digest = stream.digest.hexdigest()
+            self._retired.append(stream.fd)
+
+    # -- blocking work (in worker threads) --
+
+    def _open_blocking(self, _: threading.Event) -> Capabilities:
+        if self._opened:
+            raise self._error("open", errno.EBUSY, "the device is already open")
+        self._opened = True
+        try:
+            if self._device_fd < 0:
+                self._open_by_address()
+            else:
+                self.opened_by = "fd"
+            caps = self._query_capabilities()
+            self._state = self._read_state()
+        except BaseException:
+            self._give_up()
+            raise
+        self.capabilities = caps
+        return caps
+
+    def _give_up(self) -> None:
+        """An open that failed half-way lets go of what it took."""
+        with self._lock:
+            for fd in (self._device_fd, self._iommufd):
+                if fd >= 0:
+                    self._retired.append(fd)
+            self._device_fd = self._iommufd = -1
+            group, self._group = self._group, None
+            claimed, self._claimed = self._claimed, None
+        if group is not None:
+            _REGISTRY.release(group)
+        if claimed is not None:
+            _REGISTRY.unclaim(claimed)
+
+    def _open_by_address(self) -> None:
+        assert self.params is not None
+        try:
+            location = locate(self.params, self.sysfs_root)
+        except LocateError as exc:
+            raise self._error("open", errno.ENODEV, exc.message) from None
+        self.identity = location.identity
+        key = str(location.sysfs)
+        if not _REGISTRY.claim(key):
+            raise self._error(
+                "open",
+                errno.EBUSY,
+                "the device is already open in this process (is another migration using it?)",
+            )
+        self._claimed = self.host_key = key
+        cdev_path = self.dev_root / "vfio" / "devices" / location.cdev if location.cdev else None
+        iommu_path = self.dev_root / "iommu"
+        have_cdev = cdev_path is not None and cdev_path.exists() and iommu_path.exists()
+        choice = self.params.iommufd
+        if choice == "require" and not have_cdev:
+            raise self._error(
+                "open",
+                errno.ENODEV,
+                "iommufd = 'require', but the kernel offers no VFIO cdev and /dev/iommu for it "
+                "(CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD)",
+            )
+        if have_cdev and choice != "never":
+            assert cdev_path is not None
+            self._open_cdev(cdev_path, iommu_path)
+            self.opened_by = "iommufd"
+            return
+        if location.group is None:
+            raise self._error(
+                "open", errno.ENODEV, "the device has no IOMMU group to open it through"
+            )
+        number = location.group
+        group = _REGISTRY.acquire(self.dev_root, number, lambda: self._open_group(number))
+        self._group = group
+        name = bytearray(location.name.encode() + b"\0")
+        self._device_fd = self._ioctl(
+            group.group_fd, uapi.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD"
+        )
+        self.opened_by = "group"
+
+    def _open_group(self, number: int) -> _Group:
+        container = self._open_node(self.dev_root / "vfio" / "vfio")
+        try:
+            self._check_container(container)
+            group_fd = self._open_node(self.dev_root / "vfio" / str(number), group=number)
+        except BaseException:
+            self._close_quietly(container)
+            raise
+        try:
+            self._attach_group(group_fd, container, number)
+        except BaseException:
+            self._close_quietly(group_fd)
+            self._close_quietly(container)
+            raise
+        return _Group(
+            key=(str(self.dev_root), number),
+            container_fd=container,
+            group_fd=group_fd,
+            syscalls=self.syscalls,
+        )
+
+    def _check_container(self, container: int) -> None:
+        version = self._ioctl(container, uapi.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
+        if version != uapi.VFIO_API_VERSION:
+            raise self._error(
+                "VFIO_GET_API_VERSION",
+                errno.EINVAL,
+                f"the kernel speaks VFIO API {version}, this backend {uapi.VFIO_API_VERSION}",
+            )
+        operation = "VFIO_CHECK_EXTENSION(TYPE1v2)"
+        type1v2 = self._ioctl(
+            container, uapi.VFIO_CHECK_EXTENSION, uapi.VFIO_TYPE1v2_IOMMU, operation
+        )
+        if type1v2 != 1:
+            raise self._error(
+                operation, errno.ENODEV, "the kernel has no type1v2 IOMMU (load vfio_iommu_type1)"
+            )
+
+    def _attach_group(self, group_fd: int, container: int, number: int) -> None:
+        status = bytearray(uapi.GROUP_STATUS.pack(uapi.GROUP_STATUS.size, 0))
+        self._ioctl(group_fd, uapi.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
+        _, flags = uapi.GROUP_STATUS.unpack(status)
+        if not flags & uapi.VFIO_GROUP_FLAGS_VIABLE:
+            raise self._error(
+                "VFIO_GROUP_GET_STATUS",
+                errno.EPERM,
+                f"IOMMU group {number} is not viable: every device in it must be bound "
+                "to a VFIO driver (or to none)",
+            )
+        self._ioctl(
+            group_fd,
+            uapi.VFIO_GROUP_SET_CONTAINER,
+            bytearray(struct.pack("=i", container)),
+            "VFIO_GROUP_SET_CONTAINER",
+        )
+        self._ioctl(
+            container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU, "VFIO_SET_IOMMU(TYPE1v2)"
+        )
+
+    def _open_cdev(self, cdev_path: Path, iommu_path: Path) -> None:
+        # Each fd goes into self as soon as it exists, so a failure releases it.
+        self._device_fd = self._open_node(cdev_path)
+        self._iommufd = self._open_node(iommu_path)
+        bind = bytearray(uapi.BIND_IOMMUFD.pack(uapi.BIND_IOMMUFD.size, 0, self._iommufd, 0))
+        self._ioctl(
+            self._device_fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD"
+        )
+        alloc = bytearray(uapi.IOAS_ALLOC.pack(uapi.IOAS_ALLOC.size, 0, 0))
+        self._ioctl(self._iommufd, uapi.IOMMU_IOAS_ALLOC, alloc, "IOMMU_IOAS_ALLOC")
+        ioas = uapi.IOAS_ALLOC.unpack(alloc)[2]
+        attach = bytearray(uapi.ATTACH_IOMMUFD_PT.pack(uapi.ATTACH_IOMMUFD_PT.size, 0, ioas))
+        self._ioctl(
+            self._device_fd,
+            uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+            attach,
+            "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        )
+
+    def _open_node(self, path: Path, *, group: int | None = None) -> int:
+        try:
+            return self.syscalls.open(path, os.O_RDWR)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            hint = ""
+            if err == errno.EBUSY and group is not None:
+                hint = (
+                    f"IOMMU group {group} is in use by another process (a VMM, or another "
+                    "migration of this device)"
+                )
+            elif err in (errno.EACCES, errno.EPERM):
+                hint = f"needs root, or read-write access to {path}"
+            elif err == errno.ENOENT:
+                hint = f"{path} does not exist (is the vfio module loaded?)"
+            raise self._error(f"open({path})", err, hint) from None
+
+    def _query_capabilities(self) -> Capabilities:
+        operation = "VFIO_DEVICE_FEATURE(MIGRATION)"
+        buf = uapi.feature_request(
+            uapi.Feature.MIGRATION, uapi.FeatureOp.GET, uapi.FEATURE_MIGRATION.size
+        )
+        try:
+            self.syscalls.ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            hint = "the device's driver does not support migration" if err == errno.ENOTTY else ""
+            raise self._error(operation, err, hint) from None
+        (raw,) = uapi.FEATURE_MIGRATION.unpack_from(buf, uapi.FEATURE_HEADER.size)
+        flags = MigrationFlags(int(raw) & _MIGRATION_FLAGS_KNOWN)
+        if MigrationFlags.STOP_COPY not in flags:
+            raise self._error(
+                operation,
+                errno.EPROTO,
+                f"migration flags {int(raw):#x} lack STOP_COPY, which the uAPI makes mandatory",
+            )
+        return Capabilities(
+            flags=flags,
+            stop_copy_size=self._probe(uapi.Feature.MIG_DATA_SIZE, uapi.FeatureOp.GET),
+            dirty_logging=self._probe(uapi.Feature.DMA_LOGGING_START, uapi.FeatureOp.SET),
+        )
+
+    def _probe(self, feature: uapi.Feature, op: uapi.FeatureOp) -> bool:
+        """Whether the device supports ``op`` on ``feature`` (the PROBE flag)."""
+        buf = uapi.feature_request(feature, uapi.FeatureOp.PROBE | op)
+        try:
+            self.syscalls.ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise self._error(
+                f"VFIO_DEVICE_FEATURE(PROBE {feature.name})", exc.errno or errno.EIO
+            ) from None
+        return True
+
+    def _read_state(self) -> DeviceState:
+        buf = uapi.mig_state_request(uapi.FeatureOp.GET)
+        self._ioctl(
+            self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf, "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)"
+        )
+        raw, _ = uapi.mig_state_result(buf)
+        try:
+            state = DeviceState(raw)
+        except ValueError:
+            raise self._error(
+                "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)",
+                errno.EPROTO,
+                f"the device reports migration state {raw}, which the uAPI does not define",
+            ) from None
+        self._state = state
+        if state not in STREAM_STATES:
+            with self._lock:
+                self._finish_stream_locked()
+        return state
+
+    def _set_state_blocking(self, target: DeviceState) -> None:
+        operation = "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)"
+        before = self._state
+        buf = uapi.mig_state_request(uapi.FeatureOp.SET, int(target))
+        fd = self._fd(operation, target)
+        try:
+            self.syscalls.ioctl(fd, uapi.VFIO_DEVICE_FEATURE, buf)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            try:
+                now = f"the device reads {self._read_state().name} now"
+            except DeviceError as again:
+                now = f"its state could not be read back: {again.message}"
+            raise self._error(
+                operation, err, f"{_name(before)} -> {target.name} refused; {now}", target
+            ) from None
+        _, data_fd = uapi.mig_state_result(buf)
+        opens = target in STREAM_STATES and (
+            target is DeviceState.RESUMING or before not in SAVING_STATES
+        )
+        problem = None
+        with self._lock:
+            self._state = target
+            if self._closed:
+                # Abandoned and overtaken by close: nobody will read this stream.
+                if data_fd >= 0:
+                    self._retired.append(data_fd)
+            elif opens:
+                self._finish_stream_locked()
+                if data_fd >= 0:
+                    self._stream = _Stream(data_fd)
+                else:
+                    problem = f"entering {target.name} returned no data_fd"
+            elif target in STREAM_STATES:
+                if data_fd >= 0:
+                    self._retired.append(data_fd)
+                    problem = (
+                        f"{_name(before)} -> {target.name} returned a new data_fd while the "
+                        "stream was open; one stream cannot continue in another"
+                    )
+            else:
+                self._finish_stream_locked()
+                if data_fd >= 0:
+                    self._retired.append(data_fd)
+        if problem is not None:
+            raise self._error(operation, errno.EPROTO, problem, target)
+
+    def _read_blocking(
+        self, cancel: threading.Event, stream: _Stream, state: DeviceState, size: int
+    ) -> bytes:
+        operation = "read(data_fd)"
+        precopy = state in _PRE_COPY_STATES
+        if precopy:
+            if not self._poll(stream.fd, select.POLLIN, _PRECOPY_POLL_MS, operation):
+                return b""
+        else:
+            self._wait(cancel, stream.fd, select.POLLIN, operation)
+        try:
+            data = self.syscalls.read(stream.fd, size)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if err == errno.ENOMSG and precopy:
+                return b""  # the uAPI's temporary end of pre-copy data
+            hint = f"at stream offset {stream.nbytes} in {state.name}"
+            if err == errno.ENOMSG:
+                hint += (
+                    " (ENOMSG is the temporary end of pre-copy data; STOP_COPY must not give it)"
+                )
+            raise self._error(operation, err, hint) from None
+        if not data and not precopy:
+            stream.ended = True
+        return data
+
+    def _write_blocking(self, cancel: threading.Event, stream: _Stream, data: bytes) -> None:
+        operation = "write(data_fd)"
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            self._wait(cancel, stream.fd, select.POLLOUT, operation)
+            try:
+                written = self.syscalls.write(stream.fd, view[done:])
+            except OSError as exc:
+                raise self._error(
+                    operation,
+                    exc.errno or errno.EIO,
+                    f"the device refused the stream at offset {stream.nbytes + done} "
+                    f"({done} of {len(view)} bytes of this write taken)",
+                ) from None
+            if written <= 0:
+                raise self._error(
+                    operation,
+                    errno.EIO,
+                    f"the device took no bytes at stream offset {stream.nbytes + done}",
+                )
+            done += written
+
+    def _reset_blocking(self, _: threading.Event) -> None:
+        self._ioctl(self._device_fd, uapi.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
+        with self._lock:
+            self._finish_stream_locked()
+        state = self._read_state()
+        if state is not DeviceState.RUNNING:
+            raise self._error(
+                "VFIO_DEVICE_RESET",
+                errno.EIO,
+                f"after the reset the device reads {state.name}, not RUNNING",
+            )
+
+    def _wait(self, cancel: threading.Event, fd: int, events: int, operation: str) -> None:
+        """Poll in slices until ``fd`` is ready, the caller gave up, or the device closed."""
+        while not self._poll(fd, events, _POLL_SLICE_MS, operation):
+            if cancel.is_set() or self._closed:
+                raise self._error(operation, errno.ECANCELED, "given up while waiting")
+
+    def _poll(self, fd: int, events: int, timeout_ms: int, operation: str) -> bool:
+        try:
+            return self.syscalls.poll(fd, events, timeout_ms)
+        except OSError as exc:
+            raise self._error(f"poll before {operation}", exc.errno or errno.EIO) from None
+
+    def _check_open(self, operation: str) -> None:
+        if self._closed:
+            raise self._error(operation, errno.EBADF, "the device is closed")
+
+    def _fd(self, operation: str, target: DeviceState | None = None) -> int:
+        """The device's descriptor; EBADF if it is not open (never opened, or an open failed)."""
+        fd = self._device_fd
+        if fd < 0:
+            raise self._error(operation, errno.EBADF, "the device is not open", target)
+        return fd
+
+    def _ioctl(self, fd: int, request: int, arg: int | bytearray, operation: str) -> int:
+        if fd < 0:
+            raise self._error(operation, errno.EBADF, "the device is not open")
+        try:
+            return self.syscalls.ioctl(fd, request, arg)
+        except OSError as exc:
+            raise self._error(operation, exc.errno or errno.EIO) from None
+
+    def _close_quietly(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            self.syscalls.close(fd)
+
+    def _error(
+        self, operation: str, err: int, detail: str = "", target: DeviceState | None = None
+    ) -> DeviceError:
+        message = f"{self.identity}: {os.strerror(err)}"
+        if detail:
+            message += f"; {detail}"
+        return DeviceError(
+            message,
+            device=self.name,
+            operation=operation,
+            target=None if target is None else target.name,
+            errno=err,
+        )
+
+
+def _name(state: DeviceState | None) -> str:
+    return "an unknown state" if state is None else state.name
+
+
+# --- the backend ---------------------------------------------------------------------------
+
+
+def _params(params: BaseModel) -> VfioParams:
+    if not isinstance(params, VfioParams):
+        raise TypeError(f"expected VfioParams, got {type(params).__name__}")
+    return params
+
+
+class VfioBackend(Backend):
+    """``backend = "vfio"``: devices a VFIO driver owns, on this host."""
+
+    name: ClassVar[str] = "vfio"
+    params_model: ClassVar[type[BaseModel]] = VfioParams
+
+    def __init__(
+        self,
+        sysfs_root: Path = Path("/sys"),
+        dev_root: Path = Path("/dev"),
+        syscalls: Syscalls = REAL_SYSCALLS,
+    ) -> None:
+        self.sysfs_root = sysfs_root
+        self.dev_root = dev_root
+        self.syscalls = syscalls
+
+    def __repr__(self) -> str:
+        return f"<VfioBackend sysfs={self.sysfs_root} dev={self.dev_root}>"
+
+    def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
+        # The address is per host and never inherited; the way to open it is.
+        return {"iommufd": _params(source).iommufd}
+
+    def check_pair(self, source: BaseModel, destination: BaseModel) -> list[Problem]:
+        problems: list[Problem] = []
+        found: dict[str, DeviceLocation] = {}
+        for where, params in (("source", _params(source)), ("destination", _params(destination))):
+            try:
+                location = locate(params, self.sysfs_root)
+            except LocateError as exc:
+                problems.append(Problem(f"{where}.{exc.field}", exc.message))
+                continue
+            found[where] = location
+            if params.iommufd == "require" and location.cdev is None:
+                problems.append(
+                    Problem(
+                        f"{where}.iommufd",
+                        f"'require', but the kernel made no VFIO cdev for {location.identity} "
+                        "(CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD)",
+                    )
+                )
+        if len(found) == 2 and found["source"].sysfs == found["destination"].sysfs:
+            field_name = _params(destination).address_field
+            problems.append(
+                Problem(
+                    f"destination.{field_name}",
+                    f"the destination is the source device itself ({found['source'].identity})",
+                )
+            )
+        return problems
+
+    def create(self, name: str, side: Side, params: BaseModel) -> VfioDevice:
+        return VfioDevice(
+            name,
+            side,
+            _params(params),
+            sysfs_root=self.sysfs_root,
+            dev_root=self.dev_root,
+            syscalls=self.syscalls,
+        )
+
+    def adopt_fd(
+        self, name: str, side: Side, fd: int, *, identity: str | None = None
+    ) -> VfioDevice:
+        """A device whose open descriptor a VMM handed over (see :meth:`VfioDevice.from_fd`)."""
+        return VfioDevice.from_fd(name, side, fd, identity=identity, syscalls=self.syscalls)

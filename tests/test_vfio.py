@@ -1,0 +1,628 @@
+"""The VFIO backend on any host: uAPI encoding, device addresses, errors, bookkeeping.
+
+The real thing runs against the kernel's mtty driver in the kernel lab
+(``tests/kernel``).  Here, without a kernel that has VFIO:
+
+* ioctl numbers and structure layouts are checked against values worked
+  out by hand from ``include/uapi/linux/vfio.h`` and ``iommufd.h`` (the
+  ``_IOC`` bit layout, VFIO's ``;`` type and base 100, and each structure's
+  C layout), not recomputed with the module's own helpers;
+* device addresses are resolved against a fake sysfs tree;
+* errno becomes a DeviceError naming the ioctl, the device and the target;
+* the data_fd bookkeeping, a device falling into ERROR, a reset, and
+  cancellation are driven through a fake kernel behind the backend's
+  ``Syscalls`` seam (real pipes stand in for data_fds).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import struct
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from pydantic import ValidationError
+
+from orchestrator import cli
+from orchestrator.backends import BACKENDS
+from orchestrator.backends import vfio_uapi as uapi
+from orchestrator.backends.vfio import (
+    LocateError,
+    Syscalls,
+    VfioBackend,
+    VfioDevice,
+    VfioParams,
+    locate,
+)
+from orchestrator.errors import DeviceError, PlanError
+from orchestrator.resolve import resolve
+from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side, is_arc
+from tests.helpers import make_plan
+
+S = DeviceState
+ALL_FLAGS = MigrationFlags.STOP_COPY | MigrationFlags.P2P | MigrationFlags.PRE_COPY
+
+
+def native(value: int, size: int, *, signed: bool = False) -> bytes:
+    return value.to_bytes(size, sys.byteorder, signed=signed)
+
+
+# --- ioctl numbers and layouts ---------------------------------------------------------
+
+
+def test_vfio_ioctl_numbers() -> None:
+    # _IO(';', 100 + n): type 0x3b in bits 8..15, the number in bits 0..7, no size, no dir.
+    expected = {
+        "VFIO_GET_API_VERSION": 0x3B64,
+        "VFIO_CHECK_EXTENSION": 0x3B65,
+        "VFIO_SET_IOMMU": 0x3B66,
+        "VFIO_GROUP_GET_STATUS": 0x3B67,
+        "VFIO_GROUP_SET_CONTAINER": 0x3B68,
+        "VFIO_GROUP_GET_DEVICE_FD": 0x3B6A,
+        "VFIO_DEVICE_GET_INFO": 0x3B6B,
+        "VFIO_DEVICE_GET_REGION_INFO": 0x3B6C,
+        "VFIO_DEVICE_RESET": 0x3B6F,
+        "VFIO_DEVICE_FEATURE": 0x3B75,
+        "VFIO_DEVICE_BIND_IOMMUFD": 0x3B76,
+        "VFIO_DEVICE_ATTACH_IOMMUFD_PT": 0x3B77,
+        "VFIO_MIG_GET_PRECOPY_INFO": 0x3B79,
+        # iommufd: _IO(';', 0x80 + n).
+        "IOMMU_DESTROY": 0x3B80,
+        "IOMMU_IOAS_ALLOC": 0x3B81,
+    }
+    for name, number in expected.items():
+        assert getattr(uapi, name) == number, name
+        assert uapi.ioctl_name(number) == name
+    assert uapi.ioctl_name(0x1234) == "ioctl 0x1234"
+
+
+def test_ioc_matches_known_kernel_numbers() -> None:
+    # Numbers other subsystems publish, with a direction and a size: the bit layout.
+    assert uapi.ioc(uapi.IOC_READ, "T", 0x30, 4) == 0x80045430  # TIOCGPTN
+    assert uapi.ioc(uapi.IOC_WRITE, "T", 0x31, 4) == 0x40045431  # TIOCSPTLCK
+    assert uapi.ioc(uapi.IOC_READ, "f", 1, 8) == 0x80086601  # FS_IOC_GETFLAGS
+    assert uapi.io("T", 0x1B) == 0x541B  # FIONREAD: the tty numbers are 'T' << 8 | n
+    for bad in ((4, "T", 1, 0), (0, 256, 1, 0), (0, "T", 256, 0), (0, "T", 1, 1 << 14)):
+        with pytest.raises(ValueError, match=r"out of range|does not fit"):
+            uapi.ioc(*bad)
+
+
+def test_structure_sizes_follow_the_c_layouts() -> None:
+    sizes = {
+        uapi.GROUP_STATUS: 8,  # argsz, flags
+        uapi.DEVICE_INFO: 24,  # argsz, flags, num_regions, num_irqs, cap_offset, pad
+        uapi.REGION_INFO: 32,  # four u32, then u64 size and offset
+        uapi.FEATURE_HEADER: 8,
+        uapi.FEATURE_MIGRATION: 8,  # one aligned u64
+        uapi.FEATURE_MIG_STATE: 8,  # u32 state, s32 data_fd
+        uapi.FEATURE_MIG_DATA_SIZE: 8,
+        uapi.FEATURE_DMA_LOGGING_CONTROL: 24,
+        uapi.PRECOPY_INFO: 24,  # argsz, flags, then two aligned u64
+        uapi.BIND_IOMMUFD: 16,
+        uapi.ATTACH_IOMMUFD_PT: 12,
+        uapi.IOAS_ALLOC: 12,
+        uapi.IOMMU_DESTROY_ARG: 8,
+    }
+    for layout, size in sizes.items():
+        assert layout.size == size, layout.format
+
+
+def test_feature_buffers_byte_by_byte() -> None:
+    assert (uapi.FeatureOp.GET, uapi.FeatureOp.SET, uapi.FeatureOp.PROBE) == (
+        0x10000,
+        0x20000,
+        0x40000,
+    )
+    assert [f.value for f in uapi.Feature] == [1, 2, 6, 7, 8, 9]
+
+    buf = uapi.mig_state_request(uapi.FeatureOp.SET, int(S.STOP_COPY))
+    assert bytes(buf) == native(16, 4) + native(0x20002, 4) + native(3, 4) + b"\xff" * 4
+    # The kernel answers in place: the state, and the data_fd it installed.
+    buf[12:16] = native(9, 4, signed=True)
+    assert uapi.mig_state_result(buf) == (3, 9)
+
+    probe = uapi.feature_request(
+        uapi.Feature.DMA_LOGGING_START, uapi.FeatureOp.PROBE | uapi.FeatureOp.SET
+    )
+    assert bytes(probe) == native(8, 4) + native(0x60006, 4)
+    get = uapi.feature_request(uapi.Feature.MIGRATION, uapi.FeatureOp.GET, 8)
+    assert bytes(get) == native(16, 4) + native(0x10001, 4) + bytes(8)
+    assert bytes(uapi.feature_data(get)) == bytes(8)
+
+
+def test_precopy_and_region_info_layouts() -> None:
+    buf = uapi.precopy_info_request()
+    assert bytes(buf) == native(24, 4) + bytes(20)
+    buf[8:16] = native(24, 8)
+    buf[16:24] = native(5, 8)
+    assert uapi.precopy_info_result(buf) == (24, 5)
+
+    region = uapi.region_info_request(1)
+    assert bytes(region[:16]) == native(32, 4) + native(0, 4) + native(1, 4) + native(0, 4)
+    region[4:8] = native(3, 4)
+    region[16:24] = native(8, 8)
+    region[24:32] = native(1 << 40, 8)
+    info = uapi.region_info_result(region)
+    assert (info.index, info.size, info.offset) == (1, 8, 1 << 40)
+    assert info.readable and info.writable
+
+
+# --- parameters ------------------------------------------------------------------------
+
+UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+
+
+def test_params_name_exactly_one_device() -> None:
+    assert VfioParams(mdev=UUID.upper()).mdev == UUID
+    assert VfioParams(pci="3B:00.1").pci == "0000:3b:00.1"
+    assert VfioParams(pci="0001:00:1f.7").pci == "0001:00:1f.7"
+    assert VfioParams(sysfs="/sys/bus/pci/devices/0000:3b:00.1/").sysfs == (
+        "/sys/bus/pci/devices/0000:3b:00.1"
+    )
+    assert VfioParams(mdev=UUID).iommufd == "auto"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "exactly one of mdev, pci or sysfs (got none)"),
+        ({"mdev": UUID, "pci": "0000:3b:00.1"}, "(got mdev and pci)"),
+        ({"mdev": "not-a-uuid"}, "'not-a-uuid' is not a UUID"),
+        ({"pci": "3b:00:1"}, "is not a PCI address"),
+        ({"pci": "0000:3b:20.0"}, "is not a PCI address"),
+        ({"sysfs": "/dev/vfio/3"}, "is not a device's sysfs path"),
+        ({"sysfs": "/sys/bus/pci/devices/../../../etc"}, "is not a device's sysfs path"),
+        ({"mdev": UUID, "iommufd": "sometimes"}, "Input should be 'auto', 'never' or 'require'"),
+        ({"mdev": UUID, "group": 3}, "Extra inputs are not permitted"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValidationError) as caught:
+            VfioParams.model_validate(data)
+        assert message in str(caught.value), data
+
+
+# --- finding devices in a fake sysfs ---------------------------------------------------
+
+
+def _link(path: Path, target: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(os.path.relpath(target, path.parent))
+
+
+def fake_sysfs(root: Path) -> Path:
+    """A /sys with one mdev (group 7), PCI functions on vfio-pci, e1000e and no driver."""
+    sys_ = root / "sys"
+    groups = sys_ / "kernel" / "iommu_groups"
+    mdev = sys_ / "devices" / "virtual" / "mtty" / "mtty" / UUID
+    mdev.mkdir(parents=True)
+    (groups / "7").mkdir(parents=True)
+    _link(mdev / "iommu_group", groups / "7")
+    _link(sys_ / "bus" / "mdev" / "devices" / UUID, mdev)
+    drivers = sys_ / "bus" / "pci" / "drivers"
+    for address, driver, group in (
+        ("0000:3b:00.1", "mlx5_vfio_pci", 12),
+        ("0000:3b:00.2", "e1000e", 13),
+        ("0000:3b:00.3", None, 14),
+    ):
+        function = sys_ / "devices" / "pci0000:3a" / address
+        function.mkdir(parents=True)
+        (groups / str(group)).mkdir()
+        _link(function / "iommu_group", groups / str(group))
+        if driver is not None:
+            (drivers / driver).mkdir(parents=True, exist_ok=True)
+            _link(function / "driver", drivers / driver)
+        _link(sys_ / "bus" / "pci" / "devices" / address, function)
+    (sys_ / "devices" / "pci0000:3a" / "0000:3b:00.1" / "vfio-dev" / "vfio3").mkdir(parents=True)
+    (sys_ / "devices" / "platform" / "orphan").mkdir(parents=True)
+    return sys_
+
+
+def test_locate_an_mdev_a_vf_and_a_sysfs_path(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path)
+    found = locate(VfioParams(mdev=UUID), root)
+    assert (found.name, found.group, found.cdev, found.identity) == (UUID, 7, None, f"mdev {UUID}")
+    assert found.sysfs == root / "devices" / "virtual" / "mtty" / "mtty" / UUID
+    vf = locate(VfioParams(pci="3b:00.1"), root)
+    assert (vf.name, vf.group, vf.cdev, vf.identity) == (
+        "0000:3b:00.1",
+        12,
+        "vfio3",
+        "PCI 0000:3b:00.1",
+    )
+    by_path = locate(VfioParams(sysfs="/sys/bus/pci/devices/0000:3b:00.1"), root)
+    assert by_path.sysfs == vf.sysfs and by_path.group == 12
+
+
+def test_locate_says_what_is_wrong(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path)
+    other = str(uuid.uuid4())
+    cases = [
+        (VfioParams(mdev=other), "mdev", f"no mediated device {other}"),
+        (VfioParams(pci="0000:3b:00.7"), "pci", "no PCI device 0000:3b:00.7"),
+        (VfioParams(pci="0000:3b:00.2"), "pci", "bound to e1000e, not to a VFIO driver"),
+        (VfioParams(pci="0000:3b:00.3"), "pci", "bound to no driver"),
+        (VfioParams(sysfs="/sys/devices/nowhere"), "sysfs", "no device at /sys/devices/nowhere"),
+        (VfioParams(sysfs="/sys/devices/platform/orphan"), "sysfs", "no IOMMU group and no VFIO"),
+    ]
+    for params, field, message in cases:
+        with pytest.raises(LocateError) as caught:
+            locate(params, root)
+        assert caught.value.field == field
+        assert message in caught.value.message
+
+
+def vfio_plan(source: dict[str, Any], destination: dict[str, Any]) -> Any:
+    return make_plan(
+        [{"name": "vf0", "backend": "vfio", "source": source, "destination": destination}]
+    )
+
+
+def test_plans_are_checked_against_the_devices_present(tmp_path: Path) -> None:
+    backends = {"vfio": VfioBackend(sysfs_root=fake_sysfs(tmp_path))}
+    resolved = resolve(vfio_plan({"mdev": UUID}, {"pci": "0000:3b:00.1"}), backends)
+    (device,) = resolved.devices
+    assert device.source_capabilities is None  # only the device can tell
+    assert isinstance(device.destination, VfioParams) and device.destination.iommufd == "auto"
+
+    with pytest.raises(PlanError) as caught:
+        resolve(vfio_plan({"mdev": UUID}, {"mdev": UUID, "pci": "0000:3b:00.1"}), backends)
+    assert [str(p) for p in caught.value.problems] == [
+        "devices[0].destination: Value error, name the device by exactly one of mdev, pci or "
+        "sysfs (got mdev and pci)"
+    ]
+    with pytest.raises(PlanError) as caught:
+        resolve(vfio_plan({"mdev": UUID, "iommufd": "require"}, {"mdev": UUID}), backends)
+    assert [p.path for p in caught.value.problems] == [
+        "devices[0].source.iommufd",
+        "devices[0].destination.iommufd",  # inherited from the source
+        "devices[0].destination.mdev",
+    ]
+    assert "the destination is the source device itself" in str(caught.value)
+    with pytest.raises(PlanError, match=r"devices\[0\]\.source\.pci: .*bound to e1000e"):
+        resolve(vfio_plan({"pci": "0000:3b:00.2"}, {"mdev": UUID}), backends)
+
+
+def test_the_registry_has_the_vfio_backend() -> None:
+    assert isinstance(BACKENDS["vfio"], VfioBackend)
+    assert BACKENDS["vfio"].sysfs_root == Path("/sys")
+
+
+def test_validate_a_plan_naming_a_missing_mdev(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(uuid.uuid4())  # no host has this one
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'vm = "vm1"\ndowntime_limit_ms = 300\n[[devices]]\nname = "vf0"\nbackend = "vfio"\n'
+        f'source = {{ mdev = "{missing}" }}\ndestination = {{ pci = "ffff:ff:1f.7" }}\n'
+    )
+    assert cli.main(["validate", str(plan)]) == cli.EXIT_BAD_INPUT
+    out = capsys.readouterr().out
+    assert f"devices[0].source.mdev: no mediated device {missing}" in out
+    assert "devices[0].destination.pci: no PCI device ffff:ff:1f.7" in out
+    assert "Traceback" not in out
+
+
+# --- errors from a descriptor that is not a VFIO device ------------------------------------
+
+
+async def test_errno_names_the_ioctl_the_device_and_the_state() -> None:
+    fd = os.open(os.devnull, os.O_RDWR)
+    try:
+        device = VfioDevice.from_fd("gpu0", Side.SOURCE, fd, identity="PCI 0000:3b:00.1")
+        with pytest.raises(DeviceError) as caught:
+            await device.open()
+        error = caught.value
+        assert (error.device, error.operation, error.errno) == (
+            "gpu0",
+            "VFIO_DEVICE_FEATURE(MIGRATION)",
+            errno.ENOTTY,
+        )
+        assert str(error) == (
+            "device 'gpu0' VFIO_DEVICE_FEATURE(MIGRATION): PCI 0000:3b:00.1: "
+            f"{os.strerror(errno.ENOTTY)}; the device's driver does not support migration "
+            f"(errno {errno.ENOTTY})"
+        )
+        with pytest.raises(DeviceError) as caught:
+            await device.set_state(S.STOP)
+        assert (caught.value.operation, caught.value.target) == (
+            "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)",
+            "STOP",
+        )
+        await device.close()
+        await device.close()
+        with pytest.raises(DeviceError, match="the device is closed"):
+            await device.get_state()
+        # The caller's descriptor is its own: still open.
+        os.fstat(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(DeviceError, match="cannot duplicate") as caught:
+        VfioDevice.from_fd("gpu0", Side.SOURCE, fd)
+    assert caught.value.errno == errno.EBADF
+
+
+async def test_opening_a_missing_device_is_a_device_error(tmp_path: Path) -> None:
+    backend = VfioBackend(sysfs_root=fake_sysfs(tmp_path), dev_root=tmp_path / "dev")
+    device = backend.create("tty0", Side.SOURCE, VfioParams(mdev=UUID))
+    with pytest.raises(DeviceError) as caught:
+        await device.open()
+    assert caught.value.errno == errno.ENOENT
+    assert caught.value.operation == f"open({tmp_path / 'dev' / 'vfio' / 'vfio'})"
+    assert "is the vfio module loaded?" in str(caught.value)
+    await device.close()
+    # The failed open gave its claim on the device back.
+    again = backend.create("tty0", Side.SOURCE, VfioParams(mdev=UUID))
+    with pytest.raises(DeviceError) as caught:
+        await again.open()
+    assert caught.value.errno == errno.ENOENT
+    await again.close()
+
+
+# --- a fake kernel behind the Syscalls seam --------------------------------------------------
+
+DEVICE_FD = 10_000  # the fake device's descriptor number; never a real one
+
+
+class FakeKernel(Syscalls):
+    """One VFIO migration device in the manner of the uAPI, with pipes for data_fds.
+
+    A saving arc that opens a stream returns the read end of a pipe (the test
+    feeds the write end); RESUMING returns a write end whose bytes go to
+    ``loaded``.  Knobs make the next SET fail (and leave a given state),
+    make an arc that carries a stream return a new fd, or make reads fail.
+    """
+
+    def __init__(self, flags: MigrationFlags = ALL_FLAGS, *, logging: bool = False) -> None:
+        self.flags = flags
+        self.logging = logging
+        self.state = S.RUNNING
+        self.fail_next: tuple[int, DeviceState] | None = None
+        self.new_fd_on_carry = False
+        self.read_errno: int | None = None
+        #: When set, poll blocks until the test opens the gate, then says "not ready".
+        self.poll_gate: threading.Event | None = None
+        self.feed: int | None = None  # write end of a save stream's pipe
+        self.loaded = bytearray()
+        self.handed: set[int] = set()  # data_fds given out and not closed yet
+        self.closed: list[int] = []
+        self.lock = threading.Lock()
+
+    def dup(self, fd: int) -> int:
+        return DEVICE_FD
+
+    def close(self, fd: int) -> None:
+        with self.lock:
+            self.closed.append(fd)
+            self.handed.discard(fd)
+        if fd != DEVICE_FD:
+            os.close(fd)
+
+    def open_data_fds(self) -> set[int]:
+        with self.lock:
+            return set(self.handed)
+
+    def _stream(self, saving: bool) -> int:
+        read_end, write_end = os.pipe()
+        if saving:
+            self.feed = write_end
+            handed = read_end
+        else:
+            os.close(read_end)
+            handed = write_end
+        with self.lock:
+            self.handed.add(handed)
+        return handed
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
+        if request == uapi.VFIO_DEVICE_RESET:
+            self.state = S.RUNNING
+            return 0
+        if request == uapi.VFIO_MIG_GET_PRECOPY_INFO:
+            assert isinstance(arg, bytearray)
+            arg[8:24] = struct.pack("=QQ", 24, 8)
+            return 0
+        assert fd == DEVICE_FD and request == uapi.VFIO_DEVICE_FEATURE
+        assert isinstance(arg, bytearray)
+        argsz, flags = uapi.FEATURE_HEADER.unpack_from(arg)
+        assert argsz == len(arg)
+        feature = flags & uapi.FEATURE_MASK
+        if flags & uapi.FeatureOp.PROBE:
+            supported = feature == uapi.Feature.MIG_DATA_SIZE or (
+                feature == uapi.Feature.DMA_LOGGING_START and self.logging
+            )
+            if not supported:
+                raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+            return 0
+        if feature == uapi.Feature.MIGRATION:
+            arg[8:16] = native(int(self.flags) | 0x100, 8)  # an unknown bit is ignored
+        elif feature == uapi.Feature.MIG_DATA_SIZE:
+            arg[8:16] = native(4096, 8)
+        elif feature == uapi.Feature.MIG_DEVICE_STATE and flags & uapi.FeatureOp.GET:
+            arg[8:16] = uapi.FEATURE_MIG_STATE.pack(int(self.state), -1)
+        elif feature == uapi.Feature.MIG_DEVICE_STATE:
+            target = S(uapi.FEATURE_MIG_STATE.unpack_from(arg, 8)[0])
+            if self.fail_next is not None:
+                err, self.state = self.fail_next
+                self.fail_next = None
+                raise OSError(err, os.strerror(err))
+            if not is_arc(self.flags, self.state, target):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            data_fd = -1
+            saving = {S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY}
+            if target is S.RESUMING:
+                data_fd = self._stream(saving=False)
+            elif target in saving and (self.state not in saving or self.new_fd_on_carry):
+                data_fd = self._stream(saving=True)
+            self.state = target
+            arg[8:16] = uapi.FEATURE_MIG_STATE.pack(int(target), data_fd)
+        return 0
+
+    def read(self, fd: int, size: int) -> bytes:
+        if self.read_errno is not None:
+            raise OSError(self.read_errno, os.strerror(self.read_errno))
+        return os.read(fd, size)
+
+    def poll(self, fd: int, events: int, timeout_ms: int) -> bool:
+        if self.poll_gate is None:
+            return super().poll(fd, events, timeout_ms)
+        self.poll_gate.wait()
+        return False
+
+    def write(self, fd: int, data: memoryview) -> int:
+        taken = bytes(data[:7])  # a device that takes a few bytes at a time
+        self.loaded += taken
+        return len(taken)
+
+
+async def fake_device(kernel: FakeKernel, side: Side = Side.SOURCE) -> VfioDevice:
+    device = VfioDevice.from_fd("dev0", side, 3, identity="mdev fake", syscalls=kernel)
+    caps = await device.open()
+    assert caps == Capabilities(flags=kernel.flags, stop_copy_size=True, dirty_logging=False)
+    assert device.opened_by == "fd"
+    return device
+
+
+async def test_a_save_stream_keeps_one_data_fd_from_pre_copy_to_its_end() -> None:
+    kernel = FakeKernel()
+    device = await fake_device(kernel)
+    await device.set_state(S.PRE_COPY)
+    assert kernel.feed is not None
+    (data_fd,) = kernel.open_data_fds()
+    os.write(kernel.feed, b"abc")
+    assert await device.read(100) == b"abc"
+    assert await device.read(100) == b""  # nothing more now: the pipe is empty
+    info = await device.precopy_info()
+    assert (info.initial_bytes, info.dirty_bytes) == (24, 8)
+    assert await device.stop_copy_size() == 4096
+    kernel.read_errno = errno.ENOMSG
+    os.write(kernel.feed, b"d")
+    assert await device.read(100) == b""  # the uAPI's temporary end of pre-copy data
+    kernel.read_errno = None
+    assert await device.read(100) == b"d"
+
+    await device.set_state(S.PRE_COPY_P2P)
+    await device.set_state(S.STOP_COPY)
+    assert kernel.open_data_fds() == {data_fd}  # carried on: no second stream
+    os.write(kernel.feed, b"ef")
+    os.close(kernel.feed)
+    assert await device.read(1) == b"e"
+    assert await device.read(100) == b"f"
+    assert await device.read(100) == b""  # the end of the stream
+    assert await device.read(100) == b""
+    with pytest.raises(DeviceError, match="precopy info exists only in PRE_COPY states"):
+        await device.precopy_info()
+    await device.set_state(S.STOP)
+    assert kernel.open_data_fds() == set()
+    assert await device.state_digest() == hashlib.sha256(b"abcdef").hexdigest()
+    with pytest.raises(DeviceError, match="no save stream to read in STOP"):
+        await device.read(1)
+    await device.close()
+    assert DEVICE_FD in kernel.closed
+
+
+async def test_enomsg_in_stop_copy_is_a_protocol_error() -> None:
+    kernel = FakeKernel(MigrationFlags.STOP_COPY)
+    device = await fake_device(kernel)
+    await device.set_state(S.STOP)
+    await device.set_state(S.STOP_COPY)
+    assert kernel.feed is not None
+    os.write(kernel.feed, b"x")
+    kernel.read_errno = errno.ENOMSG
+    with pytest.raises(DeviceError, match="STOP_COPY must not give it") as caught:
+        await device.read(10)
+    assert (caught.value.operation, caught.value.errno) == ("read(data_fd)", errno.ENOMSG)
+    await device.close()
+    assert kernel.open_data_fds() == set()
+
+
+async def test_a_failed_arc_into_error_then_a_reset() -> None:
+    kernel = FakeKernel()
+    device = await fake_device(kernel)
+    await device.set_state(S.PRE_COPY)
+    kernel.fail_next = (errno.EIO, S.ERROR)
+    with pytest.raises(DeviceError) as caught:
+        await device.set_state(S.PRE_COPY_P2P)
+    error = caught.value
+    assert (error.operation, error.target, error.errno) == (
+        "VFIO_DEVICE_FEATURE(MIG_DEVICE_STATE)",
+        "PRE_COPY_P2P",
+        errno.EIO,
+    )
+    assert "PRE_COPY -> PRE_COPY_P2P refused; the device reads ERROR now" in str(error)
+    assert await device.get_state() is S.ERROR
+    assert kernel.open_data_fds() == set()  # the stream died with the state
+    with pytest.raises(DeviceError, match="no save stream to read in ERROR"):
+        await device.read(1)
+    await device.reset()
+    assert await device.get_state() is S.RUNNING
+
+    # A failure that leaves the device where it was keeps its stream.
+    await device.set_state(S.PRE_COPY)
+    kernel.fail_next = (errno.EAGAIN, S.PRE_COPY)
+    with pytest.raises(DeviceError, match="the device reads PRE_COPY now"):
+        await device.set_state(S.PRE_COPY_P2P)
+    assert len(kernel.open_data_fds()) == 1
+    await device.reset()
+    assert kernel.open_data_fds() == set()
+    await device.close()
+
+
+async def test_a_second_data_fd_for_a_carried_stream_is_refused() -> None:
+    kernel = FakeKernel()
+    device = await fake_device(kernel)
+    await device.set_state(S.PRE_COPY)
+    (first,) = kernel.open_data_fds()
+    kernel.new_fd_on_carry = True
+    with pytest.raises(DeviceError, match="returned a new data_fd while the stream was open"):
+        await device.set_state(S.PRE_COPY_P2P)
+    assert kernel.open_data_fds() == {first}
+    await device.close()
+    assert kernel.open_data_fds() == set()
+
+
+async def test_resuming_writes_the_whole_stream() -> None:
+    kernel = FakeKernel()
+    device = await fake_device(kernel, Side.DESTINATION)
+    with pytest.raises(DeviceError, match="loads only in RESUMING, not RUNNING"):
+        await device.write(b"x")
+    for state in (S.RUNNING_P2P, S.STOP, S.RESUMING):
+        await device.set_state(state)
+    data = bytes(range(256)) * 3
+    await device.write(data[:100])
+    await device.write(data[100:])
+    assert bytes(kernel.loaded) == data
+    await device.set_state(S.STOP)
+    assert kernel.open_data_fds() == set()
+    assert await device.state_digest() == hashlib.sha256(data).hexdigest()
+    await device.close()
+    assert await device.state_digest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_cancelled_read_never_has_its_fd_closed_under_it() -> None:
+    kernel = FakeKernel(MigrationFlags.STOP_COPY)
+    device = await fake_device(kernel)
+    await device.set_state(S.STOP)
+    await device.set_state(S.STOP_COPY)
+    (data_fd,) = kernel.open_data_fds()
+    kernel.poll_gate = gate = threading.Event()
+    # Nothing to read and the stream not ended: the read waits, in a worker thread.
+    with trio.move_on_after(0.1) as scope:
+        await device.read(10)
+    assert scope.cancelled_caught
+    await device.close()
+    # The abandoned worker is still in poll: nothing it may still use is closed yet.
+    assert data_fd in kernel.open_data_fds()
+    assert DEVICE_FD not in kernel.closed
+    gate.set()
+    # At its next poll slice it sees the cancel and leaves; the last one out closes all.
+    for _ in range(500):
+        if data_fd not in kernel.open_data_fds() and DEVICE_FD in kernel.closed:
+            break
+        await trio.sleep(0.01)
+    assert data_fd not in kernel.open_data_fds() and DEVICE_FD in kernel.closed
+    with pytest.raises(DeviceError, match="the device is closed"):
+        await device.read(1)
