@@ -3,6 +3,8 @@
 ``run``, ``validate`` and ``states`` work on this host without a daemon;
 ``serve`` runs the daemon and ``submit``, ``status``, ``watch`` and
 ``cancel`` talk to it over its REST API (``orchestrator.api.client``);
+``handover`` lends it a device over its handover socket, as a VMM does
+(``orchestrator.handover``), and holds it until stopped;
 ``openapi`` prints or renews the committed OpenAPI document.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
@@ -16,9 +18,11 @@ every problem is printed with its field path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 from importlib import resources
 from pathlib import Path
@@ -363,6 +367,26 @@ def _add_daemon_commands(sub: Any) -> None:
     cancel.add_argument("id")
     cancel.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    handover = sub.add_parser(
+        "handover",
+        help="hand a device over to the daemon, as a VMM does, and hold it until stopped",
+        description=(
+            "Opens DEVICE (or takes --fd), registers --vm on the daemon's handover socket, "
+            "hands the descriptor over and prints its handle (VM/NAME), which plans name as "
+            'handle = "VM/NAME".  The daemon keeps it while this command runs: until '
+            "SIGINT, SIGTERM or end of input."
+        ),
+    )
+    handover.add_argument("device", nargs="?", type=Path, help="device file to open (O_RDWR)")
+    handover.add_argument("--fd", type=int, help="hand over this inherited descriptor instead")
+    handover.add_argument("--vm", required=True, help="the VM the device belongs to")
+    handover.add_argument("--name", required=True, help="the device's name in plans")
+    handover.add_argument("--kind", required=True, choices=("vfio", "vhost_vdpa"))
+    handover.add_argument(
+        "--socket", type=Path, help="the handover socket (default: the settings' one)"
+    )
+    handover.add_argument("--config", type=Path, help="the daemon's settings file")
+
 
 def _daemon_commands(args: argparse.Namespace) -> int:
     from orchestrator.settings import SettingsError
@@ -372,6 +396,8 @@ def _daemon_commands(args: argparse.Namespace) -> int:
             return _serve(args)
         if args.command == "openapi":
             return _openapi(args)
+        if args.command == "handover":
+            return _handover(args)
         return _client_command(args)
     except SettingsError as exc:
         _print_settings_problems(exc, sys.stderr)
@@ -411,6 +437,80 @@ def _serve(args: argparse.Namespace) -> int:
     if any(isinstance(f, SettingsError) for f in failures):
         return EXIT_BAD_INPUT
     return EXIT_NOT_SUCCEEDED if failures else EXIT_OK
+
+
+def _handover(args: argparse.Namespace) -> int:
+    from orchestrator.handover import HandoverClient, HandoverError
+    from orchestrator.settings import Settings
+
+    if (args.device is None) == (args.fd is None):
+        print("orchestrator handover: give a DEVICE path or --fd, not both", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = args.socket or Settings.load(args.config).handover_socket
+    if path is None:
+        print(
+            "orchestrator handover: no handover socket: give --socket, or set handover_socket "
+            "in the daemon's settings",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    fd = args.fd
+    if fd is None:
+        try:
+            fd = os.open(args.device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            print(
+                f"orchestrator handover: cannot open {args.device}: {exc.strerror}", file=sys.stderr
+            )
+            return EXIT_BAD_INPUT
+    try:
+        with HandoverClient(path) as client:
+            client.register(args.vm)
+            handle = client.hand_over(args.vm, args.name, args.kind, fd)
+            os.close(fd)  # the daemon holds its own copy now
+            fd = None
+            print(handle, flush=True)
+            return _hold(client.sock)
+    except HandoverError as exc:
+        print(f"orchestrator handover: refused: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"orchestrator handover: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_NOT_SUCCEEDED
+    finally:
+        if fd is not None and args.fd is None:
+            os.close(fd)
+
+
+def _hold(sock: Any) -> int:
+    """Wait for SIGINT, SIGTERM or the end of a piped stdin (0), or the daemon closing (1)."""
+    import selectors
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, "daemon")
+    with contextlib.suppress(ValueError, OSError):
+        # A pipe or a terminal ends the hold when it ends; /dev/null would at once.
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+        if stat.S_ISFIFO(mode) or sys.stdin.isatty():
+            selector.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.data == "daemon":
+                    print(
+                        "orchestrator handover: the daemon closed the connection", file=sys.stderr
+                    )
+                    return EXIT_NOT_SUCCEEDED
+                if not os.read(sys.stdin.fileno(), 4096):
+                    return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        selector.close()
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:

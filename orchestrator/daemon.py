@@ -13,9 +13,11 @@ Start-up, in this order, so that nothing is half-started when a check fails:
    with the ``Metrics``, the ``MigrationService`` and the API over it;
 4. the listening sockets, bound here rather than by hypercorn: the Unix
    socket is made mode 0600 before ``listen``, so no one can connect while
-   it is still open to others;
-5. the HTTP server (hypercorn's trio worker) with ``nursery.start``: it
-   answers /healthz, and /readyz says 503, while
+   it is still open to others; so is the handover socket, where VMMs hand
+   over their devices (``orchestrator.handover``), when the settings name one
+   (with its own lock file);
+5. the HTTP server (hypercorn's trio worker) and the handover server with
+   ``nursery.start``: the first answers /healthz, and /readyz says 503, while
 6. the service recovers what the journal holds unfinished
    (``nursery.start(service.run)``); /readyz says 200 once it has.
 
@@ -55,10 +57,12 @@ from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.backends import backends_for
 from orchestrator.errors import OrchestratorError, Problem
+from orchestrator.handover import HandleRegistry, HandoverServer
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
 from orchestrator.service import MigrationService
 from orchestrator.settings import UNIX_PATH_MAX, Settings, SettingsError, read_token_file
+from orchestrator.transport.channel import ChannelListener
 
 log = structlog.get_logger("orchestrator.daemon")
 
@@ -82,6 +86,8 @@ class Running:
     tcp_address: tuple[str, int] | None
     #: The server's own view: "http://unix:/...", "https://127.0.0.1:8443".
     urls: tuple[str, ...]
+    #: Where VMMs hand over devices, if the settings name a handover socket.
+    handover_socket: Path | None = None
 
 
 # -- start-up checks -------------------------------------------------------------
@@ -113,12 +119,12 @@ def check_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def check_socket_path(path: Path) -> None:
+def check_socket_path(path: Path, field: str = "api.unix_socket") -> None:
     if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise SettingsError(
             [
                 Problem(
-                    "api.unix_socket",
+                    field,
                     f"{path} is {len(os.fsencode(path))} bytes long; a Unix socket path "
                     f"holds at most {UNIX_PATH_MAX}",
                 )
@@ -169,8 +175,14 @@ def pid_lock(path: Path, holder_of: str) -> Iterator[None]:
         os.close(fd)
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600.  Call with the socket's lock held."""
+def bind_unix_socket(
+    path: Path, kind: int = socket.SOCK_STREAM, field: str = "api.unix_socket"
+) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600.  Call with the socket's lock held.
+
+    ``kind`` is its type (``SOCK_SEQPACKET`` for the handover socket);
+    ``field`` the setting that names it, for errors.
+    """
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -178,11 +190,11 @@ def bind_unix_socket(path: Path) -> socket.socket:
     else:
         if not stat.S_ISSOCK(mode):
             raise SettingsError(
-                [Problem("api.unix_socket", f"{path} exists and is not a socket: not removing it")]
+                [Problem(field, f"{path} exists and is not a socket: not removing it")]
             )
         # We hold its lock, so it is a socket a dead daemon left behind.
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         sock.bind(os.fspath(path))
         # Before listen(): until then a connect is refused, whatever the mode.
@@ -308,11 +320,30 @@ async def serve(
                 f"is serving on {socket_path}",
             )
         )
+        handover_path = settings.handover_socket
+        if handover_path is not None:
+            check_socket_path(handover_path, "handover_socket")
+            _make_dir(handover_path.parent, "handover_socket")
+            stack.enter_context(
+                pid_lock(
+                    handover_path.with_name(handover_path.name + ".lock"),
+                    f"takes device handovers on {handover_path}",
+                )
+            )
         journal = await Journal.open(settings.state_dir)
         async with journal:
             registry = CollectorRegistry()
+            listener = ChannelListener() if settings.data.listen is not None else None
+            handles = HandleRegistry()
+            # Whatever ends the daemon, the descriptors VMMs lent it are closed.
+            stack.callback(handles.close_all)
             service = MigrationService(
-                journal, Metrics(registry), backends=backends_for(settings.state_dir)
+                journal,
+                Metrics(registry),
+                backends=backends_for(settings.state_dir),
+                handles=handles,
+                listener=listener,
+                advertise=settings.data.advertise,
             )
             app = create_app(
                 service,
@@ -339,6 +370,17 @@ async def serve(
                     raise
                 tcp_address = tcp_socket.getsockname()[:2]
                 sockets.append(tcp_socket)
+            handover = None
+            if handover_path is not None:
+                try:
+                    handover = bind_unix_socket(
+                        handover_path, socket.SOCK_SEQPACKET, "handover_socket"
+                    )
+                except BaseException:
+                    for sock in sockets:
+                        sock.close()
+                    raise
+                stack.enter_context(_removed_on_exit(handover_path))
             config = _hypercorn_config(settings, sockets, tls)
             await _run(
                 settings,
@@ -350,6 +392,7 @@ async def serve(
                 task_status,
                 socket_path,
                 tcp_address,
+                handover,
             )
 
 
@@ -363,6 +406,7 @@ async def _run(
     task_status: trio.TaskStatus[Running],
     socket_path: Path,
     tcp_address: tuple[str, int] | None,
+    handover: socket.socket | None = None,
 ) -> None:
     stop = trio.Event()
     stop_http = trio.Event()
@@ -385,6 +429,13 @@ async def _run(
             assert shutdown_trigger is not None
             nursery.start_soon(_stop_when, shutdown_trigger, stop)
         urls = await nursery.start(run_http)
+        if service.incoming.listener is not None:
+            data_address = settings.data.listen_address
+            assert data_address is not None
+            await nursery.start(service.incoming.listener.serve, *data_address)
+        if handover is not None:
+            assert service.handles is not None
+            await nursery.start(HandoverServer(service.handles).serve, handover)
         await nursery.start(service.run)
         log.info(
             "daemon.ready",
@@ -398,6 +449,7 @@ async def _run(
                 socket_path=socket_path,
                 tcp_address=tcp_address,
                 urls=tuple(urls),
+                handover_socket=settings.handover_socket,
             )
         )
         await stop.wait()

@@ -106,5 +106,39 @@ class PeerError(OrchestratorError):
     status_hint = 502
 
 
+class PeerAuthError(PeerError):
+    """A data-channel peer could not prove it holds the migration's secret."""
+
+
+class PeerProtocolError(PeerError):
+    """The peer sent the data channel something its protocol forbids.
+
+    A corrupted, unknown, out-of-order or duplicated frame: the channel is
+    failed as a whole and nothing after the bad frame reaches a device.
+    ``device`` and ``seq`` locate the frame where they are known.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        device: str | None = None,
+        seq: int | None = None,
+        connection: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.device = device
+        self.seq = seq
+        self.connection = connection
+        where = []
+        if device is not None:
+            where.append(f"device {device!r}")
+        if seq is not None:
+            where.append(f"frame {seq}")
+        if connection is not None:
+            where.append(f"on connection {connection}")
+        super().__init__(f"{' '.join(where)}: {problem}" if where else problem)
+
+
 class ProtocolViolation(OrchestratorError):
     """The runner asked the pure flow for a step its invariants forbid (a bug)."""

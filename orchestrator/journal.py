@@ -109,7 +109,7 @@ T = TypeVar("T")
 FILENAME: Final = "journal.sqlite3"
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _OUTCOMES: Final = frozenset(get_args(Outcome))
 _PHASES: Final = frozenset(p.value for p in Phase)
@@ -188,7 +188,16 @@ _SCHEMA_V1: Final = (
 
 #: ``SCHEMA_UPGRADES[n]`` takes a database from version ``n - 1`` to ``n``
 #: (version 0: an empty file).  Each step runs in one transaction.
-SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {1: _SCHEMA_V1}
+#: Version 2: which side of the migration this daemon plays.  ``source``: it
+#: runs the migration (both ends on this host, or the destination on another
+#: host's daemon); ``destination``: another host's daemon runs it and this
+#: one holds the destination devices (``orchestrator.incoming``).
+_SCHEMA_V2: Final = (
+    "ALTER TABLE migrations ADD COLUMN role TEXT NOT NULL DEFAULT 'source' "
+    "CHECK (role IN ('source', 'destination'))",
+)
+
+SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 
 class JournalError(OrchestratorError):
@@ -219,6 +228,8 @@ class MigrationRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    #: ``source`` (this daemon runs it) or ``destination`` (another host's does).
+    role: str = "source"
 
     @property
     def finished(self) -> bool:
@@ -305,7 +316,12 @@ class Journal:
     # -- writes ----------------------------------------------------------------
 
     async def create(
-        self, migration_id: str, plan: Plan, idempotency_key: str | None = None
+        self,
+        migration_id: str,
+        plan: Plan,
+        idempotency_key: str | None = None,
+        *,
+        role: str = "source",
     ) -> tuple[str, bool]:
         """Record a new migration in phase ``prepare``, with the devices it holds.
 
@@ -326,7 +342,7 @@ class Journal:
                 now = time.time()
                 db.execute(
                     "INSERT INTO migrations (id, vm, plan_json, idempotency_key, created_at, "
-                    "updated_at, phase) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "updated_at, phase, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         migration_id,
                         plan.vm,
@@ -335,11 +351,15 @@ class Journal:
                         now,
                         now,
                         Phase.PREPARE.value,
+                        role,
                     ),
                 )
+                sides = [Side.DESTINATION] if role == "destination" else list(Side)
+                if role == "source" and plan.destination is not None:
+                    sides = [Side.SOURCE]
                 db.executemany(
                     "INSERT INTO devices (migration_id, device, side) VALUES (?, ?, ?)",
-                    [(migration_id, d.name, side.value) for d in plan.devices for side in Side],
+                    [(migration_id, d.name, side.value) for d in plan.devices for side in sides],
                 )
                 _append(
                     db,
@@ -659,6 +679,7 @@ class Journal:
             outcome,
             finished_at,
             report_json,
+            role,
         ) = row
         try:
             plan = Plan.model_validate_json(plan_json)
@@ -684,12 +705,13 @@ class Journal:
             created_at=float(created_at),
             updated_at=float(updated_at),
             finished_at=finished_at,
+            role=str(role),
         )
 
 
 _SELECT: Final = (
     "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-    "committed_at, outcome, finished_at, report_json FROM migrations"
+    "committed_at, outcome, finished_at, report_json, role FROM migrations"
 )
 
 

@@ -8,8 +8,8 @@ and each test builds a fresh one.  It is fed from two places:
   for ``Migration.observers`` that times every device transition as it ends;
 * once per migration, from its report: ``migration_finished`` records the
   downtime, the duration, the outcome, the phase times, the bytes moved, the
-  pre-copy rounds, the barrier waits and the device error that caused a
-  failure.
+  pre-copy rounds, the barrier waits, the VMMs' vCPU pause and resume times,
+  and the device or VMM error that caused a failure.
 
 ``orchestrator_migrations_active`` counts the migrations between
 ``migration_started`` and ``migration_finished``; it is read at scrape time
@@ -72,6 +72,15 @@ BYTES_PHASES: Final = (Phase.PRECOPY, Phase.STOP_COPY)
 #: (``Migration._fail``); the other kinds belong to the migration as a whole.
 DEVICE_ERROR_KINDS: Final = ("device_error", "device_timeout", "peer_error")
 
+#: The VMM calls a report times (``VmmReport``): (side, action) -> its field.
+VMM_ACTIONS: Final = (
+    ("source", "pause", "pause_ms"),
+    ("destination", "resume", "resume_ms"),
+    ("source", "resume", "source_resume_ms"),
+)
+#: The ``ErrorInfo.kind`` of a failure the runner pins on a VMM.
+VMM_ERROR_KINDS: Final = ("vmm_error", "vmm_timeout", "vmm_state")
+
 #: A passthrough device is paused for milliseconds when things go well and
 #: for tens of seconds when they do not; 30 s is a downtime no plan allows.
 DOWNTIME_BUCKETS: Final = (
@@ -98,6 +107,11 @@ TRANSITION_BUCKETS: Final = (
 BARRIER_BUCKETS: Final = (
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
+)  # fmt: skip
+#: One QMP stop or cont and its query-status: about a millisecond on a
+#: local socket, up to the default 10 s VMM call deadline.
+VMM_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 #: Pre-copy rounds per migration; plans cap them (``precopy_max_rounds``).
 PRECOPY_ROUND_BUCKETS: Final = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 75, 100)
@@ -197,8 +211,30 @@ class Metrics:
             registry=registry,
         )
 
+        self.vmm_time = Histogram(
+            "orchestrator_vmm_seconds",
+            "Time a VMM took to pause the source vCPUs or resume the destination ones (or, "
+            "after a rollback, the source ones), its check included: the VMM's share of the "
+            "downtime.",
+            ["side", "action"],
+            registry=registry,
+            buckets=VMM_BUCKETS,
+        )
+        self.vmm_errors = Counter(
+            "orchestrator_vmm_errors_total",
+            "Migrations whose first failure was a VMM's (vmm_error, vmm_timeout, or vmm_state: "
+            "vCPUs not where a migration starts), by side.",
+            ["side", "kind"],
+            registry=registry,
+        )
+
         for outcome in OUTCOMES:
             self.migrations.labels(outcome)
+        for side, action, _ in VMM_ACTIONS:
+            self.vmm_time.labels(side, action)
+        for side in ("source", "destination"):
+            for kind in VMM_ERROR_KINDS:
+                self.vmm_errors.labels(side, kind)
         for phase in TIMED_PHASES:
             self.phase_time.labels(phase.value)
         for barrier in BARRIERS:
@@ -279,6 +315,13 @@ class Metrics:
             )
             for barrier, ms in device.barrier_wait_ms.items():
                 self.barrier_wait.labels(barrier).observe(ms / 1000)
+        if report.vmm is not None:
+            for side, action, field in VMM_ACTIONS:
+                ms = getattr(report.vmm, field)
+                if ms is not None:
+                    self.vmm_time.labels(side, action).observe(ms / 1000)
         error = report.error
         if error is not None and error.device is not None:
             self.device_errors.labels(backend_of.get(error.device, "unknown"), error.kind).inc()
+        elif error is not None and error.kind in VMM_ERROR_KINDS and error.side is not None:
+            self.vmm_errors.labels(error.side, error.kind).inc()

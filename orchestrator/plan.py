@@ -21,11 +21,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import PlanError, Problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+
+#: The longest path a Unix socket address holds (``sun_path`` less its NUL).
+UNIX_PATH_MAX = 107
 
 
 class Timeouts(BaseModel):
@@ -60,6 +70,15 @@ class Timeouts(BaseModel):
         le=86400,
         description="Returning every device to where it started after a failure.",
     )
+    vmm_call_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Deadline on every call to a VMM named in [vmm]: connecting, one QMP command "
+            "and its check, or one run of the VMM's command."
+        ),
+    )
 
 
 class DeviceSpec(BaseModel):
@@ -77,6 +96,112 @@ class DeviceSpec(BaseModel):
     destination: dict[str, Any] = Field(
         default_factory=dict, description="Backend parameters of the destination device."
     )
+
+
+class RemoteDestination(BaseModel):
+    """The destination daemon of a migration between two hosts (the ``[destination]`` table).
+
+    The daemon that runs the plan is the source; it asks this one to prepare
+    the destination devices, streams their state to it and drives the
+    commit.  The token never leaves the source host: the destination gets a
+    secret of its own for each migration.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        pattern=r"^https?://[^/\s]+/?$",
+        description=(
+            'Base URL of the destination daemon\'s REST API, for example "http://10.0.0.2:7800" '
+            '(use "https://" off a trusted network: the token travels in every request).'
+        ),
+    )
+    token_file: Path = Field(
+        description="File holding the bearer token the destination daemon accepts (mode 0600)."
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify an https destination with (default: system)."
+    )
+
+
+class VmmEndpoint(BaseModel):
+    """How to reach the VMM of one side, to pause or resume the VM's vCPUs.
+
+    Exactly one of ``qmp`` and ``command``.  The command convention: the
+    orchestrator runs ``command + [verb]`` with verb ``pause``, ``resume`` or
+    ``status``; exit status 0 means done.  ``status`` prints the vCPUs' state
+    on stdout: a word (``running``, ``paused``, ...) or a JSON object with a
+    ``state`` or ``status`` member (``ch-remote info`` style); ``running``
+    (any case) means the vCPUs run.  Each run is under ``timeouts.vmm_call_s``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    qmp: Path | None = Field(
+        None,
+        description=(
+            "Absolute path of a QMP Unix socket of the VM's QEMU (-qmp unix:PATH,server=on,"
+            "wait=off), one the orchestrator may use for the whole migration: QEMU serves one "
+            "client per QMP socket, so give it its own, not the management layer's."
+        ),
+    )
+    command: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            'Any other VMM: an argv the verb "pause", "resume" or "status" is appended to '
+            '(for example ["ch-remote", "--api-socket", "/run/ch/vm1.sock"] with a wrapper '
+            'for "status").'
+        ),
+    )
+
+    @field_validator("qmp")
+    @classmethod
+    def _socket_path(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        if not path.is_absolute():
+            raise ValueError(f"{str(path)!r} is not an absolute path")
+        size = len(str(path).encode("utf-8", "surrogateescape"))
+        if size > UNIX_PATH_MAX:
+            raise ValueError(
+                f"{str(path)!r} is {size} bytes long; a Unix socket path holds at most "
+                f"{UNIX_PATH_MAX}"
+            )
+        return path
+
+    @field_validator("command")
+    @classmethod
+    def _argv(cls, argv: list[str] | None) -> list[str] | None:
+        if argv is None:
+            return None
+        for index, arg in enumerate(argv):
+            if not arg or "\0" in arg:
+                raise ValueError(f"argument {index} is empty or holds a NUL character")
+        return argv
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VmmEndpoint:
+        if (self.qmp is None) == (self.command is None):
+            raise ValueError('give exactly one of qmp = "<socket path>" or command = [...]')
+        return self
+
+    def describe(self) -> str:
+        """``qmp:/path`` or ``command:argv0``, for reports and logs."""
+        if self.qmp is not None:
+            return f"qmp:{self.qmp}"
+        assert self.command is not None
+        return f"command:{self.command[0]}"
+
+
+class VmmSpec(BaseModel):
+    """The VMMs that hold the VM on each side: the source's vCPUs are paused before
+    the P2P barrier, the destination's resumed once every destination device runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: VmmEndpoint = Field(description="The VMM running the VM on this host.")
+    destination: VmmEndpoint = Field(description="The VMM waiting for the VM on the destination.")
 
 
 class Plan(BaseModel):
@@ -111,8 +236,31 @@ class Plan(BaseModel):
     timeouts: Timeouts = Field(
         default_factory=Timeouts, description="Deadlines per phase and per call."
     )
+    destination: RemoteDestination | None = Field(
+        None,
+        description=(
+            "The destination daemon, for a migration to another host (none: both ends of "
+            "every device are on this host)."
+        ),
+    )
+    parallel_connections: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "Data-channel connections to the destination daemon, devices spread over them "
+            "(default: one per device, at most 4)."
+        ),
+    )
     devices: list[DeviceSpec] = Field(
         min_length=1, max_length=4096, description="The devices that migrate together."
+    )
+    vmm: VmmSpec | None = Field(
+        None,
+        description=(
+            "The VMMs of both sides, to pause the source vCPUs and resume the destination "
+            "ones; without it the orchestrator drives the devices alone."
+        ),
     )
 
     @field_validator("devices")

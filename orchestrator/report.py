@@ -19,7 +19,8 @@ class ErrorInfo(BaseModel):
     kind: str = Field(
         description=(
             "device_error, device_timeout, peer_error, plan_error, device_state (a device "
-            "not RUNNING at the start), precopy_not_converged, phase_timeout, journal_error, "
+            "not RUNNING at the start), vmm_error, vmm_timeout, vmm_state (a VMM's vCPUs not "
+            "where a migration starts), precopy_not_converged, phase_timeout, journal_error, "
             "cancelled, interrupted (the orchestrator stopped; rolled back on restart), "
             "recovery_failed or internal_error"
         )
@@ -28,7 +29,10 @@ class ErrorInfo(BaseModel):
     phase: str | None = Field(None, description="Phase the migration was in.")
     side: Literal["source", "destination"] | None = None
     device: str | None = None
-    operation: str | None = Field(None, description="The device call that failed, if one did.")
+    operation: str | None = Field(
+        None,
+        description="The device call (or, with no device, the VMM call) that failed, if one did.",
+    )
 
 
 class DeviceReport(BaseModel):
@@ -74,6 +78,30 @@ class BarrierReport(BaseModel):
     wait_ms_mean: float
 
 
+class VmmReport(BaseModel):
+    """The VMMs' share of the migration: the vCPU pause and resume."""
+
+    source: str = Field(
+        description='How the source VMM was reached: "qmp:PATH" or "command:ARGV0".'
+    )
+    destination: str = Field(description="How the destination VMM was reached.")
+    pause_ms: float | None = Field(
+        None, description="The source vCPU pause, stop and check (null: not done or failed)."
+    )
+    resume_ms: float | None = Field(
+        None, description="The destination vCPU resume after the commit, start and check."
+    )
+    source_resume_ms: float | None = Field(
+        None, description="The source vCPU resume of a rollback, start and check."
+    )
+    source_status: str | None = Field(
+        None, description="The source vCPUs as their VMM last reported them (running, paused...)."
+    )
+    destination_status: str | None = Field(
+        None, description="The destination vCPUs as their VMM last reported them."
+    )
+
+
 class MigrationReport(BaseModel):
     id: str
     vm: str
@@ -82,7 +110,8 @@ class MigrationReport(BaseModel):
         None,
         description=(
             "From the first source device stopping to the last destination device running "
-            "(or, after a rollback, to the last source device running again)."
+            "(or, after a rollback, to the last source device running again); with a [vmm] "
+            "section, from the source vCPU pause to the vCPU resume on either side."
         ),
     )
     duration_ms: float
@@ -95,3 +124,6 @@ class MigrationReport(BaseModel):
     committed: bool = Field(False, description="The commit point was reached and recorded.")
     notes: list[str] = Field(default_factory=list)
     error: ErrorInfo | None = None
+    vmm: VmmReport | None = Field(
+        None, description="The vCPU pause and resume, when the plan has a [vmm] section."
+    )

@@ -7,6 +7,13 @@ cross-device rules of the flow (``orchestrator.flow.check_capabilities``)
 with whatever capabilities are known before a device is opened.  Every
 problem is reported with its field path.
 
+A device a VMM handed over to the daemon is named by its handle
+(``handle = "vm/device"`` among a backend's parameters): with the daemon's
+``HandleRegistry`` given, each handle is checked to exist, to belong to the
+plan's VM and to be of the backend's kind.  The backend itself gets the
+descriptor from the same registry when it opens the device
+(``HandleRegistry.open``).
+
 A plan that passes can still meet a device whose real capabilities differ
 from what the plan implies; the runner applies the same cross-device rules
 again after opening the devices and before changing any state.
@@ -24,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.backends import Backend, get_backend
 from orchestrator.errors import PlanError, Problem
 from orchestrator.flow import check_capabilities
+from orchestrator.handover import HANDLE_PARAM, HandleRegistry
 from orchestrator.plan import Plan, parse_plan, problems_from_validation, read_plan_data
 from orchestrator.states import Capabilities
 
@@ -40,20 +48,35 @@ class ResolvedDevice:
     source_capabilities: Capabilities | None
     destination_capabilities: Capabilities | None
 
+    def handles(self) -> list[str]:
+        """The handed-over devices this device's endpoints name, if any."""
+        found = [getattr(params, HANDLE_PARAM, None) for params in (self.source, self.destination)]
+        return [h for h in found if isinstance(h, str)]
+
 
 @dataclass(frozen=True)
 class ResolvedPlan:
     plan: Plan
     devices: tuple[ResolvedDevice, ...]
 
+    def handles(self) -> list[str]:
+        """Every handed-over device the plan names, once each."""
+        return list(dict.fromkeys(h for d in self.devices for h in d.handles()))
 
-def resolve(plan: Plan, backends: Mapping[str, Backend] | None = None) -> ResolvedPlan:
+
+def resolve(
+    plan: Plan,
+    backends: Mapping[str, Backend] | None = None,
+    handles: HandleRegistry | None = None,
+) -> ResolvedPlan:
     """Stage 2: every device against its backend, and the cross-device rules.
 
     ``backends`` is the registry the plan's backend names are looked up in
     (default: ``orchestrator.backends.BACKENDS``, whose simulated devices live
     in memory; ``backends_for(state_dir)`` gives persistent ones).  The
-    resolved devices are created by those backends.
+    resolved devices are created by those backends.  ``handles`` is the
+    daemon's registry of handed-over devices, if the handles a plan names
+    are to be checked against it.
     """
     problems: list[Problem] = []
     devices: list[ResolvedDevice] = []
@@ -75,6 +98,12 @@ def resolve(plan: Plan, backends: Mapping[str, Backend] | None = None) -> Resolv
             continue
         for problem in backend.check_pair(source, destination):
             problems.append(Problem(f"{where}.{problem.path}", problem.message))
+        for side, params in (("source", source), ("destination", destination)):
+            handle = getattr(params, HANDLE_PARAM, None)
+            if handles is not None and isinstance(handle, str):
+                why = handles.plan_problem(handle, plan.vm, backend.name)
+                if why is not None:
+                    problems.append(Problem(f"{where}.{side}.{HANDLE_PARAM}", why))
         devices.append(
             ResolvedDevice(
                 name=spec.name,

@@ -13,11 +13,17 @@ The runner executes what ``orchestrator.flow`` decides.  It owns:
   commit point rolls back, shielded from further cancellation and under its
   own deadline; after the commit point the only way is forward;
 * the measurements: downtime from the first source device stopping to the
-  last destination device running, per-phase times, barrier waits.
+  last destination device running, per-phase times, barrier waits;
+* the VMMs of the plan's ``[vmm]`` section, if any: the source vCPUs pause
+  after pre-copy converged and before the P2P grace barrier, the destination
+  vCPUs resume once every destination device runs (after the commit), a
+  rollback resumes the source ones; the downtime then runs from the pause to
+  the resume.
 
 It is also the only place where a backend's ``DeviceError`` becomes a
 migration failure (``DeviceFailure``), tagged with the side, device, phase
-and operation, and where the first failure in time is kept as the cause.
+and operation, and a VMM's ``VmmError`` one (``VmmFailure``), and where the
+first failure in time is kept as the cause.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from orchestrator.errors import (
     ProtocolViolation,
 )
 from orchestrator.flow import MigrationFlow, Phase, PrecopyDecision, Remaining, decide_precopy
+from orchestrator.remote import RemoteDestination
 from orchestrator.report import (
     BarrierReport,
     DeviceReport,
@@ -50,10 +57,12 @@ from orchestrator.report import (
     MigrationReport,
     Outcome,
     PrecopyReport,
+    VmmReport,
 )
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import RUNNING_STATES, Capabilities, DeviceState, Side
 from orchestrator.transport import RateLimiter, StreamReceiver, StreamSender, local_stream
+from orchestrator.vmm import VcpuStatus, Vmm, VmmError, VmmTimeout, open_vmm
 
 T = TypeVar("T")
 
@@ -76,6 +85,14 @@ class DeviceFailure(MigrationAborted):
         self.info = info
 
 
+class VmmFailure(MigrationAborted):
+    """A VMM call failed during the migration; ``info`` says which side and call."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
 class CommitJournal(Protocol):
     """Where the commit decision is made durable before anyone acts on it."""
 
@@ -91,7 +108,9 @@ class TraceEvent:
 
     seq: int
     time: float
-    kind: str  # arc_begin, arc_end, arc_failed, reset, phase, barrier, commit, decision
+    # arc_begin, arc_end, arc_failed, reset, phase, barrier, commit, decision,
+    # vmm_begin, vmm_end, vmm_failed (detail: action)
+    kind: str
     side: Side | None
     device: str | None
     from_state: DeviceState | None
@@ -216,6 +235,29 @@ class Migration:
         self._precopy_busy_s = 0.0
         # Time each endpoint spent inside device calls.
         self._busy: dict[tuple[Side, str], float] = {}
+        # The destination daemon, for a migration to another host.
+        self.remote: RemoteDestination | None = (
+            RemoteDestination(self.plan.destination, self.plan, self.id)
+            if self.plan.destination is not None
+            else None
+        )
+        self._limiter: RateLimiter | None = (
+            RateLimiter(self.plan.bandwidth_limit_mib_s * MIB)
+            if self.plan.bandwidth_limit_mib_s is not None
+            else None
+        )
+        # The VMMs of the plan's [vmm] section (none: the devices alone).
+        vmm = self.plan.vmm
+        self.vmms: dict[Side, Vmm] = (
+            {Side.SOURCE: open_vmm(vmm.source), Side.DESTINATION: open_vmm(vmm.destination)}
+            if vmm is not None
+            else {}
+        )
+        # Set before the source pause is sent: from then on a rollback resumes.
+        self._vcpus_paused = False
+        self._destination_resumed = False
+        self._vmm_ms: dict[str, float] = {}
+        self._vcpu_status: dict[Side, str] = {}
 
     # -- public --------------------------------------------------------------
 
@@ -263,6 +305,42 @@ class Migration:
         self._t0 = trio.current_time()
         self._enter_phase_timing(Phase.PREPARE)
         self.log.info("migration.start", devices=len(self.resolved.devices))
+        if self.remote is not None:
+            return await self._run_with_destination_daemon(self.remote)
+        return await self._run()
+
+    async def _run_with_destination_daemon(self, remote: RemoteDestination) -> MigrationReport:
+        """Prepare the destination daemon, then run over the data channel to it."""
+        try:
+            with trio.fail_after(self.plan.timeouts.prepare_s):
+                await remote.prepare()
+        except (PlanError, PeerError, trio.TooSlowError) as exc:
+            message = (
+                f"the destination daemon did not prepare within {self.plan.timeouts.prepare_s:g} s"
+                if isinstance(exc, trio.TooSlowError)
+                else f"the destination daemon refused to prepare: {exc}"
+            )
+            self._set_error("plan_error" if isinstance(exc, PlanError) else "peer_error", message)
+            self._finish_phase_timing()
+            report = self.report = await self._build_report()
+            return report
+        try:
+            async with remote.session(self._limiter, self.plan.parallel_connections):
+                report = await self._run()
+                with trio.CancelScope(shield=True):
+                    await remote.finish(
+                        report.outcome,
+                        report.error.model_dump(mode="json") if report.error else None,
+                    )
+        except PeerError as exc:
+            if self.report is not None:
+                return self.report
+            self._set_error("peer_error", f"cannot open the data channel: {exc}")
+            self._finish_phase_timing()
+            report = self.report = await self._build_report()
+        return report
+
+    async def _run(self) -> MigrationReport:
         try:
             with trio.CancelScope() as self._scope:
                 if self._cancel_reason is not None:
@@ -307,6 +385,8 @@ class Migration:
             with trio.CancelScope(shield=True), trio.fail_after(self.plan.timeouts.rollback_s):
                 flow = self.flow = await self._open_all()
                 await self._for_each_device(self._adopt_source_and_destination)
+                # Unknown after a crash; resuming running vCPUs changes nothing.
+                self._vcpus_paused = bool(self.vmms)
                 if committed:
                     self._recovery_note = (
                         f"completed on restart: the orchestrator stopped{where} after the "
@@ -399,6 +479,7 @@ class Migration:
                 self._enter(Phase.RESUME)
             # A destination already RUNNING is left as it is.
             await self._for_each_device(self._complete_destination)
+            await self._resume_destination_vcpus()
             if flow.phase is Phase.RESUME:
                 self._enter(Phase.RELEASE)
             await self._for_each_device(self._release_source)
@@ -419,15 +500,13 @@ class Migration:
         timeout = self.plan.timeouts.prepare_s
         try:
             with trio.fail_after(timeout):
+                await self._require_vmms_ready()
                 flow = self.flow = await self._open_all()
                 await self._for_each_device(self._require_running)
                 await self._for_each_device(self._prepare_destination)
         except trio.TooSlowError:
             raise self._abort("phase_timeout", f"prepare took over {timeout:g} s") from None
         self._enter(Phase.PRECOPY)
-        limiter = None
-        if self.plan.bandwidth_limit_mib_s is not None:
-            limiter = RateLimiter(self.plan.bandwidth_limit_mib_s * MIB)
         names = [d.name for d in self.resolved.devices]
         self._rounds = RoundGate(len(names), self._decide_round)
         self._round_started = trio.current_time()
@@ -448,15 +527,28 @@ class Migration:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._coordinate)
             for name in names:
-                sender, receiver = local_stream(limiter)
+                sender, receiver = self._stream(name)
                 nursery.start_soon(self._source_task, name, sender)
                 nursery.start_soon(self._destination_task, name, receiver)
         self._enter(Phase.DONE)
 
+    def _stream(self, name: str) -> tuple[StreamSender, StreamReceiver]:
+        """The stream of one device: in memory, or over the data channel to the
+        destination daemon (which writes its device itself: this side only
+        learns when the stream is loaded)."""
+        if self.remote is None:
+            return local_stream(self._limiter)
+        assert self.remote.channel is not None
+        return _KeepChannel(self.remote.channel.sender(name)), _RemoteLoaded(self, name)
+
     async def _open_all(self) -> MigrationFlow:
         for d in self.resolved.devices:
             self.sources[d.name] = d.backend.create(d.name, Side.SOURCE, d.source)
-            self.destinations[d.name] = d.backend.create(d.name, Side.DESTINATION, d.destination)
+            self.destinations[d.name] = (
+                self.remote.device(d.name)
+                if self.remote is not None
+                else d.backend.create(d.name, Side.DESTINATION, d.destination)
+            )
         caps: dict[tuple[Side, str], Capabilities] = {}
 
         async def open_one(side: Side, name: str) -> None:
@@ -498,13 +590,110 @@ class Migration:
             Side.DESTINATION, name, self.flow.endpoint(Side.DESTINATION, name).route.transfer
         )
 
+    async def _require_vmms_ready(self) -> None:
+        """Refuse, before any change, VMMs that are not where a migration starts:
+        the source's vCPUs running, the destination's not (never both sides)."""
+        for side, vmm in self.vmms.items():
+            status = await self._vmm_call(side, "status")
+            if status.running is not (side is Side.SOURCE):
+                want = "running" if side is Side.SOURCE else "stopped, waiting for the VM"
+                message = (
+                    f"the {side.value} VMM ({vmm.description}) reports its vCPUs "
+                    f"{status.status!r}; they must be {want} when a migration starts; "
+                    "nothing was changed"
+                )
+                if self.error is None:
+                    self.error = ErrorInfo(
+                        kind="vmm_state",
+                        message=message,
+                        phase=self.phase.value,
+                        side=side.value,
+                        operation="status",
+                    )
+                raise MigrationAborted(message)
+
+    async def _resume_destination_vcpus(self) -> None:
+        """After the commit, once every destination device runs.  A failure is
+        reported, never answered by resuming the source: the VM is the destination's."""
+        if not self.vmms or self._destination_resumed:
+            return
+        assert self.flow is not None
+        stuck = [
+            n
+            for n in self.destinations
+            if self.flow.endpoint(Side.DESTINATION, n).state is not DeviceState.RUNNING
+        ]
+        if stuck:
+            self._destination_resumed = True
+            self._post_commit_errors.append(
+                ErrorInfo(
+                    kind="vmm_error",
+                    message="destination vCPUs left paused: device(s) "
+                    f"{', '.join(stuck)} not RUNNING",
+                    phase=self.phase.value,
+                    side=Side.DESTINATION.value,
+                    operation="resume",
+                )
+            )
+            return
+        try:
+            await self._vmm_call(Side.DESTINATION, "resume", record="resume")
+        except VmmFailure as failure:
+            self._post_commit_errors.append(failure.info)
+        self._destination_resumed = True
+
+    async def _vmm_call(self, side: Side, action: str, record: str | None = None) -> VcpuStatus:
+        """One VMM call under its deadline, traced; a VmmError becomes a VmmFailure here."""
+        vmm = self.vmms[side]
+        deadline = self.plan.timeouts.vmm_call_s
+        start = self._emit("vmm_begin", side, detail={"action": action}).time
+        if record == "pause":
+            self._downtime_start = start  # with a VMM, the downtime starts with the vCPUs
+        try:
+            with trio.fail_after(deadline):
+                status: VcpuStatus = await getattr(vmm, action)()
+        except trio.TooSlowError:
+            exc: VmmError = VmmTimeout(f"no answer within {deadline:g} s from {vmm.description}")
+        except VmmError as caught:
+            exc = caught
+        else:
+            end = self._emit("vmm_end", side, detail={"action": action, "status": status.status})
+            took = end.time - start
+            if record is not None:
+                self._vmm_ms[record] = round(took * 1000, 3)
+            if record == "resume":
+                self._downtime_end = end.time  # ... and ends with them
+            self._vcpu_status[side] = status.status
+            self.log.info(
+                "vmm.call", side=side.value, action=action, status=status.status,
+                duration_ms=round(took * 1000, 3),
+            )  # fmt: skip
+            return status
+        self._emit("vmm_failed", side, detail={"action": action, "error": str(exc)})
+        info = ErrorInfo(
+            kind="vmm_timeout" if isinstance(exc, VmmTimeout) else "vmm_error",
+            message=f"{side.value} VMM {action}: {exc}",
+            phase=self.phase.value,
+            side=side.value,
+            operation=action,
+        )
+        if self.error is None:
+            self.error = info
+        self.log.warning("vmm.failure", **info.model_dump(exclude_none=True))
+        raise VmmFailure(info)
+
     async def _coordinate(self) -> None:
         await self._rounds.final.wait()
         decision = self._rounds.decision
         assert decision is not None
         if decision.action == "abort":
             raise self._abort("precopy_not_converged", decision.reason)
+        await self._switchover_acknowledged()
         self._enter(Phase.SOURCE_GRACE)
+        if self.vmms:
+            # The VMM hook: the vCPUs stop before any device leaves PRE_COPY.
+            self._vcpus_paused = True
+            await self._vmm_call(Side.SOURCE, "pause", record="pause")
         self._grace_signal.set()
         await self._source_barrier.released.wait()
         timeout = self.plan.timeouts.switchover_s
@@ -532,6 +721,10 @@ class Migration:
         self.flow.record_commit()
         self._emit("commit")
         self.log.info("migration.commit")
+        if self.remote is not None:
+            # Shielded: once recorded here, the destination must hear of it.
+            with trio.CancelScope(shield=True):
+                await self.remote.commit()
         self._committed.set()
         self._enter(Phase.RESUME)
         await self._resumed.wait()
@@ -569,6 +762,36 @@ class Migration:
         self._emit("decision", detail={"action": decision.action, "round": self.precopy.rounds})
         return decision
 
+    async def _announce_initial(self, name: str) -> bool:
+        """Tell the destination daemon this device's initial data is all sent;
+        it acknowledges once that much is loaded (switchover-ack)."""
+        if self.remote is not None:
+            try:
+                await self.remote.initial_sent(name, self.stats[name].bytes_precopy)
+            except PeerError as exc:
+                raise self._fail(Side.DESTINATION, name, "switchover_ack", exc) from None
+        return True
+
+    async def _switchover_acknowledged(self) -> None:
+        """No device stops before the destination acknowledged every device's
+        initial data (QEMU's switchover-ack)."""
+        if self.remote is None:
+            return
+        timeout = self.plan.timeouts.switchover_s
+        try:
+            with trio.fail_after(timeout):
+                await self.remote.all_acknowledged()
+        except trio.TooSlowError:
+            raise self._abort(
+                "phase_timeout",
+                f"the destination did not acknowledge the initial data within {timeout:g} s",
+            ) from None
+        except PeerError as exc:
+            raise self._abort(
+                "peer_error", f"waiting for the switchover acknowledgement: {exc}"
+            ) from None
+        self._emit("switchover_ack")
+
     def _source_barrier_released(self) -> None:
         self._enter(Phase.STOP_COPY)
         self._emit("barrier", detail={"barrier": "source_p2p"})
@@ -580,6 +803,7 @@ class Migration:
         route = self.flow.endpoint(Side.SOURCE, name).route
         device = self.sources[name]
         stats = self.stats[name]
+        initial_announced = False
         async with _closing(sender):
             if route.precopy is not None:
                 await self._walk(Side.SOURCE, name, route.precopy)
@@ -601,9 +825,13 @@ class Migration:
                         Side.SOURCE, name, "stop_copy_size", device.stop_copy_size
                     )
                     stats.remaining = Remaining(0, 0, size, pre_copy=False)
+                if not initial_announced and stats.remaining.initial_bytes == 0:
+                    initial_announced = await self._announce_initial(name)
                 decision = await self._rounds.arrive(name, stats.remaining)
                 if decision.action != "continue":
                     break
+            if not initial_announced:
+                await self._announce_initial(name)
             await self._grace_signal.wait()
             if route.grace is not None:
                 await self._walk(Side.SOURCE, name, route.grace)
@@ -694,6 +922,7 @@ class Migration:
         )
         self._resumed_count += 1
         if self._resumed_count == len(self.destinations):
+            await self._resume_destination_vcpus()
             self._resumed.set()
 
     # -- arcs and calls ------------------------------------------------------
@@ -727,7 +956,12 @@ class Migration:
             raise
         self.flow.end_arc(side, name)
         end = trio.current_time()
-        if side is Side.DESTINATION and target is DeviceState.RUNNING and self.flow.committed:
+        if (
+            side is Side.DESTINATION
+            and target is DeviceState.RUNNING
+            and self.flow.committed
+            and not self.vmms  # with a VMM the downtime ends when the vCPUs resume
+        ):
             self._downtime_end = end
         self._emit("arc_end", side, name, before, target, {"duration_s": end - start})
         if self._log_arcs:
@@ -860,6 +1094,13 @@ class Migration:
                 for step in plan.for_side(Side.SOURCE):
                     if step.final is not None and not flow.endpoint(Side.SOURCE, step.name).reset:
                         nursery.start_soon(self._rollback_final, step.name, step.final)
+            if self._vcpus_paused:
+                # The devices first, as the destination does: the guest finds
+                # them running when its vCPUs do.
+                try:
+                    await self._vmm_call(Side.SOURCE, "resume", record="source_resume")
+                except VmmFailure as failure:
+                    self._rollback_errors.append(failure.info)
         if scope.cancelled_caught:
             self._rollback_errors.append(
                 ErrorInfo(
@@ -931,6 +1172,8 @@ class Migration:
         async with trio.open_nursery() as nursery:
             for device in [*self.sources.values(), *self.destinations.values()]:
                 nursery.start_soon(close, device)
+            for vmm in self.vmms.values():
+                nursery.start_soon(vmm.aclose)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -976,7 +1219,7 @@ class Migration:
         from_state: DeviceState | None = None,
         to_state: DeviceState | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> TraceEvent:
         event = TraceEvent(
             seq=len(self.trace),
             time=trio.current_time(),
@@ -990,6 +1233,7 @@ class Migration:
         self.trace.append(event)
         for observer in self.observers:
             observer(event)
+        return event
 
     # -- report --------------------------------------------------------------
 
@@ -1048,6 +1292,8 @@ class Migration:
                 notes.append(f"also failed: {info.message}")
         for info in self._release_errors:
             notes.append(f"source device {info.device!r} could not be released: {info.message}")
+        if self.remote is not None:
+            notes.extend(self.remote.notes)
         for spec in self.resolved.devices:
             if self.flow is not None and self.flow.endpoint(Side.SOURCE, spec.name).reset:
                 notes.append(
@@ -1066,9 +1312,32 @@ class Migration:
             committed=self.committed,
             notes=notes,
             error=error,
+            vmm=self._vmm_report(),
+        )
+
+    def _vmm_report(self) -> VmmReport | None:
+        vmm = self.plan.vmm
+        if vmm is None:
+            return None
+        return VmmReport(
+            source=vmm.source.describe(),
+            destination=vmm.destination.describe(),
+            pause_ms=self._vmm_ms.get("pause"),
+            resume_ms=self._vmm_ms.get("resume"),
+            source_resume_ms=self._vmm_ms.get("source_resume"),
+            source_status=self._vcpu_status.get(Side.SOURCE),
+            destination_status=self._vcpu_status.get(Side.DESTINATION),
         )
 
     def _last_source_running(self) -> float | None:
+        if self._vcpus_paused:
+            # The VM runs again when its vCPUs do (None: they never did).
+            resumed = [
+                e.time
+                for e in self.trace
+                if e.kind == "vmm_end" and e.side is Side.SOURCE and e.detail["action"] == "resume"
+            ]
+            return max(resumed) if resumed else None
         times = [
             e.time
             for e in self.trace
@@ -1122,6 +1391,54 @@ def _split(
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(kind)
     return (exc, None) if isinstance(exc, kind) else (None, exc)
+
+
+class _KeepChannel(StreamSender):
+    """A device's stream to the destination daemon whose early close leaves the
+    channel up: a rollback still needs it to reset the destination devices."""
+
+    def __init__(self, sender: StreamSender) -> None:
+        self._sender = sender
+
+    @property
+    def bytes_sent(self) -> int:  # type: ignore[override]
+        return self._sender.bytes_sent
+
+    async def send(self, chunk: bytes) -> None:
+        await self._sender.send(chunk)
+
+    async def end(self) -> None:
+        await self._sender.end()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _RemoteLoaded(StreamReceiver):
+    """The source's view of a stream the destination daemon loads itself: it
+    ends when the destination reports the device loaded."""
+
+    def __init__(self, migration: Migration, name: str) -> None:
+        self._migration = migration
+        self.name = name
+        self.bytes_received = 0
+
+    async def receive(self) -> bytes | None:
+        migration = self._migration
+        remote = migration.remote
+        assert remote is not None and migration.flow is not None
+        route = migration.flow.endpoint(Side.DESTINATION, self.name).route
+        remote.expect_autonomous(
+            self.name, [s for s in (route.settle, route.grace) if s is not None]
+        )
+        try:
+            await remote.loaded(self.name)
+        except DeviceError as exc:
+            raise migration._fail(Side.DESTINATION, self.name, "write", exc) from None
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
 @contextlib.asynccontextmanager

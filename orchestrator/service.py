@@ -6,7 +6,9 @@ migration logic itself stays in the flow and the runner.  The service owns:
 * the migrations in flight, each a ``runner.Migration`` running as a task in
   the service's nursery;
 * the device locks: a device (its backend and name) belongs to at most one
-  unfinished migration, so a second plan naming it is refused (409);
+  unfinished migration, so a second plan naming it is refused (409); so does
+  a device a VMM handed over (its handle, ``orchestrator.handover``), which
+  its VMM cannot take back until that migration ends;
 * the journal: every migration is recorded before it starts, its commit
   decision is on disk before any destination device runs, its events and
   phases follow in order, and its report when it ends.  Phase changes and
@@ -38,12 +40,15 @@ from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
 from orchestrator.errors import OrchestratorError
+from orchestrator.handover import HandleRegistry
+from orchestrator.incoming import IncomingRegistry
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
 from orchestrator.metrics import Metrics
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, resolve
 from orchestrator.runner import Migration, TraceEvent
+from orchestrator.transport.channel import ChannelListener
 
 log = structlog.get_logger("orchestrator.service")
 
@@ -138,12 +143,17 @@ class MigrationService:
         journal: Journal,
         metrics: Metrics | None = None,
         backends: Mapping[str, Backend] | None = None,
+        handles: HandleRegistry | None = None,
+        listener: ChannelListener | None = None,
+        advertise: str | None = None,
     ) -> None:
         self.journal = journal
         self.metrics = metrics
         #: The backends plans resolve against (the daemon's own: persistent
         #: simulated devices under its state directory).
         self.backends = backends
+        #: The devices VMMs handed over, which plans name by handle.
+        self.handles = handles
         self.ready = False
         self.accepting = True
         self._entries: dict[str, _Entry] = {}
@@ -155,6 +165,15 @@ class MigrationService:
         self.journal_failure: str | None = None
         self._submitting = 0
         self._submits_idle = trio.Event()
+        #: Migrations other hosts' daemons send here (this daemon is their destination).
+        self.incoming = IncomingRegistry(
+            journal=journal,
+            backends=backends,
+            listener=listener,
+            advertise=advertise,
+            lock=self._lock_keys,
+            unlock=self._unlock,
+        )
         self._journal_send, self._journal_receive = trio.open_memory_channel[
             tuple[_Entry, TraceEvent | object]
         ](math.inf)
@@ -170,6 +189,7 @@ class MigrationService:
             self._nursery = nursery
             nursery.start_soon(self._journal_writer)
             await self._recover_all()
+            await nursery.start(self.incoming.run)
             self.ready = True
             task_status.started(self)
             await trio.sleep_forever()
@@ -227,10 +247,12 @@ class MigrationService:
             first = await self.journal.find_by_idempotency_key(idempotency_key)
             if first is not None:
                 return await self.status(first.id), False
-        resolved = resolve(plan, self.backends)
+        resolved = resolve(plan, self.backends, self.handles)
         keys = device_keys(plan)
         self._check_free(keys)
         migration_id = uuid.uuid4().hex
+        if self.handles is not None:
+            self.handles.claim(migration_id, resolved.handles())  # HandleBusy: nothing taken
         for key in keys:
             self._locks[key] = migration_id
         try:
@@ -313,10 +335,17 @@ class MigrationService:
             held = ", ".join(f"{key} (migration {mid})" for key, mid in busy)
             raise DeviceBusy(f"devices already part of an active migration: {held}")
 
+    def _lock_keys(self, keys: builtins.list[str], migration_id: str) -> None:
+        self._check_free(keys)
+        for key in keys:
+            self._locks[key] = migration_id
+
     def _unlock(self, keys: builtins.list[str], migration_id: str) -> None:
         for key in keys:
             if self._locks.get(key) == migration_id:
                 del self._locks[key]
+        if self.handles is not None:
+            self.handles.release(migration_id)
 
     def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
         assert self._nursery is not None
@@ -430,7 +459,9 @@ class MigrationService:
         entry.notify()
 
     async def _recover_all(self) -> None:
-        unfinished = await self.journal.unfinished()
+        # Incoming migrations (this daemon was their destination) recover in
+        # the incoming registry.
+        unfinished = [r for r in await self.journal.unfinished() if r.role == "source"]
         if not unfinished:
             return
         log.warning("service.recovering", migrations=len(unfinished))

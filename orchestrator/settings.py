@@ -38,6 +38,7 @@ from pydantic_settings import (
 )
 
 from orchestrator.errors import OrchestratorError, Problem
+from orchestrator.plan import UNIX_PATH_MAX as PLAN_UNIX_PATH_MAX
 from orchestrator.plan import problems_from_validation
 
 #: The environment variable naming a config file when ``--config`` is not given.
@@ -45,7 +46,7 @@ CONFIG_ENV: Final = "ORCHESTRATOR_CONFIG"
 ENV_PREFIX: Final = "ORCHESTRATOR_"
 
 #: The longest path a Unix socket address holds (``sun_path`` less its NUL).
-UNIX_PATH_MAX: Final = 107
+UNIX_PATH_MAX: Final = PLAN_UNIX_PATH_MAX
 
 SOCKET_NAME: Final = "api.sock"
 
@@ -153,6 +154,44 @@ class ApiSettings(BaseModel):
         return self.tls_cert is not None
 
 
+class DataSettings(BaseModel):
+    """The data channel this daemon receives migrations on (the ``[data]`` table).
+
+    A daemon that is the destination of migrations from other hosts listens
+    here; the source daemon learns the port from the prepare call and
+    connects to the host it reached this daemon's API on (or ``advertise``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(
+        None,
+        description=(
+            'Listen for data-channel connections on "host:port" ("0.0.0.0:7801"; port 0 '
+            "takes a free port).  Off by default: this daemon then refuses to be the "
+            "destination of a migration from another host."
+        ),
+    )
+    advertise: str | None = Field(
+        None,
+        description=(
+            "Host name or address the source daemon should connect the data channel to "
+            "(default: the host it reached this daemon's API on)."
+        ),
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else parse_host_port(self.listen)
+
+
 class LogSettings(BaseModel):
     """The daemon's logs on stderr (the ``[log]`` table)."""
 
@@ -196,8 +235,24 @@ class Settings(BaseSettings):
             "still before their commit point then are rolled back."
         ),
     )
+    handover_socket: Path | None = Field(
+        None,
+        description=(
+            "Unix socket (SOCK_SEQPACKET, mode 0600, with a lock file beside it) where VMMs "
+            "hand over the descriptors of the devices they hold (SCM_RIGHTS), for plans to name "
+            'by handle ("vm/device").  Off unless set.'
+        ),
+    )
     api: ApiSettings = Field(default_factory=ApiSettings, description="The REST API.")
+    data: DataSettings = Field(
+        default_factory=DataSettings, description="The data channel from other hosts."
+    )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+
+    @field_validator("handover_socket", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def settings_customise_sources(

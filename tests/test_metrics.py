@@ -383,11 +383,15 @@ def test_the_exposition_names_exactly_the_issue_s_metrics(
         "orchestrator_precopy_rounds": "histogram",
         "orchestrator_barrier_wait_seconds": "histogram",
         "orchestrator_device_errors": "counter",
+        # Issue 6: the VMMs' vCPU pause and resume.
+        "orchestrator_vmm_seconds": "histogram",
+        "orchestrator_vmm_errors": "counter",
     }
     text = exposition(registry)
     for name in (
         "orchestrator_migrations_total",
         "orchestrator_device_bytes_total",
         "orchestrator_device_errors_total",
+        "orchestrator_vmm_errors_total",
     ):
         assert f"# TYPE {name} counter" in text

@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from orchestrator import __version__
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
+from orchestrator.incoming import IncomingDecision, IncomingReady, IncomingRequest, IncomingStatus
 from orchestrator.journal import JournalEvent
 from orchestrator.plan import Plan
 from orchestrator.report import Outcome
@@ -162,6 +163,51 @@ async def submit_migration(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/migrations/{status.id}"
     return status
+
+
+@router.post(
+    "/v1/incoming",
+    tags=["incoming"],
+    status_code=201,
+    summary="Prepare the destination half of a migration from another host.",
+    description=(
+        "Called by the source host's daemon, never by people.  The destination validates "
+        "the plan against its own backends (422 with field paths), locks its devices (409), "
+        "opens them and answers with their capabilities, the data channel's port and a "
+        "secret for this migration only.  503 when this daemon has no `[data] listen`."
+    ),
+    responses=_errors(409, 413, 422, 503),
+)
+async def prepare_incoming(request: IncomingRequest, service: Service) -> IncomingReady:
+    if not service.accepting or not service.ready:
+        raise NotReady("the orchestrator is not ready to receive a migration")
+    return await service.incoming.prepare(request)
+
+
+@router.get(
+    "/v1/incoming/{migration_id}",
+    tags=["incoming"],
+    summary="Where an incoming migration stands on this (destination) host.",
+    responses=_errors(404, 422),
+)
+async def get_incoming(migration_id: str, service: Service) -> IncomingStatus:
+    return service.incoming.status(migration_id)
+
+
+@router.post(
+    "/v1/incoming/{migration_id}/decision",
+    tags=["incoming"],
+    summary="Deliver the source's commit or abort when the data channel is gone.",
+    description=(
+        "Idempotent.  409 for an abort after this host recorded the commit, or a commit "
+        "after it rolled back."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def decide_incoming(
+    migration_id: str, decision: IncomingDecision, service: Service
+) -> IncomingStatus:
+    return await service.incoming.decide(migration_id, decision.decision)
 
 
 @router.get(

@@ -1,0 +1,916 @@
+"""The cross-host data channel: many devices' streams over authenticated TCP connections.
+
+The destination runs a ``ChannelListener``; the prepare call registers each
+incoming migration with ``expect(migration_id, secret, devices)`` and hands
+the secret to the source, which calls ``open_channel(...)``.  The source
+opens ``parallel_connections`` connections (default: one per device, at most
+4), each authenticated both ways by the handshake in ``wire.py``; device
+``i`` travels on connection ``i % connections``, CONTROL frames on
+connection 0.  Each side gets one stream end per device (the runner's
+``StreamSender`` / ``StreamReceiver``), plus acknowledgements (the
+destination's "this device's initial data is loaded", QEMU's switchover-ack)
+and CONTROL messages (small JSON objects, both ways, for the commit protocol
+during the downtime window) and ABORT (either side, with a reason).
+
+Failure is all-or-nothing per migration: the first protocol violation,
+authentication failure after the handshake, ABORT, or connection cut fails
+the whole channel.  From then on every pending and future operation on it
+raises that ``PeerError`` (``PeerProtocolError`` names the device, the frame
+and what was wrong); nothing received after the bad frame, nor anything
+still queued, reaches a device.  The side that detects a violation tells
+the other with an ABORT where it can, then closes every connection.
+
+Copies: a sender writes header and payload with one ``sendmsg`` from the
+caller's buffer (no join); the trailer checksum is computed by a worker
+thread while the payload is on its way (zlib's crc32 releases the GIL).  A
+receiver reads each payload with ``recv_into`` straight into a buffer of its
+own, verifies it in a worker thread while the next frame is being read, and
+hands that buffer on (``receive_buffer``); ``receive`` copies it into
+``bytes`` for callers that need them.
+
+Sockets have TCP_NODELAY (a CONTROL frame during the downtime window must
+not wait for Nagle); send and receive buffers are left to the kernel's
+autotuning, which setting them would switch off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket as stdlib_socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+from typing_extensions import Buffer
+
+from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
+from orchestrator.transport import wire
+from orchestrator.transport.streams import RateLimiter, StreamReceiver, StreamSender
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "ChannelListener",
+    "ChannelStatistics",
+    "DestinationChannel",
+    "NetworkStreamReceiver",
+    "NetworkStreamSender",
+    "SourceChannel",
+    "default_connections",
+    "new_secret",
+    "open_channel",
+]
+
+log = structlog.get_logger("orchestrator.transport")
+
+DEFAULT_MAX_CONNECTIONS = 4
+#: Payloads at least this large get their checksum computed in a worker
+#: thread, overlapping the socket copy; smaller ones are not worth the hop.
+THREADED_CHECKSUM_BYTES = int(os.environ.get("XCRC", 128 << 10))
+#: Frames queued per device between the connection's reader and its consumer.
+QUEUED_FRAMES = 4
+#: How long telling the peer why the channel failed may take.
+ABORT_GRACE_S = 1.0
+
+_TRAILER = struct.Struct("!I")
+
+
+def new_secret() -> bytes:
+    """A fresh per-migration secret for the prepare call to hand out."""
+    return secrets.token_bytes(32)
+
+
+def default_connections(devices: int) -> int:
+    """One connection per device, at most ``DEFAULT_MAX_CONNECTIONS``."""
+    return max(1, min(devices, DEFAULT_MAX_CONNECTIONS))
+
+
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """What moved over a channel, for the pre-copy decision and reports.
+
+    ``busy_s`` is the wall time during which at least one send was under way
+    (source) or between the first and the latest DATA frame (destination);
+    idle time between pre-copy rounds does not dilute the throughput.
+    """
+
+    payload_bytes: int
+    busy_s: float
+    connections: int
+
+    @property
+    def throughput_bytes_s(self) -> float | None:
+        return self.payload_bytes / self.busy_s if self.busy_s > 0 else None
+
+
+# -- one connection -----------------------------------------------------------
+
+
+#: A peer that stops answering (its host died, the link was cut) fails the
+#: channel within seconds instead of TCP's quarter of an hour: data unacknowledged
+#: for LINK_TIMEOUT_S, or an idle connection whose keepalive probes go unanswered.
+LINK_TIMEOUT_S = 10
+_KEEPALIVE = (
+    (stdlib_socket.TCP_KEEPIDLE, 2),
+    (stdlib_socket.TCP_KEEPINTVL, 1),
+    (stdlib_socket.TCP_KEEPCNT, 3),
+)
+
+
+def _configure(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
+    for option, value in _KEEPALIVE:
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
+    sock.setsockopt(
+        stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_USER_TIMEOUT, LINK_TIMEOUT_S * 1000
+    )
+
+
+async def _send_all(sock: trio.socket.SocketType, buffers: Sequence[Buffer]) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    while views:
+        sent = await sock.sendmsg(views)
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+async def _receive_exactly(sock: trio.socket.SocketType, nbytes: int) -> bytes:
+    buffer = bytearray(nbytes)
+    view = memoryview(buffer)
+    got = 0
+    while got < nbytes:
+        n = await sock.recv_into(view[got:])
+        if n == 0:
+            raise PeerAuthError("the peer closed the connection during the handshake")
+        got += n
+    return bytes(buffer)
+
+
+_SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _single_peer_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first PeerError of a group whose every leaf is one, else the group."""
+    peer, rest = group.split(PeerError)
+    if peer is None or rest is not None:
+        return group
+    leaf: BaseException = peer
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+def _checksum_job(frame: wire.RawFrame) -> bool:
+    return frame.verify()
+
+
+class _Link:
+    """One authenticated connection: frames written whole, in header order."""
+
+    def __init__(self, sock: trio.socket.SocketType, index: int) -> None:
+        self.sock = sock
+        self.index = index
+        self.encoder = wire.FrameEncoder()
+        self.write_lock = trio.StrictFIFOLock()
+        self.eof = False
+
+    def _error(self, exc: BaseException) -> PeerError:
+        if isinstance(exc, trio.ClosedResourceError):
+            return PeerError(f"connection {self.index} is closed")
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return PeerError(f"connection {self.index} failed: {detail}")
+
+    async def write(self, kind: wire.Kind, slot: int, payload: Buffer) -> None:
+        view = memoryview(payload).cast("B")
+        try:
+            async with self.write_lock:
+                header = self.encoder.header(kind, slot, view.nbytes)
+                if view.nbytes < THREADED_CHECKSUM_BYTES:
+                    trailer = wire.FrameEncoder.trailer(header, view)
+                    await _send_all(self.sock, [header, view, trailer])
+                    return
+                checksum: list[int] = []
+
+                async def compute() -> None:
+                    checksum.append(
+                        await trio.to_thread.run_sync(wire.frame_checksum, header, view)
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(compute)
+                    await _send_all(self.sock, [header, view])
+                await _send_all(self.sock, [_TRAILER.pack(checksum[0])])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._error(exc) from None
+        except BaseExceptionGroup as group:
+            # The send and the checksum thread fail as a group: a socket error in it
+            # is this connection's failure, as above.
+            failed, rest = group.split(_SOCKET_ERRORS)
+            if failed is None or rest is not None:
+                raise
+            leaf: BaseException = failed
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise self._error(leaf) from None
+
+    async def write_frame(self, buffers: list[Buffer]) -> None:
+        """A small frame made by the encoder under the lock (ACK, END, CONTROL, ABORT)."""
+        try:
+            await _send_all(self.sock, buffers)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._error(exc) from None
+
+    async def read_frames(
+        self, validator: wire.InboundValidator, deliver: Callable[[wire.Event], Awaitable[None]]
+    ) -> None:
+        """Read, verify and deliver frames until EOF; raise on any violation.
+
+        Two tasks: one reads frame N+1 while the other verifies frame N in a
+        worker thread and delivers it.  A frame is delivered only once
+        verified, in order, so nothing after a bad frame is ever delivered.
+        """
+        send, receive = trio.open_memory_channel[wire.RawFrame](1)
+
+        async def verify_and_deliver() -> None:
+            async with receive:
+                async for frame in receive:
+                    if frame.payload.nbytes >= THREADED_CHECKSUM_BYTES:
+                        ok = await trio.to_thread.run_sync(_checksum_job, frame)
+                    else:
+                        ok = frame.verify()
+                    await deliver(validator.accept(frame, ok))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verify_and_deliver)
+            async with send:
+                reader = wire.FrameReader(connection=self.index)
+                while True:
+                    frame = reader.next_frame()
+                    if frame is not None:
+                        await send.send(frame)
+                        continue
+                    try:
+                        n = await self.sock.recv_into(reader.buffer())
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        raise self._error(exc) from None
+                    if n == 0:
+                        if not reader.at_frame_boundary:
+                            raise PeerError(f"connection {self.index} was cut in mid-frame")
+                        break
+                    reader.advance(n)
+        self.eof = True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- what both ends share -----------------------------------------------------
+
+
+class _Channel:
+    """Failure, control messages and connections: what both ends of a channel share."""
+
+    role: wire.Role
+
+    def __init__(self, migration_id: str, devices: Sequence[str]) -> None:
+        if len(devices) > wire.MAX_DEVICES:
+            raise ValueError(f"at most {wire.MAX_DEVICES} devices per channel")
+        if len(set(devices)) != len(devices):
+            raise ValueError("device names must be unique")
+        self.migration_id = migration_id
+        self.devices = list(devices)
+        self._index = {name: i for i, name in enumerate(self.devices)}
+        self._links: dict[int, _Link] = {}
+        self.failure: PeerError | None = None
+        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](64)
+        self._payload_bytes = 0
+        self._busy_s = 0.0
+
+    @property
+    def connections(self) -> int:
+        return len(self._links)
+
+    def device_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"no device {name!r} in migration {self.migration_id!r}") from None
+
+    def statistics(self) -> ChannelStatistics:
+        return ChannelStatistics(self._payload_bytes, self._busy_s, len(self._links))
+
+    def check(self) -> None:
+        """Raise the channel's failure, if it has failed."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _link_of(self, slot: int) -> _Link:
+        self.check()
+        index = 0 if slot == wire.CHANNEL_SLOT else wire.connection_of(slot, len(self._links))
+        link = self._links.get(index)
+        if link is None:
+            raise PeerError(f"connection {index} of migration {self.migration_id!r} is not open")
+        return link
+
+    # Failure ---------------------------------------------------------------
+
+    def _fail(self, error: PeerError, *, closing: bool = False) -> None:
+        """Fail the channel: wake every waiter with ``error``; close the connections."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        self._control_send.close()
+        self._wake_all()
+        for link in self._links.values():
+            link.close()
+        if not closing:
+            log.warning(
+                "channel_failed",
+                migration=self.migration_id,
+                side=self.role.value,
+                error=str(error),
+            )
+
+    def _wake_all(self) -> None:
+        """Subclasses wake their own waiters."""
+
+    async def _fail_and_tell(self, error: PeerError, reason: str) -> None:
+        """Tell the peer why with an ABORT on every connection that is free, then fail."""
+        if self.failure is not None:
+            return
+        links = list(self._links.values())
+        with trio.CancelScope(shield=True), trio.move_on_after(ABORT_GRACE_S):
+            for link in links:
+                if link.write_lock.locked():
+                    continue  # a frame is half-written there: closing says enough
+                with contextlib.suppress(PeerError):
+                    async with link.write_lock:
+                        await link.write_frame(link.encoder.abort(reason))
+        self._fail(error)
+
+    async def abort(self, reason: str) -> None:
+        """Fail the migration's channel on both sides; the peer learns ``reason``."""
+        await self._fail_and_tell(PeerError(f"the channel was aborted here: {reason}"), reason)
+
+    async def aclose(self) -> None:
+        """Close every connection; streams not ended are cut."""
+        error = PeerError(f"the channel of migration {self.migration_id!r} is closed")
+        self._fail(error, closing=True)
+        await trio.lowlevel.checkpoint()
+
+    async def _serve_link(self, link: _Link, validator: wire.InboundValidator) -> None:
+        """Run one connection's reader to its end, failing the channel on any error."""
+        try:
+            try:
+                await link.read_frames(validator, self._deliver)
+            except BaseExceptionGroup as group:
+                # The reader's two tasks fail as a group; its PeerError is the news.
+                raise _single_peer_error(group) from None
+        except PeerProtocolError as exc:
+            await self._fail_and_tell(exc, f"protocol violation: {exc}")
+        except PeerError as exc:
+            self._fail(exc)
+        else:
+            self._link_eof(link, validator)
+
+    async def _deliver(self, event: wire.Event) -> None:
+        if isinstance(event, wire.Abort):
+            peer = "destination" if self.role is wire.Role.SOURCE else "source"
+            self._fail(PeerError(f"the {peer} aborted the migration: {event.reason}"))
+        elif isinstance(event, wire.Control):
+            try:
+                await self._control_send.send(event.message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.check()
+        else:
+            await self._deliver_device_event(event)
+
+    async def _deliver_device_event(self, event: wire.Event) -> None:
+        raise NotImplementedError
+
+    def _link_eof(self, link: _Link, validator: wire.InboundValidator) -> None:
+        raise NotImplementedError
+
+    # Control messages ------------------------------------------------------
+
+    async def send_control(self, message: Mapping[str, Any]) -> None:
+        """Send a small JSON object to the peer, on connection 0, in order."""
+        link = self._link_of(wire.CHANNEL_SLOT)
+        async with link.write_lock:
+            frame = link.encoder.control(dict(message))
+            await link.write_frame(frame)
+
+    async def receive_control(self) -> dict[str, Any]:
+        """The peer's next CONTROL message; PeerError once the channel failed or closed."""
+        self.check()
+        try:
+            message = await self._control_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self.check()
+            raise PeerError("the peer closed the channel's control stream") from None
+        self.check()
+        return message
+
+
+# -- source side -----------------------------------------------------------------
+
+
+class NetworkStreamSender(StreamSender):
+    """The source end of one device's stream over the data channel."""
+
+    def __init__(self, channel: SourceChannel, name: str, index: int) -> None:
+        self._channel = channel
+        self.name = name
+        self.index = index
+        self.bytes_sent = 0
+        self.ended = False
+        self._closed = False
+
+    async def send(self, chunk: Buffer) -> None:
+        """Send a chunk (any buffer: bytes, bytearray, memoryview), in frames of at most 4 MiB."""
+        if self.ended or self._closed:
+            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
+        view = memoryview(chunk).cast("B")
+        channel = self._channel
+        link = channel._link_of(self.index)
+        limiter = channel.limiter
+        with channel._busy():
+            for start in range(0, view.nbytes, wire.MAX_DATA_PAYLOAD):
+                part = view[start : start + wire.MAX_DATA_PAYLOAD]
+                if limiter is not None:
+                    await limiter.consume(part.nbytes)
+                await channel._guarded(link.write(wire.Kind.DATA, self.index, part))
+                self.bytes_sent += part.nbytes
+                channel._payload_bytes += part.nbytes
+
+    async def end(self) -> None:
+        if self.ended or self._closed:
+            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
+        link = self._channel._link_of(self.index)
+        async with link.write_lock:
+            frame = link.encoder.end(self.index, self.bytes_sent)
+            await self._channel._guarded(link.write_frame(frame))
+        self.ended = True
+
+    async def aclose(self) -> None:
+        """After ``end``: nothing.  Before: the stream is cut, which fails the channel."""
+        if self.ended or self._closed:
+            return
+        self._closed = True
+        if self._channel.failure is None:
+            await self._channel.abort(f"the source closed device {self.name!r}'s stream early")
+
+
+class SourceChannel(_Channel):
+    """The source host's end of one migration's data channel."""
+
+    role = wire.Role.SOURCE
+
+    def __init__(
+        self, migration_id: str, devices: Sequence[str], limiter: RateLimiter | None
+    ) -> None:
+        super().__init__(migration_id, devices)
+        self.limiter = limiter
+        self.senders = {
+            name: NetworkStreamSender(self, name, i) for i, name in enumerate(self.devices)
+        }
+        self._acked: dict[int, int] = {}
+        self._ack_events = {i: trio.Event() for i in range(len(self.devices))}
+        self._sending = 0
+        self._busy_since = 0.0
+
+    def sender(self, device: str) -> NetworkStreamSender:
+        return self.senders[self.devices[self.device_index(device)]]
+
+    @contextlib.contextmanager
+    def _busy(self) -> Any:
+        if self._sending == 0:
+            self._busy_since = trio.current_time()
+        self._sending += 1
+        try:
+            yield
+        finally:
+            self._sending -= 1
+            if self._sending == 0:
+                self._busy_s += trio.current_time() - self._busy_since
+
+    async def _guarded(self, operation: Awaitable[None]) -> None:
+        """Run a write; if the channel failed meanwhile, its failure is the error to raise."""
+        try:
+            await operation
+        except PeerError:
+            self.check()
+            raise
+
+    def is_acknowledged(self, device: str) -> bool:
+        return self.device_index(device) in self._acked
+
+    async def acknowledged(self, device: str) -> int:
+        """Wait for the destination's acknowledgement that this device's initial data is loaded.
+
+        Returns the byte count the destination had received for the device
+        when it acknowledged.  PeerError if the channel fails first.
+        """
+        index = self.device_index(device)
+        self.check()
+        await self._ack_events[index].wait()
+        if index in self._acked:
+            return self._acked[index]
+        self.check()
+        raise PeerError(f"the destination closed device {device!r}'s connection without an ACK")
+
+    async def all_acknowledged(self) -> None:
+        """Wait until every device has been acknowledged (the switchover-ack barrier)."""
+        for device in self.devices:
+            await self.acknowledged(device)
+
+    async def _deliver_device_event(self, event: wire.Event) -> None:
+        assert isinstance(event, wire.Ack)
+        self._acked[event.device] = event.loaded_bytes
+        self._ack_events[event.device].set()
+        await trio.lowlevel.checkpoint()
+
+    def _wake_all(self) -> None:
+        for event in self._ack_events.values():
+            event.set()
+
+    def _link_eof(self, link: _Link, validator: wire.InboundValidator) -> None:
+        unfinished = [
+            self.devices[i]
+            for i in sorted(validator.own)
+            if not self.senders[self.devices[i]].ended
+        ]
+        if unfinished:
+            self._fail(
+                PeerError(
+                    f"the destination closed connection {link.index} before the end of "
+                    f"{', '.join(unfinished)}"
+                )
+            )
+            return
+        for i in validator.own:
+            self._ack_events[i].set()
+        if link.index == 0:
+            self._control_send.close()
+
+
+async def _connect_link(
+    address: tuple[str, int],
+    migration_id: str,
+    secret: bytes,
+    index: int,
+    connections: int,
+) -> _Link:
+    sock = trio.socket.socket(
+        stdlib_socket.AF_INET6 if ":" in address[0] else stdlib_socket.AF_INET,
+        stdlib_socket.SOCK_STREAM,
+    )
+    try:
+        _configure(sock)
+        try:
+            await sock.connect(address)
+            server_nonce = wire.parse_challenge(await _receive_exactly(sock, wire.CHALLENGE_SIZE))
+            client_nonce = secrets.token_bytes(wire.NONCE_SIZE)
+            hello_bytes = wire.client_hello(
+                secret, server_nonce, migration_id, index, connections, client_nonce
+            )
+            await _send_all(sock, [hello_bytes])
+            prefix = hello_bytes[: wire.HELLO_PREFIX_SIZE]
+            hello = wire.parse_hello(prefix, hello_bytes[wire.HELLO_PREFIX_SIZE :])
+            try:
+                welcome = await _receive_exactly(sock, wire.WELCOME_SIZE)
+            except PeerAuthError:
+                raise PeerAuthError(
+                    f"the destination refused connection {index} of migration {migration_id!r} "
+                    "(unknown migration, wrong secret, or a connection already taken)"
+                ) from None
+            wire.verify_welcome(secret, server_nonce, hello, welcome)
+        except OSError as exc:
+            raise PeerError(
+                f"cannot open connection {index} to {address[0]}:{address[1]}: {exc.strerror}"
+            ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return _Link(sock, index)
+
+
+@contextlib.asynccontextmanager
+async def open_channel(
+    address: tuple[str, int],
+    migration_id: str,
+    secret: bytes,
+    devices: Sequence[str],
+    *,
+    parallel_connections: int | None = None,
+    limiter: RateLimiter | None = None,
+    connect_timeout_s: float = 10.0,
+) -> AsyncIterator[SourceChannel]:
+    """Open the source's end of a migration's data channel to a destination's listener.
+
+    Opens ``parallel_connections`` connections (default: one per device, at
+    most 4), each authenticated both ways; raises PeerAuthError if the
+    destination refuses or cannot prove it holds ``secret``, PeerError if it
+    cannot be reached within ``connect_timeout_s``.  Leaving the block closes
+    the channel: streams not ended by then are cut.
+    """
+    connections = parallel_connections or default_connections(len(devices))
+    if not 1 <= connections <= min(wire.MAX_CONNECTIONS, max(len(devices), 1)):
+        raise ValueError(
+            f"parallel_connections must be 1..{min(wire.MAX_CONNECTIONS, max(len(devices), 1))}"
+        )
+    channel = SourceChannel(migration_id, devices, limiter)
+    links: dict[int, _Link] = {}
+
+    async def connect(index: int) -> None:
+        links[index] = await _connect_link(address, migration_id, secret, index, connections)
+
+    try:
+        with trio.fail_after(connect_timeout_s):
+            async with trio.open_nursery() as nursery:
+                for index in range(connections):
+                    nursery.start_soon(connect, index)
+    except trio.TooSlowError:
+        for link in links.values():
+            link.close()
+        raise PeerError(
+            f"the destination {address[0]}:{address[1]} did not accept the channel "
+            f"within {connect_timeout_s:g} s"
+        ) from None
+    except BaseException as exc:
+        for link in links.values():
+            link.close()
+        if isinstance(exc, BaseExceptionGroup):
+            peer, _ = exc.split(PeerError)
+            if peer is not None:
+                raise peer.exceptions[0] from None
+        raise
+    channel._links = dict(sorted(links.items()))
+    async with trio.open_nursery() as nursery:
+        for index, link in channel._links.items():
+            validator = wire.InboundValidator(wire.Role.SOURCE, devices, index, connections)
+            nursery.start_soon(channel._serve_link, link, validator)
+        try:
+            yield channel
+        finally:
+            await channel.aclose()
+            nursery.cancel_scope.cancel()
+
+
+# -- destination side ----------------------------------------------------------------
+
+_ENDED = None
+
+
+class NetworkStreamReceiver(StreamReceiver):
+    """The destination end of one device's stream over the data channel."""
+
+    def __init__(self, channel: DestinationChannel, name: str, index: int) -> None:
+        self._channel = channel
+        self.name = name
+        self.index = index
+        self.bytes_received = 0
+        self.ended = False
+        self._send, self._receive = trio.open_memory_channel[memoryview | None](QUEUED_FRAMES)
+
+    async def receive_buffer(self) -> memoryview | None:
+        """The next payload, a read-only view of memory the caller now owns; None at the end."""
+        if self.ended:
+            return None
+        channel = self._channel
+        channel.check()
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            channel.check()
+            raise PeerError(f"the stream of device {self.name!r} was cut before its end") from None
+        channel.check()
+        if item is _ENDED:
+            self.ended = True
+            return None
+        self.bytes_received += item.nbytes
+        return item.toreadonly()
+
+    async def receive(self) -> bytes | None:
+        """As ``receive_buffer``, copied into ``bytes`` (one memcpy)."""
+        view = await self.receive_buffer()
+        return None if view is None else bytes(view)
+
+    async def aclose(self) -> None:
+        """After the end: nothing.  Before: the stream is refused, which fails the channel."""
+        self._receive.close()
+        if not self.ended and self._channel.failure is None:
+            await self._channel.abort(f"the destination closed device {self.name!r}'s stream")
+
+
+class DestinationChannel(_Channel):
+    """The destination host's end of one migration's data channel."""
+
+    role = wire.Role.DESTINATION
+
+    def __init__(
+        self,
+        listener: ChannelListener,
+        migration_id: str,
+        secret: bytes,
+        devices: Sequence[str],
+    ) -> None:
+        super().__init__(migration_id, devices)
+        if len(secret) < wire.MIN_SECRET:
+            raise ValueError(f"a channel secret has at least {wire.MIN_SECRET} bytes")
+        self._listener = listener
+        self.secret = secret
+        self.receivers = {
+            name: NetworkStreamReceiver(self, name, i) for i, name in enumerate(self.devices)
+        }
+        self.expected_connections: int | None = None
+        self._connected = trio.Event()
+        self._first_data_at: float | None = None
+
+    def receiver(self, device: str) -> NetworkStreamReceiver:
+        return self.receivers[self.devices[self.device_index(device)]]
+
+    async def wait_connected(self) -> None:
+        """Wait until every connection the source announced is authenticated."""
+        self.check()
+        await self._connected.wait()
+        self.check()
+
+    def _admit(self, hello: wire.Hello) -> str | None:
+        """Why this connection cannot join the channel, or None if it can."""
+        if self.failure is not None:
+            return "the channel has failed"
+        if hello.connections > max(len(self.devices), 1):
+            return f"{hello.connections} connections for {len(self.devices)} devices"
+        if self.expected_connections is None:
+            self.expected_connections = hello.connections
+        elif hello.connections != self.expected_connections:
+            return f"{hello.connections} connections announced, {self.expected_connections} before"
+        if hello.connection in self._links:
+            return f"connection {hello.connection} is already open"
+        return None
+
+    async def _run(self, link: _Link) -> None:
+        assert self.expected_connections is not None
+        self._links[link.index] = link
+        if len(self._links) == self.expected_connections:
+            self._connected.set()
+        validator = wire.InboundValidator(
+            wire.Role.DESTINATION, self.devices, link.index, self.expected_connections
+        )
+        await self._serve_link(link, validator)
+
+    async def _deliver_device_event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.Data):
+            now = trio.current_time()
+            if self._first_data_at is None:
+                self._first_data_at = now
+            self._payload_bytes += event.payload.nbytes
+            self._busy_s = now - self._first_data_at
+            item: memoryview | None = event.payload
+        else:
+            assert isinstance(event, wire.End)
+            item = _ENDED
+        receiver = self.receivers[self.devices[event.device]]
+        try:
+            await receiver._send.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.check()
+            raise PeerError(f"device {receiver.name!r}'s stream was closed here") from None
+
+    def _wake_all(self) -> None:
+        self._connected.set()
+        for receiver in self.receivers.values():
+            receiver._send.close()
+
+    def _link_eof(self, link: _Link, validator: wire.InboundValidator) -> None:
+        unfinished = validator.open_devices
+        if unfinished:
+            self._fail(
+                PeerError(
+                    f"stream cut: the source closed connection {link.index} before the end "
+                    f"of {', '.join(unfinished)}"
+                )
+            )
+        elif link.index == 0:
+            self._control_send.close()
+
+    async def acknowledge(self, device: str) -> None:
+        """Tell the source this device's initial data is loaded (the switchover-ack)."""
+        index = self.device_index(device)
+        link = self._link_of(index)
+        loaded = self.receivers[device].bytes_received
+        async with link.write_lock:
+            frame = link.encoder.ack(index, loaded)
+            await link.write_frame(frame)
+
+    async def aclose(self) -> None:
+        self._listener.forget(self.migration_id)
+        await super().aclose()
+
+
+class ChannelListener:
+    """The destination's listening socket: authenticates connections, routes them.
+
+    Connections that fail the handshake (no HELLO in time, garbage, unknown
+    migration, wrong secret, a connection index already taken) are closed
+    and recorded in ``rejections``; the listener goes on serving the others.
+    """
+
+    def __init__(self, *, handshake_timeout_s: float = 10.0) -> None:
+        self.handshake_timeout_s = handshake_timeout_s
+        self._expected: dict[str, DestinationChannel] = {}
+        self.rejections: list[str] = []
+        self.address: tuple[str, int] | None = None
+        # Compared against when the migration id is unknown, so that the
+        # answer takes as long as for a known one with a wrong secret.
+        self._decoy_secret = new_secret()
+
+    def expect(
+        self, migration_id: str, secret: bytes, devices: Sequence[str]
+    ) -> DestinationChannel:
+        """Register a migration's channel: connections proving ``secret`` may join it."""
+        if migration_id in self._expected:
+            raise ValueError(f"migration {migration_id!r} is already expected")
+        channel = DestinationChannel(self, migration_id, secret, devices)
+        self._expected[migration_id] = channel
+        return channel
+
+    def forget(self, migration_id: str) -> None:
+        self._expected.pop(migration_id, None)
+
+    async def serve(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (0: any free port) until cancelled.
+
+        ``await nursery.start(listener.serve, host)`` returns the bound
+        address.  Each connection runs in a task of this one's nursery.
+        """
+        family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+        sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
+        with sock:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+            await sock.bind((host, port))
+            sock.listen(128)
+            bound = sock.getsockname()
+            self.address = (bound[0], bound[1])
+            async with trio.open_nursery() as nursery:
+                task_status.started(self.address)
+                while True:
+                    conn, _ = await sock.accept()
+                    nursery.start_soon(self._handle, conn)
+
+    async def _handle(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            _configure(sock)
+            try:
+                with trio.fail_after(self.handshake_timeout_s):
+                    channel, hello = await self._handshake(sock)
+            except (PeerError, OSError, trio.TooSlowError) as exc:
+                reason = str(exc) or "no HELLO within the handshake timeout"
+                self.rejections.append(reason)
+                log.warning("channel_connection_refused", reason=reason)
+                return
+            try:
+                await channel._run(_Link(sock, hello.connection))
+            except Exception as exc:
+                # The channel is failed and its owner told (a PeerError, alone or
+                # in a group); one migration's broken connection must never end
+                # the listener that every other migration shares.
+                log.info("channel_connection_ended", reason=str(exc), exc_info=True)
+
+    async def _handshake(
+        self, sock: trio.socket.SocketType
+    ) -> tuple[DestinationChannel, wire.Hello]:
+        server_nonce = secrets.token_bytes(wire.NONCE_SIZE)
+        await _send_all(sock, [wire.make_challenge(server_nonce)])
+        prefix = await _receive_exactly(sock, wire.HELLO_PREFIX_SIZE)
+        _, _, id_length, _, _ = wire.parse_hello_prefix(prefix)
+        hello = wire.parse_hello(prefix, await _receive_exactly(sock, id_length))
+        channel = self._expected.get(hello.migration_id)
+        secret = channel.secret if channel is not None else self._decoy_secret
+        if not wire.verify_hello(secret, server_nonce, hello) or channel is None:
+            raise PeerAuthError(
+                f"connection for migration {hello.migration_id!r} failed authentication"
+            )
+        refused = channel._admit(hello)
+        if refused is not None:
+            raise PeerAuthError(f"migration {hello.migration_id!r}: {refused}")
+        await _send_all(sock, [wire.make_welcome(secret, server_nonce, hello)])
+        return channel, hello
