@@ -307,6 +307,8 @@ class IncomingMigration:
             raise TransitionError(
                 f"migration {self.id!r} is committed on the destination; it cannot be aborted"
             )
+        if decision == "abort" and self.done.is_set():
+            return
         if decision == "commit" and self.outcome == "rolled_back":
             raise TransitionError(
                 f"migration {self.id!r} was already rolled back on the destination"
@@ -701,6 +703,9 @@ class IncomingMigration:
                     bytes_precopy=0,
                     bytes_stopcopy=e.written,
                     destination_digest=e.digest,
+                    destination_capabilities=(
+                        capabilities_to_json(e.capabilities) if e.capabilities else None
+                    ),
                 )
                 for name, e in self.endpoints.items()
             ],
@@ -890,16 +895,47 @@ class IncomingRegistry:
         finally:
             self._unlock(keys, migration.id)
 
-    def status(self, migration_id: str) -> IncomingStatus:
+    async def status(self, migration_id: str) -> IncomingStatus:
+        """From memory while this daemon runs it, else from the journal (it ended,
+        possibly before a restart of this daemon)."""
         migration = self.migrations.get(migration_id)
-        if migration is None:
+        if migration is not None:
+            return migration.status()
+        record = await self.journal.get(migration_id) if self.journal is not None else None
+        if record is None or record.role != "destination":
             raise IncomingNotFound(f"no incoming migration {migration_id!r}")
-        return migration.status()
+        devices: dict[str, dict[str, Any]] = {}
+        if record.report is not None:
+            for d in record.report.devices:
+                devices[d.name] = {
+                    "state": d.destination_state,
+                    "reset": d.destination_reset,
+                    "bytes": d.bytes_stopcopy,
+                    "digest": d.destination_digest,
+                    "capabilities": d.destination_capabilities,
+                }
+        return IncomingStatus(
+            id=record.id,
+            vm=record.vm,
+            phase=record.phase,
+            committed=record.committed,
+            outcome=record.outcome,
+            devices=devices,
+            report=record.report,
+        )
 
     async def decide(self, migration_id: str, decision: str) -> IncomingStatus:
+        """Idempotent: a decision agreeing with how the migration ended is accepted."""
         migration = self.migrations.get(migration_id)
         if migration is None:
-            raise IncomingNotFound(f"no incoming migration {migration_id!r}")
+            status = await self.status(migration_id)
+            ended = {"commit": status.committed, "abort": not status.committed}
+            if status.outcome is not None and ended[decision]:
+                return status
+            raise TransitionError(
+                f"migration {migration_id!r} ended here ({status.outcome}, "
+                f"{'committed' if status.committed else 'not committed'}): {decision} refused"
+            )
         await migration.decide(decision)
         return migration.status()
 

@@ -204,6 +204,23 @@ class RemoteDestination:
             raise PeerError(f"the destination daemon did not prepare {', '.join(missing)}")
         return self.capabilities
 
+    async def fetch_capabilities(self) -> None:
+        """The destination devices' capabilities from the destination's status."""
+        try:
+            status = await self.status()
+            for name, info in status["devices"].items():
+                if info.get("capabilities"):
+                    self.capabilities[name] = capabilities_from_json(info["capabilities"])
+        except PeerError as exc:
+            raise DeviceError(f"cannot reach the destination daemon: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceError(f"the destination daemon's status is malformed: {exc}") from None
+        missing = sorted(set(self._devices) - set(self.capabilities))
+        if missing:
+            raise DeviceError(
+                f"the destination daemon does not report the capabilities of {', '.join(missing)}"
+            )
+
     async def status(self) -> dict[str, Any]:
         return await self._request("GET", f"/v1/incoming/{self.id}")
 
@@ -475,6 +492,9 @@ class RemoteDevice(Device):
         self.remote = remote
 
     async def open(self) -> Capabilities:
+        if self.name not in self.remote.capabilities:
+            # Recovery: no prepare call this time; the destination still knows.
+            await self.remote.fetch_capabilities()
         return self.remote.capabilities[self.name]
 
     async def get_state(self) -> DeviceState:

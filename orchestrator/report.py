@@ -6,7 +6,7 @@ extend it, do not rename.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -59,6 +59,13 @@ class DeviceReport(BaseModel):
         description=(
             "This device's own calls from its stop to its destination running: "
             "the downtime it would cause alone."
+        ),
+    )
+    destination_capabilities: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "The destination device's migration capabilities (flags, stop_copy_size, "
+            "dirty_logging), in a destination daemon's report of a migration between hosts."
         ),
     )
 

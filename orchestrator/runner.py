@@ -379,6 +379,10 @@ class Migration:
         """
         self._t0 = trio.current_time()
         self._enter_phase_timing(Phase.PREPARE)
+        if self.remote is not None:
+            # Without a channel every destination call goes over REST, and a
+            # recorded commit is delivered there first.
+            self.remote.commit_sent = committed
         where = f" in phase {interrupted_phase}" if interrupted_phase else ""
         self.log.warning("migration.recover", committed=committed, interrupted=interrupted_phase)
         try:

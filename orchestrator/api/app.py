@@ -191,7 +191,7 @@ async def prepare_incoming(request: IncomingRequest, service: Service) -> Incomi
     responses=_errors(404, 422),
 )
 async def get_incoming(migration_id: str, service: Service) -> IncomingStatus:
-    return service.incoming.status(migration_id)
+    return await service.incoming.status(migration_id)
 
 
 @router.post(
