@@ -220,6 +220,7 @@ def main() -> None:
     counts = [int(x) for x in args.devices.split(",")]
     rtt_ms = 2 * args.delay_ms
     rows = []
+    run_index = 0
     with (
         tempfile.TemporaryDirectory(prefix="bench-netem-") as tmp,
         shaped_link(args.delay_ms, args.rate_mbit) as (src, dst, dst_ip),

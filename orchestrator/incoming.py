@@ -75,6 +75,8 @@ class DestinationLink(Protocol):
 
     def receiver(self, device: str) -> Any: ...
 
+    async def wait_connected(self) -> None: ...
+
     async def send_control(self, message: dict[str, Any]) -> None: ...
 
     async def receive_control(self) -> dict[str, Any]: ...
@@ -153,6 +155,7 @@ class IncomingMigration:
         self.done = trio.Event()
         self._decision: str | None = None
         self._decided = trio.Event()
+        self._connecting: trio.CancelScope | None = None
         self._link: DestinationLink | None = None
         self._started = time.monotonic()
         self._errors: list[ErrorInfo] = []
@@ -258,6 +261,26 @@ class IncomingMigration:
         """
         self._link = link
         self.phase = "transfer"
+        timeout = self.plan.timeouts.prepare_s
+        with trio.move_on_after(timeout) as waiting:
+            self._connecting = waiting
+            try:
+                await link.wait_connected()
+            except PeerError as exc:
+                self._set_error("peer_error", f"the data channel failed to open: {exc}")
+                waiting.cancel()
+        self._connecting = None
+        if waiting.cancelled_caught:
+            # The source never came (it failed, or died, after preparing us),
+            # or it said so (an abort decision).
+            self._set_error(
+                "peer_error", f"the source did not open the data channel within {timeout:g} s"
+            )
+            with trio.CancelScope(shield=True):
+                await self._roll_back()
+                await self._end()
+            assert self.report is not None
+            return self.report
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._control_loop, nursery)
@@ -316,6 +339,14 @@ class IncomingMigration:
         if self._decision is None:
             self._decision = decision
             self._decided.set()
+        if decision == "abort" and self._connecting is not None:
+            self.error = ErrorInfo(
+                kind="peer_error",
+                message="the source aborted before it opened the data channel",
+                phase=self.phase,
+                side="destination",
+            )
+            self._connecting.cancel()
 
     async def _control_loop(self, nursery: trio.Nursery) -> None:
         assert self._link is not None

@@ -336,6 +336,9 @@ class Migration:
             if self.report is not None:
                 return self.report
             self._set_error("peer_error", f"cannot open the data channel: {exc}")
+            with trio.CancelScope(shield=True), contextlib.suppress(PeerError):
+                # Nothing moved: the destination may let go of its devices now.
+                await remote.decide("abort")
             self._finish_phase_timing()
             report = self.report = await self._build_report()
         return report

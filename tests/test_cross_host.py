@@ -174,3 +174,21 @@ async def test_the_destination_validates_the_plan_with_its_own_backends(
         response = await a.client.post("/v1/migrations", json=plan)
         assert response.status_code == 422
         assert "devices[0].destination.transition_ms" in response.text
+
+
+async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        # The destination tells the source to connect where it does not listen.
+        b.daemon.running.service.incoming.advertise = "127.0.0.2"
+        status = await submit(a, cross_plan(b, token_file, "gpu0"))
+        assert status["outcome"] == "failed"
+        assert "cannot open the data channel" in status["report"]["error"]["message"]
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "rolled_back", far
+        assert far["devices"]["gpu0"]["state"] == "RUNNING"
+        # Its devices are free again: the same device migrates once reachable.
+        b.daemon.running.service.incoming.advertise = None
+        again = await submit(a, cross_plan(b, token_file, "gpu0"))
+        assert again["outcome"] == "succeeded", again["report"]
