@@ -156,6 +156,10 @@ class IncomingMigration:
         self._decision: str | None = None
         self._decided = trio.Event()
         self._connecting: trio.CancelScope | None = None
+        self._serve_nursery: trio.Nursery | None = None
+        self._vote_started = False
+        self._vote_recorded = trio.Event()
+        self._vote_error: str | None = None
         self._link: DestinationLink | None = None
         self._started = time.monotonic()
         self._errors: list[ErrorInfo] = []
@@ -283,6 +287,7 @@ class IncomingMigration:
             return self.report
         try:
             async with trio.open_nursery() as nursery:
+                self._serve_nursery = nursery
                 nursery.start_soon(self._control_loop, nursery)
                 for name in self.endpoints:
                     nursery.start_soon(self._load, name)
@@ -358,7 +363,19 @@ class IncomingMigration:
             elif op == "initial_sent":
                 nursery.start_soon(self._acknowledge_initial, message)
             elif op == "commit":
-                await self._commit()
+                # The decision is the source's, recorded there: act on it at once.
+                # Every device runs now, on this side's own initiative and
+                # reported as it happens (no request per device in the downtime),
+                # while the commit is written to this side's journal too.  A
+                # crash before that record lands finds the vote recorded and
+                # waits for the source, which re-delivers the commit.
+                first = not self.committed
+                self.committed = True
+                self.phase = "resume"
+                if first:
+                    nursery.start_soon(self._commit)
+                    for name in self.endpoints:
+                        nursery.start_soon(self._run_after_commit, name)
             elif op == "finish":
                 outcome = message.get("outcome")
                 self._finish_outcome = outcome if outcome in _OUTCOMES else "failed"
@@ -371,16 +388,28 @@ class IncomingMigration:
                 raise PeerError(f"the source sent an unknown control message {op!r}")
 
     async def _commit(self) -> None:
-        if not self.committed:
-            if self.journal is not None:
-                with trio.CancelScope(shield=True):
-                    await self.journal.record_commit(self.id)
-            self.committed = True
-            self.phase = "resume"
-            self._event("commit", {})
-            self.log.info("incoming.commit")
+        if self.journal is not None:
+            with trio.CancelScope(shield=True):
+                await self.journal.record_commit(self.id)
+        self._event("commit", {})
+        self.log.info("incoming.commit")
         assert self._link is not None
         await self._link.send_control({"op": "committed"})
+
+    async def _run_after_commit(self, name: str) -> None:
+        e = self.endpoints[name]
+        assert e.capabilities is not None
+        async with e.lock:
+            if e.state is DeviceState.RUNNING:
+                await self._send_arc(name, e.state, e.state, ok=True)
+                return
+            try:
+                for target in path(e.capabilities.flags, e.state, DeviceState.RUNNING):
+                    await self._arc(name, e, target, report=True)
+            except (DeviceError, TransitionError) as exc:
+                self._errors.append(_error_info(exc, name, self.phase))
+                if not isinstance(exc, DeviceError):
+                    await self._send_arc(name, e.state, DeviceState.RUNNING, ok=False, error=exc)
 
     async def _serve_call(self, message: dict[str, Any]) -> None:
         assert self._link is not None
@@ -535,6 +564,7 @@ class IncomingMigration:
             e.written += len(chunk)
             e.wake()
         assert e.route is not None
+        self._start_vote_record()
         async with e.lock:
             e.loaded = True
             self._event("loaded", {"device": name, "bytes": e.written})
@@ -556,7 +586,15 @@ class IncomingMigration:
                 # The last device's report is this side's vote to commit: once it is
                 # sent the source may record the commit, so a restart of this
                 # daemon must know it voted (it then waits for the decision).
-                await self._record_ready()
+                await self._vote_recorded.wait()
+                if self._vote_error is not None:
+                    failure = DeviceError(
+                        f"the destination's journal cannot record its vote: {self._vote_error}",
+                        device=name,
+                        operation="journal",
+                    )
+                    await self._send_arc(name, before, last, ok=False, error=failure)
+                    return
             await self._send_arc(name, before, last, ok=True)
 
     async def _load_failed(self, name: str, e: _Endpoint, receiver: Any, exc: DeviceError) -> None:
@@ -575,6 +613,26 @@ class IncomingMigration:
         with contextlib.suppress(PeerError):
             while await receiver.receive_buffer() is not None:
                 pass
+
+    def _start_vote_record(self) -> None:
+        """Write the vote record while the rest of the stop-copy data is on the
+        wire: it is the first stream to end, so every source device has stopped,
+        and the fsync overlaps the transfer instead of lengthening the downtime.
+        Written early it only makes a restart wait for the source's decision
+        where it could have rolled back alone."""
+        if self._vote_started:
+            return
+        self._vote_started = True
+        assert self._serve_nursery is not None
+        self._serve_nursery.start_soon(self._record_vote)
+
+    async def _record_vote(self) -> None:
+        try:
+            await self._record_ready()
+        except Exception as exc:
+            self._vote_error = str(exc)
+        finally:
+            self._vote_recorded.set()
 
     async def _record_ready(self) -> None:
         self.phase = "destination_grace"

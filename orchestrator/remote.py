@@ -434,12 +434,10 @@ class RemoteDestination:
         try:
             arc = await link.arcs.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise DeviceError(
-                f"the destination did not report its arc to {target.name}: {self.failure}",
-                device=device,
-                operation="set_state",
-                target=target.name,
-            ) from None
+            # The channel is gone: the caller asks again, over REST where that can
+            # be answered (running after the commit), or fails.
+            link.autonomous.clear()
+            return False
         if arc.target is not target:
             raise DeviceError(
                 f"the destination reported an arc to {arc.target.name}, expected {target.name}",
@@ -463,6 +461,9 @@ class RemoteDestination:
         """Tell the destination the decision is recorded; over REST if the channel failed."""
         self.commit_sent = True
         if self.channel is not None and self.failure is None:
+            # On the commit the destination runs every device by itself.
+            for link in self._devices.values():
+                link.autonomous.append(DeviceState.RUNNING)
             try:
                 await self.channel.send_control({"op": "commit"})
             except PeerError as exc:
