@@ -144,7 +144,8 @@ def _start(ns: Namespaces, name: str, base: Path, token_file: Path, **tables: An
 
 
 async def _wait_ready(daemon: Daemon) -> None:
-    with trio.fail_after(30):
+    # Generous: under the kernel lab's TCG emulation a daemon takes 15-60 s to start.
+    with trio.fail_after(180):
         while True:
             if daemon.process.poll() is not None:
                 raise AssertionError(f"daemon exited: {daemon.log.read_text()}")
