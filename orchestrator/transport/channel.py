@@ -20,13 +20,13 @@ and what was wrong); nothing received after the bad frame, nor anything
 still queued, reaches a device.  The side that detects a violation tells
 the other with an ABORT where it can, then closes every connection.
 
-Copies: a sender writes header and payload with one ``sendmsg`` from the
-caller's buffer (no join); the trailer checksum is computed by a worker
-thread while the payload is on its way (zlib's crc32 releases the GIL).  A
-receiver reads each payload with ``recv_into`` straight into a buffer of its
-own, verifies it in a worker thread while the next frame is being read, and
-hands that buffer on (``receive_buffer``); ``receive`` copies it into
-``bytes`` for callers that need them.
+Copies: a sender writes header, payload and trailer with one ``sendmsg``
+from the caller's buffer (no join).  A receiver reads each payload with
+``recv`` into ``bytes`` objects of their own, checksums them as they
+arrive, and hands those very objects to the device's consumer once the
+frame's trailer matches: the bytes a device loads were copied once, by the
+kernel.  Checksums run inline: handing each frame to a worker thread was
+measured slower (a GIL hand-off per frame), see bench/stream_throughput.py.
 
 Sockets have TCP_NODELAY (a CONTROL frame during the downtime window must
 not wait for Nagle); send and receive buffers are left to the kernel's
@@ -36,10 +36,8 @@ autotuning, which setting them would switch off.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import socket as stdlib_socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,15 +66,13 @@ __all__ = [
 log = structlog.get_logger("orchestrator.transport")
 
 DEFAULT_MAX_CONNECTIONS = 4
-#: Payloads at least this large get their checksum computed in a worker
-#: thread, overlapping the socket copy; smaller ones are not worth the hop.
-THREADED_CHECKSUM_BYTES = int(os.environ.get("XCRC", 128 << 10))
-#: Frames queued per device between the connection's reader and its consumer.
-QUEUED_FRAMES = 4
+#: The most payload bytes one ``recv`` asks for (it allocates that much first).
+RECV_PIECE_BYTES = 1 << 20
+#: Payload pieces (at most ``RECV_PIECE_BYTES`` each) queued per device
+#: between the connection's reader and the device's consumer.
+QUEUED_PIECES = 8
 #: How long telling the peer why the channel failed may take.
 ABORT_GRACE_S = 1.0
-
-_TRAILER = struct.Struct("!I")
 
 
 def new_secret() -> bytes:
@@ -171,10 +167,6 @@ def _single_peer_error(group: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return leaf
 
 
-def _checksum_job(frame: wire.RawFrame) -> bool:
-    return frame.verify()
-
-
 class _Link:
     """One authenticated connection: frames written whole, in header order."""
 
@@ -183,7 +175,6 @@ class _Link:
         self.index = index
         self.encoder = wire.FrameEncoder()
         self.write_lock = trio.StrictFIFOLock()
-        self.eof = False
 
     def _error(self, exc: BaseException) -> PeerError:
         if isinstance(exc, trio.ClosedResourceError):
@@ -192,43 +183,21 @@ class _Link:
         return PeerError(f"connection {self.index} failed: {detail}")
 
     async def write(self, kind: wire.Kind, slot: int, payload: Buffer) -> None:
+        """One frame: header, payload and trailer in one ``sendmsg``, no join."""
         view = memoryview(payload).cast("B")
         try:
             async with self.write_lock:
                 header = self.encoder.header(kind, slot, view.nbytes)
-                if view.nbytes < THREADED_CHECKSUM_BYTES:
-                    trailer = wire.FrameEncoder.trailer(header, view)
-                    await _send_all(self.sock, [header, view, trailer])
-                    return
-                checksum: list[int] = []
-
-                async def compute() -> None:
-                    checksum.append(
-                        await trio.to_thread.run_sync(wire.frame_checksum, header, view)
-                    )
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(compute)
-                    await _send_all(self.sock, [header, view])
-                await _send_all(self.sock, [_TRAILER.pack(checksum[0])])
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                trailer = wire.FrameEncoder.trailer(header, view)
+                await _send_all(self.sock, [header, view, trailer])
+        except _SOCKET_ERRORS as exc:
             raise self._error(exc) from None
-        except BaseExceptionGroup as group:
-            # The send and the checksum thread fail as a group: a socket error in it
-            # is this connection's failure, as above.
-            failed, rest = group.split(_SOCKET_ERRORS)
-            if failed is None or rest is not None:
-                raise
-            leaf: BaseException = failed
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            raise self._error(leaf) from None
 
     async def write_frame(self, buffers: list[Buffer]) -> None:
         """A small frame made by the encoder under the lock (ACK, END, CONTROL, ABORT)."""
         try:
             await _send_all(self.sock, buffers)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except _SOCKET_ERRORS as exc:
             raise self._error(exc) from None
 
     async def read_frames(
@@ -236,40 +205,33 @@ class _Link:
     ) -> None:
         """Read, verify and deliver frames until EOF; raise on any violation.
 
-        Two tasks: one reads frame N+1 while the other verifies frame N in a
-        worker thread and delivers it.  A frame is delivered only once
-        verified, in order, so nothing after a bad frame is ever delivered.
+        A frame is delivered only once whole and verified, in order, so
+        nothing after a bad frame is ever delivered.
         """
-        send, receive = trio.open_memory_channel[wire.RawFrame](1)
-
-        async def verify_and_deliver() -> None:
-            async with receive:
-                async for frame in receive:
-                    if frame.payload.nbytes >= THREADED_CHECKSUM_BYTES:
-                        ok = await trio.to_thread.run_sync(_checksum_job, frame)
-                    else:
-                        ok = frame.verify()
-                    await deliver(validator.accept(frame, ok))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(verify_and_deliver)
-            async with send:
-                reader = wire.FrameReader(connection=self.index)
-                while True:
-                    frame = reader.next_frame()
-                    if frame is not None:
-                        await send.send(frame)
-                        continue
-                    try:
-                        n = await self.sock.recv_into(reader.buffer())
-                    except (OSError, trio.ClosedResourceError) as exc:
-                        raise self._error(exc) from None
-                    if n == 0:
-                        if not reader.at_frame_boundary:
-                            raise PeerError(f"connection {self.index} was cut in mid-frame")
-                        break
-                    reader.advance(n)
-        self.eof = True
+        reader = wire.FrameReader(connection=self.index)
+        sock = self.sock
+        while True:
+            frame = reader.next_frame()
+            if frame is not None:
+                await deliver(validator.accept(frame))
+                continue
+            wanted = reader.payload_remaining
+            try:
+                if wanted:
+                    piece = await sock.recv(min(wanted, RECV_PIECE_BYTES))
+                    n = len(piece)
+                else:
+                    n = await sock.recv_into(reader.buffer())
+            except (OSError, trio.ClosedResourceError) as exc:
+                raise self._error(exc) from None
+            if n == 0:
+                if not reader.at_frame_boundary:
+                    raise PeerError(f"connection {self.index} was cut in mid-frame")
+                return
+            if wanted:
+                reader.add_payload(piece)
+            else:
+                reader.advance(n)
 
     def close(self) -> None:
         self.sock.close()
@@ -293,6 +255,7 @@ class _Channel:
         self._index = {name: i for i, name in enumerate(self.devices)}
         self._links: dict[int, _Link] = {}
         self.failure: PeerError | None = None
+        self._failed = trio.Event()
         self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](64)
         self._payload_bytes = 0
         self._busy_s = 0.0
@@ -330,6 +293,7 @@ class _Channel:
         if self.failure is not None:
             return
         self.failure = error
+        self._failed.set()
         self._control_send.close()
         self._wake_all()
         for link in self._links.values():
@@ -506,10 +470,17 @@ class SourceChannel(_Channel):
                 self._busy_s += trio.current_time() - self._busy_since
 
     async def _guarded(self, operation: Awaitable[None]) -> None:
-        """Run a write; if the channel failed meanwhile, its failure is the error to raise."""
+        """Run a write; if the channel failed meanwhile, its failure is the error to raise.
+
+        A destination that refuses a frame sends an ABORT saying why, then
+        closes: a write may see the close before the reader has read the
+        ABORT, so give the reader a moment to find the reason.
+        """
         try:
             await operation
         except PeerError:
+            with trio.move_on_after(ABORT_GRACE_S):
+                await self._failed.wait()
             self.check()
             raise
 
@@ -682,10 +653,10 @@ class NetworkStreamReceiver(StreamReceiver):
         self.index = index
         self.bytes_received = 0
         self.ended = False
-        self._send, self._receive = trio.open_memory_channel[memoryview | None](QUEUED_FRAMES)
+        self._send, self._receive = trio.open_memory_channel[bytes | None](QUEUED_PIECES)
 
-    async def receive_buffer(self) -> memoryview | None:
-        """The next payload, a read-only view of memory the caller now owns; None at the end."""
+    async def receive(self) -> bytes | None:
+        """The next verified piece of payload (``bytes`` as received, never copied)."""
         if self.ended:
             return None
         channel = self._channel
@@ -699,13 +670,8 @@ class NetworkStreamReceiver(StreamReceiver):
         if item is _ENDED:
             self.ended = True
             return None
-        self.bytes_received += item.nbytes
-        return item.toreadonly()
-
-    async def receive(self) -> bytes | None:
-        """As ``receive_buffer``, copied into ``bytes`` (one memcpy)."""
-        view = await self.receive_buffer()
-        return None if view is None else bytes(view)
+        self.bytes_received += len(item)
+        return item
 
     async def aclose(self) -> None:
         """After the end: nothing.  Before: the stream is refused, which fails the channel."""
@@ -776,15 +742,16 @@ class DestinationChannel(_Channel):
             now = trio.current_time()
             if self._first_data_at is None:
                 self._first_data_at = now
-            self._payload_bytes += event.payload.nbytes
+            self._payload_bytes += event.nbytes
             self._busy_s = now - self._first_data_at
-            item: memoryview | None = event.payload
+            items: Sequence[bytes | None] = event.pieces
         else:
             assert isinstance(event, wire.End)
-            item = _ENDED
+            items = [_ENDED]
         receiver = self.receivers[self.devices[event.device]]
         try:
-            await receiver._send.send(item)
+            for item in items:
+                await receiver._send.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.check()
             raise PeerError(f"device {receiver.name!r}'s stream was closed here") from None

@@ -105,12 +105,12 @@ class StreamReceiver(abc.ABC):
         """
 
     async def receive_buffer(self) -> memoryview | None:
-        """``receive`` without a copy where the implementation can avoid one.
+        """The next chunk as a read-only view, for consumers that take any buffer.
 
-        The view is read-only and, as with ``receive``, owned by the caller.
-        The network channel receives each payload straight into memory of its
-        own and returns a view of it here; ``receive`` must copy that into
-        ``bytes``.
+        Never a view of reused memory: like ``receive``'s chunks, it belongs
+        to the caller.  Both implementations return ``bytes`` that nobody
+        copied (the network channel ``recv``s each payload piece into
+        ``bytes`` of its own), so this is a view of those.
         """
         chunk = await self.receive()
         return None if chunk is None else memoryview(chunk)

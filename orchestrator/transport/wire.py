@@ -31,15 +31,15 @@ Frames: a 16-byte header, the payload, a 4-byte trailer::
 
     kind u8 | flags u8 (0) | device u16 | seq u32 | length u32 | header crc u32
     payload (length bytes)
-    crc32 of header and payload (u32)
+    CRC-32C of header and payload (u32)
 
 The header has its own checksum, verified before its length is believed, so
 a flipped length bit cannot make the reader wait for bytes that never come.
-The trailer's checksum covers the header and the payload and is verified
-before the payload is handed to anyone.  It is a trailer rather than a
-header field so that a sender can put the payload on the wire while another
-thread is still computing the checksum, and a receiver can read the next
-frame while another thread verifies this one.
+The trailer's checksum (CRC-32C) covers the header and the payload and
+is verified before the payload is handed to anyone.  It is a trailer rather
+than a header field so that a receiver computes it as the payload arrives,
+while the bytes are still in the cache, and a sender could compute it while
+the payload is already on its way.
 
 Sequence numbers count frames per slot and per direction, from 0: a slot is
 a device (DATA and END one way, ACK the other) or the channel itself
@@ -60,11 +60,11 @@ import hashlib
 import hmac
 import json
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crc32c import crc32c as _checksum
 from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerProtocolError
@@ -166,12 +166,14 @@ def connection_of(device: int, connections: int) -> int:
 
 
 def frame_checksum(header: Buffer, payload: Buffer) -> int:
-    """crc32 of a frame's header and payload, without joining them.
+    """CRC-32C of a frame's header and payload, without joining them.
 
-    zlib's crc32 releases the GIL on large buffers, so a caller may run this
-    in a worker thread while the event loop moves other bytes.
+    CRC-32C (Castagnoli), computed with the CPU's crc32 instruction by the
+    ``crc32c`` package: about 12 GB/s here, where zlib's crc32 ran at about
+    3.3 GB/s, as fast as loopback TCP itself, and so capped the channel at
+    well under the plain socket copy on both ends.
     """
-    return zlib.crc32(payload, zlib.crc32(header))
+    return _checksum(payload, _checksum(header))
 
 
 def _trailer(header: bytes, payload: Buffer) -> bytes:
@@ -198,7 +200,7 @@ class FrameEncoder:
             seq = self._next_seq.get(slot, 0)
             self._next_seq[slot] = seq + 1
         body = _HEADER_BODY.pack(kind, 0, slot, seq, length)
-        return body + _TRAILER.pack(zlib.crc32(body))
+        return body + _TRAILER.pack(_checksum(body))
 
     def frame(self, kind: Kind, slot: int, payload: Buffer) -> list[Buffer]:
         """A whole frame as [header, payload, trailer], for a scatter write."""
@@ -242,20 +244,31 @@ class FrameHeader:
 
 @dataclass(frozen=True)
 class RawFrame:
-    """A frame read whole but not yet verified: its payload is not to be trusted."""
+    """A frame read whole but not yet verified: its payload is not to be trusted.
+
+    The payload comes in the pieces it was received in; ``computed`` is the
+    checksum of what arrived, ``checksum`` what the trailer says it should be.
+    """
 
     header: FrameHeader
-    payload: memoryview
+    pieces: tuple[bytes, ...]
     checksum: int
+    computed: int
 
-    def verify(self) -> bool:
-        return frame_checksum(self.header.raw, self.payload) == self.checksum
+    @property
+    def verified(self) -> bool:
+        return self.computed == self.checksum
+
+    @property
+    def payload(self) -> bytes:
+        """The payload in one piece (joins, so copies, if it came in several)."""
+        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
 
 
 def parse_header(raw: bytes, connection: int | None = None) -> FrameHeader:
     kind_value, flags, slot, seq, length, crc = _HEADER.unpack(raw)
     where = f"on connection {connection}: " if connection is not None else ""
-    if zlib.crc32(raw[: _HEADER_BODY.size]) != crc:
+    if _checksum(raw[: _HEADER_BODY.size]) != crc:
         raise PeerProtocolError(f"{where}frame header checksum mismatch (corrupted header)")
     try:
         kind = Kind(kind_value)
@@ -273,15 +286,20 @@ def parse_header(raw: bytes, connection: int | None = None) -> FrameHeader:
 
 
 class FrameReader:
-    """Cuts a byte stream into frames, reading payloads without extra copies.
+    """Cuts a byte stream into frames, without copying payloads.
 
-    The I/O layer asks ``buffer()`` where the next bytes go, reads into it
-    (``recv_into``), and reports how many with ``advance(n)``; then takes the
-    frames out with ``next_frame()``.  Headers and trailers land in a small
-    reused scratch buffer; a payload gets a fresh buffer of its own, which
-    the reader never touches again once the frame is out, so its memoryview
-    can be handed on without a copy.  Only the start of a payload that
-    arrived in the scratch buffer along with its header is copied.
+    Two ways in, chosen by ``payload_remaining``:
+
+    * 0: the reader wants header or trailer bytes: read into ``buffer()``
+      (``recv_into`` a small reused scratch buffer), then ``advance(n)``;
+    * more: the reader wants that many payload bytes: hand it up to that
+      many with ``add_payload(piece)`` (``recv(n)`` allocates ``bytes`` of
+      its own, which become the delivered chunk: no copy, no reuse).
+
+    Then take the frames out with ``next_frame()``.  The checksum is
+    computed as the pieces arrive, so it costs no second pass over memory
+    that has left the cache.  Only the start of a payload that arrived in
+    the scratch buffer along with its header is copied.
     """
 
     def __init__(self, scratch_bytes: int = 64 << 10, connection: int | None = None) -> None:
@@ -290,8 +308,9 @@ class FrameReader:
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # end of the bytes in scratch
         self._header: FrameHeader | None = None
-        self._payload: bytearray | None = None
-        self._filled = 0  # payload bytes in place
+        self._pieces: list[bytes] = []
+        self._filled = 0  # payload bytes in hand
+        self._crc = 0
         self._connection = connection
         self.bytes_in = 0
 
@@ -299,11 +318,15 @@ class FrameReader:
     def at_frame_boundary(self) -> bool:
         return self._header is None and self._start == self._end
 
+    @property
+    def payload_remaining(self) -> int:
+        """Payload bytes wanted before header or trailer bytes may come again."""
+        return 0 if self._header is None else self._header.length - self._filled
+
     def buffer(self) -> memoryview:
-        """Where the next received bytes go (never empty)."""
-        header, payload = self._header, self._payload
-        if header is not None and payload is not None and self._filled < header.length:
-            return memoryview(payload)[self._filled :]
+        """Where the next header or trailer bytes go (never empty)."""
+        if self.payload_remaining:
+            raise RuntimeError("the reader wants payload bytes: use add_payload")
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._scratch) - self._end < TRAILER_SIZE + HEADER_SIZE:
@@ -316,11 +339,16 @@ class FrameReader:
     def advance(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``buffer()``."""
         self.bytes_in += nbytes
-        header = self._header
-        if header is not None and self._payload is not None and self._filled < header.length:
-            self._filled += nbytes
-        else:
-            self._end += nbytes
+        self._end += nbytes
+
+    def add_payload(self, piece: bytes) -> None:
+        """The next bytes of the current payload (at most ``payload_remaining``)."""
+        if not 0 < len(piece) <= self.payload_remaining:
+            raise ValueError(f"{len(piece)} payload bytes, {self.payload_remaining} wanted")
+        self.bytes_in += len(piece)
+        self._pieces.append(piece)
+        self._filled += len(piece)
+        self._crc = _checksum(piece, self._crc)
 
     def next_frame(self) -> RawFrame | None:
         """The next whole frame, or None until more bytes arrive."""
@@ -329,21 +357,23 @@ class FrameReader:
                 return None
             raw = bytes(self._view[self._start : self._start + HEADER_SIZE])
             self._start += HEADER_SIZE
-            self._header = parse_header(raw, self._connection)
-            self._payload = bytearray(self._header.length)
-            take = min(self._header.length, self._end - self._start)
-            self._payload[:take] = self._view[self._start : self._start + take]
-            self._start += take
-            self._filled = take
-        header, payload = self._header, self._payload
-        assert payload is not None
+            header = self._header = parse_header(raw, self._connection)
+            self._crc = _checksum(raw)
+            take = min(header.length, self._end - self._start)
+            if take:
+                self.bytes_in -= take  # counted once already, in advance()
+                self.add_payload(bytes(self._view[self._start : self._start + take]))
+                self._start += take
+        header = self._header
         if self._filled < header.length or self._end - self._start < TRAILER_SIZE:
             return None
         (checksum,) = _TRAILER.unpack_from(self._scratch, self._start)
         self._start += TRAILER_SIZE
-        self._header = self._payload = None
+        frame = RawFrame(header, tuple(self._pieces), checksum, self._crc)
+        self._header = None
+        self._pieces = []
         self._filled = 0
-        return RawFrame(header, memoryview(payload), checksum)
+        return frame
 
 
 # -- frames: validation --------------------------------------------------------
@@ -353,7 +383,11 @@ class FrameReader:
 class Data:
     device: int
     seq: int
-    payload: memoryview
+    pieces: tuple[bytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -427,22 +461,20 @@ class InboundValidator:
         self.failure = error
         return error
 
-    def accept(self, frame: RawFrame, checksum_ok: bool | None = None) -> Event:
-        """The event a frame stands for; ``checksum_ok`` if the caller verified it."""
+    def accept(self, frame: RawFrame) -> Event:
+        """The event a frame stands for, once every check has passed."""
         if self.failure is not None:
             raise self.failure
         header = frame.header
         slot, seq, kind = header.slot, header.seq, header.kind
-        if checksum_ok is None:
-            checksum_ok = frame.verify()
-        if not checksum_ok:
+        if not frame.verified:
             raise self._fail(f"{kind.name} frame checksum mismatch (corrupted)", slot, seq)
         if kind not in ACCEPTS[self.role]:
             raise self._fail(f"{kind.name} frame not accepted by the {self.role.value}", slot, seq)
         if kind is Kind.ABORT:
             if slot != CHANNEL_SLOT or seq != 0:
                 raise self._fail("malformed ABORT frame", slot, seq)
-            reason = bytes(frame.payload).decode(errors="replace") or "no reason given"
+            reason = frame.payload.decode(errors="replace") or "no reason given"
             return Abort(reason)
         if kind is Kind.CONTROL:
             if slot != CHANNEL_SLOT:
@@ -470,8 +502,8 @@ class InboundValidator:
 
     def _event(self, frame: RawFrame, kind: Kind, slot: int, seq: int) -> Event:
         if kind is Kind.DATA:
-            self._data_bytes[slot] = self._data_bytes.get(slot, 0) + frame.payload.nbytes
-            return Data(slot, seq, frame.payload)
+            self._data_bytes[slot] = self._data_bytes.get(slot, 0) + frame.header.length
+            return Data(slot, seq, frame.pieces)
         if kind is Kind.END:
             (total,) = _U64.unpack(frame.payload)
             if total != self._data_bytes.get(slot, 0):
@@ -486,7 +518,7 @@ class InboundValidator:
             (loaded,) = _U64.unpack(frame.payload)
             return Ack(slot, seq, loaded)
         try:
-            message = json.loads(bytes(frame.payload))
+            message = json.loads(frame.payload)
         except ValueError:
             message = None
         if not isinstance(message, dict):
@@ -497,9 +529,9 @@ class InboundValidator:
 class FrameDecoder:
     """A reader and a validator together: ``feed(bytes)`` in, events out.
 
-    The trio channel drives the two halves itself so that it can read into
-    the reader's buffers and verify checksums in a worker thread; this is
-    the same logic for callers that have bytes in hand (and for the tests).
+    The trio channel drives the two halves itself so that it can receive
+    payloads straight into ``bytes`` of their own; this is the same logic
+    for callers that have bytes in hand (and for the tests).
     """
 
     def __init__(
@@ -511,11 +543,12 @@ class FrameDecoder:
     def feed(self, data: Buffer) -> list[Event]:
         view = memoryview(data).cast("B")
         events: list[Event] = []
+        reader = self.reader
         while True:
             if self.validator.failure is not None:
                 raise self.validator.failure
             try:
-                frame = self.reader.next_frame()
+                frame = reader.next_frame()
             except PeerProtocolError as exc:
                 self.validator.failure = exc
                 raise
@@ -524,10 +557,15 @@ class FrameDecoder:
                 continue
             if not view:
                 return events
-            target = self.reader.buffer()
-            n = min(len(target), len(view))
-            target[:n] = view[:n]
-            self.reader.advance(n)
+            wanted = reader.payload_remaining
+            if wanted:
+                n = min(wanted, len(view))
+                reader.add_payload(bytes(view[:n]))
+            else:
+                target = reader.buffer()
+                n = min(len(target), len(view))
+                target[:n] = view[:n]
+                reader.advance(n)
             view = view[n:]
 
 
@@ -591,6 +629,8 @@ def make_challenge(server_nonce: bytes) -> bytes:
 
 
 def parse_challenge(data: bytes) -> bytes:
+    if len(data) != CHALLENGE_SIZE:
+        raise PeerAuthError("the destination did not send a channel challenge")
     magic, nonce = _CHALLENGE.unpack(data)
     if magic != _CHALLENGE_MAGIC:
         raise PeerAuthError("the destination did not send a channel challenge")
@@ -622,6 +662,8 @@ def client_hello(
 
 def parse_hello_prefix(data: bytes) -> tuple[int, int, int, bytes, bytes]:
     """(connection, connections, id length, client nonce, proof) of a HELLO's fixed part."""
+    if len(data) != HELLO_PREFIX_SIZE:
+        raise PeerAuthError("the client did not send a channel HELLO")
     magic, connection, connections, id_length, nonce, proof = _HELLO_PREFIX.unpack(data)
     if magic != _HELLO_MAGIC:
         raise PeerAuthError("the client did not send a channel HELLO")
@@ -652,6 +694,8 @@ def make_welcome(secret: bytes, server_nonce: bytes, hello: Hello) -> bytes:
 
 
 def verify_welcome(secret: bytes, server_nonce: bytes, hello: Hello, data: bytes) -> None:
+    if len(data) != WELCOME_SIZE:
+        raise PeerAuthError("the destination refused the connection")
     magic, proof = _WELCOME.unpack(data)
     if magic != _WELCOME_MAGIC or not hmac.compare_digest(
         server_proof(secret, server_nonce, hello), proof

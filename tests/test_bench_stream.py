@@ -1,0 +1,33 @@
+"""bench/stream_throughput.py runs: a smoke run in quick mode (nothing timed is asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stream_throughput_quick_run_prints_its_table() -> None:
+    # As a user runs it: the destination process is spawned from the script.
+    out = subprocess.run(
+        [sys.executable, "bench/stream_throughput.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    assert out.startswith("command: python bench/stream_throughput.py --quick\n")
+    row = r"^\| 1 \| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (met|missed) \|$"
+    rows = re.findall(row, out, re.M)
+    assert [r[0] for r in rows] == ["1", "4"]
+    for _, plain, channel, ratio, verdict in rows:
+        assert float(plain) > 0 and float(channel) > 0
+        # Each figure is rounded to 0.01 on its own: allow for that.
+        rounding = 0.005 * float(ratio) * (1 / float(plain) + 1 / float(channel)) + 0.005
+        assert abs(float(ratio) - float(channel) / float(plain)) <= rounding
+        if float(ratio) != 0.80:
+            assert verdict == ("met" if float(ratio) > 0.80 else "missed")

@@ -1,0 +1,471 @@
+"""The cross-host data channel over real loopback TCP: delivery, auth, tampering, cuts, rate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+
+import pytest
+import trio
+from typing_extensions import Buffer
+
+from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
+from orchestrator.transport import (
+    ChannelListener,
+    RateLimiter,
+    StreamReceiver,
+    StreamSender,
+    default_connections,
+    new_secret,
+    open_channel,
+    wire,
+)
+
+Address = tuple[str, int]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handshake_timeout_s: float = 5.0,
+) -> AsyncIterator[tuple[ChannelListener, Address]]:
+    listener = ChannelListener(handshake_timeout_s=handshake_timeout_s)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(listener.serve, "127.0.0.1")
+        yield listener, address
+        nursery.cancel_scope.cancel()
+
+
+async def collect(receiver: StreamReceiver, got: bytearray) -> None:
+    while (piece := await receiver.receive()) is not None:
+        got.extend(piece)
+
+
+async def drain(receiver: StreamReceiver) -> bytes:
+    out = bytearray()
+    while (chunk := await receiver.receive()) is not None:
+        assert isinstance(chunk, bytes)
+        out += chunk
+    return bytes(out)
+
+
+async def pour(sender: StreamSender, data: bytes, chunk: int) -> None:
+    for i in range(0, len(data), chunk):
+        await sender.send(data[i : i + chunk])
+    await sender.end()
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+async def test_many_devices_arrive_byte_exact_with_acks_and_control_both_ways(
+    connections: int,
+) -> None:
+    devices = [f"dev{i}" for i in range(7)]
+    # Sizes across frame boundaries: empty, tiny, one frame, several (4 MiB frames).
+    sizes = [0, 1, 4095, 1 << 20, (4 << 20) + 3, 9 << 20, 12345]
+    data = {d: os.urandom(n) for d, n in zip(devices, sizes, strict=True)}
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-a", secret, devices)
+        received: dict[str, bytes] = {}
+
+        async def load(device: str) -> None:
+            received[device] = await drain(dest.receiver(device))
+            await dest.acknowledge(device)
+
+        async with open_channel(
+            address, "mig-a", secret, devices, parallel_connections=connections
+        ) as src:
+            await dest.wait_connected()
+            assert src.connections == dest.connections == connections
+            async with trio.open_nursery() as nursery:
+                for device in devices:
+                    nursery.start_soon(load, device)
+                    # An odd chunk size: chunk boundaries are not preserved, bytes are.
+                    nursery.start_soon(pour, src.sender(device), data[device], 3 << 20)
+            await src.all_acknowledged()
+            for device in devices:
+                assert await src.acknowledged(device) == len(data[device])
+                assert src.is_acknowledged(device)
+            await src.send_control({"step": "commit", "n": 1})
+            await src.send_control({"step": "commit", "n": 2})
+            assert await dest.receive_control() == {"step": "commit", "n": 1}
+            assert await dest.receive_control() == {"step": "commit", "n": 2}
+            await dest.send_control({"ok": True})
+            assert await src.receive_control() == {"ok": True}
+            stats = src.statistics()
+            assert stats.payload_bytes == sum(sizes) == dest.statistics().payload_bytes
+            assert stats.connections == connections and stats.busy_s > 0
+            assert stats.throughput_bytes_s is not None
+        assert received == data
+        assert all(dest.receiver(d).bytes_received == len(data[d]) for d in devices)
+
+
+async def test_parallel_connections_default_to_one_per_device_up_to_four() -> None:
+    assert [default_connections(n) for n in (0, 1, 3, 4, 9)] == [1, 1, 3, 4, 4]
+    secret = new_secret()
+    async with serving() as (listener, address):
+        for devices in (["a", "b"], [f"d{i}" for i in range(6)]):
+            migration = f"mig-{len(devices)}"
+            dest = listener.expect(migration, secret, devices)
+            async with open_channel(address, migration, secret, devices) as src:
+                await dest.wait_connected()
+                assert src.connections == dest.connections == min(len(devices), 4)
+            await dest.aclose()
+
+
+async def test_the_source_refuses_more_connections_than_devices() -> None:
+    with pytest.raises(ValueError, match="parallel_connections"):
+        async with open_channel(("127.0.0.1", 1), "m", new_secret(), ["a"], parallel_connections=2):
+            pass
+
+
+# -- authentication -----------------------------------------------------------------
+
+
+async def raw_connect(address: Address) -> trio.SocketStream:
+    return await trio.open_tcp_stream(*address)
+
+
+async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await stream.receive_some(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+async def closed_on_us(stream: trio.SocketStream) -> bool:
+    """The peer closed the connection (EOF, or a reset if it left our bytes unread)."""
+    try:
+        return await stream.receive_some() == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+async def authenticated(
+    address: Address, migration: str, secret: bytes, connection: int = 0, connections: int = 1
+) -> trio.SocketStream:
+    """A hand-made source connection: the handshake by the wire module, nothing more."""
+    stream = await raw_connect(address)
+    nonce = wire.parse_challenge(await receive_exactly(stream, wire.CHALLENGE_SIZE))
+    raw = wire.client_hello(
+        secret, nonce, migration, connection, connections, secrets.token_bytes(32)
+    )
+    await stream.send_all(raw)
+    hello = wire.parse_hello(raw[: wire.HELLO_PREFIX_SIZE], raw[wire.HELLO_PREFIX_SIZE :])
+    wire.verify_welcome(secret, nonce, hello, await receive_exactly(stream, wire.WELCOME_SIZE))
+    return stream
+
+
+async def test_unauthenticated_connections_are_refused_and_the_listener_serves_on() -> None:
+    secret = new_secret()
+    async with serving(handshake_timeout_s=0.5) as (listener, address):
+        dest = listener.expect("mig-b", secret, ["gpu0"])
+        with pytest.raises(PeerAuthError, match="refused"):
+            async with open_channel(address, "mig-b", new_secret(), ["gpu0"]):
+                pass
+        with pytest.raises(PeerAuthError, match="refused"):
+            async with open_channel(address, "no-such-migration", secret, ["gpu0"]):
+                pass
+        # Garbage instead of a HELLO, and a client that says nothing at all.
+        garbage = await raw_connect(address)
+        await receive_exactly(garbage, wire.CHALLENGE_SIZE)
+        await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100)
+        assert await closed_on_us(garbage)
+        silent = await raw_connect(address)
+        await receive_exactly(silent, wire.CHALLENGE_SIZE)
+        with trio.fail_after(5):
+            assert await closed_on_us(silent)  # the handshake timed out
+        assert len(listener.rejections) == 4
+        assert any("failed authentication" in r for r in listener.rejections)
+        assert any("did not send a channel HELLO" in r for r in listener.rejections)
+        # None of that touched the expected migration: it still works.
+        async with open_channel(address, "mig-b", secret, ["gpu0"]) as src:
+            await pour(src.sender("gpu0"), b"still here", 4)
+            assert await drain(dest.receiver("gpu0")) == b"still here"
+
+
+async def test_a_connection_index_cannot_be_taken_twice() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        listener.expect("mig-c", secret, ["a", "b"])
+        first = await authenticated(address, "mig-c", secret, 0, 2)
+        with pytest.raises(PeerAuthError):
+            await authenticated(address, "mig-c", secret, 0, 2)
+        assert "connection 0 is already open" in listener.rejections[-1]
+        await first.aclose()
+
+
+async def test_the_source_refuses_a_destination_without_the_secret() -> None:
+    # An impostor answers the challenge protocol but cannot prove the secret.
+    async def impostor(stream: trio.SocketStream) -> None:
+        await stream.send_all(wire.make_challenge(secrets.token_bytes(32)))
+        await receive_exactly(stream, wire.HELLO_PREFIX_SIZE + len("mig-d"))
+        await stream.send_all(b"PTMIG/W1" + secrets.token_bytes(32))
+        await stream.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, impostor, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(PeerAuthError, match="could not prove"):
+            async with open_channel(("127.0.0.1", port), "mig-d", new_secret(), ["gpu0"]):
+                pass
+        nursery.cancel_scope.cancel()
+
+
+# -- tampering, violations, cuts --------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def proxy(
+    target: Address, tamper: Callable[[int, bytearray], None]
+) -> AsyncIterator[Address]:
+    """A TCP proxy; ``tamper(offset, chunk)`` may change client->server bytes in flight."""
+
+    async def relay(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream(*target)
+
+        async def upstream() -> None:
+            offset = 0
+            while chunk := await client.receive_some(65536):
+                buf = bytearray(chunk)
+                tamper(offset, buf)
+                offset += len(buf)
+                await server.send_all(bytes(buf))
+            await server.send_eof()
+
+        async def downstream() -> None:
+            while chunk := await server.receive_some(65536):
+                await client.send_all(chunk)
+
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upstream)
+                nursery.start_soon(downstream)
+        await server.aclose()
+        await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        yield ("127.0.0.1", listeners[0].socket.getsockname()[1])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_byte_flipped_in_flight_fails_the_migration_and_is_never_loaded() -> None:
+    secret = new_secret()
+    data = os.urandom(6 << 20)
+    chunk = 1 << 20
+    frame = wire.HEADER_SIZE + chunk + wire.TRAILER_SIZE
+    hello = wire.HELLO_PREFIX_SIZE + len("mig-e")
+    # A payload byte of the fourth data frame.
+    target = hello + 3 * frame + wire.HEADER_SIZE + 1000
+
+    def flip(offset: int, buf: bytearray) -> None:
+        if offset <= target < offset + len(buf):
+            buf[target - offset] ^= 0x01
+
+    async with serving() as (listener, address), proxy(address, flip) as via:
+        dest = listener.expect("mig-e", secret, ["gpu0"])
+        got = bytearray()
+
+        async def load() -> None:
+            receiver = dest.receiver("gpu0")
+            while (piece := await receiver.receive()) is not None:
+                got.extend(piece)
+
+        async with open_channel(via, "mig-e", secret, ["gpu0"]) as src:
+            source_errors: list[PeerError] = []
+
+            async def send() -> None:
+                try:
+                    await pour(src.sender("gpu0"), data, chunk)
+                    await src.acknowledged("gpu0")
+                except PeerError as exc:
+                    source_errors.append(exc)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    with pytest.raises(PeerProtocolError) as info:
+                        await load()
+            assert (info.value.device, info.value.seq) == ("gpu0", 3)
+            assert "checksum mismatch" in str(info.value)
+            # Nothing from the bad frame on was delivered (frames before it were
+            # delivered, unless the failure overtook them in the queue: all or nothing).
+            assert data[: 3 * chunk].startswith(bytes(got))
+            # The source learnt why, and every other operation of either end says so too.
+            assert len(source_errors) == 1
+            assert "destination aborted" in str(source_errors[0])
+            assert "checksum mismatch" in str(source_errors[0])
+            with pytest.raises(PeerProtocolError):
+                await dest.receive_control()
+            with pytest.raises(PeerError, match="destination aborted"):
+                await src.send_control({"too": "late"})
+
+
+async def crafted_violation(
+    frames: Callable[[wire.FrameEncoder], list[bytes]],
+) -> tuple[PeerError, bytes, list[str]]:
+    """Send hand-made frames on an authenticated connection; what did the destination do?"""
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-f", secret, ["gpu0", "gpu1"])
+        stream = await authenticated(address, "mig-f", secret)
+        good, *rest = frames(wire.FrameEncoder())
+        # The first frame is good: it is loaded before anything goes wrong.
+        await stream.send_all(good)
+        assert await dest.receiver("gpu0").receive() == b"a"
+        for frame in rest:
+            await stream.send_all(frame)
+        got = bytearray()
+        with pytest.raises(PeerError) as info:
+            await collect(dest.receiver("gpu0"), got)
+        with pytest.raises(PeerError):
+            await dest.receiver("gpu1").receive()
+        # The destination told the source why before closing.
+        told = await receive_all(stream)
+        decoder = wire.FrameDecoder(wire.Role.SOURCE, ["gpu0", "gpu1"])
+        reasons = [e.reason for e in decoder.feed(told) if isinstance(e, wire.Abort)]
+        return info.value, bytes(got), reasons
+
+
+async def receive_all(stream: trio.SocketStream) -> bytes:
+    """Everything until the peer closes (a reset after bytes we left unread included)."""
+    out = b""
+    with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await stream.receive_some():
+            out += chunk
+    return out
+
+
+def one(buffers: Sequence[Buffer]) -> bytes:
+    return b"".join(bytes(memoryview(b)) for b in buffers)
+
+
+@pytest.mark.parametrize(
+    ("make", "problem", "seq"),
+    [
+        # data 0 fine, 1 never sent, then 2: a gap
+        (lambda e: [one(e.data(0, b"a")), skip(e), one(e.data(0, b"c"))], "out of order", 2),
+        # data 0, then the same frame again
+        (
+            lambda e: [*(lambda f: [f, f])(one(e.data(0, b"a"))), one(e.data(0, b"x"))],
+            "duplicate",
+            0,
+        ),
+        (
+            lambda e: [one(e.data(0, b"a")), one(e.data(9, b"who")), one(e.data(0, b"b"))],
+            "unknown device index 9",
+            0,
+        ),
+    ],
+    ids=["gap", "duplicate", "unknown-device"],
+)
+async def test_crafted_bad_frames_fail_the_migration_and_nothing_after_them_is_loaded(
+    make: Callable[[wire.FrameEncoder], list[bytes]], problem: str, seq: int
+) -> None:
+    error, got, reasons = await crafted_violation(make)
+    assert isinstance(error, PeerProtocolError)
+    assert problem in str(error) and error.seq == seq
+    assert got == b""  # nothing from the bad frame or after it
+    assert len(reasons) == 1 and problem in reasons[0]
+
+
+def skip(encoder: wire.FrameEncoder) -> bytes:
+    encoder.data(0, b"never sent")
+    return b""
+
+
+async def test_a_connection_cut_before_the_end_is_a_peer_error() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-g", secret, ["gpu0"])
+        stream = await authenticated(address, "mig-g", secret)
+        encoder = wire.FrameEncoder()
+        await stream.send_all(one(encoder.data(0, b"first")))
+        await stream.aclose()
+        receiver = dest.receiver("gpu0")
+        with pytest.raises(PeerError, match=r"stream cut.*before the end of gpu0"):
+            await drain(receiver)
+
+        dest = listener.expect("mig-h", secret, ["gpu0"])
+        stream = await authenticated(address, "mig-h", secret)
+        await stream.send_all(one(wire.FrameEncoder().data(0, b"0123456789"))[:20])
+        await stream.aclose()
+        with pytest.raises(PeerError, match="cut in mid-frame"):
+            await drain(dest.receiver("gpu0"))
+
+
+async def test_leaving_the_source_block_before_the_end_cuts_the_streams() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-i", secret, ["gpu0", "gpu1"])
+        async with open_channel(address, "mig-i", secret, ["gpu0", "gpu1"]) as src:
+            await src.sender("gpu0").send(b"partial")
+            await pour(src.sender("gpu1"), b"whole", 2)
+        # All or nothing: gpu1's stream was whole, but the migration has failed.
+        for device in ("gpu0", "gpu1"):
+            with pytest.raises(PeerError, match=r"stream cut.*before the end of gpu0"):
+                await drain(dest.receiver(device))
+
+
+async def test_an_abort_reaches_the_other_side_with_its_reason() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-j", secret, ["gpu0"])
+        async with open_channel(address, "mig-j", secret, ["gpu0"]) as src:
+            await src.sender("gpu0").send(b"x")
+            await src.abort("operator cancelled")
+            with pytest.raises(PeerError, match="source aborted the migration: operator cancelled"):
+                await drain(dest.receiver("gpu0"))
+            with pytest.raises(PeerError, match="aborted here"):
+                await src.sender("gpu0").send(b"y")
+
+        dest = listener.expect("mig-k", secret, ["gpu0"])
+        async with open_channel(address, "mig-k", secret, ["gpu0"]) as src:
+            await dest.wait_connected()
+            await dest.abort("destination device failed")
+            with pytest.raises(PeerError, match=r"destination aborted.*device failed"):
+                with trio.fail_after(10):
+                    await src.acknowledged("gpu0")
+
+
+async def test_closing_a_sender_early_cuts_and_after_end_does_nothing() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-l", secret, ["gpu0", "gpu1"])
+        async with open_channel(address, "mig-l", secret, ["gpu0", "gpu1"]) as src:
+            await pour(src.sender("gpu1"), b"done", 4)
+            await src.sender("gpu1").aclose()  # after end: nothing happens
+            assert await drain(dest.receiver("gpu1")) == b"done"
+            await src.sender("gpu0").send(b"half")
+            await src.sender("gpu0").aclose()
+            with pytest.raises(PeerError, match=r"closed device 'gpu0'.*early"):
+                await drain(dest.receiver("gpu0"))
+
+
+async def test_the_rate_limit_is_honoured_across_connections() -> None:
+    secret = new_secret()
+    devices = ["a", "b", "c", "d"]
+    per_device = 256 << 10
+    rate = 4 << 20  # 1 MiB in total takes about 0.25 s
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-m", secret, devices)
+        async with open_channel(
+            address, "mig-m", secret, devices, limiter=RateLimiter(rate)
+        ) as src:
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for device in devices:
+                    nursery.start_soon(pour, src.sender(device), b"z" * per_device, 32 << 10)
+                    nursery.start_soon(drain, dest.receiver(device))
+            elapsed = trio.current_time() - start
+            stats = src.statistics()
+    total = per_device * len(devices)
+    # The burst allowance lets the last slots start early: a loose lower bound.
+    assert elapsed >= 0.8 * total / rate
+    assert stats.throughput_bytes_s is not None and stats.throughput_bytes_s <= 1.3 * rate
