@@ -153,6 +153,8 @@ class IncomingMigration:
         self.error: ErrorInfo | None = None
         self.report: MigrationReport | None = None
         self.done = trio.Event()
+        #: The report is in the journal (status can be read from there).
+        self.journaled = False
         self._decision: str | None = None
         self._decided = trio.Event()
         self._connecting: trio.CancelScope | None = None
@@ -746,6 +748,7 @@ class IncomingMigration:
         if self.journal is not None:
             try:
                 await self.journal.finish(self.id, self.report)
+                self.journaled = True
             except Exception as exc:  # journal trouble is logged, never loses the VM
                 self.log.exception("incoming.journal_finish_failed", error=str(exc))
         self.done.set()
@@ -983,6 +986,9 @@ class IncomingRegistry:
             log.exception("incoming.crashed", migration=migration.id)
         finally:
             self._unlock(keys, migration.id)
+            if migration.journaled:
+                # Status and decisions are answered from the journal now.
+                self.migrations.pop(migration.id, None)
 
     async def status(self, migration_id: str) -> IncomingStatus:
         """From memory while this daemon runs it, else from the journal (it ended,
