@@ -34,7 +34,7 @@ from orchestrator import __version__, logs
 from orchestrator.errors import PlanError
 from orchestrator.plan import parse_plan
 from orchestrator.report import MigrationReport
-from orchestrator.resolve import ResolvedPlan, load_plan, resolve
+from orchestrator.resolve import ResolvedPlan, load_plan, refuse_handles, resolve
 from orchestrator.runner import Migration
 from orchestrator.states import MigrationFlags, transition_table_markdown
 
@@ -169,6 +169,7 @@ def _states(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, interactive: bool) -> int:
     resolved = _load(args.plan)
+    refuse_handles(resolved)  # no daemon here, so no handed-over devices
     migration = Migration(resolved)
     show_progress = interactive and not args.no_progress
     trio.run(_run_migration, migration, show_progress)

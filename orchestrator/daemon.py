@@ -340,7 +340,9 @@ async def serve(
             service = MigrationService(
                 journal,
                 Metrics(registry),
-                backends=backends_for(settings.state_dir),
+                # One registry: plans' handles are checked against it and the
+                # backends open handed-over devices from it.
+                backends=backends_for(settings.state_dir, handles=handles),
                 handles=handles,
                 listener=listener,
                 advertise=settings.data.advertise,

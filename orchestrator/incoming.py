@@ -955,7 +955,7 @@ class IncomingRegistry:
                 [Problem("plan.destination", "a plan sent to its destination has no destination")]
             )
         resolved = resolve(plan, self.backends)
-        keys = [f"{d.backend}:{d.name}" for d in plan.devices]
+        keys = resolved.device_keys()
         self._lock(keys, request.migration_id)
         try:
             migration = IncomingMigration(resolved, request.migration_id, self.journal)
@@ -1045,7 +1045,7 @@ class IncomingRegistry:
         """A migration this daemon received when it died: complete it if the commit
         is recorded, wait for the source's decision if it had voted, else roll back."""
         resolved = resolve(record.plan, self.backends)
-        keys = [f"{d.backend}:{d.name}" for d in record.plan.devices]
+        keys = resolved.device_keys()
         self._lock(keys, record.id)
         migration = IncomingMigration(resolved, record.id, self.journal)
         self.migrations[record.id] = migration

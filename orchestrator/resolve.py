@@ -12,7 +12,13 @@ A device a VMM handed over to the daemon is named by its handle
 ``HandleRegistry`` given, each handle is checked to exist, to belong to the
 plan's VM and to be of the backend's kind.  The backend itself gets the
 descriptor from the same registry when it opens the device
-(``HandleRegistry.open``).
+(``HandleRegistry.open``).  Without a registry (``orchestrator run``, no
+daemon) nothing can be opened by handle: :func:`refuse_handles` says so.
+
+Each device also gets its lock keys from its backend
+(``Backend.device_keys``): what the service locks while a migration uses it.
+Two devices of one plan with a key in common name one real device twice,
+which is refused here.
 
 A plan that passes can still meet a device whose real capabilities differ
 from what the plan implies; the runner applies the same cross-device rules
@@ -29,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.backends import Backend, get_backend
+from orchestrator.backends.handles import NEEDS_DAEMON
 from orchestrator.errors import PlanError, Problem
 from orchestrator.flow import check_capabilities
 from orchestrator.handover import HANDLE_PARAM, HandleRegistry
@@ -47,6 +54,8 @@ class ResolvedDevice:
     #: Capabilities known before opening (None: only the device can tell).
     source_capabilities: Capabilities | None
     destination_capabilities: Capabilities | None
+    #: What the service locks this device by (``Backend.device_keys``).
+    keys: tuple[str, ...] = ()
 
     def handles(self) -> list[str]:
         """The handed-over devices this device's endpoints name, if any."""
@@ -62,6 +71,10 @@ class ResolvedPlan:
     def handles(self) -> list[str]:
         """Every handed-over device the plan names, once each."""
         return list(dict.fromkeys(h for d in self.devices for h in d.handles()))
+
+    def device_keys(self) -> list[str]:
+        """Every device's lock keys, once each: what the service locks for this plan."""
+        return list(dict.fromkeys(k for d in self.devices for k in d.keys))
 
 
 def resolve(
@@ -112,8 +125,11 @@ def resolve(
                 destination=destination,
                 source_capabilities=backend.static_capabilities(source),
                 destination_capabilities=backend.static_capabilities(destination),
+                keys=tuple(backend.device_keys(spec.name, source, destination)),
             )
         )
+    if not problems:
+        problems.extend(_shared_devices(plan, devices))
     if not problems:
         known = {
             d.name: (d.source_capabilities, d.destination_capabilities)
@@ -124,6 +140,38 @@ def resolve(
     if problems:
         raise PlanError(problems)
     return ResolvedPlan(plan=plan, devices=tuple(devices))
+
+
+def _shared_devices(plan: Plan, devices: list[ResolvedDevice]) -> list[Problem]:
+    """Two devices of the plan that name one real device (a key in common)."""
+    index = {spec.name: i for i, spec in enumerate(plan.devices)}
+    first: dict[str, str] = {}
+    problems = []
+    for device in devices:
+        for key in device.keys:
+            other = first.setdefault(key, device.name)
+            if other != device.name:
+                problems.append(
+                    Problem(
+                        f"devices[{index[device.name]}]",
+                        f"device {device.name!r} names the same device as {other!r} "
+                        f"(devices[{index[other]}]): {key}",
+                    )
+                )
+    return problems
+
+
+def refuse_handles(resolved: ResolvedPlan) -> None:
+    """PlanError for every endpoint named by handle: for a process that has no
+    handover socket, so no handed-over device (``orchestrator run``)."""
+    problems = [
+        Problem(f"devices[{i}].{side}.{HANDLE_PARAM}", NEEDS_DAEMON)
+        for i, device in enumerate(resolved.devices)
+        for side, params in (("source", device.source), ("destination", device.destination))
+        if isinstance(getattr(params, HANDLE_PARAM, None), str)
+    ]
+    if problems:
+        raise PlanError(problems)
 
 
 def _backend_params(

@@ -5,10 +5,14 @@ migration logic itself stays in the flow and the runner.  The service owns:
 
 * the migrations in flight, each a ``runner.Migration`` running as a task in
   the service's nursery;
-* the device locks: a device (its backend and name) belongs to at most one
-  unfinished migration, so a second plan naming it is refused (409); so does
-  a device a VMM handed over (its handle, ``orchestrator.handover``), which
-  its VMM cannot take back until that migration ends;
+* the device locks: a device belongs to at most one unfinished migration, so
+  a second plan naming it is refused (409).  A device is locked by the keys
+  its backend gives (``Backend.device_keys``): its backend and plan name for
+  a simulated device, its host-wide identity for a real one (a VFIO device's
+  sysfs directory or handle), so that two plans naming one real device under
+  two names are kept apart too.  A device a VMM handed over (its handle,
+  ``orchestrator.handover``) is also claimed in the handle registry: its VMM
+  cannot take it back until that migration ends;
 * the journal: every migration is recorded before it starts, its commit
   decision is on disk before any destination device runs, its events and
   phases follow in order, and its report when it ends.  Phase changes and
@@ -102,15 +106,18 @@ class MigrationStatus(BaseModel):
 
 
 class DeviceStatus(BaseModel):
-    device: str = Field(description="The device's key: its backend and name.")
+    device: str = Field(
+        description="The device's lock key: its backend and name (simulated), or its backend "
+        "and host-wide identity (vfio: its sysfs path, or handle:<vm>/<device>)."
+    )
     backend: str
     name: str
     migration: str | None = Field(description="The unfinished migration holding it, if any.")
 
 
-def device_keys(plan: Plan) -> list[str]:
-    """How the service names the devices of a plan, for locking."""
-    return [f"{d.backend}:{d.name}" for d in plan.devices]
+def device_keys(resolved: ResolvedPlan) -> list[str]:
+    """How the service names the devices of a plan, for locking (``Backend.device_keys``)."""
+    return resolved.device_keys()
 
 
 #: Queued after a migration's last event: the writer then journals its report.
@@ -248,7 +255,7 @@ class MigrationService:
             if first is not None:
                 return await self.status(first.id), False
         resolved = resolve(plan, self.backends, self.handles)
-        keys = device_keys(plan)
+        keys = device_keys(resolved)
         self._check_free(keys)
         migration_id = uuid.uuid4().hex
         if self.handles is not None:
@@ -350,21 +357,25 @@ class MigrationService:
     def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
         assert self._nursery is not None
         migration = Migration(resolved, migration_id=migration_id, journal=self.journal)
-        entry = self._register(migration, time.time(), keys)
+        entry = self._register(migration, resolved, time.time(), keys)
         self._nursery.start_soon(self._run_one, entry)
         return entry
 
     def _register(
-        self, migration: Migration, created_at: float, keys: builtins.list[str]
+        self,
+        migration: Migration,
+        resolved: ResolvedPlan,
+        created_at: float,
+        keys: builtins.list[str],
     ) -> _Entry:
         """Track a migration: its entry, its devices, its events on their way to the journal."""
         entry = _Entry(migration=migration, created_at=created_at, keys=keys)
         self._entries[migration.id] = entry
-        for spec in migration.plan.devices:
-            key = f"{spec.backend}:{spec.name}"
-            self._known[key] = DeviceStatus(
-                device=key, backend=spec.backend, name=spec.name, migration=None
-            )
+        for device in resolved.devices:
+            for key in device.keys:
+                self._known[key] = DeviceStatus(
+                    device=key, backend=device.backend.name, name=device.name, migration=None
+                )
         migration.observers.append(lambda event: self._journal_send.send_nowait((entry, event)))
         return entry
 
@@ -472,11 +483,11 @@ class MigrationService:
 
     async def _recover_one(self, record: MigrationRecord) -> None:
         resolved = resolve(record.plan, self.backends)
-        keys = device_keys(record.plan)
+        keys = device_keys(resolved)
         for key in keys:
             self._locks[key] = record.id
         migration = Migration(resolved, migration_id=record.id, journal=self.journal)
-        entry = self._register(migration, record.created_at, keys)
+        entry = self._register(migration, resolved, record.created_at, keys)
         try:
             report = await migration.recover(
                 committed=record.committed, interrupted_phase=record.phase

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator import daemon
 from orchestrator.backends.simulated import SimulatedBackend, SimulatedParams
+from orchestrator.backends.vfio import VfioBackend
 from orchestrator.daemon import DaemonError
 from orchestrator.errors import PlanError
 from orchestrator.handover import (
@@ -418,6 +419,9 @@ async def test_the_daemon_serves_the_handover_socket_mode_0600_and_locked(
             partial(daemon.serve, settings("a"), shutdown_trigger=stop.wait)
         )
         assert running.handover_socket == path
+        # One registry: plans' handles are checked against the one backends open from.
+        vfio = running.service.backends["vfio"]
+        assert isinstance(vfio, VfioBackend) and vfio.handles is running.service.handles
         mode = os.lstat(path).st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         client = await in_thread(HandoverClient, path)

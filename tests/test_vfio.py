@@ -31,7 +31,7 @@ import trio
 from pydantic import ValidationError
 
 from orchestrator import cli
-from orchestrator.backends import BACKENDS
+from orchestrator.backends import BACKENDS, backends_for
 from orchestrator.backends import vfio_uapi as uapi
 from orchestrator.backends.vfio import (
     LocateError,
@@ -42,7 +42,10 @@ from orchestrator.backends.vfio import (
     locate,
 )
 from orchestrator.errors import DeviceError, PlanError
+from orchestrator.handover import HandleRegistry
+from orchestrator.journal import Journal
 from orchestrator.resolve import resolve
+from orchestrator.service import DeviceBusy, MigrationService
 from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side, is_arc
 from tests.helpers import make_plan
 
@@ -168,8 +171,12 @@ def test_params_name_exactly_one_device() -> None:
     )
     assert VfioParams(mdev=UUID).iommufd == "auto"
     cases: list[tuple[dict[str, Any], str]] = [
-        ({}, "exactly one of mdev, pci or sysfs (got none)"),
+        ({}, "exactly one of mdev, pci, sysfs or handle (got none)"),
         ({"mdev": UUID, "pci": "0000:3b:00.1"}, "(got mdev and pci)"),
+        ({"handle": "vm1/tty0", "sysfs": "/sys/devices/x"}, "(got sysfs and handle)"),
+        ({"handle": "vm1"}, "'vm1' is not a handle: '<vm>/<device>'"),
+        ({"handle": "vm1/tty0/x"}, "is not a handle"),
+        ({"handle": "/tty0"}, "is not a handle"),
         ({"mdev": "not-a-uuid"}, "'not-a-uuid' is not a UUID"),
         ({"pci": "3b:00:1"}, "is not a PCI address"),
         ({"pci": "0000:3b:20.0"}, "is not a PCI address"),
@@ -270,8 +277,8 @@ def test_plans_are_checked_against_the_devices_present(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as caught:
         resolve(vfio_plan({"mdev": UUID}, {"mdev": UUID, "pci": "0000:3b:00.1"}), backends)
     assert [str(p) for p in caught.value.problems] == [
-        "devices[0].destination: Value error, name the device by exactly one of mdev, pci or "
-        "sysfs (got mdev and pci)"
+        "devices[0].destination: Value error, name the device by exactly one of mdev, pci, "
+        "sysfs or handle (got mdev and pci)"
     ]
     with pytest.raises(PlanError) as caught:
         resolve(vfio_plan({"mdev": UUID, "iommufd": "require"}, {"mdev": UUID}), backends)
@@ -626,3 +633,264 @@ async def test_a_cancelled_read_never_has_its_fd_closed_under_it() -> None:
     assert data_fd not in kernel.open_data_fds() and DEVICE_FD in kernel.closed
     with pytest.raises(DeviceError, match="the device is closed"):
         await device.read(1)
+
+
+# --- devices by handle ----------------------------------------------------------------------
+
+
+def handed_over(kind: str = "vfio", device: str = "tty0") -> tuple[HandleRegistry, int]:
+    """A registry holding /dev/null as ``vm1/<device>``; returns the registry's own fd."""
+    registry = HandleRegistry()
+    registry.register_vm(1, "vm1")
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    registry.hand_over(1, "vm1", device, kind, fd)
+    return registry, fd
+
+
+class HandedKernel(FakeKernel):
+    """The fake kernel's device behind a real descriptor: /dev/null stands for it.
+
+    Device ioctls must come on a descriptor of /dev/null (the backend's duplicate of
+    the handed-over one); the fake device answers them.
+    """
+
+    NULL = os.stat(os.devnull).st_rdev
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device_fds: set[int] = set()
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
+        if request in (uapi.VFIO_DEVICE_FEATURE, uapi.VFIO_DEVICE_RESET):
+            assert os.fstat(fd).st_rdev == self.NULL
+            self.device_fds.add(fd)
+            fd = DEVICE_FD
+        return super().ioctl(fd, request, arg)
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+async def test_a_device_by_handle_works_on_its_own_duplicate() -> None:
+    registry, registry_fd = handed_over()
+    try:
+        kernel = HandedKernel()
+        backend = VfioBackend(syscalls=kernel).with_handles(registry)
+        assert backend.handles is registry
+        device = backend.create("tty0", Side.SOURCE, VfioParams(handle="vm1/tty0"))
+        caps = await device.open()
+        assert caps.flags == ALL_FLAGS
+        assert device.opened_by == "handle" and device.identity == "handle vm1/tty0"
+        # Its own descriptor of the device, not the registry's.
+        (own,) = kernel.device_fds
+        assert own != registry_fd
+        assert os.readlink(f"/proc/self/fd/{own}") == os.devnull
+        await device.set_state(S.RUNNING_P2P)
+        assert await device.get_state() is S.RUNNING_P2P
+        await device.close()
+        assert own in kernel.closed and registry_fd not in kernel.closed
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(own)
+        # The registry (and through it the VMM) keeps the device.
+        os.fstat(registry_fd)
+        assert registry.lookup("vm1/tty0") is not None
+    finally:
+        registry.close_all()
+
+
+async def test_a_handle_that_cannot_be_opened_is_a_device_error_naming_it() -> None:
+    registry, _ = handed_over("vhost_vdpa", "nic0")
+    try:
+        backend = VfioBackend(syscalls=HandedKernel()).with_handles(registry)
+        cases = [
+            (backend, "vm1/tty9", errno.ENODEV, "no device is handed over under this handle"),
+            (backend, "vm1/nic0", errno.EINVAL, "handed over as a vhost_vdpa device, not a vfio"),
+            (VfioBackend(), "vm1/nic0", errno.ENODEV, "need the daemon's handover socket"),
+        ]
+        for owner, handle, err, message in cases:
+            before = open_fds()
+            device = owner.create("tty0", Side.DESTINATION, VfioParams(handle=handle))
+            with pytest.raises(DeviceError) as caught:
+                await device.open()
+            assert f"handle {handle!r}: " in str(caught.value) and message in str(caught.value)
+            assert (caught.value.device, caught.value.operation) == ("tty0", "open")
+            assert caught.value.errno == err
+            await device.close()
+            assert open_fds() == before
+    finally:
+        registry.close_all()
+
+
+def test_the_daemon_s_backends_open_handles_from_its_registry(tmp_path: Path) -> None:
+    registry = HandleRegistry()
+    assert backends_for(None) is BACKENDS
+    in_memory = backends_for(None, handles=registry)
+    vfio = in_memory["vfio"]
+    assert isinstance(vfio, VfioBackend) and vfio.handles is registry
+    assert BACKENDS["vfio"].handles is None  # type: ignore[attr-defined]
+    assert in_memory["simulated"] is BACKENDS["simulated"]
+    persistent = backends_for(tmp_path, handles=registry)
+    assert persistent["simulated"] is not BACKENDS["simulated"]
+    assert persistent["vfio"].handles is registry  # type: ignore[attr-defined]
+
+
+def handle_plan(source: str, destination: str, vm: str = "vm1") -> Any:
+    device = {
+        "name": "tty0",
+        "backend": "vfio",
+        "source": {"handle": source},
+        "destination": {"handle": destination},
+    }
+    return make_plan([device], vm=vm)
+
+
+def test_plans_name_handed_over_devices_by_handle() -> None:
+    registry, _ = handed_over(device="src")
+    try:
+        registry.hand_over(1, "vm1", "dst", "vfio", os.open(os.devnull, os.O_RDWR))
+        registry.hand_over(1, "vm1", "nic0", "vhost_vdpa", os.open(os.devnull, os.O_RDWR))
+        backends = backends_for(None, handles=registry)
+        resolved = resolve(handle_plan("vm1/src", "vm1/dst"), backends, registry)
+        assert resolved.handles() == ["vm1/src", "vm1/dst"]
+        assert resolved.device_keys() == ["vfio:handle:vm1/src", "vfio:handle:vm1/dst"]
+        cases = [
+            (("vm1/src", "vm1/src"), "destination.handle", "the destination is the source"),
+            (("vm1/src", "vm1/nic0"), "destination.handle", "handed over as a vhost_vdpa device"),
+            (("vm1/src", "vm1/gone"), "destination.handle", "no device is handed over as"),
+            (("vm1/src", "vm1"), "destination.handle", "'vm1' is not a handle"),
+        ]
+        for (source, destination), where, message in cases:
+            with pytest.raises(PlanError) as caught:
+                resolve(handle_plan(source, destination), backends, registry)
+            paths = {p.path: p.message for p in caught.value.problems}
+            assert message in paths[f"devices[0].{where}"], paths
+        with pytest.raises(PlanError, match="a device of VM 'vm1', and the plan migrates 'vm2'"):
+            resolve(handle_plan("vm1/src", "vm1/dst", vm="vm2"), backends, registry)
+    finally:
+        registry.close_all()
+
+
+def test_orchestrator_run_refuses_handles_it_cannot_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'vm = "vm1"\ndowntime_limit_ms = 300\n[[devices]]\nname = "tty0"\nbackend = "vfio"\n'
+        'source = { handle = "vm1/src" }\ndestination = { handle = "vm1/dst" }\n'
+    )
+    assert cli.main(["run", str(plan)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "devices[0].source.handle: devices by handle need the daemon's handover socket" in err
+    assert "devices[0].destination.handle: devices by handle need" in err
+    assert "Traceback" not in err
+    # `validate` checks the plan's shape: it is a good plan for a daemon.
+    assert cli.main(["validate", str(plan)]) == cli.EXIT_OK
+
+
+# --- device locks on the host identity ----------------------------------------------------
+
+
+def test_device_keys_are_the_device_s_host_identity(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path)
+    backend = VfioBackend(sysfs_root=root)
+    mdev_dir = root / "devices" / "virtual" / "mtty" / "mtty" / UUID
+    vf_dir = root / "devices" / "pci0000:3a" / "0000:3b:00.1"
+    by_mdev = VfioParams(mdev=UUID)
+    by_path = VfioParams(sysfs=f"/sys/devices/virtual/mtty/mtty/{UUID}")
+    by_pci = VfioParams(pci="3b:00.1")
+    by_pci_path = VfioParams(sysfs="/sys/bus/pci/devices/0000:3b:00.1")
+    assert backend.device_keys("a", by_mdev, by_pci) == [f"vfio:{mdev_dir}", f"vfio:{vf_dir}"]
+    assert backend.device_keys("b", by_path, by_pci_path) == [f"vfio:{mdev_dir}", f"vfio:{vf_dir}"]
+    gone = VfioParams(mdev=str(uuid.UUID(int=1)))
+    assert backend.device_keys("c", VfioParams(handle="vm1/x"), gone) == [
+        "vfio:handle:vm1/x",
+        f"vfio:mdev {uuid.UUID(int=1)}",
+    ]
+    # The simulated backend keeps the plan's name.
+    simulated = BACKENDS["simulated"]
+    params = simulated.params_model.model_validate({})
+    assert simulated.device_keys("gpu0", params, params) == ["simulated:gpu0"]
+
+
+def test_one_plan_naming_one_device_twice_is_refused(tmp_path: Path) -> None:
+    backends = {"vfio": VfioBackend(sysfs_root=fake_sysfs(tmp_path))}
+    devices = [
+        {
+            "name": "a",
+            "backend": "vfio",
+            "source": {"mdev": UUID},
+            "destination": {"pci": "3b:00.1"},
+        },
+        {
+            "name": "b",
+            "backend": "vfio",
+            "source": {"sysfs": "/sys/bus/pci/devices/0000:3b:00.1"},
+            "destination": {"sysfs": f"/sys/bus/mdev/devices/{UUID}"},
+        },
+    ]
+    with pytest.raises(PlanError) as caught:
+        resolve(make_plan(devices), backends)
+    assert [p.path for p in caught.value.problems] == ["devices[1]", "devices[1]"]
+    assert "device 'b' names the same device as 'a' (devices[0]): vfio:" in str(caught.value)
+
+
+class GatedOpen(Syscalls):
+    """Opens wait for the test's gate, then fail: a migration held in its open."""
+
+    def __init__(self, openers: int) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.openers = openers
+        #: Set once ``openers`` opens wait at the gate together.
+        self.all_waiting = trio.Event()
+
+    def open(self, path: Path, flags: int) -> int:
+        with self.lock:
+            self.waiting += 1
+            everyone = self.waiting == self.openers
+        if everyone:
+            trio.from_thread.run_sync(self.all_waiting.set)
+        self.gate.wait(30)
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+async def test_the_service_locks_real_devices_by_host_identity(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path / "host")
+    syscalls = GatedOpen(openers=2)
+    backends = {"vfio": VfioBackend(sysfs_root=root, dev_root=tmp_path / "dev", syscalls=syscalls)}
+    mdev_key = f"vfio:{root / 'devices' / 'virtual' / 'mtty' / 'mtty' / UUID}"
+
+    def plan(vm: str, name: str, source: dict[str, str], destination: dict[str, str]) -> Any:
+        device = {"name": name, "backend": "vfio", "source": source, "destination": destination}
+        return make_plan([device], vm=vm)
+
+    first_plan = plan("vm1", "tty0", {"mdev": UUID}, {"pci": "3b:00.1"})
+    # The same mdev under another name and its sysfs path: the same device.
+    same = plan("vm2", "serial", {"sysfs": f"/sys/bus/mdev/devices/{UUID}"}, {"pci": "3b:00.1"})
+    async with await Journal.open(tmp_path / "state") as journal:
+        service = MigrationService(journal, backends=backends)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            first, _ = await service.submit(first_plan)
+            with trio.fail_after(10):
+                # Both endpoints are being opened, in parallel: the source's slow
+                # group holds up no other group's open.
+                await syscalls.all_waiting.wait()
+            with pytest.raises(DeviceBusy) as busy:
+                await service.submit(same)
+            assert f"{mdev_key} (migration {first.id})" in str(busy.value)
+            listed = {d.device: d for d in service.devices()}
+            assert listed[mdev_key].migration == first.id and listed[mdev_key].name == "tty0"
+            syscalls.gate.set()
+            async for _ in service.follow(first.id):
+                pass
+            assert (await service.status(first.id)).outcome == "failed"
+            # Free again once the first migration ended.
+            again, created = await service.submit(same)
+            assert created
+            async for _ in service.follow(again.id):
+                pass
+            await service.shutdown(grace_s=5)
+            nursery.cancel_scope.cancel()

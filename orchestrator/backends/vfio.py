@@ -8,7 +8,10 @@ UUID), a PCI function bound to ``vfio-pci`` or a vendor variant of it (a VF,
 named by its address), or any device named by its sysfs path.  A plan's
 ``source`` and ``destination`` tables say which, in exactly one of ``mdev``,
 ``pci`` or ``sysfs``; :func:`locate` finds it under ``/sys`` and the plan is
-refused up front, with the field's path, when it is not there.
+refused up front, with the field's path, when it is not there.  Or the plan
+names, with ``handle = "<vm>/<device>"``, a device a VMM handed over to the
+daemon (``orchestrator.backends.handles``): the VMM holds it, its group and
+its container, and the backend works on a duplicate of its descriptor.
 
 The device is opened one of two ways, as the kernel offers:
 
@@ -26,8 +29,9 @@ The device is opened one of two ways, as the kernel offers:
   takes it when the kernel offers the cdev, ``"never"`` never does,
   ``"require"`` refuses a device without it.
 
-or it is handed over already open (:meth:`VfioDevice.from_fd`): the backend
-duplicates the descriptor and owns only its duplicate.
+or it is handed over already open: by handle from the daemon's registry,
+or by a caller holding it (:meth:`VfioDevice.from_fd`).  Either way the
+backend duplicates the descriptor and owns only its duplicate.
 
 Migration follows ``include/uapi/linux/vfio.h``: capabilities from
 ``VFIO_DEVICE_FEATURE_MIGRATION`` (and probes of ``MIG_DATA_SIZE`` and
@@ -112,7 +116,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from orchestrator.backends import vfio_uapi as uapi
 from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.backends.handles import check_handle, handle_key, open_handle
 from orchestrator.errors import DeviceError, Problem
+from orchestrator.handover import HandleRegistry
 from orchestrator.states import SAVING_STATES, Capabilities, DeviceState, MigrationFlags, Side
 
 __all__ = [
@@ -170,10 +176,16 @@ class VfioParams(BaseModel):
         default=None,
         description="The device's sysfs path: /sys/bus/<bus>/devices/<name> or /sys/devices/...",
     )
+    handle: str | None = Field(
+        default=None,
+        description="A device a VMM handed over to the daemon's handover socket, as "
+        "'<vm>/<device>' (only through the daemon: `orchestrator serve`).",
+    )
     iommufd: Literal["auto", "never", "require"] = Field(
         default="auto",
         description="Open the device through its VFIO cdev and iommufd: auto when the kernel "
-        "offers the cdev, never (always the IOMMU group and a type1v2 container), or require.",
+        "offers the cdev, never (always the IOMMU group and a type1v2 container), or require.  "
+        "Ignored for a handle: the VMM opened that device.",
     )
 
     @field_validator("mdev")
@@ -213,18 +225,31 @@ class VfioParams(BaseModel):
             )
         return path
 
+    _handle = field_validator("handle")(check_handle)
+
     @model_validator(mode="after")
     def _one_address(self) -> VfioParams:
-        given = [name for name in ("mdev", "pci", "sysfs") if getattr(self, name) is not None]
+        given = [name for name in _ADDRESS_FIELDS if getattr(self, name) is not None]
         if len(given) != 1:
             which = " and ".join(given) if given else "none"
-            raise ValueError(f"name the device by exactly one of mdev, pci or sysfs (got {which})")
+            raise ValueError(
+                f"name the device by exactly one of mdev, pci, sysfs or handle (got {which})"
+            )
         return self
 
     @property
     def address_field(self) -> str:
         """The field that names the device."""
-        return "mdev" if self.mdev else ("pci" if self.pci else "sysfs")
+        return next(name for name in _ADDRESS_FIELDS if getattr(self, name) is not None)
+
+    @property
+    def address(self) -> str:
+        """How messages name the device before it is found: ``"mdev <uuid>"`` and the like."""
+        field_name = self.address_field
+        return f"{field_name} {getattr(self, field_name)}"
+
+
+_ADDRESS_FIELDS = ("mdev", "pci", "sysfs", "handle")
 
 
 # --- finding a device in sysfs --------------------------------------------------------------
@@ -261,8 +286,14 @@ def _host_path(sysfs_root: Path, path: str) -> Path:
 
 
 def locate(params: VfioParams, sysfs_root: Path = Path("/sys")) -> DeviceLocation:
-    """Find the device ``params`` names; LocateError naming the field if it is not there."""
+    """Find the device ``params`` names; LocateError naming the field if it is not there.
+
+    A handle names no place in sysfs: the VMM that handed the device over knows it,
+    the daemon only holds its descriptor (a ValueError: callers check first).
+    """
     where = params.address_field
+    if params.handle is not None:
+        raise ValueError(f"{params.address} is handed over, not found in sysfs")
     if params.mdev is not None:
         identity = f"mdev {params.mdev}"
         link = sysfs_root / "bus" / "mdev" / "devices" / params.mdev
@@ -390,6 +421,9 @@ class _Registry:
         self._lock = threading.Lock()
         self._groups: dict[tuple[str, int], _Group] = {}
         self._devices: set[str] = set()
+        #: One lock per group, held while it is opened or closed: a group whose
+        #: open is slow holds up only the devices of that group.
+        self._group_locks: dict[tuple[str, int], threading.Lock] = {}
 
     def claim(self, key: str) -> bool:
         with self._lock:
@@ -402,25 +436,36 @@ class _Registry:
         with self._lock:
             self._devices.discard(key)
 
+    def _group_lock(self, key: tuple[str, int]) -> threading.Lock:
+        with self._lock:
+            return self._group_locks.setdefault(key, threading.Lock())
+
     def acquire(self, dev_root: Path, number: int, opener: Callable[[], _Group]) -> _Group:
         key = (str(dev_root), number)
-        with self._lock:
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = opener()
-            group.users += 1
-            return group
+        with self._group_lock(key):
+            with self._lock:
+                group = self._groups.get(key)
+                if group is not None:
+                    group.users += 1
+                    return group
+            group = opener()  # outside the registry's lock: it may block in the kernel
+            with self._lock:
+                group.users += 1
+                self._groups[key] = group
+                return group
 
     def release(self, group: _Group) -> None:
-        with self._lock:
-            group.users -= 1
-            if group.users > 0:
-                return
-            self._groups.pop(group.key, None)
-        # Closing the group fd detaches it from its container; then the container goes.
-        for fd in (group.group_fd, group.container_fd):
-            with contextlib.suppress(OSError):
-                group.syscalls.close(fd)
+        with self._group_lock(group.key):
+            with self._lock:
+                group.users -= 1
+                if group.users > 0:
+                    return
+                self._groups.pop(group.key, None)
+            # Closing the group fd detaches it from its container; then the container
+            # goes.  Under the group's lock: an open of it waits until it is closed.
+            for fd in (group.group_fd, group.container_fd):
+                with contextlib.suppress(OSError):
+                    group.syscalls.close(fd)
 
 
 _REGISTRY = _Registry()
@@ -455,6 +500,7 @@ class VfioDevice(Device):
         syscalls: Syscalls = REAL_SYSCALLS,
         handed_fd: int | None = None,
         identity: str | None = None,
+        handles: HandleRegistry | None = None,
     ) -> None:
         super().__init__(name, side)
         if (params is None) == (handed_fd is None):
@@ -463,15 +509,15 @@ class VfioDevice(Device):
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self.syscalls = syscalls
+        #: Where a device named by handle is opened from (the daemon's registry).
+        self.handles = handles
         #: How messages name the device on this host.
         self.identity = identity or (
-            f"{params.address_field} {getattr(params, params.address_field)}"
-            if params is not None
-            else f"device fd {handed_fd}"
+            params.address if params is not None else f"device fd {handed_fd}"
         )
         #: The device's host-wide identity (its sysfs directory) once opened by address.
         self.host_key: str | None = None
-        #: How it was opened: "group", "iommufd" or "fd".
+        #: How it was opened: "group", "iommufd", "handle" or "fd".
         self.opened_by: str | None = None
         self.capabilities: Capabilities | None = None
 
@@ -526,6 +572,16 @@ class VfioDevice(Device):
     # -- the Device interface --
 
     async def open(self) -> Capabilities:
+        handle = self.params.handle if self.params is not None else None
+        if handle is not None:
+            # The registry is single-threaded trio code: the duplicate is taken
+            # here, in the trio thread, and is this device's from now on.
+            with self._lock:
+                fresh = not (self._opened or self._closed) and self._device_fd < 0
+            if fresh:
+                fd = open_handle(self.handles, handle, kind=self.backend, device=self.name)
+                with self._lock:
+                    self._device_fd = fd
         return await self._in_thread("open", self._open_blocking)
 
     async def get_state(self) -> DeviceState:
@@ -702,7 +758,8 @@ class VfioDevice(Device):
             if self._device_fd < 0:
                 self._open_by_address()
             else:
-                self.opened_by = "fd"
+                handed = self.params is not None and self.params.handle is not None
+                self.opened_by = "handle" if handed else "fd"
             caps = self._query_capabilities()
             self._state = self._read_state()
         except BaseException:
@@ -1104,13 +1161,19 @@ class VfioBackend(Backend):
         sysfs_root: Path = Path("/sys"),
         dev_root: Path = Path("/dev"),
         syscalls: Syscalls = REAL_SYSCALLS,
+        handles: HandleRegistry | None = None,
     ) -> None:
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self.syscalls = syscalls
+        #: The daemon's handed-over devices; None outside the daemon (no handles then).
+        self.handles = handles
 
     def __repr__(self) -> str:
         return f"<VfioBackend sysfs={self.sysfs_root} dev={self.dev_root}>"
+
+    def with_handles(self, handles: HandleRegistry) -> VfioBackend:
+        return VfioBackend(self.sysfs_root, self.dev_root, self.syscalls, handles)
 
     def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
         # The address is per host and never inherited; the way to open it is.
@@ -1120,6 +1183,8 @@ class VfioBackend(Backend):
         problems: list[Problem] = []
         found: dict[str, DeviceLocation] = {}
         for where, params in (("source", _params(source)), ("destination", _params(destination))):
+            if params.handle is not None:
+                continue  # the daemon's registry vouches for it (resolve checks it there)
             try:
                 location = locate(params, self.sysfs_root)
             except LocateError as exc:
@@ -1142,7 +1207,31 @@ class VfioBackend(Backend):
                     f"the destination is the source device itself ({found['source'].identity})",
                 )
             )
+        handle = _params(source).handle
+        if handle is not None and handle == _params(destination).handle:
+            problems.append(
+                Problem(
+                    "destination.handle",
+                    f"the destination is the source device itself (handle {handle!r})",
+                )
+            )
         return problems
+
+    def device_keys(self, name: str, source: BaseModel, destination: BaseModel) -> list[str]:
+        """Each endpoint's host-wide identity: its sysfs directory, symlinks resolved
+        (an mdev, a PCI address and a sysfs path naming one device give one key), or
+        its handle.  A device that cannot be found (it vanished since the plan was
+        checked) is keyed by its address as the plan gives it."""
+        keys = []
+        for params in (_params(source), _params(destination)):
+            if params.handle is not None:
+                keys.append(handle_key(self.name, params.handle))
+                continue
+            try:
+                keys.append(f"{self.name}:{locate(params, self.sysfs_root).sysfs}")
+            except LocateError:
+                keys.append(f"{self.name}:{params.address}")
+        return keys
 
     def create(self, name: str, side: Side, params: BaseModel) -> VfioDevice:
         return VfioDevice(
@@ -1152,6 +1241,7 @@ class VfioBackend(Backend):
             sysfs_root=self.sysfs_root,
             dev_root=self.dev_root,
             syscalls=self.syscalls,
+            handles=self.handles,
         )
 
     def adopt_fd(

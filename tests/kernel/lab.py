@@ -15,7 +15,11 @@ under test: :class:`MttyHandle` opens the device's group and container
 with the uAPI numbers of ``orchestrator.backends.vfio_uapi`` and reads and
 writes the BAR at the offset ``VFIO_DEVICE_GET_REGION_INFO`` gives.  A
 group can be opened once, so a handle must be closed before anything else
-(``orchestrator run``) opens the device.
+(``orchestrator run``) opens the device, unless the handle is the VMM that
+lends the device to the daemon (``tests/kernel/test_handover.py``).
+
+:class:`Daemon` runs ``orchestrator serve`` in the guest, and
+:func:`vmm_stand_in` is a ``[vmm]`` command whose pause a test can hold.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from orchestrator.backends import vfio_uapi as uapi
 from orchestrator.states import DeviceState
@@ -148,9 +156,14 @@ class MttyHandle:
         assert os.pwrite(self.fd, bytes([value]), self.bar(port).offset + register) == 1
 
     def state(self) -> DeviceState:
-        buf = uapi.mig_state_request(uapi.FeatureOp.GET)
-        fcntl.ioctl(self.fd, uapi.VFIO_DEVICE_FEATURE, buf, True)
-        return DeviceState(uapi.mig_state_result(buf)[0])
+        return device_state(self.fd)
+
+
+def device_state(fd: int) -> DeviceState:
+    """The migration state of the VFIO device open as ``fd``."""
+    buf = uapi.mig_state_request(uapi.FeatureOp.GET)
+    fcntl.ioctl(fd, uapi.VFIO_DEVICE_FEATURE, buf, True)
+    return DeviceState(uapi.mig_state_result(buf)[0])
 
 
 @dataclass(frozen=True)
@@ -264,11 +277,138 @@ class RunResult:
         return data
 
 
+def _command() -> list[str]:
+    exe = shutil.which("orchestrator")
+    return [exe] if exe else [sys.executable, "-m", "orchestrator"]
+
+
 def orchestrator(*args: str | Path, timeout: float = 120) -> RunResult:
     """``orchestrator ARGS`` as a user runs it."""
-    exe = shutil.which("orchestrator")
-    command = [exe] if exe else [sys.executable, "-m", "orchestrator"]
     proc = subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+        [*_command(), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
     )
     return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- the daemon, and a VMM beside it -------------------------------------------------------
+
+#: Starting a Python process costs about 14 s under TCG: a test module starts one daemon.
+DAEMON_START_S = 180
+
+
+class Daemon:
+    """``orchestrator serve`` in the guest, with its API and handover sockets under ``root``.
+
+    ``root`` must be short: Unix socket paths hold at most 107 bytes.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = "lab-" + uuid.uuid4().hex
+        self.api_socket = root / "api.sock"
+        self.handover_socket = root / "handover.sock"
+        self.log = root / "daemon.log"
+        self.config = root / "orchestrator.toml"
+        tokens = root / "tokens"
+        tokens.write_text(self.token + "\n")
+        tokens.chmod(0o600)
+        self.config.write_text(
+            f'state_dir = "{root / "state"}"\n'
+            f'handover_socket = "{self.handover_socket}"\n'
+            "shutdown_grace_s = 10\n"
+            f'[api]\nunix_socket = "{self.api_socket}"\ntoken_file = "{tokens}"\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # The lab's own ORCHESTRATOR_* variables would be read as settings (and refused).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*_command(), "--log-format", "json", "serve", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + DAEMON_START_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the daemon exited {self.proc.returncode}:\n{self.logs()}")
+            if self.api_socket.exists():
+                with self.api() as api:
+                    try:
+                        if api.get("/readyz").status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+            time.sleep(0.2)
+        raise AssertionError(f"the daemon was not ready in {DAEMON_START_S} s:\n{self.logs()}")
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.api_socket)),
+            base_url="http://orchestrator",
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=60,
+        )
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the daemon ignored SIGTERM:\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-20000:]
+
+    def wait_outcome(self, api: httpx.Client, migration_id: str, timeout_s: float = 120) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            response = api.get(f"/v1/migrations/{migration_id}")
+            assert response.status_code == 200, response.text
+            status = response.json()
+            if status["outcome"] is not None:
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"migration {migration_id} did not end in {timeout_s} s")
+
+
+_VMM_SCRIPT = """#!/bin/sh
+# A VMM stand-in for a plan's [vmm] command: DIR VERB.  Its vCPUs are paused while
+# DIR/paused exists.  "pause" waits for DIR/go, the test's gate: a migration is held
+# there, in flight, for as long as the test wants.
+dir=$1
+case $2 in
+    pause)
+        : >"$dir/pausing"
+        while [ ! -e "$dir/go" ]; do sleep 0.05; done
+        : >"$dir/paused" ;;
+    resume) rm -f "$dir/paused" ;;
+    status) if [ -e "$dir/paused" ]; then echo paused; else echo running; fi ;;
+    *) echo "unknown verb: $2" >&2; exit 2 ;;
+esac
+"""
+
+
+def vmm_stand_in(directory: Path, *, running: bool) -> list[str]:
+    """A plan's ``[vmm]`` command for one side: a VM whose vCPUs run or are paused."""
+    directory.mkdir(parents=True)
+    script = directory / "vmm.sh"
+    script.write_text(_VMM_SCRIPT)
+    if not running:
+        (directory / "paused").touch()
+    return ["/bin/sh", str(script), str(directory)]
+
+
+def wait_for(path: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout_s} s"
+        time.sleep(0.05)
