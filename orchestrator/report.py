@@ -61,6 +61,15 @@ class DeviceReport(BaseModel):
             "the downtime it would cause alone."
         ),
     )
+    backend_timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "The backend's own steps, in ms, by side and step, where the backend reports "
+            "them: for vhost_vdpa source_suspend, source_state_read, destination_restore, "
+            "destination_start (DRIVER_OK, suspend, ring enable) and destination_resume, "
+            "the device's share of the downtime."
+        ),
+    )
     destination_capabilities: dict[str, Any] | None = Field(
         None,
         description=(

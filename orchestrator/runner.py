@@ -1372,6 +1372,11 @@ class Migration:
                     stats.source_digest = await self.sources[name].state_digest()
                 if name in self.destinations:
                     stats.destination_digest = await self.destinations[name].state_digest()
+        timings: dict[str, float] = {}
+        for side, devices in ((Side.SOURCE, self.sources), (Side.DESTINATION, self.destinations)):
+            if name in devices:
+                for step, ms in devices[name].timings().items():
+                    timings[f"{side.value}_{step}"] = ms
         return DeviceReport(
             name=name,
             backend=backend,
@@ -1381,6 +1386,7 @@ class Migration:
             destination_reset=dst_reset,
             bytes_precopy=stats.bytes_precopy,
             bytes_stopcopy=stats.bytes_stopcopy,
+            backend_timings_ms=timings,
             source_digest=stats.source_digest,
             destination_digest=stats.destination_digest,
             barrier=barrier,

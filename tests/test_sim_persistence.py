@@ -584,7 +584,9 @@ def test_backends_for_a_state_dir(tmp_path: Path) -> None:
     assert backend.state_dir == tmp_path
     assert cast(SimulatedBackend, get_backend("simulated")).state_dir is None
     assert get_backend("vfio", backends) is get_backend("vfio")  # no state of its own
-    with pytest.raises(PlanError, match=r"unknown backend 'vdpa' \(available: simulated, vfio\)"):
+    with pytest.raises(
+        PlanError, match=r"unknown backend 'vdpa' \(available: simulated, vfio, vhost_vdpa\)"
+    ):
         get_backend("vdpa", backends)
 
     plan = make_plan([sim_device("gpu0")])

@@ -1158,7 +1158,9 @@ def test_registry() -> None:
     assert isinstance(backend, SimulatedBackend)
     assert isinstance(backend, Backend)
     assert BACKENDS["simulated"] is backend
-    with pytest.raises(PlanError, match=r"unknown backend 'vfoi' \(available: simulated, vfio\)"):
+    with pytest.raises(
+        PlanError, match=r"unknown backend 'vfoi' \(available: simulated, vfio, vhost_vdpa\)"
+    ):
         get_backend("vfoi")
 
 

@@ -10,6 +10,10 @@ files under its state directory and so survive a crash of the daemon.
 
 ``vfio`` drives real devices through the kernel's VFIO migration uAPI
 (``orchestrator.backends.vfio``); it has no state of its own to keep.
+``vhost_vdpa`` drives vDPA devices a VMM owns, through the descriptor it
+hands over and its owner channel (``orchestrator.backends.vhost_vdpa``).  The
+daemon's registry is also bound to its ``HandleRegistry``, so that plans may
+name devices a VMM handed over by handle (``orchestrator.backends.handles``).
 """
 
 from __future__ import annotations
@@ -21,30 +25,37 @@ from types import MappingProxyType
 from orchestrator.backends.base import Backend, Device, PrecopyInfo
 from orchestrator.backends.simulated import SimulatedBackend
 from orchestrator.backends.vfio import VfioBackend
+from orchestrator.backends.vhost_vdpa import VhostVdpaBackend
 from orchestrator.errors import PlanError
+from orchestrator.handover import HandleRegistry
 
 __all__ = ["BACKENDS", "Backend", "Device", "PrecopyInfo", "backends_for", "get_backend"]
 
 BACKENDS: Mapping[str, Backend] = MappingProxyType(
-    {backend.name: backend for backend in (SimulatedBackend(), VfioBackend())}
+    {backend.name: backend for backend in (SimulatedBackend(), VfioBackend(), VhostVdpaBackend())}
 )
 
 
-def backends_for(state_dir: Path | None) -> Mapping[str, Backend]:
+def backends_for(
+    state_dir: Path | None, *, handles: HandleRegistry | None = None
+) -> Mapping[str, Backend]:
     """The registry for a process whose state lives in ``state_dir``.
 
-    ``None`` is :data:`BACKENDS` itself (in-memory simulated devices).  With a
-    directory, the simulated backend keeps each device in a file under
-    ``state_dir/simulated/``, as hardware outlives the process driving it.
+    ``None`` and no ``handles`` is :data:`BACKENDS` itself (in-memory simulated
+    devices).  With a directory, the simulated backend keeps each device in a
+    file under ``state_dir/simulated/``, as hardware outlives the process
+    driving it.  With ``handles`` (the daemon's registry of handed-over
+    devices), every backend that takes devices by handle opens them from it
+    (``Backend.with_handles``).
     """
-    if state_dir is None:
+    if state_dir is None and handles is None:
         return BACKENDS
-    return MappingProxyType(
-        {
-            backend.name: backend
-            for backend in (SimulatedBackend(Path(state_dir)), BACKENDS[VfioBackend.name])
-        }
-    )
+    registry = dict(BACKENDS)
+    if state_dir is not None:
+        registry[SimulatedBackend.name] = SimulatedBackend(Path(state_dir))
+    if handles is not None:
+        registry = {name: backend.with_handles(handles) for name, backend in registry.items()}
+    return MappingProxyType(registry)
 
 
 def get_backend(name: str, backends: Mapping[str, Backend] | None = None) -> Backend:

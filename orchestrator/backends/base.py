@@ -29,12 +29,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
 from orchestrator.errors import Problem
 from orchestrator.states import Capabilities, DeviceState, Side
+
+if TYPE_CHECKING:
+    from orchestrator.handover import HandleRegistry
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,14 @@ class Device(abc.ABC):
         """
         return None
 
+    def timings(self) -> Mapping[str, float]:
+        """Where this endpoint's backend spent its time, in ms, by step (for the report).
+
+        Backends whose own steps dominate the downtime say so here (vhost_vdpa:
+        suspend, state_read, restore, start, resume); the default is nothing.
+        """
+        return {}
+
 
 class Backend(abc.ABC):
     """How plans name, validate and create the devices of one backend."""
@@ -123,6 +134,27 @@ class Backend(abc.ABC):
     def check_pair(self, source: BaseModel, destination: BaseModel) -> list[Problem]:
         """Problems that make this source/destination pair unable to migrate."""
         return []
+
+    def device_keys(self, name: str, source: BaseModel, destination: BaseModel) -> list[str]:
+        """The names the service locks this device by while a migration uses it.
+
+        Two plans whose devices share a key cannot run at once (the second is
+        refused as busy).  The default is the plan's own name for the device,
+        ``"<backend>:<name>"``, which suits devices that exist only by that name
+        (simulated ones).  A backend of real devices returns their host-wide
+        identities instead (a sysfs path, a handle), so that one device named
+        differently by two plans is still one device.
+        """
+        return [f"{self.name}:{name}"]
+
+    def with_handles(self, handles: HandleRegistry) -> Backend:
+        """This backend, able to open devices VMMs handed over to ``handles``.
+
+        The default is the backend itself: it takes no handed-over devices.
+        A backend whose parameters accept ``handle`` returns a copy bound to the
+        registry (see ``orchestrator.backends.handles``).
+        """
+        return self
 
     @abc.abstractmethod
     def create(self, name: str, side: Side, params: BaseModel) -> Device:

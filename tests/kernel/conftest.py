@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.kernel.lab import Lab, Mdevs
+from tests.kernel.vdpa_vmm import VdpaDevices, load_vdpa_modules
 
 HERE = Path(__file__).resolve().parent
 SKIP_REASON = "runs inside the kernel lab guest: scripts/kernel-lab.sh test"
@@ -81,6 +83,27 @@ def lab() -> Lab:
 def mdevs(lab: Lab) -> Iterator[Mdevs]:
     """Creates mtty devices for one test and removes them after it."""
     made = Mdevs(lab)
+    try:
+        yield made
+    finally:
+        made.remove_all()
+
+
+@pytest.fixture(scope="session")
+def vdpa_lab() -> Path:
+    """The guest with vhost_vdpa, vduse and the lab's vdpa_sim_net loaded."""
+    root = os.environ.get("ORCHESTRATOR_KERNEL_LAB")
+    assert root, "the vdpa_lab fixture runs only in the guest"
+    if shutil.which("vdpa") is None:
+        pytest.skip("the vdpa tool (iproute2) is missing: it creates the vDPA devices")
+    load_vdpa_modules(Path(root))
+    return Path(root)
+
+
+@pytest.fixture
+def vdpa_devices(vdpa_lab: Path) -> Iterator[VdpaDevices]:
+    """Creates vDPA devices for one test and deletes them after it."""
+    made = VdpaDevices()
     try:
         yield made
     finally:
