@@ -91,7 +91,10 @@ async def test_migrations_over_a_shaped_link_and_a_cut_one(
         report = status["report"]
         assert status["outcome"] == "succeeded", report
         measured = report["precopy"]["bandwidth_mib_s"]
-        assert measured is not None and measured <= RATE_MBIT / 8 * 1.05, report["precopy"]
+        # Measured at the source as bytes handed to the socket over busy time: the
+        # kernel's socket buffers (a few hundred KiB) let it overshoot the link a
+        # little on 2 MiB, never by much.
+        assert measured is not None and measured <= RATE_MBIT / 8 * 1.3, report["precopy"]
         stopcopy = sum(d["bytes_stopcopy"] for d in report["devices"])
         floor_ms = stopcopy * 8 / (RATE_MBIT * 1e6) * 1000 + 2 * 2 * DELAY_MS
         assert report["downtime_ms"] >= floor_ms, (report["downtime_ms"], floor_ms)
