@@ -8,9 +8,9 @@ TCP).  For each size and connection count, the same bytes in the same
   connection on each side; no framing, no checksum, no authentication;
 * channel: ``open_channel`` with one device per connection, the source
   sending with ``StreamSender.send`` and ``end``, the destination reading
-  with ``receive_buffer`` (or ``receive`` with ``--receive bytes``, which
-  copies each chunk into ``bytes`` as the runner asks today), and
-  acknowledging each device after its end.
+  with ``receive_lent`` (the pool buffer the kernel received into, as the
+  runner's device writes take it), and acknowledging each device after
+  its end.
 
 Each timing starts once the connections are open (authentication is not
 counted, as the plain copy has none) and stops when the destination has
@@ -94,7 +94,7 @@ async def _channel_destination(control: Connection, connections: int, secret: by
 
         async def load(device: str) -> None:
             receiver = channel.receiver(device)
-            while await receiver.receive() is not None:
+            while await receiver.receive_lent() is not None:
                 pass
             await channel.acknowledge(device)
 

@@ -543,7 +543,7 @@ class IncomingMigration:
         e = self.endpoints[name]
         receiver = self._link.receiver(name)
         while True:
-            chunk = await receiver.receive()
+            chunk = await receiver.receive_lent()
             if chunk is None:
                 break
             failure: DeviceError | None = None
@@ -613,7 +613,7 @@ class IncomingMigration:
             }
         )
         with contextlib.suppress(PeerError):
-            while await receiver.receive_buffer() is not None:
+            while await receiver.receive_lent() is not None:
                 pass
 
     def _start_vote_record(self) -> None:

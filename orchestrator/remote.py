@@ -44,7 +44,7 @@ import httpx
 import structlog
 import trio
 
-from orchestrator.backends.base import Device, PrecopyInfo
+from orchestrator.backends.base import Device, PrecopyInfo, StreamChunk
 from orchestrator.errors import DeviceError, PeerError, PlanError
 from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
@@ -509,7 +509,7 @@ class RemoteDevice(Device):
     async def read(self, max_bytes: int) -> bytes:
         raise DeviceError("a destination device is not read", device=self.name, operation="read")
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: StreamChunk) -> None:
         raise DeviceError(
             "the destination daemon writes its devices itself", device=self.name, operation="write"
         )

@@ -902,7 +902,7 @@ class Migration:
         try:
             while True:
                 try:
-                    chunk = await receiver.receive()
+                    chunk = await receiver.receive_lent()
                 except PeerError as exc:
                     raise self._fail(Side.DESTINATION, name, "receive", exc) from None
                 if chunk is None:

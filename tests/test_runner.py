@@ -13,6 +13,7 @@ import structlog
 import trio
 import trio.testing
 
+from orchestrator.backends.base import StreamChunk
 from orchestrator.flow import Phase
 from orchestrator.resolve import ResolvedDevice, ResolvedPlan
 from orchestrator.runner import Migration
@@ -92,7 +93,7 @@ async def test_destination_loads_while_the_stream_arrives(autojump_clock: Any) -
             return
         original = dst.write
 
-        async def write(data: bytes) -> None:
+        async def write(data: StreamChunk) -> None:
             writes.append(trio.current_time())
             await original(data)
 

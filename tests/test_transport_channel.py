@@ -102,6 +102,70 @@ async def test_many_devices_arrive_byte_exact_with_acks_and_control_both_ways(
         assert all(dest.receiver(d).bytes_received == len(data[d]) for d in devices)
 
 
+async def test_lent_pieces_are_the_pool_buffers_reused_unless_a_view_is_kept() -> None:
+    """``receive_lent`` lends the buffer the kernel received into and takes it
+    back at the next call; a view still held then keeps its bytes for good."""
+    secret = new_secret()
+    pieces = [os.urandom(1 << 20) for _ in range(40)]  # more than a pool holds
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-p", secret, ["gpu0"])
+        async with open_channel(address, "mig-p", secret, ["gpu0"]) as src:
+
+            async def send() -> None:
+                for piece in pieces:
+                    await src.sender("gpu0").send(piece)
+                await src.sender("gpu0").end()
+
+            receiver = dest.receiver("gpu0")
+            got = bytearray()
+            buffers: set[int] = set()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                first = await receiver.receive_lent()
+                assert first is not None and first.readonly is False
+                kept = first[:4096]  # held past the next call: never to be overwritten
+                kept_bytes = bytes(kept)
+                got += first
+                while (view := await receiver.receive_lent()) is not None:
+                    assert isinstance(view.obj, bytearray)
+                    buffers.add(id(view.obj))
+                    got += view
+                    previous = view
+                with pytest.raises(ValueError, match="released"):
+                    previous[0]  # given back: released, not readable any more
+            assert bytes(got) == b"".join(pieces)
+            assert bytes(kept) == kept_bytes
+            # 40 pieces through a handful of buffers: reused, not one per piece.
+            assert len(buffers) < 30
+
+
+async def test_receive_returns_bytes_of_its_own() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-q", secret, ["gpu0"])
+        async with open_channel(address, "mig-q", secret, ["gpu0"]) as src:
+            await pour(src.sender("gpu0"), b"abc" * 1000, 1000)
+            chunk = await dest.receiver("gpu0").receive()
+            assert isinstance(chunk, bytes) and chunk == (b"abc" * 1000)[: len(chunk)]
+
+
+async def test_a_flood_of_unread_control_messages_fails_the_channel() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-r", secret, ["gpu0"])
+        async with open_channel(address, "mig-r", secret, ["gpu0"]) as src:
+
+            async def flood() -> None:
+                with trio.fail_after(20):
+                    for n in range(100_000):
+                        await src.send_control({"n": n})
+
+            with pytest.raises(PeerError):
+                await flood()
+            with pytest.raises(PeerError, match="CONTROL messages unread"):
+                await dest.receive_control()
+
+
 async def test_parallel_connections_default_to_one_per_device_up_to_four() -> None:
     assert [default_connections(n) for n in (0, 1, 3, 4, 9)] == [1, 1, 3, 4, 4]
     secret = new_secret()
@@ -230,13 +294,16 @@ async def proxy(
         server = await trio.open_tcp_stream(*target)
 
         async def upstream() -> None:
+            # Like a network path, each direction on its own: a server that
+            # stops reading does not stop what it sends from reaching the client.
             offset = 0
-            while chunk := await client.receive_some(65536):
-                buf = bytearray(chunk)
-                tamper(offset, buf)
-                offset += len(buf)
-                await server.send_all(bytes(buf))
-            await server.send_eof()
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await client.receive_some(65536):
+                    buf = bytearray(chunk)
+                    tamper(offset, buf)
+                    offset += len(buf)
+                    await server.send_all(bytes(buf))
+                await server.send_eof()
 
         async def downstream() -> None:
             while chunk := await server.receive_some(65536):

@@ -36,6 +36,9 @@ from pydantic import BaseModel
 from orchestrator.errors import Problem
 from orchestrator.states import Capabilities, DeviceState, Side
 
+#: A chunk of a migration stream as a device's ``write`` gets it: lent for the call.
+StreamChunk = bytes | bytearray | memoryview
+
 if TYPE_CHECKING:
     from orchestrator.handover import HandleRegistry
 
@@ -80,8 +83,12 @@ class Device(abc.ABC):
         """Up to ``max_bytes`` of the migration stream; ``b""``: nothing more now."""
 
     @abc.abstractmethod
-    async def write(self, data: bytes) -> None:
-        """Load the next bytes of the migration stream (RESUMING only)."""
+    async def write(self, data: StreamChunk) -> None:
+        """Load the next bytes of the migration stream (RESUMING only).
+
+        ``data`` is lent for the call: it may be a view of a buffer the data
+        channel reuses once ``write`` returns, so a device copies what it keeps.
+        """
 
     @abc.abstractmethod
     async def precopy_info(self) -> PrecopyInfo:

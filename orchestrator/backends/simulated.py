@@ -214,7 +214,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.states import (
     RUNNING_STATES,
@@ -654,7 +654,7 @@ class _PageDigests:
         return hashlib.sha256(self.digests).digest()
 
 
-def _flip(data: bytes, index: int) -> bytes:
+def _flip(data: StreamChunk, index: int) -> bytes:
     corrupted = bytearray(data)
     corrupted[index] ^= 0xFF
     return bytes(corrupted)
@@ -817,11 +817,11 @@ class _Loader:
         self.end: tuple[int, bytes] | None = None  # (mutation count, state digest)
         self.poison: str | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: StreamChunk) -> None:
         if self.poison is not None:
             raise _BadStream(self.poison)
         self.received += len(data)
-        source: bytes | bytearray = data
+        source: StreamChunk = data
         if self.inbuf:
             self.inbuf += data
             source = self.inbuf
@@ -1426,7 +1426,7 @@ class SimulatedDevice(Device):
             raise
         return data
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: StreamChunk) -> None:
         rate = self._drain_bytes_s if data else None  # the drain delay is the checkpoint
         if rate is None:
             await _checkpoint()

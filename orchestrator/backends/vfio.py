@@ -115,7 +115,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.backends import vfio_uapi as uapi
-from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.handover import HandleRegistry
@@ -615,7 +615,7 @@ class VfioDevice(Device):
             stream.nbytes += len(data)
         return data
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: StreamChunk) -> None:
         self._check_open("write(data_fd)")
         stream, state = self._stream, self._state
         if stream is None or state is not DeviceState.RESUMING:
@@ -1052,7 +1052,7 @@ class VfioDevice(Device):
             stream.ended = True
         return data
 
-    def _write_blocking(self, cancel: threading.Event, stream: _Stream, data: bytes) -> None:
+    def _write_blocking(self, cancel: threading.Event, stream: _Stream, data: StreamChunk) -> None:
         operation = "write(data_fd)"
         view = memoryview(data)
         done = 0

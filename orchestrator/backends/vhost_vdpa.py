@@ -127,7 +127,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.backends import vhost_vdpa_uapi as uapi
-from orchestrator.backends.base import Backend, Device, PrecopyInfo
+from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.handover import HandleRegistry, HandoverError, check_kind
@@ -406,7 +406,7 @@ class VhostVdpaDevice(Device):
         self._read_at += len(chunk)
         return chunk
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: StreamChunk) -> None:
         await trio.lowlevel.checkpoint()
         if self._state is not S.RESUMING:
             raise self._error(

@@ -20,13 +20,17 @@ and what was wrong); nothing received after the bad frame, nor anything
 still queued, reaches a device.  The side that detects a violation tells
 the other with an ABORT where it can, then closes every connection.
 
-Copies: a sender writes header, payload and trailer with one ``sendmsg``
-from the caller's buffer (no join).  A receiver reads each payload with
-``recv`` into ``bytes`` objects of their own, checksums them as they
-arrive, and hands those very objects to the device's consumer once the
-frame's trailer matches: the bytes a device loads were copied once, by the
-kernel.  Checksums run inline: handing each frame to a worker thread was
-measured slower (a GIL hand-off per frame), see bench/stream_throughput.py.
+Threads and copies: once authenticated, each connection is served by two
+threads of its own (``_Link``), so that the copying and checksumming of
+every connection run in parallel with the GIL released, and trio's thread
+only hands frames over.  The writer sends queued frames, several per
+``sendmsg``, straight from the callers' buffers (no join), computing each
+trailer there; a send of ``bytes`` returns once queued.  The reader
+``recv_into``s each DATA payload into a buffer of the connection's pool
+(memory touched before, not fresh pages), checksums it, and posts the
+verified frame to trio; the device's consumer borrows that very buffer
+(``receive_lent``) and gives it back with its next call.  The bytes a
+device loads were copied once, by the kernel.
 
 Sockets have TCP_NODELAY (a CONTROL frame during the downtime window must
 not wait for Nagle); send and receive buffers are left to the kernel's
@@ -36,8 +40,11 @@ autotuning, which setting them would switch off.
 from __future__ import annotations
 
 import contextlib
+import math
+import queue
 import secrets
 import socket as stdlib_socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,11 +73,21 @@ __all__ = [
 log = structlog.get_logger("orchestrator.transport")
 
 DEFAULT_MAX_CONNECTIONS = 4
-#: The most payload bytes one ``recv`` asks for (it allocates that much first).
+#: The size of a connection's payload buffers (a DATA payload of up to
+#: ``wire.MAX_DATA_PAYLOAD`` fills several).
 RECV_PIECE_BYTES = 1 << 20
-#: Payload pieces (at most ``RECV_PIECE_BYTES`` each) queued per device
-#: between the connection's reader and the device's consumer.
-QUEUED_PIECES = 8
+#: Payload buffers per connection, beyond one per device it carries: what
+#: may be received and verified ahead of the devices' consumers.
+QUEUED_PIECES = 16
+#: Payload buffers a connection makes as it opens.
+PREFILLED_PIECES = 4
+#: Payload bytes queued to a connection's writer thread before a send waits
+#: for room: enough to ride out the trio thread's turns at the GIL.
+QUEUED_BYTES = 16 << 20
+#: The most frames the writer thread sends in one ``sendmsg``.
+WRITE_BATCH = 16
+#: CONTROL messages received and not yet read before the channel fails.
+CONTROL_BACKLOG = 1024
 #: How long telling the peer why the channel failed may take.
 ABORT_GRACE_S = 1.0
 
@@ -128,17 +145,23 @@ def _configure(sock: trio.socket.SocketType) -> None:
 
 
 async def _send_all(sock: trio.socket.SocketType, buffers: Sequence[Buffer]) -> None:
+    """The handshake's writes (the trio socket, before a link's threads own it)."""
     views = [memoryview(b).cast("B") for b in buffers]
     views = [v for v in views if v.nbytes]
     while views:
         sent = await sock.sendmsg(views)
-        while sent:
-            if sent >= views[0].nbytes:
-                sent -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        _consume(views, sent)
+
+
+def _consume(views: list[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of a scatter list."""
+    while sent:
+        if sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 async def _receive_exactly(sock: trio.socket.SocketType, nbytes: int) -> bytes:
@@ -167,74 +190,388 @@ def _single_peer_error(group: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return leaf
 
 
+class _BufferPool:
+    """The payload buffers of one connection: its reader fills them, consumers give them back.
+
+    Buffers are made on demand, up to ``count``, and then reused: memory
+    the process has touched once, not fresh pages (an allocating receive
+    halves throughput here).  A reader that finds every buffer lent out
+    waits, which holds the connection back: the pool is the per-connection
+    bound on what is received but not yet loaded.
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._count = count
+        self._made = 0
+        self._free: list[bytearray] = []
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def prefill(self, count: int) -> None:
+        """Make ``count`` buffers now (at connection time, not while data flows)."""
+        made = [bytearray(self.size) for _ in range(min(count, self._count))]
+        with self._ready:
+            self._made += len(made)
+            self._free.extend(made)
+
+    def take(self) -> bytearray | None:
+        """A free buffer (waiting for one if need be); None once the pool is closed."""
+        with self._ready:
+            while not self._free and self._made >= self._count and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            if self._free:
+                return self._free.pop()
+            self._made += 1
+        return bytearray(self.size)
+
+    def give(self, view: memoryview) -> None:
+        """Take back the buffer under a lent view, unless somebody still holds on to it."""
+        obj = view.obj
+        buffer = obj if isinstance(obj, bytearray) and len(obj) == self.size else None
+        try:
+            view.release()
+            if buffer is not None:
+                # Resizing fails while any view of the buffer is alive (a worker
+                # thread abandoned on cancel, a view kept past the call): then
+                # the buffer is left to its holder and the pool makes another.
+                buffer.append(0)
+                del buffer[-1]
+        except BufferError:
+            buffer = None
+        with self._ready:
+            if buffer is not None:
+                self._free.append(buffer)
+            else:
+                self._made -= 1
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+
+#: What a connection's reader ends with: None at a clean end of stream, else why.
+_ReadOutcome = PeerError | None
+
+
 class _Link:
-    """One authenticated connection: frames written whole, in header order."""
+    """One authenticated connection, served by two threads of its own.
+
+    After the handshake the descriptor leaves trio: a writer thread sends
+    queued frames in order (each whole: header, payload and trailer in
+    ``sendmsg`` calls from the caller's buffer, the trailer's CRC-32C
+    computed there), and a reader thread receives frames into the
+    connection's buffer pool (``recv_into``; the checksum computed as the
+    bytes land), validates them and posts each event to the trio loop.  So
+    the copying and checksumming of every connection run in parallel, with
+    the GIL released, instead of taking turns on trio's one thread:
+    bench/stream_throughput.py measured one trio thread at a third of a
+    four-thread socket copy.
+
+    Closing shuts the socket down, which wakes both threads; the last one
+    out closes the descriptor, so its number is never reused under a
+    thread still using it.
+    """
 
     def __init__(self, sock: trio.socket.SocketType, index: int) -> None:
-        self.sock = sock
         self.index = index
         self.encoder = wire.FrameEncoder()
-        self.write_lock = trio.StrictFIFOLock()
+        self.sock = stdlib_socket.socket(fileno=sock.detach())
+        self.sock.setblocking(True)
+        self.pool = _BufferPool(RECV_PIECE_BYTES, 0)
+        self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
+        self._queued_bytes = 0
+        self._queued_lock = threading.Lock()
+        self._inbox: list[wire.Event] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_posted = False
+        self._room_wanted: trio.Event | None = None
+        self._write_error: PeerError | None = None
+        self._closed = False
+        self._threads_left = 0
+        self._threads_lock = threading.Lock()
+        self.read_outcome: _ReadOutcome = None
+        self.read_done = trio.Event()
 
     def _error(self, exc: BaseException) -> PeerError:
-        if isinstance(exc, trio.ClosedResourceError):
+        if self._closed:
             return PeerError(f"connection {self.index} is closed")
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return PeerError(f"connection {self.index} failed: {detail}")
 
-    async def write(self, kind: wire.Kind, slot: int, payload: Buffer) -> None:
-        """One frame: header, payload and trailer in one ``sendmsg``, no join."""
-        view = memoryview(payload).cast("B")
-        try:
-            async with self.write_lock:
-                header = self.encoder.header(kind, slot, view.nbytes)
-                trailer = wire.FrameEncoder.trailer(header, view)
-                await _send_all(self.sock, [header, view, trailer])
-        except _SOCKET_ERRORS as exc:
-            raise self._error(exc) from None
+    # Threads ---------------------------------------------------------------
 
-    async def write_frame(self, buffers: list[Buffer]) -> None:
-        """A small frame made by the encoder under the lock (ACK, END, CONTROL, ABORT)."""
-        try:
-            await _send_all(self.sock, buffers)
-        except _SOCKET_ERRORS as exc:
-            raise self._error(exc) from None
-
-    async def read_frames(
-        self, validator: wire.InboundValidator, deliver: Callable[[wire.Event], Awaitable[None]]
+    def start(
+        self,
+        validator: wire.InboundValidator,
+        deliver: Callable[[wire.Event, _BufferPool], None],
+        devices_here: int,
     ) -> None:
-        """Read, verify and deliver frames until EOF; raise on any violation.
+        """Start the reader and the writer; events reach ``deliver`` in the trio thread."""
+        token = trio.lowlevel.current_trio_token()
+        self.pool = _BufferPool(RECV_PIECE_BYTES, QUEUED_PIECES + devices_here)
+        self._threads_left = 2
+        name = f"channel-{self.index}"
+        threading.Thread(
+            target=self._reader, args=(token, validator, deliver), name=f"{name}-rx", daemon=True
+        ).start()
+        threading.Thread(target=self._writer, args=(token,), name=f"{name}-tx", daemon=True).start()
 
-        A frame is delivered only once whole and verified, in order, so
-        nothing after a bad frame is ever delivered.
+    def _thread_done(self) -> None:
+        with self._threads_lock:
+            self._threads_left -= 1
+            last = self._threads_left == 0
+        if last:
+            self.sock.close()
+
+    def _reader(
+        self,
+        token: trio.lowlevel.TrioToken,
+        validator: wire.InboundValidator,
+        deliver: Callable[[wire.Event, _BufferPool], None],
+    ) -> None:
+        outcome: _ReadOutcome = None
+        try:
+            self._read_frames(token, validator, deliver)
+        except PeerError as exc:
+            outcome = exc
+        except OSError as exc:
+            outcome = self._error(exc)
+        except trio.RunFinishedError:
+            pass
+        finally:
+            self.pool.close()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._read_finished, outcome)
+            self._thread_done()
+
+    def _read_finished(self, outcome: _ReadOutcome) -> None:
+        self.read_outcome = outcome
+        self.read_done.set()
+
+    def _read_frames(
+        self,
+        token: trio.lowlevel.TrioToken,
+        validator: wire.InboundValidator,
+        deliver: Callable[[wire.Event, _BufferPool], None],
+    ) -> None:
+        """Read, verify and post frames until EOF; raise on any violation.
+
+        A frame is posted only once whole and verified, in order, so nothing
+        after a bad frame is ever delivered.  DATA payloads land in pool
+        buffers, lent on to the device's consumer; header and trailer bytes
+        in the reader's scratch buffer, never more than they are.
         """
         reader = wire.FrameReader(connection=self.index)
-        sock = self.sock
+        sock, pool = self.sock, self.pool
+        pool.prefill(PREFILLED_PIECES)
         while True:
             frame = reader.next_frame()
             if frame is not None:
-                await deliver(validator.accept(frame))
+                self._post(token, deliver, validator.accept(frame))
                 continue
             wanted = reader.payload_remaining
-            try:
-                if wanted:
-                    piece = await sock.recv(min(wanted, RECV_PIECE_BYTES))
-                    n = len(piece)
-                else:
-                    n = await sock.recv_into(reader.buffer())
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise self._error(exc) from None
-            if n == 0:
-                if not reader.at_frame_boundary:
-                    raise PeerError(f"connection {self.index} was cut in mid-frame")
-                return
             if wanted:
+                if reader.payload_kind is wire.Kind.DATA:
+                    buffer = pool.take()
+                    if buffer is None:
+                        raise self._error(trio.ClosedResourceError())
+                    piece = memoryview(buffer)[: min(wanted, len(buffer))]
+                else:
+                    piece = memoryview(bytearray(wanted))
+                n = sock.recv_into(piece, 0, stdlib_socket.MSG_WAITALL)
+                while 0 < n < piece.nbytes:  # a signal interrupted the wait
+                    got = sock.recv_into(piece[n:], 0, stdlib_socket.MSG_WAITALL)
+                    n = n + got if got else -1
+                if n <= 0:
+                    raise self._cut()
                 reader.add_payload(piece)
             else:
+                n = sock.recv_into(reader.buffer(), reader.prefix_wanted)
+                if n == 0:
+                    if not reader.at_frame_boundary:
+                        raise self._cut()
+                    return
                 reader.advance(n)
 
+    def _post(
+        self,
+        token: trio.lowlevel.TrioToken,
+        deliver: Callable[[wire.Event, _BufferPool], None],
+        event: wire.Event,
+    ) -> None:
+        """Hand an event to the trio thread; events that pile up meanwhile share one wake-up."""
+        with self._inbox_lock:
+            self._inbox.append(event)
+            if self._inbox_posted:
+                return
+            self._inbox_posted = True
+        token.run_sync_soon(self._drain_inbox, deliver)
+
+    def _drain_inbox(self, deliver: Callable[[wire.Event, _BufferPool], None]) -> None:
+        with self._inbox_lock:
+            events, self._inbox = self._inbox, []
+            self._inbox_posted = False
+        for event in events:
+            deliver(event, self.pool)
+
+    def _cut(self) -> PeerError:
+        if self._closed:
+            return PeerError(f"connection {self.index} is closed")
+        return PeerError(f"connection {self.index} was cut in mid-frame")
+
+    def _writer(self, token: trio.lowlevel.TrioToken) -> None:
+        try:
+            running = True
+            while running:
+                # Whatever is queued goes in one sendmsg (a few frames): fewer
+                # system calls, and fewer turns at the GIL against trio's thread.
+                jobs: list[_WriteJob] = []
+                job = self._jobs.get()
+                with contextlib.suppress(queue.Empty):
+                    while job is not None:
+                        jobs.append(job)
+                        if len(jobs) == WRITE_BATCH:
+                            break
+                        job = self._jobs.get_nowait()
+                running = job is not None
+                if jobs:
+                    self._send_jobs(token, jobs)
+        finally:
+            self._thread_done()
+
+    def _send_jobs(self, token: trio.lowlevel.TrioToken, jobs: list[_WriteJob]) -> None:
+        error = self._write_error
+        if error is None:
+            views = [view for job in jobs for view in job.frame()]
+            try:
+                while views:
+                    _consume(views, self.sock.sendmsg(views))
+            except OSError as exc:
+                error = self._write_error = self._error(exc)
+        # The trio side hears of a frame only if it waits for that one, or for
+        # room (once half the queue has gone): a wake-up per frame cost a third
+        # of the throughput.
+        with self._queued_lock:
+            self._queued_bytes -= sum(job.payload.nbytes for job in jobs)
+            room = self._room_wanted
+            if room is not None and (self._queued_bytes <= QUEUED_BYTES // 2 or error):
+                self._room_wanted = None
+            else:
+                room = None
+        with contextlib.suppress(trio.RunFinishedError):
+            for job in jobs:
+                if job.done is not None:
+                    job.error = error
+                    token.run_sync_soon(job.done.set)
+            if room is not None:
+                token.run_sync_soon(room.set)
+
+    # Writing (trio side) ------------------------------------------------------
+
+    async def write(self, kind: wire.Kind, slot: int, payload: Buffer, *, wait: bool) -> None:
+        """Queue one frame; with ``wait``, return once it is in the kernel's hands.
+
+        Without ``wait`` the payload must not change (``bytes``): the writer
+        thread sends it after this returns, and a failure shows on a later
+        write (every write fails once one has).
+        """
+        view = memoryview(payload).cast("B")
+        await self._queue(
+            lambda encoder: (encoder.header(kind, slot, view.nbytes), view), view.nbytes, wait
+        )
+
+    async def write_frame(self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]]) -> None:
+        """A small frame (ACK, END, CONTROL, ABORT): made, queued in order, waited for."""
+        await self._queue(make, 0, True)
+
+    async def _queue(
+        self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]], nbytes: int, wait: bool
+    ) -> None:
+        while True:
+            self._check_write()
+            with self._queued_lock:
+                if self._queued_bytes == 0 or self._queued_bytes + nbytes <= QUEUED_BYTES:
+                    break
+                if self._room_wanted is None:
+                    self._room_wanted = trio.Event()
+                room = self._room_wanted
+            await room.wait()
+        # Numbered and queued with no checkpoint between: frames leave in header order.
+        header, payload = make(self.encoder)
+        job = _WriteJob(header, memoryview(payload).cast("B"), trio.Event() if wait else None)
+        with self._queued_lock:
+            self._queued_bytes += job.payload.nbytes
+        self._jobs.put(job)
+        if job.done is not None:
+            await job.done.wait()
+            if job.error is not None:
+                raise job.error
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _check_write(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._closed:
+            raise PeerError(f"connection {self.index} is closed")
+
     def close(self) -> None:
-        self.sock.close()
+        """Stop both threads (the socket is shut down) and refuse further writes."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(stdlib_socket.SHUT_RDWR)
+        self.pool.close()
+        self._jobs.put(None)
+        with self._queued_lock:
+            room, self._room_wanted = self._room_wanted, None
+        if room is not None:
+            room.set()
+        if self._threads_left == 0:
+            self.sock.close()
+
+
+class _WriteJob:
+    """One frame for the writer thread: its header and payload; the trailer is made there."""
+
+    __slots__ = ("done", "error", "header", "payload")
+
+    def __init__(self, header: bytes, payload: memoryview, done: trio.Event | None) -> None:
+        self.header = header
+        self.payload = payload
+        self.done = done
+        self.error: PeerError | None = None
+
+    def frame(self) -> list[memoryview]:
+        """In the writer thread: the whole frame, its trailer's checksum computed here."""
+        trailer = wire.FrameEncoder.trailer(self.header, self.payload)
+        views = [memoryview(self.header), self.payload, memoryview(trailer)]
+        return [v for v in views if v.nbytes]
+
+
+def _split(frame: list[Buffer]) -> tuple[bytes, Buffer]:
+    """An encoder's [header, payload, trailer] as (header, payload): the writer
+    thread makes the trailer."""
+    return bytes(memoryview(frame[0])), frame[1]
+
+
+def _give_back(event: wire.Event, pool: _BufferPool) -> None:
+    """Return the pool buffers of an event nobody will consume."""
+    if isinstance(event, wire.Data):
+        for piece in event.pieces:
+            if isinstance(piece, memoryview):
+                pool.give(piece)
+
+
+async def _tell_abort(link: _Link, reason: str) -> None:
+    with contextlib.suppress(PeerError):
+        await link.write_frame(lambda encoder: _split(encoder.abort(reason)))
 
 
 # -- what both ends share -----------------------------------------------------
@@ -256,7 +593,11 @@ class _Channel:
         self._links: dict[int, _Link] = {}
         self.failure: PeerError | None = None
         self._failed = trio.Event()
-        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](64)
+        # Unbounded, as the connection's reader posts without waiting; a peer
+        # that floods CONTROL messages unread fails the channel instead.
+        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](
+            math.inf
+        )
         self._payload_bytes = 0
         self._busy_s = 0.0
 
@@ -288,7 +629,7 @@ class _Channel:
 
     # Failure ---------------------------------------------------------------
 
-    def _fail(self, error: PeerError, *, closing: bool = False) -> None:
+    def _fail(self, error: PeerError, *, closing: bool = False, close_links: bool = True) -> None:
         """Fail the channel: wake every waiter with ``error``; close the connections."""
         if self.failure is not None:
             return
@@ -296,8 +637,8 @@ class _Channel:
         self._failed.set()
         self._control_send.close()
         self._wake_all()
-        for link in self._links.values():
-            link.close()
+        if close_links:
+            self._close_links()
         if not closing:
             log.warning(
                 "channel_failed",
@@ -306,22 +647,26 @@ class _Channel:
                 error=str(error),
             )
 
+    def _close_links(self) -> None:
+        for link in self._links.values():
+            link.close()
+
     def _wake_all(self) -> None:
         """Subclasses wake their own waiters."""
 
     async def _fail_and_tell(self, error: PeerError, reason: str) -> None:
-        """Tell the peer why with an ABORT on every connection that is free, then fail."""
+        """Fail at once (this is the reason, whatever the peer does next), tell the
+        peer why with an ABORT on every connection, then close them."""
         if self.failure is not None:
             return
+        self._fail(error, close_links=False)
         links = list(self._links.values())
         with trio.CancelScope(shield=True), trio.move_on_after(ABORT_GRACE_S):
-            for link in links:
-                if link.write_lock.locked():
-                    continue  # a frame is half-written there: closing says enough
-                with contextlib.suppress(PeerError):
-                    async with link.write_lock:
-                        await link.write_frame(link.encoder.abort(reason))
-        self._fail(error)
+            # Queued behind the frames already on their way, each written whole.
+            async with trio.open_nursery() as nursery:
+                for link in links:
+                    nursery.start_soon(_tell_abort, link, reason)
+        self._close_links()
 
     async def abort(self, reason: str) -> None:
         """Fail the migration's channel on both sides; the peer learns ``reason``."""
@@ -334,33 +679,39 @@ class _Channel:
         await trio.lowlevel.checkpoint()
 
     async def _serve_link(self, link: _Link, validator: wire.InboundValidator) -> None:
-        """Run one connection's reader to its end, failing the channel on any error."""
+        """Run one connection to its end, failing the channel on any error."""
+        devices_here = len(validator.own)
+        link.start(validator, self._deliver, devices_here)
         try:
-            try:
-                await link.read_frames(validator, self._deliver)
-            except BaseExceptionGroup as group:
-                # The reader's two tasks fail as a group; its PeerError is the news.
-                raise _single_peer_error(group) from None
-        except PeerProtocolError as exc:
-            await self._fail_and_tell(exc, f"protocol violation: {exc}")
-        except PeerError as exc:
-            self._fail(exc)
-        else:
-            self._link_eof(link, validator)
+            await link.read_done.wait()
+            outcome = link.read_outcome
+            if isinstance(outcome, PeerProtocolError):
+                await self._fail_and_tell(outcome, f"protocol violation: {outcome}")
+            elif outcome is not None:
+                self._fail(outcome)
+            else:
+                self._link_eof(link, validator)
+        finally:
+            link.close()
 
-    async def _deliver(self, event: wire.Event) -> None:
+    def _deliver(self, event: wire.Event, pool: _BufferPool) -> None:
+        """In the trio thread, in arrival order: one verified event of a connection."""
+        if self.failure is not None:
+            _give_back(event, pool)
+            return
         if isinstance(event, wire.Abort):
             peer = "destination" if self.role is wire.Role.SOURCE else "source"
             self._fail(PeerError(f"the {peer} aborted the migration: {event.reason}"))
         elif isinstance(event, wire.Control):
-            try:
-                await self._control_send.send(event.message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.check()
+            if self._control_send.statistics().current_buffer_used >= CONTROL_BACKLOG:
+                unread = f"more than {CONTROL_BACKLOG} CONTROL messages unread"
+                self._fail(PeerProtocolError(unread))
+                return
+            self._control_send.send_nowait(event.message)
         else:
-            await self._deliver_device_event(event)
+            self._deliver_device_event(event, pool)
 
-    async def _deliver_device_event(self, event: wire.Event) -> None:
+    def _deliver_device_event(self, event: wire.Event, pool: _BufferPool) -> None:
         raise NotImplementedError
 
     def _link_eof(self, link: _Link, validator: wire.InboundValidator) -> None:
@@ -371,9 +722,7 @@ class _Channel:
     async def send_control(self, message: Mapping[str, Any]) -> None:
         """Send a small JSON object to the peer, on connection 0, in order."""
         link = self._link_of(wire.CHANNEL_SLOT)
-        async with link.write_lock:
-            frame = link.encoder.control(dict(message))
-            await link.write_frame(frame)
+        await link.write_frame(lambda encoder: _split(encoder.control(dict(message))))
 
     async def receive_control(self) -> dict[str, Any]:
         """The peer's next CONTROL message; PeerError once the channel failed or closed."""
@@ -402,10 +751,16 @@ class NetworkStreamSender(StreamSender):
         self._closed = False
 
     async def send(self, chunk: Buffer) -> None:
-        """Send a chunk (any buffer: bytes, bytearray, memoryview), in frames of at most 4 MiB."""
+        """Send a chunk (any buffer: bytes, bytearray, memoryview), in frames of at most 4 MiB.
+
+        ``bytes`` (or a view of them) cannot change, so the send returns once
+        its frames are queued to the connection's writer; any other buffer
+        once its frames are in the kernel's hands.
+        """
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
         view = memoryview(chunk).cast("B")
+        immutable = isinstance(view.obj, bytes)
         channel = self._channel
         link = channel._link_of(self.index)
         limiter = channel.limiter
@@ -414,7 +769,9 @@ class NetworkStreamSender(StreamSender):
                 part = view[start : start + wire.MAX_DATA_PAYLOAD]
                 if limiter is not None:
                     await limiter.consume(part.nbytes)
-                await channel._guarded(link.write(wire.Kind.DATA, self.index, part))
+                await channel._guarded(
+                    link.write(wire.Kind.DATA, self.index, part, wait=not immutable)
+                )
                 self.bytes_sent += part.nbytes
                 channel._payload_bytes += part.nbytes
 
@@ -422,9 +779,10 @@ class NetworkStreamSender(StreamSender):
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
         link = self._channel._link_of(self.index)
-        async with link.write_lock:
-            frame = link.encoder.end(self.index, self.bytes_sent)
-            await self._channel._guarded(link.write_frame(frame))
+        index, total = self.index, self.bytes_sent
+        await self._channel._guarded(
+            link.write_frame(lambda encoder: _split(encoder.end(index, total)))
+        )
         self.ended = True
 
     async def aclose(self) -> None:
@@ -506,11 +864,10 @@ class SourceChannel(_Channel):
         for device in self.devices:
             await self.acknowledged(device)
 
-    async def _deliver_device_event(self, event: wire.Event) -> None:
+    def _deliver_device_event(self, event: wire.Event, pool: _BufferPool) -> None:
         assert isinstance(event, wire.Ack)
         self._acked[event.device] = event.loaded_bytes
         self._ack_events[event.device].set()
-        await trio.lowlevel.checkpoint()
 
     def _wake_all(self) -> None:
         for event in self._ack_events.values():
@@ -641,11 +998,18 @@ async def open_channel(
 
 # -- destination side ----------------------------------------------------------------
 
-_ENDED = None
+#: What a device's queue holds: a verified payload piece and the pool it is
+#: lent from, or the end of the stream.
+_Item = tuple[wire.Piece, _BufferPool] | None
 
 
 class NetworkStreamReceiver(StreamReceiver):
-    """The destination end of one device's stream over the data channel."""
+    """The destination end of one device's stream over the data channel.
+
+    Pieces are lent: ``receive_lent`` returns a view of the connection's
+    pool buffer into which the kernel received the bytes, and takes it back
+    at the next call (or ``aclose``); ``receive`` returns a copy of its own.
+    """
 
     def __init__(self, channel: DestinationChannel, name: str, index: int) -> None:
         self._channel = channel
@@ -653,10 +1017,19 @@ class NetworkStreamReceiver(StreamReceiver):
         self.index = index
         self.bytes_received = 0
         self.ended = False
-        self._send, self._receive = trio.open_memory_channel[bytes | None](QUEUED_PIECES)
+        # Unbounded: what it holds is bounded by the connection's buffer pool.
+        self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
+        self._lent: tuple[memoryview, _BufferPool] | None = None
 
-    async def receive(self) -> bytes | None:
-        """The next verified piece of payload (``bytes`` as received, never copied)."""
+    def _give_back(self) -> None:
+        if self._lent is not None:
+            view, pool = self._lent
+            self._lent = None
+            pool.give(view)
+
+    async def receive_lent(self) -> memoryview | None:
+        """The next verified piece of payload, lent until the next receive or ``aclose``."""
+        self._give_back()
         if self.ended:
             return None
         channel = self._channel
@@ -666,15 +1039,32 @@ class NetworkStreamReceiver(StreamReceiver):
         except (trio.EndOfChannel, trio.ClosedResourceError):
             channel.check()
             raise PeerError(f"the stream of device {self.name!r} was cut before its end") from None
-        channel.check()
-        if item is _ENDED:
+        if channel.failure is not None:
+            if item is not None:
+                item[1].give(memoryview(item[0]))
+            raise channel.failure
+        if item is None:
             self.ended = True
             return None
-        self.bytes_received += len(item)
-        return item
+        piece, pool = item
+        self.bytes_received += len(piece)
+        if isinstance(piece, memoryview):
+            self._lent = (piece, pool)
+            return piece
+        return memoryview(piece)
+
+    async def receive(self) -> bytes | None:
+        """The next verified piece of payload, as ``bytes`` of the caller's own (a copy)."""
+        view = await self.receive_lent()
+        if view is None:
+            return None
+        data = bytes(view)
+        self._give_back()
+        return data
 
     async def aclose(self) -> None:
         """After the end: nothing.  Before: the stream is refused, which fails the channel."""
+        self._give_back()
         self._receive.close()
         if not self.ended and self._channel.failure is None:
             await self._channel.abort(f"the destination closed device {self.name!r}'s stream")
@@ -737,24 +1127,25 @@ class DestinationChannel(_Channel):
         )
         await self._serve_link(link, validator)
 
-    async def _deliver_device_event(self, event: wire.Event) -> None:
+    def _deliver_device_event(self, event: wire.Event, pool: _BufferPool) -> None:
+        assert isinstance(event, wire.Data | wire.End)
+        receiver = self.receivers[self.devices[event.device]]
         if isinstance(event, wire.Data):
             now = trio.current_time()
             if self._first_data_at is None:
                 self._first_data_at = now
             self._payload_bytes += event.nbytes
             self._busy_s = now - self._first_data_at
-            items: Sequence[bytes | None] = event.pieces
+            items: list[_Item] = [(piece, pool) for piece in event.pieces]
         else:
-            assert isinstance(event, wire.End)
-            items = [_ENDED]
-        receiver = self.receivers[self.devices[event.device]]
+            items = [None]
         try:
             for item in items:
-                await receiver._send.send(item)
+                receiver._send.send_nowait(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.check()
-            raise PeerError(f"device {receiver.name!r}'s stream was closed here") from None
+            _give_back(event, pool)
+            if self.failure is None:
+                self._fail(PeerError(f"device {receiver.name!r}'s stream was closed here"))
 
     def _wake_all(self) -> None:
         self._connected.set()
@@ -778,9 +1169,7 @@ class DestinationChannel(_Channel):
         index = self.device_index(device)
         link = self._link_of(index)
         loaded = self.receivers[device].bytes_received
-        async with link.write_lock:
-            frame = link.encoder.ack(index, loaded)
-            await link.write_frame(frame)
+        await link.write_frame(lambda encoder: _split(encoder.ack(index, loaded)))
 
     async def aclose(self) -> None:
         self._listener.forget(self.migration_id)

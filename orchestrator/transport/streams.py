@@ -90,8 +90,9 @@ class StreamReceiver(abc.ABC):
     """The destination end of one device's stream.
 
     Chunk boundaries are not preserved: only the bytes and their order are.
-    Every chunk returned belongs to the caller from then on: the stream
-    never reuses or mutates its memory, so it may be kept or handed on.
+    Every chunk ``receive`` returns belongs to the caller from then on: the
+    stream never reuses or mutates its memory, so it may be kept or handed
+    on.  ``receive_lent`` lends its chunk instead, until the next call.
     """
 
     bytes_received: int
@@ -104,13 +105,14 @@ class StreamReceiver(abc.ABC):
         channel failed (the error says why).
         """
 
-    async def receive_buffer(self) -> memoryview | None:
-        """The next chunk as a read-only view, for consumers that take any buffer.
+    async def receive_lent(self) -> memoryview | None:
+        """The next chunk, lent: valid until the next receive or ``aclose``.
 
-        Never a view of reused memory: like ``receive``'s chunks, it belongs
-        to the caller.  Both implementations return ``bytes`` that nobody
-        copied (the network channel ``recv``s each payload piece into
-        ``bytes`` of its own), so this is a view of those.
+        For consumers that are done with each chunk before they ask for the
+        next (a device's ``write`` copies what it keeps): the network channel
+        then hands out the very buffer the kernel received into and reuses
+        it, with no copy and no fresh allocation.  Here (and for the local
+        stream) it is a view of ``receive``'s chunk.
         """
         chunk = await self.receive()
         return None if chunk is None else memoryview(chunk)

@@ -91,6 +91,7 @@ __all__ = [
     "Hello",
     "InboundValidator",
     "Kind",
+    "Piece",
     "RawFrame",
     "Role",
     "client_hello",
@@ -242,6 +243,11 @@ class FrameHeader:
     raw: bytes
 
 
+#: A piece of a payload as received: ``bytes`` of its own, or a view of a
+#: buffer the receiving side lends (see channel.py's buffer pool).
+Piece = bytes | memoryview
+
+
 @dataclass(frozen=True)
 class RawFrame:
     """A frame read whole but not yet verified: its payload is not to be trusted.
@@ -251,7 +257,7 @@ class RawFrame:
     """
 
     header: FrameHeader
-    pieces: tuple[bytes, ...]
+    pieces: tuple[Piece, ...]
     checksum: int
     computed: int
 
@@ -261,8 +267,8 @@ class RawFrame:
 
     @property
     def payload(self) -> bytes:
-        """The payload in one piece (joins, so copies, if it came in several)."""
-        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+        """The payload in one piece of ``bytes`` (a copy: for small frames)."""
+        return b"".join(self.pieces)
 
 
 def parse_header(raw: bytes, connection: int | None = None) -> FrameHeader:
@@ -291,15 +297,20 @@ class FrameReader:
     Two ways in, chosen by ``payload_remaining``:
 
     * 0: the reader wants header or trailer bytes: read into ``buffer()``
-      (``recv_into`` a small reused scratch buffer), then ``advance(n)``;
+      (a small reused scratch buffer), then ``advance(n)``.  A reader that
+      wants no payload byte in the scratch buffer reads at most
+      ``prefix_wanted`` bytes there: the rest of the current frame's
+      trailer and the next frame's header, never beyond;
     * more: the reader wants that many payload bytes: hand it up to that
-      many with ``add_payload(piece)`` (``recv(n)`` allocates ``bytes`` of
-      its own, which become the delivered chunk: no copy, no reuse).
+      many with ``add_payload(piece)``, a buffer the caller filled (``bytes``
+      of its own, or a view of memory it lends); the very piece becomes
+      part of the delivered event: no copy.
 
     Then take the frames out with ``next_frame()``.  The checksum is
     computed as the pieces arrive, so it costs no second pass over memory
     that has left the cache.  Only the start of a payload that arrived in
-    the scratch buffer along with its header is copied.
+    the scratch buffer along with its header (a reader that read more than
+    ``prefix_wanted``) is copied.
     """
 
     def __init__(self, scratch_bytes: int = 64 << 10, connection: int | None = None) -> None:
@@ -308,7 +319,7 @@ class FrameReader:
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # end of the bytes in scratch
         self._header: FrameHeader | None = None
-        self._pieces: list[bytes] = []
+        self._pieces: list[Piece] = []
         self._filled = 0  # payload bytes in hand
         self._crc = 0
         self._connection = connection
@@ -322,6 +333,19 @@ class FrameReader:
     def payload_remaining(self) -> int:
         """Payload bytes wanted before header or trailer bytes may come again."""
         return 0 if self._header is None else self._header.length - self._filled
+
+    @property
+    def payload_kind(self) -> Kind | None:
+        """The kind of the frame whose payload is being read, if any."""
+        return None if self._header is None else self._header.kind
+
+    @property
+    def prefix_wanted(self) -> int:
+        """The most scratch bytes to read without reading into the next payload."""
+        buffered = self._end - self._start
+        if self._header is None:
+            return HEADER_SIZE - buffered
+        return TRAILER_SIZE + HEADER_SIZE - buffered
 
     def buffer(self) -> memoryview:
         """Where the next header or trailer bytes go (never empty)."""
@@ -341,7 +365,7 @@ class FrameReader:
         self.bytes_in += nbytes
         self._end += nbytes
 
-    def add_payload(self, piece: bytes) -> None:
+    def add_payload(self, piece: Piece) -> None:
         """The next bytes of the current payload (at most ``payload_remaining``)."""
         if not 0 < len(piece) <= self.payload_remaining:
             raise ValueError(f"{len(piece)} payload bytes, {self.payload_remaining} wanted")
@@ -383,7 +407,7 @@ class FrameReader:
 class Data:
     device: int
     seq: int
-    pieces: tuple[bytes, ...]
+    pieces: tuple[Piece, ...]
 
     @property
     def nbytes(self) -> int:
