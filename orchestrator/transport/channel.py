@@ -79,8 +79,8 @@ RECV_PIECE_BYTES = 1 << 20
 #: Payload buffers per connection, beyond one per device it carries: what
 #: may be received and verified ahead of the devices' consumers.
 QUEUED_PIECES = 16
-#: Payload buffers a connection makes as it opens.
-PREFILLED_PIECES = 4
+#: Payload buffers kept by the process for the next connections.
+SPARE_BUFFER_BYTES = 64 << 20
 #: Payload bytes queued to a connection's writer thread before a send waits
 #: for room: enough to ride out the trio thread's turns at the GIL.
 QUEUED_BYTES = 16 << 20
@@ -190,14 +190,49 @@ def _single_peer_error(group: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return leaf
 
 
+class _SpareBuffers:
+    """Payload buffers of connections that have closed, kept for the next ones.
+
+    A migration's first megabytes would otherwise land in fresh pages (page
+    faults and zeroing, twice the cost of the copy itself); kept, they are
+    memory the process touched before.  At most ``limit_bytes`` are kept.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._spare: list[bytearray] = []
+        self._bytes = 0
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            for i, buffer in enumerate(self._spare):
+                if len(buffer) == size:
+                    self._bytes -= size
+                    return self._spare.pop(i)
+        return bytearray(size)
+
+    def keep(self, buffers: Sequence[bytearray]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                if self._bytes + len(buffer) > self.limit_bytes:
+                    return
+                self._spare.append(buffer)
+                self._bytes += len(buffer)
+
+
+_SPARE = _SpareBuffers(SPARE_BUFFER_BYTES)
+
+
 class _BufferPool:
     """The payload buffers of one connection: its reader fills them, consumers give them back.
 
-    Buffers are made on demand, up to ``count``, and then reused: memory
+    Buffers are taken on demand, up to ``count``, and then reused: memory
     the process has touched once, not fresh pages (an allocating receive
     halves throughput here).  A reader that finds every buffer lent out
     waits, which holds the connection back: the pool is the per-connection
-    bound on what is received but not yet loaded.
+    bound on what is received but not yet loaded.  Once the pool is closed,
+    buffers given back go to the spares of the process, for the next pool.
     """
 
     def __init__(self, size: int, count: int) -> None:
@@ -207,13 +242,6 @@ class _BufferPool:
         self._free: list[bytearray] = []
         self._ready = threading.Condition()
         self._closed = False
-
-    def prefill(self, count: int) -> None:
-        """Make ``count`` buffers now (at connection time, not while data flows)."""
-        made = [bytearray(self.size) for _ in range(min(count, self._count))]
-        with self._ready:
-            self._made += len(made)
-            self._free.extend(made)
 
     def take(self) -> bytearray | None:
         """A free buffer (waiting for one if need be); None once the pool is closed."""
@@ -225,7 +253,7 @@ class _BufferPool:
             if self._free:
                 return self._free.pop()
             self._made += 1
-        return bytearray(self.size)
+        return _SPARE.take(self.size)
 
     def give(self, view: memoryview) -> None:
         """Take back the buffer under a lent view, unless somebody still holds on to it."""
@@ -242,16 +270,20 @@ class _BufferPool:
         except BufferError:
             buffer = None
         with self._ready:
-            if buffer is not None:
-                self._free.append(buffer)
-            else:
+            if buffer is None:
                 self._made -= 1
+            elif self._closed:
+                _SPARE.keep([buffer])
+            else:
+                self._free.append(buffer)
             self._ready.notify()
 
     def close(self) -> None:
         with self._ready:
             self._closed = True
+            free, self._free = self._free, []
             self._ready.notify_all()
+        _SPARE.keep(free)
 
 
 #: What a connection's reader ends with: None at a clean end of stream, else why.
@@ -368,7 +400,6 @@ class _Link:
         """
         reader = wire.FrameReader(connection=self.index)
         sock, pool = self.sock, self.pool
-        pool.prefill(PREFILLED_PIECES)
         while True:
             frame = reader.next_frame()
             if frame is not None:
