@@ -536,3 +536,22 @@ async def test_the_rate_limit_is_honoured_across_connections() -> None:
     # The burst allowance lets the last slots start early: a loose lower bound.
     assert elapsed >= 0.8 * total / rate
     assert stats.throughput_bytes_s is not None and stats.throughput_bytes_s <= 1.3 * rate
+
+
+def test_a_pool_takes_back_only_its_own_buffers() -> None:
+    from orchestrator.transport.channel import _BufferPool
+
+    pool = _BufferPool(16, 1)
+    buffer = pool.take()
+    assert buffer is not None
+    pool.give(b"x" * 16)  # bytes: not the pool's, so its one buffer is still lent
+    assert (pool._made, pool._free) == (1, [])
+    kept = memoryview(buffer)
+    held = kept[:4]
+    pool.give(kept)  # still viewed through ``held``: left to its holder
+    assert (pool._made, pool._free) == (0, [])
+    del held
+    fresh = pool.take()
+    assert fresh is not None and fresh is not buffer
+    pool.give(memoryview(fresh))
+    assert pool._free == [fresh]

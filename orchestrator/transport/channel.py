@@ -176,20 +176,6 @@ async def _receive_exactly(sock: trio.socket.SocketType, nbytes: int) -> bytes:
     return bytes(buffer)
 
 
-_SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-def _single_peer_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first PeerError of a group whose every leaf is one, else the group."""
-    peer, rest = group.split(PeerError)
-    if peer is None or rest is not None:
-        return group
-    leaf: BaseException = peer
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
-
-
 class _SpareBuffers:
     """Payload buffers of connections that have closed, kept for the next ones.
 
@@ -255,20 +241,27 @@ class _BufferPool:
             self._made += 1
         return _SPARE.take(self.size)
 
-    def give(self, view: memoryview) -> None:
-        """Take back the buffer under a lent view, unless somebody still holds on to it."""
-        obj = view.obj
-        buffer = obj if isinstance(obj, bytearray) and len(obj) == self.size else None
+    def give(self, piece: wire.Piece) -> None:
+        """Take back the buffer under a lent piece, unless somebody still holds on to it.
+
+        Pieces that are not views of the pool's buffers (``bytes``) are
+        nobody's to take back.
+        """
+        obj = piece.obj if isinstance(piece, memoryview) else None
+        if not isinstance(obj, bytearray) or len(obj) != self.size:
+            return
+        assert isinstance(piece, memoryview)
+        buffer: bytearray | None = None
         try:
-            view.release()
-            if buffer is not None:
-                # Resizing fails while any view of the buffer is alive (a worker
-                # thread abandoned on cancel, a view kept past the call): then
-                # the buffer is left to its holder and the pool makes another.
-                buffer.append(0)
-                del buffer[-1]
+            piece.release()
+            # Resizing fails while any view of the buffer is alive (a worker
+            # thread abandoned on cancel, a view kept past the call): then
+            # the buffer is left to its holder and the pool makes another.
+            obj.append(0)
+            del obj[-1]
+            buffer = obj
         except BufferError:
-            buffer = None
+            pass
         with self._ready:
             if buffer is None:
                 self._made -= 1
@@ -329,9 +322,12 @@ class _Link:
         self.read_outcome: _ReadOutcome = None
         self.read_done = trio.Event()
 
+    def _closed_error(self) -> PeerError:
+        return PeerError(f"connection {self.index} is closed")
+
     def _error(self, exc: BaseException) -> PeerError:
         if self._closed:
-            return PeerError(f"connection {self.index} is closed")
+            return self._closed_error()
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return PeerError(f"connection {self.index} failed: {detail}")
 
@@ -410,7 +406,7 @@ class _Link:
                 if reader.payload_kind is wire.Kind.DATA:
                     buffer = pool.take()
                     if buffer is None:
-                        raise self._error(trio.ClosedResourceError())
+                        raise self._closed_error()
                     piece = memoryview(buffer)[: min(wanted, len(buffer))]
                 else:
                     piece = memoryview(bytearray(wanted))
@@ -452,7 +448,7 @@ class _Link:
 
     def _cut(self) -> PeerError:
         if self._closed:
-            return PeerError(f"connection {self.index} is closed")
+            return self._closed_error()
         return PeerError(f"connection {self.index} was cut in mid-frame")
 
     def _writer(self, token: trio.lowlevel.TrioToken) -> None:
@@ -549,7 +545,7 @@ class _Link:
         if self._write_error is not None:
             raise self._write_error
         if self._closed:
-            raise PeerError(f"connection {self.index} is closed")
+            raise self._closed_error()
 
     def close(self) -> None:
         """Stop both threads (the socket is shut down) and refuse further writes."""
@@ -596,8 +592,7 @@ def _give_back(event: wire.Event, pool: _BufferPool) -> None:
     """Return the pool buffers of an event nobody will consume."""
     if isinstance(event, wire.Data):
         for piece in event.pieces:
-            if isinstance(piece, memoryview):
-                pool.give(piece)
+            pool.give(piece)
 
 
 async def _tell_abort(link: _Link, reason: str) -> None:
@@ -1072,7 +1067,7 @@ class NetworkStreamReceiver(StreamReceiver):
             raise PeerError(f"the stream of device {self.name!r} was cut before its end") from None
         if channel.failure is not None:
             if item is not None:
-                item[1].give(memoryview(item[0]))
+                item[1].give(item[0])
             raise channel.failure
         if item is None:
             self.ended = True
