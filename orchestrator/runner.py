@@ -822,6 +822,10 @@ class Migration:
                     info = await self._call(Side.SOURCE, name, "precopy_info", device.precopy_info)
                     pending = info.initial_bytes + info.dirty_bytes
                     await self._drain(name, sender, precopy=True, limit=max(pending, 1))
+                    try:
+                        await sender.flush()
+                    except PeerError as exc:
+                        raise self._fail(Side.SOURCE, name, "send", exc) from None
                     info = await self._call(Side.SOURCE, name, "precopy_info", device.precopy_info)
                     size = await self._call(
                         Side.SOURCE, name, "stop_copy_size", device.stop_copy_size

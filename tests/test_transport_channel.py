@@ -555,3 +555,39 @@ def test_a_pool_takes_back_only_its_own_buffers() -> None:
     assert fresh is not None and fresh is not buffer
     pool.give(memoryview(fresh))
     assert pool._free == [fresh]
+
+
+async def test_flush_returns_only_once_the_queued_frames_are_sent() -> None:
+    """Sends of ``bytes`` return once queued; ``flush`` waits for the writer to
+    have handed them all to the kernel (the pre-copy round's true end)."""
+    secret = new_secret()
+    chunk = os.urandom(1 << 20)
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-s", secret, ["gpu0"])
+        async with open_channel(address, "mig-s", secret, ["gpu0"]) as src:
+            sender = src.sender("gpu0")
+            (link,) = src._links.values()
+            flushed = trio.Event()
+            queued_after_flush: list[int] = []
+
+            async def send_then_flush() -> None:
+                # More than the destination's pool, the socket buffers and the
+                # writer's queue together hold while nobody loads.
+                for _ in range(96):
+                    await sender.send(chunk)
+                await sender.flush()
+                queued_after_flush.append(link._queued_bytes)
+                flushed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_then_flush)
+                await trio.sleep(0.5)
+                assert not flushed.is_set()  # the destination holds everything back
+                receiver = dest.receiver("gpu0")
+                got = 0
+                while got < 96 << 20:
+                    view = await receiver.receive_lent()
+                    assert view is not None
+                    got += view.nbytes
+            assert queued_after_flush == [0]
+            await sender.end()

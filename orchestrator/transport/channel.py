@@ -512,6 +512,10 @@ class _Link:
             lambda encoder: (encoder.header(kind, slot, view.nbytes), view), view.nbytes, wait
         )
 
+    async def flush(self) -> None:
+        """Return once every frame queued so far is in the kernel's hands."""
+        await self._queue(lambda encoder: (b"", b""), 0, True)
+
     async def write_frame(self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]]) -> None:
         """A small frame (ACK, END, CONTROL, ABORT): made, queued in order, waited for."""
         await self._queue(make, 0, True)
@@ -576,7 +580,12 @@ class _WriteJob:
         self.error: PeerError | None = None
 
     def frame(self) -> list[memoryview]:
-        """In the writer thread: the whole frame, its trailer's checksum computed here."""
+        """In the writer thread: the whole frame, its trailer's checksum computed here.
+
+        A job without a header is a marker (``flush``): nothing to send.
+        """
+        if not self.header:
+            return []
         trailer = wire.FrameEncoder.trailer(self.header, self.payload)
         views = [memoryview(self.header), self.payload, memoryview(trailer)]
         return [v for v in views if v.nbytes]
@@ -800,6 +809,10 @@ class NetworkStreamSender(StreamSender):
                 )
                 self.bytes_sent += part.nbytes
                 channel._payload_bytes += part.nbytes
+
+    async def flush(self) -> None:
+        """Return once every frame of this device sent so far is in the kernel's hands."""
+        await self._channel._guarded(self._channel._link_of(self.index).flush())
 
     async def end(self) -> None:
         if self.ended or self._closed:

@@ -77,6 +77,16 @@ class StreamSender(abc.ABC):
     async def send(self, chunk: bytes) -> None:
         """Send the next chunk; PeerError if the receiving end has gone."""
 
+    async def flush(self) -> None:
+        """Return once every chunk sent so far has left the stream's own queue.
+
+        The runner calls it at the end of each pre-copy round, so that the
+        round's time, and the bandwidth measured from it, include sending
+        the round's bytes.  A local stream holds only its small bounded
+        buffer: nothing to wait for.
+        """
+        await trio.lowlevel.checkpoint()
+
     @abc.abstractmethod
     async def end(self) -> None:
         """Mark the stream complete and close it."""
