@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,3 +70,41 @@ def kill_child(proc: subprocess.Popen[str]) -> list[str]:
     proc.stdout.close()
     proc.stderr.close()
     return rest
+
+
+def _apt_install(package: str, timeout_s: int) -> str:
+    """Install a Debian package; why not, if it cannot."""
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    if os.geteuid() != 0:
+        return f"not root, cannot apt-get install {package}"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Wait for the dpkg lock rather than fail while another apt-get runs.
+    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
+    install = [*apt, "install", "-y", "--no-install-recommends", package]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+    result = run(install)
+    if result.returncode != 0:
+        # The package lists may be missing or stale: refresh them once and retry.
+        run([*apt, "update"])
+        result = run(install)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        return f"apt-get failed: {' '.join(tail)}"
+    return f"still not on PATH after installing {package}"
+
+
+def debian_tool(binary: str, package: str, timeout_s: int) -> str:
+    """The path of ``binary``, installing Debian's ``package`` (as root) if it is
+    missing; else the test is skipped, saying why."""
+    path = shutil.which(binary)
+    if path is None:
+        reason = _apt_install(package, timeout_s)
+        path = shutil.which(binary)
+        if path is None:
+            print(f"{binary} not available: {reason}")
+            pytest.skip(f"{binary} not available: {reason}")
+    return path

@@ -8,8 +8,6 @@ without promtool, and without a way to install it, they skip and say why.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +28,7 @@ from orchestrator.metrics import (
 )
 from orchestrator.report import MigrationReport
 from orchestrator.runner import Migration
-from tests.helpers import make_resolved, sim_device
+from tests.helpers import debian_tool, make_resolved, sim_device
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -305,41 +303,9 @@ def test_finishing_twice_does_not_drive_the_gauge_below_zero(
 # -- promtool ------------------------------------------------------------------
 
 
-def _install_promtool() -> str:
-    """Install Debian's ``prometheus`` (which ships promtool); why not, if it cannot."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install prometheus"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Wait for the dpkg lock rather than fail while another apt-get runs.
-    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
-    install = [*apt, "install", "-y", "--no-install-recommends", "prometheus"]
-
-    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-    result = run(install)
-    if result.returncode != 0:
-        # The package lists may be missing or stale: refresh them once and retry.
-        run([*apt, "update"])
-        result = run(install)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        return f"apt-get failed: {' '.join(tail)}"
-    return "promtool still not on PATH after installing prometheus"
-
-
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        reason = _install_promtool()
-        path = shutil.which("promtool")
-        if path is None:
-            print(f"promtool not available: {reason}")
-            pytest.skip(f"promtool not available: {reason}")
-    return path
+    return debian_tool("promtool", "prometheus", 600)
 
 
 def promtool_check(promtool: str, text: str) -> None:

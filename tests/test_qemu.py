@@ -12,8 +12,6 @@ without a way to install it, the tests skip and say why.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -25,43 +23,14 @@ from typing import Any
 import pytest
 
 from orchestrator.cli import main
+from tests.helpers import debian_tool
 
 QEMU = "qemu-system-x86_64"
 
 
-def _install_qemu() -> str:
-    """Install Debian's ``qemu-system-x86``; why not, if it cannot."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install qemu-system-x86"
-    apt = ["apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
-    install = [*apt, "install", "-y", "--no-install-recommends", "qemu-system-x86"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-
-    result = run(install)
-    if result.returncode != 0:
-        run([*apt, "update"])
-        result = run(install)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
-        return f"apt-get failed: {' '.join(tail)}"
-    return f"{QEMU} still not on PATH after installing qemu-system-x86"
-
-
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
-    path = shutil.which(QEMU)
-    if path is None:
-        reason = _install_qemu()
-        path = shutil.which(QEMU)
-        if path is None:
-            print(f"{QEMU} not available: {reason}")
-            pytest.skip(f"{QEMU} not available: {reason}")
-    return path
+    return debian_tool(QEMU, "qemu-system-x86", 900)
 
 
 def qmp_query(path: Path, command: str = "query-status") -> Any:
