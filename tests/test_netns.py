@@ -13,13 +13,14 @@ has it (``sch_netem``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,22 +170,66 @@ def _stop(daemon: Daemon) -> None:
             daemon.process.wait()
 
 
-async def test_a_link_cut_mid_stream_rolls_back_and_the_destination_resets(
-    namespaces: Namespaces, short_dir: Path, token_file: Path
-) -> None:
-    n = namespaces
+@contextlib.asynccontextmanager
+async def daemon_pair(
+    n: Namespaces, base: Path, token_file: Path
+) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    """(source, destination): a daemon in each namespace, ready, stopped after."""
     destination = _start(
         n,
         n.destination,
-        short_dir / "dst",
+        base / "dst",
         token_file,
         api={"tcp": f"{n.destination_ip}:7800"},
         data={"listen": f"{n.destination_ip}:7801"},
     )
-    source = _start(n, n.source, short_dir / "src", token_file)
+    source = _start(n, n.source, base / "src", token_file)
     try:
         await _wait_ready(destination)
         await _wait_ready(source)
+        yield source, destination
+    finally:
+        _stop(source)
+        _stop(destination)
+
+
+async def submit(source: Daemon, plan: dict[str, Any]) -> str:
+    async with source.client() as client:
+        response = await client.post("/v1/migrations", json=plan)
+        assert response.status_code == 201, response.text
+        migration_id: str = response.json()["id"]
+        return migration_id
+
+
+async def outcome(daemon: Daemon, path: str, seconds: float = 240) -> dict[str, Any]:
+    """The status at ``path`` once it has an outcome."""
+    async with daemon.client() as client:
+        with trio.fail_after(seconds):
+            while True:
+                body: dict[str, Any] = (await client.get(path)).json()
+                if body.get("outcome") is not None:
+                    return body
+                await trio.sleep(0.1)
+
+
+async def wait_sent(source: Daemon, migration_id: str, nbytes: int, seconds: float) -> None:
+    """Until the running migration has sent more than ``nbytes``."""
+    async with source.client() as client:
+        with trio.fail_after(seconds):
+            while True:
+                body = (await client.get(f"/v1/migrations/{migration_id}")).json()
+                assert body["outcome"] is None, body
+                sent = sum((body.get("progress") or {}).get("bytes_sent", {}).values())
+                if sent > nbytes:
+                    return
+                await trio.sleep(0.05)
+
+
+async def test_a_link_cut_mid_stream_rolls_back_and_the_destination_resets(
+    namespaces: Namespaces, short_dir: Path, token_file: Path
+) -> None:
+    n = namespaces
+    async with daemon_pair(n, short_dir, token_file) as (source, destination):
         plan = {
             "vm": "vm-netns",
             "downtime_limit_ms": 500,
@@ -200,46 +245,22 @@ async def test_a_link_cut_mid_stream_rolls_back_and_the_destination_resets(
                 for i in range(2)
             ],
         }
-        async with source.client() as src, destination.client() as dst:
-            response = await src.post("/v1/migrations", json=plan)
-            assert response.status_code == 201, response.text
-            migration_id = response.json()["id"]
-            with trio.fail_after(20):
-                while True:
-                    status = (await src.get(f"/v1/migrations/{migration_id}")).json()
-                    sent = sum((status.get("progress") or {}).get("bytes_sent", {}).values())
-                    if sent > 4 << 20:
-                        break
-                    assert status["outcome"] is None, status
-                    await trio.sleep(0.05)
-            out = n.exec(n.source, "ip", "link", "set", n.source_if, "down")
-            assert out.returncode == 0, out.stderr
-            with trio.fail_after(60):
-                while True:
-                    status = (await src.get(f"/v1/migrations/{migration_id}")).json()
-                    if status["outcome"] is not None:
-                        break
-                    await trio.sleep(0.1)
-            report = status["report"]
-            assert status["outcome"] == "rolled_back", json.dumps(report, indent=1)
-            assert report["committed"] is False
-            assert report["error"]["kind"] in ("peer_error", "device_error", "device_timeout"), (
-                report["error"]
-            )
-            assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
-            # The destination, cut off, reset its devices by itself.
-            with trio.fail_after(60):
-                while True:
-                    far = (await dst.get(f"/v1/incoming/{migration_id}")).json()
-                    if far.get("outcome") is not None:
-                        break
-                    await trio.sleep(0.1)
-            assert far["outcome"] == "rolled_back", far
-            assert far["committed"] is False
-            assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
-    finally:
-        _stop(source)
-        _stop(destination)
+        migration_id = await submit(source, plan)
+        await wait_sent(source, migration_id, 4 << 20, 20)
+        out = n.exec(n.source, "ip", "link", "set", n.source_if, "down")
+        assert out.returncode == 0, out.stderr
+        status = await outcome(source, f"/v1/migrations/{migration_id}", 60)
+        report = status["report"]
+        assert status["outcome"] == "rolled_back", json.dumps(report, indent=1)
+        assert report["committed"] is False
+        kinds = ("peer_error", "device_error", "device_timeout")
+        assert report["error"]["kind"] in kinds, report["error"]
+        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+        # The destination, cut off, reset its devices by itself.
+        far = await outcome(destination, f"/v1/incoming/{migration_id}", 60)
+        assert far["outcome"] == "rolled_back", far
+        assert far["committed"] is False
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
 
 
 def test_netem_shaping_where_the_kernel_has_it(namespaces: Namespaces) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from tests.test_netns import Daemon, Namespaces, _start, _stop, _wait_ready
+from tests.test_netns import Namespaces, daemon_pair, outcome, submit, wait_sent
 from tests.test_netns import namespaces as namespaces  # the fixture
 
 RATE_MBIT = 100
@@ -48,46 +46,16 @@ def _plan(n: Namespaces, token_file: Path, tag: str, **extra: Any) -> dict[str, 
     }
 
 
-async def _submit(source: Daemon, plan: dict[str, Any]) -> str:
-    async with source.client() as client:
-        response = await client.post("/v1/migrations", json=plan)
-        assert response.status_code == 201, response.text
-        migration_id: str = response.json()["id"]
-        return migration_id
-
-
-async def _outcome(daemon: Daemon, path: str, seconds: float = 240) -> dict[str, Any]:
-    async with daemon.client() as client:
-        with trio.fail_after(seconds):
-            while True:
-                body: dict[str, Any] = (await client.get(path)).json()
-                if body.get("outcome") is not None:
-                    return body
-                await trio.sleep(0.2)
-
-
 async def test_migrations_over_a_shaped_link_and_a_cut_one(
     namespaces: Namespaces, short_dir: Path, token_file: Path
 ) -> None:
     n = namespaces
     _shape(n)
-    destination = _start(
-        n,
-        n.destination,
-        short_dir / "dst",
-        token_file,
-        api={"tcp": f"{n.destination_ip}:7800"},
-        data={"listen": f"{n.destination_ip}:7801"},
-    )
-    source = _start(n, n.source, short_dir / "src", token_file)
-    try:
-        await _wait_ready(destination)
-        await _wait_ready(source)
-
+    async with daemon_pair(n, short_dir, token_file) as (source, destination):
         # 1. Over the shaped link: it succeeds, the bandwidth the pre-copy
         # decision used is the link's, and the downtime respects physics.
-        first = await _submit(source, _plan(n, token_file, "ok"))
-        status = await _outcome(source, f"/v1/migrations/{first}")
+        first = await submit(source, _plan(n, token_file, "ok"))
+        status = await outcome(source, f"/v1/migrations/{first}")
         report = status["report"]
         assert status["outcome"] == "succeeded", report
         measured = report["precopy"]["bandwidth_mib_s"]
@@ -98,33 +66,22 @@ async def test_migrations_over_a_shaped_link_and_a_cut_one(
         stopcopy = sum(d["bytes_stopcopy"] for d in report["devices"])
         floor_ms = stopcopy * 8 / (RATE_MBIT * 1e6) * 1000 + 2 * 2 * DELAY_MS
         assert report["downtime_ms"] >= floor_ms, (report["downtime_ms"], floor_ms)
-        far = await _outcome(destination, f"/v1/incoming/{first}")
+        far = await outcome(destination, f"/v1/incoming/{first}")
         assert far["outcome"] == "succeeded"
         for device in report["devices"]:
             assert far["devices"][device["name"]]["digest"] == device["source_digest"]
 
         # 2. The link cut in the middle of the pre-copy.
-        second = await _submit(
+        second = await submit(
             source,
             _plan(n, token_file, "cut", bandwidth_limit_mib_s=1, timeouts={"device_call_s": 6}),
         )
-        async with source.client() as client:
-            with trio.fail_after(120):
-                while True:
-                    body = (await client.get(f"/v1/migrations/{second}")).json()
-                    assert body["outcome"] is None, body
-                    sent = sum((body.get("progress") or {}).get("bytes_sent", {}).values())
-                    if sent > 256 << 10:
-                        break
-                    await trio.sleep(0.1)
+        await wait_sent(source, second, 256 << 10, 120)
         out = n.exec(n.source, "ip", "link", "set", n.source_if, "down")
         assert out.returncode == 0, out.stderr
-        status = await _outcome(source, f"/v1/migrations/{second}")
+        status = await outcome(source, f"/v1/migrations/{second}")
         assert status["outcome"] == "rolled_back", status["report"]
         assert {d["source_state"] for d in status["report"]["devices"]} == {"RUNNING"}
-        far = await _outcome(destination, f"/v1/incoming/{second}")
+        far = await outcome(destination, f"/v1/incoming/{second}")
         assert far["outcome"] == "rolled_back", far
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
-    finally:
-        _stop(source)
-        _stop(destination)
