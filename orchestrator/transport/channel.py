@@ -288,7 +288,7 @@ class _Link:
 
     After the handshake the descriptor leaves trio: a writer thread sends
     queued frames in order (each whole: header, payload and trailer in
-    ``sendmsg`` calls from the caller's buffer, the trailer's CRC-32C
+    ``sendmsg`` calls from the caller's buffer, the trailer's CRC-32
     computed there), and a reader thread receives frames into the
     connection's buffer pool (``recv_into``; the checksum computed as the
     bytes land), validates them and posts each event to the trio loop.  So
