@@ -591,3 +591,31 @@ async def test_flush_returns_only_once_the_queued_frames_are_sent() -> None:
                     got += view.nbytes
             assert queued_after_flush == [0]
             await sender.end()
+
+
+async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer() -> None:
+    """END and CONTROL return once queued; closing the channel sends what is
+    queued before it shuts the connections down."""
+    secret = new_secret()
+    data = os.urandom(8 << 20)
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-t", secret, ["gpu0"])
+        got = bytearray()
+        messages: list[dict[str, object]] = []
+
+        async def destination() -> None:
+            await collect(dest.receiver("gpu0"), got)
+            with contextlib.suppress(PeerError):
+                while True:
+                    messages.append(await dest.receive_control())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(destination)
+            async with open_channel(address, "mig-t", secret, ["gpu0"]) as src:
+                await pour(src.sender("gpu0"), data, 1 << 20)
+                for n in range(3):
+                    await src.send_control({"n": n})
+                (link,) = src._links.values()
+                assert link._queued_bytes > 0  # still queued as the block is left
+    assert bytes(got) == data
+    assert messages == [{"n": 0}, {"n": 1}, {"n": 2}]

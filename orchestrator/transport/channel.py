@@ -516,9 +516,17 @@ class _Link:
         """Return once every frame queued so far is in the kernel's hands."""
         await self._queue(lambda encoder: (b"", b""), 0, True)
 
-    async def write_frame(self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]]) -> None:
-        """A small frame (ACK, END, CONTROL, ABORT): made, queued in order, waited for."""
-        await self._queue(make, 0, True)
+    async def write_frame(
+        self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]], *, wait: bool = False
+    ) -> None:
+        """A small frame (ACK, END, CONTROL, ABORT): made and queued in order.
+
+        Without ``wait`` it returns once queued: a message on the switchover's
+        critical path does not also wait for the writer thread's round trip
+        to trio.  A failure shows on a later write, and a clean close sends
+        whatever is queued first (``_Channel.aclose``).
+        """
+        await self._queue(make, 0, wait)
 
     async def _queue(
         self, make: Callable[[wire.FrameEncoder], tuple[bytes, Buffer]], nbytes: int, wait: bool
@@ -604,9 +612,14 @@ def _give_back(event: wire.Event, pool: _BufferPool) -> None:
             pool.give(piece)
 
 
+async def _flush_quietly(link: _Link) -> None:
+    with contextlib.suppress(PeerError):
+        await link.flush()
+
+
 async def _tell_abort(link: _Link, reason: str) -> None:
     with contextlib.suppress(PeerError):
-        await link.write_frame(lambda encoder: _split(encoder.abort(reason)))
+        await link.write_frame(lambda encoder: _split(encoder.abort(reason)), wait=True)
 
 
 # -- what both ends share -----------------------------------------------------
@@ -708,9 +721,17 @@ class _Channel:
         await self._fail_and_tell(PeerError(f"the channel was aborted here: {reason}"), reason)
 
     async def aclose(self) -> None:
-        """Close every connection; streams not ended are cut."""
+        """Send what is queued (for at most ``ABORT_GRACE_S``), then close every
+        connection; streams not ended are cut."""
         error = PeerError(f"the channel of migration {self.migration_id!r} is closed")
-        self._fail(error, closing=True)
+        try:
+            if self.failure is None:
+                with trio.move_on_after(ABORT_GRACE_S):
+                    async with trio.open_nursery() as nursery:
+                        for link in self._links.values():
+                            nursery.start_soon(_flush_quietly, link)
+        finally:
+            self._fail(error, closing=True)
         await trio.lowlevel.checkpoint()
 
     async def _serve_link(self, link: _Link, validator: wire.InboundValidator) -> None:
