@@ -449,6 +449,11 @@ class RemoteDestination:
             raise _device_error(arc.error or {}, device, "set_state", target)
         return True
 
+    async def stop_copy_started(self) -> None:
+        """Every source device has passed the P2P barrier and is stopping."""
+        assert self.channel is not None
+        await self.channel.send_control({"op": "stop_copy"})
+
     async def initial_sent(self, device: str, nbytes: int) -> None:
         assert self.channel is not None
         await self.channel.send_control({"op": "initial_sent", "device": device, "bytes": nbytes})
