@@ -191,8 +191,9 @@ Invariants
 * The page digests are exact: every page whose stale flag is clear has its
   current content's digest.  Whatever writes the content keeps it so.
 * No per-byte Python loops: pages move as memoryview slices, checksums are
-  ``zlib.crc32`` over views, pending and stale pages are found with
-  ``bytearray.find``.
+  CRC-32 over views (zlib-ng's, as the data channel's: 5 us for a 256 KiB
+  read where the standard library's took 64 us), pending and stale pages are
+  found with ``bytearray.find``.
 """
 
 from __future__ import annotations
@@ -205,7 +206,6 @@ import mmap
 import os
 import random
 import struct
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +213,7 @@ from typing import Any, ClassVar, Literal, NoReturn
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from zlib_ng.zlib_ng import crc32 as _crc32
 
 from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
 from orchestrator.errors import DeviceError, Problem
@@ -752,7 +753,7 @@ class _Saver:
             self.end_built = True
             mutations, digest = self.finish()
             body = _END.pack(TAG_END, mutations, digest, 0)[: END_SIZE - 4]
-            end = body + struct.pack(">I", zlib.crc32(body))
+            end = body + struct.pack(">I", _crc32(body))
             self.built += len(end)
             return [end]
         return None
@@ -771,7 +772,7 @@ class _Saver:
         end = min(stop * page, self.layout.size)
         payload = self.content[offset:end]
         fields = _RUN_FIELDS.pack(TAG_RUN, offset, end - offset)
-        header = _RUN.pack(TAG_RUN, offset, end - offset, zlib.crc32(payload, zlib.crc32(fields)))
+        header = _RUN.pack(TAG_RUN, offset, end - offset, _crc32(payload, _crc32(fields)))
         self.built += len(header) + len(payload)
         return [header, payload]
 
@@ -879,7 +880,7 @@ class _Loader:
                     body = pos + RUN_HEADER_SIZE
                     payload = view[body : body + length]
                     fields = view[pos : pos + _RUN_FIELDS.size]
-                    if zlib.crc32(payload, zlib.crc32(fields)) != crc:
+                    if _crc32(payload, _crc32(fields)) != crc:
                         self._reject(at, f"crc mismatch in page run [{offset}, {end})")
                     self.content[offset:end] = payload
                     page = layout.page_size
@@ -889,7 +890,7 @@ class _Loader:
                     if size - pos < END_SIZE:
                         break
                     _, mutations, digest, crc = _END.unpack_from(view, pos)
-                    if zlib.crc32(view[pos : pos + END_SIZE - 4]) != crc:
+                    if _crc32(view[pos : pos + END_SIZE - 4]) != crc:
                         self._reject(at, "crc mismatch in the end record")
                     self.end = (mutations, digest)
                     pos += END_SIZE
