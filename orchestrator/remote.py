@@ -20,8 +20,13 @@ daemon for one migration:
   downtime window holds no round trip per arc.  ``RemoteDevice.set_state``
   for those targets waits for the report;
 * the switchover acknowledgement (``initial_sent`` out, an ACK frame back);
+* ``stop_copy``: every source device passed the P2P barrier and is
+  stopping; the destination writes its vote record then, while the
+  stop-copy data crosses the link, instead of on the critical path;
 * ``commit``: sent right after the source journal recorded the decision;
-  the destination records it in its own journal before any device runs;
+  the destination runs every device at once and records the decision in its
+  own journal meanwhile (a restart before that record lands finds the vote
+  and waits for the source, which delivers the commit again);
 * ``finish``: the outcome, so that both journals agree.
 
 When the channel fails, device calls fall back to REST: the destination
