@@ -454,6 +454,10 @@ class RemoteDestination:
             raise _device_error(arc.error or {}, device, "set_state", target)
         return True
 
+    def in_flight_bytes(self) -> int:
+        """Channel bytes sent and not yet delivered to the destination host."""
+        return self.channel.in_flight_bytes() if self.channel is not None else 0
+
     async def stop_copy_started(self) -> None:
         """Every source device has passed the P2P barrier and is stopping."""
         assert self.channel is not None

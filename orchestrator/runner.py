@@ -749,7 +749,12 @@ class Migration:
         self._precopy_busy_s += now - self._round_started
         self._round_started = now
         self.precopy.rounds += 1
-        measured = self._precopy_bytes / self._precopy_busy_s if self._precopy_busy_s > 0 else 0.0
+        # What crossed, not what was handed over: on a deep link queue the kernel
+        # holds megabytes that a flushed round has "sent" and not delivered.
+        delivered = self._precopy_bytes
+        if self.remote is not None:
+            delivered = max(0, delivered - self.remote.in_flight_bytes())
+        measured = delivered / self._precopy_busy_s if self._precopy_busy_s > 0 else 0.0
         if self.plan.bandwidth_limit_mib_s is not None:
             limit = self.plan.bandwidth_limit_mib_s * MIB
             measured = min(measured, limit) if measured > 0 else limit

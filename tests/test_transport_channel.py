@@ -619,3 +619,39 @@ async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer() -
                 assert link._queued_bytes > 0  # still queued as the block is left
     assert bytes(got) == data
     assert messages == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+async def test_bytes_in_flight_count_what_the_destination_has_not_taken_yet() -> None:
+    """Sent is not delivered: what sits in the writer's queue and the kernel's
+    send queue, unacknowledged, is reported until the destination reads it."""
+    secret = new_secret()
+    chunk = os.urandom(1 << 20)
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-u", secret, ["gpu0"])
+        async with open_channel(address, "mig-u", secret, ["gpu0"]) as src:
+            sender = src.sender("gpu0")
+            assert src.in_flight_bytes() == 0
+
+            async def send_all() -> None:
+                # More than the destination's pool and both socket buffers hold.
+                for _ in range(64):
+                    await sender.send(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all)
+                await trio.sleep(0.3)  # nobody loads: it piles up on the way
+                held = src.in_flight_bytes()
+                assert 1 << 20 <= held <= 64 << 20
+                receiver = dest.receiver("gpu0")
+                got = 0
+                while got < 64 << 20:
+                    view = await receiver.receive_lent()
+                    assert view is not None
+                    got += view.nbytes
+            # A kernel counter, with no event to wait on: poll it.
+            for _ in range(500):
+                if not src.in_flight_bytes():
+                    break
+                await trio.sleep(0.01)
+            assert src.in_flight_bytes() == 0
+            await sender.end()

@@ -40,10 +40,13 @@ autotuning, which setting them would switch off.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import queue
 import secrets
 import socket as stdlib_socket
+import sys
+import termios
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -352,9 +355,26 @@ class _Link:
     def _thread_done(self) -> None:
         with self._threads_lock:
             self._threads_left -= 1
-            last = self._threads_left == 0
-        if last:
-            self.sock.close()
+            if self._threads_left == 0:
+                self.sock.close()
+
+    def in_flight_bytes(self) -> int:
+        """Bytes queued here or in the kernel and not yet acknowledged by the peer's TCP.
+
+        The kernel's part (``SIOCOUTQ``) can be megabytes on a link with a deep
+        queue (netem, bufferbloat): a send returns long before its bytes
+        cross, so what was sent overstates what was delivered by this much.
+        """
+        with self._threads_lock:
+            if self._threads_left == 0 or self._closed:
+                return 0
+            try:
+                raw = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            except OSError:
+                return 0
+        with self._queued_lock:
+            queued = self._queued_bytes
+        return queued + int.from_bytes(raw, sys.byteorder, signed=True)
 
     def _reader(
         self,
@@ -923,6 +943,11 @@ class SourceChannel(_Channel):
         """Wait until every device has been acknowledged (the switchover-ack barrier)."""
         for device in self.devices:
             await self.acknowledged(device)
+
+    def in_flight_bytes(self) -> int:
+        """Bytes sent and not yet delivered to the destination host's kernel, over
+        every connection: subtract them from what was sent to measure the link."""
+        return sum(link.in_flight_bytes() for link in self._links.values())
 
     def _deliver_device_event(self, event: wire.Event, pool: _BufferPool) -> None:
         assert isinstance(event, wire.Ack)

@@ -59,9 +59,10 @@ async def test_migrations_over_a_shaped_link_and_a_cut_one(
         report = status["report"]
         assert status["outcome"] == "succeeded", report
         measured = report["precopy"]["bandwidth_mib_s"]
-        # Measured at the source as bytes handed to the socket over busy time: the
-        # kernel's socket buffers (a few hundred KiB) let it overshoot the link a
-        # little on 2 MiB, never by much.
+        # Measured at the source as bytes delivered (sent, less what the kernel
+        # still holds unacknowledged) over busy time.  Counting what was handed to
+        # the socket overshot to 1.8x here: netem's deep queue lets TCP hold
+        # megabytes in flight.
         assert measured is not None and measured <= RATE_MBIT / 8 * 1.3, report["precopy"]
         stopcopy = sum(d["bytes_stopcopy"] for d in report["devices"])
         floor_ms = stopcopy * 8 / (RATE_MBIT * 1e6) * 1000 + 2 * 2 * DELAY_MS
