@@ -364,8 +364,6 @@ class IncomingMigration:
                 nursery.start_soon(self._serve_call, message)
             elif op == "initial_sent":
                 nursery.start_soon(self._acknowledge_initial, message)
-            elif op == "stop_copy":
-                self._start_vote_record()
             elif op == "commit":
                 # The decision is the source's, recorded there: act on it at once.
                 # Every device runs now, on this side's own initiative and
@@ -619,14 +617,11 @@ class IncomingMigration:
                 pass
 
     def _start_vote_record(self) -> None:
-        """Write the vote record while the stop-copy data is on the wire.
-
-        Started by the source's ``stop_copy`` message (every source device has
-        passed the P2P barrier and is stopping), or by the first stream to end
-        if that comes first (another connection): the fsync overlaps the
-        transfer instead of lengthening the downtime.  Written early it only
-        makes a restart wait for the source's decision where it could have
-        rolled back alone."""
+        """Write the vote record while the rest of the stop-copy data is on the
+        wire: it is the first stream to end, so every source device has stopped,
+        and the fsync overlaps the transfer instead of lengthening the downtime.
+        Written early it only makes a restart wait for the source's decision
+        where it could have rolled back alone."""
         if self._vote_started:
             return
         self._vote_started = True

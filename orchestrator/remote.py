@@ -20,9 +20,6 @@ daemon for one migration:
   downtime window holds no round trip per arc.  ``RemoteDevice.set_state``
   for those targets waits for the report;
 * the switchover acknowledgement (``initial_sent`` out, an ACK frame back);
-* ``stop_copy``: every source device passed the P2P barrier and is
-  stopping; the destination writes its vote record then, while the
-  stop-copy data crosses the link, instead of on the critical path;
 * ``commit``: sent right after the source journal recorded the decision;
   the destination runs every device at once and records the decision in its
   own journal meanwhile (a restart before that record lands finds the vote
@@ -457,11 +454,6 @@ class RemoteDestination:
     def in_flight_bytes(self) -> int:
         """Channel bytes sent and not yet delivered to the destination host."""
         return self.channel.in_flight_bytes() if self.channel is not None else 0
-
-    async def stop_copy_started(self) -> None:
-        """Every source device has passed the P2P barrier and is stopping."""
-        assert self.channel is not None
-        await self.channel.send_control({"op": "stop_copy"})
 
     async def initial_sent(self, device: str, nbytes: int) -> None:
         assert self.channel is not None

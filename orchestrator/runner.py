@@ -703,13 +703,6 @@ class Migration:
             await self._vmm_call(Side.SOURCE, "pause", record="pause")
         self._grace_signal.set()
         await self._source_barrier.released.wait()
-        if self.remote is not None:
-            # Every source device stops now: the destination may write its vote
-            # record while the stop-copy data crosses the link.
-            try:
-                await self.remote.stop_copy_started()
-            except PeerError as exc:
-                raise self._abort("peer_error", f"announcing the stop-copy: {exc}") from None
         timeout = self.plan.timeouts.switchover_s
         try:
             with trio.fail_after(timeout):

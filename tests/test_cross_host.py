@@ -125,32 +125,6 @@ async def test_three_devices_migrate_to_the_destination_daemon(
         assert b.journal_rows(status["id"]) == [("destination", "succeeded", 1)]
 
 
-async def test_the_destination_writes_its_vote_while_the_stop_copy_data_crosses(
-    short_dir: Path, token_file: Path
-) -> None:
-    """The source announces the stop-copy; the destination's vote record (an
-    fsync) starts then, not once a stream has ended, so it is off the
-    downtime's critical path.  Here the destination device loads its
-    stop-copy data slowly: the vote is on its way while it still loads."""
-    async with two_hosts(short_dir, token_file) as (a, b):
-        plan = cross_plan(b, token_file, "gpu0", pre_copy=False, dirty_mib_s=0)
-        plan["devices"][0]["destination"] = {"drain_mib_s": 1}  # 0.25 MiB in 250 ms
-        response = await a.client.post("/v1/migrations", json=plan)
-        assert response.status_code == 201, response.text
-        migration_id = response.json()["id"]
-        with trio.fail_after(10):
-            while True:
-                far = (await b.client.get(f"/v1/incoming/{migration_id}")).json()
-                if far.get("phase") == "destination_grace":
-                    break
-                await trio.sleep(0.005)
-        device = far["devices"]["gpu0"]
-        assert device["state"] == "RESUMING" and not device["ready"], far
-        assert device["bytes"] < 256 * 1024
-        status = await wait_outcome(a.client, migration_id)
-        assert status["outcome"] == "succeeded", status["report"]
-
-
 async def test_a_destination_that_fails_to_load_rolls_both_hosts_back(
     short_dir: Path, token_file: Path
 ) -> None:
