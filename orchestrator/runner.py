@@ -1429,6 +1429,9 @@ class _KeepChannel(StreamSender):
     async def send(self, chunk: bytes) -> None:
         await self._sender.send(chunk)
 
+    async def flush(self) -> None:
+        await self._sender.flush()
+
     async def end(self) -> None:
         await self._sender.end()
 

@@ -17,8 +17,11 @@ from typing import Any
 
 import httpx
 import trio
+from typing_extensions import Buffer
 
+from orchestrator.runner import _KeepChannel
 from orchestrator.settings import Settings
+from orchestrator.transport import StreamSender
 from tests.test_daemon import Daemon, running_daemon, unix_client, wait_outcome
 
 
@@ -192,3 +195,30 @@ async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination
         b.daemon.running.service.incoming.advertise = None
         again = await submit(a, cross_plan(b, token_file, "gpu0"))
         assert again["outcome"] == "succeeded", again["report"]
+
+
+async def test_the_stream_to_the_destination_daemon_flushes_what_it_wraps() -> None:
+    """A pre-copy round ends with ``flush``: through the wrapper that keeps the
+    channel up, it must reach the channel, or the round's bytes still sit in
+    the writer's queue when its bandwidth is measured."""
+    calls: list[str] = []
+
+    class Recording(StreamSender):
+        async def send(self, chunk: Buffer) -> None:
+            calls.append("send")
+
+        async def flush(self) -> None:
+            calls.append("flush")
+
+        async def end(self) -> None:
+            calls.append("end")
+
+        async def aclose(self) -> None:
+            calls.append("aclose")
+
+    kept = _KeepChannel(Recording())
+    await kept.send(b"x")
+    await kept.flush()
+    await kept.end()
+    await kept.aclose()  # the channel stays up: not passed on
+    assert calls == ["send", "flush", "end"]
