@@ -471,7 +471,7 @@ class RemoteDestination:
             for link in self._devices.values():
                 link.autonomous.append(DeviceState.RUNNING)
             try:
-                await self.channel.send_control({"op": "commit"})
+                await self.channel.send_control({"op": "commit"}, wait=True)
             except PeerError as exc:
                 self._lost(exc)
             else:
@@ -483,7 +483,9 @@ class RemoteDestination:
         if self.channel is None or self.failure is not None:
             return
         with contextlib.suppress(PeerError):
-            await self.channel.send_control({"op": "finish", "outcome": outcome, "error": error})
+            await self.channel.send_control(
+                {"op": "finish", "outcome": outcome, "error": error}, wait=True
+            )
 
     def device(self, name: str) -> RemoteDevice:
         return RemoteDevice(name, self)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,3 +42,11 @@ def token_file(short_dir: Path) -> Path:
     path.write_text(f"# test tokens\n{TOKEN}\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_the_collector() -> Iterator[None]:
+    """A daemon started in this process freezes what exists (``gc.freeze``):
+    objects of earlier tests among them.  Hand them back to the collector."""
+    yield
+    gc.unfreeze()

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ from typing_extensions import Buffer
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import (
     ChannelListener,
+    DestinationChannel,
     RateLimiter,
     StreamReceiver,
     StreamSender,
@@ -41,6 +43,16 @@ async def serving(
 async def collect(receiver: StreamReceiver, got: bytearray) -> None:
     while (piece := await receiver.receive()) is not None:
         got.extend(piece)
+
+
+async def stream_then_control(
+    dest: DestinationChannel, got: bytearray, messages: list[dict[str, Any]]
+) -> None:
+    """gpu0's stream into ``got``, then every CONTROL message until the channel closes."""
+    await collect(dest.receiver("gpu0"), got)
+    with contextlib.suppress(PeerError):
+        while True:
+            messages.append(await dest.receive_control())
 
 
 async def drain(receiver: StreamReceiver) -> bytes:
@@ -269,7 +281,7 @@ async def test_the_source_refuses_a_destination_without_the_secret() -> None:
     async def impostor(stream: trio.SocketStream) -> None:
         await stream.send_all(wire.make_challenge(secrets.token_bytes(32)))
         await receive_exactly(stream, wire.HELLO_PREFIX_SIZE + len("mig-d"))
-        await stream.send_all(b"PTMIG/W1" + secrets.token_bytes(32))
+        await stream.send_all(b"PTMIG/W2" + secrets.token_bytes(32))
         await stream.receive_some()
 
     async with trio.open_nursery() as nursery:
@@ -601,16 +613,9 @@ async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer() -
     async with serving() as (listener, address):
         dest = listener.expect("mig-t", secret, ["gpu0"])
         got = bytearray()
-        messages: list[dict[str, object]] = []
-
-        async def destination() -> None:
-            await collect(dest.receiver("gpu0"), got)
-            with contextlib.suppress(PeerError):
-                while True:
-                    messages.append(await dest.receive_control())
-
+        messages: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(destination)
+            nursery.start_soon(stream_then_control, dest, got, messages)
             async with open_channel(address, "mig-t", secret, ["gpu0"]) as src:
                 await pour(src.sender("gpu0"), data, 1 << 20)
                 for n in range(3):
@@ -655,3 +660,25 @@ async def test_bytes_in_flight_count_what_the_destination_has_not_taken_yet() ->
                 await trio.sleep(0.01)
             assert src.in_flight_bytes() == 0
             await sender.end()
+
+
+async def test_a_waited_control_message_survives_the_cancellation_of_its_channel() -> None:
+    """What the commit and finish rely on: sent with ``wait`` under a shield, a
+    message has reached the kernel before the cancelled channel shuts down."""
+    secret = new_secret()
+    data = os.urandom(4 << 20)
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-v", secret, ["gpu0"])
+        got = bytearray()
+        messages: list[dict[str, Any]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream_then_control, dest, got, messages)
+            with trio.CancelScope() as scope:
+                async with open_channel(address, "mig-v", secret, ["gpu0"]) as src:
+                    await pour(src.sender("gpu0"), data, 1 << 20)
+                    with trio.CancelScope(shield=True):
+                        await src.send_control({"op": "finish"}, wait=True)
+                    scope.cancel()
+                    await trio.sleep_forever()
+    assert bytes(got) == data
+    assert messages == [{"op": "finish"}]

@@ -324,6 +324,7 @@ class _Link:
         self._threads_lock = threading.Lock()
         self.read_outcome: _ReadOutcome = None
         self.read_done = trio.Event()
+        self._on_write_error: Callable[[PeerError], None] = lambda error: None
 
     def _closed_error(self) -> PeerError:
         return PeerError(f"connection {self.index} is closed")
@@ -341,9 +342,12 @@ class _Link:
         validator: wire.InboundValidator,
         deliver: Callable[[wire.Event, _BufferPool], None],
         devices_here: int,
+        on_write_error: Callable[[PeerError], None],
     ) -> None:
-        """Start the reader and the writer; events reach ``deliver`` in the trio thread."""
+        """Start the reader and the writer; events reach ``deliver`` and a failed
+        send ``on_write_error``, both in the trio thread."""
         token = trio.lowlevel.current_trio_token()
+        self._on_write_error = on_write_error
         self.pool = _BufferPool(RECV_PIECE_BYTES, QUEUED_PIECES + devices_here)
         self._threads_left = 2
         name = f"channel-{self.index}"
@@ -500,6 +504,10 @@ class _Link:
                     _consume(views, self.sock.sendmsg(views))
             except OSError as exc:
                 error = self._write_error = self._error(exc)
+                # Fail the channel now: callers that no longer wait for their
+                # frames must not wait for the reader to notice the same cut.
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(self._on_write_error, error)
         # The trio side hears of a frame only if it waits for that one, or for
         # room (once half the queue has gone): a wake-up per frame cost a third
         # of the throughput.
@@ -746,7 +754,7 @@ class _Channel:
         error = PeerError(f"the channel of migration {self.migration_id!r} is closed")
         try:
             if self.failure is None:
-                with trio.move_on_after(ABORT_GRACE_S):
+                with trio.CancelScope(shield=True), trio.move_on_after(ABORT_GRACE_S):
                     async with trio.open_nursery() as nursery:
                         for link in self._links.values():
                             nursery.start_soon(_flush_quietly, link)
@@ -757,7 +765,7 @@ class _Channel:
     async def _serve_link(self, link: _Link, validator: wire.InboundValidator) -> None:
         """Run one connection to its end, failing the channel on any error."""
         devices_here = len(validator.own)
-        link.start(validator, self._deliver, devices_here)
+        link.start(validator, self._deliver, devices_here, self._fail)
         try:
             await link.read_done.wait()
             outcome = link.read_outcome
@@ -795,10 +803,15 @@ class _Channel:
 
     # Control messages ------------------------------------------------------
 
-    async def send_control(self, message: Mapping[str, Any]) -> None:
-        """Send a small JSON object to the peer, on connection 0, in order."""
+    async def send_control(self, message: Mapping[str, Any], *, wait: bool = False) -> None:
+        """Send a small JSON object to the peer, on connection 0, in order.
+
+        Returns once queued; with ``wait``, once in the kernel's hands, so that
+        a shielded caller knows the message survives its scope's cancellation
+        (a cancelled channel's connections are shut down, queue and all).
+        """
         link = self._link_of(wire.CHANNEL_SLOT)
-        await link.write_frame(lambda encoder: _split(encoder.control(dict(message))))
+        await link.write_frame(lambda encoder: _split(encoder.control(dict(message))), wait=wait)
 
     async def receive_control(self) -> dict[str, Any]:
         """The peer's next CONTROL message; PeerError once the channel failed or closed."""
