@@ -270,7 +270,7 @@ def test_a_hello_proves_nothing_under_another_secret_nonce_or_identity() -> None
 
 def test_a_client_proof_reflected_back_is_not_a_server_proof() -> None:
     h = hello()
-    reflected = b"PTMIG/W1" + h.proof
+    reflected = b"PTMIG/W2" + h.proof
     with pytest.raises(PeerAuthError):
         wire.verify_welcome(SECRET, SERVER_NONCE, h, reflected)
     with pytest.raises(PeerAuthError):

@@ -9,11 +9,11 @@ frames both ways.
 
 Handshake (all sizes fixed but the migration id)::
 
-    server -> client   CHALLENGE  magic "PTMIG/C1", server nonce (32)
-    client -> server   HELLO      magic "PTMIG/H1", connection index (u16),
+    server -> client   CHALLENGE  magic "PTMIG/C2", server nonce (32)
+    client -> server   HELLO      magic "PTMIG/H2", connection index (u16),
                                   connection count (u16), id length (u16),
                                   client nonce (32), client proof (32), id
-    server -> client   WELCOME    magic "PTMIG/W1", server proof (32)
+    server -> client   WELCOME    magic "PTMIG/W2", server proof (32)
 
     proof = HMAC-SHA256(secret, role label || server nonce || client nonce ||
                         index || count || id)
@@ -599,9 +599,11 @@ class FrameDecoder:
 
 # -- handshake -------------------------------------------------------------------
 
-_CHALLENGE_MAGIC = b"PTMIG/C1"
-_HELLO_MAGIC = b"PTMIG/H1"
-_WELCOME_MAGIC = b"PTMIG/W1"
+# Version 2: frames carry CRC-32 where version 1 carried CRC-32C.  A daemon of
+# the other version fails the handshake at once, not on its first frame.
+_CHALLENGE_MAGIC = b"PTMIG/C2"
+_HELLO_MAGIC = b"PTMIG/H2"
+_WELCOME_MAGIC = b"PTMIG/W2"
 _CHALLENGE = struct.Struct(f"!8s{NONCE_SIZE}s")
 _HELLO_PREFIX = struct.Struct(f"!8sHHH{NONCE_SIZE}s32s")
 _WELCOME = struct.Struct("!8s32s")
