@@ -15,9 +15,10 @@ host, exactly what the runner does for a local destination:
 * switchover acknowledgements: when the source says a device's initial
   pre-copy data has been sent, the acknowledgement goes back once those
   bytes are loaded into the device;
-* the commit: recorded in this host's journal before it is acknowledged,
-  and before any device is let run.  This side refuses, whatever the source
-  asks, to run a device whose stream it loaded while no commit is recorded.
+* the commit: the source's decision, already on its disk.  This side runs
+  every device at once and records the commit in its own journal meanwhile,
+  acknowledging it once recorded; a restart before the record lands finds
+  the vote and waits for the source, which delivers the commit again.
 
 When the channel fails the outcome depends on what this side knows:
 
