@@ -71,19 +71,13 @@ Invariants
 Threads and cancellation
 ------------------------
 
-Every system call that can block (opens, ioctls, reads and writes, and the
-close, which on a PCI function may reset it) runs in a trio worker thread,
-so the devices of a migration move in parallel.  Worker threads are
-*abandoned* on cancellation (``abandon_on_cancel=True``): a driver stuck in
-an ioctl must not hang the runner past its deadline.  Abandoning is made
-safe by never closing a descriptor under a thread that may still use it:
+Every call that can block runs in a worker thread, abandoned on
+cancellation, and no descriptor is closed under a thread that may still
+use it: the core the real backends share, in ``threaded.py``.  Here:
 
-* each worker registers itself with its device while it runs;
 * every descriptor the device gives up (a data_fd at the end of a stream,
   all of them at ``close``) is *retired* and closed only when no worker of
-  that device is running; the last one out closes them.  So a descriptor
-  number is never reused under a worker that is about to pass it to the
-  kernel;
+  that device is running; the last one out closes them;
 * a waiting ``poll`` loop (a read or write waiting for the data_fd) wakes
   every 100 ms and gives up once its caller was cancelled or the device
   closed; a blocked ioctl simply finishes late, and its thread then only
@@ -109,14 +103,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.backends import vfio_uapi as uapi
-from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
+from orchestrator.backends.base import Backend, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
+from orchestrator.backends.threaded import ThreadedDevice
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.handover import HandleRegistry
 from orchestrator.states import SAVING_STATES, Capabilities, DeviceState, MigrationFlags, Side
@@ -131,8 +126,6 @@ __all__ = [
     "VfioParams",
     "locate",
 ]
-
-T = TypeVar("T")
 
 MIB = 1 << 20
 
@@ -484,7 +477,7 @@ class _Stream:
     ended: bool = False
 
 
-class VfioDevice(Device):
+class VfioDevice(ThreadedDevice):
     """One VFIO device endpoint.  See the module docstring for the rules it keeps."""
 
     backend: ClassVar[str] = "vfio"
@@ -521,10 +514,7 @@ class VfioDevice(Device):
         self.opened_by: str | None = None
         self.capabilities: Capabilities | None = None
 
-        self._lock = threading.Lock()
-        self._workers = 0
         self._retired: list[int] = []
-        self._closed = False
         self._opened = False
         self._device_fd = -1 if handed_fd is None else handed_fd
         self._iommufd = -1
@@ -672,24 +662,6 @@ class VfioDevice(Device):
     async def reset(self) -> None:
         await self._in_thread("VFIO_DEVICE_RESET", self._reset_blocking)
 
-    async def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                release = False
-            else:
-                self._closed = True
-                self._finish_stream_locked()
-                release = self._workers == 0
-                if release:
-                    # This close is the last one out: it releases, in a thread of its own.
-                    self._workers += 1
-        if not release:
-            await trio.lowlevel.checkpoint()
-            return
-        # Closing a device fd may reset a PCI function: a worker thread, abandoned on
-        # cancel, which finishes the release on its own.
-        await trio.to_thread.run_sync(self._leave, abandon_on_cancel=True)
-
     async def state_digest(self) -> str | None:
         """The sha256 of the latest migration stream (see the module docstring)."""
         await trio.lowlevel.checkpoint()
@@ -698,48 +670,32 @@ class VfioDevice(Device):
             return str(stream.digest.hexdigest())
         return self._last_digest
 
-    # -- worker threads --
+    # -- releasing (threaded.ThreadedDevice) --
 
-    async def _in_thread(self, operation: str, fn: Callable[[threading.Event], T]) -> T:
-        cancel = threading.Event()
+    def _closing_locked(self) -> None:
+        self._finish_stream_locked()
 
-        def work() -> T:
-            with self._lock:
-                if self._closed:
-                    raise self._error(operation, errno.EBADF, "the device is closed")
-                self._workers += 1
-            try:
-                return fn(cancel)
-            finally:
-                self._leave()
+    def _collect_locked(self) -> Callable[[], None] | None:
+        retired, self._retired = self._retired, []
+        group = claimed = None
+        if self._closed:
+            retired += [fd for fd in (self._device_fd, self._iommufd) if fd >= 0]
+            self._device_fd = self._iommufd = -1
+            group, self._group = self._group, None
+            claimed, self._claimed = self._claimed, None
+        if not retired and group is None and claimed is None:
+            return None
 
-        try:
-            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except trio.Cancelled:
-            cancel.set()
-            raise
+        def release() -> None:
+            for fd in retired:
+                with contextlib.suppress(OSError):
+                    self.syscalls.close(fd)
+            if group is not None:
+                _REGISTRY.release(group)
+            if claimed is not None:
+                _REGISTRY.unclaim(claimed)
 
-    def _leave(self) -> None:
-        """A worker is done: the last one out closes what was retired."""
-        group = None
-        claimed = None
-        with self._lock:
-            self._workers -= 1
-            if self._workers:
-                return
-            retired, self._retired = self._retired, []
-            if self._closed:
-                retired += [fd for fd in (self._device_fd, self._iommufd) if fd >= 0]
-                self._device_fd = self._iommufd = -1
-                group, self._group = self._group, None
-                claimed, self._claimed = self._claimed, None
-        for fd in retired:
-            with contextlib.suppress(OSError):
-                self.syscalls.close(fd)
-        if group is not None:
-            _REGISTRY.release(group)
-        if claimed is not None:
-            _REGISTRY.unclaim(claimed)
+        return release
 
     def _finish_stream_locked(self) -> None:
         stream = self._stream
@@ -1121,20 +1077,6 @@ class VfioDevice(Device):
     def _close_quietly(self, fd: int) -> None:
         with contextlib.suppress(OSError):
             self.syscalls.close(fd)
-
-    def _error(
-        self, operation: str, err: int, detail: str = "", target: DeviceState | None = None
-    ) -> DeviceError:
-        message = f"{self.identity}: {os.strerror(err)}"
-        if detail:
-            message += f"; {detail}"
-        return DeviceError(
-            message,
-            device=self.name,
-            operation=operation,
-            target=None if target is None else target.name,
-            errno=err,
-        )
 
 
 def _name(state: DeviceState | None) -> str:

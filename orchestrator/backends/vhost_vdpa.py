@@ -105,7 +105,8 @@ Threads and cancellation
 
 Every ioctl and owner request runs in a trio worker thread, abandoned on
 cancellation; the descriptor is closed only when no worker of the device
-still runs, so its number is never reused under a late ioctl.
+still runs, so its number is never reused under a late ioctl (the core
+shared with the VFIO backend, ``threaded.py``).
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.backends import vhost_vdpa_uapi as uapi
-from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
+from orchestrator.backends.base import Backend, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
-from orchestrator.errors import DeviceError, Problem
+from orchestrator.backends.threaded import ThreadedDevice
+from orchestrator.errors import Problem
 from orchestrator.handover import HandleRegistry, HandoverError, check_kind
 from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side, is_arc
 
@@ -335,7 +337,7 @@ class SocketOwner:
 # --- the device ----------------------------------------------------------------------------
 
 
-class VhostVdpaDevice(Device):
+class VhostVdpaDevice(ThreadedDevice):
     """One vhost-vdpa endpoint; see the module docstring for the rules it keeps."""
 
     backend: ClassVar[str] = "vhost_vdpa"
@@ -360,9 +362,6 @@ class VhostVdpaDevice(Device):
         self.nvqs = 0
         self.config_size = 0
 
-        self._lock = threading.Lock()
-        self._workers = 0
-        self._closed = False
         self._opened = False
         self._fd = -1
         self._owner: OwnerChannel | None = None
@@ -385,13 +384,13 @@ class VhostVdpaDevice(Device):
             self._fd = open_handle(
                 self.handles, self.params.handle, kind=self.backend, device=self.name
             )
-        return await self._in_thread("open", self._open_blocking)
+        return await self._in_thread("open", lambda _: self._open_blocking())
 
     async def get_state(self) -> DeviceState:
-        return await self._in_thread("VHOST_VDPA_GET_STATUS", lambda: self._read_state())
+        return await self._in_thread("VHOST_VDPA_GET_STATUS", lambda _: self._read_state())
 
     async def set_state(self, target: DeviceState) -> None:
-        await self._in_thread(f"set_state({target.name})", lambda: self._arc(target))
+        await self._in_thread(f"set_state({target.name})", lambda _: self._arc(target))
 
     async def read(self, max_bytes: int) -> bytes:
         if max_bytes <= 0:
@@ -438,21 +437,7 @@ class VhostVdpaDevice(Device):
         )
 
     async def reset(self) -> None:
-        await self._in_thread("VHOST_VDPA_SET_STATUS(0)", self._reset_blocking)
-
-    async def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                release = False
-            else:
-                self._closed = True
-                release = self._workers == 0
-                if release:
-                    self._workers += 1
-        if not release:
-            await trio.lowlevel.checkpoint()
-            return
-        await trio.to_thread.run_sync(self._leave, abandon_on_cancel=True)
+        await self._in_thread("VHOST_VDPA_SET_STATUS(0)", lambda _: self._reset_blocking())
 
     async def state_digest(self) -> str | None:
         """The sha256 of the state record, as read from the source or written to the
@@ -463,33 +448,22 @@ class VhostVdpaDevice(Device):
     def timings(self) -> Mapping[str, float]:
         return dict(self._timings)
 
-    # -- worker threads --
+    # -- releasing (threaded.ThreadedDevice) --
 
-    async def _in_thread(self, operation: str, fn: Callable[[], T]) -> T:
-        def work() -> T:
-            with self._lock:
-                if self._closed:
-                    raise self._error(operation, errno.EBADF, "the device is closed")
-                self._workers += 1
-            try:
-                return fn()
-            finally:
-                self._leave()
+    def _collect_locked(self) -> Callable[[], None] | None:
+        if not self._closed:
+            return None
+        fd, self._fd = self._fd, -1
+        owner, self._owner = self._owner, None
 
-        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        def release() -> None:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if owner is not None:
+                owner.close()
 
-    def _leave(self) -> None:
-        with self._lock:
-            self._workers -= 1
-            if self._workers or not self._closed:
-                return
-            fd, self._fd = self._fd, -1
-            owner, self._owner = self._owner, None
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if owner is not None:
-            owner.close()
+        return release
 
     # -- blocking work --
 
@@ -778,20 +752,6 @@ class VhostVdpaDevice(Device):
         buf = uapi.config_request(0, self.config_size)
         self._ioctl(uapi.VHOST_VDPA_GET_CONFIG, buf, target)
         return uapi.config_data(buf)
-
-    def _error(
-        self, operation: str, err: int, detail: str = "", target: DeviceState | None = None
-    ) -> DeviceError:
-        message = f"{self.identity}: {os.strerror(err)}"
-        if detail:
-            message += f"; {detail}"
-        return DeviceError(
-            message,
-            device=self.name,
-            operation=operation,
-            target=None if target is None else target.name,
-            errno=err,
-        )
 
 
 def _ring(index: int) -> uapi.VringRecord:
