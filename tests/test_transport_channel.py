@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -25,6 +26,7 @@ from orchestrator.transport import (
     open_channel,
     wire,
 )
+from orchestrator.transport.channel import UNSENT_BYTES
 
 Address = tuple[str, int]
 
@@ -579,6 +581,8 @@ async def test_flush_returns_only_once_the_queued_frames_are_sent() -> None:
         async with open_channel(address, "mig-s", secret, ["gpu0"]) as src:
             sender = src.sender("gpu0")
             (link,) = src._links.values()
+            unsent = link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert unsent == UNSENT_BYTES  # the rest waits in the writer's queue
             flushed = trio.Event()
             queued_after_flush: list[int] = []
 
@@ -603,6 +607,68 @@ async def test_flush_returns_only_once_the_queued_frames_are_sent() -> None:
                     got += view.nbytes
             assert queued_after_flush == [0]
             await sender.end()
+
+
+async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else() -> None:
+    """An END goes ahead of the DATA of other devices still queued to the writer,
+    so the destination settles a device once its own bytes are in; never ahead
+    of its own device's frames, nor of any CONTROL message.  The destination
+    accepts that order: sequence numbers are per device."""
+    from orchestrator.transport.channel import _Link, _split
+
+    ours, theirs = trio.socket.socketpair()
+    link = _Link(ours, 0)
+    piece = os.urandom(1000)
+
+    async def data(device: int) -> None:
+        await link.write(wire.Kind.DATA, device, piece, wait=False)
+
+    async def end(device: int, pieces: int) -> None:
+        await link.write_frame(
+            lambda encoder: _split(encoder.end(device, pieces * len(piece))), ends=device
+        )
+
+    # Queued before the writer starts, so the queue holds all of it.
+    await data(0)
+    await data(1)
+    await link.write_frame(lambda encoder: _split(encoder.control({"n": 1})))
+    await data(2)
+    await data(0)
+    await data(2)
+    await end(1, 1)  # passes every DATA behind the CONTROL message; stops there
+    await end(0, 2)  # passes gpu2's last DATA; stops behind its own
+    await end(2, 2)  # its own DATA is last: stays last
+    link.start(
+        wire.InboundValidator(wire.Role.SOURCE, ["gpu0", "gpu1", "gpu2"]),
+        lambda event, pool: None,
+        3,
+        lambda error: None,
+    )
+    decoder = wire.FrameDecoder(wire.Role.DESTINATION, ["gpu0", "gpu1", "gpu2"])
+    seen: list[tuple[str, int | None, int]] = []
+    try:
+        with trio.fail_after(5):
+            while len(seen) < 9:
+                received = await theirs.recv(1 << 16)
+                assert received, "the link closed before its frames were all sent"
+                for event in decoder.feed(received):
+                    assert isinstance(event, wire.Data | wire.End | wire.Control)
+                    device = None if isinstance(event, wire.Control) else event.device
+                    seen.append((type(event).__name__, device, event.seq))
+    finally:
+        link.close()
+        theirs.close()
+    assert seen == [
+        ("Data", 0, 0),
+        ("Data", 1, 0),
+        ("Control", None, 0),
+        ("End", 1, 1),
+        ("Data", 2, 0),
+        ("Data", 0, 1),
+        ("End", 0, 2),
+        ("Data", 2, 1),
+        ("End", 2, 2),
+    ]
 
 
 async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer() -> None:
