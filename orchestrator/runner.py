@@ -72,6 +72,13 @@ MIB = 1 << 20
 #: or has been recorded, so the destination must win.
 NO_CANCEL_PHASES = frozenset({Phase.COMMIT, Phase.RESUME, Phase.RELEASE, Phase.DONE})
 
+#: The downtime window: from the source grace barrier (where a VMM's vCPUs
+#: pause) until the destination runs.  Work that nothing in the window waits
+#: for (journaling the trace) is held back while a migration is inside it.
+DOWNTIME_WINDOW = frozenset(
+    {Phase.SOURCE_GRACE, Phase.STOP_COPY, Phase.DESTINATION_GRACE, Phase.COMMIT, Phase.RESUME}
+)
+
 
 class MigrationAborted(Exception):
     """Stops the forward path; the cause is in ``Migration.error``."""
@@ -223,6 +230,8 @@ class Migration:
         self._phase_ms: dict[str, float] = {}
         self._downtime_start: float | None = None
         self._downtime_end: float | None = None
+        self._window_closed = trio.Event()
+        self._window_closed.set()
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
         self._post_commit_errors: list[ErrorInfo] = []
@@ -1213,6 +1222,11 @@ class Migration:
         Returns the seconds the stopped phase took.  DONE stops every clock,
         so calling this with DONE again changes nothing.
         """
+        if phase in DOWNTIME_WINDOW:
+            if self._window_closed.is_set():
+                self._window_closed = trio.Event()
+        else:
+            self._window_closed.set()
         now = trio.current_time()
         duration = 0.0
         if self._timed_phase is not None:
@@ -1226,6 +1240,20 @@ class Migration:
 
     def _finish_phase_timing(self) -> None:
         self._enter_phase_timing(Phase.DONE)
+
+    @property
+    def in_downtime_window(self) -> bool:
+        """Whether the migration is inside its downtime window (``DOWNTIME_WINDOW``)."""
+        return not self._window_closed.is_set()
+
+    async def downtime_window_closed(self) -> None:
+        """Return once the migration is outside its downtime window: at once if it is.
+
+        The window closes when the migration leaves it by any path (the
+        destination resumed, a rollback, a failure): every path out of the
+        runner stops its phase clock, and that closes it.
+        """
+        await self._window_closed.wait()
 
     def _emit(
         self,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.flow import Phase
 from orchestrator.plan import Plan, parse_plan
 from orchestrator.resolve import ResolvedPlan, resolve
 
@@ -38,6 +39,9 @@ def make_resolved(devices: list[dict[str, Any]], **top: Any) -> ResolvedPlan:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The phases a successful migration enters, in order (PREPARE is where it starts).
+SUCCESS_PHASES = [p.value for p in Phase if p not in (Phase.PREPARE, Phase.ROLLBACK)]
 
 
 def spawn_child(module: str, *args: str | Path) -> subprocess.Popen[str]:

@@ -106,7 +106,14 @@ async def check_outcome(m: Migration) -> None:
         assert report.error is not None
 
 
+def check_downtime_window_closed(m: Migration) -> None:
+    """However the migration ended, it is no longer inside its downtime window
+    (the daemon's journal writer holds back while any migration is)."""
+    assert not m.in_downtime_window, f"{m.id} ended in {m.phase} with its downtime window open"
+
+
 async def check_all(m: Migration) -> None:
     check_barriers_held(m)
     check_commit_ordering(m)
+    check_downtime_window_closed(m)
     await check_outcome(m)

@@ -16,9 +16,9 @@ import trio.testing
 from orchestrator.backends.base import StreamChunk
 from orchestrator.flow import Phase
 from orchestrator.resolve import ResolvedDevice, ResolvedPlan
-from orchestrator.runner import Migration
+from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import DeviceState, Side
-from tests.helpers import make_resolved, sim_device
+from tests.helpers import SUCCESS_PHASES, make_resolved, sim_device
 from tests.invariants import check_all
 
 
@@ -142,6 +142,32 @@ async def test_a_fault_before_the_commit_rolls_back(
         assert gpu1.source_reset and any("reset" in n for n in r.notes)
     for d in r.devices:
         assert d.source_state == "RUNNING"
+
+
+async def test_the_downtime_window_spans_source_grace_to_resume(autojump_clock: Any) -> None:
+    m = Migration(make_resolved(gpus(2)))
+    inside: dict[str, bool] = {}
+
+    def note(event: TraceEvent) -> None:
+        if event.kind == "phase":
+            inside.setdefault(event.detail["phase"], m.in_downtime_window)
+
+    m.observers.append(note)
+    await m.run()
+    await check_all(m)
+    assert inside == {
+        "precopy": False,
+        "source_grace": True,
+        "stop_copy": True,
+        "destination_grace": True,
+        "commit": True,
+        "resume": True,
+        "release": False,
+        "done": False,
+    }
+    with trio.move_on_after(1) as scope:
+        await m.downtime_window_closed()
+    assert not scope.cancelled_caught
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
@@ -330,16 +356,7 @@ async def test_one_log_event_per_transition_and_per_phase(autojump_clock: Any) -
         assert {"vm", "device", "side", "from", "to", "duration_ms"} <= t.keys()
         assert t["vm"] == "vm-test"
     phases = [e for e in events if e["event"] == "migration.phase"]
-    assert [p["phase"] for p in phases] == [
-        "precopy",
-        "source_grace",
-        "stop_copy",
-        "destination_grace",
-        "commit",
-        "resume",
-        "release",
-        "done",
-    ]
+    assert [p["phase"] for p in phases] == SUCCESS_PHASES
 
 
 async def test_a_device_not_running_at_the_start_is_refused_before_any_change(

@@ -10,6 +10,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
+from orchestrator import service as service_module
 from orchestrator.errors import PlanError
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
@@ -21,7 +22,7 @@ from orchestrator.service import (
     PastCommitPoint,
     ShuttingDown,
 )
-from tests.helpers import make_plan, sim_device
+from tests.helpers import SUCCESS_PHASES, make_plan, sim_device
 
 
 @pytest.fixture
@@ -148,6 +149,48 @@ async def test_shutdown_refuses_new_work_and_rolls_back_what_does_not_finish(
         assert (await svc.status(quick.id)).outcome == "succeeded"
         assert (await svc.status(slow.id)).outcome == "rolled_back"
         assert await journal.unfinished() == []
+
+
+async def _journaled_phases(svc: MigrationService, migration_id: str) -> list[str]:
+    events = await svc.journal.events(migration_id)
+    return [str(e.detail["phase"]) for e in events if e.kind == "phase"]
+
+
+async def _inside_stop_copy(svc: MigrationService, migration_id: str) -> None:
+    # The journaled events are what is held back: poll the live status.
+    for _ in range(1000):
+        if (await svc.status(migration_id)).phase == "stop_copy":
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("the migration never reached stop_copy")
+
+
+async def test_the_trace_of_a_downtime_window_is_journaled_once_it_closes(
+    service: MigrationService,
+) -> None:
+    # Arcs of 0.3 s: the window lasts well over a second, the hold's bound.
+    status, _ = await service.submit(plan_for("vm1", "gpu0", transition_ms=300))
+    await _inside_stop_copy(service, status.id)
+    await trio.sleep(0.2)
+    held = await _journaled_phases(service, status.id)
+    assert "precopy" in held and "source_grace" not in held
+    final = await wait_done(service, status.id)
+    assert final.outcome == "succeeded"
+    phases = await _journaled_phases(service, status.id)
+    assert phases == ["prepare", *SUCCESS_PHASES]  # prepare: journaled at creation
+    seqs = [e.seq for e in await service.journal.events(status.id)]
+    assert seqs == sorted(seqs)
+
+
+async def test_the_trace_is_held_back_no_longer_than_the_bound(
+    service: MigrationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "TRACE_HOLD_MAX_S", 0.05)
+    status, _ = await service.submit(plan_for("vm1", "gpu0", transition_ms=300))
+    await _inside_stop_copy(service, status.id)
+    await trio.sleep(0.2)
+    assert "stop_copy" in await _journaled_phases(service, status.id)
+    assert (await wait_done(service, status.id)).outcome == "succeeded"
 
 
 async def test_a_failing_journal_makes_the_daemon_unready_but_never_hangs_it(
