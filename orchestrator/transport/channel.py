@@ -102,12 +102,12 @@ QUEUED_BYTES = 16 << 20
 WRITE_BATCH = 16
 #: ... and the payload bytes after which it takes no more: what is still
 #: queued can be reordered (a device's END overtakes other devices' data).
-WRITE_BATCH_BYTES = 256 << 10
+WRITE_BATCH_BYTES = 1 << 20
 #: Unsent bytes a connection's kernel send buffer may hold (TCP_NOTSENT_LOWAT):
 #: beyond them the writer waits, and frames wait in its queue, where a
 #: device's END can still overtake other devices' data.  Without it a slow
 #: link's socket takes megabytes, and every END would queue behind them.
-UNSENT_BYTES = 256 << 10
+UNSENT_BYTES = 1 << 20
 #: CONTROL messages received and not yet read before the channel fails.
 CONTROL_BACKLOG = 1024
 #: How long telling the peer why the channel failed may take.
