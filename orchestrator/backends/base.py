@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
-from orchestrator.errors import Problem
+from orchestrator.errors import DeviceError, Problem
 from orchestrator.states import Capabilities, DeviceState, Side
 
 #: A chunk of a migration stream as a device's ``write`` gets it: lent for the call.
@@ -65,6 +65,18 @@ class Device(abc.ABC):
     def __init__(self, name: str, side: Side) -> None:
         self.name = name
         self.side = side
+
+    def _device_error(
+        self, operation: str, message: str, err: int, target: DeviceState | None = None
+    ) -> DeviceError:
+        """A ``DeviceError`` naming this device, the operation, its target and the errno."""
+        return DeviceError(
+            message,
+            device=self.name,
+            operation=operation,
+            target=None if target is None else target.name,
+            errno=err,
+        )
 
     @abc.abstractmethod
     async def open(self) -> Capabilities:

@@ -1307,7 +1307,7 @@ class SimulatedDevice(Device):
     async def open(self) -> Capabilities:
         await _checkpoint()
         if self._closed:
-            raise self._error("open", "the device is closed", errno.EBADF)
+            raise self._device_error("open", "the device is closed", errno.EBADF)
         if not self._opened:
             # A source hashes its pages now, in the prepare phase; a destination's
             # content is about to be replaced by a load, so it hashes lazily.
@@ -1346,7 +1346,7 @@ class SimulatedDevice(Device):
             self._catch_up("set_state")
             current = self._state
             if current is _ERROR:
-                raise self._error(
+                raise self._device_error(
                     "set_state",
                     "the device is in ERROR; only a reset leaves it",
                     errno.EINVAL,
@@ -1354,7 +1354,7 @@ class SimulatedDevice(Device):
                 )
             targets = self._arcs.get(current)
             if targets is None or target not in targets:
-                raise self._error(
+                raise self._device_error(
                     "set_state",
                     f"{current.name} -> {target.name} is not one arc of the state model "
                     f"for this device",
@@ -1390,7 +1390,7 @@ class SimulatedDevice(Device):
             if saver is None:
                 raise self._no_stream("read")
             if max_bytes <= 0:
-                raise self._error(
+                raise self._device_error(
                     "read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL
                 )
         except DeviceError:
@@ -1435,13 +1435,13 @@ class SimulatedDevice(Device):
             self._catch_up("write")
             loader = self._loader
             if loader is None:
-                raise self._error(
+                raise self._device_error(
                     "write",
                     f"the device loads only in RESUMING, not {self._state.name}",
                     errno.EINVAL,
                 )
             if loader.poison is not None:
-                raise self._error("write", loader.poison, errno.EINVAL)
+                raise self._device_error("write", loader.poison, errno.EINVAL)
         except DeviceError:
             if rate is not None:
                 await _checkpoint()
@@ -1459,13 +1459,13 @@ class SimulatedDevice(Device):
         try:
             loader.feed(data)
         except _BadStream as exc:
-            raise self._error("write", str(exc), errno.EINVAL) from None
+            raise self._device_error("write", str(exc), errno.EINVAL) from None
 
     async def precopy_info(self) -> PrecopyInfo:
         await _checkpoint()
         self._catch_up("precopy_info")
         if self._state not in _PRE_COPY_STATES:
-            raise self._error(
+            raise self._device_error(
                 "precopy_info",
                 f"precopy info exists only in PRE_COPY states, not {self._state.name}",
                 errno.EINVAL,
@@ -1478,7 +1478,7 @@ class SimulatedDevice(Device):
         await _checkpoint()
         self._catch_up("stop_copy_size")
         if self._state is _ERROR:
-            raise self._error("stop_copy_size", "the device is in ERROR", errno.EINVAL)
+            raise self._device_error("stop_copy_size", "the device is in ERROR", errno.EINVAL)
         if self._saver is None:
             return self._layout.full_stream_bound
         return self._saver.stop_copy_size()
@@ -1538,7 +1538,7 @@ class SimulatedDevice(Device):
         answers after close."""
         await _checkpoint()
         if not self._opened:
-            raise self._error("state_digest", "the device is not open", errno.EBADF)
+            raise self._device_error("state_digest", "the device is not open", errno.EBADF)
         if self._live:
             self._advance()
         return self._pages.state_digest().hex()
@@ -1549,20 +1549,9 @@ class SimulatedDevice(Device):
         """Every call, after its checkpoint: the open check, and catching up with the clock."""
         if not self._live:
             message = "the device is not open" if not self._opened else "the device is closed"
-            raise self._error(operation, message, errno.EBADF)
+            raise self._device_error(operation, message, errno.EBADF)
         if self._dirty_per_s:
             self._advance()
-
-    def _error(
-        self, operation: str, message: str, err: int, target: DeviceState | None = None
-    ) -> DeviceError:
-        return DeviceError(
-            message,
-            device=self.name,
-            operation=operation,
-            target=None if target is None else target.name,
-            errno=err,
-        )
 
     def _set_content(
         self,
@@ -1581,9 +1570,9 @@ class SimulatedDevice(Device):
         try:
             file = _StateFile.open(path, self.side, self.params)
         except _FileProblem as exc:
-            raise self._error("open", str(exc), exc.err) from None
+            raise self._device_error("open", str(exc), exc.err) from None
         except OSError as exc:
-            raise self._error(
+            raise self._device_error(
                 "open", f"{path}: {exc.strerror or exc}", exc.errno or errno.EIO
             ) from None
         self._file = file
@@ -1601,14 +1590,16 @@ class SimulatedDevice(Device):
 
     def _no_stream(self, operation: str) -> DeviceError:
         if self._state in SAVING_STATES:
-            return self._error(
+            return self._device_error(
                 operation,
                 f"the migration stream of {self._state.name} is lost: the device was reopened "
                 "and a stream dies with the process that opened the device; a new one starts "
                 "when a saving state is entered again",
                 errno.EBADF,
             )
-        return self._error(operation, f"no migration stream in {self._state.name}", errno.EINVAL)
+        return self._device_error(
+            operation, f"no migration stream in {self._state.name}", errno.EINVAL
+        )
 
     def _advance(self) -> None:
         """Apply the mutations due since the last call, if the device was running."""
@@ -1657,7 +1648,7 @@ class SimulatedDevice(Device):
             problem = loader.verdict()
             if problem is not None:
                 self._enter_error()
-                raise self._error("set_state", f"load failed: {problem}", errno.EIO, target)
+                raise self._device_error("set_state", f"load failed: {problem}", errno.EIO, target)
             if loader.end is not None:  # always, once the verdict is good
                 self.mutations = loader.end[0]
             self._carry = 0.0
@@ -1714,7 +1705,7 @@ class SimulatedDevice(Device):
             await trio.sleep_forever()
         if kind == "error_state":
             self._enter_error()
-        raise self._error(operation, f"injected {kind} fault at {where}", errno.EIO, target)
+        raise self._device_error(operation, f"injected {kind} fault at {where}", errno.EIO, target)
 
 
 # --- the backend ------------------------------------------------------------------------

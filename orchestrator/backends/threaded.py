@@ -121,10 +121,4 @@ class ThreadedDevice(Device):
         message = f"{self.identity}: {os.strerror(err)}"
         if detail:
             message += f"; {detail}"
-        return DeviceError(
-            message,
-            device=self.name,
-            operation=operation,
-            target=None if target is None else target.name,
-            errno=err,
-        )
+        return self._device_error(operation, message, err, target)
