@@ -181,9 +181,12 @@ Invariants
 * Stopped states (STOP, STOP_COPY, RESUMING, ERROR) never mutate the state.
 * ``reset`` loses the content (zero-filled), discards any stream, and
   restarts the mutation count from the zeroed content.
-* Time is spent only in ``trio.sleep``: ``transition_ms`` before each arc
-  (and each reset), ``n / drain_mib_s`` for a read or write moving ``n``
-  bytes.  The device serves one call at a time, as the runner drives it.
+* Time is spent only in :func:`~orchestrator.backends.precise_sleep.sleep`
+  (``trio.sleep`` under a ``MockClock``, within tens of microseconds on the real
+  clock, as a real device's call returns when the kernel is done):
+  ``transition_ms`` before each arc (and each reset), ``n / drain_mib_s``
+  for a read or write moving ``n`` bytes.  The device serves one call at a
+  time, as the runner drives it.
 * Every call is a checkpoint once: its sleep when it has one (a refused call
   takes a plain checkpoint before raising), else a plain checkpoint first.
   (A read of a device with a fault configured keeps a checkpoint before its
@@ -215,6 +218,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from zlib_ng.zlib_ng import crc32 as _crc32
 
+from orchestrator.backends import precise_sleep
 from orchestrator.backends.base import Backend, Device, PrecopyInfo, StreamChunk
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.states import (
@@ -267,7 +271,7 @@ _STOP_COPY = DeviceState.STOP_COPY
 
 # Bound once: the hot paths call them on every device call.
 _checkpoint = trio.lowlevel.checkpoint
-_sleep = trio.sleep
+_sleep = precise_sleep.sleep
 _current_time = trio.current_time
 
 
