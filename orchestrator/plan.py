@@ -249,7 +249,7 @@ class Plan(BaseModel):
         le=64,
         description=(
             "Data-channel connections to the destination daemon, devices spread over them "
-            "(default: one per device, at most 4)."
+            "(default: one per device, at most 4); a control connection comes on top."
         ),
     )
     devices: list[DeviceSpec] = Field(

@@ -258,7 +258,8 @@ async def test_unauthenticated_connections_are_refused_and_the_listener_serves_o
         await receive_exactly(silent, wire.CHALLENGE_SIZE)
         with trio.fail_after(5):
             assert await closed_on_us(silent)  # the handshake timed out
-        assert len(listener.rejections) == 4
+        # A refused channel is two refused connections: its data and its control connection.
+        assert len(listener.rejections) == 6
         assert any("failed authentication" in r for r in listener.rejections)
         assert any("did not send a channel HELLO" in r for r in listener.rejections)
         # None of that touched the expected migration: it still works.
@@ -275,7 +276,13 @@ async def test_a_connection_index_cannot_be_taken_twice() -> None:
         with pytest.raises(PeerAuthError):
             await authenticated(address, "mig-c", secret, 0, 2)
         assert "connection 0 is already open" in listener.rejections[-1]
+        # Connection 2 of 2 data connections is the control connection: one too.
+        control = await authenticated(address, "mig-c", secret, 2, 2)
+        with pytest.raises(PeerAuthError):
+            await authenticated(address, "mig-c", secret, 2, 2)
+        assert "connection 2 is already open" in listener.rejections[-1]
         await first.aclose()
+        await control.aclose()
 
 
 async def test_the_source_refuses_a_destination_without_the_secret() -> None:
@@ -283,7 +290,7 @@ async def test_the_source_refuses_a_destination_without_the_secret() -> None:
     async def impostor(stream: trio.SocketStream) -> None:
         await stream.send_all(wire.make_challenge(secrets.token_bytes(32)))
         await receive_exactly(stream, wire.HELLO_PREFIX_SIZE + len("mig-d"))
-        await stream.send_all(b"PTMIG/W2" + secrets.token_bytes(32))
+        await stream.send_all(b"PTMIG/W3" + secrets.token_bytes(32))
         await stream.receive_some()
 
     async with trio.open_nursery() as nursery:
@@ -612,10 +619,12 @@ async def test_flush_returns_only_once_the_queued_frames_are_sent() -> None:
 async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else() -> None:
     """An END goes ahead of the DATA of other devices still queued to the writer,
     so the destination settles a device once its own bytes are in; never ahead
-    of its own device's frames, nor of any CONTROL message.  The destination
-    accepts that order: sequence numbers are per device."""
+    of its own device's frames, nor of any frame but DATA (another device's
+    END here).  The destination accepts that order: sequence numbers are per
+    device."""
     from orchestrator.transport.channel import _Link, _split
 
+    devices = ["gpu0", "gpu1", "gpu2", "gpu3"]
     ours, theirs = trio.socket.socketpair()
     link = _Link(ours, 0)
     piece = os.urandom(1000)
@@ -631,37 +640,38 @@ async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else
     # Queued before the writer starts, so the queue holds all of it.
     await data(0)
     await data(1)
-    await link.write_frame(lambda encoder: _split(encoder.control({"n": 1})))
+    await data(3)
+    await end(3, 1)  # its own DATA is last: stays where it is
     await data(2)
     await data(0)
     await data(2)
-    await end(1, 1)  # passes every DATA behind the CONTROL message; stops there
+    await end(1, 1)  # passes every DATA behind gpu3's END; stops there
     await end(0, 2)  # passes gpu2's last DATA; stops behind its own
     await end(2, 2)  # its own DATA is last: stays last
     link.start(
-        wire.InboundValidator(wire.Role.SOURCE, ["gpu0", "gpu1", "gpu2"]),
+        wire.InboundValidator(wire.Role.SOURCE, devices),
         lambda event, pool: None,
-        3,
+        len(devices),
         lambda error: None,
     )
-    decoder = wire.FrameDecoder(wire.Role.DESTINATION, ["gpu0", "gpu1", "gpu2"])
-    seen: list[tuple[str, int | None, int]] = []
+    decoder = wire.FrameDecoder(wire.Role.DESTINATION, devices)
+    seen: list[tuple[str, int, int]] = []
     try:
         with trio.fail_after(5):
-            while len(seen) < 9:
+            while len(seen) < 10:
                 received = await theirs.recv(1 << 16)
                 assert received, "the link closed before its frames were all sent"
                 for event in decoder.feed(received):
-                    assert isinstance(event, wire.Data | wire.End | wire.Control)
-                    device = None if isinstance(event, wire.Control) else event.device
-                    seen.append((type(event).__name__, device, event.seq))
+                    assert isinstance(event, wire.Data | wire.End)
+                    seen.append((type(event).__name__, event.device, event.seq))
     finally:
         link.close()
         theirs.close()
     assert seen == [
         ("Data", 0, 0),
         ("Data", 1, 0),
-        ("Control", None, 0),
+        ("Data", 3, 0),
+        ("End", 3, 1),
         ("End", 1, 1),
         ("Data", 2, 0),
         ("Data", 0, 1),
@@ -741,10 +751,59 @@ async def test_a_waited_control_message_survives_the_cancellation_of_its_channel
             nursery.start_soon(stream_then_control, dest, got, messages)
             with trio.CancelScope() as scope:
                 async with open_channel(address, "mig-v", secret, ["gpu0"]) as src:
-                    await pour(src.sender("gpu0"), data, 1 << 20)
+                    sender = src.sender("gpu0")
+                    await pour(sender, data, 1 << 20)
+                    await sender.flush()
                     with trio.CancelScope(shield=True):
                         await src.send_control({"op": "finish"}, wait=True)
                     scope.cancel()
                     await trio.sleep_forever()
     assert bytes(got) == data
     assert messages == [{"op": "finish"}]
+
+
+async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() -> None:
+    """The control connection writes from the caller's task; what the socket
+    cannot take at once (a peer that stopped reading) is queued, later frames
+    behind it, and a write with ``wait`` returns only once it has all gone."""
+    from orchestrator.transport.channel import _ControlLink, _split
+
+    ours, theirs = trio.socket.socketpair()
+    link = _ControlLink(ours, 1)
+    validator = wire.InboundValidator(wire.Role.SOURCE, ["gpu0"], 1, 1)
+    blob = "x" * (60 << 10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run, validator, lambda event, pool: None, lambda error: None)
+        sent = 0
+
+        async def write(blob: str, *, wait: bool = False) -> None:
+            nonlocal sent
+            message = {"n": sent, "blob": blob}
+            sent += 1
+            await link.write_frame(lambda encoder: _split(encoder.control(message)), wait=wait)
+
+        while not link._unsent:  # until the socket's buffers are full
+            await write(blob)
+        for _ in range(3):  # queued behind, in order; each returns at once
+            await write(blob)
+        waited = trio.Event()
+
+        async def last() -> None:
+            await write("", wait=True)
+            waited.set()
+
+        nursery.start_soon(last)
+        await trio.sleep(0.05)
+        assert not waited.is_set()  # the peer has read nothing: it cannot have gone
+        decoder = wire.FrameDecoder(wire.Role.DESTINATION, ["gpu0"], 1, 1)
+        seen: list[int] = []
+        with trio.fail_after(5):
+            while len(seen) < sent:
+                for event in decoder.feed(await theirs.recv(1 << 16)):
+                    assert isinstance(event, wire.Control)
+                    assert event.seq == event.message["n"] == len(seen)
+                    seen.append(event.seq)
+            await waited.wait()
+        assert not link._unsent
+        link.close()
+    theirs.close()

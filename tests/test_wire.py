@@ -40,14 +40,12 @@ def summary(events: list[wire.Event]) -> list[tuple[Any, ...]]:
 
 
 def valid_stream(payloads: list[tuple[int, bytes]]) -> tuple[list[bytes], list[tuple[Any, ...]]]:
-    """Frames (one bytes each) for a destination with one connection, and their events."""
+    """Frames (one bytes each) for a destination with one data connection, and their events."""
     enc = FrameEncoder()
     frames: list[bytes] = []
     expected: list[tuple[Any, ...]] = []
     seqs: dict[int, int] = {}
     totals: dict[int, int] = {}
-    frames.append(flat(enc.control({"phase": "precopy"})))
-    expected.append(("control", 0, {"phase": "precopy"}))
     for device, payload in payloads:
         frames.append(flat(enc.data(device, payload)))
         seq = seqs.get(device, 0)
@@ -70,17 +68,21 @@ payloads_strategy = st.lists(
 def test_round_trip_of_every_kind() -> None:
     enc = FrameEncoder()
     stream = flat(enc.data(1, b"abc")) + flat(enc.data(1, b"def")) + flat(enc.end(1, 6))
-    stream += flat(enc.control({"commit": True})) + flat(enc.abort("operator said stop"))
+    stream += flat(enc.abort("operator said stop"))
     events = FrameDecoder(Role.DESTINATION, DEVICES).feed(stream)
     assert summary(events) == [
         ("data", 1, 0, b"abc"),
         ("data", 1, 1, b"def"),
         ("end", 1, 2, 6),
-        ("control", 0, {"commit": True}),
         ("abort", "operator said stop"),
     ]
     acks = flat(enc.ack(2, 4096))
     assert summary(FrameDecoder(Role.SOURCE, DEVICES).feed(acks)) == [("ack", 2, 0, 4096)]
+    # One data connection: the control connection is number 1.
+    control = flat(enc.control({"commit": True})) + flat(enc.abort("too late"))
+    for role in Role:
+        events = FrameDecoder(role, DEVICES, connection=1, connections=1).feed(control)
+        assert summary(events) == [("control", 0, {"commit": True}), ("abort", "too late")]
 
 
 def test_frame_layout_is_header_payload_trailer() -> None:
@@ -140,8 +142,10 @@ def feed_bytewise(decoder: FrameDecoder, stream: bytes, events: list[wire.Event]
         events += decoder.feed(stream[i : i + 1])
 
 
-def decode_error(stream: bytes, role: Role = Role.DESTINATION, **kw: int) -> PeerProtocolError:
-    decoder = FrameDecoder(role, DEVICES, **kw)
+def decode_error(
+    stream: bytes, role: Role = Role.DESTINATION, connection: int = 0, connections: int = 1
+) -> PeerProtocolError:
+    decoder = FrameDecoder(role, DEVICES, connection, connections)
     with pytest.raises(PeerProtocolError) as info:
         decoder.feed(stream)
     return info.value
@@ -211,14 +215,43 @@ def test_kinds_each_end_must_not_receive_are_refused() -> None:
     assert "not accepted by the destination" in str(decode_error(flat(enc.ack(0, 1))))
 
 
-def test_control_frames_travel_on_connection_zero_only() -> None:
-    error = decode_error(flat(FrameEncoder().control({"a": 1})), connection=1, connections=2)
-    assert "connection other than 0" in str(error)
+def test_control_frames_travel_on_the_control_connection_only() -> None:
+    enc = FrameEncoder()
+    for connection in (0, 1):
+        error = decode_error(flat(enc.control({"a": 1})), connection=connection, connections=2)
+        assert "CONTROL frame on a data connection" in str(error)
+    # Connection 2 of 2 data connections is the control connection: no device's frames.
+    error = decode_error(flat(enc.data(0, b"x")), connection=2, connections=2)
+    assert error.device == "gpu0" and "wrong connection" in str(error)
+    error = decode_error(flat(enc.ack(0, 1)), role=Role.SOURCE, connection=2, connections=2)
+    assert error.device == "gpu0" and "wrong connection" in str(error)
+    with pytest.raises(ValueError, match="of 2 data connections"):
+        FrameDecoder(Role.DESTINATION, DEVICES, connection=3, connections=2)
+
+
+def test_a_decoder_can_use_a_validator_of_its_own() -> None:
+    validator = wire.InboundValidator(Role.SOURCE, DEVICES, connection=1, connections=1)
+    decoder = FrameDecoder(Role.DESTINATION, [], validator=validator)
+    assert decoder.validator is validator and validator.control
+    enc = FrameEncoder()
+    assert summary(decoder.feed(flat(enc.control({"n": 1})))) == [("control", 0, {"n": 1})]
+
+
+def test_events_come_out_one_by_one_up_to_a_bad_frame() -> None:
+    enc = FrameEncoder()
+    good = flat(enc.control({"n": 1}))
+    bad = bytearray(flat(enc.control({"n": 2})))
+    bad[-1] ^= 1
+    decoder = FrameDecoder(Role.DESTINATION, DEVICES, connection=1, connections=1)
+    events = decoder.events(good + bytes(bad))
+    assert summary([next(events)]) == [("control", 0, {"n": 1})]
+    with pytest.raises(PeerProtocolError, match="checksum"):
+        next(events)
 
 
 def test_a_control_payload_must_be_a_json_object() -> None:
-    enc = FrameEncoder()
-    assert "not a JSON object" in str(decode_error(flat(enc.frame(Kind.CONTROL, 0xFFFF, b"[1]"))))
+    frame = flat(FrameEncoder().frame(Kind.CONTROL, 0xFFFF, b"[1]"))
+    assert "not a JSON object" in str(decode_error(frame, connection=1, connections=1))
 
 
 def test_reader_wants_payload_through_add_payload() -> None:
@@ -253,6 +286,7 @@ def hello(
 def test_the_handshake_proves_both_sides() -> None:
     h = hello()
     assert (h.migration_id, h.connection, h.connections) == ("mig-1", 0, 2)
+    assert not h.control and hello(connection=2).control
     assert wire.verify_hello(SECRET, SERVER_NONCE, h)
     welcome = wire.make_welcome(SECRET, SERVER_NONCE, h)
     wire.verify_welcome(SECRET, SERVER_NONCE, h, welcome)
@@ -270,7 +304,7 @@ def test_a_hello_proves_nothing_under_another_secret_nonce_or_identity() -> None
 
 def test_a_client_proof_reflected_back_is_not_a_server_proof() -> None:
     h = hello()
-    reflected = b"PTMIG/W2" + h.proof
+    reflected = b"PTMIG/W3" + h.proof
     with pytest.raises(PeerAuthError):
         wire.verify_welcome(SECRET, SERVER_NONCE, h, reflected)
     with pytest.raises(PeerAuthError):

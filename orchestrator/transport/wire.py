@@ -2,18 +2,20 @@
 
 Theory of operation
 -------------------
-A migration's channel is one or more TCP connections from the source host
-(the client) to the destination host (the server).  Each connection opens
-with a mutual challenge-response over the migration's secret, then carries
-frames both ways.
+A migration's channel is one or more data connections and one control
+connection, all TCP from the source host (the client) to the destination
+host (the server).  Each connection opens with a mutual challenge-response
+over the migration's secret, then carries frames both ways.  With ``n``
+data connections they are numbered ``0 .. n-1`` and the control connection
+is number ``n``: every HELLO says its index and ``n``.
 
 Handshake (all sizes fixed but the migration id)::
 
-    server -> client   CHALLENGE  magic "PTMIG/C2", server nonce (32)
-    client -> server   HELLO      magic "PTMIG/H2", connection index (u16),
-                                  connection count (u16), id length (u16),
+    server -> client   CHALLENGE  magic "PTMIG/C3", server nonce (32)
+    client -> server   HELLO      magic "PTMIG/H3", connection index (u16),
+                                  data connection count (u16), id length (u16),
                                   client nonce (32), client proof (32), id
-    server -> client   WELCOME    magic "PTMIG/W2", server proof (32)
+    server -> client   WELCOME    magic "PTMIG/W3", server proof (32)
 
     proof = HMAC-SHA256(secret, role label || server nonce || client nonce ||
                         index || count || id)
@@ -44,9 +46,13 @@ the payload is already on its way.
 Sequence numbers count frames per slot and per direction, from 0: a slot is
 a device (DATA and END one way, ACK the other) or the channel itself
 (CONTROL, slot ``CHANNEL_SLOT``).  ABORT frames carry sequence 0: they end
-the channel, nothing can follow them.  A device's frames travel on one
-connection only, ``device index % connection count``; CONTROL frames on
-connection 0.  So every frame's place is known, and the receiving side
+the channel, nothing can follow them, and any connection may carry one.  A
+device's frames travel on one data connection only, ``device index % data
+connection count``; CONTROL frames on the control connection, which carries
+nothing else.  So a message of the commit protocol never waits behind
+megabytes of device state, and each end serves the control connection on
+its event loop, without the hand-offs to and from the data connections'
+threads.  Every frame's place is known, and the receiving side
 refuses (``PeerProtocolError``) any frame that is unknown, out of order,
 duplicated, corrupted, oversized, after its device's END, or on the wrong
 connection.  After one violation the decoder refuses everything: the
@@ -60,7 +66,7 @@ import hashlib
 import hmac
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,21 +456,27 @@ class InboundValidator:
     """Checks each frame of one connection against everything known of its place.
 
     Invariants: a frame is turned into an event only if its checksum holds,
-    its kind is one this end accepts, its slot is a device of this
-    connection (or the channel slot on connection 0), its sequence number is
-    exactly the next one of its slot, and its device has not ended.  The
-    first violation raises ``PeerProtocolError`` and poisons the validator.
+    its kind is one this end accepts, its slot is a device of this data
+    connection (or, on the control connection, the channel slot), its
+    sequence number is exactly the next one of its slot, and its device has
+    not ended.  The first violation raises ``PeerProtocolError`` and poisons
+    the validator.
+
+    ``connections`` counts the data connections; ``connection`` equal to it
+    is the control connection.
     """
 
     def __init__(
         self, role: Role, devices: Sequence[str], connection: int = 0, connections: int = 1
     ) -> None:
-        if not 0 <= connection < connections:
-            raise ValueError(f"connection {connection} of {connections}")
+        if not 0 <= connection <= connections:
+            raise ValueError(f"connection {connection} of {connections} data connections")
         self.role = role
         self.devices = list(devices)
         self.connection = connection
         self.connections = connections
+        #: Whether this is the control connection (CONTROL frames, no device's).
+        self.control = connection == connections
         self.own = frozenset(
             i for i in range(len(self.devices)) if connection_of(i, connections) == connection
         )
@@ -507,14 +519,14 @@ class InboundValidator:
         if kind is Kind.CONTROL:
             if slot != CHANNEL_SLOT:
                 raise self._fail("CONTROL frame outside the channel slot", slot, seq)
-            if self.connection != 0:
-                raise self._fail("CONTROL frame on a connection other than 0", None, seq)
+            if not self.control:
+                raise self._fail("CONTROL frame on a data connection", None, seq)
         elif slot >= len(self.devices):
             raise self._fail(f"{kind.name} frame for unknown device index {slot}", slot, seq)
         elif slot not in self.own:
             raise self._fail(
-                f"{kind.name} frame on the wrong connection (device belongs on "
-                f"{connection_of(slot, self.connections)})",
+                f"{kind.name} frame on the wrong connection (device belongs on data "
+                f"connection {connection_of(slot, self.connections)})",
                 slot,
                 seq,
             )
@@ -557,20 +569,35 @@ class InboundValidator:
 class FrameDecoder:
     """A reader and a validator together: ``feed(bytes)`` in, events out.
 
-    The trio channel drives the two halves itself so that it can receive
-    payloads straight into ``bytes`` of their own; this is the same logic
-    for callers that have bytes in hand (and for the tests).
+    The data connections drive the two halves themselves so that they can
+    receive payloads straight into buffers of their own; this is the same
+    logic for callers that have bytes in hand (the control connection, the
+    tests).
     """
 
     def __init__(
-        self, role: Role, devices: Sequence[str], connection: int = 0, connections: int = 1
+        self,
+        role: Role,
+        devices: Sequence[str],
+        connection: int = 0,
+        connections: int = 1,
+        *,
+        validator: InboundValidator | None = None,
     ) -> None:
-        self.reader = FrameReader(connection=connection)
-        self.validator = InboundValidator(role, devices, connection, connections)
+        """``validator``: check frames with this one (its role, devices and
+        connection) instead of a new one made from the other arguments."""
+        if validator is None:
+            validator = InboundValidator(role, devices, connection, connections)
+        self.reader = FrameReader(connection=validator.connection)
+        self.validator = validator
 
     def feed(self, data: Buffer) -> list[Event]:
+        return list(self.events(data))
+
+    def events(self, data: Buffer) -> Iterator[Event]:
+        """The events of ``data``, each yielded as soon as its frame is whole and
+        verified: a violation raises after the events of the frames before it."""
         view = memoryview(data).cast("B")
-        events: list[Event] = []
         reader = self.reader
         while True:
             if self.validator.failure is not None:
@@ -581,10 +608,10 @@ class FrameDecoder:
                 self.validator.failure = exc
                 raise
             if frame is not None:
-                events.append(self.validator.accept(frame))
+                yield self.validator.accept(frame)
                 continue
             if not view:
-                return events
+                return
             wanted = reader.payload_remaining
             if wanted:
                 n = min(wanted, len(view))
@@ -599,11 +626,12 @@ class FrameDecoder:
 
 # -- handshake -------------------------------------------------------------------
 
-# Version 2: frames carry CRC-32 where version 1 carried CRC-32C.  A daemon of
-# the other version fails the handshake at once, not on its first frame.
-_CHALLENGE_MAGIC = b"PTMIG/C2"
-_HELLO_MAGIC = b"PTMIG/H2"
-_WELCOME_MAGIC = b"PTMIG/W2"
+# Version 2: frames carry CRC-32 where version 1 carried CRC-32C.  Version 3:
+# CONTROL frames travel on a control connection of their own.  A daemon of
+# another version fails the handshake at once, not on its first frame.
+_CHALLENGE_MAGIC = b"PTMIG/C3"
+_HELLO_MAGIC = b"PTMIG/H3"
+_WELCOME_MAGIC = b"PTMIG/W3"
 _CHALLENGE = struct.Struct(f"!8s{NONCE_SIZE}s")
 _HELLO_PREFIX = struct.Struct(f"!8sHHH{NONCE_SIZE}s32s")
 _WELCOME = struct.Struct("!8s32s")
@@ -614,13 +642,21 @@ WELCOME_SIZE = _WELCOME.size
 
 @dataclass(frozen=True)
 class Hello:
-    """What a client says about itself; believe it only once ``verify`` says so."""
+    """What a client says about itself; believe it only once ``verify`` says so.
+
+    ``connections`` counts the data connections; ``connection`` equal to it
+    is the control connection.
+    """
 
     migration_id: str
     connection: int
     connections: int
     client_nonce: bytes
     proof: bytes
+
+    @property
+    def control(self) -> bool:
+        return self.connection == self.connections
 
 
 def _check_secret(secret: bytes) -> None:
@@ -678,8 +714,11 @@ def client_hello(
     encoded = migration_id.encode()
     if not 0 < len(encoded) <= MAX_MIGRATION_ID:
         raise ValueError(f"a migration id has 1..{MAX_MIGRATION_ID} bytes in UTF-8")
-    if not 0 <= connection < connections <= MAX_CONNECTIONS:
-        raise ValueError(f"connection {connection} of {connections} (at most {MAX_CONNECTIONS})")
+    if not 0 <= connection <= connections or not 1 <= connections <= MAX_CONNECTIONS:
+        raise ValueError(
+            f"connection {connection} of {connections} data connections "
+            f"(at most {MAX_CONNECTIONS}; the control connection is number {connections})"
+        )
     if len(client_nonce) != NONCE_SIZE:
         raise ValueError(f"a nonce has {NONCE_SIZE} bytes")
     unsigned = Hello(migration_id, connection, connections, client_nonce, b"")
@@ -699,8 +738,10 @@ def parse_hello_prefix(data: bytes) -> tuple[int, int, int, bytes, bytes]:
         raise PeerAuthError("the client did not send a channel HELLO")
     if not 0 < id_length <= MAX_MIGRATION_ID:
         raise PeerAuthError(f"HELLO announces a migration id of {id_length} bytes")
-    if not 0 <= connection < connections <= MAX_CONNECTIONS:
-        raise PeerAuthError(f"HELLO announces connection {connection} of {connections}")
+    if not 0 <= connection <= connections or not 1 <= connections <= MAX_CONNECTIONS:
+        raise PeerAuthError(
+            f"HELLO announces connection {connection} of {connections} data connections"
+        )
     return connection, connections, id_length, bytes(nonce), bytes(proof)
 
 
