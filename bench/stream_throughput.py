@@ -18,30 +18,49 @@ confirmed every byte: the plain receiver's one-byte answer, the channel's
 acknowledgements.  The table shows the median of ``--repeats`` runs of
 each; the target is a channel at least 80% as fast as the plain copy.
 
+``--ceiling`` adds two copies to each trial and a second table, to show
+what bounds the channel here:
+
+* framed: the plain copy's threads, sending and checking the channel's own
+  DATA frames (``wire.FrameEncoder``: header, payload, CRC-32 trailer, and
+  on receipt ``wire.parse_header`` and ``wire.frame_checksum``), and
+  nothing else: no trio, no queues.  What any design keeping the protocol's
+  framing and checksums pays on these two cores;
+* framed + trio: the same, with the one hand-off per chunk each way that
+  devices driven by trio need, and no more: a trio task per device hands
+  its chunks to its sending thread through a bounded queue, and each
+  receiving thread posts every checked frame to a trio task
+  (``run_sync_soon``, a memory channel) that gives the buffer back.
+
     python bench/stream_throughput.py [--sizes-mib 1,16,256,1024] [--connections 1,4]
-                                      [--repeats 3] [--quick]
+                                      [--repeats 3] [--quick] [--ceiling]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import math
 import multiprocessing
 import os
 import platform
+import queue
 import socket
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import trio
+from typing_extensions import Buffer
 
 from orchestrator import logs
 from orchestrator.errors import PeerError
-from orchestrator.transport import ChannelListener, new_secret, open_channel
+from orchestrator.transport import ChannelListener, new_secret, open_channel, wire
 
 MIB = 1 << 20
 CHUNK = MIB
@@ -56,11 +75,30 @@ def _shares(total: int, parts: int) -> list[int]:
 # -- destination process ---------------------------------------------------------
 
 
-def _plain_destination(control: Connection, connections: int, total: int) -> None:
+def _accept(control: Connection, connections: int) -> list[socket.socket]:
     listener = socket.create_server(("127.0.0.1", 0))
     control.send(listener.getsockname()[1])
     socks = [listener.accept()[0] for _ in range(connections)]
     listener.close()
+    return socks
+
+
+def _in_threads(
+    fn: Callable[[socket.socket, int], None], socks: Sequence[socket.socket], total: int
+) -> None:
+    """``fn(sock, its share of total)`` in a thread per connection; all joined."""
+    threads = [
+        threading.Thread(target=fn, args=(sock, share))
+        for sock, share in zip(socks, _shares(total, len(socks)), strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _plain_destination(control: Connection, connections: int, total: int) -> None:
+    socks = _accept(control, connections)
 
     def drain(sock: socket.socket, nbytes: int) -> None:
         buffer = memoryview(bytearray(CHUNK))
@@ -71,14 +109,7 @@ def _plain_destination(control: Connection, connections: int, total: int) -> Non
                 raise SystemExit("plain copy: the source closed early")
             got += n
 
-    threads = [
-        threading.Thread(target=drain, args=(sock, share))
-        for sock, share in zip(socks, _shares(total, connections), strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _in_threads(drain, socks, total)
     for sock in socks:
         sock.sendall(b"!")
         sock.close()
@@ -109,6 +140,82 @@ async def _channel_destination(control: Connection, connections: int, secret: by
         nursery.cancel_scope.cancel()
 
 
+def _receive_exactly(sock: socket.socket, view: memoryview) -> None:
+    if sock.recv_into(view, view.nbytes, socket.MSG_WAITALL) != view.nbytes:
+        raise SystemExit("framed copy: the source closed early")
+
+
+def _receive_frames(
+    sock: socket.socket,
+    nbytes: int,
+    take: Callable[[], memoryview],
+    deliver: Callable[[memoryview], None],
+) -> None:
+    """DATA frames as the channel's reader takes them: header, payload into a
+    buffer, trailer, then the header's and the frame's checksums."""
+    header = memoryview(bytearray(wire.HEADER_SIZE))
+    trailer = memoryview(bytearray(wire.TRAILER_SIZE))
+    got = 0
+    while got < nbytes:
+        _receive_exactly(sock, header)
+        length = wire.parse_header(bytes(header)).length
+        payload = take()[:length]
+        _receive_exactly(sock, payload)
+        _receive_exactly(sock, trailer)
+        if int.from_bytes(trailer, "big") != wire.frame_checksum(header, payload):
+            raise SystemExit("framed copy: a frame's checksum does not match")
+        deliver(payload)
+        got += length
+
+
+def _framed_destination(control: Connection, connections: int, total: int) -> None:
+    socks = _accept(control, connections)
+
+    def drain(sock: socket.socket, nbytes: int) -> None:
+        buffer = memoryview(bytearray(CHUNK))
+        _receive_frames(sock, nbytes, lambda: buffer, lambda payload: None)
+        sock.sendall(b"!")
+
+    _in_threads(drain, socks, total)
+    for sock in socks:
+        sock.close()
+
+
+async def _framed_trio_destination(control: Connection, connections: int, total: int) -> None:
+    # As the channel's pools: a reader waits for a buffer its consumer gave back.
+    # Made before the clock starts (16 MiB of fresh pages take milliseconds);
+    # the channel's come from those its earlier connections left.
+    pools: list[queue.SimpleQueue[memoryview]] = []
+    for _ in range(connections):
+        pools.append(queue.SimpleQueue())
+        for _ in range(16):
+            pools[-1].put(memoryview(bytearray(CHUNK)))
+    socks = _accept(control, connections)
+    token = trio.lowlevel.current_trio_token()
+
+    async def load(sock: socket.socket, nbytes: int, free: queue.SimpleQueue[memoryview]) -> None:
+        send, receive = trio.open_memory_channel[memoryview](math.inf)
+
+        def post(payload: memoryview) -> None:
+            token.run_sync_soon(send.send_nowait, payload)
+
+        reader = threading.Thread(target=_receive_frames, args=(sock, nbytes, free.get, post))
+        reader.start()
+        got = 0
+        while got < nbytes:
+            payload = await receive.receive()
+            got += payload.nbytes
+            free.put(memoryview(payload.obj))
+        await trio.to_thread.run_sync(reader.join)
+        sock.sendall(b"!")
+
+    async with trio.open_nursery() as nursery:
+        for sock, share, pool in zip(socks, _shares(total, connections), pools, strict=True):
+            nursery.start_soon(load, sock, share, pool)
+    for sock in socks:
+        sock.close()
+
+
 def destination(control: Connection) -> None:
     logs.configure("error")
     while True:
@@ -118,6 +225,10 @@ def destination(control: Connection) -> None:
         kind, connections, total, secret = trial
         if kind == "plain":
             _plain_destination(control, connections, total)
+        elif kind == "framed":
+            _framed_destination(control, connections, total)
+        elif kind == "framed_trio":
+            trio.run(_framed_trio_destination, control, connections, total)
         else:
             trio.run(_channel_destination, control, connections, secret)
         control.send("done")
@@ -149,34 +260,141 @@ class Peer:
         self.process.join(timeout=10)
 
 
-def plain_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
-    control.send(("plain", connections, total, b""))
+def _threaded_copy(
+    control: Peer,
+    kind: str,
+    connections: int,
+    total: int,
+    pour: Callable[[socket.socket, int], None],
+) -> float:
+    """A copy whose source is a thread per connection running ``pour(sock, its share)``."""
+    control.send((kind, connections, total, b""))
     port = control.recv()
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
 
+    def pour_and_confirm(sock: socket.socket, nbytes: int) -> None:
+        pour(sock, nbytes)
+        if sock.recv(1) != b"!":
+            raise SystemExit(f"{kind} copy: no confirmation")
+
+    start = time.perf_counter()
+    _in_threads(pour_and_confirm, socks, total)
+    elapsed = time.perf_counter() - start
+    for sock in socks:
+        sock.close()
+    if control.recv() != "done":
+        raise SystemExit(f"{kind} copy: the destination failed")
+    return elapsed
+
+
+def plain_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
     def pour(sock: socket.socket, nbytes: int) -> None:
         sent = 0
         while sent < nbytes:
             n = min(CHUNK, nbytes - sent)
             sock.sendall(payload[:n])
             sent += n
-        if sock.recv(1) != b"!":
-            raise SystemExit("plain copy: no confirmation")
 
-    start = time.perf_counter()
-    threads = [
-        threading.Thread(target=pour, args=(sock, share))
-        for sock, share in zip(socks, _shares(total, connections), strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
+    return _threaded_copy(control, "plain", connections, total, pour)
+
+
+def _send_frame(sock: socket.socket, frame: list[Buffer]) -> None:
+    views = [memoryview(part).cast("B") for part in frame]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def framed_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
+    def pour(sock: socket.socket, nbytes: int) -> None:
+        encoder = wire.FrameEncoder()
+        sent = 0
+        while sent < nbytes:
+            n = min(CHUNK, nbytes - sent)
+            _send_frame(sock, encoder.data(0, payload[:n]))
+            sent += n
+
+    return _threaded_copy(control, "framed", connections, total, pour)
+
+
+class _ToThread:
+    """Chunks from a trio task to a thread, one hand-off each, at most ``depth``
+    queued: the channel's writer queue with nothing else."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._token = trio.lowlevel.current_trio_token()
+        self._items: collections.deque[memoryview | None] = collections.deque()
+        self._ready = threading.Condition()
+        self._room: trio.Event | None = None
+
+    async def put(self, item: memoryview | None) -> None:
+        while True:
+            with self._ready:
+                if len(self._items) < self.depth:
+                    self._items.append(item)
+                    self._ready.notify()
+                    break
+                if self._room is None:
+                    self._room = trio.Event()
+                room = self._room
+            await room.wait()
+        await trio.lowlevel.checkpoint()
+
+    def get(self) -> memoryview | None:
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            item = self._items.popleft()
+            room = self._room if len(self._items) <= self.depth // 2 else None
+            if room is not None:
+                self._room = None
+        if room is not None:
+            self._token.run_sync_soon(room.set)
+        return item
+
+
+def framed_trio_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
+    control.send(("framed_trio", connections, total, b""))
+    port = control.recv()
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    elapsed = 0.0
+
+    def send_frames(sock: socket.socket, chunks: _ToThread) -> None:
+        encoder = wire.FrameEncoder()
+        while (chunk := chunks.get()) is not None:
+            _send_frame(sock, encoder.data(0, chunk))
+        if sock.recv(1) != b"!":
+            raise SystemExit("framed_trio copy: no confirmation")
+
+    async def pour(sock: socket.socket, nbytes: int) -> None:
+        chunks = _ToThread(16)
+        sender = threading.Thread(target=send_frames, args=(sock, chunks))
+        sender.start()
+        sent = 0
+        while sent < nbytes:
+            n = min(CHUNK, nbytes - sent)
+            await chunks.put(payload[:n])
+            sent += n
+        await chunks.put(None)
+        await trio.to_thread.run_sync(sender.join)
+
+    async def run() -> None:
+        nonlocal elapsed
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for sock, share in zip(socks, _shares(total, connections), strict=True):
+                nursery.start_soon(pour, sock, share)
+        elapsed = time.perf_counter() - start
+
+    trio.run(run)
     for sock in socks:
         sock.close()
     if control.recv() != "done":
-        raise SystemExit("plain copy: the destination failed")
+        raise SystemExit("framed_trio copy: the destination failed")
     return elapsed
 
 
@@ -221,12 +439,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", default="1,4", help="connection counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the median is shown")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 MiB, 1 run each")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also the framed copies without the channel, in a second table",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes_mib, args.repeats = "1", 1
     sizes = [int(x) for x in args.sizes_mib.split(",")]
     counts = [int(x) for x in args.connections.split(",")]
     logs.configure("error")
+    copies: dict[str, Callable[[Peer, memoryview, int, int], float]] = {
+        "plain": plain_copy,
+        "channel": channel_copy,
+    }
+    if args.ceiling:
+        copies |= {"framed": framed_copy, "framed_trio": framed_trio_copy}
 
     print(f"command: python bench/stream_throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
     print(
@@ -236,29 +465,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     payload = memoryview(os.urandom(CHUNK))
     ours = Peer()
-    rows: list[dict[str, Any]] = []
+    ceiling: list[str] = []
     try:
         print("| state MiB | connections | plain GB/s | channel GB/s | ratio | target 0.80 |")
         print("|---:|---:|---:|---:|---:|---|")
         for size in sizes:
             total = size * MIB
             for connections in counts:
-                plain_s: list[float] = []
-                channel_s: list[float] = []
+                seconds: dict[str, list[float]] = {kind: [] for kind in copies}
                 for _ in range(args.repeats):
-                    plain_s.append(plain_copy(ours, payload, connections, total))
-                    channel_s.append(channel_copy(ours, payload, connections, total))
-                plain = total / statistics.median(plain_s) / 1e9
-                chan = total / statistics.median(channel_s) / 1e9
-                ratio = chan / plain
-                rows.append({"size": size, "connections": connections, "ratio": ratio})
+                    for kind, copy in copies.items():
+                        seconds[kind].append(copy(ours, payload, connections, total))
+                rate = {kind: total / statistics.median(s) / 1e9 for kind, s in seconds.items()}
+                ratio = rate["channel"] / rate["plain"]
                 print(
-                    f"| {size} | {connections} | {plain:.2f} | {chan:.2f} | {ratio:.2f} "
-                    f"| {'met' if ratio >= TARGET else 'missed'} |",
+                    f"| {size} | {connections} | {rate['plain']:.2f} | {rate['channel']:.2f} "
+                    f"| {ratio:.2f} | {'met' if ratio >= TARGET else 'missed'} |",
                     flush=True,
                 )
+                if args.ceiling:
+                    ceiling.append(
+                        f"| {size} | {connections} | {rate['plain']:.2f} "
+                        + " ".join(
+                            f"| {rate[kind]:.2f} | {rate[kind] / rate['plain']:.2f}"
+                            for kind in ("framed", "framed_trio", "channel")
+                        )
+                        + " |"
+                    )
     finally:
         ours.close()
+    if ceiling:
+        print()
+        print(
+            "| state MiB | connections | plain GB/s | framed GB/s | ratio "
+            "| framed + trio GB/s | ratio | channel GB/s | ratio |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(ceiling))
     return 0
 
 

@@ -10,16 +10,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_stream_throughput_quick_run_prints_its_table() -> None:
+def run_bench(*args: str) -> str:
     # As a user runs it: the destination process is spawned from the script.
-    out = subprocess.run(
-        [sys.executable, "bench/stream_throughput.py", "--quick"],
+    return subprocess.run(
+        [sys.executable, "bench/stream_throughput.py", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
         check=True,
     ).stdout
+
+
+def test_stream_throughput_quick_run_prints_its_table() -> None:
+    out = run_bench("--quick")
     assert out.startswith("command: python bench/stream_throughput.py --quick\n")
     row = r"^\| 1 \| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (met|missed) \|$"
     rows = re.findall(row, out, re.M)
@@ -31,3 +35,21 @@ def test_stream_throughput_quick_run_prints_its_table() -> None:
         assert abs(float(ratio) - float(channel) / float(plain)) <= rounding
         if float(ratio) != 0.80:
             assert verdict == ("met" if float(ratio) > 0.80 else "missed")
+
+
+def test_the_ceiling_table_shows_every_copy_beside_the_plain_one() -> None:
+    out = run_bench("--quick", "--ceiling")
+    header = (
+        "| state MiB | connections | plain GB/s | framed GB/s | ratio "
+        "| framed + trio GB/s | ratio | channel GB/s | ratio |"
+    )
+    assert header in out.splitlines()
+    number = r"([\d.]+)"
+    row = rf"^\| 1 \| (\d) \| {number}" + rf" \| {number} \| {number}" * 3 + r" \|$"
+    rows = re.findall(row, out, re.M)
+    assert [r[0] for r in rows] == ["1", "4"]
+    for _, plain, *pairs in rows:
+        for rate, ratio in zip(pairs[::2], pairs[1::2], strict=True):
+            assert float(rate) > 0
+            rounding = 0.005 * float(ratio) * (1 / float(plain) + 1 / float(rate)) + 0.005
+            assert abs(float(ratio) - float(rate) / float(plain)) <= rounding
