@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
@@ -114,6 +115,12 @@ async def test_many_devices_arrive_byte_exact_with_acks_and_control_both_ways(
             assert stats.throughput_bytes_s is not None
         assert received == data
         assert all(dest.receiver(d).bytes_received == len(data[d]) for d in devices)
+        # The control connections' descriptors are closed on both sides, the
+        # source's by the time its block is left.
+        assert src._control is not None and src._control.sock.fileno() == -1
+        await dest.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the destination's link tasks ended
+        assert dest._control is not None and dest._control.sock.fileno() == -1
 
 
 async def test_lent_pieces_are_the_pool_buffers_reused_unless_a_view_is_kept() -> None:

@@ -877,11 +877,11 @@ class _ControlLink(_Connection):
         self._check_write()
 
     def close(self) -> None:
-        """Shut the socket down (its reader sees the end) and refuse further writes."""
-        if not self._shut_down():
-            return
-        self._unsent_added.set()
-        self._drained.set()
+        """Shut the socket down (its reader sees the end) and refuse further writes;
+        the descriptor is closed once no task of ``run`` can use it."""
+        if self._shut_down():
+            self._unsent_added.set()
+            self._drained.set()
         if not self._running:
             self.sock.close()
 
