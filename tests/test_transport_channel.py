@@ -470,6 +470,41 @@ async def test_crafted_bad_frames_fail_the_migration_and_nothing_after_them_is_l
     assert len(reasons) == 1 and problem in reasons[0]
 
 
+async def test_a_tampered_control_frame_fails_the_channel_and_comes_back_as_its_reason() -> None:
+    """The control connection is checked as the data connections are: a good
+    message is delivered, a corrupted one fails the channel, and the
+    destination says why on that connection before it closes it."""
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-g", secret, ["gpu0"])
+        # One data connection: the control connection is number 1.
+        control = await authenticated(address, "mig-g", secret, 1, 1)
+        encoder = wire.FrameEncoder()
+        await control.send_all(one(encoder.control({"op": "first"})))
+        assert await dest.receive_control() == {"op": "first"}
+        bad = bytearray(one(encoder.control({"op": "second"})))
+        bad[wire.HEADER_SIZE + 3] ^= 0x20
+        await control.send_all(bytes(bad))
+        with pytest.raises(PeerProtocolError, match="checksum mismatch") as info:
+            await dest.receive_control()
+        assert info.value.connection == 1
+        told = await receive_all(control)
+        decoder = wire.FrameDecoder(wire.Role.SOURCE, ["gpu0"], 1, 1)
+        reasons = [e.reason for e in decoder.feed(told) if isinstance(e, wire.Abort)]
+        assert len(reasons) == 1 and "checksum mismatch" in reasons[0]
+
+
+async def test_a_control_frame_on_a_data_connection_is_refused() -> None:
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("mig-h", secret, ["gpu0"])
+        data = await authenticated(address, "mig-h", secret, 0, 1)
+        await data.send_all(one(wire.FrameEncoder().control({"op": "commit"})))
+        with pytest.raises(PeerProtocolError, match="CONTROL frame on a data connection"):
+            await dest.receive_control()
+        await data.aclose()
+
+
 def skip(encoder: wire.FrameEncoder) -> bytes:
     encoder.data(0, b"never sent")
     return b""
@@ -780,7 +815,12 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
     validator = wire.InboundValidator(wire.Role.SOURCE, ["gpu0"], 1, 1)
     blob = "x" * (60 << 10)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run, validator, lambda event, pool: None, lambda error: None)
+        errors: list[PeerError | None] = []
+
+        async def ended(outcome: PeerError | None) -> None:
+            errors.append(outcome)
+
+        nursery.start_soon(link.run, validator, lambda event, pool: None, errors.append, ended)
         sent = 0
 
         async def write(blob: str, *, wait: bool = False) -> None:
@@ -811,6 +851,7 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
                     assert event.seq == event.message["n"] == len(seen)
                     seen.append(event.seq)
             await waited.wait()
-        assert not link._unsent
+        assert not link._unsent and not errors
         link.close()
     theirs.close()
+    assert errors == [None]  # a clean end of stream, once closed

@@ -311,6 +311,9 @@ _ReadOutcome = PeerError | None
 
 #: Where a connection's reader hands each verified event (in trio's thread).
 _Deliver = Callable[[wire.Event, _BufferPool], None]
+#: What the channel does once a connection's reader has ended, while the
+#: connection can still send (to tell the peer why).
+_OnEnd = Callable[[_ReadOutcome], Awaitable[None]]
 
 
 class _Connection:
@@ -399,11 +402,13 @@ class _Link(_Connection):
         validator: wire.InboundValidator,
         deliver: _Deliver,
         on_write_error: Callable[[PeerError], None],
-    ) -> _ReadOutcome:
-        """Serve the connection until its reader ends; why it ended (None: a clean EOF)."""
+        on_end: _OnEnd,
+    ) -> None:
+        """Serve the connection until its reader ends, then ``on_end(why)`` (None: a
+        clean EOF); the writer thread runs until ``close``."""
         self.start(validator, deliver, len(validator.own), on_write_error)
         await self.read_done.wait()
-        return self.read_outcome
+        await on_end(self.read_outcome)
 
     def start(
         self,
@@ -773,15 +778,17 @@ class _ControlLink(_Connection):
         validator: wire.InboundValidator,
         deliver: _Deliver,
         on_write_error: Callable[[PeerError], None],
-    ) -> _ReadOutcome:
-        """Serve the connection until its end; why it ended (None: a clean EOF)."""
+        on_end: _OnEnd,
+    ) -> None:
+        """Serve the connection until its reader ends, then ``on_end(why)`` (None: a
+        clean EOF) while it can still send; then close it."""
         self._on_write_error = on_write_error
         self._running = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_unsent)
                 try:
-                    return await self._read_frames(validator, deliver)
+                    await on_end(await self._read_frames(validator, deliver))
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -1037,14 +1044,17 @@ class _Channel:
         self, link: _Link | _ControlLink, validator: wire.InboundValidator
     ) -> None:
         """Run one connection to its end, failing the channel on any error."""
-        try:
-            outcome = await link.run(validator, self._deliver, self._fail)
+
+        async def ended(outcome: _ReadOutcome) -> None:
             if isinstance(outcome, PeerProtocolError):
                 await self._fail_and_tell(outcome, f"protocol violation: {outcome}")
             elif outcome is not None:
                 self._fail(outcome)
             else:
                 self._link_eof(link, validator)
+
+        try:
+            await link.run(validator, self._deliver, self._fail, ended)
         finally:
             link.close()
 
