@@ -85,9 +85,11 @@ async def test_a_woken_loop_does_not_stretch_a_sleep_as_trio_sleep_does() -> Non
     # milliseconds, rounded up, so every wake-up during a trio.sleep pushes its
     # end to a millisecond after that wake-up.  Compared side by side, in the
     # same run, so that a busy machine slows both.
+    # Measured here: 35-50 us late against 160-250 us, idle or with both cores
+    # busy; half is the margin.
     ours = await _lateness_while_woken(sleep)
     theirs = await _lateness_while_woken(trio.sleep)
-    assert ours < theirs
+    assert ours * 2 < theirs
 
 
 def test_under_a_mock_clock_sleep_is_virtual() -> None:
