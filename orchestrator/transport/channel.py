@@ -326,6 +326,8 @@ class _Connection:
         self.sock = stdlib_socket.socket(fileno=sock.detach())
         self.sock.setblocking(blocking)
         self._write_error: PeerError | None = None
+        #: Told of a failed send at once (the channel fails), set by ``run``.
+        self._on_write_error: Callable[[PeerError], None] = lambda error: None
         self._closed = False
 
     def _check_write(self) -> None:
@@ -393,7 +395,6 @@ class _Link(_Connection):
         self._threads_lock = threading.Lock()
         self.read_outcome: _ReadOutcome = None
         self.read_done = trio.Event()
-        self._on_write_error: Callable[[PeerError], None] = lambda error: None
 
     # Threads ---------------------------------------------------------------
 
@@ -767,7 +768,6 @@ class _ControlLink(_Connection):
         #: Set while nothing is unsent; replaced by a fresh one when something is.
         self._drained = trio.Event()
         self._drained.set()
-        self._on_write_error: Callable[[PeerError], None] = lambda error: None
         self._running = False
 
     def in_flight_bytes(self) -> int:
