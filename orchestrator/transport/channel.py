@@ -770,9 +770,6 @@ class _ControlLink(_Connection):
         self._drained.set()
         self._running = False
 
-    def in_flight_bytes(self) -> int:
-        return len(self._unsent)
-
     async def run(
         self,
         validator: wire.InboundValidator,
