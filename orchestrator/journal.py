@@ -15,7 +15,7 @@ Invariants:
 * **The commit is durable.**  ``record_commit`` is the runner's
   ``CommitJournal``: when it returns, the decision is on disk, power loss
   included.  A committed migration never goes back: the journal refuses to
-  enter the rollback phase or to finish it as ``rolled_back``.
+  enter the rollback phase or to finish it as ``rolled_back`` or ``refused``.
 * **Nothing journaled is ever deleted by the journal.**  Events are
   append-only and a finished migration is frozen; SQL triggers refuse an
   UPDATE or DELETE that would break this, whoever issues it.
@@ -31,8 +31,9 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 1; ``schema_version`` holds the number, and ``open`` upgrades
-an older file step by step in ``SCHEMA_UPGRADES``).  Times are Unix seconds
+Schema (version 3; ``schema_version`` holds the number, and ``open`` upgrades
+an older file step by step in ``SCHEMA_UPGRADES``, each step one transaction
+that keeps every row, index and trigger).  Times are Unix seconds
 (``time.time()``, REAL)::
 
     migrations(
@@ -44,10 +45,12 @@ an older file step by step in ``SCHEMA_UPGRADES``).  Times are Unix seconds
         phase           TEXT NOT NULL,      -- a flow.Phase value, the last recorded
         committed       INTEGER 0/1,        -- the commit decision
         committed_at    REAL,
-        outcome         TEXT,               -- NULL until finished
+        outcome         TEXT,               -- NULL until finished; succeeded, refused,
+                                            -- rolled_back or failed (report.Outcome)
         finished_at     REAL,
         report_json     TEXT,               -- MigrationReport, at finish
-        error_json      TEXT)               -- the report's ErrorInfo, if any
+        error_json      TEXT,               -- the report's ErrorInfo, if any
+        role            TEXT)               -- source or destination (version 2)
     events(                                 -- append-only
         migration_id    TEXT REFERENCES migrations,
         seq             INTEGER,            -- 1, 2, ... per migration
@@ -109,7 +112,7 @@ T = TypeVar("T")
 FILENAME: Final = "journal.sqlite3"
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _OUTCOMES: Final = frozenset(get_args(Outcome))
 _PHASES: Final = frozenset(p.value for p in Phase)
@@ -117,10 +120,20 @@ _PHASES: Final = frozenset(p.value for p in Phase)
 #: forward phases are not refused: a forwarded trace may deliver them after the
 #: runner itself recorded the commit.)
 _NEVER_AFTER_COMMIT: Final = frozenset({Phase.ROLLBACK})
+#: Nor does it end as if it never started, or as if it went back to its source.
+_OUTCOMES_NEVER_AFTER_COMMIT: Final[frozenset[Outcome]] = frozenset({"refused", "rolled_back"})
 
-_SCHEMA_V1: Final = (
+
+def _create_migrations(table: str, outcomes: Iterable[str], *extra_columns: str) -> str:
+    """The ``migrations`` table as a schema version creates it, named ``table``.
+
+    Versions differ in the outcomes the CHECK admits and in the columns added
+    since version 1; each version passes its own, fixed for ever.
     """
-    CREATE TABLE migrations (
+    admitted = ", ".join(f"'{outcome}'" for outcome in outcomes)
+    extra = "".join(f",\n        {column}" for column in extra_columns)
+    return f"""
+    CREATE TABLE {table} (
         id              TEXT PRIMARY KEY NOT NULL,
         vm              TEXT NOT NULL,
         plan_json       TEXT NOT NULL,
@@ -130,14 +143,39 @@ _SCHEMA_V1: Final = (
         phase           TEXT NOT NULL,
         committed       INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
         committed_at    REAL,
-        outcome         TEXT CHECK (outcome IN ('succeeded', 'rolled_back', 'failed')),
+        outcome         TEXT CHECK (outcome IN ({admitted})),
         finished_at     REAL,
         report_json     TEXT,
-        error_json      TEXT
+        error_json      TEXT{extra}
     )
-    """,
+    """
+
+
+#: The indexes and triggers of ``migrations``: dropped with it, so a version
+#: that rebuilds the table makes them again.
+_MIGRATIONS_INDEXES_AND_TRIGGERS: Final = (
     "CREATE INDEX migrations_by_created ON migrations (created_at)",
     "CREATE INDEX migrations_unfinished ON migrations (created_at) WHERE outcome IS NULL",
+    # The invariants, kept by the database itself and not only by this module.
+    """
+    CREATE TRIGGER migrations_no_delete BEFORE DELETE ON migrations
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
+    """,
+    """
+    CREATE TRIGGER migrations_finished_frozen BEFORE UPDATE ON migrations
+    WHEN OLD.outcome IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'a finished migration is frozen'); END
+    """,
+    """
+    CREATE TRIGGER migrations_commit_final BEFORE UPDATE OF committed ON migrations
+    WHEN OLD.committed = 1 AND NEW.committed = 0
+    BEGIN SELECT RAISE(ABORT, 'a commit cannot be undone'); END
+    """,
+)
+
+_SCHEMA_V1: Final = (
+    _create_migrations("migrations", ("succeeded", "rolled_back", "failed")),
+    *_MIGRATIONS_INDEXES_AND_TRIGGERS,
     """
     CREATE TABLE events (
         migration_id TEXT NOT NULL REFERENCES migrations (id),
@@ -157,7 +195,6 @@ _SCHEMA_V1: Final = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX devices_by_device ON devices (device)",
-    # The invariants, kept by the database itself and not only by this module.
     """
     CREATE TRIGGER events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END
@@ -170,34 +207,47 @@ _SCHEMA_V1: Final = (
     CREATE TRIGGER devices_no_delete BEFORE DELETE ON devices
     BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
     """,
-    """
-    CREATE TRIGGER migrations_no_delete BEFORE DELETE ON migrations
-    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
-    """,
-    """
-    CREATE TRIGGER migrations_finished_frozen BEFORE UPDATE ON migrations
-    WHEN OLD.outcome IS NOT NULL
-    BEGIN SELECT RAISE(ABORT, 'a finished migration is frozen'); END
-    """,
-    """
-    CREATE TRIGGER migrations_commit_final BEFORE UPDATE OF committed ON migrations
-    WHEN OLD.committed = 1 AND NEW.committed = 0
-    BEGIN SELECT RAISE(ABORT, 'a commit cannot be undone'); END
-    """,
 )
 
 #: ``SCHEMA_UPGRADES[n]`` takes a database from version ``n - 1`` to ``n``
-#: (version 0: an empty file).  Each step runs in one transaction.
+#: (version 0: an empty file).  Each step runs in one transaction, with
+#: foreign keys checked at its end (``_upgrade_schema``).
 #: Version 2: which side of the migration this daemon plays.  ``source``: it
 #: runs the migration (both ends on this host, or the destination on another
 #: host's daemon); ``destination``: another host's daemon runs it and this
 #: one holds the destination devices (``orchestrator.incoming``).
-_SCHEMA_V2: Final = (
-    "ALTER TABLE migrations ADD COLUMN role TEXT NOT NULL DEFAULT 'source' "
-    "CHECK (role IN ('source', 'destination'))",
+_ROLE_COLUMN: Final = (
+    "role TEXT NOT NULL DEFAULT 'source' CHECK (role IN ('source', 'destination'))"
+)
+_SCHEMA_V2: Final = (f"ALTER TABLE migrations ADD COLUMN {_ROLE_COLUMN}",)
+
+#: Version 3: the outcome ``refused`` (the migration ended before pre-copy
+#: began, every device as it was).  SQLite cannot alter a CHECK, so the table
+#: is rebuilt as SQLite's documentation says (lang_altertable.html, "other
+#: kinds of table schema changes"): a new table, every row copied with its
+#: rowid (which orders migrations created in the same instant), the old one
+#: dropped, the new one renamed, its indexes and triggers made again.  The
+#: events and devices tables refer to ``migrations`` by name and keep their rows.
+_MIGRATIONS_V3_COLUMNS: Final = (
+    "rowid, id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
+    "committed_at, outcome, finished_at, report_json, error_json, role"
+)
+_SCHEMA_V3: Final = (
+    _create_migrations(
+        "migrations_v3", ("succeeded", "refused", "rolled_back", "failed"), _ROLE_COLUMN
+    ),
+    f"INSERT INTO migrations_v3 ({_MIGRATIONS_V3_COLUMNS}) "
+    f"SELECT {_MIGRATIONS_V3_COLUMNS} FROM migrations",
+    "DROP TABLE migrations",
+    "ALTER TABLE migrations_v3 RENAME TO migrations",
+    *_MIGRATIONS_INDEXES_AND_TRIGGERS,
 )
 
-SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
+    1: _SCHEMA_V1,
+    2: _SCHEMA_V2,
+    3: _SCHEMA_V3,
+}
 
 
 class JournalError(OrchestratorError):
@@ -454,9 +504,9 @@ class Journal:
                         f"says {'committed' if committed else 'not committed'}",
                         path=self.path,
                     )
-                if committed and report.outcome == "rolled_back":
+                if committed and report.outcome in _OUTCOMES_NEVER_AFTER_COMMIT:
                     raise JournalError(
-                        f"migration {migration_id!r} is committed: it cannot have rolled back",
+                        f"migration {migration_id!r} is committed: it cannot end {report.outcome}",
                         path=self.path,
                     )
                 now = time.time()
@@ -759,8 +809,12 @@ def _configure(db: sqlite3.Connection, path: Path) -> None:
         )
     # FULL: every commit is fsynced, so a recorded decision survives power loss.
     db.execute("PRAGMA synchronous = FULL")
-    db.execute("PRAGMA foreign_keys = ON")
+    # An upgrade may rebuild a table the others refer to, which SQLite allows
+    # only with foreign keys off; the pragma cannot change inside a
+    # transaction, so they are turned on after it (it checks them itself).
+    db.execute("PRAGMA foreign_keys = OFF")
     _upgrade_schema(db, path)
+    db.execute("PRAGMA foreign_keys = ON")
 
 
 def _upgrade_schema(db: sqlite3.Connection, path: Path) -> None:
@@ -787,6 +841,15 @@ def _upgrade_schema(db: sqlite3.Connection, path: Path) -> None:
             for statement in SCHEMA_UPGRADES[step]:
                 db.execute(statement)
         if version < SCHEMA_VERSION:
+            dangling = db.execute("PRAGMA foreign_key_check").fetchall()
+            if dangling:
+                table, _, parent, _ = dangling[0]
+                raise JournalError(
+                    f"cannot upgrade the schema from version {version}: {len(dangling)} "
+                    f"row(s) refer to rows that do not exist (first: in {table}, a row "
+                    f"without its {parent} row)",
+                    path=path,
+                )
             db.execute("DELETE FROM schema_version")
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 

@@ -6,11 +6,25 @@ extend it, do not rename.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
-Outcome = Literal["succeeded", "rolled_back", "failed"]
+#: How a migration ended; ``MigrationReport.outcome`` says what each one promises.
+Outcome = Literal["succeeded", "refused", "rolled_back", "failed"]
+
+#: What each outcome promises, for the report's schema, the API and the CLI's help.
+OUTCOME_MEANINGS: Final[Mapping[Outcome, str]] = {
+    "succeeded": "the VM's devices run on the destination",
+    "refused": (
+        "it ended before pre-copy began (checks, prepare, a busy or missing device, a "
+        "destination that said no or could not be reached, a cancel before pre-copy): "
+        "every device is as it was"
+    ),
+    "rolled_back": "it ended after pre-copy began and the VM runs on the source as before",
+    "failed": "an operator is needed, and only then",
+}
 
 
 class ErrorInfo(BaseModel):
@@ -121,7 +135,11 @@ class VmmReport(BaseModel):
 class MigrationReport(BaseModel):
     id: str
     vm: str
-    outcome: Outcome
+    outcome: Outcome = Field(
+        description="How the migration ended. "
+        + "; ".join(f"{name}: {meaning}" for name, meaning in OUTCOME_MEANINGS.items())
+        + "."
+    )
     downtime_ms: float | None = Field(
         None,
         description=(

@@ -12,19 +12,22 @@ import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, get_args
 
 import pytest
 import trio
 import trio.lowlevel
 
+from orchestrator import journal as journal_module
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FILENAME,
     SCHEMA_VERSION,
     Journal,
     JournalError,
+    JournalEvent,
     MigrationRecord,
 )
 from orchestrator.plan import Plan
@@ -274,8 +277,9 @@ async def test_a_committed_migration_never_rolls_back(journal: Journal) -> None:
         await journal.record_phase("m1", "rollback")
     with pytest.raises(JournalError, match="the journal says committed"):
         await journal.finish("m1", report("m1", "rolled_back", committed=False))
-    with pytest.raises(JournalError, match="cannot have rolled back"):
-        await journal.finish("m1", report("m1", "rolled_back", committed=True))
+    for outcome in ("rolled_back", "refused"):
+        with pytest.raises(JournalError, match=f"committed: it cannot end {outcome}"):
+            await journal.finish("m1", report("m1", outcome, committed=True))
     # Late forward phases are fine: a forwarded trace lags the runner's commit.
     await journal.record_phase("m1", "destination_grace")
     await journal.record_phase("m1", "commit")
@@ -326,6 +330,27 @@ async def test_list_is_newest_first_and_filters(journal: Journal) -> None:
     assert [r.id for r in await journal.list(phase="prepare")] == ["m4", "m3", "m1", "m0"]
     assert await journal.list(phase="prepare", outcome="rolled_back") == []
     assert [r.id for r in await journal.list(phase="prepare", outcome="failed")] == ["m1"]
+
+
+async def test_every_outcome_can_be_recorded_and_nothing_else(
+    journal: Journal, tmp_path: Path
+) -> None:
+    outcomes: tuple[Outcome, ...] = get_args(Outcome)
+    assert "refused" in outcomes
+    for outcome in outcomes:
+        committed = outcome in ("succeeded", "failed")
+        await journal.create(outcome, plan(vm=f"vm-{outcome}"))
+        if committed:
+            await journal.record_commit(outcome)
+        await journal.finish(outcome, report(outcome, outcome, committed=committed))
+    for outcome in outcomes:
+        assert [r.id for r in await journal.list(outcome=outcome)] == [outcome]
+    await journal.create("m1", plan())
+    # The database's CHECK admits the outcomes of report.Outcome, and only those.
+    with raw(tmp_path) as db, pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        db.execute("UPDATE migrations SET outcome = 'lost' WHERE id = 'm1'")
+    with pytest.raises(JournalError, match="unknown outcome 'lost'"):
+        await journal.list(outcome="lost")  # type: ignore[arg-type]
 
 
 async def test_unfinished_and_active_devices_follow_the_outcome(journal: Journal) -> None:
@@ -573,6 +598,129 @@ async def test_another_sqlite_database_is_refused(tmp_path: Path) -> None:
         db.execute("CREATE TABLE cats (name TEXT)")
     with pytest.raises(JournalError, match="not a journal"):
         await Journal.open(tmp_path / "state")
+
+
+# -- schema upgrades --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalContents:
+    records: list[MigrationRecord]
+    events: dict[str, list[JournalEvent]]
+    devices: dict[str, str]
+
+
+async def contents(j: Journal) -> JournalContents:
+    records = await j.list(limit=None)
+    events = {r.id: await j.events(r.id) for r in records}
+    return JournalContents(records, events, await j.active_devices())
+
+
+@pytest.fixture
+async def version_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JournalContents:
+    """A journal file in tmp_path/state as the daemon wrote it at schema version 2
+    (the v1 and v2 statements), holding migrations in every state that version
+    could record; what it read back from the file."""
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_module, "SCHEMA_VERSION", 2)
+        async with await Journal.open(tmp_path / "state") as old:
+            await old.create("done", plan("gpu0"), "key-done")
+            await old.record_phase("done", "precopy")
+            await old.record_events("done", [trace(i) for i in range(3)])
+            await old.record_commit("done")
+            await old.finish("done", report("done"))
+            await old.create("back", plan("gpu1"))
+            await old.record_phase("back", "rollback")
+            await old.finish("back", report("back", "rolled_back", committed=False))
+            await old.create("broken", plan("nic0"))
+            await old.finish("broken", report("broken", "failed", committed=False))
+            await old.create("past", plan("gpu2"))
+            await old.record_commit("past")
+            await old.create("early", plan("gpu3", "gpu4"), "key-early")
+            await old.create("peer", plan("gpu5"), role="destination")
+            # Version 2 has no room for a refused migration.
+            with pytest.raises(JournalError, match="CHECK constraint failed"):
+                await old.finish("early", report("early", "refused", committed=False))
+            written = await contents(old)
+    with raw(tmp_path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    return written
+
+
+def schema_objects(db: sqlite3.Connection) -> set[tuple[str, str, str]]:
+    """(type, name, table) of every index and trigger in the file."""
+    rows = db.execute(
+        "SELECT type, name, tbl_name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+    )
+    return {(str(kind), str(name), str(table)) for kind, name, table in rows}
+
+
+#: What the journal's triggers refuse, and the words they refuse it with.
+FORBIDDEN_SQL: Final = (
+    ("DELETE FROM migrations WHERE id = 'early'", "the journal deletes nothing"),
+    ("UPDATE migrations SET outcome = NULL WHERE id = 'done'", "a finished migration is frozen"),
+    ("UPDATE migrations SET committed = 0 WHERE id = 'past'", "a commit cannot be undone"),
+    ("DELETE FROM events WHERE migration_id = 'done'", "journal events are append-only"),
+    ("UPDATE events SET kind = 'x'", "journal events are append-only"),
+    ("DELETE FROM devices", "the journal deletes nothing"),
+)
+
+
+async def test_a_version_2_journal_upgrades_keeping_every_row_index_and_trigger(
+    version_2: JournalContents, tmp_path: Path
+) -> None:
+    with raw(tmp_path) as db:
+        objects = schema_objects(db)
+        rowids = db.execute("SELECT rowid, id FROM migrations ORDER BY rowid").fetchall()
+    assert len(objects) == 11
+
+    async with await Journal.open(tmp_path / "state") as j:
+        assert await contents(j) == version_2
+        assert len(version_2.events["done"]) == 6
+        assert [r.id for r in await j.unfinished()] == ["past", "early", "peer"]
+        # The new outcome can be recorded now, and the journal's own rule holds.
+        await j.finish("early", report("early", "refused", committed=False))
+        assert [r.id for r in await j.list(outcome="refused")] == ["early"]
+        with pytest.raises(JournalError, match="committed: it cannot end refused"):
+            await j.finish("past", report("past", "refused", committed=True))
+
+    with raw(tmp_path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert schema_objects(db) == objects
+        assert db.execute("SELECT rowid, id FROM migrations ORDER BY rowid").fetchall() == rowids
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        for sql, refusal in FORBIDDEN_SQL:
+            with pytest.raises(sqlite3.IntegrityError, match=refusal):
+                db.execute(sql)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute("UPDATE migrations SET outcome = 'lost' WHERE id = 'past'")
+
+
+async def test_an_upgrade_that_cannot_finish_leaves_the_file_as_it_was(
+    version_2: JournalContents, tmp_path: Path
+) -> None:
+    with raw(tmp_path) as db:
+        # An event of a migration the file does not hold (written with foreign keys off).
+        db.execute("INSERT INTO events VALUES ('ghost', 1, 0.0, 'phase', '{}')")
+        objects = schema_objects(db)
+        (table_sql,) = db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'migrations'"
+        ).fetchone()
+    with pytest.raises(JournalError, match=r"from version 2: 1 row\(s\) refer to rows that do not"):
+        await Journal.open(tmp_path / "state")
+    with raw(tmp_path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT sql FROM sqlite_master WHERE name = 'migrations'").fetchone() == (
+            table_sql,
+        )
+        assert "refused" not in table_sql
+        assert schema_objects(db) == objects
+        assert db.execute("SELECT COUNT(*) FROM migrations").fetchone() == (len(version_2.records),)
+        assert (
+            db.execute("SELECT name FROM sqlite_master WHERE name = 'migrations_v3'").fetchall()
+            == []
+        )
 
 
 # -- with the runner ----------------------------------------------------------------------
