@@ -158,7 +158,8 @@ class Metrics:
         )
         self.migrations = Counter(
             "orchestrator_migrations_total",
-            "Migrations finished, by outcome (succeeded, rolled_back or failed).",
+            f"Migrations finished, by outcome ({', '.join(OUTCOMES)}); only failed needs an "
+            "operator.",
             ["outcome"],
             registry=registry,
         )

@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import __version__
-from orchestrator.metrics import Metrics
+from orchestrator.metrics import OUTCOMES, Metrics
 from orchestrator.settings import Settings, SettingsError, parse_host_port, read_token_file
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -184,6 +184,26 @@ def test_dashboard_queries_only_exported_metrics_and_labels(
     assert problems == []
 
 
+def test_dashboard_shows_every_outcome_in_its_own_colour() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (panel,) = (
+        p for p in _panels(dashboard) if any("sum by (outcome)" in t["expr"] for t in p["targets"])
+    )
+    assert [t["legendFormat"] for t in panel["targets"]] == ["{{outcome}}"]
+    colours = {
+        o["matcher"]["options"]: prop["value"]["fixedColor"]
+        for o in panel["fieldConfig"]["overrides"]
+        if o["matcher"]["id"] == "byName"
+        for prop in o["properties"]
+        if prop["id"] == "color"
+    }
+    assert set(colours) == set(OUTCOMES)
+    assert len(set(colours.values())) == len(OUTCOMES)
+    assert colours["failed"] == "red"
+    for outcome in OUTCOMES:
+        assert outcome in panel["description"]
+
+
 # -- Prometheus rules ----------------------------------------------------------
 
 
@@ -208,18 +228,19 @@ def _rule_exprs(text: str) -> list[str]:
     return exprs
 
 
-def test_promtool_check_rules() -> None:
+def _promtool(*args: str, cwd: Path | None = None) -> None:
+    """Run promtool and require it to pass; skip when it is not installed."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
     result = subprocess.run(
-        [promtool, "check", "rules", str(ALERTS)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        [promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_rules() -> None:
+    _promtool("check", "rules", str(ALERTS))
 
 
 def test_alerts_query_only_exported_metrics_and_labels(
@@ -235,6 +256,83 @@ def test_alerts_query_only_exported_metrics_and_labels(
     assert 'orchestrator_migrations_total{outcome="failed"}' in joined
     assert "orchestrator_migrations_active" in joined
     assert "orchestrator_device_errors_total" in joined
+
+
+def test_only_failed_migrations_page_an_operator(tmp_path: Path) -> None:
+    """``promtool test rules`` on the rules as deployed, annotations aside (text
+    for people, which the unit test would otherwise have to repeat word for word)."""
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed")
+    rules = _module("yaml").safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    critical = [
+        rule["alert"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule["labels"]["severity"] == "critical"
+    ]
+    assert critical == ["OrchestratorMigrationFailed"]
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+
+    target = {"instance": "host1", "job": "orchestrator"}
+
+    def migrations(rising: Container[str]) -> list[dict[str, str]]:
+        """One series per outcome; those in ``rising`` end one migration a minute."""
+        return [
+            {
+                "series": f'orchestrator_migrations_total{{outcome="{outcome}",'
+                f'instance="host1",job="orchestrator"}}',
+                "values": "0+1x40" if outcome in rising else "0x40",
+            }
+            for outcome in OUTCOMES
+        ]
+
+    def warning(alert: str) -> dict[str, Any]:
+        return {
+            "eval_time": "30m",
+            "alertname": alert,
+            "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "host1"}}],
+        }
+
+    everything_but_failed = set(OUTCOMES) - {"failed"}
+    assert "refused" in everything_but_failed
+    spec = {
+        "rule_files": ["rules.json"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": migrations(everything_but_failed),
+                "alert_rule_test": [
+                    *({"eval_time": "30m", "alertname": a, "exp_alerts": []} for a in critical),
+                    warning("OrchestratorMigrationsRefused"),
+                    warning("OrchestratorMigrationsRollingBack"),
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": migrations({"failed"}),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "OrchestratorMigrationFailed",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "critical", "outcome": "failed", **target}}
+                        ],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "OrchestratorMigrationsRefused",
+                        "exp_alerts": [],
+                    },
+                ],
+            },
+        ],
+    }
+    (tmp_path / "tests.json").write_text(json.dumps(spec))
+    _promtool("test", "rules", "tests.json", cwd=tmp_path)
 
 
 # -- systemd -------------------------------------------------------------------

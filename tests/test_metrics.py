@@ -26,7 +26,7 @@ from orchestrator.metrics import (
     Metrics,
     every_arc,
 )
-from orchestrator.report import MigrationReport
+from orchestrator.report import ErrorInfo, MigrationReport
 from orchestrator.runner import Migration
 from tests.helpers import debian_tool, make_resolved, sim_device
 
@@ -213,6 +213,30 @@ async def test_a_rolled_back_run_counts_the_device_error(
         assert value(s, "orchestrator_migration_downtime_seconds_sum") == pytest.approx(
             r.downtime_ms / 1000
         )
+
+
+def test_a_refused_migration_counts_apart_from_the_failures(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    # A destination that said no during prepare: nothing moved, nothing stopped.
+    metrics.record_report(
+        MigrationReport(
+            id="m1",
+            vm="vm1",
+            outcome="refused",
+            duration_ms=40.0,
+            phases={"prepare": 30.0, "rollback": 10.0},
+            error=ErrorInfo(kind="peer_error", message="the destination said no", phase="prepare"),
+        )
+    )
+    s = scrape(registry)
+    by_outcome = {o: value(s, "orchestrator_migrations_total", outcome=o) for o in OUTCOMES}
+    assert by_outcome == {"succeeded": 0, "refused": 1, "rolled_back": 0, "failed": 0}
+    assert value(s, "orchestrator_migration_duration_seconds_count") == 1
+    # It never stopped the VM nor began pre-copy: no downtime, no rounds.
+    assert value(s, "orchestrator_migration_downtime_seconds_count") == 0
+    assert value(s, "orchestrator_precopy_rounds_count") == 0
+    assert total(s, "orchestrator_device_errors_total") == 0
 
 
 async def test_counts_add_up_over_several_migrations(
