@@ -8,32 +8,46 @@
 ``openapi`` prints or renews the committed OpenAPI document.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
-directly.  Exit status: 0 the command did what was asked; 1 a migration ran
-but did not succeed (rolled back or failed), or the daemon could not be
-reached or could not start; 2 the input was bad (usage, an invalid plan, bad
-settings, any 4xx answer of the API).  Bad input never shows a traceback:
-every problem is printed with its field path.
+directly.  One table of exit statuses (``ExitStatus``) serves every command;
+``run`` and ``watch`` exit with their migration's outcome, the others with 0
+when they did what was asked::
+
+    0  succeeded     the migration succeeded; any other command did what was asked
+    1  rolled back   it ended after pre-copy began; the VM runs on the source as before
+    2  bad input     usage, an invalid plan or settings (nothing was recorded), or
+                     another 4xx answer of the API (an unknown id, a conflict)
+    3  failed        an operator is needed, and only then
+    4  refused       it ended before pre-copy began; every device is as it was
+    5  unavailable   the daemon could not be reached, went away, answered with a
+                     5xx, or (serve) could not start
+
+The daemon being out of reach has a status of its own, so a script never
+takes it for what a migration did.  Bad input never shows a traceback: every
+problem is printed with its field path.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import json
 import os
 import signal
 import stat
 import sys
+import textwrap
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import trio
 
 from orchestrator import __version__, logs
 from orchestrator.errors import PlanError
 from orchestrator.plan import parse_plan
-from orchestrator.report import MigrationReport
+from orchestrator.report import OUTCOME_MEANINGS, MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, load_plan, refuse_handles, resolve
 from orchestrator.runner import Migration
 from orchestrator.states import MigrationFlags, transition_table_markdown
@@ -45,17 +59,83 @@ if TYPE_CHECKING:
     from orchestrator.service import MigrationStatus
     from orchestrator.settings import SettingsError
 
-EXIT_OK = 0
-EXIT_NOT_SUCCEEDED = 1
-EXIT_BAD_INPUT = 2
+
+class ExitStatus(enum.IntEnum):
+    """What ``main`` returns, whatever the command: the module docstring's table."""
+
+    SUCCEEDED = 0
+    ROLLED_BACK = 1
+    BAD_INPUT = 2
+    FAILED = 3
+    REFUSED = 4
+    UNAVAILABLE = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+    @property
+    def meaning(self) -> str:
+        return _EXIT_MEANINGS[self]
+
+
+_EXIT_MEANINGS: Final[Mapping[ExitStatus, str]] = {
+    ExitStatus.SUCCEEDED: "the migration succeeded; any other command did what was asked",
+    ExitStatus.ROLLED_BACK: OUTCOME_MEANINGS["rolled_back"],
+    ExitStatus.BAD_INPUT: (
+        "usage, an invalid plan or settings (nothing was recorded; the API answers 422), "
+        "or another 4xx answer of the API (an unknown id, a conflict)"
+    ),
+    ExitStatus.FAILED: OUTCOME_MEANINGS["failed"],
+    ExitStatus.REFUSED: OUTCOME_MEANINGS["refused"],
+    ExitStatus.UNAVAILABLE: (
+        "the daemon could not be reached, went away, answered with a 5xx, or (serve) "
+        "could not start"
+    ),
+}
+
+#: The exit status of a command that followed a migration to its end.
+OUTCOME_EXIT_STATUS: Final[Mapping[Outcome, ExitStatus]] = {
+    "succeeded": ExitStatus.SUCCEEDED,
+    "refused": ExitStatus.REFUSED,
+    "rolled_back": ExitStatus.ROLLED_BACK,
+    "failed": ExitStatus.FAILED,
+}
+
+
+def exit_status(outcome: Outcome) -> ExitStatus:
+    """What ``run`` and ``watch`` exit with once the migration has ended so."""
+    return OUTCOME_EXIT_STATUS[outcome]
+
+
+def exit_status_help(width: int = 79) -> str:
+    """The exit status table as ``--help`` shows it after every command's options."""
+    lines = ["exit status (every command):"]
+    for status in ExitStatus:
+        head = f"  {status.value}  {status.label}: "
+        lines.append(
+            textwrap.fill(status.meaning, width, initial_indent=head, subsequent_indent=" " * 5)
+        )
+    return "\n".join(lines)
+
 
 DEFAULT_PLAN = "default_plan.toml"
+
+
+def _help_layout(description: str | None = None) -> dict[str, Any]:
+    """A parser's description, wrapped here, and the exit status table after its
+    options: argparse prints both as given, so the table keeps its lines."""
+    return {
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+        "description": None if description is None else textwrap.fill(description, 79),
+        "epilog": exit_status_help(),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator",
-        description=(
+        **_help_layout(
             "Live-migrate the passthrough devices of a VM through the Linux device migration flow."
         ),
     )
@@ -77,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="migrate the devices of a plan on this host")
+    run = sub.add_parser("run", help="migrate the devices of a plan on this host", **_help_layout())
     run.add_argument(
         "plan",
         nargs="?",
@@ -87,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
 
-    validate = sub.add_parser("validate", help="check a plan and print every problem")
+    validate = sub.add_parser(
+        "validate", help="check a plan and print every problem", **_help_layout()
+    )
     validate.add_argument("plan", type=Path)
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     states = sub.add_parser(
-        "states", help="print the device state model's arcs for a capability set"
+        "states", help="print the device state model's arcs for a capability set", **_help_layout()
     )
     states.add_argument(
         "--flags",
@@ -119,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         return _daemon_commands(args)
     except PlanError as exc:
         _print_problems(exc, sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a traceback.
         # Point stdout at devnull so the interpreter's final flush is quiet.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        return ExitStatus.SUCCEEDED
 
 
 def _load(path: Path | None) -> ResolvedPlan:
@@ -146,13 +228,13 @@ def _validate(args: argparse.Namespace) -> int:
             print(json.dumps({"valid": False, "problems": problems}, indent=2))
         else:
             _print_problems(exc, sys.stdout)
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
     plan = resolved.plan
     if args.json:
         print(json.dumps({"valid": True, "vm": plan.vm, "devices": len(plan.devices)}))
     else:
         print(f"{args.plan}: valid: VM {plan.vm!r}, {len(plan.devices)} device(s)")
-    return EXIT_OK
+    return ExitStatus.SUCCEEDED
 
 
 def _states(args: argparse.Namespace) -> int:
@@ -164,7 +246,7 @@ def _states(args: argparse.Namespace) -> int:
             names = ", ".join(f.name or "" for f in MigrationFlags)
             raise PlanError(f"--flags: unknown flag {word!r} (known: {names})") from None
     print(transition_table_markdown(flags))
-    return EXIT_OK
+    return ExitStatus.SUCCEEDED
 
 
 def _run(args: argparse.Namespace, interactive: bool) -> int:
@@ -179,7 +261,7 @@ def _run(args: argparse.Namespace, interactive: bool) -> int:
         print(report.model_dump_json(indent=2))
     else:
         print_summary(report, resolved, sys.stdout)
-    return EXIT_OK if report.outcome == "succeeded" else EXIT_NOT_SUCCEEDED
+    return exit_status(report.outcome)
 
 
 async def _run_migration(migration: Migration, show_progress: bool) -> None:
@@ -306,7 +388,7 @@ def _add_daemon_commands(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the daemon: the REST API over the migration service",
-        description=(
+        **_help_layout(
             "Settings come from --config (or $ORCHESTRATOR_CONFIG), then the environment "
             "(ORCHESTRATOR_STATE_DIR, ORCHESTRATOR_API__TCP, ...), then these flags."
         ),
@@ -324,7 +406,9 @@ def _add_daemon_commands(sub: Any) -> None:
     serve.add_argument("--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS)
     serve.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
 
-    openapi = sub.add_parser("openapi", help="print the REST API's OpenAPI document")
+    openapi = sub.add_parser(
+        "openapi", help="print the REST API's OpenAPI document", **_help_layout()
+    )
     openapi.add_argument(
         "--write", action="store_true", help="renew the committed orchestrator/api/openapi.json"
     )
@@ -344,34 +428,44 @@ def _add_daemon_commands(sub: Any) -> None:
     group.add_argument("--cacert", type=Path, help="CA certificate to verify an https --url")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
 
-    submit = sub.add_parser("submit", parents=[connection], help="start a migration")
+    submit = sub.add_parser(
+        "submit",
+        parents=[connection],
+        help="start a migration (0 once the daemon accepted it; follow it with watch)",
+        **_help_layout(),
+    )
     submit.add_argument("plan", type=Path, help="plan file, .toml or .json")
     submit.add_argument(
         "--idempotency-key", help="submitting again with this key returns the first migration"
     )
     submit.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    status = sub.add_parser("status", parents=[connection], help="show a migration")
+    status = sub.add_parser(
+        "status", parents=[connection], help="show a migration", **_help_layout()
+    )
     status.add_argument("id")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     watch = sub.add_parser(
         "watch",
         parents=[connection],
-        help="follow a migration to its end (exit 0 only if it succeeded)",
+        help="follow a migration to its end and exit with its outcome",
+        **_help_layout(),
     )
     watch.add_argument("id")
     watch.add_argument("--json", action="store_true", help="print the final status as JSON")
     watch.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    cancel = sub.add_parser("cancel", parents=[connection], help="roll a migration back")
+    cancel = sub.add_parser(
+        "cancel", parents=[connection], help="roll a migration back", **_help_layout()
+    )
     cancel.add_argument("id")
     cancel.add_argument("--json", action="store_true", help="print the status as JSON")
 
     handover = sub.add_parser(
         "handover",
         help="hand a device over to the daemon, as a VMM does, and hold it until stopped",
-        description=(
+        **_help_layout(
             "Opens DEVICE (or takes --fd), registers --vm on the daemon's handover socket, "
             "hands the descriptor over and prints its handle (VM/NAME), which plans name as "
             'handle = "VM/NAME".  The daemon keeps it while this command runs: until '
@@ -402,7 +496,7 @@ def _daemon_commands(args: argparse.Namespace) -> int:
         return _client_command(args)
     except SettingsError as exc:
         _print_settings_problems(exc, sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -436,8 +530,8 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             print(f"orchestrator serve: {failure}", file=sys.stderr)
     if any(isinstance(f, SettingsError) for f in failures):
-        return EXIT_BAD_INPUT
-    return EXIT_NOT_SUCCEEDED if failures else EXIT_OK
+        return ExitStatus.BAD_INPUT
+    return ExitStatus.UNAVAILABLE if failures else ExitStatus.SUCCEEDED
 
 
 def _handover(args: argparse.Namespace) -> int:
@@ -446,7 +540,7 @@ def _handover(args: argparse.Namespace) -> int:
 
     if (args.device is None) == (args.fd is None):
         print("orchestrator handover: give a DEVICE path or --fd, not both", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
     path = args.socket or Settings.load(args.config).handover_socket
     if path is None:
         print(
@@ -454,7 +548,7 @@ def _handover(args: argparse.Namespace) -> int:
             "in the daemon's settings",
             file=sys.stderr,
         )
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
     fd = args.fd
     if fd is None:
         try:
@@ -463,7 +557,7 @@ def _handover(args: argparse.Namespace) -> int:
             print(
                 f"orchestrator handover: cannot open {args.device}: {exc.strerror}", file=sys.stderr
             )
-            return EXIT_BAD_INPUT
+            return ExitStatus.BAD_INPUT
     try:
         with HandoverClient(path) as client:
             client.register(args.vm)
@@ -474,10 +568,10 @@ def _handover(args: argparse.Namespace) -> int:
             return _hold(client.sock)
     except HandoverError as exc:
         print(f"orchestrator handover: refused: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitStatus.BAD_INPUT
     except OSError as exc:
         print(f"orchestrator handover: {path}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_NOT_SUCCEEDED
+        return ExitStatus.UNAVAILABLE
     finally:
         if fd is not None and args.fd is None:
             os.close(fd)
@@ -505,11 +599,11 @@ def _hold(sock: Any) -> int:
                     print(
                         "orchestrator handover: the daemon closed the connection", file=sys.stderr
                     )
-                    return EXIT_NOT_SUCCEEDED
+                    return ExitStatus.UNAVAILABLE
                 if not os.read(sys.stdin.fileno(), 4096):
-                    return EXIT_OK
+                    return ExitStatus.SUCCEEDED
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitStatus.SUCCEEDED
     finally:
         selector.close()
 
@@ -528,7 +622,7 @@ def _openapi(args: argparse.Namespace) -> int:
         print(f"wrote {write_openapi()}")
     else:
         sys.stdout.write(render_openapi())
-    return EXIT_OK
+    return ExitStatus.SUCCEEDED
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -540,7 +634,7 @@ def _client_command(args: argparse.Namespace) -> int:
                 return _submit(client, args)
             if args.command == "status":
                 _print_status(client.status(args.id), args.json, sys.stdout)
-                return EXIT_OK
+                return ExitStatus.SUCCEEDED
             if args.command == "watch":
                 return _watch(client, args)
             status = client.cancel(args.id)
@@ -548,17 +642,17 @@ def _client_command(args: argparse.Namespace) -> int:
                 print(status.model_dump_json(indent=2))
             else:
                 print(f"migration {status.id}: cancelled, rolling back")
-            return EXIT_OK
+            return ExitStatus.SUCCEEDED
     except Unreachable as exc:
         print(f"orchestrator {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NOT_SUCCEEDED
+        return ExitStatus.UNAVAILABLE
     except ApiError as exc:
         print(
             f"orchestrator {args.command}: {exc.message} ({exc.status} {exc.kind})", file=sys.stderr
         )
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_NOT_SUCCEEDED
+        return ExitStatus.BAD_INPUT if 400 <= exc.status < 500 else ExitStatus.UNAVAILABLE
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -589,7 +683,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         print(f"migration {status.id} started (VM {status.vm}): orchestrator watch {status.id}")
     else:
         print(f"migration {status.id} (VM {status.vm}) was already submitted with this key")
-    return EXIT_OK
+    return ExitStatus.SUCCEEDED
 
 
 def _print_status(status: MigrationStatus, as_json: bool, out: TextIO) -> None:
@@ -622,7 +716,15 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
             bar.clear()
     final = client.status(args.id)
     _print_status(final, args.json, sys.stdout)
-    return EXIT_OK if final.outcome == "succeeded" else EXIT_NOT_SUCCEEDED
+    if final.outcome is None:
+        # The stream ends when the migration does, or when the daemon stops.
+        print(
+            f"orchestrator watch: the event stream of {args.id} ended before its outcome "
+            "(is the daemon stopping?)",
+            file=sys.stderr,
+        )
+        return ExitStatus.UNAVAILABLE
+    return exit_status(final.outcome)
 
 
 class WatchBar:

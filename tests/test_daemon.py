@@ -339,8 +339,44 @@ async def test_cli_submit_status_watch_cancel(
         assert code == 2 and "403 forbidden" in err
 
     code, _, err = await run("status", migration_id, *conn)
-    assert code == 1 and "cannot reach the orchestrator at unix:" in err
+    assert code == 5 and "cannot reach the orchestrator at unix:" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("side", "state", "outcome", "code"),
+    [
+        # The source fails as it stops, after pre-copy: the VM stays on the source.
+        ("source", "STOP_COPY", "rolled_back", 1),
+        # The destination fails as it starts, past the commit: an operator is needed.
+        ("destination", "RUNNING", "failed", 3),
+    ],
+)
+async def test_cli_watch_exits_with_the_migrations_outcome(
+    short_dir: Path,
+    token_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    side: str,
+    state: str,
+    outcome: str,
+    code: int,
+) -> None:
+    body = plan_body("vm-cli", "gpu0")
+    body["devices"][0][side] = {
+        **body["devices"][0].get(side, {}),
+        "fault": {"at": state, "kind": "error"},
+    }
+    plan = short_dir / "plan.json"
+    plan.write_text(json.dumps(body))
+    conn = ["--socket", str(short_dir / "api.sock"), "--token-file", str(token_file)]
+    async with running_daemon(settings_for(short_dir, token_file)):
+        submitted = await trio.to_thread.run_sync(cli.main, ["submit", "--json", str(plan), *conn])
+        assert submitted == 0
+        migration_id = json.loads(capsys.readouterr().out)["id"]
+        watched = await trio.to_thread.run_sync(cli.main, ["watch", migration_id, *conn])
+    out = capsys.readouterr().out
+    assert f"migration {migration_id}: VM vm-cli, {outcome}, " in out
+    assert watched == code, out
 
 
 # -- signals: the daemon as a process -----------------------------------------------------------
@@ -427,7 +463,7 @@ async def test_sigterm_with_a_migration_in_flight_exits_0_with_it_finished(
         assert await journal.unfinished() == []
 
 
-async def test_a_second_daemon_process_on_the_same_socket_exits_1(
+async def test_a_second_daemon_process_on_the_same_socket_exits_5(
     short_dir: Path, token_file: Path
 ) -> None:
     socket_path = short_dir / "api.sock"
@@ -442,7 +478,7 @@ async def test_a_second_daemon_process_on_the_same_socket_exits_1(
         await _wait_ready(socket_path, first, first_log)
         second = await _start_process(config, second_log, "--state-dir", str(short_dir / "s2"))
         with trio.fail_after(20):
-            assert await second.wait() == 1
+            assert await second.wait() == 5  # could not start
         text = second_log.read_text()
         assert f"another orchestrator daemon (pid {first.pid}) is serving on {socket_path}" in text
         assert "Traceback" not in text

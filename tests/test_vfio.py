@@ -306,7 +306,7 @@ def test_validate_a_plan_naming_a_missing_mdev(
         'vm = "vm1"\ndowntime_limit_ms = 300\n[[devices]]\nname = "vf0"\nbackend = "vfio"\n'
         f'source = {{ mdev = "{missing}" }}\ndestination = {{ pci = "ffff:ff:1f.7" }}\n'
     )
-    assert cli.main(["validate", str(plan)]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["validate", str(plan)]) == cli.ExitStatus.BAD_INPUT
     out = capsys.readouterr().out
     assert f"devices[0].source.mdev: no mediated device {missing}" in out
     assert "devices[0].destination.pci: no PCI device ffff:ff:1f.7" in out
@@ -779,13 +779,13 @@ def test_orchestrator_run_refuses_handles_it_cannot_have(
         'vm = "vm1"\ndowntime_limit_ms = 300\n[[devices]]\nname = "tty0"\nbackend = "vfio"\n'
         'source = { handle = "vm1/src" }\ndestination = { handle = "vm1/dst" }\n'
     )
-    assert cli.main(["run", str(plan)]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["run", str(plan)]) == cli.ExitStatus.BAD_INPUT
     err = capsys.readouterr().err
     assert "devices[0].source.handle: devices by handle need the daemon's handover socket" in err
     assert "devices[0].destination.handle: devices by handle need" in err
     assert "Traceback" not in err
     # `validate` checks the plan's shape: it is a good plan for a daemon.
-    assert cli.main(["validate", str(plan)]) == cli.EXIT_OK
+    assert cli.main(["validate", str(plan)]) == cli.ExitStatus.SUCCEEDED
 
 
 # --- device locks on the host identity ----------------------------------------------------

@@ -294,7 +294,7 @@ def test_a_busy_device_is_refused(mdevs: Mdevs, tmp_path: Path) -> None:
         result = orchestrator("run", plan, "--json")
         assert handle.state() is S.RUNNING
     report = result.report()
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert "Traceback" not in result.stderr
     assert report["outcome"] == "failed"
     error = report["error"]
