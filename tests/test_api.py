@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -32,6 +32,7 @@ from orchestrator.errors import PlanError
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
 from orchestrator.plan import parse_plan, read_plan_data
+from orchestrator.report import ErrorInfo, MigrationReport, Outcome
 from orchestrator.resolve import load_plan
 from orchestrator.service import MigrationService, MigrationStatus
 from tests.helpers import sim_device
@@ -291,6 +292,7 @@ async def test_filters_by_outcome_and_phase(api: Api) -> None:
     assert await ids(outcome="succeeded") == [done.id]
     assert await ids(outcome="rolled_back") == [cancelled.id]
     assert await ids(outcome="failed") == []
+    assert await ids(outcome="refused") == []
     assert await ids(phase="done") == [cancelled.id, done.id]
     assert await ids(phase="precopy") == []
     assert await ids(outcome="succeeded", phase="done") == [done.id]
@@ -305,6 +307,35 @@ async def test_filters_by_outcome_and_phase(api: Api) -> None:
         await api.client.get("/v1/migrations", params={"phase": "nap", "outcome": "x"}), 422
     )
     assert sorted(p for p, _ in problems(error)) == ["query.outcome", "query.phase"]
+
+
+async def test_a_refused_migration_is_listed_and_shown_as_refused(api: Api) -> None:
+    # As the service records one: accepted, then refused in prepare.
+    journal = api.service.journal
+    await journal.create("m-refused", parse_plan(plan_body("vm1", "gpu0")))
+    report = MigrationReport(
+        id="m-refused",
+        vm="vm1",
+        outcome="refused",
+        duration_ms=3.0,
+        phases={"prepare": 3.0},
+        error=ErrorInfo(kind="peer_error", message="the destination said no", phase="prepare"),
+    )
+    await journal.finish("m-refused", report)
+    done = await submit(api, plan_body("vm2", "gpu1"))
+    await wait_done(api, done.id)
+
+    response = await api.client.get("/v1/migrations", params={"outcome": "refused"})
+    assert response.status_code == 200, response.text
+    assert [m["id"] for m in response.json()] == ["m-refused"]
+    response = await api.client.get("/v1/migrations", params={"outcome": "failed"})
+    assert response.json() == []
+    status = MigrationStatus.model_validate(
+        (await api.client.get("/v1/migrations/m-refused")).json()
+    )
+    assert (status.outcome, status.committed, status.report) == ("refused", False, report)
+    response = await api.client.post("/v1/migrations/m-refused/cancel")
+    assert "already ended (refused)" in assert_error(response, 409)["message"]
 
 
 async def test_fifty_migrations_at_once_all_succeed_on_their_own_devices(api: Api) -> None:
@@ -534,6 +565,12 @@ async def test_the_openapi_document_is_committed_and_served(api: Api) -> None:
         "$ref": "#/components/schemas/Plan"
     }
     assert set(post["responses"]) == {"200", "201", "401", "403", "409", "413", "422", "503"}
+    # 201 is an accepted plan, not a migration that went well.
+    assert "201" in post["description"] and "`refused`" in post["description"]
+    (outcome,) = (
+        p for p in served["paths"]["/v1/migrations"]["get"]["parameters"] if p["name"] == "outcome"
+    )
+    assert outcome["schema"]["anyOf"][0]["enum"] == list(get_args(Outcome))
     assert "HTTPValidationError" not in served["components"]["schemas"]
 
 

@@ -7,9 +7,11 @@ in a worker thread and triple the tail latency.
 
 Routes (all but ``/healthz`` need a bearer token, see ``middleware``):
 
-    POST /v1/migrations                 a plan in, its MigrationStatus out (201, or 200 when
-                                        the Idempotency-Key repeats)
-    GET  /v1/migrations                 filter by ?outcome= and ?phase=
+    POST /v1/migrations                 a plan in, its MigrationStatus out (201 accepted: it may
+                                        still end refused; 200 when the Idempotency-Key
+                                        repeats; 422 an invalid plan, nothing recorded)
+    GET  /v1/migrations                 filter by ?outcome= (succeeded, refused, rolled_back,
+                                        failed) and ?phase=
     GET  /v1/migrations/{id}            report + phase + live progress
     POST /v1/migrations/{id}/cancel     202 when it will roll back, 409 past the commit point
     GET  /v1/migrations/{id}/events     Server-Sent Events until the migration ends
@@ -133,10 +135,14 @@ async def metrics(request: Request) -> Response:
     summary="Start a migration.",
     description=(
         "The body is a plan, the same model as a plan file.  201 with the new migration and "
-        "`Location: /v1/migrations/{id}`; 200 with the first migration when the "
+        "`Location: /v1/migrations/{id}`: the plan was accepted, which says nothing yet of "
+        "how the migration ends.  It may still end `refused` (before pre-copy began: checks, "
+        "prepare, a busy or missing device, a destination that said no or could not be "
+        "reached, a cancel; every device as it was), as well as `succeeded`, `rolled_back` "
+        "or `failed`: follow it to its outcome.  200 with the first migration when the "
         "`Idempotency-Key` was used before (nothing new is started).  The plan is checked "
         "completely first: 422 lists every problem with its field path, as "
-        "`orchestrator validate` does."
+        "`orchestrator validate` does, and records nothing."
     ),
     responses={
         200: {"model": MigrationStatus, "description": "The Idempotency-Key was seen before."},
@@ -219,7 +225,11 @@ async def decide_incoming(
 async def list_migrations(
     service: Service,
     outcome: Annotated[
-        Outcome | None, Query(description="Only migrations that ended so (none: any).")
+        Outcome | None,
+        Query(
+            description="Only migrations that ended so: succeeded, refused, rolled_back or "
+            "failed (none: any, running ones included)."
+        ),
     ] = None,
     phase: Annotated[Phase | None, Query(description="Only migrations in this phase.")] = None,
 ) -> list[MigrationStatus]:
@@ -242,9 +252,9 @@ async def get_migration(migration_id: str, service: Service) -> MigrationStatus:
     status_code=202,
     summary="Roll a migration back.",
     description=(
-        "202: it rolls back (follow it to its end: its outcome will be rolled_back, or failed "
-        "if the rollback itself fails).  409 once it is past its commit point (the destination "
-        "completes) or has ended."
+        "202: it rolls back (follow it to its end: its outcome will be refused if pre-copy had "
+        "not begun, rolled_back if it had, or failed if the rollback itself fails).  409 once "
+        "it is past its commit point (the destination completes) or has ended."
     ),
     responses=_errors(404, 409, 422),
 )
