@@ -7,7 +7,8 @@ runner's own conclusions alone, so a runner that lies in its report fails.
 from __future__ import annotations
 
 from orchestrator.backends.simulated import SimulatedDevice, reference_digest
-from orchestrator.flow import FULLY_RUNNING
+from orchestrator.flow import FULLY_RUNNING, Phase
+from orchestrator.report import DeviceReport
 from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import P2P_STATES, RUNNING_STATES, DeviceState, Side
 
@@ -24,7 +25,10 @@ def check_barriers_held(m: Migration) -> None:
     """(a) No barrier device stopped before every barrier device of its side was
     in its grace state; no destination device ran before every destination
     barrier device was in its grace state."""
-    assert m.flow is not None
+    if m.flow is None:
+        # The devices were never opened together: none may have moved.
+        assert not [e for e in m.trace if e.kind == "arc_begin"], "an arc without a flow"
+        return
     src_members = {e.name for e in m.flow.side(Side.SOURCE) if e.barrier}
     dst_members = {e.name for e in m.flow.side(Side.DESTINATION) if e.barrier}
     in_grace: dict[Side, set[str]] = {Side.SOURCE: set(), Side.DESTINATION: set()}
@@ -65,6 +69,24 @@ def _sim(device: object) -> SimulatedDevice:
     return device
 
 
+def _took_an_arc(m: Migration, side: Side, name: str) -> bool:
+    return any(e.side is side and e.device == name and e.kind == "arc_begin" for e in m.trace)
+
+
+async def _check_source_holds_its_own_state(src: SimulatedDevice, name: str) -> None:
+    """Nothing was loaded into the source and it was not reset."""
+    assert src.resets == 0, name
+    digest = await src.state_digest()  # brings dirtying up to now, then hashes
+    assert digest == reference_digest(src.params, src.mutations), name
+
+
+def _check_destination_fresh(m: Migration, d: DeviceReport) -> None:
+    """A destination device the migration moved was reset: a fresh device again."""
+    if _took_an_arc(m, Side.DESTINATION, d.name):
+        dst = _sim(m.destinations[d.name])
+        assert d.destination_reset and dst.state is DeviceState.RUNNING, d.name
+
+
 async def check_outcome(m: Migration) -> None:
     """(b) and (c): what each outcome promises about every device."""
     report = m.report
@@ -81,26 +103,29 @@ async def check_outcome(m: Migration) -> None:
             assert dst.state is DeviceState.RUNNING, name
             assert d.source_digest == d.destination_digest is not None, name
             assert await src.state_digest() == await dst.state_digest(), name
+    elif report.outcome == "refused":
+        # It ended before pre-copy began, every device as it was: no source
+        # device took a step, and the VM never stopped.
+        assert report.error is not None and not report.committed
+        assert report.downtime_ms is None
+        assert Phase.PRECOPY.value not in report.phases
+        for name, d in devices.items():
+            assert not _took_an_arc(m, Side.SOURCE, name), name
+            assert not d.source_reset, name
+            if name in m.sources:  # opened, at least
+                await _check_source_holds_its_own_state(_sim(m.sources[name]), name)
+            _check_destination_fresh(m, d)
     elif report.outcome == "rolled_back":
         assert report.error is not None
         for name, d in devices.items():
-            src, dst = _sim(m.sources[name]), _sim(m.destinations[name])
+            src = _sim(m.sources[name])
             assert src.state is DeviceState.RUNNING, (name, src.state)
             if d.source_reset:
                 assert src.resets >= 1
                 assert any(name in note and "reset" in note for note in report.notes)
             else:
-                # The source holds exactly its own state: nothing was loaded
-                # into it and it was not reset.
-                assert src.resets == 0
-                digest = await src.state_digest()  # brings dirtying up to now, then hashes
-                assert digest == reference_digest(src.params, src.mutations), name
-            touched = any(
-                e.side is Side.DESTINATION and e.device == name and e.kind == "arc_begin"
-                for e in m.trace
-            )
-            if touched:
-                assert d.destination_reset and dst.state is DeviceState.RUNNING, name
+                await _check_source_holds_its_own_state(src, name)
+            _check_destination_fresh(m, d)
     else:
         assert report.outcome == "failed"
         assert report.error is not None

@@ -87,7 +87,6 @@ def test_random_migrations_keep_every_promise(
         m = Migration(resolved, sequential_switchover=sequential)
         report = await m.run()
         await check_all(m)
-        assert report.outcome in ("succeeded", "rolled_back", "failed")
         if report.outcome == "failed":
             # Failed means: a fault after the commit point, or a rollback that
             # could not finish; either way the report says what went wrong.
