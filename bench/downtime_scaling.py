@@ -28,10 +28,10 @@ from typing import Any
 import trio
 
 from orchestrator import logs
+from orchestrator.engine import Migration
 from orchestrator.plan import parse_plan
 from orchestrator.report import MigrationReport
 from orchestrator.resolve import ResolvedPlan, resolve
-from orchestrator.runner import Migration
 
 STATE_KIB = 64
 

@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import trio
 
 from orchestrator import __version__, logs
+from orchestrator.engine import Migration
 from orchestrator.errors import PlanError
 from orchestrator.plan import parse_plan
 from orchestrator.report import OUTCOME_MEANINGS, MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, load_plan, refuse_handles, resolve
-from orchestrator.runner import Migration
 from orchestrator.states import MigrationFlags, transition_table_markdown
 
 if TYPE_CHECKING:

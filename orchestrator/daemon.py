@@ -38,6 +38,7 @@ import gc
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -347,6 +348,7 @@ async def serve(
                 handles=handles,
                 listener=listener,
                 advertise=settings.data.advertise,
+                decision_key=_decision_key(settings.state_dir),
             )
             app = create_app(
                 service,
@@ -373,6 +375,7 @@ async def serve(
                     raise
                 tcp_address = tcp_socket.getsockname()[:2]
                 sockets.append(tcp_socket)
+            service.source_api = source_api_url(settings, tcp_address, tls)
             handover = None
             if handover_path is not None:
                 try:
@@ -397,6 +400,44 @@ async def serve(
                 tcp_address,
                 handover,
             )
+
+
+def source_api_url(
+    settings: Settings, tcp_address: tuple[str, int] | None, tls: bool
+) -> str | None:
+    """The URL other hosts' daemons reach this API on: ``[api] advertise``, else the
+    TCP listener's own address where it is one (not a wildcard); None without either."""
+    if settings.api.advertise is not None:
+        return settings.api.advertise.rstrip("/")
+    if tcp_address is None:
+        return None
+    host, port = tcp_address
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def _decision_key(state_dir: Path) -> bytes:
+    """The key every migration's decision credential is derived from: made once,
+    kept in the state directory (mode 0600) so that it answers after a restart."""
+    path = state_dir / "decision.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) >= 32:
+            return key
+        raise SettingsError(
+            [Problem("state_dir", f"{path} is shorter than 32 bytes: remove it to make a new one")]
+        ) from None
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
+    return key
 
 
 async def _run(

@@ -1,7 +1,7 @@
 """The migration of one VM's devices, as a pure state machine.
 
 This module decides; it does no I/O and never waits.  The runner
-(``orchestrator.runner``) executes its decisions against real or simulated
+(``orchestrator.engine``) executes its decisions against real or simulated
 devices and reports back what happened, one arc at a time.  Everything here
 can be driven by plain synchronous tests.
 
@@ -381,6 +381,27 @@ class MigrationFlow:
                 flow._track(endpoint)
         return flow
 
+    @classmethod
+    def for_destination(cls, plan: Plan, capabilities: Mapping[str, Capabilities]) -> MigrationFlow:
+        """The flow of a destination half on the destination daemon: its own endpoints.
+
+        The cross-device rules were checked by the source's flow, which knows
+        both ends; this one keeps the destination's invariants (3 to 5).
+        """
+        flow = cls(plan)
+        for spec in plan.devices:
+            caps = capabilities[spec.name]
+            endpoint = Endpoint(
+                name=spec.name,
+                side=Side.DESTINATION,
+                capabilities=caps,
+                route=destination_route(caps),
+                barrier=barrier_skip_reason(plan, spec.name, caps) is None,
+            )
+            flow.endpoints[(Side.DESTINATION, spec.name)] = endpoint
+            flow._track(endpoint)
+        return flow
+
     # -- queries -----------------------------------------------------------
 
     def endpoint(self, side: Side, name: str) -> Endpoint:
@@ -432,6 +453,11 @@ class MigrationFlow:
         """The decision is durably recorded: from now on only forward."""
         if self.phase is not Phase.COMMIT:
             raise ProtocolViolation(f"commit recorded in phase {self.phase.value}")
+        self.committed = True
+
+    def learn_commit(self) -> None:
+        """The decision is recorded, by this flow's runner or (for a destination
+        half) by the source: from now on only forward.  Idempotent."""
         self.committed = True
 
     # -- arcs --------------------------------------------------------------

@@ -31,7 +31,7 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 3; ``schema_version`` holds the number, and ``open`` upgrades
+Schema (version 4; ``schema_version`` holds the number, and ``open`` upgrades
 an older file step by step in ``SCHEMA_UPGRADES``, each step one transaction
 that keeps every row, index and trigger).  Times are Unix seconds
 (``time.time()``, REAL)::
@@ -50,7 +50,9 @@ that keeps every row, index and trigger).  Times are Unix seconds
         finished_at     REAL,
         report_json     TEXT,               -- MigrationReport, at finish
         error_json      TEXT,               -- the report's ErrorInfo, if any
-        role            TEXT)               -- source or destination (version 2)
+        role            TEXT,               -- source or destination (version 2)
+        peer_json       TEXT)               -- destination role: the source's API and
+                                            -- decision credential (version 4)
     events(                                 -- append-only
         migration_id    TEXT REFERENCES migrations,
         seq             INTEGER,            -- 1, 2, ... per migration
@@ -90,11 +92,11 @@ from typing import Any, Final, TypeVar, get_args
 import trio
 from pydantic import ValidationError
 
+from orchestrator.engine import TraceEvent
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
-from orchestrator.runner import TraceEvent
 from orchestrator.states import Side
 
 __all__ = [
@@ -112,7 +114,7 @@ T = TypeVar("T")
 FILENAME: Final = "journal.sqlite3"
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 _OUTCOMES: Final = frozenset(get_args(Outcome))
 _PHASES: Final = frozenset(p.value for p in Phase)
@@ -243,10 +245,16 @@ _SCHEMA_V3: Final = (
     *_MIGRATIONS_INDEXES_AND_TRIGGERS,
 )
 
+#: Version 4: how a destination daemon reaches the source of a migration it
+#: receives (``peer_json``: the source's API address and the credential that
+#: answers for this migration's decision), so that after a restart it can ask.
+_SCHEMA_V4: Final = ("ALTER TABLE migrations ADD COLUMN peer_json TEXT",)
+
 SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
 }
 
 
@@ -280,6 +288,8 @@ class MigrationRecord:
     finished_at: float | None
     #: ``source`` (this daemon runs it) or ``destination`` (another host's does).
     role: str = "source"
+    #: For ``destination``: how to reach the source (``api``, ``token``).
+    peer: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -372,6 +382,7 @@ class Journal:
         idempotency_key: str | None = None,
         *,
         role: str = "source",
+        peer: Mapping[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """Record a new migration in phase ``prepare``, with the devices it holds.
 
@@ -404,6 +415,11 @@ class Journal:
                         role,
                     ),
                 )
+                if peer is not None:
+                    db.execute(
+                        "UPDATE migrations SET peer_json = ? WHERE id = ?",
+                        (json.dumps(dict(peer)), migration_id),
+                    )
                 sides = [Side.DESTINATION] if role == "destination" else list(Side)
                 if role == "source" and plan.destination is not None:
                     sides = [Side.SOURCE]
@@ -538,7 +554,7 @@ class Journal:
         """The migration, or None if the journal never heard of it."""
 
         def read(db: sqlite3.Connection) -> MigrationRecord | None:
-            row = db.execute(f"{_SELECT} WHERE id = ?", (migration_id,)).fetchone()
+            row = db.execute(f"{_select()} WHERE id = ?", (migration_id,)).fetchone()
             return None if row is None else self._record(row)
 
         return await self._read(read)
@@ -547,7 +563,7 @@ class Journal:
         """The migration first created with this idempotency key, if any."""
 
         def read(db: sqlite3.Connection) -> MigrationRecord | None:
-            row = db.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
+            row = db.execute(f"{_select()} WHERE idempotency_key = ?", (key,)).fetchone()
             return None if row is None else self._record(row)
 
         return await self._read(read)
@@ -571,7 +587,7 @@ class Journal:
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = _SELECT
+        sql = _select()
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC"
@@ -607,7 +623,7 @@ class Journal:
 
         def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
             rows = db.execute(
-                f"{_SELECT} WHERE outcome IS NULL ORDER BY created_at, rowid"
+                f"{_select()} WHERE outcome IS NULL ORDER BY created_at, rowid"
             ).fetchall()
             return [self._record(row) for row in rows]
 
@@ -730,6 +746,7 @@ class Journal:
             finished_at,
             report_json,
             role,
+            peer_json,
         ) = row
         try:
             plan = Plan.model_validate_json(plan_json)
@@ -756,13 +773,18 @@ class Journal:
             updated_at=float(updated_at),
             finished_at=finished_at,
             role=str(role),
+            peer=json.loads(peer_json) if peer_json else None,
         )
 
 
-_SELECT: Final = (
-    "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-    "committed_at, outcome, finished_at, report_json, role FROM migrations"
-)
+def _select() -> str:
+    """The columns of a MigrationRecord, as the schema this code writes has them
+    (``peer_json`` since version 4)."""
+    peer = "peer_json" if SCHEMA_VERSION >= 4 else "NULL"
+    return (
+        "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
+        f"committed_at, outcome, finished_at, report_json, role, {peer} FROM migrations"
+    )
 
 
 def _connect(state_dir: Path, path: Path) -> sqlite3.Connection:

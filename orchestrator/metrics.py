@@ -55,7 +55,7 @@ from orchestrator.report import MigrationReport, Outcome
 from orchestrator.states import DeviceState, MigrationFlags, arcs
 
 if TYPE_CHECKING:
-    from orchestrator.runner import Migration, TraceEvent
+    from orchestrator.engine import Migration, TraceEvent
 
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 

@@ -162,14 +162,23 @@ def _shared_devices(plan: Plan, devices: list[ResolvedDevice]) -> list[Problem]:
 
 
 def refuse_handles(resolved: ResolvedPlan) -> None:
-    """PlanError for every endpoint named by handle: for a process that has no
-    handover socket, so no handed-over device (``orchestrator run``)."""
+    """PlanError for what only a daemon can do, for a process without one
+    (``orchestrator run``): endpoints named by handle (no handover socket), and a
+    destination on another host (no API its daemon could ask for the decision)."""
     problems = [
         Problem(f"devices[{i}].{side}.{HANDLE_PARAM}", NEEDS_DAEMON)
         for i, device in enumerate(resolved.devices)
         for side, params in (("source", device.source), ("destination", device.destination))
         if isinstance(getattr(params, HANDLE_PARAM, None), str)
     ]
+    if resolved.plan.destination is not None:
+        problems.append(
+            Problem(
+                "destination",
+                "a migration to another host runs on the source daemon, whose API the "
+                "destination can ask for the decision: submit it there (orchestrator submit)",
+            )
+        )
     if problems:
         raise PlanError(problems)
 

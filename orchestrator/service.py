@@ -35,7 +35,10 @@ migration logic itself stays in the flow and the runner.  The service owns:
 from __future__ import annotations
 
 import builtins
+import hashlib
+import hmac
 import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -47,15 +50,18 @@ import trio
 from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
-from orchestrator.errors import OrchestratorError
+from orchestrator.engine import DeviceDriver, Migration, TraceEvent
+from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
-from orchestrator.incoming import IncomingRegistry
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
 from orchestrator.metrics import Metrics
+from orchestrator.peer.messages import DecisionAnswer
+from orchestrator.peer.remote import RemoteDestination, SourceContact
+from orchestrator.peer.server import IncomingRegistry
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, resolve
-from orchestrator.runner import Migration, TraceEvent
+from orchestrator.transport import RateLimiter
 from orchestrator.transport.channel import ChannelListener
 
 log = structlog.get_logger("orchestrator.service")
@@ -162,6 +168,7 @@ class MigrationService:
         handles: HandleRegistry | None = None,
         listener: ChannelListener | None = None,
         advertise: str | None = None,
+        decision_key: bytes | None = None,
     ) -> None:
         self.journal = journal
         self.metrics = metrics
@@ -172,6 +179,11 @@ class MigrationService:
         self.handles = handles
         self.ready = False
         self.accepting = True
+        #: The URL other hosts' daemons reach this daemon's API on (``[api] advertise``,
+        #: or the TCP listener's own address); None: no migration to another host.
+        self.source_api: str | None = None
+        # Each migration's decision credential is derived from it: nothing to store.
+        self._decision_key = decision_key or secrets.token_bytes(32)
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, str] = {}
         self._known: dict[str, DeviceStatus] = {}
@@ -263,6 +275,17 @@ class MigrationService:
             first = await self.journal.find_by_idempotency_key(idempotency_key)
             if first is not None:
                 return await self.status(first.id), False
+        if plan.destination is not None and self.source_api is None:
+            raise PlanError(
+                [
+                    Problem(
+                        "destination",
+                        "this daemon has no TCP API listener the destination daemon could ask "
+                        "for the decision when the two lose each other: set [api] tcp (and "
+                        "[api] advertise where its address is not the one other hosts reach)",
+                    )
+                ]
+            )
         resolved = resolve(plan, self.backends, self.handles)
         keys = device_keys(resolved)
         self._check_free(keys)
@@ -363,9 +386,63 @@ class MigrationService:
         if self.handles is not None:
             self.handles.release(migration_id)
 
+    def decision_token(self, migration_id: str) -> str:
+        """The credential that answers for one migration's decision, and nothing else."""
+        digest = hmac.new(self._decision_key, migration_id.encode(), hashlib.sha256)
+        return digest.hexdigest()
+
+    def _migration(
+        self, resolved: ResolvedPlan, migration_id: str, *, recovering: bool = False
+    ) -> Migration:
+        spec = resolved.plan.destination
+        if spec is None:
+            return Migration(resolved, migration_id=migration_id, journal=self.journal)
+        contact = SourceContact(self.source_api or "", self.decision_token(migration_id))
+
+        def remote(driver: DeviceDriver, limiter: RateLimiter | None) -> RemoteDestination:
+            assert spec is not None
+            return RemoteDestination(
+                spec, resolved.plan, migration_id, driver, limiter, contact, recovering=recovering
+            )
+
+        return Migration(
+            resolved, migration_id=migration_id, journal=self.journal, destination=remote
+        )
+
+    async def decision(self, migration_id: str, token: str) -> DecisionAnswer | None:
+        """The destination daemon asks for a migration's decision (None: wrong token).
+
+        Answered from the migration while it runs, else from the journal; an id
+        the journal does not know was never committed (it journals every
+        migration before its first call to the destination): abort.
+        """
+        if not hmac.compare_digest(token, self.decision_token(migration_id)):
+            return None
+        entry = self._entries.get(migration_id)
+        if entry is not None and not entry.done.is_set():
+            destination = entry.migration.destination
+            if isinstance(destination, RemoteDestination):
+                return destination.answer_query()
+        record = await self.journal.get(migration_id)
+        if record is None or record.role != "source":
+            return DecisionAnswer("abort")
+        if record.outcome is None:
+            return DecisionAnswer("commit" if record.committed else "pending")
+        return DecisionAnswer("commit" if record.committed else "abort", record.outcome)
+
+    def in_doubt(self) -> int:
+        """Migrations whose outcome waits on a peer that cannot be reached."""
+        outgoing = sum(
+            1
+            for e in self._entries.values()
+            if isinstance(e.migration.destination, RemoteDestination)
+            and e.migration.destination.in_doubt
+        )
+        return outgoing + self.incoming.in_doubt()
+
     def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
         assert self._nursery is not None
-        migration = Migration(resolved, migration_id=migration_id, journal=self.journal)
+        migration = self._migration(resolved, migration_id)
         entry = self._register(migration, resolved, time.time(), keys)
         self._nursery.start_soon(self._run_one, entry)
         return entry
@@ -498,19 +575,35 @@ class MigrationService:
             await self._recover_one(record)
 
     async def _recover_one(self, record: MigrationRecord) -> None:
+        """Recover one migration; return once this host did what it can alone (its own
+        devices settled): the rest (a peer to reach) goes on in the background."""
         resolved = resolve(record.plan, self.backends)
         keys = device_keys(resolved)
         for key in keys:
             self._locks[key] = record.id
-        migration = Migration(resolved, migration_id=record.id, journal=self.journal)
+        migration = self._migration(resolved, record.id, recovering=True)
         entry = self._register(migration, resolved, record.created_at, keys)
+        assert self._nursery is not None
+        await self._nursery.start(self._recover_task, entry, record)
+
+    async def _recover_task(
+        self,
+        entry: _Entry,
+        record: MigrationRecord,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        migration = entry.migration
+        report = None
         try:
             report = await migration.recover(
-                committed=record.committed, interrupted_phase=record.phase
+                committed=record.committed,
+                interrupted_phase=record.phase,
+                task_status=task_status,
             )
         finally:
             await self._finish(entry)
-        if self.metrics is not None:
+        if self.metrics is not None and report is not None:
             self.metrics.record_report(report)
 
     def _status_of(self, entry: _Entry) -> MigrationStatus:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
@@ -100,6 +101,15 @@ class ApiSettings(BaseModel):
             "bearer tokens travel in every request."
         ),
     )
+    advertise: str | None = Field(
+        None,
+        description=(
+            'The URL other hosts\' daemons reach this API on ("https://10.0.0.1:7800"): '
+            "the destination of a migration asks it for the commit decision when the two "
+            "lose each other.  Default: the TCP listener's own address, unless it is a "
+            "wildcard (0.0.0.0, ::).  Without either, migrations to other hosts are refused."
+        ),
+    )
     token_file: Path = Field(
         Path("/etc/orchestrator/api-tokens"),
         description=(
@@ -129,6 +139,16 @@ class ApiSettings(BaseModel):
         if value is None or not value.strip():
             return None  # ORCHESTRATOR_API__TCP="" turns TCP off again
         parse_host_port(value.strip())
+        return value.strip()
+
+    @field_validator("advertise")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"an http:// or https:// URL with a host, not {value!r}")
         return value.strip()
 
     @field_validator("tls_key")

@@ -7,9 +7,9 @@ runner's own conclusions alone, so a runner that lies in its report fails.
 from __future__ import annotations
 
 from orchestrator.backends.simulated import SimulatedDevice, reference_digest
+from orchestrator.engine import Migration, TraceEvent
 from orchestrator.flow import FULLY_RUNNING, Phase
 from orchestrator.report import DeviceReport
-from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import P2P_STATES, RUNNING_STATES, DeviceState, Side
 
 

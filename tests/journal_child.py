@@ -12,8 +12,8 @@ from pathlib import Path
 
 import trio
 
+from orchestrator.engine import TraceEvent
 from orchestrator.journal import Journal
-from orchestrator.runner import TraceEvent
 from tests.helpers import make_plan, sim_device
 
 MIGRATION = "m-child"

@@ -19,9 +19,9 @@ import trio
 
 from orchestrator.backends import backends_for
 from orchestrator.backends.simulated import SimulatedBackend, SimulatedDevice, SimulatedParams
+from orchestrator.engine import Migration, TraceEvent
 from orchestrator.plan import Plan
 from orchestrator.resolve import resolve
-from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import Side
 from tests.helpers import make_plan, sim_device
 

@@ -19,7 +19,7 @@ import httpx
 import trio
 from typing_extensions import Buffer
 
-from orchestrator.runner import _KeepChannel
+from orchestrator.peer.remote import _KeepChannel
 from orchestrator.settings import Settings
 from orchestrator.transport import StreamSender
 from tests.test_daemon import Daemon, running_daemon, unix_client, wait_outcome
@@ -158,10 +158,12 @@ async def test_a_destination_without_a_data_listener_refuses_to_prepare(
     async with two_hosts(short_dir, token_file) as (a, b):
         b.daemon.running.service.incoming.listener = None
         status = await submit(a, cross_plan(b, token_file, "gpu0"))
-        assert status["outcome"] == "failed"
+        # Ended before pre-copy began, every device as it was.
+        assert status["outcome"] == "refused"
         error = status["report"]["error"]
         assert error["kind"] == "peer_error"
         assert "[data] listen" in error["message"]
+        assert [d["source_state"] for d in status["report"]["devices"]] == ["RUNNING"]
         # Refused before this host opened anything.
         assert status["report"]["phases"] == {"prepare": status["report"]["phases"]["prepare"]}
 
@@ -186,10 +188,10 @@ async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination
         # The destination tells the source to connect where it does not listen.
         b.daemon.running.service.incoming.advertise = "127.0.0.2"
         status = await submit(a, cross_plan(b, token_file, "gpu0"))
-        assert status["outcome"] == "failed"
-        assert "cannot open the data channel" in status["report"]["error"]["message"]
+        assert status["outcome"] == "refused"
+        assert "cannot open connection" in status["report"]["error"]["message"]
         far = await incoming(b, status["id"])
-        assert far["outcome"] == "rolled_back", far
+        assert far["outcome"] == "refused", far
         assert far["devices"]["gpu0"]["state"] == "RUNNING"
         # Its devices are free again: the same device migrates once reachable.
         b.daemon.running.service.incoming.advertise = None

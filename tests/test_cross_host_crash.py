@@ -70,7 +70,7 @@ class Host:
 
 def _host(base: Path, token_file: Path, *, destination: bool) -> Host:
     base.mkdir()
-    api_port = _free_port() if destination else None
+    api_port = _free_port()
     lines = [
         f'state_dir = "{base / "state"}"',
         "shutdown_grace_s = 2",
@@ -78,8 +78,8 @@ def _host(base: Path, token_file: Path, *, destination: bool) -> Host:
         f'unix_socket = "{base / "api.sock"}"',
         f'token_file = "{token_file}"',
     ]
-    if destination:
-        lines += [f'tcp = "127.0.0.1:{api_port}"', "[data]", 'listen = "127.0.0.1:0"']
+    # Both hosts alike: the source's API answers the destination's questions.
+    lines += [f'tcp = "127.0.0.1:{api_port}"', "[data]", 'listen = "127.0.0.1:0"']
     config = base / "orchestrator.toml"
     config.write_text("\n".join(lines) + "\n")
     return Host(base, config, api_port=api_port)

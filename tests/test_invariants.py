@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio.testing
 
-from orchestrator.runner import Migration
+from orchestrator.engine import Migration
 from tests.helpers import make_resolved, sim_device
 from tests.invariants import check_all, check_outcome
 

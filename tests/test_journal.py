@@ -21,6 +21,7 @@ import trio
 import trio.lowlevel
 
 from orchestrator import journal as journal_module
+from orchestrator.engine import Migration, TraceEvent
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
     FILENAME,
@@ -32,7 +33,6 @@ from orchestrator.journal import (
 )
 from orchestrator.plan import Plan
 from orchestrator.report import ErrorInfo, MigrationReport, Outcome
-from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import DeviceState, Side
 from tests.helpers import kill_child, make_plan, make_resolved, read_line, sim_device, spawn_child
 

@@ -7,11 +7,20 @@ import sys
 
 import pytest
 
-PURE = ["orchestrator.states", "orchestrator.flow", "orchestrator.plan", "orchestrator.errors"]
+PURE = [
+    "orchestrator.states",
+    "orchestrator.flow",
+    "orchestrator.plan",
+    "orchestrator.errors",
+    "orchestrator.peer.messages",
+    "orchestrator.peer.protocol",
+]
 FORBIDDEN = (
     "trio",
     "orchestrator.backends",
-    "orchestrator.runner",
+    "orchestrator.engine",
+    "orchestrator.peer.remote",
+    "orchestrator.peer.server",
     "orchestrator.transport",
     "orchestrator.api",
     "orchestrator.service",
@@ -45,11 +54,11 @@ def test_backend_errors_become_failures_only_in_the_runner() -> None:
                 names = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
                 if names & {"DeviceError", "DeviceTimeout"}:
                     catchers.add(str(path.relative_to(root)))
-    # incoming.py is the runner's destination half on the destination host of a
-    # migration between two hosts: it reports each device's answer to the
-    # source's runner, which alone decides what the failure means.
-    runners = {"runner.py", "incoming.py"}
-    allowed = runners | {str(p.relative_to(root)) for p in (root / "backends").glob("*.py")}
+    # The engine's device driver is the one place, on both halves of a
+    # migration and on either host: every other part sees DeviceFailure.
+    runners = {"engine/devices.py"}
+    backends = {str(p.relative_to(root)) for p in (root / "backends").rglob("*.py")}
+    allowed = runners | backends
     assert catchers, "the runner catches device errors"
     assert catchers <= allowed, catchers - allowed
 

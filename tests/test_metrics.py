@@ -18,6 +18,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.engine import Migration
 from orchestrator.metrics import (
     BARRIERS,
     DEVICE_ERROR_KINDS,
@@ -27,12 +28,12 @@ from orchestrator.metrics import (
     every_arc,
 )
 from orchestrator.report import ErrorInfo, MigrationReport
-from orchestrator.runner import Migration
 from tests.helpers import debian_tool, make_resolved, sim_device
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-STOP_FAULT = {"fault": {"at": "STOP", "kind": "error"}}
+# The destination refuses its stream: after pre-copy began, so it rolls back.
+LOAD_FAULT = {"fault": {"at": "stream", "offset": 0, "kind": "corrupt"}}
 
 
 @pytest.fixture
@@ -197,7 +198,7 @@ async def test_a_successful_run_is_recorded_as_its_report_says(
 async def test_a_rolled_back_run_counts_the_device_error(
     autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    m = await run_tracked(metrics, two_gpus(**STOP_FAULT))
+    m = await run_tracked(metrics, two_gpus(**LOAD_FAULT))
     r = m.report
     assert r is not None and r.outcome == "rolled_back"
     assert r.error is not None and r.error.kind == "device_error" and r.error.device == "gpu1"
@@ -243,7 +244,7 @@ async def test_counts_add_up_over_several_migrations(
     autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     reports: list[MigrationReport] = []
-    for devices in (two_gpus(), two_gpus(**STOP_FAULT), two_gpus()):
+    for devices in (two_gpus(), two_gpus(**LOAD_FAULT), two_gpus()):
         m = await run_tracked(metrics, devices)
         assert m.report is not None
         reports.append(m.report)
@@ -349,7 +350,7 @@ async def test_promtool_accepts_the_exposition_after_runs(
     promtool: str, autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     await run_tracked(metrics, two_gpus())
-    await run_tracked(metrics, two_gpus(**STOP_FAULT))
+    await run_tracked(metrics, two_gpus(**LOAD_FAULT))
     text = exposition(registry)
     assert 'orchestrator_migrations_total{outcome="rolled_back"} 1.0' in text
     promtool_check(promtool, text)

@@ -17,7 +17,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.runner import Migration
+from orchestrator.engine import Migration
 from tests.helpers import make_resolved
 from tests.invariants import check_all
 

@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 from orchestrator.backends.base import StreamChunk
+from orchestrator.engine import Migration, TraceEvent
 from orchestrator.flow import Phase
 from orchestrator.resolve import ResolvedDevice, ResolvedPlan
-from orchestrator.runner import Migration, TraceEvent
 from orchestrator.states import DeviceState, Side
 from tests.helpers import SUCCESS_PHASES, make_resolved, sim_device
 from tests.invariants import check_all
@@ -133,7 +133,10 @@ async def test_a_fault_before_the_commit_rolls_back(
     m = await migrate(devices, timeouts={"device_call_s": 2})
     r = m.report
     assert r is not None
-    assert r.outcome == "rolled_back", r.error
+    # A destination fault at a state fires on its first entry: on the walk to
+    # RESUMING (through RUNNING_P2P and STOP), in prepare, before pre-copy began.
+    expected = "refused" if side == "destination" else "rolled_back"
+    assert r.outcome == expected, r.error
     assert r.error is not None
     assert (r.error.side, r.error.device) == (side, "gpu1")
     assert r.error.kind == ("device_timeout" if kind == "hang" else "device_error")
@@ -326,8 +329,12 @@ async def test_devices_whose_real_capabilities_do_not_fit_are_refused_before_any
     devices = (good.devices[0], ResolvedDevice(**{**bare.__dict__, "name": "b"}))
     m = Migration(ResolvedPlan(plan=good.plan, devices=devices))
     report = await m.run()
-    assert report.outcome == "failed"
+    assert report.outcome == "refused"
     assert report.error is not None and report.error.kind == "plan_error"
+    # The report says where the devices stand: where they were.
+    assert {(d.source_state, d.destination_state) for d in report.devices} == {
+        ("RUNNING", "RUNNING")
+    }
     assert "'b'" in report.error.message and "P2P" in report.error.message
     assert not [e for e in m.trace if e.kind == "arc_begin"]
 
@@ -372,8 +379,9 @@ async def test_a_device_not_running_at_the_start_is_refused_before_any_change(
     assert first.outcome == "succeeded"
     again = Migration(resolve(plan, backends_for(tmp_path)))
     report = await again.run()
-    assert report.outcome == "failed"
+    assert report.outcome == "refused"
     assert report.error is not None and report.error.kind == "device_state"
+    assert {(d.source_state, d.destination_state) for d in report.devices} == {("STOP", "RUNNING")}
     assert "is in STOP, not RUNNING" in report.error.message
     assert not [e for e in again.trace if e.kind in ("arc_begin", "reset")]
     assert {(d.source_state, d.destination_state) for d in first.devices} == {("STOP", "RUNNING")}

@@ -21,10 +21,10 @@ import trio
 
 from orchestrator.backends import backends_for
 from orchestrator.cli import main
+from orchestrator.engine import Migration
 from orchestrator.errors import PlanError
 from orchestrator.plan import VmmEndpoint, VmmSpec
 from orchestrator.resolve import resolve
-from orchestrator.runner import Migration
 from orchestrator.states import DeviceState, Side
 from orchestrator.vmm import CommandVmm, QmpVmm, VmmError
 from tests.helpers import make_plan, make_resolved, sim_device
@@ -408,7 +408,7 @@ async def test_vmms_not_where_a_migration_starts_are_refused_before_any_change(
     async with fake_qmps(source, destination):
         m = Migration(make_resolved(two_devices(), vmm=vmm_section(source.path, destination.path)))
         report = await m.run()
-    assert report.outcome == "failed"
+    assert report.outcome == "refused"
     assert report.error is not None
     assert (report.error.kind, report.error.side) == ("vmm_state", side)
     assert "nothing was changed" in report.error.message

@@ -26,7 +26,9 @@ the app has no lifespan work of its own.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+import hmac
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
@@ -37,8 +39,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from orchestrator import __version__
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
-from orchestrator.incoming import IncomingDecision, IncomingReady, IncomingRequest, IncomingStatus
 from orchestrator.journal import JournalEvent
+from orchestrator.peer.messages import encode
+from orchestrator.peer.server import (
+    IncomingDecision,
+    IncomingReady,
+    IncomingReplies,
+    IncomingRequest,
+    IncomingStatus,
+)
 from orchestrator.plan import Plan
 from orchestrator.report import Outcome
 from orchestrator.service import DeviceStatus, MigrationService, MigrationStatus
@@ -49,6 +58,10 @@ from .models import ErrorBody, Health, MigrationEvent, Readiness
 
 #: The Prometheus text format the registry is exposed in.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Forbidden(OrchestratorError):
+    status_hint = 403
 
 
 class NotReady(OrchestratorError):
@@ -216,6 +229,46 @@ async def decide_incoming(
     return await service.incoming.decide(migration_id, decision.decision)
 
 
+@router.post(
+    "/v1/incoming/{migration_id}/messages",
+    tags=["incoming"],
+    summary="A protocol message from the source daemon, when the data channel is gone.",
+    description=(
+        "Called by the source host's daemon, never by people: one typed message of the "
+        "commit protocol (commit, abort, outcome...).  The answer is this side's status "
+        "and the messages it answers with.  422 for a message that does not decode."
+    ),
+    responses=_errors(404, 422),
+)
+async def message_incoming(
+    migration_id: str, message: dict[str, Any], service: Service
+) -> IncomingReplies:
+    return await service.incoming.deliver(migration_id, message)
+
+
+@router.get(
+    "/v1/migrations/{migration_id}/decision",
+    tags=["incoming"],
+    summary="The commit decision of a migration to another host, for its destination daemon.",
+    description=(
+        "Called by the destination host's daemon when it lost the source after its vote, or "
+        "restarted: it authenticates with the credential the prepare call gave it for this "
+        "migration only.  The answer is commit, abort or pending (the commit is being "
+        "recorded), and the outcome once known.  An id this daemon never journaled was "
+        "never committed: abort."
+    ),
+    responses=_errors(403, 422),
+)
+async def migration_decision(
+    migration_id: str, request: Request, service: Service
+) -> dict[str, Any]:
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    answer = await service.decision(migration_id, token)
+    if answer is None:
+        raise Forbidden("this credential does not answer for this migration's decision")
+    return encode(answer)
+
+
 @router.get(
     "/v1/migrations",
     tags=["migrations"],
@@ -363,6 +416,22 @@ def build_app() -> OrchestratorAPI:
     return app
 
 
+_DECISION_PATH = re.compile(r"/v1/migrations/([A-Za-z0-9_-]{1,128})/decision")
+
+
+def _decision_scope(service: MigrationService) -> Callable[[str, bytes], bool]:
+    """A migration's decision credential opens its decision route, and nothing else."""
+
+    def scoped(path: str, credentials: bytes) -> bool:
+        match = _DECISION_PATH.fullmatch(path)
+        if match is None:
+            return False
+        expected = service.decision_token(match.group(1)).encode()
+        return hmac.compare_digest(expected, credentials)
+
+    return scoped
+
+
 def create_app(
     service: MigrationService,
     *,
@@ -375,6 +444,6 @@ def create_app(
     app.state.orchestrator = ApiContext(service=service, registry=registry)
     # Added innermost first: CrashGuard ends up outermost.
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
-    app.add_middleware(BearerAuth, tokens=tokens)
+    app.add_middleware(BearerAuth, tokens=tokens, scoped=_decision_scope(service))
     app.add_middleware(CrashGuard)
     return app

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hmac
 import traceback
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,14 +68,22 @@ class CrashGuard:
 
 
 class BearerAuth:
+    """``scoped(path, credentials)``, when given, may accept a credential that is
+    valid for that one path only (a migration's decision credential)."""
+
     def __init__(
-        self, app: ASGIApp, tokens: Sequence[str], open_paths: Collection[str] = OPEN_PATHS
+        self,
+        app: ASGIApp,
+        tokens: Sequence[str],
+        open_paths: Collection[str] = OPEN_PATHS,
+        scoped: Callable[[str, bytes], bool] | None = None,
     ) -> None:
         if not tokens:
             raise ValueError("BearerAuth needs at least one token")
         self.app = app
         self._tokens = tuple(token.encode("utf-8") for token in tokens)
         self._open_paths = frozenset(open_paths)
+        self._scoped = scoped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self._open_paths:
@@ -94,7 +102,9 @@ class BearerAuth:
                 [(b"www-authenticate", b"Bearer")],
             )
             return
-        if not self._known(credentials):
+        if not self._known(credentials) and not (
+            self._scoped is not None and self._scoped(scope["path"], credentials)
+        ):
             await send_error(send, 403, "forbidden", "the bearer token is not valid")
             return
         await self.app(scope, receive, send)

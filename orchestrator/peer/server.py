@@ -1,0 +1,851 @@
+"""The destination daemon's side of migrations from other hosts: a thin server.
+
+Each :class:`IncomingMigration` hosts the same destination engine as a
+migration on one host (``orchestrator.engine.DestinationEngine``) behind
+the destination's protocol machine (``peer.protocol.DestinationMachine``):
+every message from the source (over the data channel or REST) and every
+event of its own is fed to the machine, and this module carries out its
+actions.  Nothing here decides anything the machine does not.
+
+What the machine asks for, and what carries it out:
+
+* ``BEGIN_TRANSFER``: every device walks to RESUMING; each stream is loaded
+  as it arrives and the device walks on to its grace state; every arc is
+  reported to the source as it ends (the engine's trace, forwarded);
+* ``RECORD_VOTE`` then ``Vote``: the vote is journaled before it is sent.
+  The write starts when the first stream ends, so that its fsync overlaps the
+  rest of the transfer (a restart after it finds the vote and asks);
+* ``RUN_DEVICES`` and ``RECORD_COMMIT_HERE``: after the commit every device
+  runs, then the vCPUs of the plan's ``[vmm.destination]``, which this
+  daemon drives itself; the commit is journaled meanwhile;
+* ``RESET_DEVICES``: every device that moved is reset;
+* ``QUERY``: ask the source daemon for the decision (or, after a rollback,
+  the outcome) with backoff, until it answers;
+* ``RecordOutcome``: the migration ends here, its report journaled.
+
+:class:`IncomingRegistry` is the daemon's set of them: prepare (the plan
+validated against this daemon's backends, the protocol version agreed, the
+devices locked, opened, checked and journaled), status, messages over
+REST, recovery on start, and settling by an operator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import httpx
+import structlog
+import trio
+from pydantic import BaseModel, Field
+
+from orchestrator.engine import (
+    DestinationEngine,
+    DeviceDriver,
+    DeviceFailure,
+    EngineContext,
+    Trace,
+    TraceEvent,
+)
+from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
+from orchestrator.flow import MigrationFlow
+from orchestrator.peer import protocol as p
+from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode, negotiate_version
+from orchestrator.plan import parse_plan
+from orchestrator.report import DeviceReport, ErrorInfo, MigrationReport, Outcome
+from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.states import Capabilities, DeviceState, Side
+from orchestrator.transport import ChannelListener, DestinationChannel, new_secret
+
+log = structlog.get_logger("orchestrator.peer.server")
+
+__all__ = [
+    "IncomingMigration",
+    "IncomingNotFound",
+    "IncomingReady",
+    "IncomingRegistry",
+    "IncomingRequest",
+    "IncomingStatus",
+    "IncomingUnavailable",
+    "capabilities_to_json",
+]
+
+DESTINATION = Side.DESTINATION
+#: Backoff of the questions to the source (seconds): first, factor, cap.
+QUERY_FIRST_S, QUERY_FACTOR, QUERY_MAX_S = 0.05, 2.0, 5.0
+
+
+def capabilities_to_json(caps: Capabilities) -> dict[str, Any]:
+    return {
+        "flags": int(caps.flags),
+        "stop_copy_size": caps.stop_copy_size,
+        "dirty_logging": caps.dirty_logging,
+    }
+
+
+class IncomingMigration:
+    """One migration this host receives; see the module docstring."""
+
+    def __init__(
+        self,
+        resolved: ResolvedPlan,
+        migration_id: str,
+        journal: Any,
+        source: dict[str, Any] | None,
+        *,
+        release: Callable[[], None],
+    ) -> None:
+        self.resolved = resolved
+        self.plan = resolved.plan
+        self.id = migration_id
+        self.journal = journal
+        #: How to reach the source daemon: ``api`` and ``token``.
+        self.source = source
+        self._release_locks = release
+        self.ctx = EngineContext.create(
+            self.plan, migration_id, Trace([self._report]), side="destination"
+        )
+        self.log = self.ctx.log
+        self.driver = DeviceDriver(self.ctx)
+        vmm = self.plan.vmm
+        self.engine = DestinationEngine(
+            resolved, self.driver, vmm.destination if vmm is not None else None
+        )
+        self.names = self.engine.names
+        self.machine = p.DestinationMachine()
+        self.channel: DestinationChannel | None = None
+        self.capabilities: dict[str, Capabilities] = {}
+        self.report: MigrationReport | None = None
+        self.done = trio.Event()
+        #: The report is in the journal (status can be read from there).
+        self.journaled = False
+        self._nursery: trio.Nursery | None = None
+        self._started = time.monotonic()
+        self._ready: set[str] = set()
+        self._vote_write: trio.Event | None = None
+        self._vote_error: str | None = None
+        self._commit_recorded: trio.Event | None = None
+        self._querying = False
+        self._released = False
+        self._errors: list[ErrorInfo] = []
+        # One sender, so that the source gets every report in the order it happened.
+        self._outbox_send, self._outbox = trio.open_memory_channel[p.Message](math.inf)
+
+    # -- preparing -------------------------------------------------------------------
+
+    async def open(self) -> dict[str, Capabilities]:
+        """Open and check every device (MigrationAborted or DeviceFailure: nothing changed)."""
+        try:
+            caps = await self.engine.open()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.engine.close()
+            raise
+        self._adopt_flow(caps)
+        return caps
+
+    def _adopt_flow(self, caps: dict[str, Capabilities]) -> None:
+        self.capabilities = caps
+        self.driver.flow = MigrationFlow.for_destination(self.plan, caps)
+
+    async def run(
+        self,
+        channel: DestinationChannel | None,
+        first: p.Step | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> MigrationReport:
+        """Serve the migration until it ends: the channel if there is one, the
+        machine's actions, the questions to the source.  A cancel from outside (the
+        daemon shutting down) leaves the devices and the journal as they are: the
+        restart recovers as after a crash."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if first is not None:
+                self._execute(first, None)
+            if channel is not None:
+                self.channel = channel
+                nursery.start_soon(self._serve_channel, channel)
+                nursery.start_soon(self._send_in_order, channel)
+            await self.done.wait()
+            nursery.cancel_scope.cancel()
+        assert self.report is not None
+        return self.report
+
+    async def recover(self) -> None:
+        """After this daemon restarted: open the devices and take their states."""
+        caps: dict[str, Capabilities] = {}
+        for name in self.names:
+            try:
+                caps[name] = await self.driver.open(DESTINATION, name)
+            except DeviceFailure as failure:
+                self._errors.append(failure.info)
+        if len(caps) < len(self.names):
+            raise ProtocolViolation("recovery could not open every device")
+        self._adopt_flow(caps)
+        await self.engine.adopt()
+
+    # -- the channel ---------------------------------------------------------------------
+
+    async def _serve_channel(self, channel: DestinationChannel) -> None:
+        try:
+            with trio.fail_after(self.plan.timeouts.prepare_s):
+                await channel.wait_connected()
+        except (trio.TooSlowError, PeerError) as exc:
+            reason = str(exc) or "the source did not open the data channel in time"
+            self.handle(p.LinkLost(reason))
+            return
+        while True:
+            try:
+                data = await channel.receive_control()
+            except PeerError as exc:
+                self.handle(p.LinkLost(str(exc)))
+                return
+            try:
+                message = decode(data)
+            except ProtocolViolation as exc:
+                self.handle(p.LinkLost(f"a malformed message: {exc}"))
+                with contextlib.suppress(PeerError):
+                    await channel.abort(str(exc))
+                return
+            self.handle(message)
+
+    def _channel_up(self) -> bool:
+        return self.channel is not None and self.channel.failure is None
+
+    async def _send_in_order(self, channel: DestinationChannel) -> None:
+        async for message in self._outbox:
+            if channel.failure is not None:
+                continue  # the source asks (REST) for what it needs to know
+            try:
+                await channel.send_control(encode(message))
+            except PeerError as exc:
+                self.handle(p.LinkLost(str(exc)))
+
+    def _report(self, event: TraceEvent) -> None:
+        """Every arc of a device, to the source as it ends (the trace's observer)."""
+        if event.kind not in ("arc_end", "arc_failed") or event.device is None:
+            return
+        assert event.from_state is not None and event.to_state is not None
+        if event.kind == "arc_end":
+            report = p.ArcReport(
+                event.device,
+                event.from_state,
+                event.to_state,
+                True,
+                event.to_state,
+                float(event.detail.get("duration_s", 0.0)),
+            )
+        else:
+            target = DeviceState[str(event.detail["target"])]
+            error = ErrorInfo(
+                kind="device_error",
+                message=str(event.detail.get("error", "the arc failed")),
+                phase=self.machine.state.value,
+                side="destination",
+                device=event.device,
+                operation="set_state",
+            )
+            report = p.ArcReport(
+                event.device, event.from_state, target, False, event.to_state, 0.0, error
+            )
+        self._emit(report)
+
+    def _emit(self, message: p.Message, replies: list[p.Message] | None = None) -> None:
+        if replies is not None:
+            replies.append(message)
+        elif self._channel_up():
+            self._outbox_send.send_nowait(message)
+        # Otherwise dropped: the source asks (REST) for what it needs to know.
+
+    # -- the machine -------------------------------------------------------------------------
+
+    def handle(self, event: p.Event, replies: list[p.Message] | None = None) -> p.Step:
+        """Feed one event; carry out what the machine says."""
+        step = self.machine.handle(event)
+        if step.verdict == "refused":
+            self.log.warning("incoming.refused", event=type(event).__name__, reason=step.reason)
+            if isinstance(event, p.Message):
+                self._emit(p.Refused(event.OP, step.reason), replies)
+        self._execute(step, replies)
+        return step
+
+    def _execute(self, step: p.Step, replies: list[p.Message] | None) -> None:
+        nursery = self._nursery
+        assert nursery is not None
+        for action in step.actions:
+            if isinstance(action, p.Send | p.Reply):
+                self._emit(action.message, replies)
+            elif isinstance(action, p.Deliver):
+                if isinstance(action.message, p.InitialSent):
+                    nursery.start_soon(self._acknowledge, action.message)
+            elif isinstance(action, p.RecordOutcome):
+                nursery.start_soon(self._finish, action.outcome)
+            elif action is p.Do.BEGIN_TRANSFER:
+                nursery.start_soon(self._transfer)
+            elif action is p.Do.RECORD_VOTE:
+                nursery.start_soon(self._record_vote)
+            elif action is p.Do.RECORD_COMMIT_HERE:
+                self._commit_recorded = trio.Event()
+                nursery.start_soon(self._record_commit, self._commit_recorded)
+            elif action is p.Do.RUN_DEVICES:
+                nursery.start_soon(self._run_devices)
+            elif action is p.Do.RESET_DEVICES:
+                nursery.start_soon(self._reset_devices)
+            elif action is p.Do.RELEASE:
+                nursery.start_soon(self._release)
+            elif action is p.Do.QUERY and not self._querying:
+                self._querying = True
+                nursery.start_soon(self._ask_the_source)
+
+    # -- the actions ------------------------------------------------------------------------
+
+    async def _transfer(self) -> None:
+        self.ctx.phase = "transfer"
+        try:
+            await self.engine.begin()
+        except DeviceFailure:
+            return  # reported (the arc failed); the source aborts
+        assert self.channel is not None
+        async with trio.open_nursery() as nursery:
+            for name in self.names:
+                nursery.start_soon(self._load, name, self.channel)
+
+    async def _load(self, name: str, channel: DestinationChannel) -> None:
+        receiver = channel.receiver(name)
+        try:
+            last_write_s = await self.engine.receive(name, receiver)
+        except DeviceFailure as failure:
+            if failure.info.operation == "receive":
+                return  # the channel failed: the machine hears of it there
+            # Tell the source (which aborts), and drain what is still on its way
+            # so that the connection the device shares keeps moving.
+            state = await self.driver.probe(DESTINATION, name)
+            self._emit(p.LoadFailed(name, state, failure.info))
+            with contextlib.suppress(PeerError):
+                while await receiver.receive_lent() is not None:
+                    pass
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                await receiver.aclose()
+        self._start_vote_write()
+        self._emit(p.Loaded(name, self.engine.written[name], last_write_s))
+        try:
+            await self.engine.settle(name, last_write_s)
+        except DeviceFailure:
+            return  # the arc report says it failed; the source aborts
+        self._ready.add(name)
+        if len(self._ready) == len(self.names):
+            self.handle(p.AllReady())
+
+    def _start_vote_write(self) -> None:
+        """Journal the vote as soon as the first stream ends (every source device has
+        stopped): its fsync overlaps the rest of the transfer.  Written early it only
+        makes a restart ask the source where it could have rolled back alone."""
+        if self._vote_write is not None or self._nursery is None:
+            return
+        self._vote_write = trio.Event()
+        self._nursery.start_soon(self._write_vote, self._vote_write)
+
+    async def _write_vote(self, written: trio.Event) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self.journal.record_phase(self.id, "destination_grace")
+        except Exception as exc:
+            self._vote_error = str(exc)
+        finally:
+            written.set()
+
+    async def _record_vote(self) -> None:
+        self._start_vote_write()
+        assert self._vote_write is not None
+        await self._vote_write.wait()
+        if self._vote_error is not None:
+            self.handle(p.VoteRecordFailed(self._vote_error))
+        else:
+            self.ctx.phase = "destination_grace"
+            self.handle(p.VoteRecorded())
+
+    async def _record_commit(self, recorded: trio.Event) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self.journal.record_commit(self.id)
+        except Exception as exc:  # the source's record decides; this one is a copy
+            self.log.exception("incoming.commit_record_failed", error=str(exc))
+        finally:
+            recorded.set()
+
+    async def _run_devices(self) -> None:
+        self.ctx.phase = "resume"
+        start = trio.current_time()
+        completion = await self.engine.commit()
+        self._errors.extend(completion.errors)
+        self.log.info("incoming.commit", outcome=completion.outcome)
+        self.handle(
+            p.DevicesRan(completion.outcome, tuple(completion.errors), trio.current_time() - start)
+        )
+
+    async def _reset_devices(self) -> None:
+        self.ctx.phase = "rollback"
+        with trio.move_on_after(self.plan.timeouts.rollback_s):
+            errors = await self.engine.roll_back()
+            self._errors.extend(errors)
+            self.handle(p.DevicesReset(tuple(errors)))
+            return
+        timeout = ErrorInfo(
+            kind="phase_timeout",
+            message=f"the reset took over {self.plan.timeouts.rollback_s:g} s",
+            phase="rollback",
+            side="destination",
+        )
+        self._errors.append(timeout)
+        self.handle(p.DevicesReset((timeout,)))
+
+    async def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with trio.CancelScope(shield=True):
+            await self.engine.close()
+        self._release_locks()
+
+    async def _acknowledge(self, message: p.InitialSent) -> None:
+        """Switchover acknowledgement: the initial data the source sent is loaded."""
+        if message.device not in self.engine.written or self.channel is None:
+            return
+        while self.engine.written[message.device] < message.nbytes:
+            if self.machine.state is not p.DestinationState.TRANSFER:
+                return
+            await trio.sleep(0.001)
+        with contextlib.suppress(PeerError):
+            await self.channel.acknowledge(message.device)
+
+    async def _ask_the_source(self) -> None:
+        """Ask the source daemon for the decision (or the outcome), with backoff."""
+        delay = QUERY_FIRST_S
+        try:
+            while self.machine.state in (p.DestinationState.IN_DOUBT, p.DestinationState.ABORTED):
+                answer = await self._query()
+                if answer is not None:
+                    self.handle(answer)
+                if self.machine.state not in (
+                    p.DestinationState.IN_DOUBT,
+                    p.DestinationState.ABORTED,
+                ):
+                    break
+                await trio.sleep(delay)
+                delay = min(delay * QUERY_FACTOR, QUERY_MAX_S)
+        finally:
+            self._querying = False
+
+    async def _query(self) -> p.Message | None:
+        if not self.source:
+            self.log.warning("incoming.no_source_contact", migration=self.id)
+            return None
+        url = f"{str(self.source['api']).rstrip('/')}/v1/migrations/{self.id}/decision"
+        try:
+            async with httpx.AsyncClient(timeout=self.plan.timeouts.device_call_s / 3) as client:
+                response = await client.get(
+                    url, headers={"Authorization": f"Bearer {self.source['token']}"}
+                )
+            if response.status_code != 200:
+                self.log.info("incoming.query_refused", status=response.status_code)
+                return None
+            return decode(response.json())
+        except (httpx.HTTPError, ValueError, ProtocolViolation) as exc:
+            self.log.info("incoming.query_failed", error=str(exc))
+            return None
+
+    async def _finish(self, outcome: Outcome) -> None:
+        if self._commit_recorded is not None:
+            await self._commit_recorded.wait()
+        await self._release()
+        for name in self.names:
+            self.engine.digests.setdefault(name, await self.driver.digest(DESTINATION, name))
+        self.report = self._build_report(outcome)
+        try:
+            with trio.CancelScope(shield=True):
+                await self.journal.finish(self.id, self.report)
+            self.journaled = True
+        except Exception as exc:  # journal trouble is logged, never loses the VM
+            self.log.exception("incoming.journal_finish_failed", error=str(exc))
+        self.log.info("incoming.end", outcome=outcome)
+        self.done.set()
+
+    # -- what it says -------------------------------------------------------------------------
+
+    def status(self) -> IncomingStatus:
+        flow = self.driver.flow
+        devices = {}
+        for name in self.names:
+            endpoint = flow.endpoint(DESTINATION, name) if flow is not None else None
+            caps = self.capabilities.get(name)
+            devices[name] = {
+                "state": endpoint.state.name if endpoint else "unknown",
+                "reset": endpoint.reset if endpoint else False,
+                "bytes": self.engine.written[name],
+                "ready": name in self._ready,
+                "digest": self.engine.digests.get(name),
+                "capabilities": capabilities_to_json(caps) if caps else None,
+            }
+        return IncomingStatus(
+            id=self.id,
+            vm=self.plan.vm,
+            phase=self.machine.state.value,
+            committed=self.machine.committed,
+            outcome=self.machine.outcome if self.done.is_set() else None,
+            in_doubt=self.machine.state is p.DestinationState.IN_DOUBT,
+            devices=devices,
+            report=self.report,
+        )
+
+    def _build_report(self, outcome: Outcome) -> MigrationReport:
+        flow = self.driver.flow
+        notes = [
+            "destination side of a migration between two hosts; the source daemon's "
+            "report holds the downtime and the pre-copy figures"
+        ]
+        notes += [f"{err.device}: {err.message}" for err in self._errors if err.device]
+        devices = []
+        for name in self.names:
+            endpoint = flow.endpoint(DESTINATION, name) if flow is not None else None
+            caps = self.capabilities.get(name)
+            devices.append(
+                DeviceReport(
+                    name=name,
+                    backend=self.driver.device(DESTINATION, name).backend,
+                    source_state="unknown",
+                    destination_state=endpoint.state.name if endpoint else "unknown",
+                    destination_reset=endpoint.reset if endpoint else False,
+                    bytes_precopy=0,
+                    bytes_stopcopy=self.engine.written[name],
+                    destination_digest=self.engine.digests.get(name),
+                    destination_capabilities=capabilities_to_json(caps) if caps else None,
+                )
+            )
+        error = self.ctx.error or (self._errors[0] if self._errors else None)
+        return MigrationReport(
+            id=self.id,
+            vm=self.plan.vm,
+            outcome=outcome,
+            duration_ms=round((time.monotonic() - self._started) * 1000, 3),
+            committed=self.machine.committed,
+            devices=devices,
+            error=error if outcome != "succeeded" else None,
+            notes=notes,
+        )
+
+
+# -- the REST shapes ------------------------------------------------------------------------
+
+
+class IncomingStatus(BaseModel):
+    """What the destination daemon says of an incoming migration (``GET /v1/incoming/{id}``)."""
+
+    id: str
+    vm: str
+    phase: str = Field(
+        description=(
+            "The destination's protocol state: prepared, transfer, voting, voted (every "
+            "device ready: this side voted to commit), in_doubt (voted, and the source "
+            "could not be asked yet), committed, aborting, aborted (reset; the outcome is "
+            "asked of the source) or done"
+        )
+    )
+    committed: bool
+    outcome: Outcome | None = None
+    in_doubt: bool = Field(
+        False, description="Voted, with no decision, and the source could not be asked yet."
+    )
+    devices: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per device: state, reset, bytes loaded, capabilities.",
+    )
+    report: MigrationReport | None = None
+
+
+class IncomingReady(BaseModel):
+    """The answer to a prepare call: where to send the data, and how to prove who sends it."""
+
+    migration_id: str
+    protocol: int = Field(description="The protocol version both daemons speak.")
+    data: dict[str, Any] = Field(description="host (may be null: use the API's host) and port.")
+    secret: str = Field(description="Hex secret of this migration's data channel.")
+    devices: dict[str, dict[str, Any]]
+
+
+class SourceContactModel(BaseModel):
+    """How the destination asks the source daemon for this migration's decision."""
+
+    api: str = Field(description="The source daemon's API base URL ([api] advertise).")
+    token: str = Field(min_length=32, description="Answers for this migration's decision only.")
+
+
+class IncomingRequest(BaseModel):
+    """``POST /v1/incoming``: prepare the destination half of a migration."""
+
+    migration_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    plan: dict[str, Any]
+    protocol: tuple[int, int] | None = Field(
+        None, description="The protocol versions the source speaks: [lowest, highest]."
+    )
+    source: SourceContactModel | None = None
+
+
+class IncomingDecision(BaseModel):
+    """``POST /v1/incoming/{id}/decision``: an operator's or a source's commit or abort."""
+
+    decision: Literal["commit", "abort"]
+
+
+class IncomingReplies(BaseModel):
+    """What a message delivered over REST made this side answer."""
+
+    status: IncomingStatus
+    replies: list[dict[str, Any]]
+
+
+class IncomingNotFound(OrchestratorError):
+    status_hint = 404
+
+
+class IncomingUnavailable(OrchestratorError):
+    """This daemon has no data channel listener: it cannot receive migrations."""
+
+    status_hint = 503
+
+
+class ProtocolMismatch(OrchestratorError):
+    """The source speaks no protocol version this daemon does."""
+
+    status_hint = 409
+
+
+class IncomingConflict(OrchestratorError):
+    status_hint = 409
+
+
+class IncomingRegistry:
+    """The incoming migrations of one daemon.
+
+    ``lock`` and ``unlock`` are the service's device locks, so that a device
+    is never part of two migrations, incoming or outgoing.
+    """
+
+    def __init__(
+        self,
+        *,
+        journal: Any,
+        backends: Any,
+        listener: ChannelListener | None,
+        advertise: str | None,
+        lock: Callable[[list[str], str], None],
+        unlock: Callable[[list[str], str], None],
+    ) -> None:
+        self.journal = journal
+        self.backends = backends
+        self.listener = listener
+        self.advertise = advertise
+        self._lock = lock
+        self._unlock = unlock
+        self.migrations: dict[str, IncomingMigration] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._recover_all()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def in_doubt(self) -> int:
+        return sum(
+            1 for m in self.migrations.values() if m.machine.state is p.DestinationState.IN_DOUBT
+        )
+
+    async def prepare(self, request: IncomingRequest) -> IncomingReady:
+        """Validate, agree a version, lock, open, journal; PlanError, DeviceBusy..."""
+        if self.listener is None or self.listener.address is None or self._nursery is None:
+            raise IncomingUnavailable(
+                "this daemon has no data channel ([data] listen): it cannot be the "
+                "destination of a migration from another host"
+            )
+        try:
+            version = negotiate_version(request.protocol, PROTOCOL_VERSIONS)
+        except ProtocolViolation as exc:
+            raise ProtocolMismatch(str(exc)) from None
+        if request.migration_id in self.migrations:
+            raise IncomingConflict(f"migration {request.migration_id!r} is already prepared here")
+        if self.journal is not None and await self.journal.get(request.migration_id):
+            raise IncomingConflict(f"migration {request.migration_id!r} is known here already")
+        plan = parse_plan(request.plan)
+        if plan.destination is not None:
+            raise PlanError(
+                [Problem("plan.destination", "a plan sent to its destination has no destination")]
+            )
+        resolved = resolve(plan, self.backends)
+        keys = resolved.device_keys()
+        self._lock(keys, request.migration_id)
+        source = request.source.model_dump() if request.source is not None else None
+        migration = IncomingMigration(
+            resolved,
+            request.migration_id,
+            self.journal,
+            source,
+            release=lambda: self._unlock(keys, request.migration_id),
+        )
+        try:
+            caps = await migration.open()
+            if self.journal is not None:
+                await self.journal.create(
+                    request.migration_id, plan, role="destination", peer=source
+                )
+            secret = new_secret()
+            channel = self.listener.expect(request.migration_id, secret, migration.names)
+        except BaseException:
+            self._unlock(keys, request.migration_id)
+            raise
+        self.migrations[request.migration_id] = migration
+        await self._nursery.start(self._serve, migration, channel, None)
+        log.info("incoming.prepared", migration=request.migration_id, devices=len(caps))
+        return IncomingReady(
+            migration_id=request.migration_id,
+            protocol=version,
+            data={"host": self.advertise, "port": self.listener.address[1]},
+            secret=secret.hex(),
+            devices={
+                name: {"capabilities": capabilities_to_json(c), "state": "RUNNING"}
+                for name, c in caps.items()
+            },
+        )
+
+    async def _serve(
+        self,
+        migration: IncomingMigration,
+        channel: DestinationChannel | None,
+        first: p.Step | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await migration.run(channel, first, task_status=task_status)
+        except Exception:
+            log.exception("incoming.crashed", migration=migration.id)
+        finally:
+            if self.listener is not None:
+                self.listener.forget(migration.id)
+            if migration.journaled:
+                # Status and messages are answered from the journal now.
+                self.migrations.pop(migration.id, None)
+
+    async def status(self, migration_id: str) -> IncomingStatus:
+        """From memory while this daemon runs it, else from the journal."""
+        migration = self.migrations.get(migration_id)
+        if migration is not None:
+            return migration.status()
+        record = await self.journal.get(migration_id) if self.journal is not None else None
+        if record is None or record.role != "destination":
+            raise IncomingNotFound(f"no incoming migration {migration_id!r}")
+        devices: dict[str, dict[str, Any]] = {}
+        if record.report is not None:
+            for d in record.report.devices:
+                devices[d.name] = {
+                    "state": d.destination_state,
+                    "reset": d.destination_reset,
+                    "bytes": d.bytes_stopcopy,
+                    "digest": d.destination_digest,
+                    "capabilities": d.destination_capabilities,
+                }
+        return IncomingStatus(
+            id=record.id,
+            vm=record.vm,
+            phase="done" if record.outcome is not None else record.phase,
+            committed=record.committed,
+            outcome=record.outcome,
+            devices=devices,
+            report=record.report,
+        )
+
+    async def deliver(self, migration_id: str, data: dict[str, Any]) -> IncomingReplies:
+        """A message from the source over REST; the replies it made."""
+        try:
+            message = decode(data)
+        except ProtocolViolation as exc:
+            raise PlanError([Problem("body", str(exc))]) from None
+        replies: list[p.Message] = []
+        migration = self.migrations.get(migration_id)
+        if migration is not None:
+            migration.handle(message, replies)
+            return IncomingReplies(status=migration.status(), replies=[encode(r) for r in replies])
+        # Ended (and journaled): a machine restarted from the record answers.
+        status = await self.status(migration_id)
+        machine, _ = p.DestinationMachine.restarted(
+            voted=True, committed=status.committed, outcome=status.outcome
+        )
+        step = machine.handle(message)
+        for action in step.actions:
+            if isinstance(action, p.Send):
+                replies.append(action.message)
+        if step.verdict == "refused":
+            replies.append(p.Refused(message.OP, step.reason))
+        return IncomingReplies(status=status, replies=[encode(r) for r in replies])
+
+    async def decide(self, migration_id: str, decision: str) -> IncomingStatus:
+        """``POST .../decision``: a commit or abort, as the source would send it."""
+        message: p.Message = p.Commit() if decision == "commit" else p.Abort("over REST")
+        answer = await self.deliver(migration_id, encode(message))
+        refused = [r for r in answer.replies if r.get("op") == "refused"]
+        if refused:
+            raise IncomingConflict(str(refused[0].get("reason")))
+        return answer.status
+
+    async def _recover_all(self) -> None:
+        if self.journal is None:
+            return
+        for record in await self.journal.unfinished():
+            if record.role == "destination":
+                await self._recover_one(record)
+
+    async def _recover_one(self, record: Any) -> None:
+        """A migration this daemon received when it died: the machine restarts from the
+        journal (complete if the commit is recorded, ask the source if it voted, else
+        roll back) and its first steps run in the background: readiness never waits on
+        the source."""
+        resolved = resolve(record.plan, self.backends)
+        keys = resolved.device_keys()
+        self._lock(keys, record.id)
+        migration = IncomingMigration(
+            resolved,
+            record.id,
+            self.journal,
+            record.peer,
+            release=lambda: self._unlock(keys, record.id),
+        )
+        machine, first = p.DestinationMachine.restarted(
+            voted=record.phase == "destination_grace" or record.committed,
+            committed=record.committed,
+            outcome=None,
+        )
+        migration.machine = machine
+        log.warning("incoming.recover", migration=record.id, state=machine.state.value)
+        self.migrations[record.id] = migration
+        try:
+            with trio.fail_after(record.plan.timeouts.rollback_s):
+                await migration.recover()
+        except (ProtocolViolation, trio.TooSlowError, DeviceFailure) as exc:
+            # Its devices cannot be driven: they stay locked, the record unfinished,
+            # for an operator (``orchestrator settle``); the source asks in vain.
+            log.warning(
+                "incoming.recover_failed",
+                migration=record.id,
+                error=str(exc),
+                hint="settle it once its devices answer: orchestrator settle --force",
+            )
+            return
+        assert self._nursery is not None
+        await self._nursery.start(self._serve, migration, None, first)
