@@ -602,7 +602,7 @@ async def test_the_rate_limit_is_honoured_across_connections() -> None:
 
 
 def test_a_pool_takes_back_only_its_own_buffers() -> None:
-    from orchestrator.transport.channel import _BufferPool
+    from orchestrator.transport.channel.links import _BufferPool
 
     pool = _BufferPool(16, 1)
     buffer = pool.take()
@@ -664,7 +664,7 @@ async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else
     of its own device's frames, nor of any frame but DATA (another device's
     END here).  The destination accepts that order: sequence numbers are per
     device."""
-    from orchestrator.transport.channel import _Link, _split
+    from orchestrator.transport.channel.links import _Link, _split
 
     devices = ["gpu0", "gpu1", "gpu2", "gpu3"]
     ours, theirs = trio.socket.socketpair()
@@ -808,7 +808,7 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
     """The control connection writes from the caller's task; what the socket
     cannot take at once (a peer that stopped reading) is queued, later frames
     behind it, and a write with ``wait`` returns only once it has all gone."""
-    from orchestrator.transport.channel import _ControlLink, _split
+    from orchestrator.transport.channel.links import _ControlLink, _split
 
     ours, theirs = trio.socket.socketpair()
     link = _ControlLink(ours, 1)
@@ -855,3 +855,46 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
         link.close()
     theirs.close()
     assert errors == [None]  # a clean end of stream, once closed
+
+
+# -- the package's public names -----------------------------------------------------------
+
+#: What callers import from ``orchestrator.transport.channel`` (a module before it
+#: was split into ``links``, ``ends`` and ``listener``), and from the transport package.
+CHANNEL_NAMES = [
+    "ABORT_GRACE_S",
+    "CONTROL_BACKLOG",
+    "CONTROL_RECEIVE_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "LINK_TIMEOUT_S",
+    "QUEUED_BYTES",
+    "QUEUED_PIECES",
+    "RECV_PIECE_BYTES",
+    "SPARE_BUFFER_BYTES",
+    "UNSENT_BYTES",
+    "WRITE_BATCH",
+    "WRITE_BATCH_BYTES",
+    "ChannelListener",
+    "ChannelStatistics",
+    "DestinationChannel",
+    "NetworkStreamReceiver",
+    "NetworkStreamSender",
+    "SourceChannel",
+    "default_connections",
+    "new_secret",
+    "open_channel",
+]
+
+
+@pytest.mark.parametrize("module", ["orchestrator.transport", "orchestrator.transport.channel"])
+def test_the_public_names_stay_where_callers_import_them(module: str) -> None:
+    import importlib
+
+    package = importlib.import_module(module)
+    exported = set(package.__all__)
+    assert all(hasattr(package, name) for name in exported)
+    wanted = set(CHANNEL_NAMES)
+    if module == "orchestrator.transport":
+        # The package re-exports the channel's classes and functions, not its tunables.
+        wanted = {name for name in wanted if not name.isupper()}
+    assert wanted <= exported, sorted(wanted - exported)
