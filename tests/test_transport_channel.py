@@ -637,7 +637,7 @@ async def test_the_rate_limit_is_honoured_across_connections() -> None:
 
 
 def test_a_pool_takes_back_only_its_own_buffers() -> None:
-    from orchestrator.transport.channel.links import _BufferPool
+    from orchestrator.transport.channel.buffers import _BufferPool
 
     pool = _BufferPool(16, 1)
     buffer = pool.take()

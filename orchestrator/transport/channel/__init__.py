@@ -15,9 +15,11 @@ during the downtime window) and ABORT (either side, with a reason).
 
 One module per job:
 
-* ``links.py``: one connection once authenticated, and the buffers it
-  receives into: a data connection's reader and writer threads, the control
-  connection on trio's thread, frame order and buffer lending;
+* ``buffers.py``: the payload buffers a data connection receives into and
+  lends to the devices' consumers;
+* ``links.py``: one connection once authenticated: a data connection's
+  reader and writer threads, the control connection on trio's thread, and
+  the order frames leave in;
 * ``ends.py``: one migration's channel as each side holds it
   (``SourceChannel``, ``DestinationChannel``, a stream end per device,
   ``open_channel``): routing, acknowledgements, CONTROL messages, and
@@ -31,6 +33,7 @@ beside this package.
 
 from __future__ import annotations
 
+from orchestrator.transport.channel.buffers import SPARE_BUFFER_BYTES
 from orchestrator.transport.channel.ends import (
     ABORT_GRACE_S,
     CONTROL_BACKLOG,
@@ -50,7 +53,6 @@ from orchestrator.transport.channel.links import (
     QUEUED_BYTES,
     QUEUED_PIECES,
     RECV_PIECE_BYTES,
-    SPARE_BUFFER_BYTES,
     UNSENT_BYTES,
     WRITE_BATCH,
     WRITE_BATCH_BYTES,

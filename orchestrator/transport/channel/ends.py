@@ -31,12 +31,11 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
+from orchestrator.transport.channel.buffers import _BufferPool, _give_back
 from orchestrator.transport.channel.links import (
-    _BufferPool,
     _configure,
     _ControlLink,
     _flush_quietly,
-    _give_back,
     _Link,
     _make_link,
     _ReadOutcome,

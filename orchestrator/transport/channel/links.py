@@ -1,13 +1,13 @@
-"""One connection of a data channel once authenticated, and the buffers it receives into.
+"""One connection of a data channel once authenticated: a data link or the control link.
 
 Invariants:
 
 * a frame reaches the channel (``deliver``, in trio's thread) only once it
   is whole and verified, and in the order it arrived: nothing after a bad
   frame is ever delivered;
-* a DATA payload's buffer belongs to exactly one holder at a time: the
-  connection's reader, the device's consumer it is lent to, or the pool;
-  a buffer still viewed by anyone is never reused;
+* a DATA payload is received into a buffer of the connection's pool
+  (``buffers.py``), and the reader waits while every buffer is lent out:
+  what a connection holds received but not loaded is bounded;
 * frames of one device, and CONTROL frames, leave in the order they were
   queued (see Order below);
 * a socket's descriptor is closed only once no thread or task can use it
@@ -60,6 +60,7 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
+from orchestrator.transport.channel.buffers import _BufferPool
 
 #: The size of a connection's payload buffers (a DATA payload of up to
 #: ``wire.MAX_DATA_PAYLOAD`` fills several).
@@ -67,8 +68,6 @@ RECV_PIECE_BYTES = 1 << 20
 #: Payload buffers per connection, beyond one per device it carries: what
 #: may be received and verified ahead of the devices' consumers.
 QUEUED_PIECES = 16
-#: Payload buffers kept by the process for the next connections.
-SPARE_BUFFER_BYTES = 64 << 20
 #: Payload bytes queued to a connection's writer thread before a send waits
 #: for room: enough to ride out the trio thread's turns at the GIL.
 QUEUED_BYTES = 16 << 20
@@ -139,109 +138,6 @@ async def _receive_exactly(sock: trio.socket.SocketType, nbytes: int) -> bytes:
             raise PeerAuthError("the peer closed the connection during the handshake")
         got += n
     return bytes(buffer)
-
-
-class _SpareBuffers:
-    """Payload buffers of connections that have closed, kept for the next ones.
-
-    A migration's first megabytes would otherwise land in fresh pages (page
-    faults and zeroing, twice the cost of the copy itself); kept, they are
-    memory the process touched before.  At most ``limit_bytes`` are kept.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._lock = threading.Lock()
-        self._spare: list[bytearray] = []
-        self._bytes = 0
-
-    def take(self, size: int) -> bytearray:
-        with self._lock:
-            for i, buffer in enumerate(self._spare):
-                if len(buffer) == size:
-                    self._bytes -= size
-                    return self._spare.pop(i)
-        return bytearray(size)
-
-    def keep(self, buffers: Sequence[bytearray]) -> None:
-        with self._lock:
-            for buffer in buffers:
-                if self._bytes + len(buffer) > self.limit_bytes:
-                    return
-                self._spare.append(buffer)
-                self._bytes += len(buffer)
-
-
-_SPARE = _SpareBuffers(SPARE_BUFFER_BYTES)
-
-
-class _BufferPool:
-    """The payload buffers of one connection: its reader fills them, consumers give them back.
-
-    Buffers are taken on demand, up to ``count``, and then reused: memory
-    the process has touched once, not fresh pages (an allocating receive
-    halves throughput here).  A reader that finds every buffer lent out
-    waits, which holds the connection back: the pool is the per-connection
-    bound on what is received but not yet loaded.  Once the pool is closed,
-    buffers given back go to the spares of the process, for the next pool.
-    """
-
-    def __init__(self, size: int, count: int) -> None:
-        self.size = size
-        self._count = count
-        self._made = 0
-        self._free: list[bytearray] = []
-        self._ready = threading.Condition()
-        self._closed = False
-
-    def take(self) -> bytearray | None:
-        """A free buffer (waiting for one if need be); None once the pool is closed."""
-        with self._ready:
-            while not self._free and self._made >= self._count and not self._closed:
-                self._ready.wait()
-            if self._closed:
-                return None
-            if self._free:
-                return self._free.pop()
-            self._made += 1
-        return _SPARE.take(self.size)
-
-    def give(self, piece: wire.Piece) -> None:
-        """Take back the buffer under a lent piece, unless somebody still holds on to it.
-
-        Pieces that are not views of the pool's buffers (``bytes``) are
-        nobody's to take back.
-        """
-        obj = piece.obj if isinstance(piece, memoryview) else None
-        if not isinstance(obj, bytearray) or len(obj) != self.size:
-            return
-        assert isinstance(piece, memoryview)
-        buffer: bytearray | None = None
-        try:
-            piece.release()
-            # Resizing fails while any view of the buffer is alive (a worker
-            # thread abandoned on cancel, a view kept past the call): then
-            # the buffer is left to its holder and the pool makes another.
-            obj.append(0)
-            del obj[-1]
-            buffer = obj
-        except BufferError:
-            pass
-        with self._ready:
-            if buffer is None:
-                self._made -= 1
-            elif self._closed:
-                _SPARE.keep([buffer])
-            else:
-                self._free.append(buffer)
-            self._ready.notify()
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            free, self._free = self._free, []
-            self._ready.notify_all()
-        _SPARE.keep(free)
 
 
 #: What a connection's reader ends with: None at a clean end of stream, else why.
@@ -826,13 +722,6 @@ class _ControlLink(_Connection):
             self._drained.set()
         if not self._running:
             self.sock.close()
-
-
-def _give_back(event: wire.Event, pool: _BufferPool) -> None:
-    """Return the pool buffers of an event nobody will consume."""
-    if isinstance(event, wire.Data):
-        for piece in event.pieces:
-            pool.give(piece)
 
 
 async def _flush_quietly(link: _Link | _ControlLink) -> None:
