@@ -334,7 +334,11 @@ async def serve(
         journal = await Journal.open(settings.state_dir)
         async with journal:
             registry = CollectorRegistry()
-            listener = ChannelListener() if settings.data.listen is not None else None
+            listener = (
+                ChannelListener(max_handshakes=settings.data.max_handshakes)
+                if settings.data.listen is not None
+                else None
+            )
             handles = HandleRegistry()
             # Whatever ends the daemon, the descriptors VMMs lent it are closed.
             stack.callback(handles.close_all)

@@ -17,30 +17,25 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import (
-    ChannelListener,
     DestinationChannel,
     RateLimiter,
     StreamReceiver,
-    StreamSender,
     default_connections,
     new_secret,
     open_channel,
     wire,
 )
 from orchestrator.transport.channel import UNSENT_BYTES, ends
-
-Address = tuple[str, int]
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    handshake_timeout_s: float = 5.0,
-) -> AsyncIterator[tuple[ChannelListener, Address]]:
-    listener = ChannelListener(handshake_timeout_s=handshake_timeout_s)
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(listener.serve, "127.0.0.1")
-        yield listener, address
-        nursery.cancel_scope.cancel()
+from tests.channel_helpers import (
+    Address,
+    closed_on_us,
+    drain,
+    polled,
+    pour,
+    raw_connect,
+    receive_exactly,
+    serving,
+)
 
 
 async def collect(receiver: StreamReceiver, got: bytearray) -> None:
@@ -56,20 +51,6 @@ async def stream_then_control(
     with contextlib.suppress(PeerError):
         while True:
             messages.append(await dest.receive_control())
-
-
-async def drain(receiver: StreamReceiver) -> bytes:
-    out = bytearray()
-    while (chunk := await receiver.receive()) is not None:
-        assert isinstance(chunk, bytes)
-        out += chunk
-    return bytes(out)
-
-
-async def pour(sender: StreamSender, data: bytes, chunk: int) -> None:
-    for i in range(0, len(data), chunk):
-        await sender.send(data[i : i + chunk])
-    await sender.end()
 
 
 @pytest.mark.parametrize("connections", [1, 4])
@@ -207,28 +188,6 @@ async def test_the_source_refuses_more_connections_than_devices() -> None:
 
 
 # -- authentication -----------------------------------------------------------------
-
-
-async def raw_connect(address: Address) -> trio.SocketStream:
-    return await trio.open_tcp_stream(*address)
-
-
-async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = await stream.receive_some(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
-async def closed_on_us(stream: trio.SocketStream) -> bool:
-    """The peer closed the connection (EOF, or a reset if it left our bytes unread)."""
-    try:
-        return await stream.receive_some() == b""
-    except trio.BrokenResourceError:
-        return True
 
 
 async def authenticated(
@@ -802,16 +761,6 @@ async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer(
     assert bytes(got) == data
     assert [m["n"] for m in messages] == list(range(85))
     assert all(m["blob"] == blob for m in messages)
-
-
-async def polled(condition: Callable[[], bool], within_s: float = 30.0) -> None:
-    """Wait for ``condition``, which reads a kernel counter (no event to wait on):
-    poll it.  The deadline only bounds a hang."""
-    with trio.fail_after(within_s):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.01)
 
 
 async def test_bytes_in_flight_count_what_the_destination_has_not_taken_yet() -> None:
