@@ -6,6 +6,10 @@ python -m tests.listener_child short-of-descriptors SECRET_HEX SPARE
     Prints {"port": ...} once listening, then, once gpu0's stream has ended,
     {"sha256": ..., "statistics": ...}; exits 0 when its stdin closes.  Logs
     (JSON) on stderr.
+python -m tests.listener_child dies ORCHESTRATOR-ARGS...
+    ``orchestrator ORCHESTRATOR-ARGS...`` whose data listener breaks on its
+    first connection with an error its loop does not expect (a bug).  The
+    listener's port is written to the file $LISTENER_CHILD_PORT_FILE.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 
 import trio
 
-from orchestrator import logs
+from orchestrator import cli, logs
 from orchestrator.transport.channel import ChannelListener
 
 MIGRATION = "mig-emfile"
@@ -56,6 +60,15 @@ async def short_of_descriptors(secret: bytes, spare: int) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _accept_then_break(
+    self: ChannelListener, sock: trio.socket.SocketType
+) -> tuple[trio.socket.SocketType, object]:
+    await trio.Path(os.environ["LISTENER_CHILD_PORT_FILE"]).write_text(str(sock.getsockname()[1]))
+    conn, _ = await sock.accept()
+    conn.close()
+    raise RuntimeError("injected: the data listener's loop broke")
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "short-of-descriptors":
@@ -63,6 +76,9 @@ def main(argv: list[str]) -> int:
         secret, spare = args
         trio.run(short_of_descriptors, bytes.fromhex(secret), int(spare))
         return 0
+    if command == "dies":
+        ChannelListener._accept_connection = _accept_then_break  # type: ignore[method-assign]
+        return cli.main(args)
     raise SystemExit(f"unknown command {command!r}")
 
 
