@@ -57,7 +57,7 @@ from orchestrator.transport.channel.links import (
     WRITE_BATCH,
     WRITE_BATCH_BYTES,
 )
-from orchestrator.transport.channel.listener import ChannelListener
+from orchestrator.transport.channel.listener import ChannelListener, ListenerStatistics, Refusal
 
 __all__ = [
     "ABORT_GRACE_S",
@@ -75,8 +75,10 @@ __all__ = [
     "ChannelListener",
     "ChannelStatistics",
     "DestinationChannel",
+    "ListenerStatistics",
     "NetworkStreamReceiver",
     "NetworkStreamSender",
+    "Refusal",
     "SourceChannel",
     "default_connections",
     "new_secret",
