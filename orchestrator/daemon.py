@@ -28,6 +28,14 @@ server stops (its own grace lets answers in flight go out), the service's
 tasks end, the socket file and the locks are removed.  ``serve`` then
 returns and ``orchestrator serve`` exits 0.  Signals that arrive during the
 shutdown are logged and otherwise ignored: a rollback must not be cut short.
+
+A listener (the HTTP server, the data-channel listener, the handover
+server) that ends while the daemon is not stopping, which its own loop
+never does for a client's sake (a shortage of descriptors, a stranger's
+bytes), starts the same shutdown; ``serve`` then raises DaemonError naming
+it, and ``orchestrator serve`` exits 1, for systemd to restart a daemon
+that would otherwise live on deaf.  One that cannot start at all is a
+DaemonError at once.
 """
 
 from __future__ import annotations
@@ -45,8 +53,9 @@ import ssl
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import structlog
 import trio
@@ -335,7 +344,11 @@ async def serve(
         journal = await Journal.open(settings.state_dir)
         async with journal:
             registry = CollectorRegistry()
-            listener = ChannelListener() if settings.data.listen is not None else None
+            listener = (
+                ChannelListener(max_handshakes=settings.data.max_handshakes)
+                if settings.data.listen is not None
+                else None
+            )
             handles = HandleRegistry()
             # Whatever ends the daemon, the descriptors VMMs lent it are closed.
             stack.callback(handles.close_all)
@@ -455,6 +468,8 @@ async def _run(
     stop = trio.Event()
     stop_http = trio.Event()
     http_stopped = trio.Event()
+    #: Why a listener ended while the daemon was not stopping.
+    failures: list[str] = []
 
     async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
@@ -472,14 +487,27 @@ async def _run(
         else:
             assert shutdown_trigger is not None
             nursery.start_soon(_stop_when, shutdown_trigger, stop)
-        urls = await nursery.start(run_http)
+        urls = await nursery.start(_listen, "API server", run_http, stop, failures)
         if service.incoming.listener is not None:
             data_address = settings.data.listen_address
             assert data_address is not None
-            await nursery.start(service.incoming.listener.serve, *data_address)
+            host, port = data_address
+            await nursery.start(
+                _listen,
+                f"data-channel listener on {host}:{port}",
+                partial(service.incoming.listener.serve, host, port),
+                stop,
+                failures,
+            )
         if handover is not None:
             assert service.handles is not None
-            await nursery.start(HandoverServer(service.handles).serve, handover)
+            await nursery.start(
+                _listen,
+                "handover server",
+                partial(HandoverServer(service.handles).serve, handover),
+                stop,
+                failures,
+            )
         await nursery.start(service.run)
         # What exists now (modules, the app, its schemas: some 80,000 objects)
         # lives as long as the daemon.  Out of the collector's sight, a full
@@ -508,7 +536,63 @@ async def _run(
         stop_http.set()
         await http_stopped.wait()
         nursery.cancel_scope.cancel()
+    if failures:
+        log.error("daemon.stopped", failures=failures)
+        raise DaemonError("; ".join(failures))
     log.info("daemon.stopped")
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in words: an OSError's own, each of a group's."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+class _StartedFlag:
+    """A ``task_status`` that remembers whether its task said it had started."""
+
+    def __init__(self, status: trio.TaskStatus[Any]) -> None:
+        self._status = status
+        self.did_start = False
+
+    def started(self, value: Any = None) -> None:
+        self.did_start = True
+        self._status.started(value)
+
+
+async def _listen(
+    name: str,
+    serve: Callable[..., Awaitable[object]],
+    stop: trio.Event,
+    failures: list[str],
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a listener, ``serve(task_status=...)``, for as long as the daemon runs.
+
+    One that cannot start is a DaemonError naming it.  One that ends while
+    the daemon is not stopping (an error its own loop did not expect) must
+    not leave a daemon that looks alive and hears nothing: its reason joins
+    ``failures`` and the daemon stops as on SIGTERM (running migrations get
+    their grace, then roll back), then exits non-zero, for systemd to
+    restart it.
+    """
+    status = _StartedFlag(task_status)
+    try:
+        await serve(task_status=status)
+    except Exception as exc:
+        detail = _describe(exc)
+        if not status.did_start:
+            raise DaemonError(f"cannot start the {name}: {detail}") from exc
+        log.exception("daemon.listener_failed", listener=name, error=detail)
+        failures.append(f"the {name} failed: {detail}")
+    else:
+        if stop.is_set():
+            return
+        log.error("daemon.listener_failed", listener=name, error="it stopped by itself")
+        failures.append(f"the {name} stopped by itself")
+    stop.set()
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:

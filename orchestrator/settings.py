@@ -199,6 +199,20 @@ class DataSettings(BaseModel):
             "(default: the host it reached this daemon's API on)."
         ),
     )
+    max_handshakes: int = Field(
+        # The listener's own default (DEFAULT_MAX_HANDSHAKES); not imported, so
+        # that loading the settings does not load the transport and trio.
+        256,
+        ge=1,
+        le=65536,
+        description=(
+            "Most data-channel connections not yet authenticated (in their handshake) at "
+            "once.  When one more arrives, the oldest still in its handshake is closed: "
+            "connections that are no migration's can neither use up the daemon's file "
+            "descriptors nor keep out a source this daemon expects, which answers the "
+            "handshake at once.  Keep it well below the descriptor limit (LimitNOFILE)."
+        ),
+    )
 
     @field_validator("listen")
     @classmethod

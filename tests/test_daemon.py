@@ -12,11 +12,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -388,16 +389,42 @@ def _daemon_env() -> dict[str, str]:
     return env
 
 
-async def _start_process(config: Path, log: Path, *extra: str) -> trio.Process:
+async def _start_process(
+    config: Path,
+    log: Path,
+    *extra: str,
+    module: Sequence[str] = ("orchestrator",),
+    env: Mapping[str, str] | None = None,
+) -> trio.Process:
+    """``python -m orchestrator serve`` (or ``module``'s arguments instead of
+    ``orchestrator``), its output in ``log``."""
     return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "orchestrator", "--log-format", "json", "serve",
+        [sys.executable, "-m", *module, "--log-format", "json", "serve",
          "--config", str(config), *extra],
         stdin=subprocess.DEVNULL,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=_daemon_env(),
+        env={**_daemon_env(), **(env or {})},
         cwd=ROOT,
     )  # fmt: skip
+
+
+@asynccontextmanager
+async def daemon_process(
+    config: Path,
+    log: Path,
+    *,
+    module: Sequence[str] = ("orchestrator",),
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[trio.Process]:
+    """``_start_process`` for the block; killed at its end if it has not exited."""
+    process = await _start_process(config, log, module=module, env=env)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def _wait_ready(socket_path: Path, process: trio.Process, log: Path) -> None:
@@ -414,6 +441,20 @@ async def _wait_ready(socket_path: Path, process: trio.Process, log: Path) -> No
             await trio.sleep(0.05)
 
 
+async def migration_in_precopy(client: httpx.AsyncClient) -> str:
+    """The id of a one-device migration, once in pre-copy: slow enough to be in
+    flight for a while yet (3 MiB drained at 4 MiB/s)."""
+    response = await client.post(
+        "/v1/migrations", json=plan_body("vm1", "gpu0", state_mib=3, drain_mib_s=4)
+    )
+    assert response.status_code == 201, response.text
+    migration_id: str = response.json()["id"]
+    await poll_until(
+        client, f"/v1/migrations/{migration_id}", lambda r: r.json()["phase"] == "precopy"
+    )
+    return migration_id
+
+
 @pytest.mark.parametrize(("grace_s", "outcome"), [(30, "succeeded"), (0, "rolled_back")])
 async def test_sigterm_with_a_migration_in_flight_exits_0_with_it_finished(
     short_dir: Path, token_file: Path, grace_s: float, outcome: str
@@ -426,19 +467,10 @@ async def test_sigterm_with_a_migration_in_flight_exits_0_with_it_finished(
         f'[api]\nunix_socket = "{socket_path}"\ntoken_file = "{token_file}"\n'
     )
     log = short_dir / "daemon.log"
-    process = await _start_process(config, log)
-    try:
+    async with daemon_process(config, log) as process:
         await _wait_ready(socket_path, process, log)
         async with unix_client(socket_path) as client:
-            response = await client.post(
-                "/v1/migrations", json=plan_body("vm1", "gpu0", state_mib=3, drain_mib_s=4)
-            )
-            assert response.status_code == 201, response.text
-            migration_id = response.json()["id"]
-            await poll_until(
-                client, f"/v1/migrations/{migration_id}", lambda r: r.json()["phase"] == "precopy"
-            )
-
+            migration_id = await migration_in_precopy(client)
             process.send_signal(signal.SIGTERM)
             if grace_s:
                 # Refused from the signal on, while the one in flight finishes.
@@ -449,10 +481,6 @@ async def test_sigterm_with_a_migration_in_flight_exits_0_with_it_finished(
 
         with trio.fail_after(20):
             code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     text = log.read_text()
     assert code == 0, text
     assert "Traceback" not in text
@@ -525,3 +553,84 @@ def test_orchestrator_openapi_prints_the_committed_document(
 
     assert cli.main(["openapi"]) == 0
     assert capsys.readouterr().out == OPENAPI_PATH.read_text(encoding="utf-8")
+
+
+# -- listeners that cannot start, or die -------------------------------------------------------
+
+
+def data_settings(base: Path, token_file: Path, listen: str, grace_s: float = 5) -> Settings:
+    return Settings.load(
+        flags={
+            "state_dir": str(base / "state"),
+            "shutdown_grace_s": grace_s,
+            "api": {"unix_socket": str(base / "api.sock"), "token_file": str(token_file)},
+            "data": {"listen": listen},
+        }
+    )
+
+
+async def test_a_data_port_in_use_stops_the_start_with_a_clear_error(
+    short_dir: Path, token_file: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = data_settings(short_dir, token_file, f"127.0.0.1:{port}")
+        # From the daemon's nursery, where the listeners start: `orchestrator serve`
+        # prints it and exits 1 (its except* takes it out of the group).
+        with pytest.RaisesGroup(DaemonError) as exc:
+            await daemon.serve(settings, shutdown_trigger=trio.sleep_forever)
+    (error,) = exc.value.exceptions
+    assert str(error) == (
+        f"cannot start the data-channel listener on 127.0.0.1:{port}: Address already in use"
+    )
+    assert not (short_dir / "api.sock").exists()
+
+
+async def test_a_data_listener_that_dies_stops_the_daemon_which_exits_1(
+    short_dir: Path, token_file: Path
+) -> None:
+    """The issue's daemon lived on deaf after its data listener died, a migration
+    in flight, and ignored SIGTERM.  Now it stops as on SIGTERM (the migration,
+    with no grace, rolls back) and exits 1 for systemd to restart it."""
+    socket_path = short_dir / "api.sock"
+    config = short_dir / "orchestrator.toml"
+    config.write_text(
+        f'state_dir = "{short_dir / "state"}"\n'
+        "shutdown_grace_s = 0\n"
+        f'[api]\nunix_socket = "{socket_path}"\ntoken_file = "{token_file}"\n'
+        '[data]\nlisten = "127.0.0.1:0"\n'
+    )
+    log = short_dir / "daemon.log"
+    port_file = short_dir / "data.port"
+    async with daemon_process(
+        config,
+        log,
+        module=("tests.listener_child", "dies"),
+        env={"LISTENER_CHILD_PORT_FILE": str(port_file)},
+    ) as process:
+        await _wait_ready(socket_path, process, log)
+        async with unix_client(socket_path) as client:
+            migration_id = await migration_in_precopy(client)
+        # Any connection to the data port now breaks its listener.
+        port = int(port_file.read_text())
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(30):  # bounds a hang only: the old daemon never exited
+            code = await process.wait()
+        await stream.aclose()
+    text = log.read_text()
+    assert code == 1, text
+    assert (
+        "orchestrator serve: the data-channel listener on 127.0.0.1:0 failed: "
+        "injected: the data listener's loop broke"
+    ) in text
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert [e["listener"] for e in events if e["event"] == "daemon.listener_failed"] == [
+        "data-channel listener on 127.0.0.1:0"
+    ]
+    assert not socket_path.exists() and not (short_dir / "api.sock.lock").exists()
+    async with await Journal.open(short_dir / "state") as journal:
+        record = await journal.get(migration_id)
+        assert record is not None and record.outcome == "rolled_back", text
+        assert await journal.unfinished() == []

@@ -380,6 +380,8 @@ def test_unit_keeps_its_settings_and_hardening() -> None:
         "ProtectControlGroups": "yes",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
         "ReadWritePaths": "/var/lib/orchestrator",
+        # systemd's default soft limit (1,024) is within reach of idle connections.
+        "LimitNOFILE": "65536",
     }
     assert {key: service.get(key) for key in expected} == expected
     assert "PrivateDevices" not in service  # it would hide /dev/vfio

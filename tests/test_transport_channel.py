@@ -17,30 +17,25 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import (
-    ChannelListener,
     DestinationChannel,
     RateLimiter,
     StreamReceiver,
-    StreamSender,
     default_connections,
     new_secret,
     open_channel,
     wire,
 )
-from orchestrator.transport.channel import UNSENT_BYTES
-
-Address = tuple[str, int]
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    handshake_timeout_s: float = 5.0,
-) -> AsyncIterator[tuple[ChannelListener, Address]]:
-    listener = ChannelListener(handshake_timeout_s=handshake_timeout_s)
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(listener.serve, "127.0.0.1")
-        yield listener, address
-        nursery.cancel_scope.cancel()
+from orchestrator.transport.channel import UNSENT_BYTES, ends
+from tests.channel_helpers import (
+    Address,
+    closed_on_us,
+    drain,
+    polled,
+    pour,
+    raw_connect,
+    receive_exactly,
+    serving,
+)
 
 
 async def collect(receiver: StreamReceiver, got: bytearray) -> None:
@@ -56,20 +51,6 @@ async def stream_then_control(
     with contextlib.suppress(PeerError):
         while True:
             messages.append(await dest.receive_control())
-
-
-async def drain(receiver: StreamReceiver) -> bytes:
-    out = bytearray()
-    while (chunk := await receiver.receive()) is not None:
-        assert isinstance(chunk, bytes)
-        out += chunk
-    return bytes(out)
-
-
-async def pour(sender: StreamSender, data: bytes, chunk: int) -> None:
-    for i in range(0, len(data), chunk):
-        await sender.send(data[i : i + chunk])
-    await sender.end()
 
 
 @pytest.mark.parametrize("connections", [1, 4])
@@ -209,28 +190,6 @@ async def test_the_source_refuses_more_connections_than_devices() -> None:
 # -- authentication -----------------------------------------------------------------
 
 
-async def raw_connect(address: Address) -> trio.SocketStream:
-    return await trio.open_tcp_stream(*address)
-
-
-async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = await stream.receive_some(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
-async def closed_on_us(stream: trio.SocketStream) -> bool:
-    """The peer closed the connection (EOF, or a reset if it left our bytes unread)."""
-    try:
-        return await stream.receive_some() == b""
-    except trio.BrokenResourceError:
-        return True
-
-
 async def authenticated(
     address: Address, migration: str, secret: bytes, connection: int = 0, connections: int = 1
 ) -> trio.SocketStream:
@@ -248,7 +207,7 @@ async def authenticated(
 
 async def test_unauthenticated_connections_are_refused_and_the_listener_serves_on() -> None:
     secret = new_secret()
-    async with serving(handshake_timeout_s=0.5) as (listener, address):
+    async with serving() as (listener, address):
         dest = listener.expect("mig-b", secret, ["gpu0"])
         with pytest.raises(PeerAuthError, match="refused"):
             async with open_channel(address, "mig-b", new_secret(), ["gpu0"]):
@@ -261,8 +220,13 @@ async def test_unauthenticated_connections_are_refused_and_the_listener_serves_o
         await receive_exactly(garbage, wire.CHALLENGE_SIZE)
         await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100)
         assert await closed_on_us(garbage)
+        # A short handshake deadline for this one alone: the others' handshakes
+        # must not race it on a busy machine.  (Each connection reads the
+        # deadline as its handshake starts, before the challenge is sent.)
+        listener.handshake_timeout_s = 0.2
         silent = await raw_connect(address)
         await receive_exactly(silent, wire.CHALLENGE_SIZE)
+        listener.handshake_timeout_s = 5.0
         with trio.fail_after(5):
             assert await closed_on_us(silent)  # the handshake timed out
         # A refused channel is two refused connections: its data and its control connection.
@@ -312,11 +276,36 @@ async def test_the_source_refuses_a_destination_without_the_secret() -> None:
 # -- tampering, violations, cuts --------------------------------------------------------
 
 
+class Gate:
+    """Holds back the bytes a proxy relays from client to server while shut."""
+
+    def __init__(self) -> None:
+        self._open = trio.Event()
+        self._open.set()
+
+    def shut(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def passage(self) -> None:
+        await self._open.wait()
+
+
 @contextlib.asynccontextmanager
 async def proxy(
-    target: Address, tamper: Callable[[int, bytearray], None]
+    target: Address,
+    tamper: Callable[[int, bytearray], None] = lambda offset, chunk: None,
+    *,
+    gate: Gate | None = None,
+    receive_buffer: int | None = None,
 ) -> AsyncIterator[Address]:
-    """A TCP proxy; ``tamper(offset, chunk)`` may change client->server bytes in flight."""
+    """A TCP proxy; ``tamper(offset, chunk)`` may change client->server bytes in flight,
+    and a shut ``gate`` holds them back.  ``receive_buffer`` fixes the size of the
+    client sockets' receive buffers (no autotuning): what the path from a client
+    holds while the gate is shut."""
 
     async def relay(client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream(*target)
@@ -330,6 +319,8 @@ async def proxy(
                     buf = bytearray(chunk)
                     tamper(offset, buf)
                     offset += len(buf)
+                    if gate is not None:
+                        await gate.passage()
                     await server.send_all(bytes(buf))
                 await server.send_eof()
 
@@ -346,6 +337,9 @@ async def proxy(
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        if receive_buffer is not None:
+            # Set on the listening socket, so that accepted ones start with it.
+            listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         yield ("127.0.0.1", listeners[0].socket.getsockname()[1])
         nursery.cancel_scope.cancel()
 
@@ -602,7 +596,7 @@ async def test_the_rate_limit_is_honoured_across_connections() -> None:
 
 
 def test_a_pool_takes_back_only_its_own_buffers() -> None:
-    from orchestrator.transport.channel import _BufferPool
+    from orchestrator.transport.channel.buffers import _BufferPool
 
     pool = _BufferPool(16, 1)
     buffer = pool.take()
@@ -664,7 +658,7 @@ async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else
     of its own device's frames, nor of any frame but DATA (another device's
     END here).  The destination accepts that order: sequence numbers are per
     device."""
-    from orchestrator.transport.channel import _Link, _split
+    from orchestrator.transport.channel.links import _Link, _split
 
     devices = ["gpu0", "gpu1", "gpu2", "gpu3"]
     ours, theirs = trio.socket.socketpair()
@@ -723,25 +717,50 @@ async def test_a_device_end_overtakes_other_devices_queued_data_and_nothing_else
     ]
 
 
-async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer() -> None:
+async def test_small_frames_queued_before_a_clean_close_still_reach_the_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """END and CONTROL return once queued; closing the channel sends what is
-    queued before it shuts the connections down."""
+    queued before it shuts the connections down.
+
+    A proxy holds back every byte the source sends until the channel is being
+    closed, and its small receive buffers leave the path from the source room
+    for little: a data connection's kernel takes ``UNSENT_BYTES`` unsent (and
+    at most its 4 MiB send buffer), so of 8 MiB the tail and the END are still
+    in the writer's queue at the close; CONTROL frames past what the control
+    connection's path holds wait in its unsent queue.  Nothing here depends
+    on how fast the machine is."""
+    # The close sends what is queued for at most ABORT_GRACE_S: here it only bounds a hang.
+    monkeypatch.setattr(ends, "ABORT_GRACE_S", 60.0)
     secret = new_secret()
     data = os.urandom(8 << 20)
-    async with serving() as (listener, address):
+    assert len(data) > 4 * UNSENT_BYTES
+    blob = "c" * (60 << 10)  # 5 MiB of CONTROL frames in all: more than their path holds
+    gate = Gate()
+    async with (
+        serving() as (listener, address),
+        proxy(address, gate=gate, receive_buffer=64 << 10) as via,
+    ):
         dest = listener.expect("mig-t", secret, ["gpu0"])
         got = bytearray()
         messages: list[dict[str, Any]] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream_then_control, dest, got, messages)
-            async with open_channel(address, "mig-t", secret, ["gpu0"]) as src:
+            async with open_channel(via, "mig-t", secret, ["gpu0"]) as src:
+                gate.shut()
                 await pour(src.sender("gpu0"), data, 1 << 20)
-                for n in range(3):
-                    await src.send_control({"n": n})
-                (link,) = src._links.values()
-                assert link._queued_bytes > 0  # still queued as the block is left
+                for n in range(85):
+                    await src.send_control({"n": n, "blob": blob})
+                assert not got and not messages  # all of it is still on the source's side
+
+                async def open_gate() -> None:
+                    gate.open()
+
+                # It runs once this task waits: in the block's close, for the queues to drain.
+                nursery.start_soon(open_gate)
     assert bytes(got) == data
-    assert messages == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert [m["n"] for m in messages] == list(range(85))
+    assert all(m["blob"] == blob for m in messages)
 
 
 async def test_bytes_in_flight_count_what_the_destination_has_not_taken_yet() -> None:
@@ -762,21 +781,16 @@ async def test_bytes_in_flight_count_what_the_destination_has_not_taken_yet() ->
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_all)
-                await trio.sleep(0.3)  # nobody loads: it piles up on the way
-                held = src.in_flight_bytes()
-                assert 1 << 20 <= held <= 64 << 20
+                # Nobody loads: it piles up on the way, and stays there.
+                await polled(lambda: src.in_flight_bytes() >= 1 << 20)
+                assert src.in_flight_bytes() <= 64 << 20
                 receiver = dest.receiver("gpu0")
                 got = 0
                 while got < 64 << 20:
                     view = await receiver.receive_lent()
                     assert view is not None
                     got += view.nbytes
-            # A kernel counter, with no event to wait on: poll it.
-            for _ in range(500):
-                if not src.in_flight_bytes():
-                    break
-                await trio.sleep(0.01)
-            assert src.in_flight_bytes() == 0
+            await polled(lambda: src.in_flight_bytes() == 0)
             await sender.end()
 
 
@@ -808,7 +822,7 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
     """The control connection writes from the caller's task; what the socket
     cannot take at once (a peer that stopped reading) is queued, later frames
     behind it, and a write with ``wait`` returns only once it has all gone."""
-    from orchestrator.transport.channel import _ControlLink, _split
+    from orchestrator.transport.channel.links import _ControlLink, _split
 
     ours, theirs = trio.socket.socketpair()
     link = _ControlLink(ours, 1)
@@ -855,3 +869,46 @@ async def test_control_frames_the_socket_cannot_take_wait_their_turn_in_order() 
         link.close()
     theirs.close()
     assert errors == [None]  # a clean end of stream, once closed
+
+
+# -- the package's public names -----------------------------------------------------------
+
+#: What callers import from ``orchestrator.transport.channel`` (a module before it
+#: was split into ``links``, ``ends`` and ``listener``), and from the transport package.
+CHANNEL_NAMES = [
+    "ABORT_GRACE_S",
+    "CONTROL_BACKLOG",
+    "CONTROL_RECEIVE_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "LINK_TIMEOUT_S",
+    "QUEUED_BYTES",
+    "QUEUED_PIECES",
+    "RECV_PIECE_BYTES",
+    "SPARE_BUFFER_BYTES",
+    "UNSENT_BYTES",
+    "WRITE_BATCH",
+    "WRITE_BATCH_BYTES",
+    "ChannelListener",
+    "ChannelStatistics",
+    "DestinationChannel",
+    "NetworkStreamReceiver",
+    "NetworkStreamSender",
+    "SourceChannel",
+    "default_connections",
+    "new_secret",
+    "open_channel",
+]
+
+
+@pytest.mark.parametrize("module", ["orchestrator.transport", "orchestrator.transport.channel"])
+def test_the_public_names_stay_where_callers_import_them(module: str) -> None:
+    import importlib
+
+    package = importlib.import_module(module)
+    exported = set(package.__all__)
+    assert all(hasattr(package, name) for name in exported)
+    wanted = set(CHANNEL_NAMES)
+    if module == "orchestrator.transport":
+        # The package re-exports the channel's classes and functions, not its tunables.
+        wanted = {name for name in wanted if not name.isupper()}
+    assert wanted <= exported, sorted(wanted - exported)

@@ -5,7 +5,7 @@ device's reads to the destination device's writes (``StreamSender`` and
 ``StreamReceiver``, in ``streams.py``).  Two implementations:
 
 * ``local_stream``: two devices of one host, through a bounded memory channel.
-* the network data channel (``channel.py``): the destination's
+* the network data channel (the ``channel`` package): the destination's
   ``ChannelListener.expect(...)`` and the source's ``open_channel(...)`` give
   one stream end per device over authenticated TCP connections, with
   acknowledgements, CONTROL messages and ABORT; its wire protocol is the

@@ -8,7 +8,7 @@ and must not present what it got as a whole stream.
 Two implementations: ``local_stream`` joins two devices of one host through
 a bounded trio memory channel, so that a slow destination holds the source
 back instead of buffering a whole device state in memory; the network data
-channel (``channel.py``) carries many devices' streams between two hosts.
+channel (the ``channel`` package) carries many devices' streams between two hosts.
 ``RateLimiter`` enforces a plan's ``bandwidth_limit_mib_s`` across every
 stream of a migration, whichever implementation carries it.
 """

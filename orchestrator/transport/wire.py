@@ -254,7 +254,7 @@ class FrameHeader:
 
 
 #: A piece of a payload as received: ``bytes`` of its own, or a view of a
-#: buffer the receiving side lends (see channel.py's buffer pool).
+#: buffer the receiving side lends (see channel/links.py's buffer pool).
 Piece = bytes | memoryview
 
 
