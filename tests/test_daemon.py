@@ -33,6 +33,7 @@ from orchestrator.api.client import parse_sse
 from orchestrator.daemon import DaemonError, Running
 from orchestrator.journal import Journal
 from orchestrator.settings import Settings
+from orchestrator.cli import ExitStatus
 from tests.conftest import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -620,7 +621,8 @@ async def test_a_data_listener_that_dies_stops_the_daemon_which_exits_1(
             code = await process.wait()
         await stream.aclose()
     text = log.read_text()
-    assert code == 1, text
+    # A daemon that cannot serve any more is unavailable (the CLI's exit table).
+    assert code == ExitStatus.UNAVAILABLE, text
     assert (
         "orchestrator serve: the data-channel listener on 127.0.0.1:0 failed: "
         "injected: the data listener's loop broke"
