@@ -49,7 +49,7 @@ def test_backend_errors_become_failures_only_in_the_runner() -> None:
     # migration between two hosts: it reports each device's answer to the
     # source's runner, which alone decides what the failure means.
     runners = {"runner.py", "incoming.py"}
-    allowed = runners | {str(p.relative_to(root)) for p in (root / "backends").glob("*.py")}
+    allowed = runners | {str(p.relative_to(root)) for p in (root / "backends").rglob("*.py")}
     assert catchers, "the runner catches device errors"
     assert catchers <= allowed, catchers - allowed
 

@@ -142,6 +142,12 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     return Dists(source, sdist, wheel)
 
 
+def _package_modules(dists: Dists) -> set[str]:
+    """Every module of the package that was built, subpackages' too (``backends/simulated/``)."""
+    package = dists.source / "orchestrator"
+    return {p.relative_to(dists.source).as_posix() for p in package.rglob("*.py")}
+
+
 def test_sdist_holds_the_sources_and_the_package_data(dists: Dists) -> None:
     stem = f"passthrough_migration_orchestrator-{__version__}"
     assert dists.sdist.name == f"{stem}.tar.gz"
@@ -149,8 +155,7 @@ def test_sdist_holds_the_sources_and_the_package_data(dists: Dists) -> None:
         names = {name.removeprefix(f"{stem}/") for name in sdist.getnames()}
     for needed in (*PACKAGE_DATA, "pyproject.toml", "README.md", "orchestrator/cli.py"):
         assert needed in names, f"{needed} is not in {dists.sdist.name}"
-    package = dists.source / "orchestrator"
-    modules = {p.relative_to(dists.source).as_posix() for p in package.rglob("*.py")}
+    modules = _package_modules(dists)
     assert modules <= names, f"missing from the sdist: {sorted(modules - names)}"
 
 
@@ -164,6 +169,8 @@ def test_wheel_holds_the_package_and_nothing_else(dists: Dists) -> None:
         assert needed in names, f"{needed} is not in {dists.wheel.name}"
     tops = {name.split("/")[0] for name in names}
     assert tops == {"orchestrator", info}, tops  # no tests/, bench/ or config/ as packages
+    modules = _package_modules(dists)
+    assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"
     assert re.search(r"^orchestrator = orchestrator\.cli:main$", entry_points, re.MULTILINE)
 
 
