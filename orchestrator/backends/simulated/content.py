@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from orchestrator.backends.simulated.params import SimulatedParams
+from orchestrator.backends.simulated.params import MIB, SimulatedParams
 from orchestrator.states import Side
 
 _MASK64 = (1 << 64) - 1
@@ -92,6 +93,37 @@ def _mutation_key(seed: int) -> int:
     return (seed * _MIX1 + _GOLDEN) & _MASK64
 
 
+class _DirtyClock:
+    """When a running device's mutations fall due: ``per_s`` a second of trio time.
+
+    Dirtying is lazy: each catch-up takes the mutations due since the last,
+    whole ones, and carries the fraction over, so that catch-ups at any
+    rhythm add up to the rate.  ``per_s`` 0: nothing ever falls due.
+    """
+
+    __slots__ = ("carry", "last", "per_s")
+
+    def __init__(self, params: SimulatedParams) -> None:
+        self.per_s = params.dirty_mib_s * MIB / params.page_bytes
+        self.carry = 0.0
+        self.last = 0.0
+
+    def restart(self, now: float) -> None:
+        """Start afresh at ``now``: nothing due, no fraction carried."""
+        self.carry = 0.0
+        self.last = now
+
+    def due(self, now: float, running: bool) -> int:
+        """The mutations due by ``now``: none for the time the device was not ``running``."""
+        count = 0
+        if running:
+            due = self.carry + (now - self.last) * self.per_s
+            count = int(due)
+            self.carry = due - count
+        self.last = now
+        return count
+
+
 def _apply_mutations(
     words: memoryview,
     layout: _Layout,
@@ -100,12 +132,15 @@ def _apply_mutations(
     count: int,
     pending: bytearray | None,
     stale: bytearray,
+    before: Callable[[int, int], None] | None = None,
 ) -> int:
     """Apply mutations ``first .. first+count-1``; return how many pages became pending.
 
     Mutation ``k`` is splitmix64 of ``(key, k)``: the value picks the page and
     the word in it, and (made odd, so non-zero) is XORed into that word.  Every
     page touched is flagged in ``stale`` (its cached digest no longer holds).
+    ``before``, if given, is told each word's index and old value before the
+    word changes (a persistent device's undo log).
     """
     n_pages = layout.n_pages
     per_page = layout.words_per_page
@@ -113,6 +148,8 @@ def _apply_mutations(
     newly_pending = 0
     for k in range(first, first + count):
         page, index, value = _mutation_site(key, k, n_pages, per_page, n_words)
+        if before is not None:
+            before(index, words[index])
         words[index] ^= value
         stale[page] = 1
         if pending is not None and not pending[page]:
@@ -127,8 +164,7 @@ def _mutation_site(
     """Where the k-th mutation lands and what it XORs in: (page, word index, value).
 
     A splitmix64-style mix of the device's key and k; the value is odd, so
-    the word always changes.  Both mutation loops use it, so an in-memory and
-    a persistent device dirty exactly the same words.
+    the word always changes.
     """
     x = (key + k * _GOLDEN) & _MASK64
     x = ((x ^ (x >> 30)) * _MIX1) & _MASK64

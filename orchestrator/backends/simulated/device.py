@@ -70,8 +70,9 @@ Invariants
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Literal, NoReturn
+from typing import ClassVar, Literal, NoReturn, TypeVar, TypeVarTuple
 
 import trio
 
@@ -79,12 +80,13 @@ from orchestrator.backends import precise_sleep
 from orchestrator.backends.base import Device, PrecopyInfo, StreamChunk
 from orchestrator.backends.simulated.content import (
     _apply_mutations,
+    _DirtyClock,
     _initial_content,
     _Layout,
     _mutation_key,
     _PageDigests,
 )
-from orchestrator.backends.simulated.faults import FaultKind, FaultSpec, _ArmedFault, _flip
+from orchestrator.backends.simulated.faults import FaultKind, FaultSpec, _Faults, _flip
 from orchestrator.backends.simulated.params import MIB, SimulatedParams
 from orchestrator.backends.simulated.statefile import (
     LOST_LOAD,
@@ -119,6 +121,10 @@ _READ_WINDOW_S = 0.1
 #: States larger than this are made (or mapped and hashed) in a worker thread.
 _OPEN_IN_THREAD_BYTES = 8 << 20
 
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+_Chunk = TypeVar("_Chunk", bytes, StreamChunk)
+
 
 class SimulatedDevice(Device):
     """One simulated endpoint; see the module docstring for its behaviour."""
@@ -141,11 +147,10 @@ class SimulatedDevice(Device):
         self._layout = _Layout.of(params)
         self._capabilities = params.capabilities
         self._arcs: dict[DeviceState, frozenset[DeviceState]] = dict(arcs(self._capabilities.flags))
-        self._fault = params.fault
-        self._armed: _ArmedFault | None = None
+        self._faults = _Faults(params.fault)
         self._transition_s = params.transition_ms / 1000
         self._drain_bytes_s = None if params.drain_mib_s is None else params.drain_mib_s * MIB
-        self._dirty_per_s = params.dirty_mib_s * MIB / self._layout.page_size
+        self._dirty = _DirtyClock(params)
         self._key = _mutation_key(params.seed)
         self._opened = False
         self._closed = False
@@ -157,8 +162,6 @@ class SimulatedDevice(Device):
         #: Mutations of a batch cut short by a kill, undone when the device was opened.
         self.undone = 0
         self._pages = _PageDigests(self._layout)
-        self._carry = 0.0
-        self._last = 0.0
         self._saver: _Saver | None = None
         self._loader: _Loader | None = None
 
@@ -171,7 +174,7 @@ class SimulatedDevice(Device):
     @property
     def fault(self) -> FaultSpec | None:
         """The configured fault still to fire (None once a ``once`` fault fired)."""
-        return self._fault
+        return self._faults.configured
 
     @property
     def pages_hashed(self) -> int:
@@ -205,7 +208,7 @@ class SimulatedDevice(Device):
                 await trio.to_thread.run_sync(build)
             else:
                 build()
-            self._last = _current_time()
+            self._dirty.restart(_current_time())
             self._opened = self._live = True
         return self._capabilities
 
@@ -216,63 +219,21 @@ class SimulatedDevice(Device):
 
     async def set_state(self, target: DeviceState) -> None:
         delay = self._transition_s
-        if not delay:
-            await _checkpoint()
-        try:
-            self._catch_up("set_state")
-            current = self._state
-            if current is _ERROR:
-                raise self._device_error(
-                    "set_state",
-                    "the device is in ERROR; only a reset leaves it",
-                    errno.EINVAL,
-                    target,
-                )
-            targets = self._arcs.get(current)
-            if targets is None or target not in targets:
-                raise self._device_error(
-                    "set_state",
-                    f"{current.name} -> {target.name} is not one arc of the state model "
-                    f"for this device",
-                    errno.EINVAL,
-                    target,
-                )
-        except DeviceError:
-            if delay:  # refused at once, no latency: still a checkpoint
-                await _checkpoint()
-            raise
+        await self._checked(bool(delay), self._check_arc, target)
         if delay:
             await _sleep(delay)
-            if self._dirty_per_s:
+            if self._dirty.per_s:
                 self._advance()
-        fault = self._fault
-        if fault is not None and fault.state is target:
-            if fault.once:
-                self._fault = None
-            if fault.offset is None and fault.kind != "corrupt":
-                await self._fire(fault.kind, "set_state", f"entering {target.name}", target)
-            self._armed = _ArmedFault(fault.kind, fault.offset)
+        kind = self._faults.entering(target)
+        if kind is not None:
+            await self._fire(kind, "set_state", f"entering {target.name}", target)
         self._enter(target)
 
     async def read(self, max_bytes: int) -> bytes:
         drain = self._drain_bytes_s
         # The drain delay is the call's checkpoint, unless a fault may fire before it.
-        rate = drain if self._fault is None and self._armed is None else None
-        if rate is None:
-            await _checkpoint()
-        try:
-            self._catch_up("read")
-            saver = self._saver
-            if saver is None:
-                raise self._no_stream("read")
-            if max_bytes <= 0:
-                raise self._device_error(
-                    "read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL
-                )
-        except DeviceError:
-            if rate is not None:
-                await _checkpoint()
-            raise
+        rate = drain if self._faults.quiet else None
+        saver = await self._checked(rate is not None, self._saver_to_read, max_bytes)
         if drain is not None:
             # A device hands over what it has produced, not all that was asked
             # for: at most about 100 ms of its drain rate per read, so a slow
@@ -288,13 +249,7 @@ class SimulatedDevice(Device):
                 else:
                     await _checkpoint()
                 return data
-            fired = self._stream_fault(start, len(data))
-            if fired is not None:
-                kind, offset = fired
-                if kind == "corrupt":
-                    data = _flip(data, offset - start)
-                else:
-                    await self._fire(kind, "read", f"stream offset {offset}")
+            data = await self._stream_faults("read", start, data)
             if drain is not None and data:
                 await _sleep(len(data) / drain)
         except BaseException:
@@ -305,33 +260,11 @@ class SimulatedDevice(Device):
 
     async def write(self, data: StreamChunk) -> None:
         rate = self._drain_bytes_s if data else None  # the drain delay is the checkpoint
-        if rate is None:
-            await _checkpoint()
-        try:
-            self._catch_up("write")
-            loader = self._loader
-            if loader is None:
-                raise self._device_error(
-                    "write",
-                    f"the device loads only in RESUMING, not {self._state.name}",
-                    errno.EINVAL,
-                )
-            if loader.poison is not None:
-                raise self._device_error("write", loader.poison, errno.EINVAL)
-        except DeviceError:
-            if rate is not None:
-                await _checkpoint()
-            raise
+        loader = await self._checked(rate is not None, self._loader_to_write)
         if rate is not None:
             await _sleep(len(data) / rate)
-        if self._fault is not None or self._armed is not None:
-            fired = self._stream_fault(loader.received, len(data))
-            if fired is not None:
-                kind, offset = fired
-                if kind == "corrupt":
-                    data = _flip(data, offset - loader.received)
-                else:
-                    await self._fire(kind, "write", f"stream offset {offset}")
+        if not self._faults.quiet:
+            data = await self._stream_faults("write", loader.received, data)
         try:
             loader.feed(data)
         except _BadStream as exc:
@@ -361,14 +294,7 @@ class SimulatedDevice(Device):
 
     async def reset(self) -> None:
         delay = self._transition_s
-        if not delay:
-            await _checkpoint()
-        try:
-            self._catch_up("reset")
-        except DeviceError:
-            if delay:
-                await _checkpoint()
-            raise
+        await self._checked(bool(delay), self._catch_up, "reset")
         if delay:
             await _sleep(delay)
         self._saver = None
@@ -380,9 +306,8 @@ class SimulatedDevice(Device):
             file.begin_reset()
             self._set_content(file.content, "zeros")
         self._state = DeviceState.RUNNING
-        self._armed = None
-        self._carry = 0.0
-        self._last = _current_time()
+        self._faults.armed = None
+        self._dirty.restart(_current_time())
         self.resets += 1
         if file is not None:
             file.finish_reset(self.resets)
@@ -421,12 +346,82 @@ class SimulatedDevice(Device):
 
     # -- internals --
 
+    async def _checked(self, sleeps: bool, checks: Callable[[*_Args], _T], *args: *_Args) -> _T:
+        """Run a call's ``checks(*args)`` under the call's one checkpoint.
+
+        A call that ``sleeps`` (a latency, a drain delay) has its sleep, after
+        the checks, for its checkpoint; one that does not takes a plain
+        checkpoint before them.  Checks that refuse a call that would have
+        slept take a plain checkpoint before their DeviceError propagates.
+        """
+        if not sleeps:
+            await _checkpoint()
+            return checks(*args)
+        try:
+            return checks(*args)
+        except DeviceError:
+            await _checkpoint()
+            raise
+
+    def _check_arc(self, target: DeviceState) -> None:
+        """set_state's checks: the device is open, and ``target`` one arc away."""
+        self._catch_up("set_state")
+        current = self._state
+        if current is _ERROR:
+            raise self._device_error(
+                "set_state", "the device is in ERROR; only a reset leaves it", errno.EINVAL, target
+            )
+        targets = self._arcs.get(current)
+        if targets is None or target not in targets:
+            raise self._device_error(
+                "set_state",
+                f"{current.name} -> {target.name} is not one arc of the state model "
+                "for this device",
+                errno.EINVAL,
+                target,
+            )
+
+    def _saver_to_read(self, max_bytes: int) -> _Saver:
+        """read's checks: the device is open, has a stream, and ``max_bytes`` makes sense."""
+        self._catch_up("read")
+        saver = self._saver
+        if saver is None:
+            raise self._no_stream("read")
+        if max_bytes <= 0:
+            raise self._device_error(
+                "read", f"max_bytes must be positive, not {max_bytes}", errno.EINVAL
+            )
+        return saver
+
+    def _loader_to_write(self) -> _Loader:
+        """write's checks: the device is open, loading, and its load not poisoned."""
+        self._catch_up("write")
+        loader = self._loader
+        if loader is None:
+            raise self._device_error(
+                "write", f"the device loads only in RESUMING, not {self._state.name}", errno.EINVAL
+            )
+        if loader.poison is not None:
+            raise self._device_error("write", loader.poison, errno.EINVAL)
+        return loader
+
+    async def _stream_faults(self, operation: str, start: int, data: _Chunk) -> _Chunk | bytes:
+        """Fire the fault, if any, due on ``data``, the stream's bytes from ``start``:
+        the data with a byte flipped, or the fault's failure."""
+        fired = self._faults.on_stream(start, len(data))
+        if fired is None:
+            return data
+        kind, offset = fired
+        if kind == "corrupt":
+            return _flip(data, offset - start)
+        await self._fire(kind, operation, f"stream offset {offset}")
+
     def _catch_up(self, operation: str) -> None:
         """Every call, after its checkpoint: the open check, and catching up with the clock."""
         if not self._live:
             message = "the device is not open" if not self._opened else "the device is closed"
             raise self._device_error(operation, message, errno.EBADF)
-        if self._dirty_per_s:
+        if self._dirty.per_s:
             self._advance()
 
     def _set_content(
@@ -479,42 +474,28 @@ class SimulatedDevice(Device):
 
     def _advance(self) -> None:
         """Apply the mutations due since the last call, if the device was running."""
-        if not self._dirty_per_s:
+        if not self._dirty.per_s:
             return  # nothing ever dirties: the clock does not matter
-        now = _current_time()
-        if self._state in RUNNING_STATES:
-            due = self._carry + (now - self._last) * self._dirty_per_s
-            count = int(due)
-            self._carry = due - count
-            if count:
-                saver = self._saver
-                file = self._file
-                if file is None:
-                    newly = _apply_mutations(
-                        self._words,
-                        self._layout,
-                        self._key,
-                        self.mutations,
-                        count,
-                        None if saver is None else saver.pending,
-                        self._pages.stale,
-                    )
-                else:
-                    newly = _apply_mutations_logged(
-                        self._words,
-                        self._layout,
-                        self._key,
-                        self.mutations,
-                        count,
-                        None if saver is None else saver.pending,
-                        self._pages.stale,
-                        file.header,
-                        file.log,
-                    )
-                if saver is not None:
-                    saver.pending_count += newly
-                self.mutations += count
-        self._last = now
+        count = self._dirty.due(_current_time(), self._state in RUNNING_STATES)
+        if count:
+            saver = self._saver
+            file = self._file
+            batch = (
+                self._words,
+                self._layout,
+                self._key,
+                self.mutations,
+                count,
+                None if saver is None else saver.pending,
+                self._pages.stale,
+            )
+            if file is None:
+                newly = _apply_mutations(*batch)
+            else:
+                newly = _apply_mutations_logged(*batch, file.header, file.log)
+            if saver is not None:
+                saver.pending_count += newly
+            self.mutations += count
 
     def _enter(self, target: DeviceState) -> None:
         """Take the arc's effects on the stream, then the state."""
@@ -527,7 +508,7 @@ class SimulatedDevice(Device):
                 raise self._device_error("set_state", f"load failed: {problem}", errno.EIO, target)
             if loader.end is not None:  # always, once the verdict is good
                 self.mutations = loader.end[0]
-            self._carry = 0.0
+            self._dirty.carry = 0.0
             self._loader = None
         if target in SAVING_STATES:
             if current not in SAVING_STATES:
@@ -551,28 +532,6 @@ class SimulatedDevice(Device):
 
     def _end_facts(self) -> tuple[int, bytes]:
         return self.mutations, self._pages.state_digest()
-
-    def _stream_fault(self, start: int, length: int) -> tuple[FaultKind, int] | None:
-        """The fault, if any, that fires on a call moving stream bytes [start, start+length)."""
-        if not length:
-            return None
-        armed = self._armed
-        if armed is not None:
-            offset = start if armed.offset is None else armed.offset
-            if start <= offset < start + length:
-                self._armed = None
-                return armed.kind, offset
-        fault = self._fault
-        if (
-            fault is not None
-            and fault.offset is not None
-            and fault.at == "stream"
-            and start <= fault.offset < start + length
-        ):
-            if fault.once:
-                self._fault = None
-            return fault.kind, fault.offset
-        return None
 
     async def _fire(
         self, kind: FaultKind, operation: str, where: str, target: DeviceState | None = None

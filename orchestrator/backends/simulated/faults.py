@@ -21,7 +21,8 @@
 
 Invariants: a :class:`FaultSpec` names a state a device can be asked to
 enter (never ERROR, which a device only falls into) or the stream with an
-offset; it is validated once, when the plan is, and is frozen.
+offset; it is validated once, when the plan is, and is frozen.  A device's
+:class:`_Faults` decides when its faults fire; the device carries them out.
 """
 
 from __future__ import annotations
@@ -100,6 +101,64 @@ class FaultSpec(BaseModel):
 class _ArmedFault:
     kind: FaultKind
     offset: int | None  # None: the next stream byte
+
+
+class _Faults:
+    """A device's faults: the configured one still to fire, and the one a state armed.
+
+    Invariants: a ``once`` fault is cleared as it fires, so it fires at most
+    once; a fault at a state with an offset, or a corruption at a state,
+    never fails the arc into it, it arms the stream instead; an armed fault
+    fires once, on the first call whose stream bytes cover its byte.
+    """
+
+    __slots__ = ("armed", "configured")
+
+    def __init__(self, configured: FaultSpec | None) -> None:
+        #: The configured fault still to fire (None once a ``once`` fault fired).
+        self.configured = configured
+        #: What entering a state armed for the stream (cleared by a reset).
+        self.armed: _ArmedFault | None = None
+
+    @property
+    def quiet(self) -> bool:
+        """No fault is configured or armed: the hot paths skip the fault checks."""
+        return self.configured is None and self.armed is None
+
+    def entering(self, target: DeviceState) -> FaultKind | None:
+        """The fault that fails the arc into ``target`` now, if any."""
+        fault = self.configured
+        if fault is None or fault.state is not target:
+            return None
+        if fault.once:
+            self.configured = None
+        if fault.offset is None and fault.kind != "corrupt":
+            return fault.kind
+        self.armed = _ArmedFault(fault.kind, fault.offset)
+        return None
+
+    def on_stream(self, start: int, length: int) -> tuple[FaultKind, int] | None:
+        """The fault, if any, that fires on a call moving stream bytes [start, start+length),
+        and the stream offset it fires at."""
+        if not length:
+            return None
+        armed = self.armed
+        if armed is not None:
+            offset = start if armed.offset is None else armed.offset
+            if start <= offset < start + length:
+                self.armed = None
+                return armed.kind, offset
+        fault = self.configured
+        if (
+            fault is not None
+            and fault.offset is not None
+            and fault.at == "stream"
+            and start <= fault.offset < start + length
+        ):
+            if fault.once:
+                self.configured = None
+            return fault.kind, fault.offset
+        return None
 
 
 def _flip(data: StreamChunk, index: int) -> bytes:

@@ -70,9 +70,9 @@ from pathlib import Path
 
 from orchestrator.backends.simulated.content import (
     _RANDOM_CHUNK,
+    _apply_mutations,
     _fill_initial,
     _Layout,
-    _mutation_site,
 )
 from orchestrator.backends.simulated.params import SimulatedParams
 from orchestrator.states import DeviceState, MigrationFlags, Side
@@ -127,37 +127,43 @@ def _apply_mutations_logged(
 ) -> int:
     """:func:`_apply_mutations` for a persistent device, safe against a kill at any point.
 
-    The same mutations (both place them with :func:`_mutation_site`), in
-    chunks of at most the undo log's capacity.  Before each XOR, the word's
-    index and old value go to the undo log and the log's length is bumped;
-    after a chunk, the mutation count is committed and the log emptied.  A
-    process killed in between leaves a log
-    that :meth:`_StateFile.open` undoes, back to the committed count.
+    The same mutations, in chunks of at most the undo log's capacity.  Before
+    each XOR, the word's index and old value go to the undo log and the log's
+    length is bumped; after a chunk, the mutation count is committed and the
+    log emptied.  A process killed in between leaves a log that
+    :meth:`_StateFile.open` undoes, back to the committed count.
     """
-    n_pages = layout.n_pages
-    per_page = layout.words_per_page
-    n_words = len(words)
     newly_pending = 0
     capacity = len(log) // 2
     end = first + count
     for chunk in range(first, end, capacity):
         stop = min(end, chunk + capacity)
         header[_H_UNDO_BASE] = chunk
-        slot = 0
-        for k in range(chunk, stop):
-            page, index, value = _mutation_site(key, k, n_pages, per_page, n_words)
-            log[slot] = index
-            log[slot + 1] = words[index]
-            slot += 2
-            header[_H_UNDO_LEN] = slot >> 1
-            words[index] ^= value
-            stale[page] = 1
-            if pending is not None and not pending[page]:
-                pending[page] = 1
-                newly_pending += 1
+        undo = _UndoEntries(header, log)
+        newly_pending += _apply_mutations(
+            words, layout, key, chunk, stop - chunk, pending, stale, undo.append
+        )
         header[_H_MUTATIONS] = stop
         header[_H_UNDO_LEN] = 0
     return newly_pending
+
+
+class _UndoEntries:
+    """Appends to the undo log of one chunk, each entry counted once it is whole."""
+
+    __slots__ = ("header", "log", "slot")
+
+    def __init__(self, header: memoryview, log: memoryview) -> None:
+        self.header = header
+        self.log = log
+        self.slot = 0
+
+    def append(self, index: int, old: int) -> None:
+        slot = self.slot
+        self.log[slot] = index
+        self.log[slot + 1] = old
+        self.slot = slot = slot + 2
+        self.header[_H_UNDO_LEN] = slot >> 1
 
 
 def seed_fits_file(seed: int) -> bool:
