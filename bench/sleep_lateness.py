@@ -9,7 +9,8 @@ callback with ``run_sync_soon``, as a data channel's reader thread posts
 frames), it alternates one sleep of each kind and prints the median and
 90th percentile of how late each ended (``time.monotonic``, the clock
 trio's own reads).  Target: the timerfd sleep's median lateness at most
-half of trio.sleep's, where the loop is woken during the sleep.
+half of trio.sleep's, where the loop is woken during the sleep (wake-ups
+more often than the sleep's length).
 
     python bench/sleep_lateness.py [--lengths-us 100,1000] [--wakeups-us 0,300]
                                    [--samples 200] [--quick]
@@ -118,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             ours, theirs = late["precise"], late["trio"]
             ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
             ratio = ours_median / theirs_median
-            # Without wake-ups trio.sleep is late by its rounding alone: shown, not a target.
-            verdict = "-" if not period_us else ("met" if ratio <= TARGET else "missed")
+            # The target is for a loop woken during the sleep.  Without wake-ups,
+            # trio.sleep is late by its rounding alone; with the first after the
+            # deadline, by the wait for it: shown, not targets.
+            woken_during = 0 < period_us < length_us
+            verdict = ("met" if ratio <= TARGET else "missed") if woken_during else "-"
             print(
                 f"| {length_us} | {period_us or '-'} | {ours_median * 1e6:.1f} "
                 f"| {p90(ours) * 1e6:.1f} | {theirs_median * 1e6:.1f} | {p90(theirs) * 1e6:.1f} "
