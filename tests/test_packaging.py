@@ -21,6 +21,7 @@ pip cache.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,8 +79,9 @@ def _run(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 600,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``command``; on failure, fail the test with its output."""
+    """Run ``command``; on failure, fail the test with its output (unless not ``check``)."""
     result = subprocess.run(
         [str(c) for c in command],
         capture_output=True,
@@ -88,7 +91,7 @@ def _run(
         env=env,
         cwd=cwd,
     )
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         pytest.fail(
             f"{' '.join(map(str, command))} exited {result.returncode}:\n"
             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -104,6 +107,42 @@ def _clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith("ORCHESTRATOR_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")
     }
     return {**env, **extra}
+
+
+def _steady_plan(path: Path) -> Path:
+    """The two-GPU example plan with nothing dirtied while it runs, written to ``path`` (JSON).
+
+    Whether pre-copy converges under the example's dirty rates depends on
+    how fast this machine moves simulated state, which these tests do not
+    control: with both cores busy the simulator moved 62 MiB/s against the
+    132 MiB/s the plan dirties, and the migration rolled back.  With nothing
+    dirtied it converges after its first round at any speed, and the plan
+    is otherwise the example's.
+    """
+    plan = tomllib.loads((PLANS / "two-gpus-one-nic.toml").read_text())
+    for device in plan["devices"]:
+        device["source"]["dirty_mib_s"] = 0
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def _ran_the_embedded_plan(result: subprocess.CompletedProcess[str]) -> None:
+    """``orchestrator run`` without a plan ran the embedded one to an honest end.
+
+    The embedded plan dirties state while it runs, so whether its pre-copy
+    converges depends on this machine's speed (see :func:`_steady_plan`):
+    a rollback for that reason, and no other, is its other honest end.
+    """
+    output = result.stdout + result.stderr
+    first = result.stdout.partition("\n")[0]
+    assert first.startswith("VM demo-vm: "), output  # the embedded plan's VM
+    if result.returncode == 0:
+        assert first.startswith("VM demo-vm: succeeded"), output
+    else:
+        assert result.returncode == 1 and first.startswith("VM demo-vm: rolled_back"), output
+        assert "error (precopy_not_converged, phase precopy)" in result.stdout, output
+    for device in ("gpu0", "gpu1", "nic0"):
+        assert re.search(rf"^{device}\s", result.stdout, re.M), output
 
 
 def _fresh_venv(path: Path) -> Path:
@@ -142,6 +181,12 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     return Dists(source, sdist, wheel)
 
 
+def _package_modules(dists: Dists) -> set[str]:
+    """Every module of the package that was built, subpackages' too (``backends/simulated/``)."""
+    package = dists.source / "orchestrator"
+    return {p.relative_to(dists.source).as_posix() for p in package.rglob("*.py")}
+
+
 def test_sdist_holds_the_sources_and_the_package_data(dists: Dists) -> None:
     stem = f"passthrough_migration_orchestrator-{__version__}"
     assert dists.sdist.name == f"{stem}.tar.gz"
@@ -149,8 +194,7 @@ def test_sdist_holds_the_sources_and_the_package_data(dists: Dists) -> None:
         names = {name.removeprefix(f"{stem}/") for name in sdist.getnames()}
     for needed in (*PACKAGE_DATA, "pyproject.toml", "README.md", "orchestrator/cli.py"):
         assert needed in names, f"{needed} is not in {dists.sdist.name}"
-    package = dists.source / "orchestrator"
-    modules = {p.relative_to(dists.source).as_posix() for p in package.rglob("*.py")}
+    modules = _package_modules(dists)
     assert modules <= names, f"missing from the sdist: {sorted(modules - names)}"
 
 
@@ -164,6 +208,8 @@ def test_wheel_holds_the_package_and_nothing_else(dists: Dists) -> None:
         assert needed in names, f"{needed} is not in {dists.wheel.name}"
     tops = {name.split("/")[0] for name in names}
     assert tops == {"orchestrator", info}, tops  # no tests/, bench/ or config/ as packages
+    modules = _package_modules(dists)
+    assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"
     assert re.search(r"^orchestrator = orchestrator\.cli:main$", entry_points, re.MULTILINE)
 
 
@@ -190,24 +236,19 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_plans(
     )
     assert Path(where.stdout.strip()).is_relative_to(work / "venv")
 
-    plan = cwd / "two-gpus-one-nic.toml"
-    shutil.copy(PLANS / "two-gpus-one-nic.toml", plan)
+    plan = _steady_plan(cwd / "two-gpus-one-nic.json")
     ran = _run([orchestrator, "run", plan], cwd=cwd, env=env)
     assert "succeeded" in ran.stdout.splitlines()[0], ran.stdout
     assert "gpu0" in ran.stdout
 
     # The embedded example plan is package data.
-    embedded = _run([orchestrator, "run", "--json"], cwd=cwd, env=env)
-    assert '"outcome": "succeeded"' in embedded.stdout
+    _ran_the_embedded_plan(_run([orchestrator, "run"], cwd=cwd, env=env, check=False))
 
     # A plan that rolls back exits 1 with its report, installed as in the checkout.
-    fault = subprocess.run(
+    fault = _run(
         [orchestrator, "run", "--json", PLANS / "fault-destination-corrupt.toml"],
         cwd=cwd,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
         check=False,
     )
     assert fault.returncode == 1, fault.stdout + fault.stderr
@@ -410,12 +451,11 @@ def test_image_runs_the_embedded_plan(image_root: ImageRoot) -> None:
         ),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         check=False,
         **image_root.as_user(),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "succeeded" in result.stdout
+    _ran_the_embedded_plan(result)
 
 
 def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
@@ -431,8 +471,7 @@ def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
     if image_root.uid is not None:
         for path in (token_file, wrong):
             os.chown(path, image_root.uid, image_root.uid)
-    plan = root / "var" / "lib" / "orchestrator" / "plan.toml"
-    shutil.copy(PLANS / "two-gpus-one-nic.toml", plan)
+    plan = _steady_plan(root / "var" / "lib" / "orchestrator" / "plan.json")
     plan.chmod(0o644)
     socket_path = root / "run" / "orchestrator" / "api.sock"
     env = _clean_env(
@@ -455,7 +494,7 @@ def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
             env={**env, **extra_env},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=240,  # watch waits for the whole migration
             check=False,
             **as_image_user,
         )
@@ -474,7 +513,9 @@ def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
             **as_image_user,
         )
     try:
-        deadline = time.monotonic() + 30
+        # A guard against a daemon that never gets ready, not a target: starting
+        # takes seconds, more with every core busy.
+        deadline = time.monotonic() + 120
         while (ready := run([*probe, "--ready"])).returncode != 0:
             assert daemon.poll() is None, log.read_text()
             assert time.monotonic() < deadline, ready.stdout + log.read_text()

@@ -42,6 +42,7 @@ from orchestrator.backends.simulated import (
     _StateFile,
     reference_digest,
 )
+from orchestrator.backends.simulated.stream import full_stream_bound
 from orchestrator.engine import Migration
 from orchestrator.errors import DeviceError, PlanError
 from orchestrator.report import MigrationReport
@@ -228,7 +229,7 @@ async def test_a_reopened_saving_device_has_no_stream_but_rolls_back(
     if route[-1] is not S.STOP_COPY:
         with pytest.raises(DeviceError, match="is lost"):
             await dev.precopy_info()
-    assert await dev.stop_copy_size() == _Layout.of(p).full_stream_bound
+    assert await dev.stop_copy_size() == full_stream_bound(_Layout.of(p))
     await walk(dev, *rollback)
     await trio.sleep(1)
     _, mutations, _, digest = await snapshot(dev)

@@ -156,8 +156,6 @@ REQUIRED_BACKEND = (uapi.BACKEND_F_SUSPEND, uapi.BACKEND_F_RESUME)
 #: How long one owner-channel request may take before the backend gives up on it
 #: (the runner's own deadline is usually shorter and wins).
 OWNER_TIMEOUT_S = 30.0
-#: The states in which the device is suspended by this backend.
-_SUSPENDED = frozenset({S.RUNNING_P2P, S.STOP, S.STOP_COPY, S.RESUMING})
 
 
 # --- plan parameters ---------------------------------------------------------------------

@@ -490,9 +490,6 @@ class InboundValidator:
         """This connection's devices whose END has not arrived (destination side)."""
         return [self.devices[i] for i in sorted(self.own - self._ended)]
 
-    def received_bytes(self, device: int) -> int:
-        return self._data_bytes.get(device, 0)
-
     def _fail(self, problem: str, slot: int | None, seq: int | None) -> PeerProtocolError:
         device = None
         if slot is not None and slot < len(self.devices):

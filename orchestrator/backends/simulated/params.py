@@ -1,0 +1,85 @@
+"""The parameters of a simulated device: its plan table, validated.
+
+Invariants: a :class:`SimulatedParams` is frozen and valid once built (sizes
+positive and bounded, the page size a power of two, rates finite); the
+state size is whole 8-byte words (:attr:`SimulatedParams.state_bytes`), and
+the capabilities follow from the ``p2p`` and ``pre_copy`` flags alone.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.backends.simulated.faults import FaultSpec
+from orchestrator.states import Capabilities, MigrationFlags
+
+MIB = 1 << 20
+KIB = 1 << 10
+
+
+class SimulatedParams(BaseModel):
+    """The ``source`` or ``destination`` table of a ``backend = "simulated"`` device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_mib: float = Field(
+        default=1.0,
+        gt=0,
+        le=4096,
+        allow_inf_nan=False,
+        description="Size of the device state in MiB (rounded to whole 8-byte words).",
+    )
+    page_kib: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="Page size in KiB, a power of two: the unit of dirtying and of transfer.",
+    )
+    dirty_mib_s: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="MiB per second of pages the running device rewrites (0: never).",
+    )
+    transition_ms: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Latency of each state arc (and of a reset), in milliseconds.",
+    )
+    drain_mib_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Rate, in MiB/s, at which the device produces (read) or consumes (write) "
+        "stream bytes; unset: unlimited.",
+    )
+    p2p: bool = Field(default=True, description="The device has the P2P (NDMA) states.")
+    pre_copy: bool = Field(default=True, description="The device has the PRE_COPY states.")
+    seed: int = Field(default=0, description="Seed of the initial content and of the dirtying.")
+    fault: FaultSpec | None = Field(default=None, description="A fault to inject, if any.")
+
+    @field_validator("page_kib")
+    @classmethod
+    def _page_power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"page_kib must be a power of two (1, 2, 4, ..., 1024), not {value}")
+        return value
+
+    @property
+    def state_bytes(self) -> int:
+        """The state size in bytes: ``state_mib`` rounded to whole 8-byte words."""
+        return max(8, round(self.state_mib * MIB / 8) * 8)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_kib * KIB
+
+    @property
+    def capabilities(self) -> Capabilities:
+        flags = MigrationFlags.STOP_COPY
+        if self.p2p:
+            flags |= MigrationFlags.P2P
+        if self.pre_copy:
+            flags |= MigrationFlags.PRE_COPY
+        return Capabilities(flags, stop_copy_size=True, dirty_logging=False)
