@@ -30,10 +30,10 @@ import trio
 
 from orchestrator import cli, daemon
 from orchestrator.api.client import parse_sse
+from orchestrator.cli import ExitStatus
 from orchestrator.daemon import DaemonError, Running
 from orchestrator.journal import Journal
 from orchestrator.settings import Settings
-from orchestrator.cli import ExitStatus
 from tests.conftest import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
