@@ -28,10 +28,8 @@ Device calls, deadlines, probes and resets are the driver's
 
 from __future__ import annotations
 
-import contextlib
-import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -40,28 +38,25 @@ from orchestrator.backends.base import Device
 from orchestrator.engine.destination import Destination, LocalDestination
 from orchestrator.engine.devices import (
     DeviceDriver,
-    DeviceFailure,
     EngineContext,
     MigrationAborted,
-    VmmFailure,
 )
+from orchestrator.engine.gates import Barrier, RoundGate, Switchover
+from orchestrator.engine.precopy import PrecopyRounds
 from orchestrator.engine.recorder import Recorder
 from orchestrator.engine.report import build_report
+from orchestrator.engine.source import SourceHalf
 from orchestrator.engine.trace import Observer, Trace, TraceEvent
 from orchestrator.engine.vcpus import Vcpus
-from orchestrator.errors import PeerError, PlanError, ProtocolViolation
+from orchestrator.errors import PeerError, PlanError
 from orchestrator.flow import (
     MigrationFlow,
     Phase,
-    PrecopyDecision,
-    Remaining,
-    RollbackPlan,
-    decide_precopy,
 )
 from orchestrator.report import ErrorInfo, MigrationReport
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
-from orchestrator.transport import RateLimiter, StreamSender
+from orchestrator.transport import RateLimiter
 
 __all__ = ["NO_CANCEL_PHASES", "CommitJournal", "DestinationFactory", "Migration"]
 
@@ -81,54 +76,6 @@ class CommitJournal(Protocol):
 
 #: Builds the destination half from the coordinator's driver and rate limiter.
 DestinationFactory = Callable[[DeviceDriver, RateLimiter | None], Destination]
-
-
-class Barrier:
-    """``parties`` tasks meet; the last to arrive runs ``on_release`` before anyone goes on."""
-
-    def __init__(self, name: str, parties: int, on_release: Callable[[], None]) -> None:
-        self.name = name
-        self.parties = parties
-        self._on_release = on_release
-        self._arrived = 0
-        self.released = trio.Event()
-
-    async def arrive(self) -> float:
-        """Wait for every party; returns how long this one waited, in seconds."""
-        start = trio.current_time()
-        self._arrived += 1
-        if self._arrived == self.parties:
-            self._on_release()
-            self.released.set()
-        await self.released.wait()
-        return trio.current_time() - start
-
-
-class RoundGate:
-    """A cyclic barrier for pre-copy rounds: the last report of a round decides for all."""
-
-    def __init__(self, parties: int, decide: Callable[[dict[str, Remaining]], PrecopyDecision]):
-        self.parties = parties
-        self._decide = decide
-        self._reports: dict[str, Remaining] = {}
-        self._round_done = trio.Event()
-        self.decision: PrecopyDecision | None = None
-        #: Set once a round decides anything but "continue".
-        self.final = trio.Event()
-
-    async def arrive(self, name: str, remaining: Remaining) -> PrecopyDecision:
-        self._reports[name] = remaining
-        done = self._round_done
-        if len(self._reports) == self.parties:
-            reports, self._reports = self._reports, {}
-            self._round_done = trio.Event()
-            self.decision = self._decide(reports)
-            if self.decision.action != "continue":
-                self.final.set()
-            done.set()
-        await done.wait()
-        assert self.decision is not None
-        return self.decision
 
 
 class Migration:
@@ -174,14 +121,20 @@ class Migration:
         if destination is None:
             destination = self._local_destination
         self.destination = destination(self.driver, self._limiter)
+        self.source = SourceHalf(
+            self.driver,
+            self.recorder,
+            self.destination,
+            read_chunk_bytes=read_chunk_bytes,
+            sequential=sequential_switchover,
+        )
 
         self.report: MigrationReport | None = None
         self.phase = Phase.PREPARE
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
         self._post_commit_errors: list[ErrorInfo] = []
-        self._release_errors: list[ErrorInfo] = []
-        self._rollback_errors: list[ErrorInfo] = []
+        self._rollback_errors = self.source.rollback_errors
         self._recovery_note: str | None = None
         # Set before the source pause is sent: from then on a rollback resumes.
         self._vcpus_paused = False
@@ -263,22 +216,7 @@ class Migration:
 
     def progress(self) -> dict[str, Any]:
         """A snapshot for progress displays and the API; cheap, never blocks."""
-        stats = self.recorder.stats
-        remaining = [s.remaining for s in stats.values()]
-        known = [r for r in remaining if r is not None]
-        in_precopy = self.phase is Phase.PRECOPY
-        precopy = self.recorder.precopy
-        return {
-            "phase": self.phase.value,
-            # The round under way during pre-copy; the rounds done after it.
-            "precopy_round": precopy.rounds + (1 if in_precopy else 0),
-            "bytes_sent": {name: s.bytes_precopy + s.bytes_stopcopy for name, s in stats.items()},
-            # Only once every device has said what it still has to send.
-            "remaining_bytes": (
-                sum(r.stop_copy_bytes for r in known) if len(known) == len(remaining) else None
-            ),
-            "expected_downtime_ms": precopy.expected_downtime_ms,
-        }
+        return self.recorder.progress(self.phase)
 
     async def run(self) -> MigrationReport:
         """Migrate; returns the report (also in ``self.report``).  Never raises for a
@@ -441,25 +379,23 @@ class Migration:
         assert flow is not None
         self._enter(Phase.PRECOPY)
         names = self.names
-        self._rounds = RoundGate(len(names), self._decide_round)
-        self._round_started = trio.current_time()
-        self._grace_signal = trio.Event()
-        self._source_barrier = Barrier("source_p2p", len(names), self._source_barrier_released)
-        self._destination_barrier = Barrier("destination_p2p", len(names), lambda: None)
-        self._drained = 0
-        self._all_drained = trio.Event()
-        self._sequential = trio.Lock()
-        self._loaded = {name: trio.Event() for name in names}
+        rounds = PrecopyRounds(self.ctx, self.recorder, self.destination)
+        sw = self._switchover = Switchover(
+            rounds=RoundGate(len(names), rounds.decide),
+            source_barrier=Barrier("source_p2p", len(names), self._source_barrier_released),
+            destination_barrier=Barrier("destination_p2p", len(names), lambda: None),
+            names=names,
+        )
         self.recorder.barrier_members = {
             "source_p2p": len(flow.barrier_members(SOURCE)),
             "destination_p2p": len(flow.barrier_members(Side.DESTINATION)),
         }
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._coordinate)
+            nursery.start_soon(self._coordinate, sw)
             for name in names:
                 sender = self.destination.stream(name)
-                nursery.start_soon(self._source_task, name, sender)
-                nursery.start_soon(self._destination_task, name)
+                nursery.start_soon(self.source.run, name, sender, sw)
+                nursery.start_soon(self._destination_task, name, sw)
 
     async def _open_all(self, *, check: bool = True) -> MigrationFlow:
         caps: dict[str, Capabilities] = {}
@@ -491,9 +427,9 @@ class Migration:
     async def _require_running(self, name: str) -> None:
         await self.driver.require_running(SOURCE, name)
 
-    async def _coordinate(self) -> None:
-        await self._rounds.final.wait()
-        decision = self._rounds.decision
+    async def _coordinate(self, sw: Switchover) -> None:
+        await sw.rounds.final.wait()
+        decision = sw.rounds.decision
         assert decision is not None
         if decision.action == "abort":
             raise self.ctx.abort("precopy_not_converged", decision.reason)
@@ -503,14 +439,14 @@ class Migration:
             # The VMM hook: the vCPUs stop before any device leaves PRE_COPY.
             self._vcpus_paused = True
             await self.vcpus.call("pause", record="pause")
-        self._grace_signal.set()
-        await self._source_barrier.released.wait()
+        sw.grace.set()
+        await sw.source_barrier.released.wait()
         timeout = self.plan.timeouts.switchover_s
         try:
             with trio.fail_after(timeout):
-                await self._all_drained.wait()
+                await sw.all_drained.wait()
                 self._enter(Phase.DESTINATION_GRACE)
-                await self._destination_barrier.released.wait()
+                await sw.destination_barrier.released.wait()
                 await self.destination.vote()
         except trio.TooSlowError:
             raise self.ctx.abort(
@@ -523,6 +459,10 @@ class Migration:
         self._post_commit_errors.extend(completion.errors)
         self._resumed.set()
         self._enter(Phase.RELEASE)
+        # Release: outside the downtime window, after the commit point.  A
+        # source that cannot be released needs an operator, but the VM runs
+        # on the destination: the migration has succeeded.
+        await self._for_each_device(self.source.release)
 
     async def _decide_commit(self) -> None:
         self._enter(Phase.COMMIT)
@@ -545,53 +485,6 @@ class Migration:
         self.destination.committed()
         self._trace.emit("commit")
         self.log.info("migration.commit")
-
-    def _decide_round(self, reports: dict[str, Remaining]) -> PrecopyDecision:
-        recorder = self.recorder
-        precopy = recorder.precopy
-        now = trio.current_time()
-        recorder.precopy_busy_s += now - self._round_started
-        self._round_started = now
-        precopy.rounds += 1
-        # What crossed, not what was handed over: on a deep link queue the kernel
-        # holds megabytes that a flushed round has "sent" and not delivered.
-        delivered = max(0, recorder.precopy_bytes - self.destination.in_flight_bytes())
-        busy = recorder.precopy_busy_s
-        measured = delivered / busy if busy > 0 else 0.0
-        if self.plan.bandwidth_limit_mib_s is not None:
-            limit = self.plan.bandwidth_limit_mib_s * MIB
-            measured = min(measured, limit) if measured > 0 else limit
-        decision = decide_precopy(
-            self.plan,
-            round_number=precopy.rounds,
-            remaining=reports,
-            bandwidth_bytes_s=measured,
-            elapsed_s=now - recorder.phase_started[Phase.PRECOPY],
-        )
-        precopy.bandwidth_mib_s = round(measured / MIB, 3) if measured > 0 else None
-        precopy.expected_downtime_ms = (
-            round(decision.expected_downtime_ms, 3)
-            if math.isfinite(decision.expected_downtime_ms)
-            else None
-        )
-        precopy.reason = decision.reason
-        precopy.converged = decision.converged
-        if decision.action != "continue":
-            precopy.decision = decision.action
-            self.log.info(
-                "migration.precopy_decision", action=decision.action, reason=decision.reason
-            )
-        self._trace.emit("decision", detail={"action": decision.action, "round": precopy.rounds})
-        return decision
-
-    async def _announce_initial(self, name: str) -> bool:
-        """Tell the destination this device's initial data is all sent; it
-        acknowledges once that much is loaded (switchover-ack)."""
-        try:
-            await self.destination.initial_sent(name, self.recorder.stats[name].bytes_precopy)
-        except PeerError as exc:
-            raise self.driver.fail(Side.DESTINATION, name, "switchover_ack", exc) from None
-        return True
 
     async def _switchover_acknowledged(self) -> None:
         """No device stops before the destination acknowledged every device's
@@ -616,117 +509,13 @@ class Migration:
 
     # -- per-device tasks ----------------------------------------------------
 
-    async def _source_task(self, name: str, sender: StreamSender) -> None:
-        assert self.flow is not None
-        driver = self.driver
-        route = self.flow.endpoint(SOURCE, name).route
-        device = driver.device(SOURCE, name)
-        stats = self.recorder.stats[name]
-        initial_announced = False
-        async with _closing(sender):
-            if route.precopy is not None:
-                await driver.walk(SOURCE, name, route.precopy)
-            while True:
-                if route.precopy is not None:
-                    # A round sends what was pending when it began, no more: a
-                    # device that dirties faster than it drains must still end
-                    # its round so that the convergence decision is taken.
-                    info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
-                    pending = info.initial_bytes + info.dirty_bytes
-                    await self._drain(name, sender, precopy=True, limit=max(pending, 1))
-                    try:
-                        await sender.flush()
-                    except PeerError as exc:
-                        raise driver.fail(SOURCE, name, "send", exc) from None
-                    info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
-                    size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
-                    stats.remaining = Remaining(info.initial_bytes, info.dirty_bytes, size)
-                elif stats.remaining is None:
-                    size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
-                    stats.remaining = Remaining(0, 0, size, pre_copy=False)
-                if not initial_announced and stats.remaining.initial_bytes == 0:
-                    initial_announced = await self._announce_initial(name)
-                decision = await self._rounds.arrive(name, stats.remaining)
-                if decision.action != "continue":
-                    break
-            if not initial_announced:
-                await self._announce_initial(name)
-            await self._grace_signal.wait()
-            if route.grace is not None:
-                await driver.walk(SOURCE, name, route.grace)
-            self.recorder.barrier_wait(name, "source_p2p", await self._source_barrier.arrive())
-            if self.sequential_switchover:
-                async with self._sequential:
-                    await self._stop_and_drain(name, sender)
-                    await self._loaded[name].wait()
-            else:
-                await self._stop_and_drain(name, sender)
-        self._drained += 1
-        if self._drained == len(self.names):
-            self._all_drained.set()
-        await self._resumed.wait()
-        # Release: outside the downtime window, after the commit point.  A
-        # source that cannot be released needs an operator, but the VM runs
-        # on the destination: the migration has succeeded.
-        await self._release_source(name)
-
-    async def _stop_and_drain(self, name: str, sender: StreamSender) -> None:
-        busy_before = self.driver.busy.get((SOURCE, name), 0.0)
-        await self.driver.walk(SOURCE, name, DeviceState.STOP_COPY)
-        await self._drain(name, sender, precopy=False)
-        try:
-            await sender.end()
-        except PeerError as exc:
-            raise self.driver.fail(SOURCE, name, "send", exc) from None
-        busy = self.driver.busy.get((SOURCE, name), 0.0) - busy_before
-        self.recorder.stats[name].stop_path_s += busy
-
-    async def _drain(
-        self, name: str, sender: StreamSender, *, precopy: bool, limit: int | None = None
-    ) -> None:
-        """Read and send until the device has nothing more now (or ``limit`` bytes)."""
-        driver = self.driver
-        device = driver.device(SOURCE, name)
-        stats = self.recorder.stats[name]
-        sent = 0
-        while limit is None or sent < limit:
-            chunk = await driver.call(SOURCE, name, "read", device.read, self.read_chunk_bytes)
-            if not chunk:
-                return
-            sent += len(chunk)
-            if precopy:
-                stats.bytes_precopy += len(chunk)
-                self.recorder.precopy_bytes += len(chunk)
-            else:
-                stats.bytes_stopcopy += len(chunk)
-            try:
-                await sender.send(chunk)
-            except PeerError as exc:
-                raise driver.fail(SOURCE, name, "send", exc) from None
-
-    async def _destination_task(self, name: str) -> None:
+    async def _destination_task(self, name: str, sw: Switchover) -> None:
         await self.destination.loaded(name)
-        self._loaded[name].set()
-        wait = await self._destination_barrier.arrive()
+        sw.loaded[name].set()
+        wait = await sw.destination_barrier.arrive()
         self.recorder.barrier_wait(name, "destination_p2p", wait)
 
     # -- after the commit ----------------------------------------------------
-
-    async def _release_source(self, name: str) -> None:
-        """Stop a source device after the commit; a failure is reported, never reset:
-        a reset source reads RUNNING beside a running destination."""
-        assert self.flow is not None
-        settle = self.flow.endpoint(SOURCE, name).route.settle
-        if self.flow.endpoint(SOURCE, name).state is DeviceState.ERROR:
-            message = f"source device {name!r} is in ERROR and cannot go to {settle.name}"
-            self._release_errors.append(
-                self.ctx.info("device_error", message, side=SOURCE, device=name)
-            )
-            return
-        try:
-            await self.driver.walk(SOURCE, name, settle)
-        except DeviceFailure as failure:
-            self._release_errors.append(failure.info)
 
     async def _complete_after_commit(self) -> None:
         """Finish the forward path after the commit point, whatever interrupted it.
@@ -741,7 +530,7 @@ class Migration:
             if self._recovering:
                 # This host's part first: the destination may be another host's,
                 # out of reach for a while; the sources stop whatever it says.
-                await self._for_each_device(self._release_source)
+                await self._for_each_device(self.source.release)
         self._settled_here(early=True)
         if flow.phase is Phase.COMMIT:
             self._enter(Phase.RESUME)
@@ -755,7 +544,7 @@ class Migration:
             if flow.phase is Phase.RESUME:
                 self._enter(Phase.RELEASE)
             if not self._recovering:
-                await self._for_each_device(self._release_source)
+                await self._for_each_device(self.source.release)
             self._enter(Phase.DONE)
         if scope.cancelled_caught or release.cancelled_caught:
             self._post_commit_errors.append(
@@ -813,7 +602,9 @@ class Migration:
                 # The destination resets beside the source's return: nothing
                 # there runs before a commit, so neither waits for the other.
                 nursery.start_soon(self._roll_back_destination, cause or "rolled back")
-                await self._roll_back_source(plan)
+                vcpus = self.vcpus if self._vcpus_paused else None
+                await self.source.roll_back(plan, vcpus)
+                self._settled_here(early=True)
         if scope.cancelled_caught:
             self._rollback_errors.append(
                 ErrorInfo(
@@ -824,61 +615,8 @@ class Migration:
             )
         self._enter(Phase.DONE)
 
-    async def _roll_back_source(self, plan: RollbackPlan) -> None:
-        """Every source device back to RUNNING through the reverse barrier, then the vCPUs."""
-        flow = self.flow
-        assert flow is not None
-        async with trio.open_nursery() as nursery:
-            for step in plan.for_side(SOURCE):
-                nursery.start_soon(self._rollback_quiesce, step.name, step.reset, step.quiesce)
-        async with trio.open_nursery() as nursery:
-            for step in plan.for_side(SOURCE):
-                if step.final is not None and not flow.endpoint(SOURCE, step.name).reset:
-                    nursery.start_soon(self._rollback_final, step.name, step.final)
-        if self._vcpus_paused and self.vcpus is not None:
-            # The devices first, as the destination does: the guest finds
-            # them running when its vCPUs do.
-            try:
-                await self.vcpus.call("resume", record="source_resume")
-            except VmmFailure as failure:
-                self._rollback_errors.append(failure.info)
-        self._settled_here(early=True)
-
     async def _roll_back_destination(self, reason: str) -> None:
         self._rollback_errors.extend(await self.destination.abort(reason))
-
-    async def _rollback_quiesce(self, name: str, reset: bool, quiesce: DeviceState | None) -> None:
-        try:
-            if not reset and quiesce is not None:
-                await self.driver.walk(SOURCE, name, quiesce)
-                return
-        except DeviceFailure as failure:
-            if not self.driver.needs_reset(SOURCE, name):
-                self._rollback_errors.append(failure.info)
-                return
-        if reset or self.driver.needs_reset(SOURCE, name):
-            await self._reset(name)
-
-    async def _rollback_final(self, name: str, final: DeviceState) -> None:
-        try:
-            await self.driver.walk(SOURCE, name, final)
-        except DeviceFailure as failure:
-            if self.driver.needs_reset(SOURCE, name):
-                await self._reset(name)
-            else:
-                self._rollback_errors.append(failure.info)
-        except ProtocolViolation as exc:
-            # A peer could not leave a stopped state: running this device
-            # fully would expose it to that peer.  It waits for an operator.
-            message = f"left in its grace state: {exc}"
-            self._rollback_errors.append(
-                self.ctx.info("device_error", message, side=SOURCE, device=name)
-            )
-
-    async def _reset(self, name: str) -> None:
-        failed = await self.driver.reset(SOURCE, name)
-        if failed is not None:
-            self._rollback_errors.append(failed)
 
     async def _close_all(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -920,7 +658,7 @@ class Migration:
 
     @property
     def release_errors(self) -> list[ErrorInfo]:
-        return self._release_errors
+        return self.source.release_errors
 
     @property
     def recovery_note(self) -> str | None:
@@ -945,12 +683,3 @@ def _split(
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(kind)
     return (exc, None) if isinstance(exc, kind) else (None, exc)
-
-
-@contextlib.asynccontextmanager
-async def _closing(sender: StreamSender) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        with trio.CancelScope(shield=True):
-            await sender.aclose()

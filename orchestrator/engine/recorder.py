@@ -18,6 +18,7 @@ The recorder watches the migration's trace and keeps, as it happens:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -71,6 +72,24 @@ class Recorder:
         self._window_closed = trio.Event()
         self._window_closed.set()
         self._committed = False
+
+    def progress(self, phase: Phase) -> dict[str, Any]:
+        """A snapshot for progress displays and the API; cheap, never blocks."""
+        remaining = [s.remaining for s in self.stats.values()]
+        known = [r for r in remaining if r is not None]
+        return {
+            "phase": phase.value,
+            # The round under way during pre-copy; the rounds done after it.
+            "precopy_round": self.precopy.rounds + (1 if phase is Phase.PRECOPY else 0),
+            "bytes_sent": {
+                name: s.bytes_precopy + s.bytes_stopcopy for name, s in self.stats.items()
+            },
+            # Only once every device has said what it still has to send.
+            "remaining_bytes": (
+                sum(r.stop_copy_bytes for r in known) if len(known) == len(remaining) else None
+            ),
+            "expected_downtime_ms": self.precopy.expected_downtime_ms,
+        }
 
     def start(self) -> None:
         self.t0 = trio.current_time()

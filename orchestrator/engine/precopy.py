@@ -1,0 +1,72 @@
+"""The pre-copy rounds' decision, as the coordinator takes it after each round.
+
+The last device to report a round calls :meth:`PrecopyRounds.decide`: the
+bandwidth is what crossed to the destination (not what the kernel still
+holds) over the time the rounds took, capped by the plan's limit; the
+decision is ``flow.decide_precopy``'s, recorded in the report and the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import trio
+
+from orchestrator.engine.destination import Destination
+from orchestrator.engine.devices import EngineContext
+from orchestrator.engine.recorder import Recorder
+from orchestrator.flow import Phase, PrecopyDecision, Remaining, decide_precopy
+
+__all__ = ["PrecopyRounds"]
+
+MIB = 1 << 20
+
+
+class PrecopyRounds:
+    """Measures each round and decides: go on, switch over, or abort."""
+
+    def __init__(self, ctx: EngineContext, recorder: Recorder, destination: Destination) -> None:
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.recorder = recorder
+        self.destination = destination
+        self._round_started = trio.current_time()
+
+    def decide(self, reports: Mapping[str, Remaining]) -> PrecopyDecision:
+        recorder = self.recorder
+        precopy = recorder.precopy
+        now = trio.current_time()
+        recorder.precopy_busy_s += now - self._round_started
+        self._round_started = now
+        precopy.rounds += 1
+        # What crossed, not what was handed over: on a deep link queue the kernel
+        # holds megabytes that a flushed round has "sent" and not delivered.
+        delivered = max(0, recorder.precopy_bytes - self.destination.in_flight_bytes())
+        busy = recorder.precopy_busy_s
+        measured = delivered / busy if busy > 0 else 0.0
+        if self.plan.bandwidth_limit_mib_s is not None:
+            limit = self.plan.bandwidth_limit_mib_s * MIB
+            measured = min(measured, limit) if measured > 0 else limit
+        decision = decide_precopy(
+            self.plan,
+            round_number=precopy.rounds,
+            remaining=reports,
+            bandwidth_bytes_s=measured,
+            elapsed_s=now - recorder.phase_started[Phase.PRECOPY],
+        )
+        precopy.bandwidth_mib_s = round(measured / MIB, 3) if measured > 0 else None
+        precopy.expected_downtime_ms = (
+            round(decision.expected_downtime_ms, 3)
+            if math.isfinite(decision.expected_downtime_ms)
+            else None
+        )
+        precopy.reason = decision.reason
+        precopy.converged = decision.converged
+        if decision.action != "continue":
+            precopy.decision = decision.action
+            self.ctx.log.info(
+                "migration.precopy_decision", action=decision.action, reason=decision.reason
+            )
+        self.ctx.trace.emit("decision", detail={"action": decision.action, "round": precopy.rounds})
+        return decision

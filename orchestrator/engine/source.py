@@ -1,0 +1,238 @@
+"""The source devices of one migration: pre-copy, stop and drain, release, return.
+
+:class:`SourceHalf` is what the coordinator runs for each source device: the
+walk to PRE_COPY and the pre-copy rounds (each sends what was pending when it
+began, then reports what is left to the round gate), the grace state and the
+source P2P barrier, the stop and the drain of the stream to its end, and,
+after the commit, the release to STOP.  On a rollback it brings every source
+device back to RUNNING through the reverse barrier (a device in ERROR is
+reset), then the source vCPUs.
+
+Errors after the commit (a source that cannot be released) and during a
+rollback are kept, never raised: the migration's outcome is decided from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import trio
+
+from orchestrator.engine.destination import Destination
+from orchestrator.engine.devices import DeviceDriver, DeviceFailure, VmmFailure
+from orchestrator.engine.gates import Switchover
+from orchestrator.engine.recorder import Recorder
+from orchestrator.engine.vcpus import Vcpus
+from orchestrator.errors import PeerError, ProtocolViolation
+from orchestrator.flow import Remaining, RollbackPlan
+from orchestrator.report import ErrorInfo
+from orchestrator.states import DeviceState, Side
+from orchestrator.transport import StreamSender
+
+__all__ = ["SourceHalf"]
+
+SOURCE = Side.SOURCE
+
+
+class SourceHalf:
+    """The source devices of one migration; see the module docstring."""
+
+    def __init__(
+        self,
+        driver: DeviceDriver,
+        recorder: Recorder,
+        destination: Destination,
+        *,
+        read_chunk_bytes: int,
+        sequential: bool,
+    ) -> None:
+        self.driver = driver
+        self.ctx = driver.ctx
+        self.recorder = recorder
+        self.destination = destination
+        self.read_chunk_bytes = read_chunk_bytes
+        self.sequential = sequential
+        #: Sources that could not be released after the commit (the VM runs on the
+        #: destination: reported, the migration still succeeded).
+        self.release_errors: list[ErrorInfo] = []
+        #: What a rollback could not do.
+        self.rollback_errors: list[ErrorInfo] = []
+
+    # -- the forward path ------------------------------------------------------------
+
+    async def run(self, name: str, sender: StreamSender, sw: Switchover) -> None:
+        """One source device from RUNNING to its stream's end, then released once
+        ``resumed`` says the destination runs."""
+        flow = self.driver.flow
+        assert flow is not None
+        driver = self.driver
+        route = flow.endpoint(SOURCE, name).route
+        device = driver.device(SOURCE, name)
+        stats = self.recorder.stats[name]
+        initial_announced = False
+        async with _closing(sender):
+            if route.precopy is not None:
+                await driver.walk(SOURCE, name, route.precopy)
+            while True:
+                if route.precopy is not None:
+                    # A round sends what was pending when it began, no more: a
+                    # device that dirties faster than it drains must still end
+                    # its round so that the convergence decision is taken.
+                    info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
+                    pending = info.initial_bytes + info.dirty_bytes
+                    await self._drain(name, sender, precopy=True, limit=max(pending, 1))
+                    try:
+                        await sender.flush()
+                    except PeerError as exc:
+                        raise driver.fail(SOURCE, name, "send", exc) from None
+                    info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
+                    size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
+                    stats.remaining = Remaining(info.initial_bytes, info.dirty_bytes, size)
+                elif stats.remaining is None:
+                    size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
+                    stats.remaining = Remaining(0, 0, size, pre_copy=False)
+                if not initial_announced and stats.remaining.initial_bytes == 0:
+                    initial_announced = await self._announce_initial(name)
+                decision = await sw.rounds.arrive(name, stats.remaining)
+                if decision.action != "continue":
+                    break
+            if not initial_announced:
+                await self._announce_initial(name)
+            await sw.grace.wait()
+            if route.grace is not None:
+                await driver.walk(SOURCE, name, route.grace)
+            self.recorder.barrier_wait(name, "source_p2p", await sw.source_barrier.arrive())
+            if self.sequential:
+                async with sw.sequential:
+                    await self._stop_and_drain(name, sender)
+                    await sw.loaded[name].wait()
+            else:
+                await self._stop_and_drain(name, sender)
+        sw.drained_one()
+
+    async def _announce_initial(self, name: str) -> bool:
+        """Tell the destination this device's initial data is all sent; it
+        acknowledges once that much is loaded (switchover-ack)."""
+        try:
+            await self.destination.initial_sent(name, self.recorder.stats[name].bytes_precopy)
+        except PeerError as exc:
+            raise self.driver.fail(Side.DESTINATION, name, "switchover_ack", exc) from None
+        return True
+
+    async def _stop_and_drain(self, name: str, sender: StreamSender) -> None:
+        busy_before = self.driver.busy.get((SOURCE, name), 0.0)
+        await self.driver.walk(SOURCE, name, DeviceState.STOP_COPY)
+        await self._drain(name, sender, precopy=False)
+        try:
+            await sender.end()
+        except PeerError as exc:
+            raise self.driver.fail(SOURCE, name, "send", exc) from None
+        busy = self.driver.busy.get((SOURCE, name), 0.0) - busy_before
+        self.recorder.stats[name].stop_path_s += busy
+
+    async def _drain(
+        self, name: str, sender: StreamSender, *, precopy: bool, limit: int | None = None
+    ) -> None:
+        """Read and send until the device has nothing more now (or ``limit`` bytes)."""
+        driver = self.driver
+        device = driver.device(SOURCE, name)
+        stats = self.recorder.stats[name]
+        sent = 0
+        while limit is None or sent < limit:
+            chunk = await driver.call(SOURCE, name, "read", device.read, self.read_chunk_bytes)
+            if not chunk:
+                return
+            sent += len(chunk)
+            if precopy:
+                stats.bytes_precopy += len(chunk)
+                self.recorder.precopy_bytes += len(chunk)
+            else:
+                stats.bytes_stopcopy += len(chunk)
+            try:
+                await sender.send(chunk)
+            except PeerError as exc:
+                raise driver.fail(SOURCE, name, "send", exc) from None
+
+    # -- after the commit ----------------------------------------------------------------
+
+    async def release(self, name: str) -> None:
+        """Stop a source device after the commit; a failure is reported, never reset:
+        a reset source reads RUNNING beside a running destination."""
+        flow = self.driver.flow
+        assert flow is not None
+        settle = flow.endpoint(SOURCE, name).route.settle
+        if flow.endpoint(SOURCE, name).state is DeviceState.ERROR:
+            message = f"source device {name!r} is in ERROR and cannot go to {settle.name}"
+            self.release_errors.append(
+                self.ctx.info("device_error", message, side=SOURCE, device=name)
+            )
+            return
+        try:
+            await self.driver.walk(SOURCE, name, settle)
+        except DeviceFailure as failure:
+            self.release_errors.append(failure.info)
+
+    # -- a rollback ------------------------------------------------------------------------
+
+    async def roll_back(self, plan: RollbackPlan, vcpus: Vcpus | None) -> None:
+        """Every source device back to RUNNING through the reverse barrier, then the
+        vCPUs (``vcpus``: paused ones to resume)."""
+        flow = self.driver.flow
+        assert flow is not None
+        async with trio.open_nursery() as nursery:
+            for step in plan.for_side(SOURCE):
+                nursery.start_soon(self._quiesce, step.name, step.reset, step.quiesce)
+        async with trio.open_nursery() as nursery:
+            for step in plan.for_side(SOURCE):
+                if step.final is not None and not flow.endpoint(SOURCE, step.name).reset:
+                    nursery.start_soon(self._final, step.name, step.final)
+        if vcpus is not None:
+            # The devices first, as the destination does: the guest finds
+            # them running when its vCPUs do.
+            try:
+                await vcpus.call("resume", record="source_resume")
+            except VmmFailure as failure:
+                self.rollback_errors.append(failure.info)
+
+    async def _quiesce(self, name: str, reset: bool, quiesce: DeviceState | None) -> None:
+        try:
+            if not reset and quiesce is not None:
+                await self.driver.walk(SOURCE, name, quiesce)
+                return
+        except DeviceFailure as failure:
+            if not self.driver.needs_reset(SOURCE, name):
+                self.rollback_errors.append(failure.info)
+                return
+        if reset or self.driver.needs_reset(SOURCE, name):
+            await self._reset(name)
+
+    async def _final(self, name: str, final: DeviceState) -> None:
+        try:
+            await self.driver.walk(SOURCE, name, final)
+        except DeviceFailure as failure:
+            if self.driver.needs_reset(SOURCE, name):
+                await self._reset(name)
+            else:
+                self.rollback_errors.append(failure.info)
+        except ProtocolViolation as exc:
+            # A peer could not leave a stopped state: running this device
+            # fully would expose it to that peer.  It waits for an operator.
+            message = f"left in its grace state: {exc}"
+            self.rollback_errors.append(
+                self.ctx.info("device_error", message, side=SOURCE, device=name)
+            )
+
+    async def _reset(self, name: str) -> None:
+        failed = await self.driver.reset(SOURCE, name)
+        if failed is not None:
+            self.rollback_errors.append(failed)
+
+
+@contextlib.asynccontextmanager
+async def _closing(sender: StreamSender) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            await sender.aclose()
