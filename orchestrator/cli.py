@@ -1,8 +1,8 @@
 """The ``orchestrator`` command.
 
 ``run``, ``validate`` and ``states`` work on this host without a daemon;
-``serve`` runs the daemon and ``submit``, ``status``, ``watch`` and
-``cancel`` talk to it over its REST API (``orchestrator.api.client``);
+``serve`` runs the daemon and ``submit``, ``status``, ``watch``, ``cancel``
+and ``settle`` talk to it over its REST API (``orchestrator.api.client``);
 ``handover`` lends it a device over its handover socket, as a VMM does
 (``orchestrator.handover``), and holds it until stopped;
 ``openapi`` prints or renews the committed OpenAPI document.
@@ -462,6 +462,28 @@ def _add_daemon_commands(sub: Any) -> None:
     cancel.add_argument("id")
     cancel.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    settle = sub.add_parser(
+        "settle",
+        parents=[connection],
+        help="decide for a migration in doubt (its peer daemon out of reach)",
+        **_help_layout(
+            "A migration between two hosts is in doubt when one daemon waits on the "
+            "other and cannot reach it: the source after its commit (how did the "
+            "destination end? succeeded or failed), the destination after its vote "
+            "(commit or abort?).  Refused while the peer can still be asked, unless "
+            "--force: the peer's own answer is the one that counts."
+        ),
+    )
+    settle.add_argument("id")
+    settle.add_argument(
+        "verdict",
+        choices=("succeeded", "failed", "commit", "abort"),
+        help="succeeded or failed (a migration this daemon runs); commit or abort (one "
+        "it receives)",
+    )
+    settle.add_argument("--force", action="store_true", help="settle even if the peer answers")
+    settle.add_argument("--json", action="store_true", help="print the status as JSON")
+
     handover = sub.add_parser(
         "handover",
         help="hand a device over to the daemon, as a VMM does, and hold it until stopped",
@@ -637,6 +659,13 @@ def _client_command(args: argparse.Namespace) -> int:
                 return ExitStatus.SUCCEEDED
             if args.command == "watch":
                 return _watch(client, args)
+            if args.command == "settle":
+                answer = client.settle(args.id, args.verdict, force=args.force)
+                if args.json:
+                    print(json.dumps(answer, indent=2))
+                else:
+                    print(f"migration {args.id}: settled ({args.verdict})")
+                return ExitStatus.SUCCEEDED
             status = client.cancel(args.id)
             if args.json:
                 print(status.model_dump_json(indent=2))

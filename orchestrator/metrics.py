@@ -169,6 +169,15 @@ class Metrics:
             registry=registry,
         )
         self.active.set_function(lambda: len(self._active))
+        self.in_doubt = Gauge(
+            "orchestrator_migrations_in_doubt",
+            "Migrations between two hosts whose end waits on the other host's daemon, which "
+            "cannot be reached: an operator may settle them (orchestrator settle).",
+            registry=registry,
+        )
+        #: Counts this host's migrations in doubt (the service's, set by its owner).
+        self.count_in_doubt: Callable[[], int] = lambda: 0
+        self.in_doubt.set_function(lambda: self.count_in_doubt())
         self.phase_time = Histogram(
             "orchestrator_migration_phase_seconds",
             "Time a migration spent in each phase.",

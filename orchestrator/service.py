@@ -56,7 +56,7 @@ from orchestrator.handover import HandleRegistry
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
 from orchestrator.metrics import Metrics
 from orchestrator.peer.messages import DecisionAnswer
-from orchestrator.peer.remote import RemoteDestination, SourceContact
+from orchestrator.peer.remote import RemoteDestination, SourceContact, Unsettled
 from orchestrator.peer.server import IncomingRegistry
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
@@ -113,6 +113,11 @@ class MigrationStatus(BaseModel):
     phase: str
     outcome: Outcome | None = Field(description="None while the migration runs.")
     committed: bool
+    in_doubt: bool = Field(
+        False,
+        description="Committed, and the destination's daemon cannot be reached to say how "
+        "it ended: the outcome waits on it (or on an operator: orchestrator settle).",
+    )
     created_at: float = Field(description="Unix time the migration was accepted.")
     progress: Progress | None = None
     report: MigrationReport | None = Field(
@@ -202,6 +207,8 @@ class MigrationService:
             lock=self._lock_keys,
             unlock=self._unlock,
         )
+        if metrics is not None:
+            metrics.count_in_doubt = self.in_doubt
         self._journal_send, self._journal_receive = trio.open_memory_channel[
             tuple[_Entry, TraceEvent | object]
         ](math.inf)
@@ -430,14 +437,19 @@ class MigrationService:
             return DecisionAnswer("commit" if record.committed else "pending")
         return DecisionAnswer("commit" if record.committed else "abort", record.outcome)
 
+    async def settle(self, migration_id: str, outcome: Outcome, *, force: bool) -> MigrationStatus:
+        """An operator says how the destination of a migration in doubt ended."""
+        entry = self._entries.get(migration_id)
+        destination = entry.migration.destination if entry is not None else None
+        if entry is None or entry.done.is_set() or not isinstance(destination, RemoteDestination):
+            await self.status(migration_id)  # MigrationNotFound if unknown
+            raise Unsettled(f"migration {migration_id!r} is not in doubt: nothing to settle")
+        await destination.settle(outcome, force=force)
+        return self._status_of(entry)
+
     def in_doubt(self) -> int:
-        """Migrations whose outcome waits on a peer that cannot be reached."""
-        outgoing = sum(
-            1
-            for e in self._entries.values()
-            if isinstance(e.migration.destination, RemoteDestination)
-            and e.migration.destination.in_doubt
-        )
+        """Migrations whose end waits on a peer that cannot be reached."""
+        outgoing = sum(1 for e in self._entries.values() if e.migration.destination.in_doubt)
         return outgoing + self.incoming.in_doubt()
 
     def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
@@ -619,6 +631,7 @@ class MigrationService:
             phase=m.phase.value,
             outcome=report.outcome if report else None,
             committed=m.committed,
+            in_doubt=m.destination.in_doubt,
             created_at=entry.created_at,
             progress=None if report else Progress(**progress),
             report=report,

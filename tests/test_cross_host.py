@@ -1,102 +1,33 @@
 """Migrations between two daemons: the source runs the plan, the destination
 daemon (its [destination] table) prepares and loads the destination devices.
 
-Both daemons run in this process on loopback, each with its own state
-directory, API socket, TCP API and data channel listener, so that what one
-host's journal or devices say is checked against the other's.
+Both daemons run in this process (``tests.two_daemons``), so that a test may
+reach into either; what one host's journal or devices say is checked against
+the other's.  Crashes of either daemon are in ``test_cross_host_crash.py``.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import trio
 from typing_extensions import Buffer
 
+from orchestrator.peer import messages
 from orchestrator.peer.remote import _KeepChannel
-from orchestrator.settings import Settings
 from orchestrator.transport import StreamSender
-from tests.test_daemon import Daemon, running_daemon, unix_client, wait_outcome
+from tests.two_daemons import Host, cross_plan, ended, two_daemons, until
 
-
-@dataclass
-class Host:
-    daemon: Daemon
-    base: Path
-    client: httpx.AsyncClient
-
-    @property
-    def api_url(self) -> str:
-        address = self.daemon.running.tcp_address
-        assert address is not None
-        return f"http://{address[0]}:{address[1]}"
-
-    def journal_rows(self, migration_id: str) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(self.base / "state" / "journal.sqlite3")
-        try:
-            return db.execute(
-                "SELECT role, outcome, committed FROM migrations WHERE id = ?", (migration_id,)
-            ).fetchall()
-        finally:
-            db.close()
-
-
-@asynccontextmanager
-async def host(base: Path, token_file: Path) -> AsyncIterator[Host]:
-    await trio.Path(base).mkdir()
-    settings = Settings.load(
-        flags={
-            "state_dir": str(base / "state"),
-            "shutdown_grace_s": 5,
-            "api": {
-                "unix_socket": str(base / "api.sock"),
-                "token_file": str(token_file),
-                "tcp": "127.0.0.1:0",
-            },
-            "data": {"listen": "127.0.0.1:0"},
-        }
-    )
-    async with running_daemon(settings) as d, unix_client(base / "api.sock") as client:
-        yield Host(d, base, client)
-
-
-@asynccontextmanager
-async def two_hosts(short_dir: Path, token_file: Path) -> AsyncIterator[tuple[Host, Host]]:
-    async with host(short_dir / "a", token_file) as a, host(short_dir / "b", token_file) as b:
-        yield a, b
-
-
-def cross_plan(destination: Host, token_file: Path, *names: str, **source: Any) -> dict[str, Any]:
-    params = {"state_mib": 0.25, "transition_ms": 1, "dirty_mib_s": 0.5, **source}
-    return {
-        "vm": "vm-x",
-        "downtime_limit_ms": 500,
-        "destination": {"url": destination.api_url, "token_file": str(token_file)},
-        "devices": [{"name": n, "backend": "simulated", "source": params} for n in names],
-    }
+two_hosts = two_daemons
 
 
 async def submit(source: Host, plan: dict[str, Any]) -> dict[str, Any]:
-    response = await source.client.post("/v1/migrations", json=plan)
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return await wait_outcome(source.client, body["id"])
+    migration_id = await source.submit(plan)
+    return await until(lambda: source.status(migration_id), ended)
 
 
 async def incoming(destination: Host, migration_id: str) -> dict[str, Any]:
-    with trio.fail_after(10):
-        while True:
-            response = await destination.client.get(f"/v1/incoming/{migration_id}")
-            body: dict[str, Any] = response.json()
-            if response.status_code == 200 and body["outcome"] is not None:
-                return body
-            await trio.sleep(0.02)
+    return await until(lambda: destination.incoming(migration_id), ended)
 
 
 async def test_three_devices_migrate_to_the_destination_daemon(
@@ -156,7 +87,7 @@ async def test_a_destination_without_a_data_listener_refuses_to_prepare(
     short_dir: Path, token_file: Path
 ) -> None:
     async with two_hosts(short_dir, token_file) as (a, b):
-        b.daemon.running.service.incoming.listener = None
+        b.service.incoming.listener = None
         status = await submit(a, cross_plan(b, token_file, "gpu0"))
         # Ended before pre-copy began, every device as it was.
         assert status["outcome"] == "refused"
@@ -176,9 +107,9 @@ async def test_the_destination_validates_the_plan_with_its_own_backends(
         # Valid on the source (the source table is fine), refused by the destination's
         # check of the destination table, named with its path.
         plan["devices"][0]["destination"] = {"transition_ms": -1}
-        response = await a.client.post("/v1/migrations", json=plan)
-        assert response.status_code == 422
-        assert "devices[0].destination.transition_ms" in response.text
+        code, body = await a.post("/v1/migrations", plan)
+        assert code == 422
+        assert "devices[0].destination.transition_ms" in str(body)
 
 
 async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination(
@@ -186,7 +117,7 @@ async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination
 ) -> None:
     async with two_hosts(short_dir, token_file) as (a, b):
         # The destination tells the source to connect where it does not listen.
-        b.daemon.running.service.incoming.advertise = "127.0.0.2"
+        b.service.incoming.advertise = "127.0.0.2"
         status = await submit(a, cross_plan(b, token_file, "gpu0"))
         assert status["outcome"] == "refused"
         assert "cannot open connection" in status["report"]["error"]["message"]
@@ -194,7 +125,7 @@ async def test_a_data_channel_that_cannot_open_releases_the_prepared_destination
         assert far["outcome"] == "refused", far
         assert far["devices"]["gpu0"]["state"] == "RUNNING"
         # Its devices are free again: the same device migrates once reachable.
-        b.daemon.running.service.incoming.advertise = None
+        b.service.incoming.advertise = None
         again = await submit(a, cross_plan(b, token_file, "gpu0"))
         assert again["outcome"] == "succeeded", again["report"]
 
@@ -224,3 +155,106 @@ async def test_the_stream_to_the_destination_daemon_flushes_what_it_wraps() -> N
     await kept.end()
     await kept.aclose()  # the channel stays up: not passed on
     assert calls == ["send", "flush", "end"]
+
+
+async def test_a_destination_of_another_protocol_version_refuses_before_anything_changes(
+    short_dir: Path, token_file: Path, monkeypatch: Any
+) -> None:
+    # A fleet mid-upgrade: the destination daemon speaks only a newer version.
+    from orchestrator.peer import server
+
+    async with two_hosts(short_dir, token_file) as (a, b):
+        monkeypatch.setattr(server, "PROTOCOL_VERSIONS", (7, 8))
+        status = await submit(a, cross_plan(b, token_file, "gpu0"))
+        assert status["outcome"] == "refused", status["report"]
+        error = status["report"]["error"]
+        assert "no common protocol version" in error["message"], error
+        assert "source speaks 1, this daemon 7 to 8" in error["message"], error
+        assert [d["source_state"] for d in status["report"]["devices"]] == ["RUNNING"]
+        # Nothing was prepared there: its devices are free, its journal empty.
+        assert b.journal_rows(status["id"]) == []
+        code, _ = await b.get(f"/v1/incoming/{status['id']}")
+        assert code == 404
+
+
+async def test_a_commit_or_success_before_any_data_is_refused_by_the_destination(
+    short_dir: Path, token_file: Path
+) -> None:
+    # The old destination took commit or finish: succeeded before any data arrived.
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", state_mib=4, drain_mib_s=1)
+        migration_id = await a.submit(plan)
+        await until(lambda: b.incoming(migration_id), lambda s: s.get("phase") == "transfer")
+        for message in (messages.Commit(), messages.FinalOutcome("succeeded")):
+            code, body = await b.post(
+                f"/v1/incoming/{migration_id}/messages", messages.encode(message)
+            )
+            assert code == 200, body
+            [reply] = body["replies"]
+            assert reply["op"] == "refused" and reply["message"] == message.OP, reply
+            assert body["status"]["committed"] is False
+        code, body = await b.post(f"/v1/incoming/{migration_id}/decision", {"decision": "commit"})
+        assert code == 409, body
+        assert "voted" in body["error"]["message"]
+        # The migration goes on regardless, and succeeds.
+        status = await until(lambda: a.status(migration_id), ended, seconds=60)
+        assert status["outcome"] == "succeeded", status["report"]
+
+
+async def test_the_source_answers_a_decision_query_only_with_that_migrations_credential(
+    short_dir: Path, token_file: Path
+) -> None:
+    import httpx
+
+    async with two_hosts(short_dir, token_file) as (a, b):
+        status = await submit(a, cross_plan(b, token_file, "gpu0"))
+        migration_id = status["id"]
+        token = a.service.decision_token(migration_id)
+        url = f"{a.api_url}/v1/migrations/{migration_id}/decision"
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"op": "decision", "decision": "commit", "outcome": "succeeded"}
+            # Another migration's credential opens nothing: not this decision...
+            other = a.service.decision_token("other-migration")
+            denied = await client.get(url, headers={"Authorization": f"Bearer {other}"})
+            assert denied.status_code == 403
+            # ... nor any other route.
+            listing = await client.get(
+                f"{a.api_url}/v1/migrations", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert listing.status_code == 403
+            # An id this daemon never journaled was never committed: abort.
+            unknown = "never-seen"
+            answer = await client.get(
+                f"{a.api_url}/v1/migrations/{unknown}/decision",
+                headers={"Authorization": f"Bearer {a.service.decision_token(unknown)}"},
+            )
+            assert answer.json() == {"op": "decision", "decision": "abort", "outcome": None}
+
+
+async def test_settle_is_refused_for_a_migration_not_in_doubt(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        status = await submit(a, cross_plan(b, token_file, "gpu0"))
+        migration_id = status["id"]
+        code, body = await a.post(
+            f"/v1/migrations/{migration_id}/settle", {"outcome": "succeeded", "force": True}
+        )
+        assert code == 409 and "not in doubt" in body["error"]["message"], body
+        code, body = await b.post(f"/v1/incoming/{migration_id}/settle", {"decision": "abort"})
+        assert code == 409 and "not in doubt" in body["error"]["message"], body
+        code, body = await a.post("/v1/migrations/nope/settle", {"outcome": "failed"})
+        assert code == 404, body
+
+
+async def test_a_source_without_a_tcp_api_refuses_a_plan_to_another_host(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        a.service.source_api = None  # as a daemon without [api] tcp
+        code, body = await a.post("/v1/migrations", cross_plan(b, token_file, "gpu0"))
+        assert code == 422, body
+        assert body["error"]["problems"][0]["path"] == "destination"
+        assert "[api] tcp" in body["error"]["problems"][0]["message"]

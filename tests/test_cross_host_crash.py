@@ -1,217 +1,190 @@
 """Either daemon of a migration between two hosts killed (SIGKILL) in its course.
 
-Two `orchestrator serve` processes on loopback, each with its own state
-directory (simulated devices persist there, as hardware outlives the
-process driving it):
+Two ``orchestrator serve`` processes on loopback (``tests.two_daemons``), each
+with its own state directory: simulated devices persist there, as hardware
+outlives the process driving it.  After any single crash, once both daemons
+run again, both journals hold the same outcome, the VM runs on exactly one
+host and no device stays locked, with no operator's help:
 
-* the destination daemon killed during pre-copy: the source rolls back at
-  once; the restarted destination finds its unfinished record, knows it never
-  voted, and resets its devices;
-* the source daemon killed after the commit point: the destination, holding
-  the commit in its own journal, completes; the restarted source finds the
-  commit in its journal and stops its devices, never resuming them.
+* the destination killed while preparing: the source refuses, every device as
+  it was; the restarted destination rolls back and learns the outcome;
+* the destination killed during pre-copy: the source rolls back at once; the
+  restarted destination, which never voted, resets and learns the outcome;
+* the destination killed after its vote, during the stop-copy: the restarted
+  destination is in doubt and asks the source, which aborted: it resets;
+* the destination killed after the commit: the source, in doubt, delivers the
+  commit again until the restarted destination completes, then journals
+  succeeded (never failed first);
+* the source killed after the commit: the destination completes; the
+  restarted source finds the commit in its journal and stops its devices.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
-from tests.test_daemon import _start_process, _wait_ready, unix_client
+from tests.two_daemons import Host, cross_plan, ended, two_daemons, until
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _plan(destination: Host, token_file: Path, devices: list[dict[str, Any]], **extra: Any) -> Any:
+    plan = cross_plan(destination, token_file)
+    plan.update(vm="vm-crash", devices=devices, **extra)
+    return plan
 
 
-@dataclass
-class Host:
-    base: Path
-    config: Path
-    process: trio.Process | None = None
-    api_port: int | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.base / "api.sock"
-
-    async def start(self) -> None:
-        log = self.base / "daemon.log"
-        self.process = await _start_process(self.config, log)
-        await _wait_ready(self.socket, self.process, log)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            with trio.move_on_after(15):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
+def _device(name: str, seed: int, source: dict[str, Any], **destination: Any) -> dict[str, Any]:
+    device: dict[str, Any] = {"name": name, "backend": "simulated", "source": {"seed": seed}}
+    device["source"].update(source)
+    if destination:
+        device["destination"] = destination
+    return device
 
 
-def _host(base: Path, token_file: Path, *, destination: bool) -> Host:
-    base.mkdir()
-    api_port = _free_port()
-    lines = [
-        f'state_dir = "{base / "state"}"',
-        "shutdown_grace_s = 2",
-        "[api]",
-        f'unix_socket = "{base / "api.sock"}"',
-        f'token_file = "{token_file}"',
+def _slow_after_the_commit() -> list[dict[str, Any]]:
+    """Two devices whose slow destination arcs hold the window after the commit open."""
+    return [
+        _device(f"nic{i}", i, {"state_mib": 0.25, "transition_ms": 1}, transition_ms=700)
+        for i in range(2)
     ]
-    # Both hosts alike: the source's API answers the destination's questions.
-    lines += [f'tcp = "127.0.0.1:{api_port}"', "[data]", 'listen = "127.0.0.1:0"']
-    config = base / "orchestrator.toml"
-    config.write_text("\n".join(lines) + "\n")
-    return Host(base, config, api_port=api_port)
 
 
-@asynccontextmanager
-async def two_daemons(short_dir: Path, token_file: Path) -> AsyncIterator[tuple[Host, Host]]:
-    source = _host(short_dir / "a", token_file, destination=False)
-    destination = _host(short_dir / "b", token_file, destination=True)
-    try:
-        await destination.start()
-        await source.start()
-        yield source, destination
-    finally:
-        await source.stop()
-        await destination.stop()
+def _sent(status: dict[str, Any]) -> int:
+    return sum((status.get("progress") or {}).get("bytes_sent", {}).values())
 
 
-def _plan(destination: Host, token_file: Path, **extra: Any) -> dict[str, Any]:
-    devices = extra.pop("devices")
-    return {
-        "vm": "vm-crash",
-        "downtime_limit_ms": 500,
-        "destination": {
-            "url": f"http://127.0.0.1:{destination.api_port}",
-            "token_file": str(token_file),
-        },
-        "devices": devices,
-        **extra,
-    }
+async def _free_devices(host: Host) -> None:
+    """No device of this host is held by a migration."""
+    code, devices = await host.get("/v1/devices")
+    assert code == 200
+    held = [d for d in devices if d["migration"] is not None]
+    assert not held, held
 
 
-async def _status(host: Host, migration_id: str) -> dict[str, Any]:
-    async with unix_client(host.socket) as client:
-        body: dict[str, Any] = (await client.get(f"/v1/migrations/{migration_id}")).json()
-        return body
+async def _agree(a: Host, b: Host, migration_id: str, outcome: str) -> None:
+    """Both journals end with ``outcome``; nothing is held on either host."""
+    source = await until(lambda: a.status(migration_id), ended, seconds=60)
+    far = await until(lambda: b.incoming(migration_id), ended, seconds=60)
+    assert source["outcome"] == outcome, source.get("report")
+    assert far["outcome"] == outcome, far
+    assert [row[1] for row in a.journal_rows(migration_id)] == [outcome]
+    assert [row[1] for row in b.journal_rows(migration_id)] == [outcome]
+    await _free_devices(a)
+    await _free_devices(b)
 
 
-async def _incoming(host: Host, migration_id: str) -> dict[str, Any]:
-    async with unix_client(host.socket) as client:
-        body: dict[str, Any] = (await client.get(f"/v1/incoming/{migration_id}")).json()
-        return body
-
-
-async def _until(probe: Any, done: Any, seconds: float = 30) -> dict[str, Any]:
-    with trio.fail_after(seconds):
-        while True:
-            body: dict[str, Any] = await probe()
-            if done(body):
-                return body
-            await trio.sleep(0.02)
+async def test_destination_killed_while_preparing_refuses_and_both_agree(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        # Slow destination arcs: the walk to RESUMING (before pre-copy) takes seconds.
+        devices = [_device("gpu0", 0, {"state_mib": 0.25}, transition_ms=1500)]
+        migration_id = await a.submit(_plan(b, token_file, devices))
+        await until(lambda: b.incoming(migration_id), lambda s: s.get("phase") == "transfer")
+        b.kill()
+        await b.wait_killed()
+        status = await until(lambda: a.status(migration_id), ended)
+        report = status["report"]
+        assert status["outcome"] == "refused", report
+        assert [d["source_state"] for d in report["devices"]] == ["RUNNING"]
+        await b.start()
+        await _agree(a, b, migration_id, "refused")
+        far = await b.incoming(migration_id)
+        assert far["devices"]["gpu0"]["state"] == "RUNNING"
 
 
 async def test_destination_killed_mid_way_source_rolls_back_destination_resets_on_restart(
     short_dir: Path, token_file: Path
 ) -> None:
-    async with two_daemons(short_dir, token_file) as (a, b):
-        plan = _plan(
-            b,
-            token_file,
-            bandwidth_limit_mib_s=4,
-            timeouts={"device_call_s": 6},
-            devices=[
-                {"name": f"gpu{i}", "backend": "simulated", "source": {"state_mib": 8, "seed": i}}
-                for i in range(2)
-            ],
-        )
-        async with unix_client(a.socket) as client:
-            response = await client.post("/v1/migrations", json=plan)
-            assert response.status_code == 201, response.text
-            migration_id = response.json()["id"]
-
-        def streaming(status: dict[str, Any]) -> bool:
-            assert status["outcome"] is None, status
-            sent: int = sum((status.get("progress") or {}).get("bytes_sent", {}).values())
-            return sent > 1 << 20
-
-        await _until(lambda: _status(a, migration_id), streaming)
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        devices = [_device(f"gpu{i}", i, {"state_mib": 8}) for i in range(2)]
+        plan = _plan(b, token_file, devices, bandwidth_limit_mib_s=4, timeouts={"device_call_s": 6})
+        migration_id = await a.submit(plan)
+        await until(lambda: a.status(migration_id), lambda s: _sent(s) > 1 << 20)
         b.kill()
-        status = await _until(lambda: _status(a, migration_id), lambda s: s["outcome"] is not None)
+        await b.wait_killed()
+        status = await until(lambda: a.status(migration_id), ended)
         report = status["report"]
         assert status["outcome"] == "rolled_back", report
         assert report["committed"] is False
         assert report["error"]["kind"] in ("peer_error", "device_error"), report["error"]
         assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
         assert any("reset not confirmed" in note for note in report["notes"]), report["notes"]
-
-        # The destination, restarted, rolls back what it had prepared.
+        # The destination, restarted, rolls back what it had prepared and asks how
+        # it ended.
         await b.start()
-        far = await _until(lambda: _incoming(b, migration_id), lambda s: s["outcome"] is not None)
-        assert far["outcome"] == "rolled_back", far
-        assert far["committed"] is False
+        await _agree(a, b, migration_id, "rolled_back")
+        far = await b.incoming(migration_id)
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+
+
+async def test_destination_killed_after_its_vote_asks_the_source_and_resets(
+    short_dir: Path, token_file: Path
+) -> None:
+    # The bug of old: the restarted destination waited for a decision forever,
+    # its devices locked, until someone posted an abort by hand.
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        devices = [
+            # Small: its stream ends first, and the vote is journaled then.
+            _device("nic0", 0, {"state_mib": 0.0625}),
+            # Large and without pre-copy: all of it moves in the stop-copy.
+            _device("gpu0", 1, {"state_mib": 16, "pre_copy": False}),
+        ]
+        plan = _plan(b, token_file, devices, bandwidth_limit_mib_s=4, downtime_limit_ms=60000)
+        migration_id = await a.submit(plan)
+        await until(
+            lambda: b.incoming(migration_id),
+            lambda s: (s.get("devices") or {}).get("nic0", {}).get("ready") is True,
+        )
+        b.kill()
+        await b.wait_killed()
+        status = await until(lambda: a.status(migration_id), ended)
+        assert status["outcome"] == "rolled_back", status["report"]
+        await b.start()
+        await _agree(a, b, migration_id, "rolled_back")
+
+
+async def test_destination_killed_after_the_commit_source_learns_it_succeeded(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        migration_id = await a.submit(_plan(b, token_file, _slow_after_the_commit()))
+        await until(lambda: a.status(migration_id), lambda s: s.get("committed") is True, 60)
+        b.kill()
+        await b.wait_killed()
+        # The source waits on the destination's word: no outcome yet, in doubt.
+        doubt = await until(lambda: a.status(migration_id), lambda s: s.get("in_doubt") is True)
+        assert doubt["outcome"] is None
+        await b.start()
+        await _agree(a, b, migration_id, "succeeded")
+        far = await b.incoming(migration_id)
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+        report = (await a.status(migration_id))["report"]
+        assert {d["source_state"] for d in report["devices"]} == {"STOP"}
 
 
 async def test_source_killed_after_the_commit_destination_completes_source_stops_on_restart(
     short_dir: Path, token_file: Path
 ) -> None:
-    async with two_daemons(short_dir, token_file) as (a, b):
-        # Slow destination arcs hold the window after the commit open.
-        plan = _plan(
-            b,
-            token_file,
-            devices=[
-                {
-                    "name": f"nic{i}",
-                    "backend": "simulated",
-                    "source": {"state_mib": 0.25, "seed": i, "transition_ms": 1},
-                    "destination": {"transition_ms": 700},
-                }
-                for i in range(2)
-            ],
-        )
-        async with unix_client(a.socket) as client:
-            response = await client.post("/v1/migrations", json=plan)
-            assert response.status_code == 201, response.text
-            migration_id = response.json()["id"]
-        await _until(
-            lambda: _incoming(b, migration_id),
-            lambda s: s.get("committed") is True,
-            seconds=60,
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        migration_id = await a.submit(_plan(b, token_file, _slow_after_the_commit()))
+        await until(
+            lambda: b.incoming(migration_id), lambda s: s.get("committed") is True, seconds=60
         )
         a.kill()
-        far = await _until(lambda: _incoming(b, migration_id), lambda s: s["outcome"] is not None)
+        await a.wait_killed()
+        far = await until(lambda: b.incoming(migration_id), ended)
         assert far["outcome"] == "succeeded", far
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
 
         # The source, restarted, finds the commit and stops its devices for good.
         await a.start()
-        status = await _until(lambda: _status(a, migration_id), lambda s: s["outcome"] is not None)
-        report = status["report"]
+        await _agree(a, b, migration_id, "succeeded")
+        report = (await a.status(migration_id))["report"]
         assert report["committed"] is True
-        assert status["outcome"] == "succeeded", report
         assert {d["source_state"] for d in report["devices"]} == {"STOP"}
         assert any("completed on restart" in note for note in report["notes"]), report["notes"]

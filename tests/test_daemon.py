@@ -428,8 +428,10 @@ async def daemon_process(
             await process.wait()
 
 
-async def _wait_ready(socket_path: Path, process: trio.Process, log: Path) -> None:
-    with trio.fail_after(20):
+async def _wait_ready(
+    socket_path: Path, process: trio.Process, log: Path, seconds: float = 20
+) -> None:
+    with trio.fail_after(seconds):
         while True:
             assert process.poll() is None, await trio.Path(log).read_text()
             if await trio.Path(socket_path).exists():

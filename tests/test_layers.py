@@ -82,3 +82,43 @@ def test_wire_protocol_is_sans_io() -> None:
     bad |= {m for m in imported if m.startswith("orchestrator") and m != "orchestrator.errors"}
     assert imported, "the check parsed the module"
     assert not bad, f"the wire protocol imports {sorted(bad)}"
+
+
+def _orchestrator_imports(relative: str) -> set[str]:
+    """The orchestrator modules a module imports (at any level of its code)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "orchestrator" / relative
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("orch"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("orchestrator")}
+    return found
+
+
+def test_the_report_is_a_model_and_nothing_else() -> None:
+    # The report is the contract of run --json and the API: plain data, which the
+    # engine fills in and everything else reads.
+    assert _orchestrator_imports("report.py") == set()
+    test_pure_module_imports_no_io("orchestrator.report")
+
+
+def test_resolve_knows_plans_backends_and_handles_but_never_runs_anything() -> None:
+    # Resolving checks a plan against the backends (their parameters, their static
+    # capabilities) and the handles VMMs lent: it opens no device and runs no
+    # migration, so the API, the engine and the transport are out of its reach.
+    allowed = {
+        "orchestrator.backends",
+        "orchestrator.backends.handles",
+        "orchestrator.errors",
+        "orchestrator.flow",
+        "orchestrator.handover",
+        "orchestrator.plan",
+        "orchestrator.states",
+    }
+    imported = _orchestrator_imports("resolve.py")
+    assert imported, "the check parsed the module"
+    assert imported <= allowed, imported - allowed

@@ -356,6 +356,14 @@ async def test_promtool_accepts_the_exposition_after_runs(
     promtool_check(promtool, text)
 
 
+def test_in_doubt_counts_what_the_service_says(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    assert value(scrape(registry), "orchestrator_migrations_in_doubt") == 0
+    metrics.count_in_doubt = lambda: 3
+    assert value(scrape(registry), "orchestrator_migrations_in_doubt") == 3
+
+
 def test_the_exposition_names_exactly_the_issue_s_metrics(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
@@ -377,6 +385,8 @@ def test_the_exposition_names_exactly_the_issue_s_metrics(
         # Issue 6: the VMMs' vCPU pause and resume.
         "orchestrator_vmm_seconds": "histogram",
         "orchestrator_vmm_errors": "counter",
+        # Issue 18: migrations whose end waits on an unreachable peer.
+        "orchestrator_migrations_in_doubt": "gauge",
     }
     text = exposition(registry)
     for name in (

@@ -19,20 +19,14 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import trio
 
-from tests.conftest import TOKEN
-
-ROOT = Path(__file__).resolve().parent.parent
-ORCHESTRATOR = str(Path(sys.executable).with_name("orchestrator"))
+from tests.two_daemons import Host, Placement, ended, two_daemons, until
 
 pytestmark = pytest.mark.slow
 
@@ -109,121 +103,47 @@ def namespaces() -> Iterator[Namespaces]:
         _run("ip", "netns", "del", n.destination)
 
 
-@dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    socket: Path
-    log: Path
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url="http://orchestrator",
-            headers={"authorization": f"Bearer {TOKEN}"},
-            timeout=10,
-        )
-
-
-def _start(ns: Namespaces, name: str, base: Path, token_file: Path, **tables: Any) -> Daemon:
-    base.mkdir()
-    lines = [f'state_dir = "{base / "state"}"', "shutdown_grace_s = 2", "[api]"]
-    lines += [f'unix_socket = "{base / "api.sock"}"', f'token_file = "{token_file}"']
-    for key, value in tables.get("api", {}).items():
-        lines.append(f'{key} = "{value}"')
-    if "data" in tables:
-        lines.append("[data]")
-        lines += [f'{key} = "{value}"' for key, value in tables["data"].items()]
-    config = base / "orchestrator.toml"
-    config.write_text("\n".join(lines) + "\n")
-    log = base / "daemon.log"
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", name, ORCHESTRATOR, "serve", "--config", str(config)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+def placements(n: Namespaces) -> tuple[Placement, Placement]:
+    """A daemon in each namespace.  Generous starts: under the kernel lab's TCG
+    emulation a daemon takes 15-60 s to start."""
+    return (
+        Placement(n.source_ip, ("ip", "netns", "exec", n.source), ready_s=180),
+        Placement(n.destination_ip, ("ip", "netns", "exec", n.destination), ready_s=180),
     )
-    return Daemon(process, base / "api.sock", log)
-
-
-async def _wait_ready(daemon: Daemon) -> None:
-    # Generous: under the kernel lab's TCG emulation a daemon takes 15-60 s to start.
-    with trio.fail_after(180):
-        while True:
-            if daemon.process.poll() is not None:
-                raise AssertionError(f"daemon exited: {daemon.log.read_text()}")
-            if daemon.socket.exists():
-                try:
-                    async with daemon.client() as client:
-                        if (await client.get("/readyz")).status_code == 200:
-                            return
-                except httpx.HTTPError:
-                    pass
-            await trio.sleep(0.1)
-
-
-def _stop(daemon: Daemon) -> None:
-    if daemon.process.poll() is None:
-        daemon.process.terminate()
-        try:
-            daemon.process.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            daemon.process.wait()
 
 
 @contextlib.asynccontextmanager
 async def daemon_pair(
     n: Namespaces, base: Path, token_file: Path
-) -> AsyncIterator[tuple[Daemon, Daemon]]:
+) -> AsyncIterator[tuple[Host, Host]]:
     """(source, destination): a daemon in each namespace, ready, stopped after."""
-    destination = _start(
-        n,
-        n.destination,
-        base / "dst",
-        token_file,
-        api={"tcp": f"{n.destination_ip}:7800"},
-        data={"listen": f"{n.destination_ip}:7801"},
-    )
-    # The source's API answers the destination's questions across the link.
-    source = _start(n, n.source, base / "src", token_file, api={"tcp": f"{n.source_ip}:7800"})
-    try:
-        await _wait_ready(destination)
-        await _wait_ready(source)
-        yield source, destination
-    finally:
-        _stop(source)
-        _stop(destination)
+    async with two_daemons(base, token_file, processes=True, placements=placements(n)) as pair:
+        yield pair
 
 
-async def submit(source: Daemon, plan: dict[str, Any]) -> str:
-    async with source.client() as client:
-        response = await client.post("/v1/migrations", json=plan)
-        assert response.status_code == 201, response.text
-        migration_id: str = response.json()["id"]
-        return migration_id
+async def submit(source: Host, plan: dict[str, Any]) -> str:
+    return await source.submit(plan)
 
 
-async def outcome(daemon: Daemon, path: str, seconds: float = 240) -> dict[str, Any]:
+async def outcome(daemon: Host, path: str, seconds: float = 240) -> dict[str, Any]:
     """The status at ``path`` once it has an outcome."""
-    async with daemon.client() as client:
-        with trio.fail_after(seconds):
-            while True:
-                body: dict[str, Any] = (await client.get(path)).json()
-                if body.get("outcome") is not None:
-                    return body
-                await trio.sleep(0.1)
+
+    async def probe() -> dict[str, Any]:
+        body: dict[str, Any] = (await daemon.get(path))[1]
+        return body
+
+    return await until(probe, ended, seconds)
 
 
-async def wait_sent(source: Daemon, migration_id: str, nbytes: int, seconds: float) -> None:
+async def wait_sent(source: Host, migration_id: str, nbytes: int, seconds: float) -> None:
     """Until the running migration has sent more than ``nbytes``."""
-    async with source.client() as client:
-        with trio.fail_after(seconds):
-            while True:
-                body = (await client.get(f"/v1/migrations/{migration_id}")).json()
-                assert body["outcome"] is None, body
-                sent = sum((body.get("progress") or {}).get("bytes_sent", {}).values())
-                if sent > nbytes:
-                    return
-                await trio.sleep(0.05)
+
+    def sent(body: dict[str, Any]) -> bool:
+        assert body["outcome"] is None, body
+        total: int = sum((body.get("progress") or {}).get("bytes_sent", {}).values())
+        return total > nbytes
+
+    await until(lambda: source.status(migration_id), sent, seconds)
 
 
 async def test_a_link_cut_mid_stream_rolls_back_and_the_destination_resets(
@@ -259,18 +179,14 @@ async def test_a_link_cut_mid_stream_rolls_back_and_the_destination_resets(
         assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
         # The destination, cut off before its vote, reset its devices by itself
         # and freed them; how the migration ended it learns from the source.
-        async with destination.client() as client:
-            with trio.fail_after(60):
-                while True:
-                    far = (await client.get(f"/v1/incoming/{migration_id}")).json()
-                    if far["phase"] == "aborted":
-                        break
-                    await trio.sleep(0.1)
-            assert far["outcome"] is None, far
-            assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
-            assert all(d["reset"] for d in far["devices"].values())
-            devices = (await client.get("/v1/devices")).json()
-            assert all(d["migration"] is None for d in devices), devices
+        far = await until(
+            lambda: destination.incoming(migration_id), lambda s: s["phase"] == "aborted", 60
+        )
+        assert far["outcome"] is None, far
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+        assert all(d["reset"] for d in far["devices"].values())
+        _, devices = await destination.get("/v1/devices")
+        assert all(d["migration"] is None for d in devices), devices
         # Once the link is back, it asks and both journals agree.
         out = n.exec(n.source, "ip", "link", "set", n.source_if, "up")
         assert out.returncode == 0, out.stderr

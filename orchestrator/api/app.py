@@ -30,11 +30,12 @@ import hmac
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
 
 from orchestrator import __version__
 from orchestrator.errors import OrchestratorError
@@ -58,6 +59,20 @@ from .models import ErrorBody, Health, MigrationEvent, Readiness
 
 #: The Prometheus text format the registry is exposed in.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SettleMigration(BaseModel):
+    """How the destination of a migration in doubt ended, as the operator knows it."""
+
+    outcome: Literal["succeeded", "failed"]
+    force: bool = Field(False, description="Settle even if the destination answers.")
+
+
+class SettleIncoming(BaseModel):
+    """The decision for an incoming migration in doubt, as the operator knows it."""
+
+    decision: Literal["commit", "abort"]
+    force: bool = Field(False, description="Settle even if the source answers.")
 
 
 class Forbidden(OrchestratorError):
@@ -230,6 +245,23 @@ async def decide_incoming(
 
 
 @router.post(
+    "/v1/incoming/{migration_id}/settle",
+    tags=["incoming"],
+    summary="An operator decides for an incoming migration in doubt.",
+    description=(
+        "For a migration this (destination) host voted for and whose source daemon cannot "
+        "be reached: commit runs its devices, abort resets them.  409 while the source can "
+        "still be asked (its answer counts), unless force; 409 for a migration not in doubt."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def settle_incoming(
+    migration_id: str, body: SettleIncoming, service: Service
+) -> IncomingStatus:
+    return await service.incoming.settle(migration_id, body.decision, force=body.force)
+
+
+@router.post(
     "/v1/incoming/{migration_id}/messages",
     tags=["incoming"],
     summary="A protocol message from the source daemon, when the data channel is gone.",
@@ -244,6 +276,23 @@ async def message_incoming(
     migration_id: str, message: dict[str, Any], service: Service
 ) -> IncomingReplies:
     return await service.incoming.deliver(migration_id, message)
+
+
+@router.post(
+    "/v1/migrations/{migration_id}/settle",
+    tags=["migrations"],
+    summary="An operator says how the destination of a migration in doubt ended.",
+    description=(
+        "For a migration to another host that committed and whose destination daemon "
+        "cannot be reached to say how it ended.  409 while the destination can still be "
+        "asked (its answer counts), unless force; 409 for a migration not in doubt."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def settle_migration(
+    migration_id: str, body: SettleMigration, service: Service
+) -> MigrationStatus:
+    return await service.settle(migration_id, body.outcome, force=body.force)
 
 
 @router.get(

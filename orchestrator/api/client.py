@@ -150,6 +150,17 @@ class Client:
         response = self._request("POST", f"/v1/migrations/{_quote(migration_id)}/cancel")
         return MigrationStatus.model_validate(response.json())
 
+    def settle(self, migration_id: str, verdict: str, *, force: bool) -> dict[str, Any]:
+        """Settle a migration in doubt: ``succeeded``/``failed`` for one this daemon runs
+        (its destination out of reach), ``commit``/``abort`` for one it receives."""
+        quoted = _quote(migration_id)
+        if verdict in ("commit", "abort"):
+            path, body = f"/v1/incoming/{quoted}/settle", {"decision": verdict, "force": force}
+        else:
+            path, body = f"/v1/migrations/{quoted}/settle", {"outcome": verdict, "force": force}
+        answer: dict[str, Any] = self._request("POST", path, json=body).json()
+        return answer
+
     def events(self, migration_id: str, after_seq: int = 0) -> Iterator[MigrationEvent]:
         """The migration's events until it ends (the SSE stream, parsed)."""
         headers = {"last-event-id": str(after_seq)} if after_seq else {}

@@ -65,6 +65,8 @@ class Destination(abc.ABC):
     notes: list[str]
     #: Every step of it runs on this host (nothing waits on another daemon).
     on_this_host: bool = True
+    #: After the commit, the destination cannot be reached to say how it ended.
+    in_doubt: bool = False
 
     @abc.abstractmethod
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:

@@ -39,7 +39,7 @@ import structlog
 import trio
 
 from orchestrator.engine import Completion, Destination, DeviceDriver, DeviceFailure
-from orchestrator.errors import PeerError, PlanError, Problem, ProtocolViolation
+from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
 from orchestrator.peer import protocol as p
 from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode
 from orchestrator.plan import Plan
@@ -53,6 +53,7 @@ log = structlog.get_logger("orchestrator.peer.remote")
 __all__ = [
     "RemoteDestination",
     "SourceContact",
+    "Unsettled",
     "capabilities_from_json",
     "destination_token",
 ]
@@ -107,6 +108,12 @@ class _DeviceLink:
             self.failure = info
         self.transfer.set()
         self.ready.set()
+
+
+class Unsettled(OrchestratorError):
+    """An operator's settle refused: the migration is not in doubt, or its peer answers."""
+
+    status_hint = 409
 
 
 class RemoteDestination(Destination):
@@ -352,6 +359,10 @@ class RemoteDestination(Destination):
         if self._nursery is not None:
             self._nursery.start_soon(self._flush)
 
+    async def _news_or(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._news.wait()
+
     def _notify(self) -> None:
         self._news.set()
         self._news = trio.Event()
@@ -373,7 +384,7 @@ class RemoteDestination(Destination):
     def _feed(self, event: p.Event, replies: list[p.Message] | None = None) -> p.Step:
         step = self.machine.handle(event)
         if step.verdict == "refused":
-            self.log.warning("remote.refused", event=type(event).__name__, reason=step.reason)
+            self.log.warning("remote.refused", received=type(event).__name__, reason=step.reason)
         for action in step.actions:
             self._act(action, replies)
         return step
@@ -542,10 +553,10 @@ class RemoteDestination(Destination):
                 break
             if reached:
                 # The destination runs its devices: its answer will say so.
-                await trio.sleep(RETRY_FIRST_S)
+                await self._news_or(RETRY_FIRST_S)
                 continue
             self.log.warning("remote.in_doubt", retry_s=delay)
-            await trio.sleep(delay)
+            await self._news_or(delay)  # an operator may settle it meanwhile
             delay = min(delay * RETRY_FACTOR, RETRY_MAX_S)
         self.in_doubt = False
         completed = self._completed
@@ -596,6 +607,29 @@ class RemoteDestination(Destination):
         if self.machine.state is p.SourceState.ABORTING:
             self._feed(p.Finished(outcome))  # sends FinalOutcome
         await self._flush()
+
+    async def settle(self, outcome: Outcome, *, force: bool) -> None:
+        """An operator says how the destination ended, the migration being in doubt.
+
+        Refused (Unsettled) while the destination can still be asked, unless
+        ``force``: its own answer is the one that counts.
+        """
+        if not self.machine.committed or self._completed is not None:
+            raise Unsettled(
+                f"migration {self.id!r} is not in doubt: it waits on nothing an operator "
+                "could tell it"
+            )
+        if not force and await self._post(p.Commit()):
+            raise Unsettled(
+                f"the destination daemon {self.base_url} answers: it says how migration "
+                f"{self.id!r} ended by itself (settle --force to overrule it)"
+            )
+        if self._completed is None:
+            self.log.warning("remote.settled", outcome=outcome, force=force)
+            self.notes.append(
+                f"settled by an operator as {outcome}: the destination was out of reach"
+            )
+            self._feed(p.Completed(outcome))
 
     def answer_query(self) -> p.DecisionAnswer:
         """The destination asks for the decision (``GET .../decision``)."""

@@ -268,7 +268,7 @@ class IncomingMigration:
         """Feed one event; carry out what the machine says."""
         step = self.machine.handle(event)
         if step.verdict == "refused":
-            self.log.warning("incoming.refused", event=type(event).__name__, reason=step.reason)
+            self.log.warning("incoming.refused", received=type(event).__name__, reason=step.reason)
             if isinstance(event, p.Message):
                 self._emit(p.Refused(event.OP, step.reason), replies)
         self._execute(step, replies)
@@ -442,6 +442,10 @@ class IncomingMigration:
                 delay = min(delay * QUERY_FACTOR, QUERY_MAX_S)
         finally:
             self._querying = False
+
+    async def ask_once(self) -> p.Message | None:
+        """One question to the source; its answer, or None if it cannot be asked."""
+        return await self._query()
 
     async def _query(self) -> p.Message | None:
         if not self.source:
@@ -803,6 +807,28 @@ class IncomingRegistry:
         if refused:
             raise IncomingConflict(str(refused[0].get("reason")))
         return answer.status
+
+    async def settle(self, migration_id: str, decision: str, *, force: bool) -> IncomingStatus:
+        """An operator decides for a migration in doubt here (voted, no decision, the
+        source out of reach).  Refused (409) while the source can still be asked,
+        unless ``force``: its own answer is the one that counts."""
+        migration = self.migrations.get(migration_id)
+        if migration is None or migration.machine.state is not p.DestinationState.IN_DOUBT:
+            await self.status(migration_id)  # IncomingNotFound if unknown
+            raise IncomingConflict(
+                f"migration {migration_id!r} is not in doubt here: nothing to settle"
+            )
+        if not force:
+            answer = await migration.ask_once()
+            if answer is not None:
+                raise IncomingConflict(
+                    f"the source daemon answers ({answer.OP}): migration {migration_id!r} "
+                    "settles by itself (settle --force to overrule it)"
+                )
+        migration.log.warning("incoming.settled", decision=decision, force=force)
+        verdict: Literal["commit", "abort"] = "commit" if decision == "commit" else "abort"
+        migration.handle(p.DecisionAnswer(verdict))
+        return migration.status()
 
     async def _recover_all(self) -> None:
         if self.journal is None:

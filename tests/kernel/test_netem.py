@@ -83,6 +83,10 @@ async def test_migrations_over_a_shaped_link_and_a_cut_one(
         status = await outcome(source, f"/v1/migrations/{second}")
         assert status["outcome"] == "rolled_back", status["report"]
         assert {d["source_state"] for d in status["report"]["devices"]} == {"RUNNING"}
+        # Cut off before its vote, the destination reset alone; it learns how the
+        # migration ended from the source once the link is back.
+        out = n.exec(n.source, "ip", "link", "set", n.source_if, "up")
+        assert out.returncode == 0, out.stderr
         far = await outcome(destination, f"/v1/incoming/{second}")
         assert far["outcome"] == "rolled_back", far
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
