@@ -399,7 +399,12 @@ class MigrationService:
         return digest.hexdigest()
 
     def _migration(
-        self, resolved: ResolvedPlan, migration_id: str, *, recovering: bool = False
+        self,
+        resolved: ResolvedPlan,
+        migration_id: str,
+        *,
+        recovering: bool = False,
+        committed: bool = False,
     ) -> Migration:
         spec = resolved.plan.destination
         if spec is None:
@@ -409,7 +414,14 @@ class MigrationService:
         def remote(driver: DeviceDriver, limiter: RateLimiter | None) -> RemoteDestination:
             assert spec is not None
             return RemoteDestination(
-                spec, resolved.plan, migration_id, driver, limiter, contact, recovering=recovering
+                spec,
+                resolved.plan,
+                migration_id,
+                driver,
+                limiter,
+                contact,
+                recovering=recovering,
+                committed=committed,
             )
 
         return Migration(
@@ -593,7 +605,9 @@ class MigrationService:
         keys = device_keys(resolved)
         for key in keys:
             self._locks[key] = record.id
-        migration = self._migration(resolved, record.id, recovering=True)
+        migration = self._migration(
+            resolved, record.id, recovering=True, committed=record.committed
+        )
         entry = self._register(migration, resolved, record.created_at, keys)
         assert self._nursery is not None
         await self._nursery.start(self._recover_task, entry, record)

@@ -131,6 +131,7 @@ class RemoteDestination(Destination):
         contact: SourceContact,
         *,
         recovering: bool = False,
+        committed: bool = False,
     ) -> None:
         self.spec = spec
         self.plan = plan
@@ -142,6 +143,10 @@ class RemoteDestination(Destination):
         self.log = log.bind(migration=migration_id, destination=self.base_url)
         self.notes = []
         self.machine = p.SourceMachine()
+        self._first: p.Step | None = None
+        if recovering:
+            # From the journal at once: the destination may ask before anything else.
+            self.machine, self._first = p.SourceMachine.restarted(committed=committed, outcome=None)
         self.names = [d.name for d in plan.devices]
         self._limiter = limiter
         self._links = {name: _DeviceLink() for name in self.names}
@@ -488,6 +493,14 @@ class RemoteDestination(Destination):
             self._feed(reply)
         return True
 
+    def _restart_steps(self) -> None:
+        """After a restart: the first steps the journal called for (the commit to
+        deliver again, or the abort), once the coordinator goes on."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            for action in first.actions:
+                self._act(action, None)
+
     def _device_failure(self, name: str, info: ErrorInfo) -> DeviceFailure:
         self.ctx.keep(info)
         return DeviceFailure(info)
@@ -537,10 +550,7 @@ class RemoteDestination(Destination):
     async def commit(self) -> Completion:
         """Wait for the destination's ``Completed``; once the channel is gone, deliver
         the commit again over REST, with backoff, until it answers how it ended."""
-        if self._recovering:
-            self.machine, step = p.SourceMachine.restarted(committed=True, outcome=None)
-            for action in step.actions:
-                self._act(action, None)
+        self._restart_steps()
         await self._flush()
         delay = RETRY_FIRST_S
         while self._completed is None:
@@ -579,6 +589,7 @@ class RemoteDestination(Destination):
         it asks this daemon, which answers abort."""
         if self.machine.state is p.SourceState.DONE or not (self._prepare_sent or self._recovering):
             return []
+        self._restart_steps()
         answered = self.machine.state is not p.SourceState.PREPARING or self._recovering
         if self.machine.state is not p.SourceState.ABORTING:
             self._feed(p.LocalFailure(reason))
