@@ -258,3 +258,29 @@ async def test_a_source_without_a_tcp_api_refuses_a_plan_to_another_host(
         assert code == 422, body
         assert body["error"]["problems"][0]["path"] == "destination"
         assert "[api] tcp" in body["error"]["problems"][0]["message"]
+
+
+async def test_the_destination_daemon_drives_the_destination_vcpus_itself(
+    short_dir: Path, token_file: Path
+) -> None:
+    # Of old, the source daemon opened the plan's [vmm.destination] on its own host.
+    from tests.test_vmm import FakeQmp, fake_qmps, vmm_section
+
+    source_vmm = FakeQmp(short_dir / "src-qmp.sock", running=True)
+    destination_vmm = FakeQmp(short_dir / "dst-qmp.sock", running=False, status="inmigrate")
+    async with fake_qmps(source_vmm, destination_vmm), two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", "gpu1")
+        plan["vmm"] = vmm_section(source_vmm.path, destination_vmm.path)
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        assert not source_vmm.running and destination_vmm.running
+        assert "cont" not in source_vmm.commands and "stop" not in destination_vmm.commands
+        # One daemon each: the destination daemon alone opened the destination's VMM.
+        assert (source_vmm.connections, destination_vmm.connections) == (1, 1)
+        # The downtime runs from the source's pause to the destination's resume,
+        # as this (the source) host learned of it.
+        vmm = report["vmm"]
+        assert vmm["pause_ms"] is not None and vmm["resume_ms"] is not None, vmm
+        assert vmm["destination_status"] == "running"
+        assert report["downtime_ms"] is not None and report["downtime_ms"] > 0

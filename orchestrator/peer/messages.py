@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "Refused",
     "RolledBack",
+    "VcpusReport",
     "Vote",
     "decode",
     "encode",
@@ -191,6 +192,19 @@ class LoadFailed(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class VcpusReport(Message):
+    """The destination's vCPUs were resumed (or failed to be), with the call's duration."""
+
+    OP: ClassVar[str] = "vcpus"
+    FROM: ClassVar[str] = "destination"
+    action: str
+    ok: bool
+    status: str | None = None
+    duration_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Vote(Message):
     """Every device stands loaded in its grace state and the vote is journaled."""
 
@@ -248,6 +262,7 @@ MESSAGES: tuple[type[Message], ...] = (
     ArcReport,
     Loaded,
     LoadFailed,
+    VcpusReport,
     Vote,
     Completed,
     RolledBack,

@@ -82,6 +82,7 @@ from orchestrator.peer.messages import (
     Message,
     Refused,
     RolledBack,
+    VcpusReport,
     Vote,
     decode,
     encode,
@@ -123,6 +124,7 @@ __all__ = [
     "SourceState",
     "Step",
     "Tick",
+    "VcpusReport",
     "Vote",
     "VoteRecordFailed",
     "VoteRecorded",
@@ -513,6 +515,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
         S.COMMITTED: {
             **late_reports,
             ArcReport: m._report,
+            VcpusReport: m._report,
             Completed: m._completed,
             Tick: m._redeliver_commit,
             LinkLost: m._redeliver_commit,
@@ -535,6 +538,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
         S.DONE: {
             **late_reports,
             DecisionQuery: m._answer_done,
+            VcpusReport: late,
             Completed: m._completed_again,
             RolledBack: late,
             Vote: late,

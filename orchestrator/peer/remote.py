@@ -427,6 +427,8 @@ class RemoteDestination(Destination):
             self._links[message.device].fail(message.error)
         elif isinstance(message, p.Vote):
             self._voted.set()
+        elif isinstance(message, p.VcpusReport):
+            self._vcpus_reported(message)
         elif isinstance(message, p.Completed):
             self._completed = message
         elif isinstance(message, p.RolledBack):
@@ -464,6 +466,21 @@ class RemoteDestination(Destination):
             link.transfer.set()
         if link.loaded and report.to_state is (route.grace or route.settle):
             link.ready.set()
+
+    def _vcpus_reported(self, report: p.VcpusReport) -> None:
+        """The destination's vCPU call, in this side's trace as it is learned of."""
+        trace = self.ctx.trace
+        detail = {"action": report.action, "reported": True}
+        trace.emit("vmm_begin", DESTINATION, detail=detail)
+        if report.ok:
+            trace.emit("vmm_end", DESTINATION, detail={**detail, "status": report.status})
+            self._vcpus = {
+                "resume_ms": round(report.duration_s * 1000, 3),
+                "status": report.status,
+            }
+        else:
+            error = report.error.message if report.error else "failed"
+            trace.emit("vmm_failed", DESTINATION, detail={**detail, "error": error})
 
     async def _send(self, message: p.Message) -> None:
         """Over the channel while it is up, else over REST; replies are fed back."""
@@ -570,7 +587,6 @@ class RemoteDestination(Destination):
             delay = min(delay * RETRY_FACTOR, RETRY_MAX_S)
         self.in_doubt = False
         completed = self._completed
-        self._vcpus = {"resume_ms": round(completed.resume_s * 1000, 3) or None}
         errors = list(completed.errors)
         if completed.outcome != "succeeded" and not errors:
             errors.append(

@@ -129,6 +129,7 @@ class IncomingMigration:
         self._vote_error: str | None = None
         self._commit_recorded: trio.Event | None = None
         self._querying = False
+        self._vmm_began = 0.0
         self._released = False
         self._errors: list[ErrorInfo] = []
         # One sender, so that the source gets every report in the order it happened.
@@ -227,7 +228,20 @@ class IncomingMigration:
                 self.handle(p.LinkLost(str(exc)))
 
     def _report(self, event: TraceEvent) -> None:
-        """Every arc of a device, to the source as it ends (the trace's observer)."""
+        """Every arc of a device, and the vCPUs' resume, to the source as each ends
+        (the trace's observer): the source keeps the clock and the flow of both."""
+        if event.kind == "vmm_begin":
+            self._vmm_began = event.time
+            return
+        if event.kind in ("vmm_end", "vmm_failed"):
+            ok, action = event.kind == "vmm_end", str(event.detail["action"])
+            error = None
+            if not ok:
+                message = str(event.detail.get("error", "failed"))
+                error = self.ctx.info("vmm_error", message, side=DESTINATION, operation=action)
+            duration = event.time - self._vmm_began
+            self._emit(p.VcpusReport(action, ok, event.detail.get("status"), duration, error))
+            return
         if event.kind not in ("arc_end", "arc_failed") or event.device is None:
             return
         assert event.from_state is not None and event.to_state is not None
