@@ -33,7 +33,7 @@ A listener (the HTTP server, the data-channel listener, the handover
 server) that ends while the daemon is not stopping, which its own loop
 never does for a client's sake (a shortage of descriptors, a stranger's
 bytes), starts the same shutdown; ``serve`` then raises DaemonError naming
-it, and ``orchestrator serve`` exits 1, for systemd to restart a daemon
+it, and ``orchestrator serve`` exits 5 (unavailable), for systemd to restart a daemon
 that would otherwise live on deaf.  One that cannot start at all is a
 DaemonError at once.
 """

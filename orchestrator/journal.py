@@ -92,12 +92,12 @@ from typing import Any, Final, TypeVar, get_args
 import trio
 from pydantic import ValidationError
 
-from orchestrator.engine import TraceEvent
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
 from orchestrator.states import Side
+from orchestrator.trace import TraceEvent
 
 __all__ = [
     "FILENAME",

@@ -43,14 +43,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
 from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
-from orchestrator.engine import DeviceDriver, Migration, TraceEvent
+from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
 from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
@@ -243,10 +243,14 @@ class MigrationService:
             for entry in active:
                 await entry.done.wait()
         for entry in active:
-            if not entry.done.is_set() and entry.migration.cancel(
-                "the orchestrator is shutting down"
-            ):
+            if entry.done.is_set():
+                continue
+            if entry.migration.cancel("the orchestrator is shutting down"):
                 log.warning("service.shutdown_rollback", migration=entry.migration.id)
+            else:
+                # Committed: it completes by itself, or (its destination another host's
+                # daemon, out of reach) stops waiting: the restart finishes it.
+                entry.migration.abandon()
         for entry in active:
             await entry.done.wait()
         # Nothing runs any more: let the writer flush what is queued, and end.
@@ -445,9 +449,10 @@ class MigrationService:
         record = await self.journal.get(migration_id)
         if record is None or record.role != "source":
             return DecisionAnswer("abort")
-        if record.outcome is None:
-            return DecisionAnswer("commit" if record.committed else "pending")
-        return DecisionAnswer("commit" if record.committed else "abort", record.outcome)
+        # Not running here and not committed: it can never be committed any more
+        # (its recovery aborts it), so the answer is abort (presumed abort).
+        decision: Literal["commit", "abort"] = "commit" if record.committed else "abort"
+        return DecisionAnswer(decision, record.outcome)
 
     async def settle(self, migration_id: str, outcome: Outcome, *, force: bool) -> MigrationStatus:
         """An operator says how the destination of a migration in doubt ended."""
@@ -497,6 +502,8 @@ class MigrationService:
                     await migration.run()
             else:
                 await migration.run()
+        except LeftInDoubt as exc:
+            log.warning("service.left_in_doubt", migration=migration.id, reason=str(exc))
         except Exception:
             # A bug in one migration (its report says internal_error) must not
             # cancel every other migration of the host.
@@ -627,6 +634,8 @@ class MigrationService:
                 interrupted_phase=record.phase,
                 task_status=task_status,
             )
+        except LeftInDoubt as exc:
+            log.warning("service.left_in_doubt", migration=migration.id, reason=str(exc))
         finally:
             await self._finish(entry)
         if self.metrics is not None and report is not None:

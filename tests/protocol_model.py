@@ -75,6 +75,7 @@ class World(NamedTuple):
     source_outcome: str | None = None
     destination_voted: bool = False
     destination_committed: bool = False
+    destination_reset: bool = False  # journaled once the reset is done, before the release
     destination_outcome: str | None = None
     # The devices.
     source_running: bool = True
@@ -281,7 +282,7 @@ def _work_ending(world: World) -> Iterator[tuple[str, World]]:
             ran = rest._replace(destination_running=True)
             yield "devices ran", _feed_destination(ran, DevicesRan("succeeded"))
         elif (side, work) == ("d", "reset"):
-            reset = rest._replace(destination_running=False)
+            reset = rest._replace(destination_running=False, destination_reset=True)
             yield "devices reset", _feed_destination(reset, DevicesReset())
 
 
@@ -369,13 +370,14 @@ def restart_destination(world: World) -> World:
         voted=world.destination_voted,
         committed=world.destination_committed,
         outcome=world.destination_outcome,  # type: ignore[arg-type]
+        reset=world.destination_reset,
     )
-    # A restarted daemon's recovery holds its devices until they are settled.
+    # A restarted daemon's recovery holds its devices until they are settled; reset
+    # and freed ones it leaves alone (another migration may hold them now).
+    settled = machine.state in (DestinationState.DONE, DestinationState.ABORTED)
     world = world._replace(
-        destination=_freeze(machine), destination_link=False, destination_locked=True
+        destination=_freeze(machine), destination_link=False, destination_locked=not settled
     )
-    if machine.state is DestinationState.DONE:
-        world = world._replace(destination_locked=False)
     return _destination_actions(world, step, machine)
 
 

@@ -51,5 +51,8 @@ def test_the_ceiling_table_shows_every_copy_beside_the_plain_one() -> None:
     for _, plain, *pairs in rows:
         for rate, ratio in zip(pairs[::2], pairs[1::2], strict=True):
             assert float(rate) > 0
-            rounding = 0.005 * float(ratio) * (1 / float(plain) + 1 / float(rate)) + 0.005
-            assert abs(float(ratio) - float(rate) / float(plain)) <= rounding
+            # Each figure is printed to two decimals: the ratio agrees with the rates
+            # within what that rounding allows (slow rates, on a busy machine, allow much).
+            low = (float(rate) - 0.005) / (float(plain) + 0.005)
+            high = (float(rate) + 0.005) / max(float(plain) - 0.005, 1e-9)
+            assert low - 0.005 <= float(ratio) <= high + 0.005, (rate, plain, ratio)

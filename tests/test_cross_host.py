@@ -193,9 +193,11 @@ async def test_a_commit_or_success_before_any_data_is_refused_by_the_destination
             [reply] = body["replies"]
             assert reply["op"] == "refused" and reply["message"] == message.OP, reply
             assert body["status"]["committed"] is False
-        code, body = await b.post(f"/v1/incoming/{migration_id}/decision", {"decision": "commit"})
-        assert code == 409, body
-        assert "voted" in body["error"]["message"]
+        # A decision answer only comes as the reply to the destination's own question.
+        answer = messages.encode(messages.DecisionAnswer("commit"))
+        code, body = await b.post(f"/v1/incoming/{migration_id}/messages", answer)
+        assert code == 422, body
+        assert "not a message the source sends here" in str(body)
         # The migration goes on regardless, and succeeds.
         status = await until(lambda: a.status(migration_id), ended, seconds=60)
         assert status["outcome"] == "succeeded", status["report"]
@@ -284,3 +286,23 @@ async def test_the_destination_daemon_drives_the_destination_vcpus_itself(
         assert vmm["pause_ms"] is not None and vmm["resume_ms"] is not None, vmm
         assert vmm["destination_status"] == "running"
         assert report["downtime_ms"] is not None and report["downtime_ms"] > 0
+
+
+async def test_an_abort_during_the_destinations_walk_waits_for_it_then_resets(
+    short_dir: Path, token_file: Path
+) -> None:
+    # The reset ran beside the arcs still in flight on the destination, which then
+    # crashed its migration and never journaled an outcome.
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625, transition_ms=200)
+        plan["devices"][0]["destination"] = {"transition_ms": 1500}
+        # The destination's settle walk (1.5 s an arc) overruns the switchover deadline.
+        plan["timeouts"] = {"switchover_s": 1.0}
+        status = await submit(a, plan)
+        assert status["outcome"] == "rolled_back", status["report"]
+        assert status["report"]["error"]["kind"] == "phase_timeout"
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "rolled_back", far
+        assert far["devices"]["gpu0"]["state"] == "RUNNING"
+        assert far["devices"]["gpu0"]["reset"] is True
+        assert b.journal_rows(status["id"]) == [("destination", "rolled_back", 0)]

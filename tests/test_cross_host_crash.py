@@ -53,6 +53,23 @@ def _slow_after_the_commit() -> list[dict[str, Any]]:
     ]
 
 
+async def _migrate_until_the_vote_is_journaled(a: Host, b: Host, token_file: Path) -> str:
+    """A migration in its stop-copy whose destination journaled its vote already."""
+    devices = [
+        # Small: its stream ends first, and the vote is journaled then.
+        _device("nic0", 0, {"state_mib": 0.0625}),
+        # Large and without pre-copy: all of it moves in the stop-copy.
+        _device("gpu0", 1, {"state_mib": 16, "pre_copy": False}),
+    ]
+    plan = _plan(b, token_file, devices, bandwidth_limit_mib_s=4, downtime_limit_ms=60000)
+    migration_id = await a.submit(plan)
+    await until(
+        lambda: b.incoming(migration_id),
+        lambda s: (s.get("devices") or {}).get("nic0", {}).get("ready") is True,
+    )
+    return migration_id
+
+
 def _sent(status: dict[str, Any]) -> int:
     return sum((status.get("progress") or {}).get("bytes_sent", {}).values())
 
@@ -128,18 +145,7 @@ async def test_destination_killed_after_its_vote_asks_the_source_and_resets(
     # The bug of old: the restarted destination waited for a decision forever,
     # its devices locked, until someone posted an abort by hand.
     async with two_daemons(short_dir, token_file, processes=True) as (a, b):
-        devices = [
-            # Small: its stream ends first, and the vote is journaled then.
-            _device("nic0", 0, {"state_mib": 0.0625}),
-            # Large and without pre-copy: all of it moves in the stop-copy.
-            _device("gpu0", 1, {"state_mib": 16, "pre_copy": False}),
-        ]
-        plan = _plan(b, token_file, devices, bandwidth_limit_mib_s=4, downtime_limit_ms=60000)
-        migration_id = await a.submit(plan)
-        await until(
-            lambda: b.incoming(migration_id),
-            lambda s: (s.get("devices") or {}).get("nic0", {}).get("ready") is True,
-        )
+        migration_id = await _migrate_until_the_vote_is_journaled(a, b, token_file)
         b.kill()
         await b.wait_killed()
         status = await until(lambda: a.status(migration_id), ended)
@@ -188,3 +194,51 @@ async def test_source_killed_after_the_commit_destination_completes_source_stops
         assert report["committed"] is True
         assert {d["source_state"] for d in report["devices"]} == {"STOP"}
         assert any("completed on restart" in note for note in report["notes"]), report["notes"]
+
+
+async def test_source_killed_in_pre_copy_both_roll_back_after_its_restart(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        devices = [_device(f"gpu{i}", i, {"state_mib": 8}) for i in range(2)]
+        plan = _plan(b, token_file, devices, bandwidth_limit_mib_s=4)
+        migration_id = await a.submit(plan)
+        await until(lambda: a.status(migration_id), lambda s: _sent(s) > 1 << 20)
+        a.kill()
+        await a.wait_killed()
+        # The destination, which never voted, resets alone and frees its devices.
+        await until(lambda: b.incoming(migration_id), lambda s: s.get("phase") == "aborted")
+        await _free_devices(b)
+        await a.start()
+        await _agree(a, b, migration_id, "rolled_back")
+        report = (await a.status(migration_id))["report"]
+        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+
+
+async def test_source_killed_after_the_vote_destination_asks_and_both_roll_back(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        migration_id = await _migrate_until_the_vote_is_journaled(a, b, token_file)
+        a.kill()
+        await a.wait_killed()
+        await a.start()
+        await _agree(a, b, migration_id, "rolled_back")
+
+
+async def test_a_source_in_doubt_shuts_down_at_once_and_its_restart_finishes(
+    short_dir: Path, token_file: Path
+) -> None:
+    # Of old, SIGTERM hung: the committed migration waited for its destination forever.
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        migration_id = await a.submit(_plan(b, token_file, _slow_after_the_commit()))
+        await until(lambda: a.status(migration_id), lambda s: s.get("committed") is True, 60)
+        b.kill()
+        await b.wait_killed()
+        await until(lambda: a.status(migration_id), lambda s: s.get("in_doubt") is True)
+        await a.stop()  # fails the test if SIGTERM does not end it within 15 s
+        # Nothing journaled as its end: the commit alone, for the restart to finish.
+        assert a.journal_rows(migration_id) == [("source", None, 1)]
+        await b.start()
+        await a.start()
+        await _agree(a, b, migration_id, "succeeded")

@@ -591,7 +591,7 @@ async def test_a_data_port_in_use_stops_the_start_with_a_clear_error(
     assert not (short_dir / "api.sock").exists()
 
 
-async def test_a_data_listener_that_dies_stops_the_daemon_which_exits_1(
+async def test_a_data_listener_that_dies_stops_the_daemon_which_exits_unavailable(
     short_dir: Path, token_file: Path
 ) -> None:
     """The issue's daemon lived on deaf after its data listener died, a migration

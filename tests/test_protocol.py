@@ -99,7 +99,10 @@ SAMPLES: dict[type, Any] = {
 
 
 def check_defined(machine: SourceMachine | DestinationMachine, event: Any) -> None:
-    """The event gets a result; only an accepted one changes the state."""
+    """The pair is decided in the machine's table (not by a fallback), the event
+    gets a result, and only an accepted one changes the state."""
+    if not isinstance(event, Refused):  # never answered, whatever the state
+        assert type(event) in machine.TABLE[machine.state], "a pair the table leaves out"
     before = copy.deepcopy(machine)
     step = machine.handle(event)
     assert step.verdict in ("accepted", "ignored", "refused")

@@ -17,6 +17,9 @@ import pytest
 
 from tests.protocol_model import Budget, World, settle, start, successors, violations
 
+# About a minute each: the suite's slowest tests.
+pytestmark = pytest.mark.slow
+
 
 def explore(first: World, max_depth: int) -> tuple[int, dict[str, int], list[str]]:
     """Breadth first from ``first``: the worlds seen, how often each outcome ended a

@@ -112,6 +112,8 @@ class Host:
         await self.process.wait()
 
     async def stop(self) -> None:
+        """SIGTERM, and the daemon must be gone soon: a shutdown that hangs fails the
+        test (after a SIGKILL, so that nothing is left running)."""
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             with trio.move_on_after(15):
@@ -119,6 +121,7 @@ class Host:
             if self.process.returncode is None:
                 self.process.kill()
                 await self.process.wait()
+                raise AssertionError(f"the {self.name} daemon ignored SIGTERM for 15 s")
         if self.daemon is not None:
             self.daemon = None
             await self._stack.aclose()

@@ -43,7 +43,6 @@ from orchestrator.flow import Phase
 from orchestrator.journal import JournalEvent
 from orchestrator.peer.messages import encode
 from orchestrator.peer.server import (
-    IncomingDecision,
     IncomingReady,
     IncomingReplies,
     IncomingRequest,
@@ -226,22 +225,6 @@ async def prepare_incoming(request: IncomingRequest, service: Service) -> Incomi
 )
 async def get_incoming(migration_id: str, service: Service) -> IncomingStatus:
     return await service.incoming.status(migration_id)
-
-
-@router.post(
-    "/v1/incoming/{migration_id}/decision",
-    tags=["incoming"],
-    summary="Deliver the source's commit or abort when the data channel is gone.",
-    description=(
-        "Idempotent.  409 for an abort after this host recorded the commit, or a commit "
-        "after it rolled back."
-    ),
-    responses=_errors(404, 409, 422),
-)
-async def decide_incoming(
-    migration_id: str, decision: IncomingDecision, service: Service
-) -> IncomingStatus:
-    return await service.incoming.decide(migration_id, decision.decision)
 
 
 @router.post(

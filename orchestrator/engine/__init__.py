@@ -13,6 +13,7 @@ from orchestrator.engine.destination import (
     Completion,
     Destination,
     DestinationEngine,
+    LeftInDoubt,
     LocalDestination,
 )
 from orchestrator.engine.devices import (
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceDriver",
     "DeviceFailure",
     "EngineContext",
+    "LeftInDoubt",
     "LocalDestination",
     "Migration",
     "MigrationAborted",

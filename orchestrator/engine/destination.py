@@ -42,9 +42,20 @@ from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
 from orchestrator.transport import RateLimiter, StreamReceiver, StreamSender, local_stream
 
-__all__ = ["Completion", "Destination", "DestinationEngine", "LocalDestination"]
+__all__ = ["Completion", "Destination", "DestinationEngine", "LeftInDoubt", "LocalDestination"]
+
+
+class LeftInDoubt(Exception):
+    """The destination half stopped waiting for a peer out of reach, after the commit
+    (the daemon shuts down): the migration ends here without an outcome, its journal
+    record unfinished, and the restart finishes it."""
+
 
 DESTINATION = Side.DESTINATION
+
+#: The progress event of a stream that ended: set for good.
+_ENDED = trio.Event()
+_ENDED.set()
 
 
 @dataclass
@@ -67,6 +78,9 @@ class Destination(abc.ABC):
     on_this_host: bool = True
     #: After the commit, the destination cannot be reached to say how it ended.
     in_doubt: bool = False
+    #: How the destination said it ended after the commit, where it says so itself
+    #: (another host's daemon, the authority then): the migration's outcome.
+    completed_outcome: Outcome | None = None
 
     @abc.abstractmethod
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
@@ -127,6 +141,9 @@ class Destination(abc.ABC):
     async def finish(self, outcome: Outcome) -> None:  # noqa: B027
         """The migration ended with ``outcome`` (both journals must say it)."""
 
+    def give_up(self) -> None:  # noqa: B027 - on this host nothing waits on a peer
+        """Stop waiting on a peer out of reach: ``commit`` raises LeftInDoubt then."""
+
     @abc.abstractmethod
     async def adopt(self) -> None:
         """Recovery: open every device again and adopt the state it reports."""
@@ -167,6 +184,8 @@ class DestinationEngine:
         self.vcpus: Vcpus | None = Vcpus(self.ctx, DESTINATION, vmm) if vmm is not None else None
         #: Bytes of each device's stream written into it.
         self.written: dict[str, int] = dict.fromkeys(self.names, 0)
+        # Set (and replaced) on each write, and at the stream's end or failure.
+        self._progress = {name: trio.Event() for name in self.names}
         self.digests: dict[str, str | None] = {}
         self._path_s: dict[str, float] = dict.fromkeys(self.names, 0.0)
         self._vcpus_resumed = False
@@ -216,6 +235,23 @@ class DestinationEngine:
             for name in self.names:
                 nursery.start_soon(walk, name)
 
+    async def written_at_least(self, name: str, nbytes: int) -> bool:
+        """Wait until ``nbytes`` of the device's stream are written into it; False if
+        its stream ended (or failed) short of them."""
+        while self.written[name] < nbytes:
+            if self._ended(name):
+                return False
+            await self._progress[name].wait()
+        return True
+
+    def _ended(self, name: str) -> bool:
+        return self._progress[name] is _ENDED
+
+    def _wake(self, name: str, *, end: bool = False) -> None:
+        event = self._progress[name]
+        self._progress[name] = _ENDED if end else trio.Event()
+        event.set()
+
     async def receive(self, name: str, receiver: StreamReceiver) -> float:
         """Write the stream into the device as it arrives, in order, to its end; the
         last write's seconds.  A DeviceFailure names the device; a stream cut on its
@@ -223,17 +259,21 @@ class DestinationEngine:
         receiver stays open: the caller closes it (or first drains what is on its way)."""
         device = self.driver.device(DESTINATION, name)
         last_write_s = 0.0
-        while True:
-            try:
-                chunk = await receiver.receive_lent()
-            except PeerError as exc:
-                raise self.driver.fail(DESTINATION, name, "receive", exc) from None
-            if chunk is None:
-                return last_write_s
-            start = trio.current_time()
-            await self.driver.call(DESTINATION, name, "write", device.write, chunk)
-            last_write_s = trio.current_time() - start
-            self.written[name] += len(chunk)
+        try:
+            while True:
+                try:
+                    chunk = await receiver.receive_lent()
+                except PeerError as exc:
+                    raise self.driver.fail(DESTINATION, name, "receive", exc) from None
+                if chunk is None:
+                    return last_write_s
+                start = trio.current_time()
+                await self.driver.call(DESTINATION, name, "write", device.write, chunk)
+                last_write_s = trio.current_time() - start
+                self.written[name] += len(chunk)
+                self._wake(name)
+        finally:
+            self._wake(name, end=True)
 
     async def settle(self, name: str, last_write_s: float = 0.0) -> None:
         """The stream is loaded: walk the device to STOP, then to its grace state."""
@@ -254,9 +294,12 @@ class DestinationEngine:
         then the vCPUs.  A device in ERROR is reported, never reset: after the commit a
         reset destination loses the VM's state."""
         flow = self.driver.flow
-        assert flow is not None
-        flow.learn_commit()
         completion = Completion()
+        if flow is None:
+            message = "the destination devices could not be opened: none runs"
+            completion.errors.append(self.ctx.info("device_error", message, side=DESTINATION))
+            return completion
+        flow.learn_commit()
 
         async def run(name: str) -> None:
             busy_before = self.driver.busy.get((DESTINATION, name), 0.0)

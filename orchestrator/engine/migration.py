@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import trio
 
 from orchestrator.backends.base import Device
-from orchestrator.engine.destination import Destination, LocalDestination
+from orchestrator.engine.destination import Destination, LeftInDoubt, LocalDestination
 from orchestrator.engine.devices import (
     DeviceDriver,
     EngineContext,
@@ -226,6 +226,7 @@ class Migration:
         self.log.info("migration.start", devices=len(self.names))
         # The destination's session (a data channel) spans the rollback and the
         # end too: both still talk to the destination.
+        left: LeftInDoubt | None = None
         async with self.destination.session():
             try:
                 with trio.CancelScope() as self._scope:
@@ -234,16 +235,37 @@ class Migration:
                         self._scope.cancel()
                     await self._forward()
             except BaseException as exc:
-                await self._after_forward_failure(exc)
+                left = _left_in_doubt(exc)
+                if left is None:
+                    await self._after_forward_failure(exc)
             else:
                 if self._scope.cancelled_caught:
                     self.ctx.set_error("cancelled", self._cancel_reason or "cancelled")
                     await self._settle()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._end()
+                    if left is None:
+                        await self._end()
+                    else:
+                        await self._leave(left)
+        if left is not None:
+            raise left
         assert self.report is not None
         return self.report
+
+    def abandon(self) -> None:
+        """The daemon shuts down: a committed migration whose destination (another
+        host's daemon) cannot be reached stops waiting for it, without an outcome;
+        its journal keeps the commit and the restart finishes it."""
+        if self.committed:
+            self.destination.give_up()
+
+    async def _leave(self, left: LeftInDoubt) -> None:
+        """End here without an outcome: the devices closed, nothing journaled."""
+        await self._close_all()
+        await self.destination.close()
+        self.recorder.stop()
+        self.log.warning("migration.left_in_doubt", reason=str(left))
 
     async def recover(
         self,
@@ -265,6 +287,7 @@ class Migration:
         """
         self._task_status = task_status
         self._recovering = True
+        left: LeftInDoubt | None = None
         self.recorder.start()
         self._began_before = interrupted_phase not in (None, Phase.PREPARE.value)
         where = f" in phase {interrupted_phase}" if interrupted_phase else ""
@@ -295,17 +318,25 @@ class Migration:
                     )
                     await self._rollback()
         except Exception as exc:
-            # Device failures come out of the nurseries wrapped in groups;
-            # anything else is a bug and goes on up once the report is built.
-            failures, unexpected = _split(exc, (MigrationAborted, trio.TooSlowError))
-            self.recovery_failed = True
-            self.ctx.set_error("recovery_failed", f"recovery did not finish: {failures or exc}")
-            if unexpected is not None:
-                raise
+            left = _left_in_doubt(exc)
+            if left is None:
+                # Device failures come out of the nurseries wrapped in groups;
+                # anything else is a bug and goes on up once the report is built.
+                failures, unexpected = _split(exc, (MigrationAborted, trio.TooSlowError))
+                self.recovery_failed = True
+                message = f"recovery did not finish: {failures or exc}"
+                self.ctx.set_error("recovery_failed", message)
+                if unexpected is not None:
+                    raise
         finally:
             with trio.CancelScope(shield=True):
-                await self._end(event="migration.recovered")
+                if left is None:
+                    await self._end(event="migration.recovered")
+                else:
+                    await self._leave(left)
             self._settled_here()
+        if left is not None:
+            raise left
         assert self.report is not None
         return self.report
 
@@ -672,6 +703,14 @@ class Migration:
     def precopy_began(self) -> bool:
         """Whether pre-copy began (in this run, or in the one a recovery finishes)."""
         return self._began_before or Phase.PRECOPY in self.recorder.phase_started
+
+
+def _left_in_doubt(exc: BaseException) -> LeftInDoubt | None:
+    """The LeftInDoubt in ``exc`` (alone or in a group), if there is one."""
+    found, _ = _split(exc, LeftInDoubt)
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found if isinstance(found, LeftInDoubt) else None
 
 
 def _split(

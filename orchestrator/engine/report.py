@@ -32,6 +32,9 @@ __all__ = ["build_report", "outcome_of"]
 def outcome_of(m: Migration) -> Outcome:
     """What happened, by the contract in the module docstring."""
     if m.committed:
+        if m.destination.completed_outcome is not None:
+            # Another host's daemon completed it and said how: both journals agree.
+            return m.destination.completed_outcome
         failed = m.post_commit_errors or m.phase is not Phase.DONE
         return "failed" if failed else "succeeded"
     if m.rollback_errors:

@@ -12,33 +12,17 @@ events to the source, which appends them as they arrive.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import trio
 
 from orchestrator.states import DeviceState, Side
+from orchestrator.trace import TraceEvent
 
 __all__ = ["Observer", "Trace", "TraceEvent"]
 
 _NO_DETAIL: Mapping[str, Any] = MappingProxyType({})
-
-
-@dataclass(slots=True)
-class TraceEvent:
-    """One thing that happened, in order.  Tests check invariants on the trace."""
-
-    seq: int
-    time: float
-    # arc_begin, arc_end, arc_failed, reset, phase, barrier, commit, decision,
-    # switchover_ack, vmm_begin, vmm_end, vmm_failed (detail: action)
-    kind: str
-    side: Side | None
-    device: str | None
-    from_state: DeviceState | None
-    to_state: DeviceState | None
-    detail: Mapping[str, Any]
 
 
 Observer = Callable[[TraceEvent], None]

@@ -496,11 +496,35 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
         Tick: ignored("nothing to retry"),
     }
     duplicate_vote = ignored("a duplicate vote")
+    # Every pair is listed (tests/test_protocol.py checks it): a step of the
+    # coordinator's own out of its order is a bug of the daemon, refused; a
+    # report before the destination was told to begin is the peer's.
+    out_of_order = refused("not a step the coordinator takes in this state")
+    own: dict[type, Handler] = {
+        t: out_of_order
+        for t in (PrepareAnswered, Deciding, CommitRecorded, CommitRecordFailed, Finished)
+    }
+    premature = refused("the destination reports before it was told to begin")
+    no_vcpus_yet = refused("the destination's vCPUs run only after the commit")
     return {
-        S.PREPARING: {**undecided, PrepareAnswered: m._answered},
-        S.TRANSFER: {**undecided, **reports, Vote: m._vote},
-        S.VOTED: {**undecided, **reports, Deciding: m._deciding, Vote: duplicate_vote},
+        S.PREPARING: {
+            **own,
+            **undecided,
+            **{t: premature for t in (*_REPORTS, VcpusReport, Vote)},
+            PrepareAnswered: m._answered,
+        },
+        S.TRANSFER: {**own, **undecided, **reports, Vote: m._vote, VcpusReport: no_vcpus_yet},
+        S.VOTED: {
+            **own,
+            **undecided,
+            **reports,
+            Deciding: m._deciding,
+            Vote: duplicate_vote,
+            VcpusReport: no_vcpus_yet,
+        },
         S.COMMITTING: {
+            **own,
+            VcpusReport: no_vcpus_yet,
             **reports,
             CommitRecorded: m._recorded,
             CommitRecordFailed: m._record_failed,
@@ -513,6 +537,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             Completed: refused(_NEVER_COMPLETED),
         },
         S.COMMITTED: {
+            **own,
             **late_reports,
             ArcReport: m._report,
             VcpusReport: m._report,
@@ -525,6 +550,8 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             RolledBack: refused("the destination rolled back a committed migration"),
         },
         S.ABORTING: {
+            **own,
+            VcpusReport: late,
             **late_reports,
             RolledBack: m._rolled_back_while_aborting,
             Finished: m._finished,
@@ -536,6 +563,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             Completed: refused(_NEVER_COMPLETED),
         },
         S.DONE: {
+            **own,
             **late_reports,
             DecisionQuery: m._answer_done,
             VcpusReport: late,
@@ -587,13 +615,19 @@ class DestinationMachine(_Machine):
 
     @classmethod
     def restarted(
-        cls, *, voted: bool, committed: bool, outcome: Outcome | None
+        cls, *, voted: bool, committed: bool, outcome: Outcome | None, reset: bool = False
     ) -> tuple[DestinationMachine, Step]:
-        """The machine of a daemon that restarted, from its journal, and what to do first."""
+        """The machine of a daemon that restarted, from its journal, and what to do first.
+
+        ``reset``: the journal says the devices were reset (and freed) already:
+        they may belong to another migration now, and are not touched again.
+        """
         if outcome is not None:
             return cls(DestinationState.DONE, committed=committed, outcome=outcome), _accept()
         if committed:
             return cls(DestinationState.COMMITTED, committed=True), _accept(Do.RUN_DEVICES)
+        if reset:
+            return cls(DestinationState.ABORTED), _accept(Do.QUERY)
         if voted:
             return cls(DestinationState.IN_DOUBT), _accept(Do.QUERY)
         # Not voted: the source cannot have committed; abort alone.
@@ -754,15 +788,29 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
         InitialSent: m._initial_sent,
     }
     decided_abort = ignored("late: this side aborted")
+    # Every pair is listed (tests/test_protocol.py checks it): a step of this
+    # daemon's own out of its order is its bug, refused.
+    out_of_order = refused("not a step this daemon takes in this state")
+    own: dict[type, Handler] = {
+        t: out_of_order
+        for t in (AllReady, VoteRecorded, VoteRecordFailed, DevicesRan, DevicesReset)
+    }
     return {
-        D.PREPARED: {**unvoted, Begin: m._begin},
-        D.TRANSFER: {**loading, AllReady: m._all_ready},
+        D.PREPARED: {
+            **own,
+            **unvoted,
+            Begin: m._begin,
+            InitialSent: refused("pre-copy data announced before the transfer began"),
+        },
+        D.TRANSFER: {**own, **loading, AllReady: m._all_ready},
         D.VOTING: {
+            **own,
             **loading,
             VoteRecorded: m._vote_recorded,
             VoteRecordFailed: m._abort,
         },
         D.VOTED: {
+            **own,
             Commit: m._commit,
             Abort: m._abort,
             FinalOutcome: m._outcome_before_decision,
@@ -773,6 +821,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             Tick: ignored("nothing to retry"),
         },
         D.IN_DOUBT: {
+            **own,
             Commit: m._commit,
             Abort: m._abort,
             FinalOutcome: m._outcome_before_decision,
@@ -783,6 +832,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             InitialSent: late,
         },
         D.COMMITTED: {
+            **own,
             DevicesRan: m._ran,
             Commit: ignored("a duplicate commit"),
             DecisionAnswer: m._answer_once_committed,
@@ -795,6 +845,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             VoteRecorded: late,
         },
         D.ABORTING: {
+            **own,
             DevicesReset: m._reset,
             Abort: ignored("already rolling back"),
             FinalOutcome: m._outcome_while_aborting,
@@ -809,6 +860,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             VoteRecordFailed: decided_abort,
         },
         D.ABORTED: {
+            **own,
             FinalOutcome: m._final,
             DecisionAnswer: m._final,
             Tick: m._query,
@@ -820,6 +872,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             VoteRecorded: decided_abort,
         },
         D.DONE: {
+            **own,
             Commit: m._commit_when_done,
             Abort: m._abort_when_done,
             FinalOutcome: m._outcome_when_done,

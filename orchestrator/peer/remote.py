@@ -38,9 +38,10 @@ import httpx
 import structlog
 import trio
 
-from orchestrator.engine import Completion, Destination, DeviceDriver, DeviceFailure
+from orchestrator.engine import Completion, Destination, DeviceDriver, DeviceFailure, LeftInDoubt
 from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
 from orchestrator.peer import protocol as p
+from orchestrator.peer.backoff import FIRST_S, backoff
 from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode
 from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
@@ -59,9 +60,6 @@ __all__ = [
 ]
 
 DESTINATION = Side.DESTINATION
-
-#: Backoff of the retries after the commit (seconds): first, factor, cap.
-RETRY_FIRST_S, RETRY_FACTOR, RETRY_MAX_S = 0.05, 2.0, 5.0
 
 
 def capabilities_from_json(data: Mapping[str, Any]) -> Capabilities:
@@ -173,6 +171,7 @@ class RemoteDestination(Destination):
         self._news = trio.Event()
         self._prepare_sent = False
         self._last_post_reached = False
+        self._given_up = False
 
     # -- REST ------------------------------------------------------------------------
 
@@ -273,18 +272,11 @@ class RemoteDestination(Destination):
         return capabilities
 
     async def _recovered_capabilities(self) -> dict[str, Capabilities]:
-        """After this daemon restarted: what the destination reports, where it answers;
-        else nothing (the coordinator takes the source's, which must agree)."""
-        try:
-            status = await self._request("GET", f"/v1/incoming/{self.id}")
-            return {
-                name: capabilities_from_json(info["capabilities"])
-                for name, info in status["devices"].items()
-                if info.get("capabilities")
-            }
-        except (PeerError, PlanError, KeyError, TypeError, ValueError) as exc:
-            self.notes.append(f"the destination daemon could not be asked on recovery: {exc}")
-            return {}
+        """After this daemon restarted: nothing asked of the destination (readiness
+        never waits on a peer); the coordinator takes the source's capabilities for
+        its view of the destination's devices (their P2P states must agree anyway)."""
+        await trio.lowlevel.checkpoint()
+        return {}
 
     async def adopt(self) -> None:
         # The destination's devices are its own to recover; this side learns of
@@ -374,12 +366,7 @@ class RemoteDestination(Destination):
 
     def _wake(self, reason: str) -> None:
         """Every waiter for the destination wakes and finds this failure."""
-        info = ErrorInfo(
-            kind="peer_error",
-            message=f"the destination daemon: {reason}",
-            phase=self.ctx.phase,
-            side="destination",
-        )
+        info = self._info(None, f"the destination daemon: {reason}")
         for link in self._links.values():
             link.fail(info)
         self._voted.set()
@@ -431,6 +418,7 @@ class RemoteDestination(Destination):
             self._vcpus_reported(message)
         elif isinstance(message, p.Completed):
             self._completed = message
+            self.completed_outcome = message.outcome
         elif isinstance(message, p.RolledBack):
             self._rolled_back = message
         self._notify()
@@ -454,11 +442,11 @@ class RemoteDestination(Destination):
             )
         except ProtocolViolation as exc:
             # A report the invariants forbid: this side will not go on with it.
-            link.fail(self.ctx.keep(_info(self.ctx.phase, name, f"{exc}")))
+            link.fail(self.ctx.keep(self._info(name, f"{exc}")))
             self._lost(f"the destination reported an arc the flow forbids: {exc}")
             return
         if not report.ok:
-            error = report.error or _info(self.ctx.phase, name, "the arc failed")
+            error = report.error or self._info(name, "the arc failed")
             link.fail(error)
             return
         route = flow.endpoint(DESTINATION, name).route
@@ -510,6 +498,9 @@ class RemoteDestination(Destination):
             self._feed(reply)
         return True
 
+    def _info(self, device: str | None, message: str) -> ErrorInfo:
+        return self.ctx.info("peer_error", message, side=DESTINATION, device=device)
+
     def _restart_steps(self) -> None:
         """After a restart: the first steps the journal called for (the commit to
         deliver again, or the abort), once the coordinator goes on."""
@@ -550,7 +541,7 @@ class RemoteDestination(Destination):
         if self.machine.state is not p.SourceState.VOTED:
             reason = self.failure or f"the destination did not vote ({self.machine.state.value})"
             raise self._device_failure(
-                self.names[0], _info(self.ctx.phase, None, f"the destination daemon: {reason}")
+                self.names[0], self._info(None, f"the destination daemon: {reason}")
             )
 
     # -- the decision -----------------------------------------------------------------------
@@ -569,8 +560,13 @@ class RemoteDestination(Destination):
         the commit again over REST, with backoff, until it answers how it ended."""
         self._restart_steps()
         await self._flush()
-        delay = RETRY_FIRST_S
+        delays = backoff()
         while self._completed is None:
+            if self._given_up:
+                raise LeftInDoubt(
+                    f"migration {self.id}: the destination daemon {self.base_url} did not "
+                    "say how it ended; the restart asks again"
+                )
             if self.failure is None and self.channel is not None:
                 await self._news.wait()
                 continue
@@ -580,11 +576,11 @@ class RemoteDestination(Destination):
                 break
             if reached:
                 # The destination runs its devices: its answer will say so.
-                await self._news_or(RETRY_FIRST_S)
+                await self._news_or(FIRST_S)
                 continue
+            delay = next(delays)
             self.log.warning("remote.in_doubt", retry_s=delay)
             await self._news_or(delay)  # an operator may settle it meanwhile
-            delay = min(delay * RETRY_FACTOR, RETRY_MAX_S)
         self.in_doubt = False
         completed = self._completed
         errors = list(completed.errors)
@@ -623,8 +619,16 @@ class RemoteDestination(Destination):
                 )
             return []
         with trio.move_on_after(self.plan.timeouts.rollback_s / 2):
+            delays = backoff()
             while self._rolled_back is None:
-                await self._news.wait()
+                if self.failure is None and self.channel is not None:
+                    await self._news.wait()
+                    continue
+                # Over REST: ask again (the destination repeats its RolledBack
+                # once its reset is done), with backoff.
+                await self._news_or(next(delays))
+                if self._rolled_back is None:
+                    await self._post(p.Abort(reason))
         if self._rolled_back is None:
             self.notes.append("the destination's reset not confirmed in time")
             return []
@@ -658,6 +662,10 @@ class RemoteDestination(Destination):
             )
             self._feed(p.Completed(outcome))
 
+    def give_up(self) -> None:
+        self._given_up = True
+        self._notify()
+
     def answer_query(self) -> p.DecisionAnswer:
         """The destination asks for the decision (``GET .../decision``)."""
         replies: list[p.Message] = []
@@ -670,12 +678,6 @@ class RemoteDestination(Destination):
 
     async def close(self) -> None:
         return None
-
-
-def _info(phase: str, device: str | None, message: str) -> ErrorInfo:
-    return ErrorInfo(
-        kind="peer_error", message=message, phase=phase, side="destination", device=device
-    )
 
 
 class _KeepChannel(StreamSender):

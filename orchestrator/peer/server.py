@@ -51,8 +51,9 @@ from orchestrator.engine import (
     TraceEvent,
 )
 from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
-from orchestrator.flow import MigrationFlow
+from orchestrator.flow import MigrationFlow, Phase
 from orchestrator.peer import protocol as p
+from orchestrator.peer.backoff import backoff
 from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode, negotiate_version
 from orchestrator.plan import parse_plan
 from orchestrator.report import DeviceReport, ErrorInfo, MigrationReport, Outcome
@@ -74,8 +75,6 @@ __all__ = [
 ]
 
 DESTINATION = Side.DESTINATION
-#: Backoff of the questions to the source (seconds): first, factor, cap.
-QUERY_FIRST_S, QUERY_FACTOR, QUERY_MAX_S = 0.05, 2.0, 5.0
 
 
 def capabilities_to_json(caps: Capabilities) -> dict[str, Any]:
@@ -129,6 +128,9 @@ class IncomingMigration:
         self._vote_error: str | None = None
         self._commit_recorded: trio.Event | None = None
         self._querying = False
+        self._transfer_scope = trio.CancelScope()
+        self._transfer_started = False
+        self._transfer_done = trio.Event()
         self._vmm_began = 0.0
         self._released = False
         self._errors: list[ErrorInfo] = []
@@ -319,15 +321,22 @@ class IncomingMigration:
     # -- the actions ------------------------------------------------------------------------
 
     async def _transfer(self) -> None:
+        """Every device to RESUMING, then each stream loaded and its device walked to
+        its grace state.  A reset (an abort) cancels it and waits for it to end first."""
         self.ctx.phase = "transfer"
+        self._transfer_started = True
         try:
-            await self.engine.begin()
-        except DeviceFailure:
-            return  # reported (the arc failed); the source aborts
-        assert self.channel is not None
-        async with trio.open_nursery() as nursery:
-            for name in self.names:
-                nursery.start_soon(self._load, name, self.channel)
+            with self._transfer_scope:
+                try:
+                    await self.engine.begin()
+                except DeviceFailure:
+                    return  # reported (the arc failed); the source aborts
+                assert self.channel is not None
+                async with trio.open_nursery() as nursery:
+                    for name in self.names:
+                        nursery.start_soon(self._load, name, self.channel)
+        finally:
+            self._transfer_done.set()
 
     async def _load(self, name: str, channel: DestinationChannel) -> None:
         receiver = channel.receiver(name)
@@ -405,20 +414,29 @@ class IncomingMigration:
         )
 
     async def _reset_devices(self) -> None:
+        """Stop the transfer, ask the devices where they stand, reset what moved;
+        then journal that the reset is done, before the devices' locks are freed: a
+        restart must not reset devices another migration may have taken since."""
         self.ctx.phase = "rollback"
-        with trio.move_on_after(self.plan.timeouts.rollback_s):
+        self._transfer_scope.cancel()
+        if self._transfer_started:
+            await self._transfer_done.wait()
+        errors: list[ErrorInfo] = []
+        with trio.move_on_after(self.plan.timeouts.rollback_s) as deadline:
+            if self.driver.flow is not None:
+                await self.driver.settle_pending()
             errors = await self.engine.roll_back()
-            self._errors.extend(errors)
-            self.handle(p.DevicesReset(tuple(errors)))
-            return
-        timeout = ErrorInfo(
-            kind="phase_timeout",
-            message=f"the reset took over {self.plan.timeouts.rollback_s:g} s",
-            phase="rollback",
-            side="destination",
-        )
-        self._errors.append(timeout)
-        self.handle(p.DevicesReset((timeout,)))
+        if deadline.cancelled_caught:
+            message = f"the reset took over {self.plan.timeouts.rollback_s:g} s"
+            errors.append(self.ctx.info("phase_timeout", message, side=DESTINATION))
+        self._errors.extend(errors)
+        if not errors:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.journal.record_phase(self.id, Phase.ROLLBACK.value)
+            except Exception as exc:  # the restart then resets again: harmless, logged
+                self.log.exception("incoming.reset_record_failed", error=str(exc))
+        self.handle(p.DevicesReset(tuple(errors)))
 
     async def _release(self) -> None:
         if self._released:
@@ -432,16 +450,13 @@ class IncomingMigration:
         """Switchover acknowledgement: the initial data the source sent is loaded."""
         if message.device not in self.engine.written or self.channel is None:
             return
-        while self.engine.written[message.device] < message.nbytes:
-            if self.machine.state is not p.DestinationState.TRANSFER:
-                return
-            await trio.sleep(0.001)
-        with contextlib.suppress(PeerError):
-            await self.channel.acknowledge(message.device)
+        if await self.engine.written_at_least(message.device, message.nbytes):
+            with contextlib.suppress(PeerError):
+                await self.channel.acknowledge(message.device)
 
     async def _ask_the_source(self) -> None:
         """Ask the source daemon for the decision (or the outcome), with backoff."""
-        delay = QUERY_FIRST_S
+        delays = backoff()
         try:
             while self.machine.state in (p.DestinationState.IN_DOUBT, p.DestinationState.ABORTED):
                 answer = await self._query()
@@ -452,8 +467,7 @@ class IncomingMigration:
                     p.DestinationState.ABORTED,
                 ):
                     break
-                await trio.sleep(delay)
-                delay = min(delay * QUERY_FACTOR, QUERY_MAX_S)
+                await trio.sleep(next(delays))
         finally:
             self._querying = False
 
@@ -493,6 +507,23 @@ class IncomingMigration:
         except Exception as exc:  # journal trouble is logged, never loses the VM
             self.log.exception("incoming.journal_finish_failed", error=str(exc))
         self.log.info("incoming.end", outcome=outcome)
+        self.done.set()
+
+    async def end_failed(self, reason: str) -> None:
+        """End here as failed after a crash of this migration's own task."""
+        if self.done.is_set():
+            return
+        self.ctx.set_error("internal_error", reason)
+        self._nursery = None
+        with contextlib.suppress(Exception):
+            await self.engine.close()
+        self._release_locks()
+        self.report = self._build_report("failed")
+        try:
+            await self.journal.finish(self.id, self.report)
+            self.journaled = True
+        except Exception as exc:
+            self.log.exception("incoming.journal_finish_failed", error=str(exc))
         self.done.set()
 
     # -- what it says -------------------------------------------------------------------------
@@ -615,12 +646,6 @@ class IncomingRequest(BaseModel):
     source: SourceContactModel | None = None
 
 
-class IncomingDecision(BaseModel):
-    """``POST /v1/incoming/{id}/decision``: an operator's or a source's commit or abort."""
-
-    decision: Literal["commit", "abort"]
-
-
 class IncomingReplies(BaseModel):
     """What a message delivered over REST made this side answer."""
 
@@ -697,6 +722,16 @@ class IncomingRegistry:
             version = negotiate_version(request.protocol, PROTOCOL_VERSIONS)
         except ProtocolViolation as exc:
             raise ProtocolMismatch(str(exc)) from None
+        if request.source is None:
+            raise PlanError(
+                [
+                    Problem(
+                        "source",
+                        "no way to reach the source daemon: this side could never ask it "
+                        "for the decision if the two lost each other",
+                    )
+                ]
+            )
         if request.migration_id in self.migrations:
             raise IncomingConflict(f"migration {request.migration_id!r} is already prepared here")
         if self.journal is not None and await self.journal.get(request.migration_id):
@@ -709,7 +744,7 @@ class IncomingRegistry:
         resolved = resolve(plan, self.backends)
         keys = resolved.device_keys()
         self._lock(keys, request.migration_id)
-        source = request.source.model_dump() if request.source is not None else None
+        source = request.source.model_dump()
         migration = IncomingMigration(
             resolved,
             request.migration_id,
@@ -752,8 +787,12 @@ class IncomingRegistry:
     ) -> None:
         try:
             await migration.run(channel, first, task_status=task_status)
-        except Exception:
+        except Exception as exc:
+            # A bug: end it as failed (an operator is needed), its devices freed,
+            # rather than leave a migration no message can reach any more.
             log.exception("incoming.crashed", migration=migration.id)
+            with trio.CancelScope(shield=True):
+                await migration.end_failed(f"{type(exc).__name__}: {exc}")
         finally:
             if self.listener is not None:
                 self.listener.forget(migration.id)
@@ -795,6 +834,12 @@ class IncomingRegistry:
             message = decode(data)
         except ProtocolViolation as exc:
             raise PlanError([Problem("body", str(exc))]) from None
+        if message.FROM != "source" or isinstance(message, p.DecisionAnswer):
+            # A decision answer only ever comes as the reply to this daemon's own
+            # question; an operator decides with settle, which asks the source first.
+            raise PlanError(
+                [Problem("body.op", f"{message.OP!r} is not a message the source sends here")]
+            )
         replies: list[p.Message] = []
         migration = self.migrations.get(migration_id)
         if migration is not None:
@@ -812,15 +857,6 @@ class IncomingRegistry:
         if step.verdict == "refused":
             replies.append(p.Refused(message.OP, step.reason))
         return IncomingReplies(status=status, replies=[encode(r) for r in replies])
-
-    async def decide(self, migration_id: str, decision: str) -> IncomingStatus:
-        """``POST .../decision``: a commit or abort, as the source would send it."""
-        message: p.Message = p.Commit() if decision == "commit" else p.Abort("over REST")
-        answer = await self.deliver(migration_id, encode(message))
-        refused = [r for r in answer.replies if r.get("op") == "refused"]
-        if refused:
-            raise IncomingConflict(str(refused[0].get("reason")))
-        return answer.status
 
     async def settle(self, migration_id: str, decision: str, *, force: bool) -> IncomingStatus:
         """An operator decides for a migration in doubt here (voted, no decision, the
@@ -853,39 +889,44 @@ class IncomingRegistry:
 
     async def _recover_one(self, record: Any) -> None:
         """A migration this daemon received when it died: the machine restarts from the
-        journal (complete if the commit is recorded, ask the source if it voted, else
-        roll back) and its first steps run in the background: readiness never waits on
-        the source."""
+        journal (complete if the commit is recorded, ask the source if it voted, ask
+        for the outcome if its devices were reset already, else roll back) and its
+        first steps run in the background: readiness never waits on the source."""
         resolved = resolve(record.plan, self.backends)
         keys = resolved.device_keys()
-        self._lock(keys, record.id)
+        reset = record.phase == Phase.ROLLBACK.value and not record.committed
+        machine, restart = p.DestinationMachine.restarted(
+            voted=record.phase == Phase.DESTINATION_GRACE.value or record.committed,
+            committed=record.committed,
+            outcome=None,
+            reset=reset,
+        )
+        if not reset:
+            self._lock(keys, record.id)
         migration = IncomingMigration(
             resolved,
             record.id,
             self.journal,
             record.peer,
-            release=lambda: self._unlock(keys, record.id),
-        )
-        machine, first = p.DestinationMachine.restarted(
-            voted=record.phase == "destination_grace" or record.committed,
-            committed=record.committed,
-            outcome=None,
+            release=(lambda: None) if reset else (lambda: self._unlock(keys, record.id)),
         )
         migration.machine = machine
-        log.warning("incoming.recover", migration=record.id, state=machine.state.value)
         self.migrations[record.id] = migration
-        try:
-            with trio.fail_after(record.plan.timeouts.rollback_s):
-                await migration.recover()
-        except (ProtocolViolation, trio.TooSlowError, DeviceFailure) as exc:
-            # Its devices cannot be driven: they stay locked, the record unfinished,
-            # for an operator (``orchestrator settle``); the source asks in vain.
-            log.warning(
-                "incoming.recover_failed",
-                migration=record.id,
-                error=str(exc),
-                hint="settle it once its devices answer: orchestrator settle --force",
-            )
-            return
+        log.warning("incoming.recover", migration=record.id, state=machine.state.value)
+        first: p.Step | None = restart
+        if not reset:
+            try:
+                with trio.fail_after(record.plan.timeouts.rollback_s):
+                    await migration.recover()
+            except (ProtocolViolation, trio.TooSlowError, DeviceFailure) as exc:
+                # Its devices cannot be driven: they stay locked, the record
+                # unfinished, for an operator (``orchestrator settle``).
+                log.warning(
+                    "incoming.recover_failed",
+                    migration=record.id,
+                    error=str(exc),
+                    hint="settle it once its devices answer: orchestrator settle --force",
+                )
+                first = None
         assert self._nursery is not None
         await self._nursery.start(self._serve, migration, None, first)
