@@ -46,9 +46,10 @@ def _device(name: str, seed: int, source: dict[str, Any], **destination: Any) ->
 
 
 def _slow_after_the_commit() -> list[dict[str, Any]]:
-    """Two devices whose slow destination arcs hold the window after the commit open."""
+    """Two devices whose slow destination arcs (2 s each) hold the window after the
+    commit open: long beside a status poll and a kill, even on a loaded machine."""
     return [
-        _device(f"nic{i}", i, {"state_mib": 0.25, "transition_ms": 1}, transition_ms=700)
+        _device(f"nic{i}", i, {"state_mib": 0.25, "transition_ms": 1}, transition_ms=2000)
         for i in range(2)
     ]
 
