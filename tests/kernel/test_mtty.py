@@ -294,14 +294,17 @@ def test_a_busy_device_is_refused(mdevs: Mdevs, tmp_path: Path) -> None:
         result = orchestrator("run", plan, "--json")
         assert handle.state() is S.RUNNING
     report = result.report()
-    assert result.returncode == 3
+    # Refused before pre-copy began, every device as it was: exit 4.
+    assert result.returncode == 4
     assert "Traceback" not in result.stderr
-    assert report["outcome"] == "failed"
+    assert report["outcome"] == "refused"
     error = report["error"]
     assert (error["side"], error["device"], error["operation"]) == ("source", "tty0", "open")
     assert "Device or resource busy" in error["message"]
     assert "in use by another process" in error["message"]
+    # The report says where each device stands: the destination's as it answered.
     assert report["devices"][0]["source_state"] == "unknown"
+    assert report["devices"][0]["destination_state"] == "RUNNING"
     # Nothing moved: both devices are where they were, and a later run succeeds.
     with MttyHandle(destination) as handle:
         assert handle.state() is S.RUNNING
