@@ -19,9 +19,10 @@ import pytest
 import trio
 from pydantic import ValidationError
 
-from orchestrator.backends import BACKENDS, Backend, get_backend
+from orchestrator.backends import BACKENDS, Backend, get_backend, precise_sleep
 from orchestrator.backends.simulated import (
     END_SIZE,
+    FAULT_ARCS,
     HEADER_SIZE,
     MAGIC,
     RUN_HEADER_SIZE,
@@ -31,8 +32,10 @@ from orchestrator.backends.simulated import (
     SimulatedParams,
     reference_digest,
 )
+from orchestrator.backends.simulated.faults import arc_name
 from orchestrator.errors import DeviceError, PlanError
-from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side
+from orchestrator.plan import problems_from_validation
+from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side, arcs
 
 S = DeviceState
 KIB = 1024
@@ -785,6 +788,183 @@ async def test_fault_at_a_state_with_an_offset_arms_on_entry() -> None:
     assert len(await drain(source)) > 0
 
 
+# --- faults at an arc ------------------------------------------------------------------
+
+
+async def loaded_destination(params: SimulatedParams) -> SimulatedDevice:
+    """A destination in RESUMING holding a whole stream: RESUMING -> STOP will succeed."""
+    source = await opened(make_params())
+    await walk(source, S.RUNNING_P2P, S.STOP, S.STOP_COPY)
+    destination = await opened(params, Side.DESTINATION)
+    await walk(destination, S.RUNNING_P2P, S.STOP, S.RESUMING)
+    await destination.write(await drain(source))
+    return destination
+
+
+@pytest.mark.parametrize("kind", ["error", "error_state"])
+async def test_a_fault_at_a_post_load_arc_fires_on_that_arc_only(kind: str) -> None:
+    # RESUMING -> STOP: the walk to RESUMING enters STOP from RUNNING_P2P first.
+    destination = await loaded_destination(
+        make_params(fault={"at": "Resuming -> Stop", "kind": kind})
+    )
+    with pytest.raises(
+        DeviceError, match=f"injected {kind} fault at entering STOP from RESUMING"
+    ) as e:
+        await destination.set_state(S.STOP)
+    assert (e.value.errno, e.value.operation, e.value.target) == (errno.EIO, "set_state", "STOP")
+    assert destination.fault is None
+    if kind == "error":
+        assert await destination.get_state() is S.RESUMING
+        await walk(destination, S.STOP, S.RUNNING_P2P, S.RUNNING)  # once: the retry loads
+    else:
+        assert await destination.get_state() is S.ERROR
+
+
+async def test_a_fault_at_stop_to_running_p2p_spares_the_walk_to_resuming() -> None:
+    destination = await loaded_destination(
+        make_params(fault={"at": "STOP->RUNNING_P2P", "kind": "error", "once": False})
+    )
+    await walk(destination, S.STOP)
+    for _ in range(2):  # not once: every time the arc is taken
+        with pytest.raises(DeviceError, match="at entering RUNNING_P2P from STOP"):
+            await destination.set_state(S.RUNNING_P2P)
+        assert await destination.get_state() is S.STOP
+    assert destination.fault is not None
+
+
+async def test_another_arc_into_the_state_does_not_fire_an_arc_fault() -> None:
+    params = make_params(fault={"at": "PRE_COPY_P2P->RUNNING_P2P", "kind": "error"})
+    source = await opened(params)
+    # RUNNING -> RUNNING_P2P enters the same state by another arc.
+    await walk(source, S.RUNNING_P2P, S.PRE_COPY_P2P)
+    with pytest.raises(DeviceError, match="at entering RUNNING_P2P from PRE_COPY_P2P"):
+        await source.set_state(S.RUNNING_P2P)
+    assert await source.get_state() is S.PRE_COPY_P2P
+    await walk(source, S.RUNNING_P2P, S.RUNNING, S.RUNNING_P2P)
+
+
+async def test_a_state_fault_still_fires_on_any_arc_into_the_state() -> None:
+    params = make_params(fault={"at": "RUNNING_P2P", "kind": "error", "once": False})
+    source = await opened(params)
+    with pytest.raises(DeviceError, match="at entering RUNNING_P2P from RUNNING"):
+        await source.set_state(S.RUNNING_P2P)
+    await walk(source, S.PRE_COPY, S.PRE_COPY_P2P)
+    with pytest.raises(DeviceError, match="at entering RUNNING_P2P from PRE_COPY_P2P"):
+        await source.set_state(S.RUNNING_P2P)
+
+
+async def test_hang_at_an_arc_never_returns(autojump_clock: trio.testing.MockClock) -> None:
+    destination = await loaded_destination(
+        make_params(fault={"at": "RESUMING->STOP", "kind": "hang"}, transition_ms=5)
+    )
+    with pytest.raises(trio.TooSlowError), trio.fail_after(60):
+        await destination.set_state(S.STOP)
+    assert await destination.get_state() is S.RESUMING
+    await walk(destination, S.STOP)  # the hang fired once; the load is intact
+
+
+async def test_an_arc_fault_with_an_offset_arms_when_that_arc_is_taken() -> None:
+    params = make_params(fault={"at": "STOP->STOP_COPY", "kind": "error", "offset": 100})
+    source = await opened(params)
+    await walk(source, S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY)  # into STOP_COPY, another arc
+    await drain(source)  # covers byte 100: nothing armed, nothing fires
+    await walk(source, S.STOP, S.STOP_COPY)  # this arc arms byte 100 of the new stream
+    position = 0
+    while position < 100:
+        position += len(await source.read(100 - position))
+    with pytest.raises(DeviceError, match="stream offset 100"):
+        await source.read(10)
+    assert len(await drain(source)) > 0
+
+
+async def test_corrupt_at_an_arc_flips_the_next_byte() -> None:
+    params = make_params(fault={"at": "STOP->STOP_COPY", "kind": "corrupt"})
+    source = await opened(params)
+    await walk(source, S.RUNNING_P2P, S.STOP, S.STOP_COPY)
+    assert (await drain(source))[:1] == bytes([MAGIC[0] ^ 0xFF])
+
+
+# --- delays -----------------------------------------------------------------------------
+
+
+async def timed_arc(device: SimulatedDevice, target: DeviceState) -> float:
+    start = trio.current_time()
+    await device.set_state(target)
+    assert await device.get_state() is target
+    return trio.current_time() - start
+
+
+@pytest.mark.parametrize("transition_ms", [0, 5])
+async def test_a_delay_at_an_arc_adds_exactly_delay_ms_once(
+    autojump_clock: trio.testing.MockClock, transition_ms: float
+) -> None:
+    fault = {"at": "RUNNING -> RUNNING_P2P", "kind": "delay", "delay_ms": 250}
+    source = await opened(make_params(fault=fault, transition_ms=transition_ms))
+    latency = transition_ms / 1000
+    assert await timed_arc(source, S.RUNNING_P2P) == pytest.approx(latency + 0.25, abs=1e-9)
+    assert source.fault is None
+    for state in (S.RUNNING, S.RUNNING_P2P, S.PRE_COPY_P2P, S.RUNNING_P2P):
+        assert await timed_arc(source, state) == pytest.approx(latency, abs=1e-9)
+
+
+async def test_a_repeating_delay_at_a_state_lengthens_every_arc_into_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fault = {"at": "running_p2p", "kind": "delay", "delay_ms": 40, "once": False}
+    source = await opened(make_params(fault=fault, transition_ms=1))
+    assert await timed_arc(source, S.RUNNING_P2P) == pytest.approx(0.041, abs=1e-9)
+    assert await timed_arc(source, S.PRE_COPY_P2P) == pytest.approx(0.001, abs=1e-9)
+    assert await timed_arc(source, S.RUNNING_P2P) == pytest.approx(0.041, abs=1e-9)
+    assert await timed_arc(source, S.STOP) == pytest.approx(0.001, abs=1e-9)
+    assert source.fault is not None
+
+
+async def test_a_delay_is_the_arcs_one_precise_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.backends.simulated.device as device_module
+
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await precise_sleep.sleep(seconds)
+
+    monkeypatch.setattr(device_module, "_sleep", sleep)
+    fault = {"at": "RUNNING->RUNNING_P2P", "kind": "delay", "delay_ms": 2}
+    source = await opened(make_params(fault=fault, transition_ms=1))
+    with one_checkpoint():
+        await source.set_state(S.RUNNING_P2P)
+    assert slept == [pytest.approx(0.003)]
+    fault["delay_ms"] = 3
+    source = await opened(make_params(fault=fault))  # no latency: the delay is the sleep
+    with one_checkpoint():
+        await source.set_state(S.RUNNING_P2P)
+    assert slept[1:] == [pytest.approx(0.003)]
+
+
+async def test_a_delay_is_cancelled_by_the_callers_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fault = {"at": "RESUMING->STOP", "kind": "delay", "delay_ms": 5000}
+    destination = await loaded_destination(make_params(fault=fault, transition_ms=2))
+    start = trio.current_time()
+    with trio.move_on_after(1) as scope:
+        await destination.set_state(S.STOP)
+    assert scope.cancelled_caught
+    assert trio.current_time() - start == pytest.approx(1)
+    assert await destination.get_state() is S.RESUMING  # the arc did not happen
+    assert destination.fault is None  # and the delay is spent, as a cancelled hang is
+    assert await timed_arc(destination, S.STOP) == pytest.approx(0.002, abs=1e-9)
+
+
+async def test_a_refused_arc_does_not_spend_a_delay(autojump_clock: trio.testing.MockClock) -> None:
+    source = await opened(make_params(fault={"at": "STOP", "kind": "delay", "delay_ms": 7}))
+    with one_checkpoint(), pytest.raises(DeviceError, match="not one arc"):
+        await source.set_state(S.STOP)  # RUNNING -> STOP: a P2P device has no such arc
+    assert source.fault is not None
+    await walk(source, S.RUNNING_P2P)
+    assert await timed_arc(source, S.STOP) == pytest.approx(0.007, abs=1e-9)
+
+
 # --- faults at a stream offset ----------------------------------------------------------
 
 
@@ -1116,17 +1296,90 @@ async def test_open_reports_capabilities_and_close_ends_use() -> None:
         ({"dirty_mib_s": -1}, "greater than or equal to 0"),
         ({"drain_mib_s": 0}, "greater than 0"),
         ({"colour": "red"}, "Extra inputs are not permitted"),
-        ({"fault": {"at": "bogus", "kind": "error"}}, "expected 'stream' or one of STOP, RUNNING"),
+        (
+            {"fault": {"at": "bogus", "kind": "error"}},
+            r"expected 'stream', a state \(STOP, RUNNING",
+        ),
         ({"fault": {"at": "error", "kind": "error"}}, "cannot be injected at ERROR"),
         ({"fault": {"at": "stream", "kind": "hang"}}, "needs offset"),
         ({"fault": {"at": "STOP", "kind": "explode"}}, "'error', 'error_state', 'hang'"),
         ({"fault": {"at": "stream", "kind": "hang", "offset": -1}}, "greater than or equal"),
         ({"fault": {"at": "STOP", "kind": "error", "when": 1}}, "Extra inputs"),
+        ({"fault": {"at": "STOP->ERROR", "kind": "error"}}, "cannot be injected at an arc into"),
+        ({"fault": {"at": "ERROR->STOP", "kind": "error"}}, "only a reset leaves it"),
+        ({"fault": {"at": "STOP -> nowhere", "kind": "error"}}, "unknown fault point"),
+        ({"fault": {"at": "->STOP", "kind": "error"}}, "unknown fault point"),
+        ({"fault": {"at": "STOP", "kind": "delay", "delay_ms": 0}}, "greater than 0"),
+        ({"fault": {"at": "STOP", "kind": "delay", "delay_ms": float("inf")}}, "finite"),
+        ({"fault": {"at": "stream", "kind": "delay", "delay_ms": 1}}, "cannot be at 'stream'"),
+        ({"fault": {"at": "STOP", "kind": "delay", "delay_ms": 1, "offset": 0}}, "no offset"),
     ],
 )
 def test_params_validation_errors_are_clear(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         SimulatedParams.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "message"),
+    [
+        (
+            {"at": "RUNNING->RESUMING", "kind": "error"},
+            "fault.at",
+            "'RUNNING->RESUMING' is not one arc of the state model: expected one of "
+            + ", ".join(FAULT_ARCS),
+        ),
+        (
+            {"at": "RESUMING->STOP", "kind": "delay"},
+            "fault.delay_ms",
+            "kind = 'delay' needs delay_ms",
+        ),
+        (
+            {"at": "RESUMING->STOP", "kind": "hang", "delay_ms": 5},
+            "fault.delay_ms",
+            "delay_ms applies only to kind = 'delay', not kind = 'hang'",
+        ),
+    ],
+)
+def test_fault_validation_errors_name_the_field(
+    raw: dict[str, Any], path: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        SimulatedParams.model_validate({"fault": raw})
+    [problem] = problems_from_validation(caught.value, "devices[0].destination")
+    assert problem.path == f"devices[0].destination.{path}"
+    assert message in problem.message
+
+
+def test_the_fault_arcs_are_every_arc_of_the_state_model() -> None:
+    every = {
+        arc_name(start, end)
+        for flags in range(8)
+        if flags & MigrationFlags.STOP_COPY
+        for start, ends in arcs(MigrationFlags(flags)).items()
+        for end in ends
+    }
+    assert set(FAULT_ARCS) == every and len(FAULT_ARCS) == len(every)
+    assert {"RESUMING->STOP", "STOP->RUNNING_P2P", "RUNNING->STOP"} <= every
+    assert not any("ERROR" in arc for arc in FAULT_ARCS)
+
+
+def test_an_arc_the_device_lacks_is_refused() -> None:
+    # RUNNING_P2P->STOP exists only with P2P; RUNNING->STOP only without.
+    with pytest.raises(ValidationError, match=r"not an arc of this device \(p2p = false") as caught:
+        SimulatedParams.model_validate(
+            {"p2p": False, "fault": {"at": "RUNNING_P2P->STOP", "kind": "error"}}
+        )
+    assert "whose arcs are STOP->RUNNING, " in str(caught.value)
+    with pytest.raises(ValidationError, match=r"not an arc of this device \(p2p = true"):
+        SimulatedParams.model_validate({"fault": {"at": "RUNNING->STOP", "kind": "error"}})
+    assert SimulatedParams.model_validate(
+        {"p2p": False, "fault": {"at": "running->stop", "kind": "error"}}
+    ).fault == FaultSpec(at="RUNNING->STOP", kind="error")
+    # A state stays a state, whatever the device has (as before).
+    assert SimulatedParams.model_validate(
+        {"p2p": False, "fault": {"at": "RUNNING_P2P", "kind": "error"}}
+    )
 
 
 def test_params_defaults_and_normalisation() -> None:
@@ -1143,6 +1396,14 @@ def test_params_defaults_and_normalisation() -> None:
         True,
     )
     assert FaultSpec(at="Stream", kind="error", offset=3).state is None
+    arc = FaultSpec.model_validate({"at": " resuming  ->stop", "kind": "delay", "delay_ms": 2})
+    assert (arc.at, arc.arc_from, arc.state, arc.delay_ms) == (
+        "RESUMING->STOP",
+        S.RESUMING,
+        S.STOP,
+        2,
+    )
+    assert (fault.arc_from, fault.delay_ms) == (None, None)
     assert SimulatedParams(state_mib=1e-9).state_bytes == 8
     for field in SimulatedParams.model_fields.values():
         assert field.description

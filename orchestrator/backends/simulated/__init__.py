@@ -31,7 +31,7 @@ from orchestrator.backends.simulated.content import PAGE_DIGEST_SIZE, reference_
 from orchestrator.backends.simulated.content import _Layout as _Layout
 from orchestrator.backends.simulated.content import _mutation_key as _mutation_key
 from orchestrator.backends.simulated.device import SimulatedDevice
-from orchestrator.backends.simulated.faults import FAULT_STATES, FaultKind, FaultSpec
+from orchestrator.backends.simulated.faults import FAULT_ARCS, FAULT_STATES, FaultKind, FaultSpec
 from orchestrator.backends.simulated.params import KIB, MIB, SimulatedParams
 from orchestrator.backends.simulated.statefile import _H_MUTATIONS as _H_MUTATIONS
 from orchestrator.backends.simulated.statefile import _H_STATE as _H_STATE
@@ -62,6 +62,7 @@ from orchestrator.backends.simulated.stream import (
 
 __all__ = [
     "END_SIZE",
+    "FAULT_ARCS",
     "FAULT_STATES",
     "FILE_CONTENT_OFFSET",
     "FILE_HEADER_SIZE",

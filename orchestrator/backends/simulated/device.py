@@ -27,11 +27,14 @@ state from one that is not starts a new stream from scratch.  A
 destination reopened in RESUMING has lost its partial load: ``write``
 fails (EINVAL), RESUMING -> STOP fails as an incomplete load does (EIO,
 into ERROR), and a reset recovers it.  Faults, the fractional dirtying
-carry and the time a device spent without a process are not kept either: a reopened running device
-dirties from its recorded count, from the moment it is opened, so
-:func:`reference_digest` of its count still holds; a stopped one stays
-frozen.  ``close`` brings every page digest up to date before it unmaps
-the content, so :meth:`SimulatedDevice.state_digest` still answers.
+carry and the time a device spent without a process are not kept either:
+a reopened device takes its fault from its parameters afresh (a ``once``
+fault that fired before fires again, once per opening; see :mod:`.faults`),
+and a reopened running device dirties from its recorded count, from the
+moment it is opened, so :func:`reference_digest` of its count still holds;
+a stopped one stays frozen.  ``close`` brings every page digest up to date
+before it unmaps the content, so :meth:`SimulatedDevice.state_digest` still
+answers.
 File work is done in the calling thread, as an in-memory device builds
 its content: it is page-cache work, and a worker thread would let a mock
 clock jump past the runner's deadlines.
@@ -52,7 +55,8 @@ Invariants
 * Time is spent only in :func:`~orchestrator.backends.precise_sleep.sleep`
   (``trio.sleep`` under a ``MockClock``, within tens of microseconds on the real
   clock, as a real device's call returns when the kernel is done):
-  ``transition_ms`` before each arc (and each reset), ``n / drain_mib_s``
+  ``transition_ms`` before each arc (and each reset), lengthened by a
+  ``delay`` fault's ``delay_ms`` in the same sleep, ``n / drain_mib_s``
   for a read or write moving ``n`` bytes.  The device serves one call at a
   time, as the runner drives it.
 * Every call is a checkpoint once: its sleep when it has one (a refused call
@@ -218,15 +222,24 @@ class SimulatedDevice(Device):
         return self._state
 
     async def set_state(self, target: DeviceState) -> None:
-        delay = self._transition_s
+        faults = self._faults
+        # A delay fault lengthens the arc's one sleep, so it is known before the
+        # checks (which take a plain checkpoint for a call that does not sleep).
+        extra = 0.0 if faults.configured is None else faults.delay_s(self._state, target)
+        delay = self._transition_s + extra
         await self._checked(bool(delay), self._check_arc, target)
+        current = self._state
+        if extra:
+            # The delay fires as its sleep begins: a cancelled one is spent, as a hang is.
+            faults.entering(current, target)
         if delay:
             await _sleep(delay)
             if self._dirty.per_s:
                 self._advance()
-        kind = self._faults.entering(target)
+        kind = None if extra else faults.entering(current, target)
         if kind is not None:
-            await self._fire(kind, "set_state", f"entering {target.name}", target)
+            where = f"entering {target.name} from {current.name}"
+            await self._fire(kind, "set_state", where, target)
         self._enter(target)
 
     async def read(self, max_bytes: int) -> bytes:

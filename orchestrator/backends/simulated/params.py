@@ -1,17 +1,18 @@
 """The parameters of a simulated device: its plan table, validated.
 
 Invariants: a :class:`SimulatedParams` is frozen and valid once built (sizes
-positive and bounded, the page size a power of two, rates finite); the
-state size is whole 8-byte words (:attr:`SimulatedParams.state_bytes`), and
-the capabilities follow from the ``p2p`` and ``pre_copy`` flags alone.
+positive and bounded, the page size a power of two, rates finite, a fault
+at an arc at one of the device's own arcs); the state size is whole 8-byte
+words (:attr:`SimulatedParams.state_bytes`), and the capabilities follow
+from the ``p2p`` and ``pre_copy`` flags alone.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from orchestrator.backends.simulated.faults import FaultSpec
-from orchestrator.states import Capabilities, MigrationFlags
+from orchestrator.backends.simulated.faults import FaultSpec, arc_names
+from orchestrator.states import Capabilities, MigrationFlags, arcs
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -66,6 +67,26 @@ class SimulatedParams(BaseModel):
             raise ValueError(f"page_kib must be a power of two (1, 2, 4, ..., 1024), not {value}")
         return value
 
+    @field_validator("fault")
+    @classmethod
+    def _fault_arc_is_the_devices(
+        cls, fault: FaultSpec | None, info: ValidationInfo
+    ) -> FaultSpec | None:
+        # An arc this device does not have would never fire: a test would pass
+        # for want of its fault.  (p2p and pre_copy come first, so they are known.)
+        if fault is None or fault.arc_from is None or fault.state is None:
+            return fault
+        p2p, pre_copy = info.data.get("p2p"), info.data.get("pre_copy")
+        if p2p is None or pre_copy is None:
+            return fault  # their own errors are reported
+        graph = arcs(_flags(p2p=p2p, pre_copy=pre_copy))
+        if fault.state in graph.get(fault.arc_from, frozenset()):
+            return fault
+        raise ValueError(
+            f"fault at {fault.at!r}: not an arc of this device (p2p = {str(p2p).lower()}, "
+            f"pre_copy = {str(pre_copy).lower()}), whose arcs are {', '.join(arc_names(graph))}"
+        )
+
     @property
     def state_bytes(self) -> int:
         """The state size in bytes: ``state_mib`` rounded to whole 8-byte words."""
@@ -77,9 +98,14 @@ class SimulatedParams(BaseModel):
 
     @property
     def capabilities(self) -> Capabilities:
-        flags = MigrationFlags.STOP_COPY
-        if self.p2p:
-            flags |= MigrationFlags.P2P
-        if self.pre_copy:
-            flags |= MigrationFlags.PRE_COPY
+        flags = _flags(p2p=self.p2p, pre_copy=self.pre_copy)
         return Capabilities(flags, stop_copy_size=True, dirty_logging=False)
+
+
+def _flags(*, p2p: bool, pre_copy: bool) -> MigrationFlags:
+    flags = MigrationFlags.STOP_COPY
+    if p2p:
+        flags |= MigrationFlags.P2P
+    if pre_copy:
+        flags |= MigrationFlags.PRE_COPY
+    return flags
