@@ -290,6 +290,44 @@ async def test_error_and_resets_persist(tmp_path: Path) -> None:
     await dev.close()
 
 
+@pytest.mark.parametrize("kind", ["error", "delay"])
+async def test_a_once_fault_fires_once_per_opening(
+    tmp_path: Path, autojump_clock: Any, kind: str
+) -> None:
+    # Faults are behaviour, not state: the file keeps no trace of one that fired,
+    # and the device reopened after a restart takes its fault from the plan again.
+    fault: dict[str, Any] = {"at": "STOP->RUNNING_P2P", "kind": kind}
+    if kind == "delay":
+        fault["delay_ms"] = 30
+    p = params(fault=fault, transition_ms=1)
+
+    async def arc_fires(dev: SimulatedDevice) -> bool:
+        """Take STOP -> RUNNING_P2P (again, after an injected error): did the fault fire?"""
+        start = trio.current_time()
+        try:
+            await dev.set_state(S.RUNNING_P2P)
+        except DeviceError:
+            await dev.set_state(S.RUNNING_P2P)
+            return True
+        elapsed = trio.current_time() - start
+        assert elapsed in (pytest.approx(0.001, abs=1e-9), pytest.approx(0.031, abs=1e-9))
+        return elapsed > 0.002
+
+    dev = await opened(tmp_path, p)
+    await walk(dev, S.RUNNING_P2P, S.STOP)
+    assert await arc_fires(dev) and dev.fault is None
+    await walk(dev, S.STOP)
+    assert not await arc_fires(dev)  # once
+    await walk(dev, S.STOP)
+    await dev.close()
+    dev = await opened(tmp_path, p)
+    assert await dev.get_state() is S.STOP
+    assert await arc_fires(dev)  # a new opening, the fault again
+    await walk(dev, S.STOP)
+    assert not await arc_fires(dev)
+    await dev.close()
+
+
 async def test_a_device_is_identified_by_side_and_name(tmp_path: Path) -> None:
     p = params()
     a = await opened(tmp_path, p, name="gpu0")
