@@ -500,6 +500,24 @@ class MigrationFlow:
         e.state = now
         self._track(e)
 
+    def check_reset(self, side: Side, name: str) -> None:
+        """A reset is about to be asked: refuse it while it would break the reverse
+        barrier.  A reset source device reads RUNNING (it runs fully), so none of
+        its barrier peers may still be stopped (invariant 2, resets included)."""
+        e = self.endpoint(side, name)
+        if side is Side.SOURCE and e.barrier and not e.reset:
+            # A peer in ERROR is no obstacle: it is itself to be reset.
+            stopped = {
+                n
+                for n in self._stopped[side]
+                if self.endpoints[(side, n)].state is not DeviceState.ERROR
+            }
+            peers = _others(stopped, name)
+            if peers:
+                raise ProtocolViolation(
+                    f"{_who(e)} may not be reset (it would read RUNNING) while {peers} is stopped"
+                )
+
     def record_reset(self, side: Side, name: str) -> None:
         """The device was reset: it reads RUNNING and has lost its state."""
         e = self.endpoint(side, name)

@@ -116,19 +116,45 @@ async def check_outcome(m: Migration) -> None:
                 await _check_source_holds_its_own_state(_sim(m.sources[name]), name)
             _check_destination_fresh(m, d)
     elif report.outcome == "rolled_back":
+        # The VM runs on the source as before: every source device runs, holding
+        # its own state (never reset: a reset loses it, and that is "failed").
         assert report.error is not None
         for name, d in devices.items():
             src = _sim(m.sources[name])
             assert src.state is DeviceState.RUNNING, (name, src.state)
-            if d.source_reset:
-                assert src.resets >= 1
-                assert any(name in note and "reset" in note for note in report.notes)
-            else:
-                await _check_source_holds_its_own_state(src, name)
+            assert not d.source_reset, name
+            await _check_source_holds_its_own_state(src, name)
             _check_destination_fresh(m, d)
     else:
         assert report.outcome == "failed"
         assert report.error is not None
+
+
+def check_reverse_barrier(m: Migration) -> None:
+    """(a), on the way back: no source barrier device runs fully again, nor is
+    reset (a reset device reads RUNNING), while another barrier device of the
+    source is still stopped."""
+    if m.flow is None:
+        return
+    members = {e.name for e in m.flow.side(Side.SOURCE) if e.barrier}
+    state = dict.fromkeys(members, DeviceState.RUNNING)
+    for e in m.trace:
+        if e.side is not Side.SOURCE or e.device not in members:
+            continue
+        if (e.kind == "arc_end" and e.to_state is not None) or (
+            e.kind == "arc_failed" and e.to_state is not None
+        ):
+            state[e.device] = e.to_state
+        runs = (e.kind == "arc_begin" and e.to_state in FULLY_RUNNING) or e.kind == "reset"
+        if runs and e.from_state not in FULLY_RUNNING:
+            stopped = {
+                n
+                for n, s in state.items()
+                if n != e.device and s not in RUNNING_STATES and s is not DeviceState.ERROR
+            }
+            assert not stopped, f"source {e.device} {e.kind} (seq {e.seq}) while {stopped} stopped"
+        if e.kind == "reset":
+            state[e.device] = DeviceState.RUNNING
 
 
 def check_downtime_window_closed(m: Migration) -> None:
@@ -139,6 +165,7 @@ def check_downtime_window_closed(m: Migration) -> None:
 
 async def check_all(m: Migration) -> None:
     check_barriers_held(m)
+    check_reverse_barrier(m)
     check_commit_ordering(m)
     check_downtime_window_closed(m)
     await check_outcome(m)

@@ -134,8 +134,12 @@ async def test_a_fault_before_the_commit_rolls_back(
     r = m.report
     assert r is not None
     # A destination fault at a state fires on its first entry: on the walk to
-    # RESUMING (through RUNNING_P2P and STOP), in prepare, before pre-copy began.
+    # RESUMING (through RUNNING_P2P and STOP), in prepare, before pre-copy began
+    # (tests/test_sim_fault_arcs.py reaches the post-load arcs).  A source device
+    # that fell into ERROR is reset: its state is lost, an operator is needed.
     expected = "refused" if side == "destination" else "rolled_back"
+    if side == "source" and kind == "error_state":
+        expected = "failed"
     assert r.outcome == expected, r.error
     assert r.error is not None
     assert (r.error.side, r.error.device) == (side, "gpu1")
@@ -437,3 +441,29 @@ async def test_a_rollback_blocked_by_a_stuck_peer_reports_instead_of_raising(
         # The reverse barrier: gpu0 may not run fully beside a stopped peer.
         assert states["gpu0"] == "RUNNING_P2P"
         assert any("left in its grace state" in n for n in report.notes)
+
+
+async def test_a_source_device_in_error_is_reset_only_once_its_peers_left_stop(
+    autojump_clock: Any,
+) -> None:
+    # gpu1 falls into ERROR as it stops; gpu2 is slow to come back from its stop.  The
+    # reset of gpu1 (it then reads RUNNING) waits until gpu2 is out of STOP_COPY.
+    devices = gpus(3)
+    devices[1]["source"]["fault"] = {"at": "PRE_COPY_P2P->STOP_COPY", "kind": "error_state"}
+    devices[2]["source"]["fault"] = {"at": "STOP_COPY->STOP", "kind": "delay", "delay_ms": 50}
+    m = await migrate(devices, timeouts={"device_call_s": 2})
+    r = m.report
+    assert r is not None and r.outcome == "failed", r.error
+    gpu1 = {d.name: d for d in r.devices}["gpu1"]
+    assert gpu1.source_reset and gpu1.source_state == "RUNNING"
+    assert any("gpu1" in n and "state is lost" in n for n in r.notes)
+    [reset] = [e for e in m.trace if e.kind == "reset" and e.side is Side.SOURCE]
+    back = [
+        e.seq
+        for e in m.trace
+        if e.kind == "arc_end"
+        and e.side is Side.SOURCE
+        and e.device != "gpu1"
+        and e.to_state is DeviceState.RUNNING_P2P
+    ]
+    assert len(back) == 2 and reset.seq > max(back)

@@ -331,6 +331,34 @@ async def test_the_source_pauses_before_the_barrier_and_the_destination_resumes_
     assert report.downtime_ms >= report.vmm.pause_ms + report.vmm.resume_ms
 
 
+async def test_a_rollback_that_cannot_finish_leaves_the_source_vcpus_paused(
+    short_dir: Path,
+) -> None:
+    # gpu0 fails as it stops; gpu1 cannot run fully again on the way back.  A guest
+    # resumed beside a device that does not run would find it dead: the vCPUs stay
+    # paused, and an operator is needed.
+    source = FakeQmp(short_dir / "src.sock")
+    destination = FakeQmp(short_dir / "dst.sock", running=False, status="prelaunch")
+    devices = [
+        sim_device("gpu0", seed=1, transition_ms=1, fault={"at": "STOP_COPY", "kind": "error"}),
+        sim_device(
+            "gpu1",
+            seed=2,
+            transition_ms=1,
+            fault={"at": "RUNNING_P2P->RUNNING", "kind": "error", "once": False},
+        ),
+    ]
+    async with fake_qmps(source, destination):
+        m = Migration(make_resolved(devices, vmm=vmm_section(source.path, destination.path)))
+        report = await m.run()
+        await check_all(m)
+    assert report.outcome == "failed", report.error
+    assert not source.running and "cont" not in source.commands
+    gpu1 = {d.name: d for d in report.devices}["gpu1"]
+    assert gpu1.source_state == "RUNNING_P2P"
+    assert any("vCPUs left paused" in n and "gpu1" in n for n in report.notes), report.notes
+
+
 async def test_a_failure_after_the_pause_resumes_the_source(short_dir: Path) -> None:
     source = FakeQmp(short_dir / "src.sock")
     destination = FakeQmp(short_dir / "dst.sock", running=False, status="prelaunch")

@@ -295,9 +295,11 @@ class DeviceDriver:
                 flow.arc_failed(side, name, await self.probe(side, name))
 
     async def reset(self, side: Side, name: str) -> ErrorInfo | None:
-        """Reset a device (its state is lost, it reads RUNNING); the failure, if any."""
+        """Reset a device (its state is lost, it reads RUNNING); the failure, if any.
+        ProtocolViolation (nothing done) if the flow forbids it now."""
         flow = self._flow()
         before = flow.endpoint(side, name).state
+        flow.check_reset(side, name)
         device = self.device(side, name)
         try:
             await self.call(side, name, "reset", device.reset)

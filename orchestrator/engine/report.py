@@ -39,6 +39,9 @@ def outcome_of(m: Migration) -> Outcome:
         return "failed" if failed else "succeeded"
     if m.rollback_errors:
         return "failed"
+    if m.flow is not None and any(e.reset for e in m.flow.side(Side.SOURCE)):
+        # Reset: its state is lost, so the VM does not run on the source "as before".
+        return "failed"
     if m.recovery_failed:
         return "failed"
     if not m.precopy_began:

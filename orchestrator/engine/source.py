@@ -177,17 +177,36 @@ class SourceHalf:
 
     async def roll_back(self, plan: RollbackPlan, vcpus: Vcpus | None) -> None:
         """Every source device back to RUNNING through the reverse barrier, then the
-        vCPUs (``vcpus``: paused ones to resume)."""
+        vCPUs (``vcpus``: paused ones to resume).
+
+        First every device that can leaves its stopped state for its grace state
+        (it accepts DMA again, starts none); then the devices in ERROR are reset
+        (their state is lost; a reset device reads RUNNING, so never while a peer
+        is still stopped); then the others run fully.  The vCPUs resume only if
+        every source device runs again: a guest must not run beside a device
+        that cannot.
+        """
         flow = self.driver.flow
         assert flow is not None
+        broken: list[str] = []
         async with trio.open_nursery() as nursery:
             for step in plan.for_side(SOURCE):
-                nursery.start_soon(self._quiesce, step.name, step.reset, step.quiesce)
+                nursery.start_soon(self._quiesce, step.name, step.reset, step.quiesce, broken)
+        async with trio.open_nursery() as nursery:
+            for name in broken:
+                nursery.start_soon(self._reset, name)
         async with trio.open_nursery() as nursery:
             for step in plan.for_side(SOURCE):
-                if step.final is not None and not flow.endpoint(SOURCE, step.name).reset:
+                if step.final is not None and step.name not in broken:
                     nursery.start_soon(self._final, step.name, step.final)
         if vcpus is not None:
+            stuck = [e.name for e in flow.side(SOURCE) if e.state is not DeviceState.RUNNING]
+            if stuck:
+                message = f"source vCPUs left paused: device(s) {', '.join(stuck)} not RUNNING"
+                self.rollback_errors.append(
+                    self.ctx.info("vmm_error", message, side=SOURCE, operation="resume")
+                )
+                return
             # The devices first, as the destination does: the guest finds
             # them running when its vCPUs do.
             try:
@@ -195,7 +214,11 @@ class SourceHalf:
             except VmmFailure as failure:
                 self.rollback_errors.append(failure.info)
 
-    async def _quiesce(self, name: str, reset: bool, quiesce: DeviceState | None) -> None:
+    async def _quiesce(
+        self, name: str, reset: bool, quiesce: DeviceState | None, broken: list[str]
+    ) -> None:
+        """Out of its stopped state, to its grace state; ``broken`` collects the
+        devices in ERROR, for a reset once no peer is stopped."""
         try:
             if not reset and quiesce is not None:
                 await self.driver.walk(SOURCE, name, quiesce)
@@ -205,7 +228,7 @@ class SourceHalf:
                 self.rollback_errors.append(failure.info)
                 return
         if reset or self.driver.needs_reset(SOURCE, name):
-            await self._reset(name)
+            broken.append(name)
 
     async def _final(self, name: str, final: DeviceState) -> None:
         try:
@@ -224,7 +247,13 @@ class SourceHalf:
             )
 
     async def _reset(self, name: str) -> None:
-        failed = await self.driver.reset(SOURCE, name)
+        try:
+            failed = await self.driver.reset(SOURCE, name)
+        except ProtocolViolation as exc:
+            # A peer is still stopped: a reset device reads RUNNING and could
+            # DMA into it.  It stays in ERROR, for an operator.
+            message = f"left in ERROR: {exc}"
+            failed = self.ctx.info("device_error", message, side=SOURCE, device=name)
         if failed is not None:
             self.rollback_errors.append(failed)
 
