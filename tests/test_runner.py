@@ -453,7 +453,8 @@ async def test_a_source_device_in_error_is_reset_only_once_its_peers_left_stop(
     devices[2]["source"]["fault"] = {"at": "STOP_COPY->STOP", "kind": "delay", "delay_ms": 50}
     m = await migrate(devices, timeouts={"device_call_s": 2})
     r = m.report
-    assert r is not None and r.outcome == "failed", r.error
+    assert r is not None
+    assert r.outcome == "failed", r.error
     gpu1 = {d.name: d for d in r.devices}["gpu1"]
     assert gpu1.source_reset and gpu1.source_state == "RUNNING"
     assert any("gpu1" in n and "state is lost" in n for n in r.notes)
