@@ -468,3 +468,34 @@ async def test_a_source_device_in_error_is_reset_only_once_its_peers_left_stop(
         and e.to_state is DeviceState.RUNNING_P2P
     ]
     assert len(back) == 2 and reset.seq > max(back)
+
+
+@pytest.mark.parametrize(
+    ("policy", "outcome"), [("abort", "rolled_back"), ("switchover", "succeeded")]
+)
+async def test_the_precopy_deadline_holds_inside_a_round(
+    autojump_clock: Any, policy: str, outcome: str
+) -> None:
+    # One round of this device takes 8 s (8 MiB at 1 MiB/s); the deadline is 2 s.
+    # Of old, it was checked between rounds only: pre-copy ran 8-9 s.
+    devices = gpus(1, state_mib=8, drain_mib_s=1, dirty_mib_s=0)
+    m = await migrate(
+        devices, precopy_policy=policy, downtime_limit_ms=10, timeouts={"precopy_s": 2}
+    )
+    r = m.report
+    assert r is not None
+    assert r.outcome == outcome, r.error
+    assert r.precopy.decision == policy
+    assert "deadline" in (r.precopy.reason or "")
+    assert 2000 <= r.phases["precopy"] < 2100
+
+
+async def test_the_first_rounds_bandwidth_counts_no_arc_time(autojump_clock: Any) -> None:
+    # The walk to PRE_COPY takes 500 ms; the round sends 4 MiB at 8 MiB/s (0.5 s).
+    # Counting the walk, the first round measured half the bandwidth.
+    devices = gpus(1, state_mib=4, drain_mib_s=8, dirty_mib_s=0, transition_ms=500)
+    m = await migrate(devices, downtime_limit_ms=60000)
+    r = m.report
+    assert r is not None
+    assert r.outcome == "succeeded", r.error
+    assert r.precopy.bandwidth_mib_s == pytest.approx(8, rel=0.05)

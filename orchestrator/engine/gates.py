@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from orchestrator.flow import PrecopyDecision, Remaining
+
+if TYPE_CHECKING:
+    from orchestrator.engine.precopy import PrecopyRounds
 
 __all__ = ["Barrier", "RoundGate", "Switchover"]
 
@@ -72,6 +76,8 @@ class Switchover:
     """The meeting points of one forward path (see the module docstring)."""
 
     rounds: RoundGate
+    #: What decides each round (and ends pre-copy at its deadline).
+    precopy: PrecopyRounds
     source_barrier: Barrier
     destination_barrier: Barrier
     names: list[str]

@@ -410,9 +410,10 @@ class Migration:
         assert flow is not None
         self._enter(Phase.PRECOPY)
         names = self.names
-        rounds = PrecopyRounds(self.ctx, self.recorder, self.destination)
+        rounds = PrecopyRounds(self.ctx, self.recorder, self.destination, len(names))
         sw = self._switchover = Switchover(
             rounds=RoundGate(len(names), rounds.decide),
+            precopy=rounds,
             source_barrier=Barrier("source_p2p", len(names), self._source_barrier_released),
             destination_barrier=Barrier("destination_p2p", len(names), lambda: None),
             names=names,
@@ -459,7 +460,14 @@ class Migration:
         await self.driver.require_running(SOURCE, name)
 
     async def _coordinate(self, sw: Switchover) -> None:
-        await sw.rounds.final.wait()
+        # The pre-copy deadline holds inside a round too: when it passes, every
+        # device ends the round it is in, and the policy decides.
+        with trio.move_on_after(self.plan.timeouts.precopy_s):
+            await sw.rounds.final.wait()
+        if not sw.rounds.final.is_set():
+            self.log.info("migration.precopy_deadline", precopy_s=self.plan.timeouts.precopy_s)
+            sw.precopy.cut.set()
+            await sw.rounds.final.wait()
         decision = sw.rounds.decision
         assert decision is not None
         if decision.action == "abort":

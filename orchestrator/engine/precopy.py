@@ -26,12 +26,26 @@ MIB = 1 << 20
 class PrecopyRounds:
     """Measures each round and decides: go on, switch over, or abort."""
 
-    def __init__(self, ctx: EngineContext, recorder: Recorder, destination: Destination) -> None:
+    def __init__(
+        self, ctx: EngineContext, recorder: Recorder, destination: Destination, devices: int
+    ) -> None:
         self.ctx = ctx
         self.plan = ctx.plan
         self.recorder = recorder
         self.destination = destination
+        self._devices = devices
+        self._ready = 0
         self._round_started = trio.current_time()
+        #: Set once the pre-copy deadline passed: every device ends its round now,
+        #: and the round's decision is the policy's.
+        self.cut = trio.Event()
+
+    def ready_to_send(self) -> None:
+        """A device is in PRE_COPY (or has none): the first round's clock starts with
+        the last of them, so that the bandwidth counts no arc time."""
+        self._ready += 1
+        if self._ready == self._devices:
+            self._round_started = trio.current_time()
 
     def decide(self, reports: Mapping[str, Remaining]) -> PrecopyDecision:
         recorder = self.recorder
@@ -43,7 +57,9 @@ class PrecopyRounds:
         # What crossed, not what was handed over: on a deep link queue the kernel
         # holds megabytes that a flushed round has "sent" and not delivered.
         delivered = max(0, recorder.precopy_bytes - self.destination.in_flight_bytes())
-        busy = recorder.precopy_busy_s
+        # Rounds that took no time the clock can tell (a virtual clock, a device
+        # drained at once) moved their bytes in a microsecond at most.
+        busy = max(recorder.precopy_busy_s, 1e-6) if delivered else recorder.precopy_busy_s
         measured = delivered / busy if busy > 0 else 0.0
         if self.plan.bandwidth_limit_mib_s is not None:
             limit = self.plan.bandwidth_limit_mib_s * MIB

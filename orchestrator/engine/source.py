@@ -74,6 +74,7 @@ class SourceHalf:
         async with _closing(sender):
             if route.precopy is not None:
                 await driver.walk(SOURCE, name, route.precopy)
+            sw.precopy.ready_to_send()
             while True:
                 if route.precopy is not None:
                     # A round sends what was pending when it began, no more: a
@@ -81,7 +82,9 @@ class SourceHalf:
                     # its round so that the convergence decision is taken.
                     info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
                     pending = info.initial_bytes + info.dirty_bytes
-                    await self._drain(name, sender, precopy=True, limit=max(pending, 1))
+                    await self._drain(
+                        name, sender, precopy=True, limit=max(pending, 1), cut=sw.precopy.cut
+                    )
                     try:
                         await sender.flush()
                     except PeerError as exc:
@@ -132,14 +135,21 @@ class SourceHalf:
         self.recorder.stats[name].stop_path_s += busy
 
     async def _drain(
-        self, name: str, sender: StreamSender, *, precopy: bool, limit: int | None = None
+        self,
+        name: str,
+        sender: StreamSender,
+        *,
+        precopy: bool,
+        limit: int | None = None,
+        cut: trio.Event | None = None,
     ) -> None:
-        """Read and send until the device has nothing more now (or ``limit`` bytes)."""
+        """Read and send until the device has nothing more now (or ``limit`` bytes,
+        or ``cut`` is set: the pre-copy deadline ends the round where it is)."""
         driver = self.driver
         device = driver.device(SOURCE, name)
         stats = self.recorder.stats[name]
         sent = 0
-        while limit is None or sent < limit:
+        while (limit is None or sent < limit) and not (cut is not None and cut.is_set()):
             chunk = await driver.call(SOURCE, name, "read", device.read, self.read_chunk_bytes)
             if not chunk:
                 return
