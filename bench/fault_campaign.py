@@ -164,6 +164,9 @@ case "$2" in
 esac
 """
 
+#: A recovery slower than this (seconds from the repair to both outcomes) is counted.
+SLOW_SETTLE_S = 30.0
+
 #: Every daemon process alive, so that nothing outlives the campaign.
 _LIVE: set[trio.Process] = set()
 
@@ -904,6 +907,8 @@ class TrialResult:
     destination_outcome: str | None = None
     migration_id: str = ""
     seconds: float = 0.0
+    #: From the repair (the restart, the link back) to both journals' outcomes.
+    settle_s: float | None = None
     violations: list[Violation] = field(default_factory=list)
     directory: Path | None = None
 
@@ -1097,6 +1102,7 @@ class TrialRun:
     # -- the outcome ------------------------------------------------------------------------
 
     async def _wait_outcomes(self) -> None:
+        repaired = trio.current_time()
         with trio.move_on_after(self.deadline_s):
             while True:
                 for daemon in self.daemons.values():
@@ -1114,6 +1120,7 @@ class TrialRun:
                     and source["outcome"] is not None
                     and (destination is None or destination["outcome"] is not None)
                 ):
+                    self.result.settle_s = trio.current_time() - repaired
                     return
                 await trio.sleep(0.2)
         source, destination = self.observed.source, self.observed.destination
@@ -1220,6 +1227,24 @@ def print_table(campaign: Campaign, wall_s: float, network: str) -> None:
             else ""
         )
     )
+    settled = sorted(r.settle_s for r in results if r.settle_s is not None)
+    if settled:
+        slow = sum(1 for s in settled if s > SLOW_SETTLE_S)
+        median, p90 = statistics.median(settled), settled[int(0.9 * (len(settled) - 1))]
+        print(
+            f"# both outcomes journaled after the repair in: median {median:.1f} s, "
+            f"p90 {p90:.1f} s, max {settled[-1]:.1f} s; {slow} trials over {SLOW_SETTLE_S:g} s"
+            + (":" if slow else "")
+        )
+        if slow:
+            print(
+                "#   "
+                + ", ".join(
+                    f"{r.index} ({r.fault.label()}, {r.phase}, {r.settle_s:.0f} s)"
+                    for r in results
+                    if r.settle_s is not None and r.settle_s > SLOW_SETTLE_S
+                )
+            )
     columns = ["trials", *OUTCOMES, "no outcome", "with violations"]
     rule = "|---|" + "---:|" * len(columns)
 
