@@ -226,32 +226,39 @@ def decide_precopy(
     remaining: Mapping[str, Remaining],
     bandwidth_bytes_s: float,
     elapsed_s: float,
+    predicted_ms: float | None = None,
+    floor_ms: float | None = None,
 ) -> PrecopyDecision:
     """After a pre-copy round: go on, switch over, or abort.
 
     Converged means every device drained its initial data (the device asks
-    for that before a switchover) and the estimated stop-copy bytes move
-    within the downtime limit at the measured bandwidth.  Otherwise, after
-    ``precopy_max_rounds`` rounds or the pre-copy deadline, or at once when
-    the devices without pre-copy alone already exceed the budget (no round
-    can help), the plan's policy decides.
+    for that before a switchover) and the predicted downtime fits the limit:
+    ``predicted_ms``, the whole window as the engine's model sees it, or (none
+    given) the stop-copy bytes over the measured bandwidth.  Otherwise, after
+    ``precopy_max_rounds`` rounds or the pre-copy deadline, or at once when no
+    round can help (``floor_ms``, what the window takes whatever pre-copy still
+    sends, exceeds the limit; or the devices without pre-copy alone do), the
+    plan's policy decides.
     """
     stop_bytes = sum(r.stop_copy_bytes for r in remaining.values())
     if bandwidth_bytes_s > 0:
-        expected_ms = stop_bytes / bandwidth_bytes_s * 1000.0
+        bytes_ms = stop_bytes / bandwidth_bytes_s * 1000.0
     else:
-        expected_ms = 0.0 if stop_bytes == 0 else float("inf")
-    budget_bytes = plan.downtime_limit_ms / 1000.0 * bandwidth_bytes_s
+        bytes_ms = 0.0 if stop_bytes == 0 else float("inf")
+    expected_ms = predicted_ms if predicted_ms is not None else bytes_ms
+    limit = plan.downtime_limit_ms
+    budget_bytes = limit / 1000.0 * bandwidth_bytes_s
     initial_left = sorted(n for n, r in remaining.items() if r.pre_copy and r.initial_bytes > 0)
 
     def decided(action: Literal["continue", "switchover", "abort"], reason: str) -> PrecopyDecision:
         return PrecopyDecision(action, reason, expected_ms, stop_bytes, converged=False)
 
-    if not initial_left and stop_bytes <= budget_bytes:
+    if not initial_left and expected_ms <= limit:
         return PrecopyDecision(
             "switchover",
-            f"converged after {round_number} round(s): {stop_bytes} stop-copy bytes fit "
-            f"{plan.downtime_limit_ms:g} ms at {bandwidth_bytes_s / 2**20:.1f} MiB/s",
+            f"converged after {round_number} round(s): the window is predicted at "
+            f"{expected_ms:.1f} ms, within {limit:g} ms ({stop_bytes} stop-copy bytes at "
+            f"{bandwidth_bytes_s / 2**20:.1f} MiB/s)",
             expected_ms,
             stop_bytes,
             converged=True,
@@ -260,9 +267,15 @@ def decide_precopy(
     why_not = (
         f"initial data not drained on {', '.join(initial_left)}"
         if initial_left
-        else f"{stop_bytes} stop-copy bytes need {expected_ms:.0f} ms, over the "
-        f"{plan.downtime_limit_ms:g} ms limit"
+        else f"the window is predicted at {expected_ms:.0f} ms, over the {limit:g} ms limit"
     )
+    if floor_ms is not None and floor_ms > limit:
+        return decided(
+            _policy(plan),
+            f"cannot converge: the window takes at least {floor_ms:.0f} ms whatever pre-copy "
+            f"still sends (its arcs, the devices without pre-copy, the commit), over the "
+            f"{limit:g} ms limit; policy {plan.precopy_policy}",
+        )
     if bandwidth_bytes_s > 0 and fixed > budget_bytes:
         stuck = "the devices without pre-copy alone need "
         stuck += f"{fixed / bandwidth_bytes_s * 1000:.0f} ms of stop-copy"

@@ -323,6 +323,8 @@ class Journal:
         self.path = path
         self._db: sqlite3.Connection | None = connection
         self._limiter = trio.CapacityLimiter(1)
+        #: How long the last durable write took (a migration's creation, its commit).
+        self.last_write_s: float | None = None
         # Reads go through a connection of their own: in WAL mode they see
         # the last committed state without waiting behind a write's fsync,
         # so the API's GETs stay fast while migrations journal their events.
@@ -436,7 +438,7 @@ class Journal:
                 )
             return migration_id, True
 
-        return await self._run(write)
+        return await self._write(write)
 
     async def record_phase(self, migration_id: str, phase: str) -> int:
         """The migration entered ``phase`` (a ``flow.Phase`` value); returns the event's seq."""
@@ -496,7 +498,7 @@ class Journal:
                     (now, now, migration_id),
                 )
 
-        await self._run(write)
+        await self._write(write)
 
     async def finish(self, migration_id: str, report: MigrationReport) -> int:
         """Record the outcome and the report; the migration is frozen from now on.
@@ -656,6 +658,15 @@ class Journal:
         if self._db is None:
             raise JournalError("the journal is closed", path=self.path)
         return await trio.to_thread.run_sync(self._in_thread, fn, limiter=self._limiter)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``_run`` for a durable write, timed: the downtime model counts one for
+        the commit record (``last_write_s``)."""
+        start = time.perf_counter()
+        try:
+            return await self._run(fn)
+        finally:
+            self.last_write_s = time.perf_counter() - start
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only ``fn`` on the reader connection, in a worker thread."""

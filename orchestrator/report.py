@@ -99,7 +99,18 @@ class PrecopyReport(BaseModel):
     decision: str | None = Field(None, description="switchover or abort, when one was taken.")
     reason: str | None = None
     bandwidth_mib_s: float | None = None
-    expected_downtime_ms: float | None = None
+    expected_downtime_ms: float | None = Field(
+        None,
+        description="The downtime predicted at the last decision: the whole window "
+        "(see forecast), not only the stop-copy bytes.",
+    )
+    forecast: dict[str, Any] | None = Field(
+        None,
+        description="The last decision's prediction of the window: total_ms, its components "
+        "(pause, grace_arcs, stop_arcs, transfer, settle_arcs, commit, control, run_arcs, "
+        "resume, overhead) and per device, each figure with its source (measured, declared, "
+        "estimated, unknown).",
+    )
 
 
 class BarrierReport(BaseModel):

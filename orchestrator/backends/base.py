@@ -125,6 +125,17 @@ class Device(abc.ABC):
         """
         return None
 
+    def declared_arc_s(self, source: DeviceState, target: DeviceState) -> float | None:
+        """How long the arc ``source -> target`` takes, where the backend knows it
+        without taking it (None: it does not).  The downtime model uses it for the
+        arcs a migration has not walked yet (the stop, the destination's settle)."""
+        return None
+
+    def declared_rate_bytes_s(self) -> float | None:
+        """The rate at which the device produces its stream, where the backend knows it
+        (None: no limit of its own is known)."""
+        return None
+
     def timings(self) -> Mapping[str, float]:
         """Where this endpoint's backend spent its time, in ms, by step (for the report).
 

@@ -78,6 +78,8 @@ class Destination(abc.ABC):
     on_this_host: bool = True
     #: After the commit, the destination cannot be reached to say how it ended.
     in_doubt: bool = False
+    #: The round trip to the destination's host (None: this host, or not measured).
+    rtt_s: float | None = None
     #: How the destination said it ended after the commit, where it says so itself
     #: (another host's daemon, the authority then): the migration's outcome.
     completed_outcome: Outcome | None = None

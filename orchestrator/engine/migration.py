@@ -42,6 +42,7 @@ from orchestrator.engine.devices import (
     MigrationAborted,
 )
 from orchestrator.engine.gates import Barrier, RoundGate, Switchover
+from orchestrator.engine.model import DowntimeModel
 from orchestrator.engine.precopy import PrecopyRounds
 from orchestrator.engine.recorder import Recorder
 from orchestrator.engine.report import build_report
@@ -121,6 +122,10 @@ class Migration:
         if destination is None:
             destination = self._local_destination
         self.destination = destination(self.driver, self._limiter)
+        self.model = DowntimeModel(
+            self.driver, vcpus=vmm is not None, remote=not self.destination.on_this_host
+        )
+        self._trace.observers.insert(1, self.model.observe)
         self.source = SourceHalf(
             self.driver,
             self.recorder,
@@ -410,7 +415,10 @@ class Migration:
         assert flow is not None
         self._enter(Phase.PRECOPY)
         names = self.names
-        rounds = PrecopyRounds(self.ctx, self.recorder, self.destination, len(names))
+        self._model_inputs()
+        rounds = PrecopyRounds(
+            self.ctx, self.recorder, self.destination, len(names), self.model, flow
+        )
         sw = self._switchover = Switchover(
             rounds=RoundGate(len(names), rounds.decide),
             precopy=rounds,
@@ -458,6 +466,15 @@ class Migration:
 
     async def _require_running(self, name: str) -> None:
         await self.driver.require_running(SOURCE, name)
+
+    def _model_inputs(self) -> None:
+        """What the downtime model reads from what this migration measured so far."""
+        inputs = self.model.inputs
+        if self.vcpus is not None and "status" in self.vcpus.ms:
+            inputs.vmm_s[SOURCE] = self.vcpus.ms["status"] / 1000
+        commit_s = getattr(self.journal, "last_write_s", None)
+        inputs.commit_s = commit_s if isinstance(commit_s, float) else None
+        inputs.rtt_s = self.destination.rtt_s
 
     async def _coordinate(self, sw: Switchover) -> None:
         # The pre-copy deadline holds inside a round too: when it passes, every

@@ -15,8 +15,9 @@ import trio
 
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import EngineContext
+from orchestrator.engine.model import DowntimeModel, Forecast
 from orchestrator.engine.recorder import Recorder
-from orchestrator.flow import Phase, PrecopyDecision, Remaining, decide_precopy
+from orchestrator.flow import MigrationFlow, Phase, PrecopyDecision, Remaining, decide_precopy
 
 __all__ = ["PrecopyRounds"]
 
@@ -27,8 +28,16 @@ class PrecopyRounds:
     """Measures each round and decides: go on, switch over, or abort."""
 
     def __init__(
-        self, ctx: EngineContext, recorder: Recorder, destination: Destination, devices: int
+        self,
+        ctx: EngineContext,
+        recorder: Recorder,
+        destination: Destination,
+        devices: int,
+        model: DowntimeModel,
+        flow: MigrationFlow,
     ) -> None:
+        self.model = model
+        self.flow = flow
         self.ctx = ctx
         self.plan = ctx.plan
         self.recorder = recorder
@@ -39,6 +48,8 @@ class PrecopyRounds:
         #: Set once the pre-copy deadline passed: every device ends its round now,
         #: and the round's decision is the policy's.
         self.cut = trio.Event()
+        #: The last round's forecast of the window.
+        self.forecast: Forecast | None = None
 
     def ready_to_send(self) -> None:
         """A device is in PRE_COPY (or has none): the first round's clock starts with
@@ -51,7 +62,8 @@ class PrecopyRounds:
         recorder = self.recorder
         precopy = recorder.precopy
         now = trio.current_time()
-        recorder.precopy_busy_s += now - self._round_started
+        round_s = now - self._round_started
+        recorder.precopy_busy_s += round_s
         self._round_started = now
         precopy.rounds += 1
         # What crossed, not what was handed over: on a deep link queue the kernel
@@ -64,13 +76,28 @@ class PrecopyRounds:
         if self.plan.bandwidth_limit_mib_s is not None:
             limit = self.plan.bandwidth_limit_mib_s * MIB
             measured = min(measured, limit) if measured > 0 else limit
+        # What each device dirties while it runs: over the round it just sent.
+        rates = {
+            name: r.dirty_bytes / round_s if round_s > 0 else 0.0
+            for name, r in reports.items()
+            if r.pre_copy
+        }
+        forecast = self.model.forecast(self.flow, reports, measured, rates)
+        self.forecast = forecast
+        # What no pre-copy round can shrink: the window without the bytes of the
+        # devices that pre-copy (what they still send may shrink, or not).
+        shrinkable = sum(forecast.devices[n].stop_bytes for n, r in reports.items() if r.pre_copy)
+        floor = forecast.total_ms - (shrinkable / measured * 1000 if measured > 0 else 0.0)
         decision = decide_precopy(
             self.plan,
             round_number=precopy.rounds,
             remaining=reports,
             bandwidth_bytes_s=measured,
             elapsed_s=now - recorder.phase_started[Phase.PRECOPY],
+            predicted_ms=forecast.total_ms,
+            floor_ms=floor,
         )
+        precopy.forecast = forecast.as_report()
         precopy.bandwidth_mib_s = round(measured / MIB, 3) if measured > 0 else None
         precopy.expected_downtime_ms = (
             round(decision.expected_downtime_ms, 3)

@@ -73,7 +73,7 @@ class Vcpus:
     async def require_ready(self) -> None:
         """Refuse, before any change, vCPUs that are not where a migration starts:
         running on the source, stopped (waiting for the VM) on the destination."""
-        status = await self.call("status")
+        status = await self.call("status", record="status")
         if status.running is not (self.side is Side.SOURCE):
             want = "running" if self.side is Side.SOURCE else "stopped, waiting for the VM"
             message = (

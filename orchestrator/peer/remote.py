@@ -297,7 +297,11 @@ class RemoteDestination(Destination):
 
     async def begin(self) -> None:
         assert self._nursery is not None, "begin() inside session()"
+        opening = trio.current_time()
         self.channel = await self._nursery.start(self._run_channel)
+        # Each connection's handshake is a challenge and an answer, in parallel:
+        # about two round trips.
+        self.rtt_s = (trio.current_time() - opening) / 2
         await self._flush()  # the machine's Begin
         for name, link in self._links.items():
             await link.transfer.wait()

@@ -221,6 +221,14 @@ class SimulatedDevice(Device):
         self._catch_up("get_state")
         return self._state
 
+    def declared_rate_bytes_s(self) -> float | None:
+        return self._drain_bytes_s
+
+    def declared_arc_s(self, source: DeviceState, target: DeviceState) -> float | None:
+        # Its transition latency, which every arc takes (an injected delay is
+        # exactly what the model must not know of: it is an overrun).
+        return self._transition_s
+
     async def set_state(self, target: DeviceState) -> None:
         faults = self._faults
         # A delay fault lengthens the arc's one sleep, so it is known before the

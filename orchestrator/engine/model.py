@@ -1,0 +1,259 @@
+"""The downtime a switchover will take: its critical path, as this migration will run it.
+
+The window runs from the source vCPU pause (or, without a VMM, the first
+source device leaving its grace state) to the destination vCPU resume (or
+the last destination device running).  On it, in order:
+
+    pause            the source VMM's pause (with a [vmm])
+    grace_arcs       every source device to its grace state (with a [vmm]: the
+                     pause comes first; without one, before the window)
+    stop_arcs        the slowest source device's stop (grace -> STOP_COPY)
+    transfer         every device's stop-copy bytes over the bandwidth: what it
+                     had left when the decision was taken, plus what it dirties
+                     until it stops (its measured dirty rate over the lead time)
+    settle_arcs      the slowest destination device's walk to its grace state
+                     once its stream is loaded (RESUMING -> STOP -> RUNNING_P2P)
+    commit           the commit record, on disk
+    control          the commit protocol's messages between two hosts
+    run_arcs         the slowest destination device's run (grace -> RUNNING)
+    resume           the destination VMM's resume (with a [vmm])
+    overhead         the orchestrator's own work per device inside the window
+
+Arcs that have not run yet come, in this order of preference, from this
+migration's own measurement of that arc on that device (``measured``), the
+figure the device's backend declares (``declared``: the simulator knows its
+transition latency), the mean of the arcs the device did walk
+(``estimated``), or nothing (``unknown``, 0).  Every figure says where it
+came from, and the report shows them beside what the switchover measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.engine.devices import DeviceDriver
+from orchestrator.engine.trace import TraceEvent
+from orchestrator.flow import MigrationFlow, Remaining
+from orchestrator.states import DeviceState, Side, path
+
+__all__ = ["OVERHEAD_PER_DEVICE_S", "DeviceForecast", "DowntimeModel", "Figure", "Forecast"]
+
+#: The orchestrator's own work per device inside the downtime window: the arcs'
+#: tasks and reports, the barrier, the trace (bench/downtime_scaling.py measured
+#: about 300 us a device on these 2 cores; issue 20 is to shrink it).
+OVERHEAD_PER_DEVICE_S = 300e-6
+
+S, D = Side.SOURCE, Side.DESTINATION
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A predicted duration and where its figure came from."""
+
+    ms: float
+    source: str
+
+    @classmethod
+    def of(cls, seconds: float, source: str) -> Figure:
+        return cls(round(seconds * 1000, 3) if math.isfinite(seconds) else math.inf, source)
+
+
+@dataclass(frozen=True)
+class DeviceForecast:
+    """One device's share of the window."""
+
+    grace_arcs: Figure
+    stop_arcs: Figure
+    #: What it will send once stopped: left at the decision, plus dirtied until then.
+    stop_bytes: int
+    settle_arcs: Figure
+    run_arcs: Figure
+
+
+@dataclass
+class Forecast:
+    """The predicted downtime: the critical path's components, and per device."""
+
+    total_ms: float
+    components: dict[str, Figure] = field(default_factory=dict)
+    devices: dict[str, DeviceForecast] = field(default_factory=dict)
+
+    def as_report(self) -> dict[str, object]:
+        def figure(f: Figure) -> dict[str, object]:
+            return {"ms": f.ms if math.isfinite(f.ms) else None, "source": f.source}
+
+        return {
+            "total_ms": self.total_ms if math.isfinite(self.total_ms) else None,
+            "components": {k: figure(v) for k, v in self.components.items()},
+            "devices": {
+                name: {
+                    "grace_arcs": figure(d.grace_arcs),
+                    "stop_arcs": figure(d.stop_arcs),
+                    "stop_bytes": d.stop_bytes,
+                    "settle_arcs": figure(d.settle_arcs),
+                    "run_arcs": figure(d.run_arcs),
+                }
+                for name, d in self.devices.items()
+            },
+        }
+
+
+@dataclass
+class Inputs:
+    """What the model reads as the migration goes (each None until measured)."""
+
+    #: A VMM call's duration on each side (its status check, before the pause).
+    vmm_s: dict[Side, float] = field(default_factory=dict)
+    #: One durable write on the journal that records the commit.
+    commit_s: float | None = None
+    #: The round trip to the destination daemon (None: one host, or not yet).
+    rtt_s: float | None = None
+
+
+class DowntimeModel:
+    """Predicts the downtime window; a trace observer for the arcs it measures."""
+
+    def __init__(self, driver: DeviceDriver, *, vcpus: bool, remote: bool) -> None:
+        self.driver = driver
+        self.vcpus = vcpus
+        self.remote = remote
+        self._arcs: dict[tuple[Side, str, DeviceState, DeviceState], float] = {}
+        self._walked: dict[tuple[Side, str], list[float]] = {}
+        self.inputs = Inputs()
+
+    def observe(self, event: TraceEvent) -> None:
+        if event.kind == "arc_end" and event.side is not None and event.device is not None:
+            assert event.from_state is not None and event.to_state is not None
+            seconds = float(event.detail.get("duration_s", 0.0))
+            key = (event.side, event.device, event.from_state, event.to_state)
+            self._arcs[key] = seconds
+            self._walked.setdefault((event.side, event.device), []).append(seconds)
+
+    # -- one arc ---------------------------------------------------------------
+
+    def arc(self, side: Side, name: str, source: DeviceState, target: DeviceState) -> Figure:
+        seconds = self._arcs.get((side, name, source, target))
+        if seconds is not None:
+            return Figure.of(seconds, "measured")
+        device = self.driver.devices.get((side, name))
+        declared = device.declared_arc_s(source, target) if device is not None else None
+        if declared is not None:
+            return Figure.of(declared, "declared")
+        walked = self._walked.get((side, name))
+        if walked:
+            return Figure.of(sum(walked) / len(walked), "estimated")
+        return Figure(0.0, "unknown")
+
+    # -- the whole window -------------------------------------------------------------
+
+    def forecast(
+        self,
+        flow: MigrationFlow,
+        remaining: Mapping[str, Remaining],
+        bandwidth_bytes_s: float,
+        dirty_bytes_s: Mapping[str, float],
+    ) -> Forecast:
+        """The window as this migration would run it if it switched over now."""
+        comps: dict[str, Figure] = {}
+        devices: dict[str, DeviceForecast] = {}
+        pause = self._vmm(S) if self.vcpus else Figure(0.0, "no vmm")
+        comps["pause"] = pause
+        grace, stop, settle, run = [], [], [], []
+        for name, r in remaining.items():
+            src, dst = flow.endpoint(S, name), flow.endpoint(D, name)
+            g = (
+                self._from(S, name, src.state, src.route.grace)
+                if src.route.grace is not None
+                else Figure(0.0, "no grace state")
+            )
+            s = self._from(S, name, src.route.grace or src.state, DeviceState.STOP_COPY)
+            settle_target = dst.route.grace or dst.route.settle
+            st = self._from(D, name, DeviceState.RESUMING, settle_target)
+            assert dst.route.final is not None
+            rn = self._from(D, name, settle_target, dst.route.final)
+            lead_s = (pause.ms + (g.ms if self.vcpus else 0.0) + s.ms) / 1000
+            nbytes = r.stop_copy_bytes + int(dirty_bytes_s.get(name, 0.0) * lead_s)
+            devices[name] = DeviceForecast(g, s, nbytes, st, rn)
+            grace.append(g)
+            stop.append(s)
+            settle.append(st)
+            run.append(rn)
+        comps["grace_arcs"] = _slowest(grace) if self.vcpus else Figure(0.0, "before the window")
+        comps["stop_arcs"] = _slowest(stop)
+        comps["transfer"] = self._transfer(devices, bandwidth_bytes_s)
+        comps["settle_arcs"] = _slowest(settle)
+        commit = self.inputs.commit_s
+        comps["commit"] = (
+            Figure.of(commit, "measured (journal write)")
+            if commit is not None
+            else Figure(0, "unknown")
+        )
+        if self.remote:
+            rtt = self.inputs.rtt_s
+            # The vote one way, the commit the other, the last report back.
+            comps["control"] = (
+                Figure.of(1.5 * rtt, "measured (channel handshake)")
+                if rtt is not None
+                else Figure(0.0, "unknown")
+            )
+        comps["run_arcs"] = _slowest(run)
+        comps["resume"] = self._vmm(D) if self.vcpus else Figure(0.0, "no vmm")
+        comps["overhead"] = Figure.of(OVERHEAD_PER_DEVICE_S * len(remaining), "estimated")
+        total = sum(f.ms for f in comps.values())
+        return Forecast(round(total, 3) if math.isfinite(total) else math.inf, comps, devices)
+
+    def _from(self, side: Side, name: str, source: DeviceState, target: DeviceState) -> Figure:
+        flow = self.driver.flow
+        assert flow is not None
+        e = flow.endpoint(side, name)
+        total, sources, state = 0.0, set(), source
+        for step in path(e.capabilities.flags, source, target):
+            f = self.arc(side, name, state, step)
+            total += f.ms
+            sources.add(f.source)
+            state = step
+        return Figure(round(total, 3), _weakest(sources) if sources else "none")
+
+    def _transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
+        """Every device's stop-copy bytes over the bandwidth, and no device faster than
+        its own declared rate (a device that produces its stream slowly)."""
+        total = sum(d.stop_bytes for d in devices.values())
+        if bandwidth_bytes_s > 0:
+            seconds, source = total / bandwidth_bytes_s, "measured bandwidth"
+        elif not self.remote:
+            seconds, source = 0.0, "one host: memory"
+        else:
+            seconds, source = (0.0 if total == 0 else math.inf), "no bandwidth measured"
+        for name, d in devices.items():
+            device = self.driver.devices.get((S, name))
+            rate = device.declared_rate_bytes_s() if device is not None else None
+            if rate:
+                own = d.stop_bytes / rate
+                if own > seconds:
+                    seconds, source = own, f"declared rate of {name}"
+        return Figure.of(seconds, source)
+
+    def _vmm(self, side: Side) -> Figure:
+        seconds = self.inputs.vmm_s.get(side, self.inputs.vmm_s.get(S))
+        if seconds is None:
+            return Figure(0.0, "unknown")
+        return Figure.of(seconds, "measured (status call)")
+
+
+_STRENGTH = ("measured", "declared", "estimated", "unknown")
+
+
+def _weakest(sources: set[str]) -> str:
+    """The least sure of ``sources``: a sum is as sure as its weakest term."""
+    for source in reversed(_STRENGTH):
+        if source in sources:
+            return source
+    return next(iter(sources), "none")
+
+
+def _slowest(figures: list[Figure]) -> Figure:
+    if not figures:
+        return Figure(0.0, "none")
+    return max(figures, key=lambda f: f.ms)
