@@ -499,3 +499,31 @@ async def test_the_first_rounds_bandwidth_counts_no_arc_time(autojump_clock: Any
     assert r is not None
     assert r.outcome == "succeeded", r.error
     assert r.precopy.bandwidth_mib_s == pytest.approx(8, rel=0.05)
+
+
+async def test_a_failed_open_leaves_the_other_opens_to_answer(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The source refuses at once; the destination takes its time. The report
+    # must still say where the destination's device stands, and name the
+    # source's failure whichever open ended first.
+    from orchestrator.backends.simulated import SimulatedDevice
+    from orchestrator.errors import DeviceError
+
+    opened = SimulatedDevice.open
+
+    async def open_(self: SimulatedDevice) -> Any:
+        if self.side is Side.SOURCE:
+            raise DeviceError("busy", operation="open")
+        await trio.sleep(1)
+        return await opened(self)
+
+    monkeypatch.setattr(SimulatedDevice, "open", open_)
+    m = Migration(make_resolved(gpus(2)))
+    report = await m.run()
+    assert report.outcome == "refused"
+    assert report.error is not None
+    assert (report.error.side, report.error.operation) == ("source", "open")
+    assert {(d.source_state, d.destination_state) for d in report.devices} == {
+        ("unknown", "RUNNING")
+    }

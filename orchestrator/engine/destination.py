@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import trio
 
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure, VmmFailure
+from orchestrator.engine.gates import each_to_its_end
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError
 from orchestrator.plan import VmmEndpoint
@@ -200,9 +202,7 @@ class DestinationEngine:
         async def open_one(name: str) -> None:
             caps[name] = await self.driver.open(DESTINATION, name)
 
-        async with trio.open_nursery() as nursery:
-            for name in self.names:
-                nursery.start_soon(open_one, name)
+        await each_to_its_end([functools.partial(open_one, name) for name in self.names])
         if check:
             for name in self.names:
                 await self.driver.require_running(DESTINATION, name)

@@ -9,7 +9,7 @@ commit.  Nothing here talks to a device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,31 @@ from orchestrator.flow import PrecopyDecision, Remaining
 if TYPE_CHECKING:
     from orchestrator.engine.precopy import PrecopyRounds
 
-__all__ = ["Barrier", "RoundGate", "Switchover"]
+__all__ = ["Barrier", "RoundGate", "Switchover", "each_to_its_end"]
+
+
+async def each_to_its_end(calls: list[Callable[[], Awaitable[object]]]) -> None:
+    """Run ``calls`` side by side, every one to its end, then raise the first
+    failure in list order.
+
+    For steps whose result the report needs from every device (opening,
+    checking): one device's failure must not cancel another's answer, and
+    which failure is reported must not depend on which came first.
+    """
+    failures: list[Exception | None] = [None] * len(calls)
+
+    async def one(index: int) -> None:
+        try:
+            await calls[index]()
+        except Exception as exc:
+            failures[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(calls)):
+            nursery.start_soon(one, index)
+    for failure in failures:
+        if failure is not None:
+            raise failure
 
 
 class Barrier:

@@ -28,6 +28,7 @@ Device calls, deadlines, probes and resets are the driver's
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -41,7 +42,7 @@ from orchestrator.engine.devices import (
     EngineContext,
     MigrationAborted,
 )
-from orchestrator.engine.gates import Barrier, RoundGate, Switchover
+from orchestrator.engine.gates import Barrier, RoundGate, Switchover, each_to_its_end
 from orchestrator.engine.model import DowntimeModel
 from orchestrator.engine.precopy import PrecopyRounds
 from orchestrator.engine.recorder import Recorder
@@ -447,10 +448,12 @@ class Migration:
         async def open_destination() -> None:
             destination_caps.update(await self.destination.open(check=check))
 
-        async with trio.open_nursery() as nursery:
-            for name in self.names:
-                nursery.start_soon(open_source, name)
-            nursery.start_soon(open_destination)
+        # Every open runs to its end even when another fails: the report then
+        # says where each device stands, not "unknown" for an open that a
+        # sibling's failure happened to cancel.
+        await each_to_its_end(
+            [functools.partial(open_source, name) for name in self.names] + [open_destination]
+        )
         try:
             # Recovering from a destination that cannot be asked: its devices'
             # capabilities are the source's (the P2P states must agree anyway).
