@@ -298,6 +298,8 @@ async def test_an_abort_during_the_destinations_walk_waits_for_it_then_resets(
         plan["devices"][0]["destination"] = {"transition_ms": 1500}
         # The destination's settle walk (1.5 s an arc) overruns the switchover deadline.
         plan["timeouts"] = {"switchover_s": 1.0}
+        # A limit the predicted window (those arcs) fits: the switchover is tried.
+        plan["downtime_limit_ms"] = 30_000
         status = await submit(a, plan)
         assert status["outcome"] == "rolled_back", status["report"]
         assert status["report"]["error"]["kind"] == "phase_timeout"
