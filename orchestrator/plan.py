@@ -226,6 +226,15 @@ class Plan(BaseModel):
             "pre-copy deadline: roll back, or switch over anyway and exceed the downtime limit."
         ),
     )
+    downtime_policy: Literal["best_effort", "strict"] = Field(
+        "best_effort",
+        description=(
+            "What governs the switchover once decided: best_effort goes on whatever the "
+            "clock says; strict checks, before every step until the commit point, the pause "
+            "so far plus the predicted rest (and what a rollback from there would cost) "
+            "against downtime_limit_ms, and rolls back at once when it would be exceeded."
+        ),
+    )
     p2p: bool = Field(
         True,
         description=(

@@ -172,3 +172,16 @@ class MigrationReport(BaseModel):
     vmm: VmmReport | None = Field(
         None, description="The vCPU pause and resume, when the plan has a [vmm] section."
     )
+    window: dict[str, Any] | None = Field(
+        None,
+        description="The downtime window predicted (at the switchover decision) against "
+        "measured: predicted_ms, measured_ms, per component (predicted_ms, its source, "
+        "measured_ms), unattributed_ms (waits and the orchestrator's own work) and per device.",
+    )
+    budget: dict[str, Any] | None = Field(
+        None,
+        description="The downtime budget's checks before each step of the switchover until "
+        "the commit point: policy, limit_ms, checks (step, elapsed_ms, forward_ms, "
+        "fallback_ms, fits), blown_at (the step, or watchdog, that made a strict budget roll "
+        "back), over_ms, and pause_ms (the pause the VM saw).",
+    )

@@ -347,7 +347,11 @@ async def test_fifty_migrations_at_once_all_succeed_on_their_own_devices(api: Ap
     statuses: list[MigrationStatus] = []
 
     async def one(i: int) -> None:
-        statuses.append(await submit(api, plan_body(f"vm{i}", f"gpu{i}", f"nic{i}")))
+        body = plan_body(f"vm{i}", f"gpu{i}", f"nic{i}")
+        # Fifty journals' writes queue behind each other: the commit record is
+        # predicted (rightly) at hundreds of ms. This test is about concurrency.
+        body["downtime_limit_ms"] = 60_000
+        statuses.append(await submit(api, body))
 
     async with trio.open_nursery() as nursery:
         for i in range(50):

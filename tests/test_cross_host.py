@@ -308,3 +308,31 @@ async def test_an_abort_during_the_destinations_walk_waits_for_it_then_resets(
         assert far["devices"]["gpu0"]["state"] == "RUNNING"
         assert far["devices"]["gpu0"]["reset"] is True
         assert b.journal_rows(status["id"]) == [("destination", "rolled_back", 0)]
+
+
+async def test_a_strict_budget_rolls_back_both_hosts_before_the_limit_passes(
+    short_dir: Path, token_file: Path
+) -> None:
+    # The destination's settle walk overruns its prediction by far: the source,
+    # which keeps the clock, rolls both hosts back instead of pausing the VM 3 s.
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", "gpu1", state_mib=0.0625)
+        plan["devices"][1]["destination"] = {
+            "fault": {"at": "RESUMING->STOP", "kind": "delay", "delay_ms": 3000}
+        }
+        plan["downtime_limit_ms"] = 1000
+        plan["downtime_policy"] = "strict"
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "rolled_back", report
+        assert report["error"]["kind"] == "downtime_budget", report["error"]
+        budget = report["budget"]
+        assert budget["policy"] == "strict" and budget["blown_at"] is not None
+        # The pause the VM saw is reported; its bound is the mock-clock tests'
+        # (this machine's load decides how late a real rollback runs).
+        assert budget["pause_ms"] == report["downtime_ms"] is not None
+        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+        # The destination resets once its delayed arc ends, beside the source's return.
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "rolled_back", far
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}

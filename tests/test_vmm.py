@@ -545,3 +545,34 @@ async def test_recovery_after_the_commit_resumes_the_destination(short_dir: Path
     assert report.outcome == "succeeded", report.error
     assert destination.running and destination.commands[-2:] == ["cont", "query-status"]
     assert not source.running and "cont" not in source.commands
+
+
+async def test_a_strict_budget_checks_the_grace_arcs_and_resumes_the_source(
+    short_dir: Path,
+) -> None:
+    source = FakeQmp(short_dir / "src.sock")
+    destination = FakeQmp(short_dir / "dst.sock", running=False, status="prelaunch")
+    devices = [
+        sim_device("gpu0", seed=1, transition_ms=1),
+        sim_device(
+            "gpu1",
+            seed=2,
+            transition_ms=1,
+            fault={"at": "PRE_COPY_P2P->STOP_COPY", "kind": "delay", "delay_ms": 5000},
+        ),
+    ]
+    vmm = vmm_section(source.path, destination.path)
+    async with fake_qmps(source, destination):
+        m = Migration(
+            make_resolved(devices, vmm=vmm, downtime_limit_ms=1000, downtime_policy="strict")
+        )
+        report = await m.run()
+        await check_all(m)
+    assert report.outcome == "rolled_back", report.error
+    assert report.error is not None and report.error.kind == "downtime_budget"
+    assert report.budget is not None
+    steps = [c["step"] for c in report.budget["checks"]]
+    assert steps[:3] == ["pause", "grace_arcs", "stop_arcs"], steps
+    # With a VMM the window opens at the pause and closes at the source's resume.
+    assert source.running and source.commands.count("cont") == 1
+    assert report.budget["pause_ms"] == report.downtime_ms is not None

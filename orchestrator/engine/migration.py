@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import trio
 
 from orchestrator.backends.base import Device
+from orchestrator.engine.budget import DowntimeBudget
 from orchestrator.engine.destination import Destination, LeftInDoubt, LocalDestination
 from orchestrator.engine.devices import (
     DeviceDriver,
@@ -127,6 +128,14 @@ class Migration:
             self.driver, vcpus=vmm is not None, remote=not self.destination.on_this_host
         )
         self._trace.observers.insert(1, self.model.observe)
+        self.budget = DowntimeBudget(
+            self.ctx,
+            self.model,
+            self.recorder,
+            strict=self.plan.downtime_policy == "strict",
+            limit_ms=lambda: self.plan.downtime_limit_ms,
+        )
+        self._trace.observers.insert(2, self.budget.observe)
         self.source = SourceHalf(
             self.driver,
             self.recorder,
@@ -433,6 +442,7 @@ class Migration:
         }
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._coordinate, sw)
+            nursery.start_soon(self.budget.watch, flow)
             for name in names:
                 sender = self.destination.stream(name)
                 nursery.start_soon(self.source.run, name, sender, sw)
@@ -493,19 +503,29 @@ class Migration:
         if decision.action == "abort":
             raise self.ctx.abort("precopy_not_converged", decision.reason)
         await self._switchover_acknowledged()
+        flow = self.flow
+        assert flow is not None
+        budget = self.budget
+        # The strict budget's first check: never switch over into a window
+        # predicted over the limit, whatever the pre-copy decided.
+        budget.forecast = sw.precopy.forecast
+        budget.check("pause", flow)
         self._enter(Phase.SOURCE_GRACE)
         if self.vcpus is not None:
             # The VMM hook: the vCPUs stop before any device leaves PRE_COPY.
             self._vcpus_paused = True
             await self.vcpus.call("pause", record="pause")
+            budget.check("grace_arcs", flow)
         sw.grace.set()
         await sw.source_barrier.released.wait()
         timeout = self.plan.timeouts.switchover_s
         try:
             with trio.fail_after(timeout):
                 await sw.all_drained.wait()
+                budget.check("settle_arcs", flow)
                 self._enter(Phase.DESTINATION_GRACE)
                 await sw.destination_barrier.released.wait()
+                budget.check("vote", flow)
                 await self.destination.vote()
         except trio.TooSlowError:
             raise self.ctx.abort(
@@ -524,6 +544,10 @@ class Migration:
         await self._for_each_device(self.source.release)
 
     async def _decide_commit(self) -> None:
+        assert self.flow is not None
+        self.budget.check("commit", self.flow)
+        # The commit point: from here the migration completes whatever the clock says.
+        self.budget.disarm()
         self._enter(Phase.COMMIT)
         if not self.destination.deciding():
             raise self.ctx.abort(
@@ -563,6 +587,9 @@ class Migration:
             ) from None
 
     def _source_barrier_released(self) -> None:
+        assert self.flow is not None
+        # Run by the last device to arrive, before any may leave its grace state.
+        self.budget.check("stop_arcs", self.flow)
         self._enter(Phase.STOP_COPY)
         self._trace.emit("barrier", detail={"barrier": "source_p2p"})
 

@@ -158,21 +158,21 @@ class DowntimeModel:
         """The window as this migration would run it if it switched over now."""
         comps: dict[str, Figure] = {}
         devices: dict[str, DeviceForecast] = {}
-        pause = self._vmm(S) if self.vcpus else Figure(0.0, "no vmm")
+        pause = self.vmm(S) if self.vcpus else Figure(0.0, "no vmm")
         comps["pause"] = pause
         grace, stop, settle, run = [], [], [], []
         for name, r in remaining.items():
             src, dst = flow.endpoint(S, name), flow.endpoint(D, name)
             g = (
-                self._from(S, name, src.state, src.route.grace)
+                self.walk(S, name, src.state, src.route.grace)
                 if src.route.grace is not None
                 else Figure(0.0, "no grace state")
             )
-            s = self._from(S, name, src.route.grace or src.state, DeviceState.STOP_COPY)
+            s = self.walk(S, name, src.route.grace or src.state, DeviceState.STOP_COPY)
             settle_target = dst.route.grace or dst.route.settle
-            st = self._from(D, name, DeviceState.RESUMING, settle_target)
+            st = self.walk(D, name, DeviceState.RESUMING, settle_target)
             assert dst.route.final is not None
-            rn = self._from(D, name, settle_target, dst.route.final)
+            rn = self.walk(D, name, settle_target, dst.route.final)
             lead_s = (pause.ms + (g.ms if self.vcpus else 0.0) + s.ms) / 1000
             nbytes = r.stop_copy_bytes + int(dirty_bytes_s.get(name, 0.0) * lead_s)
             devices[name] = DeviceForecast(g, s, nbytes, st, rn)
@@ -199,12 +199,13 @@ class DowntimeModel:
                 else Figure(0.0, "unknown")
             )
         comps["run_arcs"] = _slowest(run)
-        comps["resume"] = self._vmm(D) if self.vcpus else Figure(0.0, "no vmm")
+        comps["resume"] = self.vmm(D) if self.vcpus else Figure(0.0, "no vmm")
         comps["overhead"] = Figure.of(OVERHEAD_PER_DEVICE_S * len(remaining), "estimated")
         total = sum(f.ms for f in comps.values())
         return Forecast(round(total, 3) if math.isfinite(total) else math.inf, comps, devices)
 
-    def _from(self, side: Side, name: str, source: DeviceState, target: DeviceState) -> Figure:
+    def walk(self, side: Side, name: str, source: DeviceState, target: DeviceState) -> Figure:
+        """A device's walk from ``source`` to ``target``: its arcs' figures summed."""
         flow = self.driver.flow
         assert flow is not None
         e = flow.endpoint(side, name)
@@ -235,7 +236,8 @@ class DowntimeModel:
                     seconds, source = own, f"declared rate of {name}"
         return Figure.of(seconds, source)
 
-    def _vmm(self, side: Side) -> Figure:
+    def vmm(self, side: Side) -> Figure:
+        """One VMM call on ``side`` (a pause or a resume), as far as it is known."""
         seconds = self.inputs.vmm_s.get(side, self.inputs.vmm_s.get(S))
         if seconds is None:
             return Figure(0.0, "unknown")

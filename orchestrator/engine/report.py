@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator.engine.window import window_report
 from orchestrator.flow import Phase
 from orchestrator.report import DeviceReport, ErrorInfo, MigrationReport, Outcome, VmmReport
 from orchestrator.states import Side
@@ -93,6 +94,8 @@ async def build_report(m: Migration) -> MigrationReport:
         notes=notes,
         error=error,
         vmm=_vmm_report(m),
+        window=window_report(m.trace, m.budget.forecast, downtime),
+        budget=m.budget.as_report(downtime) if m.budget.checks else None,
     )
 
 
