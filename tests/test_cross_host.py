@@ -336,3 +336,21 @@ async def test_a_strict_budget_rolls_back_both_hosts_before_the_limit_passes(
         far = await incoming(b, status["id"])
         assert far["outcome"] == "rolled_back", far
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+
+
+async def test_the_destinations_declared_arcs_reach_the_sources_forecast(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625)
+        plan["devices"][0]["destination"] = {"transition_ms": 7}
+        plan["downtime_limit_ms"] = 5000
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        device = report["precopy"]["forecast"]["devices"]["gpu0"]
+        # From the destination's prepare answer: RESUMING -> STOP -> RUNNING_P2P, then RUNNING.
+        assert device["settle_arcs"] == {"ms": 14.0, "source": "declared"}
+        assert device["run_arcs"] == {"ms": 7.0, "source": "declared"}
+        window = report["window"]
+        assert window["devices"]["gpu0"]["settle_arcs"]["measured_ms"] >= 14.0

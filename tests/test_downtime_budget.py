@@ -95,13 +95,17 @@ async def test_best_effort_goes_on_past_the_limit_and_the_checks_say_where(
 async def test_strict_never_switches_over_into_a_window_predicted_over_the_limit(
     autojump_clock: Any,
 ) -> None:
-    # Pre-copy cannot converge (100 ms arcs against a 100 ms limit) and its
-    # policy says switch over anyway: strict still guards the pause.
+    # Pre-copy cannot converge (the device dirties about 1 MiB a round that it
+    # produces at 16 MiB/s: some 70 ms against a 50 ms limit) and its policy
+    # says switch over anyway: strict still guards the pause.
     devices = gpus(1)
-    devices[0]["source"]["transition_ms"] = 100
-    devices[0]["destination"]["transition_ms"] = 100
+    devices[0]["source"].update(state_mib=4, drain_mib_s=16, dirty_mib_s=12)
     r = await run(
-        devices, downtime_limit_ms=100, precopy_policy="switchover", downtime_policy="strict"
+        devices,
+        downtime_limit_ms=50,
+        precopy_policy="switchover",
+        precopy_max_rounds=2,
+        downtime_policy="strict",
     )
     assert r.outcome == "rolled_back", r.error
     assert r.precopy.decision == "switchover"
@@ -110,6 +114,20 @@ async def test_strict_never_switches_over_into_a_window_predicted_over_the_limit
     assert r.budget is not None and r.budget["blown_at"] == "pause"
     assert r.budget["over_ms"] > 0
     assert r.downtime_ms is None  # nothing stopped: the VM never paused
+
+
+async def test_strict_refuses_before_any_change_a_window_its_arcs_alone_overrun(
+    autojump_clock: Any,
+) -> None:
+    devices = gpus(1)
+    devices[0]["source"]["transition_ms"] = 100
+    devices[0]["destination"]["transition_ms"] = 100
+    r = await run(
+        devices, downtime_limit_ms=100, precopy_policy="switchover", downtime_policy="strict"
+    )
+    assert r.outcome == "refused", r.error
+    assert r.error is not None and r.error.kind == "downtime_unreachable"
+    assert "downtime_policy strict" in r.error.message
 
 
 async def test_the_window_is_reported_predicted_against_measured(autojump_clock: Any) -> None:

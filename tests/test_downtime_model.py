@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from orchestrator.engine import Migration
+from orchestrator.states import Side
 from tests.helpers import make_resolved, sim_device
 from tests.invariants import check_all
 
@@ -30,19 +31,36 @@ def both(name: str, seed: int, **params: Any) -> dict[str, Any]:
     return device
 
 
-async def test_a_device_whose_arcs_alone_overrun_the_limit_is_never_converged(
+async def test_a_device_whose_arcs_alone_overrun_the_limit_is_refused_before_any_change(
     autojump_clock: Any,
 ) -> None:
     # Of old: predicted 0.005 ms (bytes only), measured 403 ms against 100 ms,
-    # "converged".  Its stop and the destination's three arcs take 400 ms.
+    # "converged".  Its stop and the destination's three arcs take 400 ms, as
+    # its backend declares: known before anything changes.
     m = await run([both("gpu0", 0, transition_ms=100, state_mib=1)], downtime_limit_ms=100)
     r = m.report
     assert r is not None
-    assert r.outcome == "rolled_back", r.error
+    assert r.outcome == "refused", r.error
+    assert r.error is not None and r.error.kind == "downtime_unreachable"
     assert r.precopy.converged is False and r.precopy.decision == "abort"
-    assert "cannot converge" in (r.precopy.reason or "")
+    assert "cannot meet the limit" in (r.precopy.reason or "")
     assert r.precopy.expected_downtime_ms is not None
     assert r.precopy.expected_downtime_ms >= 400
+    assert not [e for e in m.trace if e.kind == "arc_begin" and e.side is Side.SOURCE]
+    assert {(d.source_state, d.destination_state) for d in r.devices} == {("RUNNING", "RUNNING")}
+
+
+async def test_a_plan_that_may_pass_its_limit_by_policy_is_not_refused(
+    autojump_clock: Any,
+) -> None:
+    # precopy_policy = "switchover" with best effort: the operator accepted it.
+    m = await run(
+        [both("gpu0", 0, transition_ms=100, state_mib=1)],
+        downtime_limit_ms=100,
+        precopy_policy="switchover",
+    )
+    assert m.report is not None
+    assert m.report.outcome == "succeeded", m.report.error
 
 
 @pytest.mark.parametrize(
@@ -100,3 +118,28 @@ async def test_a_plan_without_pre_copy_that_cannot_meet_its_limit_is_aborted(
     assert r.outcome == "rolled_back", r.error
     assert r.downtime_ms is None  # nothing stopped
     assert "cannot converge" in (r.precopy.reason or "")
+
+
+def test_a_transfer_no_bandwidth_measures_yet_is_unknown_not_infinite() -> None:
+    # Between hosts, a first round may end before any byte was delivered: the
+    # floor must not read "cannot converge" from a bandwidth of zero.
+    from orchestrator.engine.devices import DeviceDriver, EngineContext
+    from orchestrator.engine.model import DeviceForecast, DowntimeModel, Figure, Forecast
+    from orchestrator.engine.trace import Trace
+
+    resolved = make_resolved([both("gpu0", 0), both("vf0", 1, pre_copy=False)])
+    driver = DeviceDriver(EngineContext.create(resolved.plan, "m", Trace()))
+    model = DowntimeModel(driver, vcpus=False, remote=True)
+    arcs = Figure(5.0, "declared")
+    devices = {
+        "gpu0": DeviceForecast(arcs, arcs, 2**20, arcs, arcs),
+        "vf0": DeviceForecast(arcs, arcs, 2**20, arcs, arcs),
+    }
+    forecast = Forecast(
+        float("inf"),
+        {"stop_arcs": arcs, "transfer": Figure(float("inf"), "no bandwidth"), "run_arcs": arcs},
+        devices,
+    )
+    assert model.floor_ms(forecast, {"vf0"}, 0.0) == 10.0
+    # Measured: the device without pre-copy's bytes count, the other's do not.
+    assert model.floor_ms(forecast, {"vf0"}, 2**20 / 0.1) == pytest.approx(110.0)

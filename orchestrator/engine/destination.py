@@ -82,6 +82,11 @@ class Destination(abc.ABC):
     in_doubt: bool = False
     #: The round trip to the destination's host (None: this host, or not measured).
     rtt_s: float | None = None
+
+    def declared_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
+        """How long a destination device's arc takes, where its backend declares it."""
+        return None
+
     #: How the destination said it ended after the commit, where it says so itself
     #: (another host's daemon, the authority then): the migration's outcome.
     completed_outcome: Outcome | None = None

@@ -52,10 +52,7 @@ from orchestrator.engine.source import SourceHalf
 from orchestrator.engine.trace import Observer, Trace, TraceEvent
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError, PlanError
-from orchestrator.flow import (
-    MigrationFlow,
-    Phase,
-)
+from orchestrator.flow import MigrationFlow, Phase, Remaining
 from orchestrator.report import ErrorInfo, MigrationReport
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
@@ -125,7 +122,10 @@ class Migration:
             destination = self._local_destination
         self.destination = destination(self.driver, self._limiter)
         self.model = DowntimeModel(
-            self.driver, vcpus=vmm is not None, remote=not self.destination.on_this_host
+            self.driver,
+            vcpus=vmm is not None,
+            remote=not self.destination.on_this_host,
+            destination_arcs=self.destination.declared_arc_s,
         )
         self._trace.observers.insert(1, self.model.observe)
         self.budget = DowntimeBudget(
@@ -410,6 +410,7 @@ class Migration:
                 await self._for_each_device(self._require_running)
         except trio.TooSlowError:
             raise self.ctx.abort("phase_timeout", f"prepare took over {timeout:g} s") from None
+        self._check_reachable()
         try:
             with trio.fail_after(timeout):
                 await self.destination.begin()
@@ -479,6 +480,36 @@ class Migration:
 
     async def _require_running(self, name: str) -> None:
         await self.driver.require_running(SOURCE, name)
+
+    def _check_reachable(self) -> None:
+        """Before anything changes: a plan whose window cannot fit its limit even
+        with nothing left to send (its arcs, as the backends declare them, the
+        commit) is refused, when its policies would not switch over past the limit."""
+        plan, flow = self.plan, self.flow
+        assert flow is not None
+        if plan.precopy_policy != "abort" and plan.downtime_policy != "strict":
+            return
+        self._model_inputs()
+        cap = plan.bandwidth_limit_mib_s
+        bandwidth = cap * MIB if cap is not None else 0.0
+        nothing = {
+            name: Remaining(0, 0, 0, pre_copy=flow.endpoint(SOURCE, name).route.precopy is not None)
+            for name in self.names
+        }
+        forecast = self.model.forecast(flow, nothing, bandwidth, {})
+        floor = self.model.floor_ms(forecast, set(), bandwidth)
+        if floor <= plan.downtime_limit_ms:
+            return
+        reason = (
+            f"cannot meet the limit: the window takes at least {floor:.0f} ms with nothing "
+            f"left to send (its arcs, the commit), over the {plan.downtime_limit_ms:g} ms "
+            f"limit; precopy_policy {plan.precopy_policy}, downtime_policy {plan.downtime_policy}"
+        )
+        precopy = self.recorder.precopy
+        precopy.forecast = forecast.as_report()
+        precopy.expected_downtime_ms = round(floor, 3)
+        precopy.decision, precopy.reason, precopy.converged = "abort", reason, False
+        raise self.ctx.abort("downtime_unreachable", reason)
 
     def _model_inputs(self) -> None:
         """What the downtime model reads from what this migration measured so far."""

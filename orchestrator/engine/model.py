@@ -30,7 +30,7 @@ came from, and the report shows them beside what the switchover measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.engine.devices import DeviceDriver
@@ -115,8 +115,17 @@ class Inputs:
 class DowntimeModel:
     """Predicts the downtime window; a trace observer for the arcs it measures."""
 
-    def __init__(self, driver: DeviceDriver, *, vcpus: bool, remote: bool) -> None:
+    def __init__(
+        self,
+        driver: DeviceDriver,
+        *,
+        vcpus: bool,
+        remote: bool,
+        destination_arcs: Callable[[str, DeviceState, DeviceState], float | None] | None = None,
+    ) -> None:
         self.driver = driver
+        #: Another host's destination devices: the figures their backends declared.
+        self.destination_arcs = destination_arcs
         self.vcpus = vcpus
         self.remote = remote
         self._arcs: dict[tuple[Side, str, DeviceState, DeviceState], float] = {}
@@ -138,7 +147,12 @@ class DowntimeModel:
         if seconds is not None:
             return Figure.of(seconds, "measured")
         device = self.driver.devices.get((side, name))
-        declared = device.declared_arc_s(source, target) if device is not None else None
+        if device is not None:
+            declared = device.declared_arc_s(source, target)
+        elif side is D and self.destination_arcs is not None:
+            declared = self.destination_arcs(name, source, target)
+        else:
+            declared = None
         if declared is not None:
             return Figure.of(declared, "declared")
         walked = self._walked.get((side, name))
@@ -173,7 +187,9 @@ class DowntimeModel:
             st = self.walk(D, name, DeviceState.RESUMING, settle_target)
             assert dst.route.final is not None
             rn = self.walk(D, name, settle_target, dst.route.final)
-            lead_s = (pause.ms + (g.ms if self.vcpus else 0.0) + s.ms) / 1000
+            # It runs, and dirties, until its stop ends: the pause, its grace arcs
+            # (before the window too, without a VMM) and its stop arcs.
+            lead_s = (pause.ms + g.ms + s.ms) / 1000
             nbytes = r.stop_copy_bytes + int(dirty_bytes_s.get(name, 0.0) * lead_s)
             devices[name] = DeviceForecast(g, s, nbytes, st, rn)
             grace.append(g)
@@ -182,7 +198,7 @@ class DowntimeModel:
             run.append(rn)
         comps["grace_arcs"] = _slowest(grace) if self.vcpus else Figure(0.0, "before the window")
         comps["stop_arcs"] = _slowest(stop)
-        comps["transfer"] = self._transfer(devices, bandwidth_bytes_s)
+        comps["transfer"] = self.transfer(devices, bandwidth_bytes_s)
         comps["settle_arcs"] = _slowest(settle)
         commit = self.inputs.commit_s
         comps["commit"] = (
@@ -217,7 +233,18 @@ class DowntimeModel:
             state = step
         return Figure(round(total, 3), _weakest(sources) if sources else "none")
 
-    def _transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
+    def floor_ms(self, forecast: Forecast, fixed: set[str], bandwidth_bytes_s: float) -> float:
+        """What no pre-copy round can shrink: the window with only the bytes of the
+        ``fixed`` devices (those without pre-copy; what the others still send may
+        shrink, or not).  A transfer no bandwidth measures yet is unknown, not
+        infinite: it counts nothing here."""
+        floor = sum(f.ms for k, f in forecast.components.items() if k != "transfer")
+        fixed_ms = self.transfer(
+            {n: d for n, d in forecast.devices.items() if n in fixed}, bandwidth_bytes_s
+        ).ms
+        return floor + (fixed_ms if math.isfinite(fixed_ms) else 0.0)
+
+    def transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
         """Every device's stop-copy bytes over the bandwidth, and no device faster than
         its own declared rate (a device that produces its stream slowly)."""
         total = sum(d.stop_bytes for d in devices.values())

@@ -84,10 +84,9 @@ class PrecopyRounds:
         }
         forecast = self.model.forecast(self.flow, reports, measured, rates)
         self.forecast = forecast
-        # What no pre-copy round can shrink: the window without the bytes of the
-        # devices that pre-copy (what they still send may shrink, or not).
-        shrinkable = sum(forecast.devices[n].stop_bytes for n, r in reports.items() if r.pre_copy)
-        floor = forecast.total_ms - (shrinkable / measured * 1000 if measured > 0 else 0.0)
+        floor = self.model.floor_ms(
+            forecast, {n for n, r in reports.items() if not r.pre_copy}, measured
+        )
         decision = decide_precopy(
             self.plan,
             round_number=precopy.rounds,

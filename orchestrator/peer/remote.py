@@ -46,7 +46,7 @@ from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode
 from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
 from orchestrator.report import ErrorInfo, Outcome
-from orchestrator.states import Capabilities, MigrationFlags, Side
+from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side
 from orchestrator.transport import RateLimiter, SourceChannel, StreamSender, open_channel
 
 log = structlog.get_logger("orchestrator.peer.remote")
@@ -68,6 +68,12 @@ def capabilities_from_json(data: Mapping[str, Any]) -> Capabilities:
         stop_copy_size=bool(data.get("stop_copy_size", False)),
         dirty_logging=bool(data.get("dirty_logging", False)),
     )
+
+
+def _arc(text: str) -> tuple[DeviceState, DeviceState]:
+    """``"FROM->TO"`` as states (KeyError or ValueError if it names none)."""
+    source, target = text.split("->")
+    return DeviceState[source], DeviceState[target]
 
 
 def destination_token(spec: RemoteDestinationSpec) -> str:
@@ -151,6 +157,8 @@ class RemoteDestination(Destination):
         self._recovering = recovering
         self._data: tuple[str, int] | None = None
         self._secret: bytes | None = None
+        #: Per device, the arcs its backend declares, from the prepare answer.
+        self._declared_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
         self._token: str | None = None
         self.version: int | None = None
         self.channel: SourceChannel | None = None
@@ -260,6 +268,12 @@ class RemoteDestination(Destination):
                 name: capabilities_from_json(info["capabilities"])
                 for name, info in body["devices"].items()
             }
+            self._declared_arcs = {
+                name: {
+                    _arc(arc): float(ms) / 1000 for arc, ms in (info.get("arcs_ms") or {}).items()
+                }
+                for name, info in body["devices"].items()
+            }
         except (KeyError, TypeError, ValueError) as exc:
             raise PeerError(
                 f"the destination daemon's prepare answer is malformed: {exc}"
@@ -270,6 +284,9 @@ class RemoteDestination(Destination):
         if missing:
             raise PeerError(f"the destination daemon did not prepare {', '.join(missing)}")
         return capabilities
+
+    def declared_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
+        return self._declared_arcs.get(name, {}).get((source, target))
 
     async def _recovered_capabilities(self) -> dict[str, Capabilities]:
         """After this daemon restarted: nothing asked of the destination (readiness

@@ -75,6 +75,14 @@ __all__ = [
 ]
 
 DESTINATION = Side.DESTINATION
+_D = DeviceState
+#: The destination's arcs from its loaded state to RUNNING, whichever route it takes.
+POST_LOAD_ARCS = (
+    (_D.RESUMING, _D.STOP),
+    (_D.STOP, _D.RUNNING_P2P),
+    (_D.RUNNING_P2P, _D.RUNNING),
+    (_D.STOP, _D.RUNNING),
+)
 
 
 def capabilities_to_json(caps: Capabilities) -> dict[str, Any]:
@@ -149,6 +157,19 @@ class IncomingMigration:
             raise
         self._adopt_flow(caps)
         return caps
+
+    def declared_arcs_ms(self, name: str) -> dict[str, float]:
+        """The arcs after the load, as this device's backend declares them (the
+        source's downtime model has no other figure for arcs not yet walked)."""
+        device = self.driver.devices.get((DESTINATION, name))
+        if device is None:
+            return {}
+        figures = {}
+        for source, target in POST_LOAD_ARCS:
+            seconds = device.declared_arc_s(source, target)
+            if seconds is not None:
+                figures[f"{source.name}->{target.name}"] = round(seconds * 1000, 3)
+        return figures
 
     def _adopt_flow(self, caps: dict[str, Capabilities]) -> None:
         self.capabilities = caps
@@ -772,7 +793,11 @@ class IncomingRegistry:
             data={"host": self.advertise, "port": self.listener.address[1]},
             secret=secret.hex(),
             devices={
-                name: {"capabilities": capabilities_to_json(c), "state": "RUNNING"}
+                name: {
+                    "capabilities": capabilities_to_json(c),
+                    "state": "RUNNING",
+                    "arcs_ms": migration.declared_arcs_ms(name),
+                }
                 for name, c in caps.items()
             },
         )
