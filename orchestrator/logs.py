@@ -21,16 +21,18 @@ def configure(
     level: str = "info", fmt: LogFormat = "console", stream: TextIO | None = None
 ) -> None:
     """Configure structlog for the whole process (the CLI calls this once)."""
-    renderer: structlog.typing.Processor
+    rendering: list[structlog.typing.Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        # An exception logged with its traceback (log.exception) keeps it: the
+        # JSON renderer alone would write "exc_info": true and lose it.
+        rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        rendering = [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),

@@ -301,6 +301,15 @@ class IncomingMigration:
 
     # -- the machine -------------------------------------------------------------------------
 
+    def require_serving(self) -> None:
+        """Refuse (503) an outside message while no task carries out the machine's steps."""
+        if self._nursery is None or self.done.is_set():
+            raise IncomingNotServing(
+                f"incoming migration {self.id!r} is "
+                + ("ending" if self.done.is_set() or self.report else "being recovered")
+                + ": ask again shortly"
+            )
+
     def handle(self, event: p.Event, replies: list[p.Message] | None = None) -> p.Step:
         """Feed one event; carry out what the machine says."""
         step = self.machine.handle(event)
@@ -694,6 +703,16 @@ class IncomingConflict(OrchestratorError):
     status_hint = 409
 
 
+class IncomingNotServing(OrchestratorError):
+    """The incoming migration is being recovered, or is ending: ask again shortly.
+
+    A message fed to its machine now would change its state with no task to
+    carry out what the machine then says (a recovery not yet serving, a
+    migration whose tasks have ended): the message is refused, unread."""
+
+    status_hint = 503
+
+
 class IncomingRegistry:
     """The incoming migrations of one daemon.
 
@@ -868,6 +887,7 @@ class IncomingRegistry:
         replies: list[p.Message] = []
         migration = self.migrations.get(migration_id)
         if migration is not None:
+            migration.require_serving()
             migration.handle(message, replies)
             return IncomingReplies(status=migration.status(), replies=[encode(r) for r in replies])
         # Ended (and journaled): a machine restarted from the record answers.
@@ -900,6 +920,7 @@ class IncomingRegistry:
                     f"the source daemon answers ({answer.OP}): migration {migration_id!r} "
                     "settles by itself (settle --force to overrule it)"
                 )
+        migration.require_serving()
         migration.log.warning("incoming.settled", decision=decision, force=force)
         verdict: Literal["commit", "abort"] = "commit" if decision == "commit" else "abort"
         migration.handle(p.DecisionAnswer(verdict))
