@@ -46,6 +46,9 @@ def migration_plan() -> Plan:
             sim_device("nic0", state_mib=0.125, seed=12, pre_copy=False, **SLOW, destination=SLOW),
         ],
         vm="vm-crash",
+        # Slow arcs and a slow commit record: a limit the predicted window fits,
+        # so that the migration reaches every phase a kill is aimed at.
+        downtime_limit_ms=10_000,
     )
 
 
