@@ -387,6 +387,9 @@ def test_the_exposition_names_exactly_the_issue_s_metrics(
         "orchestrator_vmm_errors": "counter",
         # Issue 18: migrations whose end waits on an unreachable peer.
         "orchestrator_migrations_in_doubt": "gauge",
+        # Issue 19: the downtime model's accuracy, and the strict budget's rollbacks.
+        "orchestrator_downtime_prediction_ratio": "histogram",
+        "orchestrator_downtime_budget_rollbacks": "counter",
     }
     text = exposition(registry)
     for name in (
@@ -396,3 +399,30 @@ def test_the_exposition_names_exactly_the_issue_s_metrics(
         "orchestrator_vmm_errors_total",
     ):
         assert f"# TYPE {name} counter" in text
+
+
+async def test_the_prediction_ratio_and_budget_rollbacks_are_counted(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    m = await run_tracked(metrics, two_gpus())
+    r = m.report
+    assert r is not None and r.downtime_ms and r.precopy.expected_downtime_ms
+    s = scrape(registry)
+    assert value(s, "orchestrator_downtime_prediction_ratio_count") == 1
+    assert value(s, "orchestrator_downtime_prediction_ratio_sum") == pytest.approx(
+        r.downtime_ms / r.precopy.expected_downtime_ms
+    )
+    devices = two_gpus()
+    devices[1]["source"]["fault"] = {
+        "at": "PRE_COPY_P2P->STOP_COPY",
+        "kind": "delay",
+        "delay_ms": 900,
+    }
+    strict = Migration(make_resolved(devices, downtime_limit_ms=100, downtime_policy="strict"))
+    with metrics.track(strict):
+        await strict.run()
+    assert strict.report is not None and strict.report.outcome == "rolled_back"
+    s = scrape(registry)
+    assert value(s, "orchestrator_downtime_budget_rollbacks_total", step="watchdog") == 1
+    # A rollback's pause is no test of the prediction: still one observation.
+    assert value(s, "orchestrator_downtime_prediction_ratio_count") == 1
