@@ -179,7 +179,11 @@ def draw_matrix(seed: int, trials: int, *, quick: bool = False) -> list[Config]:
     max_total_mib = 4.0 if quick else 16.0
     configs = []
     for index in range(trials):
-        devices = min(64, max(1, round(_log_uniform(rng, 1, 64))))
+        # Half on the powers of two, so that 1 and 64 themselves come up.
+        if rng.random() < 0.5:
+            devices = rng.choice((1, 2, 4, 8, 16, 32, 64))
+        else:
+            devices = min(64, max(1, round(_log_uniform(rng, 1, 64))))
         total_mib = _log_uniform(rng, 0.25, max_total_mib)
         # Whole 4 KiB pages, at least 16 of them a device.
         state_kib = max(64, round(total_mib * 1024 / devices / 4) * 4)
@@ -657,13 +661,26 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return statistics.linear_regression(xs, ys).slope
 
 
-def print_component_errors(trials: Sequence[Trial], placement: Placement) -> None:
+#: The subsets the error table is shown for: a component off for one kind of
+#: bottleneck only is lost in the whole.
+SUBSETS: dict[str, Callable[[Trial], bool]] = {
+    "every trial": lambda t: True,
+    "plan bottleneck": lambda t: t.config.bottleneck == "plan",
+    "device bottleneck": lambda t: t.config.bottleneck == "device",
+}
+
+
+def print_component_errors(trials: Sequence[Trial], placement: Placement, subset: str) -> None:
     """Each phase of the window against the components the forecast gave it, over
     every trial that switched over and succeeded: which part of the model is off."""
-    mine = [t for t in trials if t.placement == placement and t.ratio is not None]
+    keep = SUBSETS[subset]
+    mine = [t for t in trials if t.placement == placement and t.ratio is not None and keep(t)]
     if len(mine) < 3:
         return
-    print(f"\n### Where the error is, {placement}: measured - predicted, ms ({len(mine)} trials)\n")
+    print(
+        f"\n### Where the error is, {placement}, {subset}: measured - predicted, ms "
+        f"({len(mine)} trials)\n"
+    )
     print(
         "| phase | its components | predicted p50 | measured p50 | error p50 | error p90 "
         "| error per device (slope) | error per arc ms (slope) | error per predicted transfer ms |"
@@ -857,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     print_strict_table(rows, note)
     print_misses(rows, args.worst)
     for placement in placements:
-        print_component_errors(trials, placement)
+        for subset in SUBSETS:
+            print_component_errors(trials, placement, subset)
     print(f"\nthe matrix: {total} migrations in {matrix_s:.0f} s")
     if plan_runs:
         shipped_plans(plan_runs)
