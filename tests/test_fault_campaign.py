@@ -10,12 +10,10 @@ at a chosen moment and restarted, and reads the table it prints.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,24 +22,14 @@ from orchestrator.backends.simulated import SimulatedBackend, SimulatedDevice, S
 from orchestrator.plan import parse_plan
 from orchestrator.resolve import ResolvedPlan, resolve
 from orchestrator.states import DeviceState, Side
+from tests.helpers import load_bench
 from tests.test_sim_persistence import drain, migrate, walk
 
 ROOT = Path(__file__).resolve().parent.parent
 S = DeviceState
 
 
-def _campaign_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "fault_campaign", ROOT / "bench" / "fault_campaign.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_campaign"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fc = _campaign_module()
+fc = load_bench("fault_campaign")
 
 
 # -- the checker ----------------------------------------------------------------------------
