@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typing_extensions import Buffer
 
 from orchestrator.peer import messages
@@ -354,3 +355,29 @@ async def test_the_destinations_declared_arcs_reach_the_sources_forecast(
         assert device["run_arcs"] == {"ms": 7.0, "source": "declared"}
         window = report["window"]
         assert window["devices"]["gpu0"]["settle_arcs"]["measured_ms"] >= 14.0
+
+
+async def test_a_completed_lost_on_an_open_channel_is_asked_for_over_rest(
+    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in bench/downtime_promise.py: the destination ended succeeded, its
+    # Completed never left, the channel stayed open, and the source waited in
+    # resume until it was shut down.  Here the destination drops it outright.
+    from orchestrator.peer import protocol as p
+    from orchestrator.peer.server import IncomingMigration
+
+    emit = IncomingMigration._emit
+
+    def drop_completed(
+        self: IncomingMigration, message: p.Message, replies: list[p.Message] | None = None
+    ) -> None:
+        if isinstance(message, p.Completed) and replies is None:
+            return
+        emit(self, message, replies)
+
+    monkeypatch.setattr(IncomingMigration, "_emit", drop_completed)
+    async with two_hosts(short_dir, token_file) as (a, b):
+        status = await submit(a, cross_plan(b, token_file, "gpu0", "gpu1"))
+        assert status["outcome"] == "succeeded", status["report"]
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "succeeded", far

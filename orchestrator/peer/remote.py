@@ -70,6 +70,10 @@ def capabilities_from_json(data: Mapping[str, Any]) -> Capabilities:
     )
 
 
+#: How long the source waits on an open channel with no news before it asks over REST.
+QUIET_S = 2.0
+
+
 def _arc(text: str) -> tuple[DeviceState, DeviceState]:
     """``"FROM->TO"`` as states (KeyError or ValueError if it names none)."""
     source, target = text.split("->")
@@ -589,7 +593,14 @@ class RemoteDestination(Destination):
                     "say how it ended; the restart asks again"
                 )
             if self.failure is None and self.channel is not None:
-                await self._news.wait()
+                # The channel carries the answer.  One lost on the way (a
+                # destination whose last message never left) is asked for over
+                # REST after a quiet while: a commit is idempotent there, and
+                # answered with how it ended once it has.
+                with trio.move_on_after(QUIET_S) as quiet:
+                    await self._news.wait()
+                if quiet.cancelled_caught and self._completed is None:
+                    await self._post(p.Commit())
                 continue
             reached = await self._post(p.Commit())
             self.in_doubt = not reached

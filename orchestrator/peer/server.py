@@ -191,11 +191,21 @@ class IncomingMigration:
             task_status.started()
             if first is not None:
                 self._execute(first, None)
+            sent = trio.Event()
             if channel is not None:
                 self.channel = channel
                 nursery.start_soon(self._serve_channel, channel)
-                nursery.start_soon(self._send_in_order, channel)
+                nursery.start_soon(self._send_in_order, channel, sent)
+            else:
+                sent.set()
             await self.done.wait()
+            # The last messages (the Completed of 64 devices' run arcs) leave
+            # before the tasks end: cancelled in the outbox, the source would
+            # wait for them on a channel still open.  Bounded: a source that
+            # reads nothing asks over REST.
+            self._outbox_send.close()
+            with trio.move_on_after(self.plan.timeouts.device_call_s):
+                await sent.wait()
             nursery.cancel_scope.cancel()
         assert self.report is not None
         return self.report
@@ -241,14 +251,17 @@ class IncomingMigration:
     def _channel_up(self) -> bool:
         return self.channel is not None and self.channel.failure is None
 
-    async def _send_in_order(self, channel: DestinationChannel) -> None:
+    async def _send_in_order(self, channel: DestinationChannel, sent: trio.Event) -> None:
+        """Send the outbox in order until it is closed (the migration ended) and empty."""
         async for message in self._outbox:
             if channel.failure is not None:
                 continue  # the source asks (REST) for what it needs to know
             try:
                 await channel.send_control(encode(message))
             except PeerError as exc:
-                self.handle(p.LinkLost(str(exc)))
+                if not self.done.is_set():
+                    self.handle(p.LinkLost(str(exc)))
+        sent.set()
 
     def _report(self, event: TraceEvent) -> None:
         """Every arc of a device, and the vCPUs' resume, to the source as each ends
@@ -295,7 +308,7 @@ class IncomingMigration:
     def _emit(self, message: p.Message, replies: list[p.Message] | None = None) -> None:
         if replies is not None:
             replies.append(message)
-        elif self._channel_up():
+        elif self._channel_up() and not self.done.is_set():
             self._outbox_send.send_nowait(message)
         # Otherwise dropped: the source asks (REST) for what it needs to know.
 
