@@ -72,8 +72,23 @@ async def test_a_plan_that_may_pass_its_limit_by_policy_is_not_refused(
             for i in range(4)
         ],
         [both("vf0", 0, transition_ms=3, pre_copy=False, state_mib=2, drain_mib_s=100)],
+        # The destination loads as slowly as the source produces: its last piece
+        # arrives whole and is loaded after it was read (found by the benchmark).
+        [
+            {
+                **both("vf0", 0, transition_ms=3, pre_copy=False, state_mib=1, drain_mib_s=16),
+                "destination": {"transition_ms": 3, "drain_mib_s": 16},
+            }
+        ],
+        # Rounds of different lengths: the quick devices dirty while they wait
+        # for the slow one's report (found by the benchmark).
+        [
+            both("gpu0", 0, transition_ms=2, state_mib=8, drain_mib_s=64, dirty_mib_s=1),
+            both("gpu1", 1, transition_ms=2, state_mib=1, drain_mib_s=64, dirty_mib_s=8),
+            both("gpu2", 2, transition_ms=2, state_mib=1, drain_mib_s=64, dirty_mib_s=8),
+        ],
     ],
-    ids=["three-gpus", "dirtying", "no-pre-copy"],
+    ids=["three-gpus", "dirtying", "no-pre-copy", "destination-bound", "uneven-rounds"],
 )
 async def test_the_prediction_is_the_measured_window_within_the_overhead(
     autojump_clock: Any, devices: list[dict[str, Any]]

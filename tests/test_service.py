@@ -119,7 +119,11 @@ async def test_fifty_migrations_at_once_all_succeed_and_share_no_device(
     ids: list[str] = []
 
     async def submit(i: int) -> None:
-        status, _ = await service.submit(plan_for(f"vm{i}", f"gpu{i}a", f"gpu{i}b"))
+        devices = [sim_device(n, transition_ms=1) for n in (f"gpu{i}a", f"gpu{i}b")]
+        # Fifty journals' writes queue behind each other: the commit record is
+        # predicted (rightly) at hundreds of ms. This test is about concurrency.
+        plan = make_plan(devices, vm=f"vm{i}", downtime_limit_ms=60_000)
+        status, _ = await service.submit(plan)
         ids.append(status.id)
 
     async with trio.open_nursery() as nursery:

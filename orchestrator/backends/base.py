@@ -136,6 +136,18 @@ class Device(abc.ABC):
         (None: no limit of its own is known)."""
         return None
 
+    def declared_dirty_bytes(self, seconds: float) -> int | None:
+        """How many stop-copy bytes this running device adds in ``seconds`` more,
+        where the backend knows how it dirties its state (None: the model
+        measures a rate over the pre-copy rounds instead)."""
+        return None
+
+    def declared_read_bytes(self, max_bytes: int) -> int:
+        """The most one ``read(max_bytes)`` returns (the downtime model counts the
+        last piece's load at the destination after its read); ``max_bytes`` unless
+        the backend reads in smaller pieces of its own."""
+        return max_bytes
+
     def timings(self) -> Mapping[str, float]:
         """Where this endpoint's backend spent its time, in ms, by step (for the report).
 

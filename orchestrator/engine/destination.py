@@ -87,6 +87,10 @@ class Destination(abc.ABC):
         """How long a destination device's arc takes, where its backend declares it."""
         return None
 
+    def declared_rate_bytes_s(self, name: str) -> float | None:
+        """How fast a destination device loads its stream, where its backend declares it."""
+        return None
+
     #: How the destination said it ended after the commit, where it says so itself
     #: (another host's daemon, the authority then): the migration's outcome.
     completed_outcome: Outcome | None = None

@@ -71,10 +71,16 @@ class Barrier:
 class RoundGate:
     """A cyclic barrier for pre-copy rounds: the last report of a round decides for all."""
 
-    def __init__(self, parties: int, decide: Callable[[dict[str, Remaining]], PrecopyDecision]):
+    def __init__(
+        self,
+        parties: int,
+        decide: Callable[[dict[str, Remaining], dict[str, float]], PrecopyDecision],
+    ):
         self.parties = parties
+        #: Called by the last report of a round with every report and when each came.
         self._decide = decide
         self._reports: dict[str, Remaining] = {}
+        self._reported_at: dict[str, float] = {}
         self._round_done = trio.Event()
         self.decision: PrecopyDecision | None = None
         #: Set once a round decides anything but "continue".
@@ -82,11 +88,13 @@ class RoundGate:
 
     async def arrive(self, name: str, remaining: Remaining) -> PrecopyDecision:
         self._reports[name] = remaining
+        self._reported_at[name] = trio.current_time()
         done = self._round_done
         if len(self._reports) == self.parties:
             reports, self._reports = self._reports, {}
+            reported_at, self._reported_at = self._reported_at, {}
             self._round_done = trio.Event()
-            self.decision = self._decide(reports)
+            self.decision = self._decide(reports, reported_at)
             if self.decision.action != "continue":
                 self.final.set()
             done.set()

@@ -125,7 +125,8 @@ class Migration:
             self.driver,
             vcpus=vmm is not None,
             remote=not self.destination.on_this_host,
-            destination_arcs=self.destination.declared_arc_s,
+            destination=self.destination,
+            read_chunk_bytes=read_chunk_bytes,
         )
         self._trace.observers.insert(1, self.model.observe)
         self.budget = DowntimeBudget(

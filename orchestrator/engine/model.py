@@ -30,9 +30,10 @@ came from, and the report shows them beside what the switchover measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import DeviceDriver
 from orchestrator.engine.trace import TraceEvent
 from orchestrator.flow import MigrationFlow, Remaining
@@ -121,11 +122,13 @@ class DowntimeModel:
         *,
         vcpus: bool,
         remote: bool,
-        destination_arcs: Callable[[str, DeviceState, DeviceState], float | None] | None = None,
+        destination: Destination | None = None,
+        read_chunk_bytes: int = 1 << 20,
     ) -> None:
         self.driver = driver
         #: Another host's destination devices: the figures their backends declared.
-        self.destination_arcs = destination_arcs
+        self.destination = destination
+        self.read_chunk_bytes = read_chunk_bytes
         self.vcpus = vcpus
         self.remote = remote
         self._arcs: dict[tuple[Side, str, DeviceState, DeviceState], float] = {}
@@ -149,8 +152,8 @@ class DowntimeModel:
         device = self.driver.devices.get((side, name))
         if device is not None:
             declared = device.declared_arc_s(source, target)
-        elif side is D and self.destination_arcs is not None:
-            declared = self.destination_arcs(name, source, target)
+        elif side is D and self.destination is not None:
+            declared = self.destination.declared_arc_s(name, source, target)
         else:
             declared = None
         if declared is not None:
@@ -168,8 +171,10 @@ class DowntimeModel:
         remaining: Mapping[str, Remaining],
         bandwidth_bytes_s: float,
         dirty_bytes_s: Mapping[str, float],
+        waited_s: Mapping[str, float] | None = None,
     ) -> Forecast:
-        """The window as this migration would run it if it switched over now."""
+        """The window as this migration would run it if it switched over now
+        (``waited_s``: how long ago each device reported what it has left)."""
         comps: dict[str, Figure] = {}
         devices: dict[str, DeviceForecast] = {}
         pause = self.vmm(S) if self.vcpus else Figure(0.0, "no vmm")
@@ -187,10 +192,18 @@ class DowntimeModel:
             st = self.walk(D, name, DeviceState.RESUMING, settle_target)
             assert dst.route.final is not None
             rn = self.walk(D, name, settle_target, dst.route.final)
-            # It runs, and dirties, until its stop ends: the pause, its grace arcs
-            # (before the window too, without a VMM) and its stop arcs.
-            lead_s = (pause.ms + g.ms + s.ms) / 1000
-            nbytes = r.stop_copy_bytes + int(dirty_bytes_s.get(name, 0.0) * lead_s)
+            # It runs, and dirties, from its report until its stop ends: the wait
+            # for the decision, the switchover acknowledgement (a round trip
+            # between hosts), the pause, its grace arcs (before the window too,
+            # without a VMM) and its stop arcs.
+            lead_s = (waited_s or {}).get(name, 0.0) + (pause.ms + g.ms + s.ms) / 1000
+            if self.remote and self.inputs.rtt_s is not None:
+                lead_s += self.inputs.rtt_s
+            device = self.driver.devices.get((S, name))
+            declared = device.declared_dirty_bytes(lead_s) if device is not None else None
+            rate = dirty_bytes_s.get(name, 0.0)
+            dirtied = declared if declared is not None else int(rate * lead_s)
+            nbytes = r.stop_copy_bytes + dirtied
             devices[name] = DeviceForecast(g, s, nbytes, st, rn)
             grace.append(g)
             stop.append(s)
@@ -245,23 +258,55 @@ class DowntimeModel:
         return floor + (fixed_ms if math.isfinite(fixed_ms) else 0.0)
 
     def transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
-        """Every device's stop-copy bytes over the bandwidth, and no device faster than
-        its own declared rate (a device that produces its stream slowly)."""
+        """Every device's stop-copy bytes over the bandwidth, then the last piece's
+        load at its destination; and no device faster than its own declared rates
+        (a source that produces its stream slowly, a destination that loads it
+        slowly: the slower sets the pace, and the last piece one side reads the
+        other still has to take)."""
         total = sum(d.stop_bytes for d in devices.values())
-        if bandwidth_bytes_s > 0:
+        paces = {name: self._own_pace(name, d.stop_bytes) for name, d in devices.items()}
+        cap = self.driver.ctx.plan.bandwidth_limit_mib_s
+        paced = all(paces[n][0] > 0 for n, d in devices.items() if d.stop_bytes)
+        if not self.remote and cap is None and paced:
+            # One host, no cap, every device's pace known: memory is no bottleneck,
+            # and the pre-copy's average rate (one slow round alone at its end)
+            # would say less than the devices' own paces do.
+            seconds, source = 0.0, "one host: memory"
+        elif bandwidth_bytes_s > 0:
             seconds, source = total / bandwidth_bytes_s, "measured bandwidth"
         elif not self.remote:
             seconds, source = 0.0, "one host: memory"
         else:
             seconds, source = (0.0 if total == 0 else math.inf), "no bandwidth measured"
-        for name, d in devices.items():
-            device = self.driver.devices.get((S, name))
-            rate = device.declared_rate_bytes_s() if device is not None else None
-            if rate:
-                own = d.stop_bytes / rate
-                if own > seconds:
-                    seconds, source = own, f"declared rate of {name}"
+        # The shared link, then the slowest load of a last piece.
+        seconds += max((last for _, last in paces.values()), default=0.0)
+        for name, (own, _) in paces.items():
+            if own > seconds:
+                seconds, source = own, f"declared rates of {name}"
         return Figure.of(seconds, source)
+
+    def _own_pace(self, name: str, nbytes: int) -> tuple[float, float]:
+        """How long one device's stream takes at its own rates, and how long its
+        destination takes to load the last piece read."""
+        if nbytes == 0:
+            return 0.0, 0.0
+        device = self.driver.devices.get((S, name))
+        src = device.declared_rate_bytes_s() if device is not None else None
+        piece = device.declared_read_bytes(self.read_chunk_bytes) if device is not None else 0
+        target = self.driver.devices.get((D, name))
+        if target is not None:
+            dst = target.declared_rate_bytes_s()
+        elif self.destination is not None:
+            dst = self.destination.declared_rate_bytes_s(name)
+        else:
+            dst = None
+        last = min(nbytes, piece or nbytes)
+        last_load = last / dst if dst else 0.0
+        if not src and not dst:
+            return 0.0, 0.0
+        slower = max(nbytes / src if src else 0.0, nbytes / dst if dst else 0.0)
+        lag = last / max(src, dst) if src and dst else 0.0
+        return slower + lag, last_load
 
     def vmm(self, side: Side) -> Figure:
         """One VMM call on ``side`` (a pause or a resume), as far as it is known."""

@@ -58,7 +58,9 @@ class PrecopyRounds:
         if self._ready == self._devices:
             self._round_started = trio.current_time()
 
-    def decide(self, reports: Mapping[str, Remaining]) -> PrecopyDecision:
+    def decide(
+        self, reports: Mapping[str, Remaining], reported_at: Mapping[str, float]
+    ) -> PrecopyDecision:
         recorder = self.recorder
         precopy = recorder.precopy
         now = trio.current_time()
@@ -76,13 +78,17 @@ class PrecopyRounds:
         if self.plan.bandwidth_limit_mib_s is not None:
             limit = self.plan.bandwidth_limit_mib_s * MIB
             measured = min(measured, limit) if measured > 0 else limit
-        # What each device dirties while it runs: over the round it just sent.
-        rates = {
-            name: r.dirty_bytes / round_s if round_s > 0 else 0.0
-            for name, r in reports.items()
-            if r.pre_copy
-        }
-        forecast = self.model.forecast(self.flow, reports, measured, rates)
+        # What each device dirties while it runs: over its own round (from the
+        # round's start to its report); and it goes on dirtying while it waits
+        # for the others' reports, the decision and the switchover.
+        started = now - round_s
+        rates: dict[str, float] = {}
+        for name, r in reports.items():
+            own = reported_at.get(name, now) - started
+            if r.pre_copy and own > 0:
+                rates[name] = r.dirty_bytes / own
+        waited = {name: now - at for name, at in reported_at.items()}
+        forecast = self.model.forecast(self.flow, reports, measured, rates, waited)
         self.forecast = forecast
         floor = self.model.floor_ms(
             forecast, {n for n, r in reports.items() if not r.pre_copy}, measured

@@ -163,6 +163,7 @@ class RemoteDestination(Destination):
         self._secret: bytes | None = None
         #: Per device, the arcs its backend declares, from the prepare answer.
         self._declared_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
+        self._declared_rates: dict[str, float] = {}
         self._token: str | None = None
         self.version: int | None = None
         self.channel: SourceChannel | None = None
@@ -278,6 +279,11 @@ class RemoteDestination(Destination):
                 }
                 for name, info in body["devices"].items()
             }
+            self._declared_rates = {
+                name: float(info["rate_bytes_s"])
+                for name, info in body["devices"].items()
+                if info.get("rate_bytes_s") is not None
+            }
         except (KeyError, TypeError, ValueError) as exc:
             raise PeerError(
                 f"the destination daemon's prepare answer is malformed: {exc}"
@@ -291,6 +297,9 @@ class RemoteDestination(Destination):
 
     def declared_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
         return self._declared_arcs.get(name, {}).get((source, target))
+
+    def declared_rate_bytes_s(self, name: str) -> float | None:
+        return self._declared_rates.get(name)
 
     async def _recovered_capabilities(self) -> dict[str, Capabilities]:
         """After this daemon restarted: nothing asked of the destination (readiness

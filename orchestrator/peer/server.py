@@ -171,6 +171,11 @@ class IncomingMigration:
                 figures[f"{source.name}->{target.name}"] = round(seconds * 1000, 3)
         return figures
 
+    def declared_rate_bytes_s(self, name: str) -> float | None:
+        """How fast this device loads its stream, as its backend declares it."""
+        device = self.driver.devices.get((DESTINATION, name))
+        return device.declared_rate_bytes_s() if device is not None else None
+
     def _adopt_flow(self, caps: dict[str, Capabilities]) -> None:
         self.capabilities = caps
         self.driver.flow = MigrationFlow.for_destination(self.plan, caps)
@@ -829,6 +834,7 @@ class IncomingRegistry:
                     "capabilities": capabilities_to_json(c),
                     "state": "RUNNING",
                     "arcs_ms": migration.declared_arcs_ms(name),
+                    "rate_bytes_s": migration.declared_rate_bytes_s(name),
                 }
                 for name, c in caps.items()
             },

@@ -74,6 +74,7 @@ Invariants
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, NoReturn, TypeVar, TypeVarTuple
@@ -224,6 +225,25 @@ class SimulatedDevice(Device):
     def declared_rate_bytes_s(self) -> float | None:
         return self._drain_bytes_s
 
+    def declared_dirty_bytes(self, seconds: float) -> int | None:
+        # Mutations land on pages uniformly: of the pages not pending now, the
+        # expected number hit at least once by per_s * seconds more mutations.
+        per_s = self._dirty.per_s
+        if not per_s or seconds <= 0:
+            return 0
+        layout = self._layout
+        pending = self._saver.pending_count if self._saver is not None else 0
+        clean = max(0, layout.n_pages - pending)
+        hits = per_s * seconds
+        missed = math.exp(hits * math.log1p(-1 / layout.n_pages)) if layout.n_pages > 1 else 0.0
+        return int(clean * (1.0 - missed) * layout.page_size)
+
+    def declared_read_bytes(self, max_bytes: int) -> int:
+        drain = self._drain_bytes_s
+        if drain is None:
+            return max_bytes
+        return min(max_bytes, max(self._layout.page_size, int(drain * _READ_WINDOW_S)))
+
     def declared_arc_s(self, source: DeviceState, target: DeviceState) -> float | None:
         # Its transition latency, which every arc takes (an injected delay is
         # exactly what the model must not know of: it is an overrun).
@@ -260,7 +280,7 @@ class SimulatedDevice(Device):
             # for: at most about 100 ms of its drain rate per read, so a slow
             # device answers each call promptly instead of blocking for the
             # whole buffer (and tripping the caller's deadline).
-            max_bytes = min(max_bytes, max(self._layout.page_size, int(drain * _READ_WINDOW_S)))
+            max_bytes = self.declared_read_bytes(max_bytes)
         start = saver.read_pos
         data = saver.produce(max_bytes, stopped=self._state is _STOP_COPY)
         try:
