@@ -194,6 +194,8 @@ class DowntimeBudget:
         resume = self.model.vmm(S).ms if self.model.vcpus else 0.0
         if after == "pause":
             return resume  # the devices still run: only the vCPUs resume
+        # The orchestrator's own work for each device on the way back, as forward.
+        resume += self.model.overhead_s(len(flow.side(S))) * 1000
         quiesce, final = 0.0, 0.0
         for e in flow.side(S):
             start = (e.route.grace or e.state) if after == "grace_arcs" else DeviceState.STOP_COPY

@@ -39,12 +39,24 @@ from orchestrator.engine.trace import TraceEvent
 from orchestrator.flow import MigrationFlow, Remaining
 from orchestrator.states import DeviceState, Side, path
 
-__all__ = ["OVERHEAD_PER_DEVICE_S", "DeviceForecast", "DowntimeModel", "Figure", "Forecast"]
+__all__ = [
+    "OVERHEAD_PER_DEVICE_S",
+    "REMOTE_OVERHEAD_PER_DEVICE_S",
+    "DeviceForecast",
+    "DowntimeModel",
+    "Figure",
+    "Forecast",
+]
 
 #: The orchestrator's own work per device inside the downtime window: the arcs'
 #: tasks and reports, the barrier, the trace (bench/downtime_scaling.py measured
 #: about 300 us a device on these 2 cores; issue 20 is to shrink it).
 OVERHEAD_PER_DEVICE_S = 300e-6
+#: Between two hosts, per device on top of that: each device's stream end,
+#: load and arc reports cross as messages the source handles one by one
+#: (bench/downtime_promise.py: about 0.7 ms a device on these 2 cores, in the
+#: destination's grace and resume phases).
+REMOTE_OVERHEAD_PER_DEVICE_S = 700e-6
 
 S, D = Side.SOURCE, Side.DESTINATION
 
@@ -229,9 +241,14 @@ class DowntimeModel:
             )
         comps["run_arcs"] = _slowest(run)
         comps["resume"] = self.vmm(D) if self.vcpus else Figure(0.0, "no vmm")
-        comps["overhead"] = Figure.of(OVERHEAD_PER_DEVICE_S * len(remaining), "estimated")
+        comps["overhead"] = Figure.of(self.overhead_s(len(remaining)), "estimated")
         total = sum(f.ms for f in comps.values())
         return Forecast(round(total, 3) if math.isfinite(total) else math.inf, comps, devices)
+
+    def overhead_s(self, devices: int) -> float:
+        """The orchestrator's own work inside the window for ``devices`` devices."""
+        per = OVERHEAD_PER_DEVICE_S + (REMOTE_OVERHEAD_PER_DEVICE_S if self.remote else 0.0)
+        return per * devices
 
     def walk(self, side: Side, name: str, source: DeviceState, target: DeviceState) -> Figure:
         """A device's walk from ``source`` to ``target``: its arcs' figures summed."""

@@ -87,7 +87,11 @@ class PrecopyRounds:
             own = reported_at.get(name, now) - started
             if r.pre_copy and own > 0:
                 rates[name] = r.dirty_bytes / own
-        waited = {name: now - at for name, at in reported_at.items()}
+        # Between hosts the switchover waits for the destination to load what is
+        # still in flight (its acknowledgement): the devices dirty meanwhile.
+        in_flight = self.destination.in_flight_bytes()
+        ack_s = in_flight / measured if measured > 0 else 0.0
+        waited = {name: now - at + ack_s for name, at in reported_at.items()}
         forecast = self.model.forecast(self.flow, reports, measured, rates, waited)
         self.forecast = forecast
         floor = self.model.floor_ms(
