@@ -1,8 +1,9 @@
 """The ``orchestrator`` command.
 
 ``run``, ``validate`` and ``states`` work on this host without a daemon;
-``serve`` runs the daemon and ``submit``, ``status``, ``watch``, ``cancel``
-and ``settle`` talk to it over its REST API (``orchestrator.api.client``);
+``serve`` runs the daemon and ``submit``, ``status``, ``watch``, ``cancel``,
+``set``, ``switchover`` and ``settle`` talk to it over its REST API
+(``orchestrator.api.client``);
 ``handover`` lends it a device over its handover socket, as a VMM does
 (``orchestrator.handover``), and holds it until stopped;
 ``openapi`` prints or renews the committed OpenAPI document.
@@ -48,7 +49,7 @@ from orchestrator import __version__, logs
 from orchestrator.engine import Migration
 from orchestrator.errors import PlanError
 from orchestrator.plan import parse_plan
-from orchestrator.report import OUTCOME_MEANINGS, MigrationReport, Outcome
+from orchestrator.report import OUTCOME_MEANINGS, Control, MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, load_plan, refuse_handles, resolve
 from orchestrator.states import MigrationFlags, transition_table_markdown
 
@@ -440,11 +441,14 @@ def _add_daemon_commands(sub: Any) -> None:
     )
     submit.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    status = sub.add_parser(
-        "status", parents=[connection], help="show a migration", **_help_layout()
-    )
-    status.add_argument("id")
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    def one_migration(name: str, summary: str, description: str | None = None) -> Any:
+        """A verb on one migration by id, which prints its status (--json: as JSON)."""
+        verb = sub.add_parser(name, parents=[connection], help=summary, **_help_layout(description))
+        verb.add_argument("id")
+        verb.add_argument("--json", action="store_true", help="print the status as JSON")
+        return verb
+
+    one_migration("status", "show a migration")
 
     watch = sub.add_parser(
         "watch",
@@ -456,11 +460,30 @@ def _add_daemon_commands(sub: Any) -> None:
     watch.add_argument("--json", action="store_true", help="print the final status as JSON")
     watch.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    cancel = sub.add_parser(
-        "cancel", parents=[connection], help="roll a migration back", **_help_layout()
+    one_migration("cancel", "roll a migration back")
+    control = one_migration(
+        "set",
+        "change the downtime limit or bandwidth cap of a migration in pre-copy",
+        "As virsh migrate-setmaxdowntime and migrate-setspeed: accepted before the "
+        "migration's pre-copy decision (in prepare it applies from the first round), "
+        "refused after it.  The cap applies at once, the limit at the next decision.",
     )
-    cancel.add_argument("id")
-    cancel.add_argument("--json", action="store_true", help="print the status as JSON")
+    control.add_argument("--downtime-limit-ms", type=float, help="the new downtime limit, in ms")
+    control.add_argument(
+        "--bandwidth-limit-mib-s",
+        type=_cap,
+        default=argparse.SUPPRESS,
+        metavar="N|none",
+        help="the new cap on the data channel, in MiB/s; none removes it",
+    )
+    one_migration(
+        "switchover",
+        "force the switchover of a migration in pre-copy, now",
+        "As virsh migrate --force-complete: the pre-copy round in flight ends and the "
+        "migration switches over, whether it converged or not (follow it with watch).  "
+        "Asked again while it goes on, the same answer; refused after a pre-copy "
+        "decision it did not force.",
+    )
 
     settle = sub.add_parser(
         "settle",
@@ -503,6 +526,16 @@ def _add_daemon_commands(sub: Any) -> None:
         "--socket", type=Path, help="the handover socket (default: the settings' one)"
     )
     handover.add_argument("--config", type=Path, help="the daemon's settings file")
+
+
+def _cap(text: str) -> float | None:
+    """A bandwidth cap on the command line: MiB/s, or none."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB/s, nor none: {text!r}") from None
 
 
 def _daemon_commands(args: argparse.Namespace) -> int:
@@ -659,6 +692,8 @@ def _client_command(args: argparse.Namespace) -> int:
                 return ExitStatus.SUCCEEDED
             if args.command == "watch":
                 return _watch(client, args)
+            if args.command in ("set", "switchover"):
+                return _control(client, args)
             if args.command == "settle":
                 answer = client.settle(args.id, args.verdict, force=args.force)
                 if args.json:
@@ -713,6 +748,40 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"migration {status.id} (VM {status.vm}) was already submitted with this key")
     return ExitStatus.SUCCEEDED
+
+
+def _control(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "switchover":
+        status = client.switchover(args.id)
+        done = "switchover forced"
+    else:
+        changes: dict[str, float | None] = {}
+        if args.downtime_limit_ms is not None:
+            changes["downtime_limit_ms"] = args.downtime_limit_ms
+        if "bandwidth_limit_mib_s" in args:
+            changes["bandwidth_limit_mib_s"] = args.bandwidth_limit_mib_s
+        # Nothing to change is the daemon's to refuse, with the words it uses.
+        status = client.control(args.id, changes)
+        done = "limits set"
+    if args.json:
+        print(status.model_dump_json(indent=2))
+        return ExitStatus.SUCCEEDED
+    print(f"migration {status.id}: {done}, phase {status.phase}")
+    if status.control is not None:
+        print("  " + control_line(status.control))
+    return ExitStatus.SUCCEEDED
+
+
+def control_line(control: Control) -> str:
+    """The limits in force, in one line."""
+    cap = control.bandwidth_limit_mib_s
+    parts = [
+        f"downtime limit {control.downtime_limit_ms:g} ms",
+        f"bandwidth cap {cap:g} MiB/s" if cap is not None else "no bandwidth cap",
+    ]
+    if control.switchover_forced:
+        parts.append("switchover forced")
+    return ", ".join(parts)
 
 
 def _print_status(status: MigrationStatus, as_json: bool, out: TextIO) -> None:

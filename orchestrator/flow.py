@@ -228,6 +228,8 @@ def decide_precopy(
     elapsed_s: float,
     predicted_ms: float | None = None,
     floor_ms: float | None = None,
+    downtime_limit_ms: float | None = None,
+    forced: bool = False,
 ) -> PrecopyDecision:
     """After a pre-copy round: go on, switch over, or abort.
 
@@ -239,6 +241,11 @@ def decide_precopy(
     round can help (``floor_ms``, what the window takes whatever pre-copy still
     sends, exceeds the limit; or the devices without pre-copy alone do), the
     plan's policy decides.
+
+    The limit is ``downtime_limit_ms`` when given (an operator changed it while
+    pre-copy ran), else the plan's.  ``forced`` (an operator forced the
+    switchover) makes the decision a switchover whatever the rest says; it
+    is ``converged`` only if it would have been anyway.
     """
     stop_bytes = sum(r.stop_copy_bytes for r in remaining.values())
     if bandwidth_bytes_s > 0:
@@ -246,14 +253,29 @@ def decide_precopy(
     else:
         bytes_ms = 0.0 if stop_bytes == 0 else float("inf")
     expected_ms = predicted_ms if predicted_ms is not None else bytes_ms
-    limit = plan.downtime_limit_ms
+    limit = plan.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms
     budget_bytes = limit / 1000.0 * bandwidth_bytes_s
     initial_left = sorted(n for n, r in remaining.items() if r.pre_copy and r.initial_bytes > 0)
 
     def decided(action: Literal["continue", "switchover", "abort"], reason: str) -> PrecopyDecision:
         return PrecopyDecision(action, reason, expected_ms, stop_bytes, converged=False)
 
-    if not initial_left and expected_ms <= limit:
+    converged = not initial_left and expected_ms <= limit
+    why_not = (
+        f"initial data not drained on {', '.join(initial_left)}"
+        if initial_left
+        else f"the window is predicted at {expected_ms:.0f} ms, over the {limit:g} ms limit"
+    )
+    if forced:
+        how = "it had converged" if converged else f"not converged: {why_not}"
+        return PrecopyDecision(
+            "switchover",
+            f"switchover forced by the operator after {round_number} round(s) ({how})",
+            expected_ms,
+            stop_bytes,
+            converged=converged,
+        )
+    if converged:
         return PrecopyDecision(
             "switchover",
             f"converged after {round_number} round(s): the window is predicted at "
@@ -264,11 +286,6 @@ def decide_precopy(
             converged=True,
         )
     fixed = sum(r.stop_copy_bytes for r in remaining.values() if not r.pre_copy)
-    why_not = (
-        f"initial data not drained on {', '.join(initial_left)}"
-        if initial_left
-        else f"the window is predicted at {expected_ms:.0f} ms, over the {limit:g} ms limit"
-    )
     if floor_ms is not None and floor_ms > limit:
         return decided(
             _policy(plan),

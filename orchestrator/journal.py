@@ -31,7 +31,7 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 4; ``schema_version`` holds the number, and ``open`` upgrades
+Schema (version 5; ``schema_version`` holds the number, and ``open`` upgrades
 an older file step by step in ``SCHEMA_UPGRADES``, each step one transaction
 that keeps every row, index and trigger).  Times are Unix seconds
 (``time.time()``, REAL)::
@@ -51,8 +51,11 @@ that keeps every row, index and trigger).  Times are Unix seconds
         report_json     TEXT,               -- MigrationReport, at finish
         error_json      TEXT,               -- the report's ErrorInfo, if any
         role            TEXT,               -- source or destination (version 2)
-        peer_json       TEXT)               -- destination role: the source's API and
+        peer_json       TEXT,               -- destination role: the source's API and
                                             -- decision credential (version 4)
+        control_json    TEXT)               -- control.Control: the limits in force and an
+                                            -- operator's changes in pre-copy; NULL: the
+                                            -- plan's, unchanged (version 5)
     events(                                 -- append-only
         migration_id    TEXT REFERENCES migrations,
         seq             INTEGER,            -- 1, 2, ... per migration
@@ -72,7 +75,8 @@ from the runner's trace through ``record_event``; a trace event of kind
 ``phase`` also moves the migration's phase, so a daemon that forwards the
 whole trace need not call ``record_phase`` as well.  ``record_commit`` writes
 no event: the runner's own ``commit`` trace event, right after it, is the one
-subscribers see.
+subscribers see.  ``record_control`` writes a ``control`` event with the change
+it records.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ from pydantic import ValidationError
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
 from orchestrator.plan import Plan
-from orchestrator.report import MigrationReport, Outcome
+from orchestrator.report import Control, MigrationReport, Outcome
 from orchestrator.states import Side
 from orchestrator.trace import TraceEvent
 
@@ -114,7 +118,7 @@ T = TypeVar("T")
 FILENAME: Final = "journal.sqlite3"
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 _OUTCOMES: Final = frozenset(get_args(Outcome))
 _PHASES: Final = frozenset(p.value for p in Phase)
@@ -250,11 +254,17 @@ _SCHEMA_V3: Final = (
 #: answers for this migration's decision), so that after a restart it can ask.
 _SCHEMA_V4: Final = ("ALTER TABLE migrations ADD COLUMN peer_json TEXT",)
 
+#: Version 5: an operator's live control of a migration in pre-copy
+#: (``control_json``: the limits in force and every change, from what to what),
+#: so that the record shows the limits the migration ran under, restarts included.
+_SCHEMA_V5: Final = ("ALTER TABLE migrations ADD COLUMN control_json TEXT",)
+
 SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
+    5: _SCHEMA_V5,
 }
 
 
@@ -290,6 +300,8 @@ class MigrationRecord:
     role: str = "source"
     #: For ``destination``: how to reach the source (``api``, ``token``).
     peer: dict[str, Any] | None = None
+    #: The limits in force and an operator's changes (None: the plan's, unchanged).
+    control: Control | None = None
 
     @property
     def finished(self) -> bool:
@@ -499,6 +511,25 @@ class Journal:
                 )
 
         await self._write(write)
+
+    async def record_control(self, migration_id: str, control: Control) -> int:
+        """An operator changed the migration's limits (or forced its switchover):
+        ``control`` is in force from now on.  On disk when this returns; returns
+        the seq of the ``control`` event, whose detail is the change."""
+
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                self._require_unfinished(db, migration_id, "record a control change of")
+                now = time.time()
+                db.execute(
+                    "UPDATE migrations SET control_json = ?, updated_at = ? WHERE id = ?",
+                    (control.model_dump_json(), now, migration_id),
+                )
+                change = control.last_event
+                detail = change.model_dump(mode="json") if change is not None else {}
+                return _append(db, migration_id, now, "control", {"detail": detail})
+
+        return await self._write(write)
 
     async def finish(self, migration_id: str, report: MigrationReport) -> int:
         """Record the outcome and the report; the migration is frozen from now on.
@@ -758,10 +789,12 @@ class Journal:
             report_json,
             role,
             peer_json,
+            control_json,
         ) = row
         try:
             plan = Plan.model_validate_json(plan_json)
             report = MigrationReport.model_validate_json(report_json) if report_json else None
+            control = Control.model_validate_json(control_json) if control_json else None
         except ValidationError as exc:
             raise JournalError(
                 f"migration {mid!r}: the stored record no longer validates: "
@@ -785,16 +818,19 @@ class Journal:
             finished_at=finished_at,
             role=str(role),
             peer=json.loads(peer_json) if peer_json else None,
+            control=control,
         )
 
 
 def _select() -> str:
     """The columns of a MigrationRecord, as the schema this code writes has them
-    (``peer_json`` since version 4)."""
+    (``peer_json`` since version 4, ``control_json`` since 5)."""
     peer = "peer_json" if SCHEMA_VERSION >= 4 else "NULL"
+    control = "control_json" if SCHEMA_VERSION >= 5 else "NULL"
     return (
         "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-        f"committed_at, outcome, finished_at, report_json, role, {peer} FROM migrations"
+        f"committed_at, outcome, finished_at, report_json, role, {peer}, {control} "
+        "FROM migrations"
     )
 
 

@@ -19,7 +19,7 @@ import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,18 @@ from pydantic import (
 from orchestrator.errors import PlanError, Problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+
+#: The two limits an operator may change while pre-copy runs, too (``orchestrator.control``):
+#: one definition, so that a change is held to the plan's own bounds.
+DowntimeLimitMs = Annotated[
+    float,
+    Field(
+        gt=0, le=3_600_000, description="Longest acceptable downtime; drives the pre-copy decision."
+    ),
+]
+BandwidthLimitMibS = Annotated[
+    float, Field(gt=0, description="Cap on the device-state data channel, in MiB/s.")
+]
 
 #: The longest path a Unix socket address holds (``sun_path`` less its NUL).
 UNIX_PATH_MAX = 107
@@ -210,11 +222,9 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vm: str = Field(pattern=NAME_PATTERN, description="Name of the VM whose devices migrate.")
-    downtime_limit_ms: float = Field(
-        gt=0, le=3_600_000, description="Longest acceptable downtime; drives the pre-copy decision."
-    )
-    bandwidth_limit_mib_s: float | None = Field(
-        None, gt=0, description="Cap on the device-state data channel, in MiB/s (none: unlimited)."
+    downtime_limit_ms: DowntimeLimitMs
+    bandwidth_limit_mib_s: BandwidthLimitMibS | None = Field(
+        None, description="Cap on the device-state data channel, in MiB/s (none: unlimited)."
     )
     precopy_max_rounds: int = Field(
         30, ge=1, le=100_000, description="Pre-copy rounds after which the policy decides."

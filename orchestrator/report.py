@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: How a migration ended; ``MigrationReport.outcome`` says what each one promises.
 Outcome = Literal["succeeded", "refused", "rolled_back", "failed"]
@@ -99,6 +99,14 @@ class PrecopyReport(BaseModel):
     decision: str | None = Field(None, description="switchover or abort, when one was taken.")
     reason: str | None = None
     bandwidth_mib_s: float | None = None
+    downtime_limit_ms: float | None = Field(
+        None,
+        description="The downtime limit in force at the last decision (an operator may "
+        "change the plan's while pre-copy runs).",
+    )
+    bandwidth_limit_mib_s: float | None = Field(
+        None, description="The bandwidth cap in force at the last decision (null: none)."
+    )
     expected_downtime_ms: float | None = Field(
         None,
         description="The downtime predicted at the last decision: the whole window "
@@ -143,6 +151,51 @@ class VmmReport(BaseModel):
     )
 
 
+#: What an operator's control event may change.
+ControlField = Literal["downtime_limit_ms", "bandwidth_limit_mib_s", "switchover_forced"]
+
+
+# -- an operator's live control (orchestrator.control) ------------------------
+
+
+class ControlChange(BaseModel):
+    """One value an operator changed."""
+
+    field: ControlField
+    before: float | bool | None = Field(description="The value in force before the change.")
+    after: float | bool | None = Field(description="The value in force from the change on.")
+
+
+class ControlEvent(BaseModel):
+    """One accepted control request that changed something."""
+
+    at: float = Field(description="Unix time it was accepted.")
+    action: Literal["set", "switchover"]
+    phase: str = Field(description="The migration's phase when it was accepted.")
+    changes: list[ControlChange]
+
+
+class Control(BaseModel):
+    """The limits in force and how an operator changed them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    downtime_limit_ms: float = Field(description="The downtime limit in force.")
+    bandwidth_limit_mib_s: float | None = Field(
+        description="The data channel's cap in force, in MiB/s (null: none)."
+    )
+    switchover_forced: bool = Field(
+        False, description="An operator forced the switchover (at the next pre-copy decision)."
+    )
+    events: list[ControlEvent] = Field(
+        default_factory=list, description="Every accepted change, oldest first."
+    )
+
+    @property
+    def last_event(self) -> ControlEvent | None:
+        return self.events[-1] if self.events else None
+
+
 class MigrationReport(BaseModel):
     id: str
     vm: str
@@ -184,4 +237,9 @@ class MigrationReport(BaseModel):
         "the commit point: policy, limit_ms, checks (step, elapsed_ms, forward_ms, "
         "fallback_ms, fits), blown_at (the step, or watchdog, that made a strict budget roll "
         "back), over_ms, and pause_ms (the pause the VM saw).",
+    )
+    control: Control | None = Field(
+        None,
+        description="The limits in force at the end and every change an operator made "
+        "while the migration was in pre-copy.",
     )

@@ -24,6 +24,11 @@ migration logic itself stays in the flow and the runner.  The service owns:
   the GIL and the disk from the switchover, whose every step is on the
   critical path.  A crash meanwhile loses the trace of that window, never a
   decision: the commit is recorded at once, whatever the writer does;
+* live control: an operator's new limits or forced switchover go to the
+  running migration (``Migration.control``, ``force_switchover``), which says
+  whether its phase accepts them; each accepted change is on disk
+  (``Journal.record_control``) before the answer, so the record shows the
+  limits in force, restarts included;
 * recovery: on start, every migration the journal holds unfinished (the
   daemon died under it) is rolled back if its commit decision was never
   recorded, or completed on the destination if it was, before the service
@@ -41,7 +46,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +55,7 @@ import trio
 from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
+from orchestrator.control import Control, ControlRefused, ControlRequest, initial
 from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
 from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
@@ -120,6 +126,11 @@ class MigrationStatus(BaseModel):
     )
     created_at: float = Field(description="Unix time the migration was accepted.")
     progress: Progress | None = None
+    control: Control | None = Field(
+        None,
+        description="The downtime limit and bandwidth cap in force, and every change an "
+        "operator made (PATCH /v1/migrations/{id}, POST .../switchover).",
+    )
     report: MigrationReport | None = Field(
         None, description="The same report as `orchestrator run --json`, once it has ended."
     )
@@ -156,6 +167,8 @@ class _Entry:
     journaled: trio.Event = field(default_factory=trio.Event)
     # Set and replaced whenever new events reach the journal: wakes followers.
     changed: trio.Event = field(default_factory=trio.Event)
+    # One control change at a time: each is journaled in the order it applied.
+    control_lock: trio.Lock = field(default_factory=trio.Lock)
 
     def notify(self) -> None:
         self.changed.set()
@@ -353,6 +366,47 @@ class MigrationService:
             raise PastCommitPoint(
                 f"migration {migration_id!r} is past its commit point: the destination completes"
             )
+        return self._status_of(entry)
+
+    async def control(self, migration_id: str, request: ControlRequest) -> MigrationStatus:
+        """Change a migration's downtime limit and bandwidth cap, before its pre-copy
+        decision; ControlRefused after it (or for a migration not run here)."""
+        return await self._control(migration_id, lambda m: m.control(request, at=time.time()))
+
+    async def force_switchover(self, migration_id: str) -> MigrationStatus:
+        """Make a migration's pre-copy decision a switchover now (in prepare: at its
+        first decision); the same answer when asked again while it goes on."""
+        return await self._control(migration_id, lambda m: m.force_switchover(at=time.time()))
+
+    async def _control(
+        self, migration_id: str, change: Callable[[Migration], Control]
+    ) -> MigrationStatus:
+        entry = self._entries.get(migration_id)
+        if entry is None or entry.done.is_set():
+            status = await self.status(migration_id)  # MigrationNotFound if unknown
+            record = await self.journal.get(migration_id)
+            if record is not None and record.role == "destination":
+                source = (record.peer or {}).get("api", "its source daemon")
+                raise ControlRefused(
+                    f"migration {migration_id!r} comes from another host, whose daemon keeps "
+                    f"its pre-copy decision: ask the source ({source})"
+                )
+            raise ControlRefused(f"migration {migration_id!r} has ended ({status.outcome})")
+        async with entry.control_lock:
+            before = entry.migration.live.state
+            after = change(entry.migration)  # ControlRefused: nothing changed
+            if after is not before:
+                # Applied at once (a round may decide any moment), on disk before the
+                # answer; a journal that fails makes the daemon unready, as for events.
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.journal.record_control(migration_id, after)
+                except Exception as exc:
+                    self.ready = False
+                    self.journal_failure = str(exc)
+                    raise
+                entry.notify()
+                log.info("service.control", migration=migration_id, change=after.last_event)
         return self._status_of(entry)
 
     async def follow(self, migration_id: str, after_seq: int = 0) -> AsyncIterator[JournalEvent]:
@@ -615,6 +669,9 @@ class MigrationService:
         migration = self._migration(
             resolved, record.id, recovering=True, committed=record.committed
         )
+        if record.control is not None:
+            # The limits it ran under, for its report: an operator changed them.
+            migration.live.apply(record.control)
         entry = self._register(migration, resolved, record.created_at, keys)
         assert self._nursery is not None
         await self._nursery.start(self._recover_task, entry, record)
@@ -657,6 +714,7 @@ class MigrationService:
             in_doubt=m.destination.in_doubt,
             created_at=entry.created_at,
             progress=None if report else Progress(**progress),
+            control=m.live.state,
             report=report,
         )
 
@@ -669,5 +727,6 @@ def _status_of_record(record: MigrationRecord) -> MigrationStatus:
         outcome=record.outcome,
         committed=record.committed,
         created_at=record.created_at,
+        control=record.control or initial(record.plan),
         report=record.report,
     )

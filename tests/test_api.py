@@ -28,6 +28,7 @@ from orchestrator.api import (
 )
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.api.client import parse_sse
+from orchestrator.control import Control, ControlRefused, ControlRequest, with_limits
 from orchestrator.errors import PlanError
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
@@ -51,6 +52,8 @@ PROTECTED = [
     ("GET", "/v1/migrations"),
     ("GET", "/v1/migrations/some-id"),
     ("POST", "/v1/migrations/some-id/cancel"),
+    ("PATCH", "/v1/migrations/some-id"),
+    ("POST", "/v1/migrations/some-id/switchover"),
     ("GET", "/v1/migrations/some-id/events"),
     ("GET", "/v1/devices"),
 ]
@@ -456,6 +459,172 @@ async def test_a_body_over_the_limit_is_413_declared_or_chunked(api: Api) -> Non
     # Still serving, and nothing was started.
     assert (await api.client.get("/v1/migrations")).json() == []
     await submit(api, plan_body("vm1", "gpu0"))
+
+
+# -- live control: new limits, a forced switchover ------------------------------------
+
+#: Devices that dirty faster than they drain: at the 300 ms limit pre-copy never
+#: converges (some 8 MiB to stop-copy at 8 MiB/s at best), however slow or busy
+#: the machine, so a migration waits in pre-copy for the test's change.
+NEVER_CONVERGING = {"state_mib": 4, "dirty_mib_s": 64, "drain_mib_s": 4}
+
+
+def never_converging(vm: str) -> dict[str, Any]:
+    return {
+        **plan_body(vm, "gpu0", "gpu1", **NEVER_CONVERGING),
+        "downtime_limit_ms": 300,
+        "precopy_max_rounds": 100_000,
+        "timeouts": {"precopy_s": 3600},
+    }
+
+
+async def in_precopy(api: Api, migration_id: str, rounds: int = 1) -> MigrationStatus:
+    """Poll until ``rounds`` pre-copy rounds were decided (the deadline bounds a hang)."""
+    with trio.fail_after(60):
+        while True:
+            response = await api.client.get(f"/v1/migrations/{migration_id}")
+            status = MigrationStatus.model_validate(response.json())
+            assert status.outcome is None, status
+            progress = status.progress
+            if status.phase == "precopy" and progress and progress.precopy_round > rounds:
+                return status
+            await trio.sleep(0.02)
+
+
+async def test_a_raised_limit_lets_pre_copy_converge_and_is_journaled(api: Api) -> None:
+    status = await submit(api, never_converging("vm-set"))
+    assert status.control is not None and status.control.downtime_limit_ms == 300
+    await in_precopy(api, status.id)
+    body = {"downtime_limit_ms": 60_000, "bandwidth_limit_mib_s": 512}
+    first = await api.client.patch(f"/v1/migrations/{status.id}", json=body)
+    assert first.status_code == 200, first.text
+    # The same request again: the same answer, nothing new recorded.
+    again = await api.client.patch(f"/v1/migrations/{status.id}", json=body)
+    assert again.status_code == 200
+    assert again.json()["control"] == first.json()["control"]
+    control = MigrationStatus.model_validate(first.json()).control
+    assert control is not None
+    assert (control.downtime_limit_ms, control.bandwidth_limit_mib_s) == (60_000, 512)
+    (event,) = control.events
+    assert event.action == "set" and event.phase == "precopy"
+    assert {(c.field, c.before, c.after) for c in event.changes} == {
+        ("downtime_limit_ms", 300, 60_000),
+        ("bandwidth_limit_mib_s", None, 512),
+    }
+
+    final = await wait_outcome(api, status.id)
+    assert final.outcome == "succeeded" and final.report is not None
+    precopy = final.report.precopy
+    assert precopy.converged and precopy.decision == "switchover"
+    assert precopy.downtime_limit_ms == 60_000 and precopy.bandwidth_limit_mib_s == 512
+    assert final.control == control and final.report.control == control
+    # Journaled: the record and the event stream hold the change.
+    record = await api.service.journal.get(status.id)
+    assert record is not None and record.control == control
+    kinds = [e.kind for e in await api.service.journal.events(status.id)]
+    assert kinds.count("control") == 1
+
+
+async def test_a_forced_switchover_ends_pre_copy_and_says_who_forced_it(api: Api) -> None:
+    status = await submit(api, never_converging("vm-force"))
+    await in_precopy(api, status.id)
+    # 202 both times: the switchover goes on, and a retry must not fail.
+    for _ in range(2):
+        response = await api.client.post(f"/v1/migrations/{status.id}/switchover")
+        assert response.status_code == 202, response.text
+        control = MigrationStatus.model_validate(response.json()).control
+        assert control is not None and control.switchover_forced
+        assert [e.action for e in control.events] == ["switchover"]
+    final = await wait_outcome(api, status.id)
+    assert final.outcome == "succeeded" and final.report is not None
+    assert final.report.precopy.decision == "switchover"
+    assert not final.report.precopy.converged
+    reason = final.report.precopy.reason or ""
+    assert reason.startswith("switchover forced by the operator after")
+
+    # After the end: 409, naming why.
+    for response in (
+        await api.client.patch(f"/v1/migrations/{status.id}", json={"downtime_limit_ms": 5}),
+        await api.client.post(f"/v1/migrations/{status.id}/switchover"),
+    ):
+        error = assert_error(response, 409, "control_refused")
+        assert "has ended (succeeded)" in error["message"]
+
+
+async def test_control_of_an_unknown_migration_is_404(api: Api) -> None:
+    for response in (
+        await api.client.patch("/v1/migrations/nope", json={"downtime_limit_ms": 5}),
+        await api.client.post("/v1/migrations/nope/switchover"),
+    ):
+        assert "nope" in assert_error(response, 404, "migration_not_found")["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        ({"downtime_limit_ms": 0}, "downtime_limit_ms"),
+        ({"downtime_limit_ms": 3_600_001}, "downtime_limit_ms"),
+        ({"downtime_limit_ms": None}, "downtime_limit_ms"),
+        ({"downtime_limit_ms": "soon"}, "downtime_limit_ms"),
+        ({"bandwidth_limit_mib_s": 0}, "bandwidth_limit_mib_s"),
+        ({"downtime_limit_ms": 50, "speed": 5}, "speed"),
+    ],
+)
+async def test_a_bad_change_is_422_naming_the_field(
+    api: Api, body: dict[str, Any], path: str
+) -> None:
+    # Checked before the id is looked up: the body is wrong whatever the migration.
+    response = await api.client.patch("/v1/migrations/nope", json=body)
+    error = assert_error(response, 422, "invalid_request")
+    assert [p for p, _ in problems(error)] == [path]
+
+
+async def test_an_empty_change_is_422(api: Api) -> None:
+    error = assert_error(await api.client.patch("/v1/migrations/x", json={}), 422)
+    assert "give downtime_limit_ms, bandwidth_limit_mib_s or both" in error["message"]
+
+
+async def test_a_decision_credential_cannot_control_its_migration(api: Api) -> None:
+    status = await submit(api, never_converging("vm-scoped"))
+    token = api.service.decision_token(status.id)
+    async with api.anonymous(authorization=f"Bearer {token}") as peer:
+        # It opens the decision route, and nothing else: not these.
+        assert (await peer.get(f"/v1/migrations/{status.id}/decision")).status_code == 200
+        patch = await peer.patch(f"/v1/migrations/{status.id}", json={"downtime_limit_ms": 9})
+        assert_error(patch, 403, "forbidden")
+        assert_error(await peer.post(f"/v1/migrations/{status.id}/switchover"), 403, "forbidden")
+    current = await api.client.get(f"/v1/migrations/{status.id}")
+    assert current.json()["control"]["events"] == []
+    await cancel_in_precopy(api, status.id)
+    await wait_outcome(api, status.id)
+
+
+async def test_the_changed_limits_survive_a_restart(tmp_path: Path) -> None:
+    """A daemon killed in pre-copy after a change: the restarted one rolls the
+    migration back, and its record and report keep the limits it ran under."""
+    plan = parse_plan(never_converging("vm-restart"))
+    async with await Journal.open(tmp_path / "state") as journal:
+        # What the killed daemon left: the migration, in pre-copy, with its change.
+        await journal.create("m-restart", plan)
+        await journal.record_phase("m-restart", "precopy")
+        changed = Control(downtime_limit_ms=300, bandwidth_limit_mib_s=None)
+        changed = with_limits(
+            changed, ControlRequest(downtime_limit_ms=900), at=1.0, phase="precopy"
+        )
+        await journal.record_control("m-restart", changed)
+    async with await Journal.open(tmp_path / "state") as journal:
+        service = MigrationService(journal, Metrics(CollectorRegistry()))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            async for _ in service.follow("m-restart"):
+                pass  # until the recovery journaled its outcome
+            status = await service.status("m-restart")
+            assert status.outcome == "rolled_back" and status.report is not None
+            assert status.control == changed and status.report.control == changed
+            with pytest.raises(ControlRefused, match="has ended"):
+                await service.control("m-restart", ControlRequest(downtime_limit_ms=5))
+            await service.shutdown(grace_s=1)
+            nursery.cancel_scope.cancel()
 
 
 # -- routes, methods, ids -------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing_extensions import Buffer
 from orchestrator.peer import messages
 from orchestrator.peer.remote import _KeepChannel
 from orchestrator.transport import StreamSender
+from tests.test_daemon import unix_client
 from tests.two_daemons import Host, cross_plan, ended, two_daemons, until
 
 two_hosts = two_daemons
@@ -381,3 +382,44 @@ async def test_a_completed_lost_on_an_open_channel_is_asked_for_over_rest(
         assert status["outcome"] == "succeeded", status["report"]
         far = await incoming(b, status["id"])
         assert far["outcome"] == "succeeded", far
+
+
+async def test_the_source_daemon_takes_live_control_and_the_destination_refers_to_it(
+    short_dir: Path, token_file: Path
+) -> None:
+    # Dirtying faster than it drains: at 300 ms pre-copy goes on until told.
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", "gpu1", state_mib=4, dirty_mib_s=64, drain_mib_s=4)
+        plan.update(downtime_limit_ms=300, precopy_max_rounds=100_000, timeouts={"precopy_s": 3600})
+        migration_id = await a.submit(plan)
+
+        def rounds_under_way(body: dict[str, Any]) -> bool:
+            assert body["outcome"] is None, body
+            return bool(body["phase"] == "precopy" and body["progress"]["precopy_round"] > 1)
+
+        await until(lambda: a.status(migration_id), rounds_under_way, seconds=60)
+        path = f"/v1/migrations/{migration_id}"
+        async with unix_client(b.socket) as far:
+            for response in (
+                await far.patch(path, json={"downtime_limit_ms": 60_000}),
+                await far.post(f"{path}/switchover"),
+            ):
+                assert response.status_code == 409, response.text
+                message = response.json()["error"]["message"]
+                assert "ask the source" in message and a.api_url in message
+        async with unix_client(a.socket) as near:
+            response = await near.patch(path, json={"bandwidth_limit_mib_s": 64})
+            assert response.status_code == 200, response.text
+            assert response.json()["control"]["bandwidth_limit_mib_s"] == 64
+            response = await near.post(f"{path}/switchover")
+            assert response.status_code == 202, response.text
+        status = await until(lambda: a.status(migration_id), ended)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        assert report["precopy"]["reason"].startswith("switchover forced by the operator")
+        assert report["precopy"]["bandwidth_limit_mib_s"] == 64
+        assert [e["action"] for e in status["control"]["events"]] == ["set", "switchover"]
+        far_status = await incoming(b, migration_id)
+        assert far_status["outcome"] == "succeeded"
+        for device in report["devices"]:
+            assert far_status["devices"][device["name"]]["digest"] == device["source_digest"]

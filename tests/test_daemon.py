@@ -345,6 +345,77 @@ async def test_cli_submit_status_watch_cancel(
     assert "Traceback" not in err
 
 
+async def test_cli_set_and_switchover(
+    short_dir: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = ["--socket", str(short_dir / "api.sock"), "--token-file", str(token_file)]
+
+    # Dirtying faster than it drains: at 300 ms pre-copy goes on until told.
+    def never_converging(device: str) -> dict[str, Any]:
+        return {
+            **plan_body("vm-set", device, state_mib=4, dirty_mib_s=64, drain_mib_s=4),
+            "downtime_limit_ms": 300,
+            "precopy_max_rounds": 100_000,
+            "timeouts": {"precopy_s": 3600},
+        }
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await trio.to_thread.run_sync(cli.main, [*argv, *conn])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+
+    async def in_precopy(client: httpx.AsyncClient, device: str) -> str:
+        # A device of its own: a migrated one stays stopped on this host.
+        response = await client.post("/v1/migrations", json=never_converging(device))
+        migration_id: str = response.json()["id"]
+
+        with trio.fail_after(60):  # bounds a hang only
+            while True:
+                body = (await client.get(f"/v1/migrations/{migration_id}")).json()
+                assert body["outcome"] is None, body
+                if body["phase"] == "precopy" and body["progress"]["precopy_round"] > 1:
+                    return migration_id
+                await trio.sleep(0.02)
+
+    async with (
+        running_daemon(settings_for(short_dir, token_file)),
+        unix_client(short_dir / "api.sock") as client,
+    ):
+        forced = await in_precopy(client, "gpu0")
+        code, out, _ = await run("switchover", forced)
+        assert code == 0 and f"migration {forced}: switchover forced" in out
+        assert "downtime limit 300 ms, no bandwidth cap, switchover forced" in out
+        code, out, _ = await run("watch", forced)
+        assert code == 0 and "switchover forced by the operator" in out
+
+        code, _, err = await run("set", forced, "--downtime-limit-ms", "5")
+        assert code == 2 and "has ended (succeeded) (409 control_refused)" in err
+        code, _, err = await run("switchover", "nope")
+        assert code == 2 and "404 migration_not_found" in err
+        code, _, err = await run("set", forced, "--downtime-limit-ms", "0")
+        assert code == 2 and "  downtime_limit_ms: Input should be greater than 0" in err
+        code, _, err = await run("set", forced)
+        assert code == 2 and "give downtime_limit_ms, bandwidth_limit_mib_s or both" in err
+
+        raised = await in_precopy(client, "gpu1")
+        code, out, _ = await run("set", raised, "--bandwidth-limit-mib-s", "64")
+        assert code == 0 and "downtime limit 300 ms, bandwidth cap 64 MiB/s" in out
+        code, out, _ = await run(
+            "set", raised, "--downtime-limit-ms", "60000", "--bandwidth-limit-mib-s", "none",
+            "--json",
+        )  # fmt: skip
+        assert code == 0
+        control = json.loads(out)["control"]
+        assert (control["downtime_limit_ms"], control["bandwidth_limit_mib_s"]) == (60000, None)
+        assert len(control["events"]) == 2
+        code, out, _ = await run("watch", raised)
+        assert code == 0 and "converged" in out
+
+    code, _, err = await run("switchover", raised)
+    assert code == 5 and "cannot reach the orchestrator" in err
+
+
 @pytest.mark.parametrize(
     ("side", "state", "outcome", "code"),
     [

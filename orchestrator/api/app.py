@@ -13,6 +13,9 @@ Routes (all but ``/healthz`` need a bearer token, see ``middleware``):
     GET  /v1/migrations                 filter by ?outcome= (succeeded, refused, rolled_back,
                                         failed) and ?phase=
     GET  /v1/migrations/{id}            report + phase + live progress
+    PATCH /v1/migrations/{id}           new downtime limit / bandwidth cap, until the pre-copy
+                                        decision (200; 409 after it)
+    POST /v1/migrations/{id}/switchover 202: the pre-copy decision is a switchover, now
     POST /v1/migrations/{id}/cancel     202 when it will roll back, 409 past the commit point
     GET  /v1/migrations/{id}/events     Server-Sent Events until the migration ends
     GET  /v1/devices
@@ -38,6 +41,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 
 from orchestrator import __version__
+from orchestrator.control import ControlRequest
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
 from orchestrator.journal import JournalEvent
@@ -329,6 +333,47 @@ async def list_migrations(
 )
 async def get_migration(migration_id: str, service: Service) -> MigrationStatus:
     return await service.status(migration_id)
+
+
+@router.patch(
+    "/v1/migrations/{migration_id}",
+    tags=["migrations"],
+    summary="Change the downtime limit and bandwidth cap of a migration in pre-copy.",
+    description=(
+        "As libvirt's migrate-setmaxdowntime and migrate-setspeed.  Either field or both, "
+        "held to the plan's bounds (422 names the field; an unknown field is 422 too); "
+        "`bandwidth_limit_mib_s: null` removes the cap.  Accepted in prepare (the first "
+        "round uses them) and in pre-copy until its decision: the cap applies at once, the "
+        "limit at the next round's decision.  200 with the migration and its `control` (the "
+        "limits in force and every change, journaled before the answer); the same request "
+        "again is the same answer and records nothing new.  409 once the pre-copy decision "
+        "is taken or the migration ended, and on a destination daemon (ask the source's)."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def control_migration(
+    migration_id: str, body: ControlRequest, service: Service
+) -> MigrationStatus:
+    return await service.control(migration_id, body)
+
+
+@router.post(
+    "/v1/migrations/{migration_id}/switchover",
+    tags=["migrations"],
+    status_code=202,
+    summary="Force the switchover of a migration in pre-copy, now.",
+    description=(
+        "As libvirt's migrate --force-complete: the pre-copy round in flight ends, and its "
+        "decision is the switchover (its reason says the operator forced it); asked in "
+        "prepare, the first round's decision is.  202: the switchover goes on (follow it to "
+        "its outcome); asked again while it does, 202 again, so that a retry is safe.  409 "
+        "after a pre-copy decision not forced, once it rolls back or ended, and on a "
+        "destination daemon (ask the source's)."
+    ),
+    responses=_errors(404, 409, 422),
+)
+async def switchover_migration(migration_id: str, service: Service) -> MigrationStatus:
+    return await service.force_switchover(migration_id)
 
 
 @router.post(

@@ -1,4 +1,5 @@
-"""A small synchronous client of the REST API, for the CLI's submit, status, watch, cancel.
+"""A small synchronous client of the REST API, for the CLI's submit, status, watch, cancel,
+set and switchover.
 
 It reaches the daemon over its Unix socket by default, or over TCP (``url``),
 and sends the bearer token on every request.  It raises two errors, which
@@ -148,6 +149,17 @@ class Client:
 
     def cancel(self, migration_id: str) -> MigrationStatus:
         response = self._request("POST", f"/v1/migrations/{_quote(migration_id)}/cancel")
+        return MigrationStatus.model_validate(response.json())
+
+    def control(self, migration_id: str, changes: dict[str, float | None]) -> MigrationStatus:
+        """Change the limits of a migration in pre-copy (``None``: remove the cap)."""
+        path = f"/v1/migrations/{_quote(migration_id)}"
+        response = self._request("PATCH", path, json=changes)
+        return MigrationStatus.model_validate(response.json())
+
+    def switchover(self, migration_id: str) -> MigrationStatus:
+        """Force the switchover of a migration in pre-copy."""
+        response = self._request("POST", f"/v1/migrations/{_quote(migration_id)}/switchover")
         return MigrationStatus.model_validate(response.json())
 
     def settle(self, migration_id: str, verdict: str, *, force: bool) -> dict[str, Any]:

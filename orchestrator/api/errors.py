@@ -131,11 +131,19 @@ async def _orchestrator_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, kind_of_exception(exc), str(exc), problems)
 
 
+#: The routes whose body is a plan.
+_PLAN_ROUTES = frozenset({"/v1/migrations", "/v1/incoming"})
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems, in_body = problems_of_request(exc.errors())
+    # Only these routes take a plan; another body (a change of limits) is a request.
+    a_plan = request.url.path in _PLAN_ROUTES
     kind, what = (
-        ("plan_error", "invalid plan") if in_body else ("invalid_request", "invalid request")
+        ("plan_error", "invalid plan")
+        if in_body and a_plan
+        else ("invalid_request", "invalid request")
     )
     message = f"{what}: " + "; ".join(str(p) for p in problems)
     return error_response(422, kind, message, problems)

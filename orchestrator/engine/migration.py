@@ -36,7 +36,15 @@ from typing import Any, Protocol
 import trio
 
 from orchestrator.backends.base import Device
+from orchestrator.control import (
+    Control,
+    ControlRefused,
+    ControlRequest,
+    with_limits,
+    with_switchover_forced,
+)
 from orchestrator.engine.budget import DowntimeBudget
+from orchestrator.engine.control import LiveControl
 from orchestrator.engine.destination import Destination, LeftInDoubt, LocalDestination
 from orchestrator.engine.devices import (
     DeviceDriver,
@@ -109,11 +117,10 @@ class Migration:
             self.driver.add(SOURCE, d.name, d.backend.create(d.name, SOURCE, d.source))
         self.recorder = Recorder(self.ctx, self.names, vcpus=self.plan.vmm is not None)
         self._trace.observers.insert(0, self.recorder.observe)
-        self._limiter: RateLimiter | None = (
-            RateLimiter(self.plan.bandwidth_limit_mib_s * MIB)
-            if self.plan.bandwidth_limit_mib_s is not None
-            else None
-        )
+        # Always one, uncapped without a plan's limit: an operator may set one live.
+        cap = self.plan.bandwidth_limit_mib_s
+        self._limiter = RateLimiter(cap * MIB if cap is not None else None)
+        self.live = LiveControl(self.plan, self._limiter)
         vmm = self.plan.vmm
         # The source's VMM; the destination's is the destination engine's, on
         # whichever host holds the destination devices.
@@ -134,7 +141,7 @@ class Migration:
             self.model,
             self.recorder,
             strict=self.plan.downtime_policy == "strict",
-            limit_ms=lambda: self.plan.downtime_limit_ms,
+            limit_ms=lambda: self.live.state.downtime_limit_ms,
         )
         self._trace.observers.insert(2, self.budget.observe)
         self.source = SourceHalf(
@@ -429,7 +436,7 @@ class Migration:
         names = self.names
         self._model_inputs()
         rounds = PrecopyRounds(
-            self.ctx, self.recorder, self.destination, len(names), self.model, flow
+            self.ctx, self.recorder, self.destination, len(names), self.model, flow, self.live
         )
         sw = self._switchover = Switchover(
             rounds=RoundGate(len(names), rounds.decide),
@@ -491,7 +498,8 @@ class Migration:
         if plan.precopy_policy != "abort" and plan.downtime_policy != "strict":
             return
         self._model_inputs()
-        cap = plan.bandwidth_limit_mib_s
+        limits = self.live.state
+        cap = limits.bandwidth_limit_mib_s
         bandwidth = cap * MIB if cap is not None else 0.0
         nothing = {
             name: Remaining(0, 0, 0, pre_copy=flow.endpoint(SOURCE, name).route.precopy is not None)
@@ -499,11 +507,11 @@ class Migration:
         }
         forecast = self.model.forecast(flow, nothing, bandwidth, {})
         floor = self.model.floor_ms(forecast, set(), bandwidth)
-        if floor <= plan.downtime_limit_ms:
+        if floor <= limits.downtime_limit_ms:
             return
         reason = (
             f"cannot meet the limit: the window takes at least {floor:.0f} ms with nothing "
-            f"left to send (its arcs, the commit), over the {plan.downtime_limit_ms:g} ms "
+            f"left to send (its arcs, the commit), over the {limits.downtime_limit_ms:g} ms "
             f"limit; precopy_policy {plan.precopy_policy}, downtime_policy {plan.downtime_policy}"
         )
         precopy = self.recorder.precopy
@@ -763,6 +771,49 @@ class Migration:
         async with trio.open_nursery() as nursery:
             for name in self.names:
                 nursery.start_soon(fn, name)
+
+    # -- live control: an operator's, until the pre-copy decision --------------
+    # Apart from the forward path: these only read where the migration stands,
+    # and LiveControl applies what they accept.
+
+    def control(self, request: ControlRequest, *, at: float) -> Control:
+        """Change the downtime limit and bandwidth cap; the control now in force.
+
+        Accepted in prepare (the first round uses them) and in pre-copy until
+        its decision; ControlRefused after it.  ``at``: the wall-clock time.
+        """
+        self._require_controllable("change the limits of")
+        self.live.apply(with_limits(self.live.state, request, at=at, phase=self.phase.value))
+        return self.live.state
+
+    def force_switchover(self, *, at: float) -> Control:
+        """Make the pre-copy decision a switchover now: the round in flight ends, and
+        its decision is the switchover (in prepare: the first round's).  Asked again
+        while the migration goes on to its switchover, the same answer (a retry must
+        not fail); ControlRefused after a decision the operator did not force, and
+        once it rolls back or ended."""
+        going_on = self.report is None and self.phase not in (Phase.ROLLBACK, Phase.DONE)
+        if not (self.live.state.switchover_forced and going_on):
+            self._require_controllable("force the switchover of")
+            phase = self.phase.value
+            self.live.apply(with_switchover_forced(self.live.state, at=at, phase=phase))
+        return self.live.state
+
+    def _require_controllable(self, what: str) -> None:
+        refusal = f"cannot {what} migration {self.id!r}"
+        decided = self.recorder.precopy.decision
+        if self.report is not None:
+            raise ControlRefused(f"{refusal}: it has ended ({self.report.outcome})")
+        if self._recovering:
+            raise ControlRefused(f"{refusal}: it is being recovered after a restart")
+        if self._cancel_reason is not None:
+            raise ControlRefused(f"{refusal}: it is being cancelled")
+        if self.phase not in (Phase.PREPARE, Phase.PRECOPY) or decided is not None:
+            past = f", past its pre-copy decision ({decided})" if decided else ""
+            raise ControlRefused(
+                f"{refusal}: it is in phase {self.phase.value}{past}; limits and the "
+                "switchover apply in prepare and pre-copy only"
+            )
 
     # -- what the report reads -------------------------------------------------
 

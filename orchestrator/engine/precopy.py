@@ -2,8 +2,10 @@
 
 The last device to report a round calls :meth:`PrecopyRounds.decide`: the
 bandwidth is what crossed to the destination (not what the kernel still
-holds) over the time the rounds took, capped by the plan's limit; the
+holds) over the time the rounds took, capped by the limit in force; the
 decision is ``flow.decide_precopy``'s, recorded in the report and the trace.
+The limits are the ones in force at the decision (``LiveControl``: an
+operator may change them, or force the switchover, while the rounds run).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 
 import trio
 
+from orchestrator.engine.control import LiveControl
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import EngineContext
 from orchestrator.engine.model import DowntimeModel, Forecast
@@ -35,8 +38,10 @@ class PrecopyRounds:
         devices: int,
         model: DowntimeModel,
         flow: MigrationFlow,
+        live: LiveControl,
     ) -> None:
         self.model = model
+        self.live = live
         self.flow = flow
         self.ctx = ctx
         self.plan = ctx.plan
@@ -50,6 +55,7 @@ class PrecopyRounds:
         self.cut = trio.Event()
         #: The last round's forecast of the window.
         self.forecast: Forecast | None = None
+        live.attach(self.cut)
 
     def ready_to_send(self) -> None:
         """A device is in PRE_COPY (or has none): the first round's clock starts with
@@ -75,8 +81,9 @@ class PrecopyRounds:
         # drained at once) moved their bytes in a microsecond at most.
         busy = max(recorder.precopy_busy_s, 1e-6) if delivered else recorder.precopy_busy_s
         measured = delivered / busy if busy > 0 else 0.0
-        if self.plan.bandwidth_limit_mib_s is not None:
-            limit = self.plan.bandwidth_limit_mib_s * MIB
+        limits = self.live.state
+        if limits.bandwidth_limit_mib_s is not None:
+            limit = limits.bandwidth_limit_mib_s * MIB
             measured = min(measured, limit) if measured > 0 else limit
         # What each device dirties while it runs: over its own round (from the
         # round's start to its report); and it goes on dirtying while it waits
@@ -105,7 +112,11 @@ class PrecopyRounds:
             elapsed_s=now - recorder.phase_started[Phase.PRECOPY],
             predicted_ms=forecast.total_ms,
             floor_ms=floor,
+            downtime_limit_ms=limits.downtime_limit_ms,
+            forced=limits.switchover_forced,
         )
+        precopy.downtime_limit_ms = limits.downtime_limit_ms
+        precopy.bandwidth_limit_mib_s = limits.bandwidth_limit_mib_s
         precopy.forecast = forecast.as_report()
         precopy.bandwidth_mib_s = round(measured / MIB, 3) if measured > 0 else None
         precopy.expected_downtime_ms = (

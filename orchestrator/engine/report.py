@@ -63,11 +63,15 @@ async def build_report(m: Migration) -> MigrationReport:
     notes = list(m.flow.notes) if m.flow else []
     if m.recovery_note:
         notes.append(m.recovery_note)
-    if downtime is not None and downtime > m.plan.downtime_limit_ms:
-        notes.append(
-            f"downtime {downtime:.1f} ms exceeded the plan's limit of "
-            f"{m.plan.downtime_limit_ms:g} ms"
+    # Judged against the limit the pre-copy decision was taken under.
+    limit = recorder.precopy.downtime_limit_ms or m.plan.downtime_limit_ms
+    if downtime is not None and downtime > limit:
+        whose = (
+            "the plan's limit"
+            if limit == m.plan.downtime_limit_ms
+            else "the limit in force at the pre-copy decision"
         )
+        notes.append(f"downtime {downtime:.1f} ms exceeded {whose} of {limit:g} ms")
     for info in m.rollback_errors + m.post_commit_errors:
         if info is not error:
             notes.append(f"also failed: {info.message}")
@@ -96,6 +100,7 @@ async def build_report(m: Migration) -> MigrationReport:
         vmm=_vmm_report(m),
         window=window_report(m.trace, m.budget.forecast, downtime),
         budget=m.budget.as_report(downtime) if m.budget.checks else None,
+        control=m.live.state,
     )
 
 

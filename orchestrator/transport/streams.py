@@ -38,27 +38,66 @@ _END = object()
 class RateLimiter:
     """A shared byte-rate cap: senders book transmission slots in turn.
 
-    Each ``consume(n)`` books the next ``n / rate`` seconds of the link and
-    sleeps until its slot starts, less a small burst allowance so that
-    several streams can keep the link busy without idling between slots.
+    Each ``consume(n)`` books the next ``n`` bytes of the link and sleeps
+    until they would have crossed at the rate, less a small burst allowance
+    so that several streams can keep the link busy without idling between
+    slots.  The rate may change while senders wait (``set_rate``: an
+    operator's migrate-setspeed), or the cap go (``None``): bookings are in
+    bytes, and the time each is due is worked out again from the new rate,
+    so a waiting sender is never held to the old one.
     """
 
-    def __init__(self, bytes_per_s: float, burst_s: float = 0.005) -> None:
-        if not bytes_per_s > 0 or math.isinf(bytes_per_s):
-            raise ValueError("rate must be a positive, finite number of bytes per second")
-        self.bytes_per_s = bytes_per_s
+    def __init__(self, bytes_per_s: float | None, burst_s: float = 0.005) -> None:
         self._burst_s = burst_s
-        self._next_free = -math.inf
+        #: Bytes booked so far; the link is free again once it crossed them all.
+        self._booked = 0.0
+        #: The rate's anchor: byte ``_anchor_bytes`` crosses at ``_anchor_s``.
+        self._anchor_s = -math.inf
+        self._anchor_bytes = 0.0
+        self._changed = trio.Event()
+        self.bytes_per_s: float | None = None
+        self.set_rate(bytes_per_s)
+
+    def set_rate(self, bytes_per_s: float | None) -> None:
+        """Cap the rate at ``bytes_per_s`` from now on (None: no cap)."""
+        if bytes_per_s is not None and (not bytes_per_s > 0 or math.isinf(bytes_per_s)):
+            raise ValueError("rate must be a positive, finite number of bytes per second")
+        now = trio.current_time() if self._anchor_s > -math.inf else -math.inf
+        # What crossed by now at the old rate is history; the rest goes at the new one.
+        self._anchor_bytes = min(self._booked, self._crossed_by(now))
+        self._anchor_s = now
+        self.bytes_per_s = bytes_per_s
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _crossed_by(self, when: float) -> float:
+        if self.bytes_per_s is None or when == -math.inf:
+            return self._booked
+        return self._anchor_bytes + (when - self._anchor_s) * self.bytes_per_s
+
+    def _due(self, booked: float) -> float:
+        """When the link has carried ``booked`` bytes, at the current rate."""
+        if self.bytes_per_s is None:
+            return -math.inf
+        return self._anchor_s + (booked - self._anchor_bytes) / self.bytes_per_s
 
     async def consume(self, nbytes: int) -> None:
         now = trio.current_time()
-        start = max(now, self._next_free)
-        self._next_free = start + nbytes / self.bytes_per_s
-        delay = self._next_free - now - self._burst_s
-        if delay > 0:
-            await trio.sleep(delay)
-        else:
-            await trio.lowlevel.checkpoint()
+        if self.bytes_per_s is not None and self._due(self._booked) < now:
+            # The link went idle: its next slot starts now, not in the past.
+            self._anchor_s, self._anchor_bytes = now, self._booked
+        self._booked += nbytes
+        mine = self._booked
+        while True:
+            # An absolute deadline: once it fired, the clock is past it (a relative
+            # delay worked out again could round to a sliver that never elapses).
+            deadline = self._due(mine) - self._burst_s
+            if trio.current_time() >= deadline:
+                await trio.lowlevel.checkpoint()
+                return
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
 
 
 class StreamSender(abc.ABC):
