@@ -82,22 +82,29 @@ it records.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar, get_args
+from typing import Any, Final, TypeVar
 
 import trio
 from pydantic import ValidationError
 
-from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
+from orchestrator.journal_schema import (
+    OUTCOMES,
+    PHASES,
+    SCHEMA_VERSION,
+    JournalError,
+    connect,
+    connect_reader,
+    describe,
+    transaction,
+)
 from orchestrator.plan import Plan
 from orchestrator.report import Control, MigrationReport, Outcome
 from orchestrator.states import Side
@@ -117,166 +124,12 @@ T = TypeVar("T")
 #: The database file's name inside the state directory.
 FILENAME: Final = "journal.sqlite3"
 
-#: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 5
-
-_OUTCOMES: Final = frozenset(get_args(Outcome))
-_PHASES: Final = frozenset(p.value for p in Phase)
 #: A committed migration never rolls back: the two-phase commit's promise.  (Earlier
 #: forward phases are not refused: a forwarded trace may deliver them after the
 #: runner itself recorded the commit.)
 _NEVER_AFTER_COMMIT: Final = frozenset({Phase.ROLLBACK})
 #: Nor does it end as if it never started, or as if it went back to its source.
 _OUTCOMES_NEVER_AFTER_COMMIT: Final[frozenset[Outcome]] = frozenset({"refused", "rolled_back"})
-
-
-def _create_migrations(table: str, outcomes: Iterable[str], *extra_columns: str) -> str:
-    """The ``migrations`` table as a schema version creates it, named ``table``.
-
-    Versions differ in the outcomes the CHECK admits and in the columns added
-    since version 1; each version passes its own, fixed for ever.
-    """
-    admitted = ", ".join(f"'{outcome}'" for outcome in outcomes)
-    extra = "".join(f",\n        {column}" for column in extra_columns)
-    return f"""
-    CREATE TABLE {table} (
-        id              TEXT PRIMARY KEY NOT NULL,
-        vm              TEXT NOT NULL,
-        plan_json       TEXT NOT NULL,
-        idempotency_key TEXT UNIQUE,
-        created_at      REAL NOT NULL,
-        updated_at      REAL NOT NULL,
-        phase           TEXT NOT NULL,
-        committed       INTEGER NOT NULL DEFAULT 0 CHECK (committed IN (0, 1)),
-        committed_at    REAL,
-        outcome         TEXT CHECK (outcome IN ({admitted})),
-        finished_at     REAL,
-        report_json     TEXT,
-        error_json      TEXT{extra}
-    )
-    """
-
-
-#: The indexes and triggers of ``migrations``: dropped with it, so a version
-#: that rebuilds the table makes them again.
-_MIGRATIONS_INDEXES_AND_TRIGGERS: Final = (
-    "CREATE INDEX migrations_by_created ON migrations (created_at)",
-    "CREATE INDEX migrations_unfinished ON migrations (created_at) WHERE outcome IS NULL",
-    # The invariants, kept by the database itself and not only by this module.
-    """
-    CREATE TRIGGER migrations_no_delete BEFORE DELETE ON migrations
-    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
-    """,
-    """
-    CREATE TRIGGER migrations_finished_frozen BEFORE UPDATE ON migrations
-    WHEN OLD.outcome IS NOT NULL
-    BEGIN SELECT RAISE(ABORT, 'a finished migration is frozen'); END
-    """,
-    """
-    CREATE TRIGGER migrations_commit_final BEFORE UPDATE OF committed ON migrations
-    WHEN OLD.committed = 1 AND NEW.committed = 0
-    BEGIN SELECT RAISE(ABORT, 'a commit cannot be undone'); END
-    """,
-)
-
-_SCHEMA_V1: Final = (
-    _create_migrations("migrations", ("succeeded", "rolled_back", "failed")),
-    *_MIGRATIONS_INDEXES_AND_TRIGGERS,
-    """
-    CREATE TABLE events (
-        migration_id TEXT NOT NULL REFERENCES migrations (id),
-        seq          INTEGER NOT NULL CHECK (seq > 0),
-        time         REAL NOT NULL,
-        kind         TEXT NOT NULL,
-        data_json    TEXT NOT NULL,
-        PRIMARY KEY (migration_id, seq)
-    ) WITHOUT ROWID
-    """,
-    """
-    CREATE TABLE devices (
-        migration_id TEXT NOT NULL REFERENCES migrations (id),
-        device       TEXT NOT NULL,
-        side         TEXT NOT NULL CHECK (side IN ('source', 'destination')),
-        PRIMARY KEY (migration_id, device, side)
-    ) WITHOUT ROWID
-    """,
-    "CREATE INDEX devices_by_device ON devices (device)",
-    """
-    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END
-    """,
-    """
-    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END
-    """,
-    """
-    CREATE TRIGGER devices_no_delete BEFORE DELETE ON devices
-    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END
-    """,
-)
-
-#: ``SCHEMA_UPGRADES[n]`` takes a database from version ``n - 1`` to ``n``
-#: (version 0: an empty file).  Each step runs in one transaction, with
-#: foreign keys checked at its end (``_upgrade_schema``).
-#: Version 2: which side of the migration this daemon plays.  ``source``: it
-#: runs the migration (both ends on this host, or the destination on another
-#: host's daemon); ``destination``: another host's daemon runs it and this
-#: one holds the destination devices (``orchestrator.incoming``).
-_ROLE_COLUMN: Final = (
-    "role TEXT NOT NULL DEFAULT 'source' CHECK (role IN ('source', 'destination'))"
-)
-_SCHEMA_V2: Final = (f"ALTER TABLE migrations ADD COLUMN {_ROLE_COLUMN}",)
-
-#: Version 3: the outcome ``refused`` (the migration ended before pre-copy
-#: began, every device as it was).  SQLite cannot alter a CHECK, so the table
-#: is rebuilt as SQLite's documentation says (lang_altertable.html, "other
-#: kinds of table schema changes"): a new table, every row copied with its
-#: rowid (which orders migrations created in the same instant), the old one
-#: dropped, the new one renamed, its indexes and triggers made again.  The
-#: events and devices tables refer to ``migrations`` by name and keep their rows.
-_MIGRATIONS_V3_COLUMNS: Final = (
-    "rowid, id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-    "committed_at, outcome, finished_at, report_json, error_json, role"
-)
-_SCHEMA_V3: Final = (
-    _create_migrations(
-        "migrations_v3", ("succeeded", "refused", "rolled_back", "failed"), _ROLE_COLUMN
-    ),
-    f"INSERT INTO migrations_v3 ({_MIGRATIONS_V3_COLUMNS}) "
-    f"SELECT {_MIGRATIONS_V3_COLUMNS} FROM migrations",
-    "DROP TABLE migrations",
-    "ALTER TABLE migrations_v3 RENAME TO migrations",
-    *_MIGRATIONS_INDEXES_AND_TRIGGERS,
-)
-
-#: Version 4: how a destination daemon reaches the source of a migration it
-#: receives (``peer_json``: the source's API address and the credential that
-#: answers for this migration's decision), so that after a restart it can ask.
-_SCHEMA_V4: Final = ("ALTER TABLE migrations ADD COLUMN peer_json TEXT",)
-
-#: Version 5: an operator's live control of a migration in pre-copy
-#: (``control_json``: the limits in force and every change, from what to what),
-#: so that the record shows the limits the migration ran under, restarts included.
-_SCHEMA_V5: Final = ("ALTER TABLE migrations ADD COLUMN control_json TEXT",)
-
-SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
-    1: _SCHEMA_V1,
-    2: _SCHEMA_V2,
-    3: _SCHEMA_V3,
-    4: _SCHEMA_V4,
-    5: _SCHEMA_V5,
-}
-
-
-class JournalError(OrchestratorError):
-    """The journal was misused, or its database cannot be read or written.
-
-    ``path`` names the database file.
-    """
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        self.path = path
-        super().__init__(f"journal {str(path)!r}: {message}" if path else message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,9 +202,9 @@ class Journal:
     async def open(cls, state_dir: Path) -> Journal:
         """Open (or create) ``state_dir/journal.sqlite3``, upgrading its schema."""
         path = Path(state_dir) / FILENAME
-        connection = await trio.to_thread.run_sync(_connect, Path(state_dir), path)
+        connection = await trio.to_thread.run_sync(connect, Path(state_dir), path)
         try:
-            reader = await trio.to_thread.run_sync(_connect_reader, path)
+            reader = await trio.to_thread.run_sync(connect_reader, path)
         except BaseException:
             connection.close()
             raise
@@ -405,7 +258,7 @@ class Journal:
         """
 
         def write(db: sqlite3.Connection) -> tuple[str, bool]:
-            with _transaction(db):
+            with transaction(db):
                 if idempotency_key is not None:
                     row = db.execute(
                         "SELECT id FROM migrations WHERE idempotency_key = ?", (idempotency_key,)
@@ -456,7 +309,7 @@ class Journal:
         """The migration entered ``phase`` (a ``flow.Phase`` value); returns the event's seq."""
 
         def write(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 return self._write_phase(db, migration_id, phase, time.time(), None)
 
         return await self._run(write)
@@ -474,7 +327,7 @@ class Journal:
         batch = builtins.list(events)
 
         def write(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 seq = self._require_unfinished(db, migration_id, "record an event for")[1]
                 now = time.time()
                 for event in batch:
@@ -499,7 +352,7 @@ class Journal:
         """
 
         def write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 committed, _ = self._require_unfinished(db, migration_id, "commit")
                 if committed:
                     return
@@ -518,7 +371,7 @@ class Journal:
         the seq of the ``control`` event, whose detail is the change."""
 
         def write(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 self._require_unfinished(db, migration_id, "record a control change of")
                 now = time.time()
                 db.execute(
@@ -539,7 +392,7 @@ class Journal:
         """
 
         def write(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 committed, _ = self._require_unfinished(db, migration_id, "finish")
                 if report.id != migration_id:
                     raise JournalError(
@@ -609,9 +462,9 @@ class Journal:
         limit: int | None = 100,
     ) -> builtins.list[MigrationRecord]:
         """Migrations, newest first, filtered by outcome and phase (None: any)."""
-        if outcome is not None and outcome not in _OUTCOMES:
+        if outcome is not None and outcome not in OUTCOMES:
             raise JournalError(f"unknown outcome {outcome!r}")
-        if phase is not None and phase not in _PHASES:
+        if phase is not None and phase not in PHASES:
             raise JournalError(f"unknown phase {phase!r}")
         if limit is not None and limit < 1:
             raise JournalError(f"limit must be at least 1, not {limit}")
@@ -712,7 +565,7 @@ class Journal:
         try:
             return fn(db)
         except sqlite3.Error as exc:
-            raise JournalError(_describe(exc), path=self.path) from None
+            raise JournalError(describe(exc), path=self.path) from None
 
     def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db
@@ -721,7 +574,7 @@ class Journal:
         try:
             return fn(db)
         except sqlite3.Error as exc:
-            raise JournalError(_describe(exc), path=self.path) from None
+            raise JournalError(describe(exc), path=self.path) from None
 
     def _require_unfinished(
         self, db: sqlite3.Connection, migration_id: str, action: str
@@ -752,7 +605,7 @@ class Journal:
         now: float,
         event: TraceEvent | None,
     ) -> int:
-        if phase not in _PHASES:
+        if phase not in PHASES:
             raise JournalError(f"unknown phase {phase!r}", path=self.path)
         committed, _ = self._require_unfinished(db, migration_id, f"enter phase {phase} in")
         if committed and Phase(phase) in _NEVER_AFTER_COMMIT:
@@ -801,7 +654,7 @@ class Journal:
                 f"{exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
                 path=self.path,
             ) from None
-        if outcome is not None and outcome not in _OUTCOMES:
+        if outcome is not None and outcome not in OUTCOMES:
             raise JournalError(f"migration {mid!r}: unknown outcome {outcome!r}", path=self.path)
         return MigrationRecord(
             id=str(mid),
@@ -832,110 +685,6 @@ def _select() -> str:
         f"committed_at, outcome, finished_at, report_json, role, {peer}, {control} "
         "FROM migrations"
     )
-
-
-def _connect(state_dir: Path, path: Path) -> sqlite3.Connection:
-    """Open the database file, set it up for durability and bring its schema up to date."""
-    try:
-        if not state_dir.is_dir():
-            state_dir.mkdir(mode=0o700, parents=True)
-            state_dir.chmod(0o700)  # mkdir's mode is filtered by the umask
-        # Create the file ourselves so it is never readable by others; SQLite
-        # gives its -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise JournalError(f"cannot create: {exc.strerror or exc}", path=path) from None
-    try:
-        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise JournalError(_describe(exc), path=path) from None
-    try:
-        _configure(db, path)
-    except sqlite3.Error as exc:
-        db.close()
-        raise JournalError(_describe(exc), path=path) from None
-    except JournalError:
-        db.close()
-        raise
-    return db
-
-
-def _connect_reader(path: Path) -> sqlite3.Connection:
-    """A second, read-only connection (the writer has set the file up)."""
-    try:
-        db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA query_only = ON")
-    except sqlite3.Error as exc:
-        raise JournalError(_describe(exc), path=path) from None
-    return db
-
-
-def _configure(db: sqlite3.Connection, path: Path) -> None:
-    (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
-    if str(mode).lower() != "wal":
-        raise JournalError(
-            f"the file system does not support SQLite's WAL mode (got {mode})", path=path
-        )
-    # FULL: every commit is fsynced, so a recorded decision survives power loss.
-    db.execute("PRAGMA synchronous = FULL")
-    # An upgrade may rebuild a table the others refer to, which SQLite allows
-    # only with foreign keys off; the pragma cannot change inside a
-    # transaction, so they are turned on after it (it checks them itself).
-    db.execute("PRAGMA foreign_keys = OFF")
-    _upgrade_schema(db, path)
-    db.execute("PRAGMA foreign_keys = ON")
-
-
-def _upgrade_schema(db: sqlite3.Connection, path: Path) -> None:
-    with _transaction(db):
-        has_table = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()
-        if has_table:
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            version = int(row[0]) if row else 0
-        else:
-            others = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
-            if others:
-                raise JournalError("an SQLite database, but not a journal", path=path)
-            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            version = 0
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"schema version {version} was written by a newer orchestrator "
-                f"(this one reads up to {SCHEMA_VERSION})",
-                path=path,
-            )
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in SCHEMA_UPGRADES[step]:
-                db.execute(statement)
-        if version < SCHEMA_VERSION:
-            dangling = db.execute("PRAGMA foreign_key_check").fetchall()
-            if dangling:
-                table, _, parent, _ = dangling[0]
-                raise JournalError(
-                    f"cannot upgrade the schema from version {version}: {len(dangling)} "
-                    f"row(s) refer to rows that do not exist (first: in {table}, a row "
-                    f"without its {parent} row)",
-                    path=path,
-                )
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction: committed when the block ends, rolled back if it raises."""
-    # IMMEDIATE takes the write lock up front, so a read-then-write cannot be
-    # interleaved with another process's write.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _exists(db: sqlite3.Connection, migration_id: str) -> bool:
@@ -989,13 +738,3 @@ def _event(
         detail=data.get("detail") or {},
         trace_time=data.get("trace_time"),
     )
-
-
-def _describe(exc: sqlite3.Error) -> str:
-    """SQLite's complaint, in words an operator can act on."""
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
-        exc, sqlite3.OperationalError | sqlite3.IntegrityError
-    ):
-        return f"the database is unreadable or corrupt: {text}"
-    return text

@@ -21,6 +21,7 @@ import trio
 import trio.lowlevel
 
 from orchestrator import journal as journal_module
+from orchestrator import journal_schema
 from orchestrator.engine import Migration, TraceEvent
 from orchestrator.errors import OrchestratorError
 from orchestrator.journal import (
@@ -622,6 +623,8 @@ async def version_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JournalC
     (the v1 and v2 statements), holding migrations in every state that version
     could record; what it read back from the file."""
     with monkeypatch.context() as patch:
+        # The schema's module upgrades (and stops) at it; the journal's selects by it.
+        patch.setattr(journal_schema, "SCHEMA_VERSION", 2)
         patch.setattr(journal_module, "SCHEMA_VERSION", 2)
         async with await Journal.open(tmp_path / "state") as old:
             await old.create("done", plan("gpu0"), "key-done")
