@@ -31,9 +31,10 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 5; ``schema_version`` holds the number, and ``open`` upgrades
-an older file step by step in ``SCHEMA_UPGRADES``, each step one transaction
-that keeps every row, index and trigger).  Times are Unix seconds
+Schema (version 6, in :mod:`orchestrator.journal_schema`; ``schema_version``
+holds the number, and ``open`` upgrades an older file step by step in
+``SCHEMA_UPGRADES``, each step one transaction that keeps every row, index
+and trigger).  Times are Unix seconds
 (``time.time()``, REAL)::
 
     migrations(
@@ -68,6 +69,15 @@ that keeps every row, index and trigger).  Times are Unix seconds
         device          TEXT,               -- the plan's device name
         side            TEXT,               -- source or destination
         PRIMARY KEY (migration_id, device, side))
+    arc_history(                            -- this host's arcs by device model
+        model           TEXT,               -- Device.model_key(), e.g. vfio/mdev:mtty-1
+        side            TEXT,               -- source or destination
+        from_state      TEXT,
+        to_state        TEXT,
+        count           INTEGER,            -- samples folded in so far
+        mean_s          REAL,               -- running mean, the last 20 weigh most
+        updated_at      REAL,
+        PRIMARY KEY (model, side, from_state, to_state))    (version 6)
 
 Events the journal writes itself: ``phase`` (at ``create`` and on every
 ``record_phase``) and ``finished`` (at ``finish``).  Everything else comes
@@ -120,6 +130,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: An arc in the history: (device model, side, from state, to state), names as text.
+ArcKey = tuple[str, str, str, str]
+#: One measured arc: its key's fields, then its seconds.
+ArcSample = tuple[str, str, str, str, float]
+#: The history's running mean weighs about the last this many samples.
+HISTORY_WEIGHT: Final = 20
 
 #: The database file's name inside the state directory.
 FILENAME: Final = "journal.sqlite3"
@@ -364,6 +381,46 @@ class Journal:
                 )
 
         await self._write(write)
+
+    async def record_arcs(self, samples: Iterable[ArcSample]) -> None:
+        """Fold arcs a migration measured into this host's history: per (model,
+        side, from, to) a running mean in which the last ``HISTORY_WEIGHT``
+        samples weigh most (a device's firmware or host load may change)."""
+        rows = list(samples)
+        if not rows:
+            return
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with transaction(db):
+                for model, side, source, target, seconds in rows:
+                    db.execute(
+                        "INSERT INTO arc_history VALUES (?, ?, ?, ?, 1, ?, ?) "
+                        "ON CONFLICT (model, side, from_state, to_state) DO UPDATE SET "
+                        "mean_s = mean_s + (excluded.mean_s - mean_s) / min(count + 1, ?), "
+                        "count = count + 1, updated_at = excluded.updated_at",
+                        (model, side, source, target, max(0.0, seconds), now, HISTORY_WEIGHT),
+                    )
+
+        await self._run(write)
+
+    async def arc_history(self, models: Iterable[str]) -> dict[ArcKey, float]:
+        """What the history holds for these device models: (model, side, from, to) ->
+        mean seconds."""
+        wanted = sorted(set(models))
+        if not wanted:
+            return {}
+
+        def read(db: sqlite3.Connection) -> dict[ArcKey, float]:
+            marks = ", ".join("?" * len(wanted))
+            rows = db.execute(
+                "SELECT model, side, from_state, to_state, mean_s FROM arc_history "
+                f"WHERE model IN ({marks})",
+                wanted,
+            ).fetchall()
+            return {(m, side, a, b): float(mean) for m, side, a, b, mean in rows}
+
+        return await self._read(read)
 
     async def record_control(self, migration_id: str, control: Control) -> int:
         """An operator changed the migration's limits (or forced its switchover):

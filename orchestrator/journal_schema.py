@@ -32,7 +32,7 @@ __all__ = [
 
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 
 OUTCOMES: Final = frozenset(get_args(Outcome))
 PHASES: Final = frozenset(p.value for p in Phase)
@@ -167,12 +167,29 @@ _SCHEMA_V4: Final = ("ALTER TABLE migrations ADD COLUMN peer_json TEXT",)
 #: so that the record shows the limits the migration ran under, restarts included.
 _SCHEMA_V5: Final = ("ALTER TABLE migrations ADD COLUMN control_json TEXT",)
 
+#: Version 6: how long each arc took, per device model, side and arc, over this
+#: host's migrations: the downtime model's figure for an arc a device has not
+#: walked yet in a migration and whose backend declares none.  Not a record of
+#: any one migration: a running mean, updated in place.
+_SCHEMA_V6: Final = (
+    """CREATE TABLE arc_history (
+        model       TEXT NOT NULL,
+        side        TEXT NOT NULL CHECK (side IN ('source', 'destination')),
+        from_state  TEXT NOT NULL,
+        to_state    TEXT NOT NULL,
+        count       INTEGER NOT NULL CHECK (count >= 1),
+        mean_s      REAL NOT NULL CHECK (mean_s >= 0),
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (model, side, from_state, to_state))""",
+)
+
 SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
+    6: _SCHEMA_V6,
 }
 
 

@@ -62,8 +62,8 @@ from orchestrator.handover import HandleRegistry
 from orchestrator.journal import Journal, JournalEvent, MigrationRecord
 from orchestrator.metrics import Metrics
 from orchestrator.peer.messages import DecisionAnswer
+from orchestrator.peer.registry import IncomingRegistry
 from orchestrator.peer.remote import RemoteDestination, SourceContact, Unsettled
-from orchestrator.peer.server import IncomingRegistry
 from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, resolve

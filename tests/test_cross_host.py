@@ -163,10 +163,10 @@ async def test_a_destination_of_another_protocol_version_refuses_before_anything
     short_dir: Path, token_file: Path, monkeypatch: Any
 ) -> None:
     # A fleet mid-upgrade: the destination daemon speaks only a newer version.
-    from orchestrator.peer import server
+    from orchestrator.peer import registry
 
     async with two_hosts(short_dir, token_file) as (a, b):
-        monkeypatch.setattr(server, "PROTOCOL_VERSIONS", (7, 8))
+        monkeypatch.setattr(registry, "PROTOCOL_VERSIONS", (7, 8))
         status = await submit(a, cross_plan(b, token_file, "gpu0"))
         assert status["outcome"] == "refused", status["report"]
         error = status["report"]["error"]

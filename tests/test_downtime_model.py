@@ -158,3 +158,38 @@ def test_a_transfer_no_bandwidth_measures_yet_is_unknown_not_infinite() -> None:
     assert model.floor_ms(forecast, {"vf0"}, 0.0) == 10.0
     # Measured: the device without pre-copy's bytes count, the other's do not.
     assert model.floor_ms(forecast, {"vf0"}, 2**20 / 0.1) == pytest.approx(110.0)
+
+
+async def test_arcs_not_walked_yet_come_from_this_hosts_history(
+    autojump_clock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A device whose backend declares nothing (as VFIO's): its stop arc is not
+    # walked before the decision; the first migration can only estimate it, the
+    # next one reads what the first measured, from the journal.
+    from orchestrator.backends.simulated import SimulatedDevice
+    from orchestrator.journal import Journal
+
+    monkeypatch.setattr(SimulatedDevice, "declared_arc_s", lambda self, a, b: None)
+    monkeypatch.setattr(SimulatedDevice, "model_key", lambda self: "simulated/test-model")
+    devices = [both("gpu0", 0, transition_ms=7, state_mib=1)]
+    async with await Journal.open(tmp_path / "state") as journal:
+
+        async def journaled() -> Migration:
+            resolved = make_resolved(devices, downtime_limit_ms=500)
+            m = Migration(resolved, journal=journal)
+            await journal.create(m.id, resolved.plan)
+            await m.run()
+            return m
+
+        first = await journaled()
+        second = await journaled()
+        history = await journal.arc_history(["simulated/test-model"])
+    assert first.report is not None and second.report is not None
+    assert second.report.outcome == "succeeded", second.report.error
+    stop = ("simulated/test-model", "source", "PRE_COPY_P2P", "STOP_COPY")
+    assert history[stop] == pytest.approx(0.007)
+    before = first.report.precopy.forecast
+    after = second.report.precopy.forecast
+    assert before is not None and after is not None
+    assert before["devices"]["gpu0"]["stop_arcs"]["source"] == "estimated"
+    assert after["devices"]["gpu0"]["stop_arcs"] == {"ms": 7.0, "source": "history"}

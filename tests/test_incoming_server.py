@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.peer import protocol as p
+from orchestrator.peer.incoming_models import IncomingNotServing
 from orchestrator.peer.messages import encode
-from orchestrator.peer.server import IncomingMigration, IncomingNotServing, IncomingRegistry
+from orchestrator.peer.registry import IncomingRegistry
+from orchestrator.peer.server import IncomingMigration
 from tests.helpers import make_resolved, sim_device
 
 

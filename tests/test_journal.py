@@ -689,7 +689,10 @@ async def test_a_version_2_journal_upgrades_keeping_every_row_index_and_trigger(
 
     with raw(tmp_path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-        assert schema_objects(db) == objects
+        # Every index and trigger kept; version 6's arc history brings its key's index.
+        assert schema_objects(db) == objects | {
+            ("index", "sqlite_autoindex_arc_history_1", "arc_history")
+        }
         assert db.execute("SELECT rowid, id FROM migrations ORDER BY rowid").fetchall() == rowids
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
@@ -822,3 +825,17 @@ async def test_idempotency_key_lookup(tmp_path: Path) -> None:
         await j.create("m2", plan, None)
         found = await j.find_by_idempotency_key("k1")
         assert found is not None and found.id == "m1"
+
+
+async def test_the_arc_history_is_a_running_mean_per_model_side_and_arc(tmp_path: Path) -> None:
+    async with await Journal.open(tmp_path / "state") as j:
+        key = ("vfio/mdev:mtty-1", "source", "PRE_COPY_P2P", "STOP_COPY")
+        await j.record_arcs([(*key, 0.010)])
+        await j.record_arcs([(*key, 0.020), ("other", "destination", "STOP", "RUNNING", 1.0)])
+        assert await j.arc_history(["vfio/mdev:mtty-1"]) == {key: pytest.approx(0.015)}
+        assert await j.arc_history([]) == {}
+        # The last samples weigh most: a device that became slower is seen so.
+        await j.record_arcs([(*key, 0.100)] * 40)
+        assert (await j.arc_history(["vfio/mdev:mtty-1"]))[key] > 0.09
+    async with await Journal.open(tmp_path / "state") as j:
+        assert key in await j.arc_history(["vfio/mdev:mtty-1"])  # on disk

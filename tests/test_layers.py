@@ -21,6 +21,7 @@ FORBIDDEN = (
     "orchestrator.engine",
     "orchestrator.peer.remote",
     "orchestrator.peer.server",
+    "orchestrator.peer.registry",
     "orchestrator.transport",
     "orchestrator.api",
     "orchestrator.service",

@@ -895,3 +895,22 @@ async def test_the_service_locks_real_devices_by_host_identity(tmp_path: Path) -
                 pass
             await service.shutdown(grace_s=5)
             nursery.cancel_scope.cancel()
+
+
+def test_a_devices_model_for_the_arc_history_is_its_mdev_type_or_pci_ids(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.backends.vfio import _model_of
+
+    root = fake_sysfs(tmp_path)
+    mdev = locate(VfioParams(mdev=UUID), root).sysfs
+    types = root / "devices" / "virtual" / "mtty" / "mtty" / "mdev_supported_types" / "mtty-2"
+    types.mkdir(parents=True)
+    _link(mdev / "mdev_type", types)
+    assert _model_of(mdev) == "vfio/mdev:mtty-2"
+    vf = locate(VfioParams(pci="3b:00.1"), root).sysfs
+    (vf / "vendor").write_text("0x15b3\n")
+    (vf / "device").write_text("0x101e\n")
+    assert _model_of(vf) == "vfio/pci:0x15b3:0x101e:mlx5_vfio_pci"
+    # Nothing to tell it by: no history is kept for it.
+    assert _model_of(root / "devices" / "platform" / "orphan") is None

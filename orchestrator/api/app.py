@@ -45,13 +45,13 @@ from orchestrator.control import ControlRequest
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
 from orchestrator.journal import JournalEvent
-from orchestrator.peer.messages import encode
-from orchestrator.peer.server import (
+from orchestrator.peer.incoming_models import (
     IncomingReady,
     IncomingReplies,
     IncomingRequest,
     IncomingStatus,
 )
+from orchestrator.peer.messages import encode
 from orchestrator.plan import Plan
 from orchestrator.report import Outcome
 from orchestrator.service import DeviceStatus, MigrationService, MigrationStatus

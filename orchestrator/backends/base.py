@@ -136,6 +136,12 @@ class Device(abc.ABC):
         (None: no limit of its own is known)."""
         return None
 
+    def model_key(self) -> str | None:
+        """What kind of device this is, for the arc history a host keeps across
+        migrations (devices of one key take their arcs alike); None: none kept.
+        Known once the device is open."""
+        return None
+
     def declared_dirty_bytes(self, seconds: float) -> int | None:
         """How many stop-copy bytes this running device adds in ``seconds`` more,
         where the backend knows how it dirties its state (None: the model

@@ -278,6 +278,21 @@ def _host_path(sysfs_root: Path, path: str) -> Path:
     return sysfs_root.joinpath(*Path(path).parts[2:])
 
 
+def _model_of(sysfs: Path) -> str | None:
+    """A device's model for the arc history: its mdev type (what tells mdevs
+    apart), else its PCI vendor and device IDs and the driver bound to it."""
+    try:
+        mdev_type = sysfs / "mdev_type"
+        if mdev_type.exists():
+            return f"vfio/mdev:{mdev_type.resolve().name}"
+        vendor = (sysfs / "vendor").read_text().strip()
+        device = (sysfs / "device").read_text().strip()
+        driver = (sysfs / "driver").resolve().name if (sysfs / "driver").exists() else "-"
+    except OSError:
+        return None
+    return f"vfio/pci:{vendor}:{device}:{driver}"
+
+
 def locate(params: VfioParams, sysfs_root: Path = Path("/sys")) -> DeviceLocation:
     """Find the device ``params`` names; LocateError naming the field if it is not there.
 
@@ -520,6 +535,8 @@ class VfioDevice(ThreadedDevice):
         self._iommufd = -1
         self._group: _Group | None = None
         self._claimed: str | None = None
+        #: Its model for the arc history, once opened by address (see _model_of).
+        self._model: str | None = None
         self._state: DeviceState | None = None
         self._stream: _Stream | None = None
         self._last_digest: str | None = None
@@ -560,6 +577,9 @@ class VfioDevice(ThreadedDevice):
         )
 
     # -- the Device interface --
+
+    def model_key(self) -> str | None:
+        return self._model
 
     async def open(self) -> Capabilities:
         handle = self.params.handle if self.params is not None else None
@@ -745,6 +765,7 @@ class VfioDevice(ThreadedDevice):
         except LocateError as exc:
             raise self._error("open", errno.ENODEV, exc.message) from None
         self.identity = location.identity
+        self._model = _model_of(location.sysfs)
         key = str(location.sysfs)
         if not _REGISTRY.claim(key):
             raise self._error(

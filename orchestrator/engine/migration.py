@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -80,6 +80,18 @@ class CommitJournal(Protocol):
     """Where the commit decision is made durable before anyone acts on it."""
 
     async def record_commit(self, migration_id: str) -> None: ...
+
+
+_ArcKey = tuple[str, str, str, str]
+
+
+@runtime_checkable
+class ArcHistory(Protocol):
+    """A journal that keeps this host's arc history (the daemon's does)."""
+
+    async def arc_history(self, models: Iterable[str]) -> dict[_ArcKey, float]: ...
+
+    async def record_arcs(self, samples: Iterable[tuple[str, str, str, str, float]]) -> None: ...
 
 
 #: Builds the destination half from the coordinator's driver and rate limiter.
@@ -380,6 +392,8 @@ class Migration:
                 self.observed_states[(side, name)] = await self.driver.probe(side, name)
         await self._close_all()
         self.recorder.stop()
+        with trio.CancelScope(shield=True):
+            await self._record_history()
         report = await build_report(self)
         with trio.move_on_after(self.plan.timeouts.rollback_s):
             # Both journals must hold one outcome: the destination's is told
@@ -418,6 +432,7 @@ class Migration:
                 await self._for_each_device(self._require_running)
         except trio.TooSlowError:
             raise self.ctx.abort("phase_timeout", f"prepare took over {timeout:g} s") from None
+        await self._load_history()
         self._check_reachable()
         try:
             with trio.fail_after(timeout):
@@ -488,6 +503,24 @@ class Migration:
 
     async def _require_running(self, name: str) -> None:
         await self.driver.require_running(SOURCE, name)
+
+    async def _load_history(self) -> None:
+        """This host's arc history for the devices' models, for the downtime model."""
+        journal = self.journal
+        models = self.model.history_models()
+        if isinstance(journal, ArcHistory) and models:
+            try:
+                self.model.history = await journal.arc_history(models)
+            except Exception as exc:  # a figure less, never a failed migration
+                self.log.warning("migration.history_unreadable", error=str(exc))
+
+    async def _record_history(self) -> None:
+        journal = self.journal
+        if isinstance(journal, ArcHistory):
+            try:
+                await journal.record_arcs(self.model.samples())
+            except Exception as exc:
+                self.log.warning("migration.history_not_recorded", error=str(exc))
 
     def _check_reachable(self) -> None:
         """Before anything changes: a plan whose window cannot fit its limit even

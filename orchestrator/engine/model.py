@@ -138,6 +138,9 @@ class DowntimeModel:
         read_chunk_bytes: int = 1 << 20,
     ) -> None:
         self.driver = driver
+        #: This host's arc history for the devices' models (see Device.model_key):
+        #: (model, side, from, to) as text -> mean seconds.
+        self.history: dict[tuple[str, str, str, str], float] = {}
         #: Another host's destination devices: the figures their backends declared.
         self.destination = destination
         self.read_chunk_bytes = read_chunk_bytes
@@ -170,6 +173,11 @@ class DowntimeModel:
             declared = None
         if declared is not None:
             return Figure.of(declared, "declared")
+        model = device.model_key() if device is not None else None
+        if model is not None:
+            past = self.history.get((model, side.value, source.name, target.name))
+            if past is not None:
+                return Figure.of(past, "history")
         walked = self._walked.get((side, name))
         if walked:
             return Figure.of(sum(walked) / len(walked), "estimated")
@@ -244,6 +252,21 @@ class DowntimeModel:
         comps["overhead"] = Figure.of(self.overhead_s(len(remaining)), "estimated")
         total = sum(f.ms for f in comps.values())
         return Forecast(round(total, 3) if math.isfinite(total) else math.inf, comps, devices)
+
+    def history_models(self) -> set[str]:
+        """The models of this host's devices that keep an arc history."""
+        keys = (device.model_key() for device in self.driver.devices.values())
+        return {key for key in keys if key is not None}
+
+    def samples(self) -> list[tuple[str, str, str, str, float]]:
+        """The arcs this migration measured on this host's devices, for the history."""
+        out = []
+        for (side, name, source, target), seconds in self._arcs.items():
+            device = self.driver.devices.get((side, name))
+            model = device.model_key() if device is not None else None
+            if model is not None:
+                out.append((model, side.value, source.name, target.name, seconds))
+        return out
 
     def overhead_s(self, devices: int) -> float:
         """The orchestrator's own work inside the window for ``devices`` devices."""
@@ -333,7 +356,7 @@ class DowntimeModel:
         return Figure.of(seconds, "measured (status call)")
 
 
-_STRENGTH = ("measured", "declared", "estimated", "unknown")
+_STRENGTH = ("measured", "declared", "history", "estimated", "unknown")
 
 
 def _weakest(sources: set[str]) -> str:

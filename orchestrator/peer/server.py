@@ -23,10 +23,8 @@ What the machine asks for, and what carries it out:
   the outcome) with backoff, until it answers;
 * ``RecordOutcome``: the migration ends here, its report journaled.
 
-:class:`IncomingRegistry` is the daemon's set of them: prepare (the plan
-validated against this daemon's backends, the protocol version agreed, the
-devices locked, opened, checked and journaled), status, messages over
-REST, recovery on start, and settling by an operator.
+:class:`~orchestrator.peer.registry.IncomingRegistry` is the daemon's set
+of them (prepare, status, messages over REST, recovery, settling).
 """
 
 from __future__ import annotations
@@ -35,12 +33,11 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import structlog
 import trio
-from pydantic import BaseModel, Field
 
 from orchestrator.engine import (
     DestinationEngine,
@@ -50,29 +47,20 @@ from orchestrator.engine import (
     Trace,
     TraceEvent,
 )
-from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
+from orchestrator.errors import PeerError, ProtocolViolation
 from orchestrator.flow import MigrationFlow, Phase
 from orchestrator.peer import protocol as p
 from orchestrator.peer.backoff import backoff
-from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode, negotiate_version
-from orchestrator.plan import parse_plan
+from orchestrator.peer.incoming_models import IncomingNotServing, IncomingStatus
+from orchestrator.peer.messages import decode, encode
 from orchestrator.report import DeviceReport, ErrorInfo, MigrationReport, Outcome
-from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
-from orchestrator.transport import ChannelListener, DestinationChannel, new_secret
+from orchestrator.transport import DestinationChannel
 
 log = structlog.get_logger("orchestrator.peer.server")
 
-__all__ = [
-    "IncomingMigration",
-    "IncomingNotFound",
-    "IncomingReady",
-    "IncomingRegistry",
-    "IncomingRequest",
-    "IncomingStatus",
-    "IncomingUnavailable",
-    "capabilities_to_json",
-]
+__all__ = ["POST_LOAD_ARCS", "IncomingMigration", "capabilities_to_json"]
 
 DESTINATION = Side.DESTINATION
 _D = DeviceState
@@ -141,6 +129,8 @@ class IncomingMigration:
         self._transfer_done = trio.Event()
         self._vmm_began = 0.0
         self._released = False
+        #: This host's arc history for the devices' models (see _load_history).
+        self._history: dict[tuple[str, str, str, str], float] = {}
         self._errors: list[ErrorInfo] = []
         # One sender, so that the source gets every report in the order it happened.
         self._outbox_send, self._outbox = trio.open_memory_channel[p.Message](math.inf)
@@ -156,7 +146,37 @@ class IncomingMigration:
                 await self.engine.close()
             raise
         self._adopt_flow(caps)
+        await self._load_history()
         return caps
+
+    async def _load_history(self) -> None:
+        """This host's arc history for its devices' models: the figures of the
+        prepare answer where a backend declares none."""
+        models = {m for d in self.driver.devices.values() if (m := d.model_key()) is not None}
+        if models and hasattr(self.journal, "arc_history"):
+            try:
+                self._history = await self.journal.arc_history(models)
+            except Exception as exc:  # a figure less, never a failed migration
+                self.log.warning("incoming.history_unreadable", error=str(exc))
+
+    async def _record_history(self) -> None:
+        """The arcs this host's devices took, into its history."""
+        samples = []
+        for event in self.ctx.trace.events:
+            if event.kind != "arc_end" or event.device is None:
+                continue
+            device = self.driver.devices.get((DESTINATION, event.device))
+            model = device.model_key() if device is not None else None
+            if model is not None and event.from_state is not None and event.to_state is not None:
+                seconds = float(event.detail.get("duration_s", 0.0))
+                samples.append(
+                    (model, "destination", event.from_state.name, event.to_state.name, seconds)
+                )
+        if samples and hasattr(self.journal, "record_arcs"):
+            try:
+                await self.journal.record_arcs(samples)
+            except Exception as exc:
+                self.log.warning("incoming.history_not_recorded", error=str(exc))
 
     def declared_arcs_ms(self, name: str) -> dict[str, float]:
         """The arcs after the load, as this device's backend declares them (the
@@ -165,8 +185,12 @@ class IncomingMigration:
         if device is None:
             return {}
         figures = {}
+        model = device.model_key()
         for source, target in POST_LOAD_ARCS:
             seconds = device.declared_arc_s(source, target)
+            if seconds is None and model is not None:
+                # Declared by nobody: as this host's history has it.
+                seconds = self._history.get((model, "destination", source.name, target.name))
             if seconds is not None:
                 figures[f"{source.name}->{target.name}"] = round(seconds * 1000, 3)
         return figures
@@ -551,6 +575,7 @@ class IncomingMigration:
         try:
             with trio.CancelScope(shield=True):
                 await self.journal.finish(self.id, self.report)
+                await self._record_history()
             self.journaled = True
         except Exception as exc:  # journal trouble is logged, never loses the VM
             self.log.exception("incoming.journal_finish_failed", error=str(exc))
@@ -639,359 +664,3 @@ class IncomingMigration:
 
 
 # -- the REST shapes ------------------------------------------------------------------------
-
-
-class IncomingStatus(BaseModel):
-    """What the destination daemon says of an incoming migration (``GET /v1/incoming/{id}``)."""
-
-    id: str
-    vm: str
-    phase: str = Field(
-        description=(
-            "The destination's protocol state: prepared, transfer, voting, voted (every "
-            "device ready: this side voted to commit), in_doubt (voted, and the source "
-            "could not be asked yet), committed, aborting, aborted (reset; the outcome is "
-            "asked of the source) or done"
-        )
-    )
-    committed: bool
-    outcome: Outcome | None = None
-    in_doubt: bool = Field(
-        False, description="Voted, with no decision, and the source could not be asked yet."
-    )
-    devices: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Per device: state, reset, bytes loaded, capabilities.",
-    )
-    report: MigrationReport | None = None
-
-
-class IncomingReady(BaseModel):
-    """The answer to a prepare call: where to send the data, and how to prove who sends it."""
-
-    migration_id: str
-    protocol: int = Field(description="The protocol version both daemons speak.")
-    data: dict[str, Any] = Field(description="host (may be null: use the API's host) and port.")
-    secret: str = Field(description="Hex secret of this migration's data channel.")
-    devices: dict[str, dict[str, Any]]
-
-
-class SourceContactModel(BaseModel):
-    """How the destination asks the source daemon for this migration's decision."""
-
-    api: str = Field(description="The source daemon's API base URL ([api] advertise).")
-    token: str = Field(min_length=32, description="Answers for this migration's decision only.")
-
-
-class IncomingRequest(BaseModel):
-    """``POST /v1/incoming``: prepare the destination half of a migration."""
-
-    migration_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
-    plan: dict[str, Any]
-    protocol: tuple[int, int] | None = Field(
-        None, description="The protocol versions the source speaks: [lowest, highest]."
-    )
-    source: SourceContactModel | None = None
-
-
-class IncomingReplies(BaseModel):
-    """What a message delivered over REST made this side answer."""
-
-    status: IncomingStatus
-    replies: list[dict[str, Any]]
-
-
-class IncomingNotFound(OrchestratorError):
-    status_hint = 404
-
-
-class IncomingUnavailable(OrchestratorError):
-    """This daemon has no data channel listener: it cannot receive migrations."""
-
-    status_hint = 503
-
-
-class ProtocolMismatch(OrchestratorError):
-    """The source speaks no protocol version this daemon does."""
-
-    status_hint = 409
-
-
-class IncomingConflict(OrchestratorError):
-    status_hint = 409
-
-
-class IncomingNotServing(OrchestratorError):
-    """The incoming migration is being recovered, or is ending: ask again shortly.
-
-    A message fed to its machine now would change its state with no task to
-    carry out what the machine then says (a recovery not yet serving, a
-    migration whose tasks have ended): the message is refused, unread."""
-
-    status_hint = 503
-
-
-class IncomingRegistry:
-    """The incoming migrations of one daemon.
-
-    ``lock`` and ``unlock`` are the service's device locks, so that a device
-    is never part of two migrations, incoming or outgoing.
-    """
-
-    def __init__(
-        self,
-        *,
-        journal: Any,
-        backends: Any,
-        listener: ChannelListener | None,
-        advertise: str | None,
-        lock: Callable[[list[str], str], None],
-        unlock: Callable[[list[str], str], None],
-    ) -> None:
-        self.journal = journal
-        self.backends = backends
-        self.listener = listener
-        self.advertise = advertise
-        self._lock = lock
-        self._unlock = unlock
-        self.migrations: dict[str, IncomingMigration] = {}
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self._recover_all()
-            task_status.started()
-            await trio.sleep_forever()
-
-    def in_doubt(self) -> int:
-        return sum(
-            1 for m in self.migrations.values() if m.machine.state is p.DestinationState.IN_DOUBT
-        )
-
-    async def prepare(self, request: IncomingRequest) -> IncomingReady:
-        """Validate, agree a version, lock, open, journal; PlanError, DeviceBusy..."""
-        if self.listener is None or self.listener.address is None or self._nursery is None:
-            raise IncomingUnavailable(
-                "this daemon has no data channel ([data] listen): it cannot be the "
-                "destination of a migration from another host"
-            )
-        try:
-            version = negotiate_version(request.protocol, PROTOCOL_VERSIONS)
-        except ProtocolViolation as exc:
-            raise ProtocolMismatch(str(exc)) from None
-        if request.source is None:
-            raise PlanError(
-                [
-                    Problem(
-                        "source",
-                        "no way to reach the source daemon: this side could never ask it "
-                        "for the decision if the two lost each other",
-                    )
-                ]
-            )
-        if request.migration_id in self.migrations:
-            raise IncomingConflict(f"migration {request.migration_id!r} is already prepared here")
-        if self.journal is not None and await self.journal.get(request.migration_id):
-            raise IncomingConflict(f"migration {request.migration_id!r} is known here already")
-        plan = parse_plan(request.plan)
-        if plan.destination is not None:
-            raise PlanError(
-                [Problem("plan.destination", "a plan sent to its destination has no destination")]
-            )
-        resolved = resolve(plan, self.backends)
-        keys = resolved.device_keys()
-        self._lock(keys, request.migration_id)
-        source = request.source.model_dump()
-        migration = IncomingMigration(
-            resolved,
-            request.migration_id,
-            self.journal,
-            source,
-            release=lambda: self._unlock(keys, request.migration_id),
-        )
-        try:
-            caps = await migration.open()
-            if self.journal is not None:
-                await self.journal.create(
-                    request.migration_id, plan, role="destination", peer=source
-                )
-            secret = new_secret()
-            channel = self.listener.expect(request.migration_id, secret, migration.names)
-        except BaseException:
-            self._unlock(keys, request.migration_id)
-            raise
-        self.migrations[request.migration_id] = migration
-        await self._nursery.start(self._serve, migration, channel, None)
-        log.info("incoming.prepared", migration=request.migration_id, devices=len(caps))
-        return IncomingReady(
-            migration_id=request.migration_id,
-            protocol=version,
-            data={"host": self.advertise, "port": self.listener.address[1]},
-            secret=secret.hex(),
-            devices={
-                name: {
-                    "capabilities": capabilities_to_json(c),
-                    "state": "RUNNING",
-                    "arcs_ms": migration.declared_arcs_ms(name),
-                    "rate_bytes_s": migration.declared_rate_bytes_s(name),
-                }
-                for name, c in caps.items()
-            },
-        )
-
-    async def _serve(
-        self,
-        migration: IncomingMigration,
-        channel: DestinationChannel | None,
-        first: p.Step | None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            await migration.run(channel, first, task_status=task_status)
-        except Exception as exc:
-            # A bug: end it as failed (an operator is needed), its devices freed,
-            # rather than leave a migration no message can reach any more.
-            log.exception("incoming.crashed", migration=migration.id)
-            with trio.CancelScope(shield=True):
-                await migration.end_failed(f"{type(exc).__name__}: {exc}")
-        finally:
-            if self.listener is not None:
-                self.listener.forget(migration.id)
-            if migration.journaled:
-                # Status and messages are answered from the journal now.
-                self.migrations.pop(migration.id, None)
-
-    async def status(self, migration_id: str) -> IncomingStatus:
-        """From memory while this daemon runs it, else from the journal."""
-        migration = self.migrations.get(migration_id)
-        if migration is not None:
-            return migration.status()
-        record = await self.journal.get(migration_id) if self.journal is not None else None
-        if record is None or record.role != "destination":
-            raise IncomingNotFound(f"no incoming migration {migration_id!r}")
-        devices: dict[str, dict[str, Any]] = {}
-        if record.report is not None:
-            for d in record.report.devices:
-                devices[d.name] = {
-                    "state": d.destination_state,
-                    "reset": d.destination_reset,
-                    "bytes": d.bytes_stopcopy,
-                    "digest": d.destination_digest,
-                    "capabilities": d.destination_capabilities,
-                }
-        return IncomingStatus(
-            id=record.id,
-            vm=record.vm,
-            phase="done" if record.outcome is not None else record.phase,
-            committed=record.committed,
-            outcome=record.outcome,
-            devices=devices,
-            report=record.report,
-        )
-
-    async def deliver(self, migration_id: str, data: dict[str, Any]) -> IncomingReplies:
-        """A message from the source over REST; the replies it made."""
-        try:
-            message = decode(data)
-        except ProtocolViolation as exc:
-            raise PlanError([Problem("body", str(exc))]) from None
-        if message.FROM != "source" or isinstance(message, p.DecisionAnswer):
-            # A decision answer only ever comes as the reply to this daemon's own
-            # question; an operator decides with settle, which asks the source first.
-            raise PlanError(
-                [Problem("body.op", f"{message.OP!r} is not a message the source sends here")]
-            )
-        replies: list[p.Message] = []
-        migration = self.migrations.get(migration_id)
-        if migration is not None:
-            migration.require_serving()
-            migration.handle(message, replies)
-            return IncomingReplies(status=migration.status(), replies=[encode(r) for r in replies])
-        # Ended (and journaled): a machine restarted from the record answers.
-        status = await self.status(migration_id)
-        machine, _ = p.DestinationMachine.restarted(
-            voted=True, committed=status.committed, outcome=status.outcome
-        )
-        step = machine.handle(message)
-        for action in step.actions:
-            if isinstance(action, p.Send):
-                replies.append(action.message)
-        if step.verdict == "refused":
-            replies.append(p.Refused(message.OP, step.reason))
-        return IncomingReplies(status=status, replies=[encode(r) for r in replies])
-
-    async def settle(self, migration_id: str, decision: str, *, force: bool) -> IncomingStatus:
-        """An operator decides for a migration in doubt here (voted, no decision, the
-        source out of reach).  Refused (409) while the source can still be asked,
-        unless ``force``: its own answer is the one that counts."""
-        migration = self.migrations.get(migration_id)
-        if migration is None or migration.machine.state is not p.DestinationState.IN_DOUBT:
-            await self.status(migration_id)  # IncomingNotFound if unknown
-            raise IncomingConflict(
-                f"migration {migration_id!r} is not in doubt here: nothing to settle"
-            )
-        if not force:
-            answer = await migration.ask_once()
-            if answer is not None:
-                raise IncomingConflict(
-                    f"the source daemon answers ({answer.OP}): migration {migration_id!r} "
-                    "settles by itself (settle --force to overrule it)"
-                )
-        migration.require_serving()
-        migration.log.warning("incoming.settled", decision=decision, force=force)
-        verdict: Literal["commit", "abort"] = "commit" if decision == "commit" else "abort"
-        migration.handle(p.DecisionAnswer(verdict))
-        return migration.status()
-
-    async def _recover_all(self) -> None:
-        if self.journal is None:
-            return
-        for record in await self.journal.unfinished():
-            if record.role == "destination":
-                await self._recover_one(record)
-
-    async def _recover_one(self, record: Any) -> None:
-        """A migration this daemon received when it died: the machine restarts from the
-        journal (complete if the commit is recorded, ask the source if it voted, ask
-        for the outcome if its devices were reset already, else roll back) and its
-        first steps run in the background: readiness never waits on the source."""
-        resolved = resolve(record.plan, self.backends)
-        keys = resolved.device_keys()
-        reset = record.phase == Phase.ROLLBACK.value and not record.committed
-        machine, restart = p.DestinationMachine.restarted(
-            voted=record.phase == Phase.DESTINATION_GRACE.value or record.committed,
-            committed=record.committed,
-            outcome=None,
-            reset=reset,
-        )
-        if not reset:
-            self._lock(keys, record.id)
-        migration = IncomingMigration(
-            resolved,
-            record.id,
-            self.journal,
-            record.peer,
-            release=(lambda: None) if reset else (lambda: self._unlock(keys, record.id)),
-        )
-        migration.machine = machine
-        self.migrations[record.id] = migration
-        log.warning("incoming.recover", migration=record.id, state=machine.state.value)
-        first: p.Step | None = restart
-        if not reset:
-            try:
-                with trio.fail_after(record.plan.timeouts.rollback_s):
-                    await migration.recover()
-            except (ProtocolViolation, trio.TooSlowError, DeviceFailure) as exc:
-                # Its devices cannot be driven: they stay locked, the record
-                # unfinished, for an operator (``orchestrator settle``).
-                log.warning(
-                    "incoming.recover_failed",
-                    migration=record.id,
-                    error=str(exc),
-                    hint="settle it once its devices answer: orchestrator settle --force",
-                )
-                first = None
-        assert self._nursery is not None
-        await self._nursery.start(self._serve, migration, None, first)
