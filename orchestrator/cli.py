@@ -480,9 +480,10 @@ def _add_daemon_commands(sub: Any) -> None:
         "switchover",
         "force the switchover of a migration in pre-copy, now",
         "As virsh migrate --force-complete: the pre-copy round in flight ends and the "
-        "migration switches over, whether it converged or not (follow it with watch).  "
-        "Asked again while it goes on, the same answer; refused after a pre-copy "
-        "decision it did not force.",
+        "migration switches over, whether it converged or not (follow it with watch); "
+        "with downtime_policy strict, a window predicted over the limit rolls back "
+        "instead of pausing the VM past it.  Asked again while it goes on, the same "
+        "answer; refused after a pre-copy decision it did not force.",
     )
 
     settle = sub.add_parser(

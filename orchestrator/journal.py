@@ -137,6 +137,8 @@ ArcKey = tuple[str, str, str, str]
 ArcSample = tuple[str, str, str, str, float]
 #: The history's running mean weighs about the last this many samples.
 HISTORY_WEIGHT: Final = 20
+#: An arc's history counts once it holds this many samples.
+HISTORY_MIN_SAMPLES: Final = 3
 
 #: The database file's name inside the state directory.
 FILENAME: Final = "journal.sqlite3"
@@ -406,7 +408,8 @@ class Journal:
 
     async def arc_history(self, models: Iterable[str]) -> dict[ArcKey, float]:
         """What the history holds for these device models: (model, side, from, to) ->
-        mean seconds."""
+        mean seconds, for the arcs seen at least ``HISTORY_MIN_SAMPLES`` times (one
+        slow first arc must not speak for a model)."""
         wanted = sorted(set(models))
         if not wanted:
             return {}
@@ -415,8 +418,8 @@ class Journal:
             marks = ", ".join("?" * len(wanted))
             rows = db.execute(
                 "SELECT model, side, from_state, to_state, mean_s FROM arc_history "
-                f"WHERE model IN ({marks})",
-                wanted,
+                f"WHERE count >= ? AND model IN ({marks})",
+                [HISTORY_MIN_SAMPLES, *wanted],
             ).fetchall()
             return {(m, side, a, b): float(mean) for m, side, a, b, mean in rows}
 

@@ -81,12 +81,12 @@ VMM_ACTIONS: Final = (
 #: The ``ErrorInfo.kind`` of a failure the runner pins on a VMM.
 VMM_ERROR_KINDS: Final = ("vmm_error", "vmm_timeout", "vmm_state")
 
-#: A passthrough device is paused for milliseconds when things go well and
-#: for tens of seconds when they do not; 30 s is a downtime no plan allows.
 #: Measured over predicted downtime: a model within 10 % lands in 0.9-1.1.
 PREDICTION_BUCKETS: Final = (
     0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 5.0,
 )  # fmt: skip
+#: A passthrough device is paused for milliseconds when things go well and
+#: for tens of seconds when they do not; 30 s is a downtime no plan allows.
 DOWNTIME_BUCKETS: Final = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
     1.0, 2.0, 5.0, 10.0, 20.0, 30.0,

@@ -43,7 +43,13 @@ DowntimeLimitMs = Annotated[
     ),
 ]
 BandwidthLimitMibS = Annotated[
-    float, Field(gt=0, description="Cap on the device-state data channel, in MiB/s.")
+    float,
+    Field(
+        gt=0,
+        le=1_048_576,
+        allow_inf_nan=False,
+        description="Cap on the device-state data channel, in MiB/s (at most 1 TiB/s).",
+    ),
 ]
 
 #: The longest path a Unix socket address holds (``sun_path`` less its NUL).

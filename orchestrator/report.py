@@ -34,7 +34,10 @@ class ErrorInfo(BaseModel):
         description=(
             "device_error, device_timeout, peer_error, plan_error, device_state (a device "
             "not RUNNING at the start), vmm_error, vmm_timeout, vmm_state (a VMM's vCPUs not "
-            "where a migration starts), precopy_not_converged, phase_timeout, journal_error, "
+            "where a migration starts), precopy_not_converged, downtime_unreachable (the "
+            "window cannot fit the limit even with nothing to send: refused before any "
+            "change), downtime_budget (a strict budget rolled back before the limit passed), "
+            "phase_timeout, journal_error, "
             "cancelled, interrupted (the orchestrator stopped; rolled back on restart), "
             "recovery_failed or internal_error"
         )

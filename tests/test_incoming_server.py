@@ -48,3 +48,15 @@ async def test_an_operator_settle_during_recovery_is_refused_too() -> None:
     with pytest.raises(IncomingNotServing):
         await registry.settle("m1", "abort", force=True)
     assert migration.machine.state is p.DestinationState.IN_DOUBT
+
+
+async def test_an_ended_migration_whose_record_was_not_journaled_still_answers() -> None:
+    # The journal refused its outcome: the migration stays in memory, ended.  The
+    # source's repeated commit must get how it ended, not "ask again" forever.
+    registry, migration = registry_with_one_being_recovered()
+    migration.machine, _ = p.DestinationMachine.restarted(
+        voted=True, committed=True, outcome="succeeded"
+    )
+    migration.done.set()
+    answer = await registry.deliver("m1", encode(p.Commit()))
+    assert [r["op"] for r in answer.replies] == ["completed"], answer.replies

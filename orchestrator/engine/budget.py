@@ -140,6 +140,9 @@ class DowntimeBudget:
 
     def check(self, step: str, flow: MigrationFlow) -> None:
         """Before ``step``: record the check; under strict, roll back if it fails."""
+        if self.blown is not None:
+            # The watchdog rolled back already: no step goes on, the commit least of all.
+            raise MigrationAborted("the strict downtime budget is blown")
         if not self._armed or self.forecast is None:
             return
         check = self._measure(step, flow)

@@ -40,9 +40,10 @@ class LiveControl:
 
     def apply(self, control: Control) -> None:
         """Put ``control`` in force."""
-        before, self.state = self.state, control
         rate = control.bandwidth_limit_mib_s
-        if rate != before.bandwidth_limit_mib_s:
+        if rate != self.state.bandwidth_limit_mib_s:
+            # The limiter first: a rate it refuses leaves the limits as they were.
             self._limiter.set_rate(None if rate is None else rate * MIB)
+        self.state = control
         if control.switchover_forced and self._cut is not None:
             self._cut.set()

@@ -290,9 +290,15 @@ class DeviceDriver:
         """An arc in flight when the forward path was cancelled may or may not have
         happened: ask the devices where they stand."""
         flow = self._flow()
-        for (side, name), e in list(flow.endpoints.items()):
-            if e.pending is not None and (side, name) in self.devices:
-                flow.arc_failed(side, name, await self.probe(side, name))
+
+        async def settle(side: Side, name: str) -> None:
+            flow.arc_failed(side, name, await self.probe(side, name))
+
+        # Side by side: a rollback's pause waits for the slowest probe, not their sum.
+        async with trio.open_nursery() as nursery:
+            for (side, name), e in list(flow.endpoints.items()):
+                if e.pending is not None and (side, name) in self.devices:
+                    nursery.start_soon(settle, side, name)
 
     async def reset(self, side: Side, name: str) -> ErrorInfo | None:
         """Reset a device (its state is lost, it reads RUNNING); the failure, if any.

@@ -432,8 +432,10 @@ class Migration:
                 await self._for_each_device(self._require_running)
         except trio.TooSlowError:
             raise self.ctx.abort("phase_timeout", f"prepare took over {timeout:g} s") from None
-        await self._load_history()
+        # What is known before any change (declared arcs, the commit): a history
+        # figure does not refuse, since a refused migration never corrects it.
         self._check_reachable()
+        await self._load_history()
         try:
             with trio.fail_after(timeout):
                 await self.destination.begin()
@@ -619,7 +621,10 @@ class Migration:
     async def _decide_commit(self) -> None:
         assert self.flow is not None
         self.budget.check("commit", self.flow)
-        # The commit point: from here the migration completes whatever the clock says.
+        # A watchdog that fired in the same batch has cancelled us: let it land
+        # before the commit point, from which the migration completes whatever
+        # the clock says.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self.budget.disarm()
         self._enter(Phase.COMMIT)
         if not self.destination.deciding():

@@ -215,8 +215,11 @@ class IncomingRegistry:
         replies: list[p.Message] = []
         migration = self.migrations.get(migration_id)
         if migration is not None:
-            migration.require_serving()
-            migration.handle(message, replies)
+            if migration.done.is_set():
+                migration.answer_after_end(message, replies)
+            else:
+                migration.require_serving()
+                migration.handle(message, replies)
             return IncomingReplies(status=migration.status(), replies=[encode(r) for r in replies])
         # Ended (and journaled): a machine restarted from the record answers.
         status = await self.status(migration_id)

@@ -344,13 +344,25 @@ class IncomingMigration:
     # -- the machine -------------------------------------------------------------------------
 
     def require_serving(self) -> None:
-        """Refuse (503) an outside message while no task carries out the machine's steps."""
-        if self._nursery is None or self.done.is_set():
+        """Refuse (503) an outside message while no task carries out the machine's
+        steps: a migration being recovered (or ending after a crash of its own)."""
+        if self._nursery is None and not self.done.is_set():
             raise IncomingNotServing(
                 f"incoming migration {self.id!r} is "
-                + ("ending" if self.done.is_set() or self.report else "being recovered")
+                + ("ending" if self.report else "being recovered")
                 + ": ask again shortly"
             )
+
+    def answer_after_end(self, event: p.Message, replies: list[p.Message]) -> None:
+        """A message once this migration ended (its record maybe not journaled):
+        the finished machine answers it (a repeated commit: how it ended), and
+        nothing is carried out any more."""
+        step = self.machine.handle(event)
+        if step.verdict == "refused":
+            replies.append(p.Refused(event.OP, step.reason))
+        for action in step.actions:
+            if isinstance(action, p.Send | p.Reply):
+                replies.append(action.message)
 
     def handle(self, event: p.Event, replies: list[p.Message] | None = None) -> p.Step:
         """Feed one event; carry out what the machine says."""
