@@ -423,3 +423,28 @@ async def test_the_source_daemon_takes_live_control_and_the_destination_refers_t
         assert far_status["outcome"] == "succeeded"
         for device in report["devices"]:
             assert far_status["devices"][device["name"]]["digest"] == device["source_digest"]
+
+
+async def test_the_destination_answers_with_its_hosts_history_labelled_so(
+    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Devices that declare nothing (as VFIO's): after three migrations the
+    # destination daemon's own history gives the source its post-load arcs.
+    from orchestrator.backends.simulated import SimulatedDevice
+
+    monkeypatch.setattr(SimulatedDevice, "declared_arc_s", lambda self, a, b: None)
+    monkeypatch.setattr(SimulatedDevice, "model_key", lambda self: "simulated/test-model")
+    async with two_hosts(short_dir, token_file) as (a, b):
+        reports = []
+        for i in range(4):
+            plan = cross_plan(b, token_file, f"gpu{i}", state_mib=0.0625)
+            plan["devices"][0]["destination"] = {"transition_ms": 5}
+            plan["downtime_limit_ms"] = 5000
+            status = await submit(a, plan)
+            assert status["outcome"] == "succeeded", status["report"]
+            reports.append(status["report"])
+    first = reports[0]["precopy"]["forecast"]["devices"]["gpu0"]
+    last = reports[3]["precopy"]["forecast"]["devices"]["gpu3"]
+    assert first["run_arcs"]["source"] != "history"
+    assert last["run_arcs"]["source"] == "history"
+    assert last["run_arcs"]["ms"] >= 5.0

@@ -91,6 +91,10 @@ class Destination(abc.ABC):
         """How fast a destination device loads its stream, where its backend declares it."""
         return None
 
+    def history_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
+        """A destination device's arc as its host's history has it (another host's)."""
+        return None
+
     #: How the destination said it ended after the commit, where it says so itself
     #: (another host's daemon, the authority then): the migration's outcome.
     completed_outcome: Outcome | None = None

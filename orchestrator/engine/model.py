@@ -173,6 +173,10 @@ class DowntimeModel:
             declared = None
         if declared is not None:
             return Figure.of(declared, "declared")
+        if device is None and side is D and self.destination is not None:
+            past_there = self.destination.history_arc_s(name, source, target)
+            if past_there is not None:
+                return Figure.of(past_there, "history")
         model = device.model_key() if device is not None else None
         if model is not None:
             past = self.history.get((model, side.value, source.name, target.name))

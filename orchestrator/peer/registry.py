@@ -142,7 +142,8 @@ class IncomingRegistry:
                 name: {
                     "capabilities": capabilities_to_json(c),
                     "state": "RUNNING",
-                    "arcs_ms": migration.declared_arcs_ms(name),
+                    "arcs_ms": migration.arcs_ms(name),
+                    "history_arcs_ms": migration.arcs_ms(name, history=True),
                     "rate_bytes_s": migration.declared_rate_bytes_s(name),
                 }
                 for name, c in caps.items()

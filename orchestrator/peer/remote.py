@@ -74,10 +74,13 @@ def capabilities_from_json(data: Mapping[str, Any]) -> Capabilities:
 QUIET_S = 2.0
 
 
-def _arc(text: str) -> tuple[DeviceState, DeviceState]:
-    """``"FROM->TO"`` as states (KeyError or ValueError if it names none)."""
-    source, target = text.split("->")
-    return DeviceState[source], DeviceState[target]
+def _arcs(figures: Mapping[str, Any] | None) -> dict[tuple[DeviceState, DeviceState], float]:
+    """``{"FROM->TO": ms}`` as states and seconds (KeyError or ValueError if malformed)."""
+    out = {}
+    for text, ms in (figures or {}).items():
+        source, target = text.split("->")
+        out[(DeviceState[source], DeviceState[target])] = float(ms) / 1000
+    return out
 
 
 def destination_token(spec: RemoteDestinationSpec) -> str:
@@ -163,6 +166,7 @@ class RemoteDestination(Destination):
         self._secret: bytes | None = None
         #: Per device, the arcs its backend declares, from the prepare answer.
         self._declared_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
+        self._history_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
         self._declared_rates: dict[str, float] = {}
         self._token: str | None = None
         self.version: int | None = None
@@ -274,10 +278,10 @@ class RemoteDestination(Destination):
                 for name, info in body["devices"].items()
             }
             self._declared_arcs = {
-                name: {
-                    _arc(arc): float(ms) / 1000 for arc, ms in (info.get("arcs_ms") or {}).items()
-                }
-                for name, info in body["devices"].items()
+                name: _arcs(info.get("arcs_ms")) for name, info in body["devices"].items()
+            }
+            self._history_arcs = {
+                name: _arcs(info.get("history_arcs_ms")) for name, info in body["devices"].items()
             }
             self._declared_rates = {
                 name: float(info["rate_bytes_s"])
@@ -300,6 +304,9 @@ class RemoteDestination(Destination):
 
     def declared_rate_bytes_s(self, name: str) -> float | None:
         return self._declared_rates.get(name)
+
+    def history_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
+        return self._history_arcs.get(name, {}).get((source, target))
 
     async def _recovered_capabilities(self) -> dict[str, Capabilities]:
         """After this daemon restarted: nothing asked of the destination (readiness

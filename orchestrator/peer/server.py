@@ -178,8 +178,9 @@ class IncomingMigration:
             except Exception as exc:
                 self.log.warning("incoming.history_not_recorded", error=str(exc))
 
-    def declared_arcs_ms(self, name: str) -> dict[str, float]:
-        """The arcs after the load, as this device's backend declares them (the
+    def arcs_ms(self, name: str, *, history: bool = False) -> dict[str, float]:
+        """The arcs after the load, as this device's backend declares them, or
+        (``history``) as this host's history has those its backend does not (the
         source's downtime model has no other figure for arcs not yet walked)."""
         device = self.driver.devices.get((DESTINATION, name))
         if device is None:
@@ -188,8 +189,9 @@ class IncomingMigration:
         model = device.model_key()
         for source, target in POST_LOAD_ARCS:
             seconds = device.declared_arc_s(source, target)
-            if seconds is None and model is not None:
-                # Declared by nobody: as this host's history has it.
+            if history:
+                if seconds is not None or model is None:
+                    continue
                 seconds = self._history.get((model, "destination", source.name, target.name))
             if seconds is not None:
                 figures[f"{source.name}->{target.name}"] = round(seconds * 1000, 3)
