@@ -601,8 +601,14 @@ class MigrationService:
     async def _hold_during_downtime(self) -> None:
         """Wait until no migration is inside its downtime window, or ``TRACE_HOLD_MAX_S``."""
         with trio.move_on_after(TRACE_HOLD_MAX_S):
-            for entry in list(self._entries.values()):
-                await entry.migration.downtime_window_closed()
+            while True:
+                for entry in list(self._entries.values()):
+                    await entry.migration.downtime_window_closed()
+                # Each wait is a checkpoint, in which another migration's window
+                # may have opened (its first events already queued): the writer
+                # takes the queue only once none is open, with no await between.
+                if not any(e.migration.in_downtime_window for e in self._entries.values()):
+                    return
 
     async def _write_in_order_or_log(
         self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
