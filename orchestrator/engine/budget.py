@@ -67,6 +67,11 @@ STEPS = {
 
 S = Side.SOURCE
 
+#: The watchdog wakes this much before its cutoff: a timer here fires up to a
+#: millisecond late (epoll waits round up to whole milliseconds), and a loaded
+#: event loop takes another to run the task it wakes.
+WATCHDOG_EARLY_S = 0.002
+
 
 @dataclass(frozen=True)
 class BudgetCheck:
@@ -213,7 +218,8 @@ class DowntimeBudget:
     def _rearm(self, flow: MigrationFlow, step: str) -> None:
         """The watchdog's cutoff: the limit less a rollback from after ``step``."""
         limit = self._limit_ms()
-        self._cutoff = (limit - self._rollback_ms(flow, after=STEPS.get(step, "commit"))) / 1000
+        rollback = self._rollback_ms(flow, after=STEPS.get(step, "commit"))
+        self._cutoff = (limit - rollback) / 1000 - WATCHDOG_EARLY_S
         self._moved.set()
 
     def _start_or_now(self) -> float:
