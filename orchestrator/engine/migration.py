@@ -762,13 +762,19 @@ class Migration:
         with trio.move_on_after(deadline) as scope:
             await self.driver.settle_pending()
             plan = flow.rollback_plan()
-            async with trio.open_nursery() as nursery:
-                # The destination resets beside the source's return: nothing
-                # there runs before a commit, so neither waits for the other.
-                nursery.start_soon(self._roll_back_destination, cause or "rolled back")
-                vcpus = self.vcpus if self._vcpus_paused else None
+            vcpus = self.vcpus if self._vcpus_paused else None
+            if self.destination.on_this_host:
+                # One thread drives both: the sources' return first, so that the
+                # VM's pause does not wait for the destinations' resets (nothing
+                # there runs before a commit, so the resets can wait).
                 await self.source.roll_back(plan, vcpus)
-                self._settled_here(early=True)
+                await self._roll_back_destination(cause or "rolled back")
+            else:
+                async with trio.open_nursery() as nursery:
+                    # Another host resets its devices beside the sources' return.
+                    nursery.start_soon(self._roll_back_destination, cause or "rolled back")
+                    await self.source.roll_back(plan, vcpus)
+                    self._settled_here(early=True)
         if scope.cancelled_caught:
             self._rollback_errors.append(
                 ErrorInfo(
