@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from orchestrator.engine.devices import DeviceDriver, DeviceFailure, VmmFailure
+from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import each_to_its_end
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError
@@ -351,16 +351,9 @@ class DestinationEngine:
         stuck = [
             n for n in self.names if flow.endpoint(DESTINATION, n).state is not DeviceState.RUNNING
         ]
-        if stuck:
-            message = f"destination vCPUs left paused: device(s) {', '.join(stuck)} not RUNNING"
-            completion.errors.append(
-                self.ctx.info("vmm_error", message, side=DESTINATION, operation="resume")
-            )
-            return
-        try:
-            await self.vcpus.call("resume", record="resume")
-        except VmmFailure as failure:
-            completion.errors.append(failure.info)
+        failed = await self.vcpus.resume_once_running(stuck, record="resume")
+        if failed is not None:
+            completion.errors.append(failed)
 
     async def roll_back(self) -> list[ErrorInfo]:
         """Reset every device the migration moved (or that is not RUNNING)."""

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from orchestrator.engine.destination import Destination
-from orchestrator.engine.devices import DeviceDriver, DeviceFailure, VmmFailure
+from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import Switchover
 from orchestrator.engine.recorder import Recorder
 from orchestrator.engine.vcpus import Vcpus
@@ -211,18 +211,9 @@ class SourceHalf:
                     nursery.start_soon(self._final, step.name, step.final)
         if vcpus is not None:
             stuck = [e.name for e in flow.side(SOURCE) if e.state is not DeviceState.RUNNING]
-            if stuck:
-                message = f"source vCPUs left paused: device(s) {', '.join(stuck)} not RUNNING"
-                self.rollback_errors.append(
-                    self.ctx.info("vmm_error", message, side=SOURCE, operation="resume")
-                )
-                return
-            # The devices first, as the destination does: the guest finds
-            # them running when its vCPUs do.
-            try:
-                await vcpus.call("resume", record="source_resume")
-            except VmmFailure as failure:
-                self.rollback_errors.append(failure.info)
+            failed = await vcpus.resume_once_running(stuck, record="source_resume")
+            if failed is not None:
+                self.rollback_errors.append(failed)
 
     async def _quiesce(
         self, name: str, reset: bool, quiesce: DeviceState | None, broken: list[str]

@@ -13,6 +13,7 @@ import trio
 
 from orchestrator.engine.devices import EngineContext, VmmFailure
 from orchestrator.plan import VmmEndpoint
+from orchestrator.report import ErrorInfo
 from orchestrator.states import Side
 from orchestrator.vmm import VcpuStatus, Vmm, VmmError, VmmTimeout, open_vmm
 
@@ -69,6 +70,22 @@ class Vcpus:
         info = self.ctx.keep(self.ctx.info(kind, message, side=self.side, operation=action))
         self.ctx.log.warning("vmm.failure", **info.model_dump(exclude_none=True))
         raise VmmFailure(info)
+
+    async def resume_once_running(self, stuck: list[str], record: str) -> ErrorInfo | None:
+        """Resume the vCPUs once every device of this side runs: the devices first,
+        so that the guest finds them running when its vCPUs do.  ``stuck`` names
+        the devices that do not run (the vCPUs then stay paused: a guest must not
+        run beside a device that cannot).  What failed, if anything."""
+        if stuck:
+            message = (
+                f"{self.side.value} vCPUs left paused: device(s) {', '.join(stuck)} not RUNNING"
+            )
+            return self.ctx.info("vmm_error", message, side=self.side, operation="resume")
+        try:
+            await self.call("resume", record=record)
+        except VmmFailure as failure:
+            return failure.info
+        return None
 
     async def require_ready(self) -> None:
         """Refuse, before any change, vCPUs that are not where a migration starts:
