@@ -316,6 +316,22 @@ class DeviceDriver:
         self.ctx.log.info("device.reset", device=name, side=side.value, **{"from": before.name})
         return None
 
+    def arc_samples(self) -> list[tuple[str, str, str, str, float]]:
+        """Every arc this driver's devices took, as the host's arc history keeps
+        them: (model, side, from, to, seconds), for the devices that have a model."""
+        samples = []
+        for event in self.ctx.trace.events:
+            if event.kind != "arc_end" or event.side is None or event.device is None:
+                continue
+            device = self.devices.get((event.side, event.device))
+            model = device.model_key() if device is not None else None
+            if model is not None and event.from_state is not None and event.to_state is not None:
+                seconds = float(event.detail.get("duration_s", 0.0))
+                samples.append(
+                    (model, event.side.value, event.from_state.name, event.to_state.name, seconds)
+                )
+        return samples
+
     def needs_reset(self, side: Side, name: str) -> bool:
         return self._flow().endpoint(side, name).state is DeviceState.ERROR
 

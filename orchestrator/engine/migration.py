@@ -520,7 +520,7 @@ class Migration:
         journal = self.journal
         if isinstance(journal, ArcHistory):
             try:
-                await journal.record_arcs(self.model.samples())
+                await journal.record_arcs(self.driver.arc_samples())
             except Exception as exc:
                 self.log.warning("migration.history_not_recorded", error=str(exc))
 

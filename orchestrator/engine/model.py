@@ -262,16 +262,6 @@ class DowntimeModel:
         keys = (device.model_key() for device in self.driver.devices.values())
         return {key for key in keys if key is not None}
 
-    def samples(self) -> list[tuple[str, str, str, str, float]]:
-        """The arcs this migration measured on this host's devices, for the history."""
-        out = []
-        for (side, name, source, target), seconds in self._arcs.items():
-            device = self.driver.devices.get((side, name))
-            model = device.model_key() if device is not None else None
-            if model is not None:
-                out.append((model, side.value, source.name, target.name, seconds))
-        return out
-
     def overhead_s(self, devices: int) -> float:
         """The orchestrator's own work inside the window for ``devices`` devices."""
         per = OVERHEAD_PER_DEVICE_S + (REMOTE_OVERHEAD_PER_DEVICE_S if self.remote else 0.0)

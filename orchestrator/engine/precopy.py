@@ -76,7 +76,8 @@ class PrecopyRounds:
         precopy.rounds += 1
         # What crossed, not what was handed over: on a deep link queue the kernel
         # holds megabytes that a flushed round has "sent" and not delivered.
-        delivered = max(0, recorder.precopy_bytes - self.destination.in_flight_bytes())
+        in_flight = self.destination.in_flight_bytes()
+        delivered = max(0, recorder.precopy_bytes - in_flight)
         # Rounds that took no time the clock can tell (a virtual clock, a device
         # drained at once) moved their bytes in a microsecond at most.
         busy = max(recorder.precopy_busy_s, 1e-6) if delivered else recorder.precopy_busy_s
@@ -96,7 +97,6 @@ class PrecopyRounds:
                 rates[name] = r.dirty_bytes / own
         # Between hosts the switchover waits for the destination to load what is
         # still in flight (its acknowledgement): the devices dirty meanwhile.
-        in_flight = self.destination.in_flight_bytes()
         ack_s = in_flight / measured if measured > 0 else 0.0
         waited = {name: now - at + ack_s for name, at in reported_at.items()}
         forecast = self.model.forecast(self.flow, reports, measured, rates, waited)

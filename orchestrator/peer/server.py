@@ -161,17 +161,7 @@ class IncomingMigration:
 
     async def _record_history(self) -> None:
         """The arcs this host's devices took, into its history."""
-        samples = []
-        for event in self.ctx.trace.events:
-            if event.kind != "arc_end" or event.device is None:
-                continue
-            device = self.driver.devices.get((DESTINATION, event.device))
-            model = device.model_key() if device is not None else None
-            if model is not None and event.from_state is not None and event.to_state is not None:
-                seconds = float(event.detail.get("duration_s", 0.0))
-                samples.append(
-                    (model, "destination", event.from_state.name, event.to_state.name, seconds)
-                )
+        samples = self.driver.arc_samples()
         if samples and hasattr(self.journal, "record_arcs"):
             try:
                 await self.journal.record_arcs(samples)
