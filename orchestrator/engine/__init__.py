@@ -23,13 +23,14 @@ from orchestrator.engine.devices import (
     MigrationAborted,
     VmmFailure,
 )
-from orchestrator.engine.migration import NO_CANCEL_PHASES, CommitJournal, Migration
+from orchestrator.engine.migration import NO_CANCEL_PHASES, ArcHistory, CommitJournal, Migration
 from orchestrator.engine.recorder import DOWNTIME_WINDOW
 from orchestrator.engine.trace import Observer, Trace, TraceEvent
 
 __all__ = [
     "DOWNTIME_WINDOW",
     "NO_CANCEL_PHASES",
+    "ArcHistory",
     "CommitJournal",
     "Completion",
     "Destination",

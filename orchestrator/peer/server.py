@@ -40,6 +40,7 @@ import structlog
 import trio
 
 from orchestrator.engine import (
+    ArcHistory,
     DestinationEngine,
     DeviceDriver,
     DeviceFailure,
@@ -153,7 +154,7 @@ class IncomingMigration:
         """This host's arc history for its devices' models: the figures of the
         prepare answer where a backend declares none."""
         models = {m for d in self.driver.devices.values() if (m := d.model_key()) is not None}
-        if models and hasattr(self.journal, "arc_history"):
+        if models and isinstance(self.journal, ArcHistory):
             try:
                 self._history = await self.journal.arc_history(models)
             except Exception as exc:  # a figure less, never a failed migration
@@ -162,7 +163,7 @@ class IncomingMigration:
     async def _record_history(self) -> None:
         """The arcs this host's devices took, into its history."""
         samples = self.driver.arc_samples()
-        if samples and hasattr(self.journal, "record_arcs"):
+        if samples and isinstance(self.journal, ArcHistory):
             try:
                 await self.journal.record_arcs(samples)
             except Exception as exc:
