@@ -239,7 +239,10 @@ class MigrationReport(BaseModel):
         description="The downtime budget's checks before each step of the switchover until "
         "the commit point: policy, limit_ms, checks (step, elapsed_ms, forward_ms, "
         "fallback_ms, fits), blown_at (the step, or watchdog, that made a strict budget roll "
-        "back), over_ms, and pause_ms (the pause the VM saw).",
+        "back), over_ms, pause_ms (the pause the VM saw) and destination_share (between hosts, "
+        "the destination's share: left_ms until its vote, settle_ms).  A destination daemon's "
+        "own report holds that share and its checks (step, device, elapsed_ms, need_ms, fits), "
+        "durations on its clock from the share's receipt.",
     )
     control: Control | None = Field(
         None,

@@ -171,7 +171,7 @@ async def test_a_destination_of_another_protocol_version_refuses_before_anything
         assert status["outcome"] == "refused", status["report"]
         error = status["report"]["error"]
         assert "no common protocol version" in error["message"], error
-        assert "source speaks 1, this daemon 7 to 8" in error["message"], error
+        assert "source speaks 1 to 2, this daemon 7 to 8" in error["message"], error
         assert [d["source_state"] for d in status["report"]["devices"]] == ["RUNNING"]
         # Nothing was prepared there: its devices are free, its journal empty.
         assert b.journal_rows(status["id"]) == []
@@ -338,6 +338,48 @@ async def test_a_strict_budget_rolls_back_both_hosts_before_the_limit_passes(
         far = await incoming(b, status["id"])
         assert far["outcome"] == "rolled_back", far
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+
+
+async def test_the_destination_takes_its_share_of_a_strict_budget_as_durations(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        # The share goes out as the source barrier releases; the stop arcs (20 ms)
+        # come before any stream can end, so it is there before the first settle.
+        plan = cross_plan(b, token_file, "gpu0", "gpu1", state_mib=0.0625, transition_ms=20)
+        plan["downtime_limit_ms"] = 5000
+        plan["downtime_policy"] = "strict"
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        share = report["budget"]["destination_share"]
+        assert share is not None and 0 < share["left_ms"] < 5000
+        far = await incoming(b, status["id"])
+        # What the destination took: the same durations, and a check before each
+        # device's settle and before its vote, on its own clock from the receipt.
+        taken = far["report"]["budget"]
+        assert taken["left_ms"] == share["left_ms"], (taken, share)
+        steps = sorted((c["step"], c["device"]) for c in taken["checks"])
+        assert steps == [("settle_arcs", "gpu0"), ("settle_arcs", "gpu1"), ("vote", None)], taken
+        assert all(c["fits"] and 0 <= c["elapsed_ms"] < 5000 for c in taken["checks"])
+
+
+async def test_a_destination_of_protocol_1_gets_no_share_and_still_migrates(
+    short_dir: Path, token_file: Path, monkeypatch: Any
+) -> None:
+    # A fleet mid-upgrade: a destination that knows no ``Budget`` is never sent one.
+    from orchestrator.peer import registry
+
+    async with two_hosts(short_dir, token_file) as (a, b):
+        monkeypatch.setattr(registry, "PROTOCOL_VERSIONS", (1,))
+        plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625)
+        plan["downtime_limit_ms"] = 5000
+        plan["downtime_policy"] = "strict"
+        status = await submit(a, plan)
+        assert status["outcome"] == "succeeded", status["report"]
+        assert status["report"]["budget"]["destination_share"] is None
+        far = await incoming(b, status["id"])
+        assert far["report"]["budget"] is None
 
 
 async def test_the_destinations_declared_arcs_reach_the_sources_forecast(

@@ -11,8 +11,15 @@ from typing import Any
 
 import pytest
 
-from orchestrator.engine import Migration
+from orchestrator.engine import (
+    Destination,
+    DeviceDriver,
+    LocalDestination,
+    Migration,
+    Share,
+)
 from orchestrator.report import MigrationReport
+from orchestrator.transport import RateLimiter
 from tests.helpers import make_resolved, sim_device
 from tests.invariants import check_all
 
@@ -144,3 +151,81 @@ async def test_the_window_is_reported_predicted_against_measured(autojump_clock:
     device = window["devices"]["gpu0"]
     assert device["stop_arcs"]["measured_ms"] == pytest.approx(5)
     assert device["settle_arcs"]["measured_ms"] == pytest.approx(10)  # RESUMING->STOP->P2P
+
+
+# -- the destination's share, on its own clock ----------------------------------------
+
+
+class FarDestination(LocalDestination):
+    """The destination engine as another host's daemon hosts it, reached over a
+    link of ``rtt_s``: it keeps its own clock and takes the share it is granted
+    (the transport stands in for the daemon's channel; the engine is the same)."""
+
+    on_this_host = False
+
+    def __init__(self, *args: Any, rtt_s: float) -> None:
+        super().__init__(*args)
+        self.rtt_s = rtt_s
+
+    def grant(self, share: Share) -> bool:
+        self.engine.allowance.grant(share)
+        return True
+
+
+async def run_far(devices: list[dict[str, Any]], rtt_s: float, **top: Any) -> Migration:
+    resolved = make_resolved(devices, **top)
+
+    def far(driver: DeviceDriver, limiter: RateLimiter | None) -> Destination:
+        return FarDestination(resolved, driver, limiter, rtt_s=rtt_s)
+
+    m = Migration(resolved, destination=far)
+    await m.run()
+    await check_all(m)
+    return m
+
+
+async def test_the_destination_begins_no_settle_its_share_cannot_fit(autojump_clock: Any) -> None:
+    # The link's round trip comes off the destination's share: a source stop arc
+    # that overruns leaves the source's own checks passing, while the destination,
+    # which must vote that much sooner, refuses to begin gpu1's settle.
+    devices = delayed("PRE_COPY_P2P->STOP_COPY", ms=120)
+    m = await run_far(devices, rtt_s=0.15, downtime_limit_ms=2 * LIMIT_MS, downtime_policy="strict")
+    r = m.report
+    assert r is not None
+    assert r.outcome == "rolled_back", r.error
+    assert r.error is not None and r.error.kind == "downtime_budget"
+    assert "at the destination, before settle_arcs of gpu1" in r.error.message
+    assert r.budget is not None and r.budget["blown_at"] == "settle_arcs (destination)"
+    share = r.budget["destination_share"]
+    assert share is not None and share["settle_ms"] == pytest.approx(10)
+    assert [c["step"] for c in r.budget["checks"][:-1]] == ["pause", "stop_arcs"]
+    assert all(c["fits"] for c in r.budget["checks"][:-1])
+    # gpu1 never left RESUMING (its settle was not begun); gpu0 settled in time.
+    allowance = m.destination.engine.allowance  # type: ignore[attr-defined]
+    verdicts = {c["device"]: c["fits"] for c in allowance.as_report()["checks"]}
+    assert verdicts == {"gpu0": True, "gpu1": False}
+    assert {(d.source_state, d.destination_state) for d in r.devices} == {("RUNNING", "RUNNING")}
+    assert r.downtime_ms is not None and r.downtime_ms <= 2 * LIMIT_MS
+
+
+async def test_a_share_that_fits_is_granted_and_every_step_checked(autojump_clock: Any) -> None:
+    m = await run_far(gpus(2), rtt_s=0.001, downtime_limit_ms=LIMIT_MS, downtime_policy="strict")
+    r = m.report
+    assert r is not None
+    assert r.outcome == "succeeded", r.error
+    assert r.budget is not None
+    left = r.budget["destination_share"]["left_ms"]
+    allowance = m.destination.engine.allowance  # type: ignore[attr-defined]
+    report = allowance.as_report()
+    assert report["left_ms"] == left > 0
+    assert [(c["step"], c["fits"]) for c in report["checks"]] == [
+        ("settle_arcs", True),
+        ("settle_arcs", True),
+    ]
+
+
+async def test_best_effort_grants_no_share(autojump_clock: Any) -> None:
+    m = await run_far(gpus(1), rtt_s=0.001, downtime_limit_ms=LIMIT_MS)
+    assert m.report is not None and m.report.outcome == "succeeded"
+    assert m.report.budget is not None and m.report.budget["destination_share"] is None
+    assert m.destination.engine.allowance.as_report() is None  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from orchestrator.peer.protocol import (
     AllReady,
     ArcReport,
     Begin,
+    Budget,
     Commit,
     CommitRecorded,
     CommitRecordFailed,
@@ -41,6 +42,7 @@ from orchestrator.peer.protocol import (
     Loaded,
     LoadFailed,
     LocalFailure,
+    OverBudget,
     PrepareAnswered,
     RecordOutcome,
     Refused,
@@ -88,6 +90,8 @@ SAMPLES: dict[type, Any] = {
     DevicesReset: DevicesReset(),
     Begin: Begin(),
     InitialSent: InitialSent("gpu0", 1 << 20),
+    Budget: Budget(0.05, 0.01),
+    OverBudget: OverBudget("settle_arcs", 0.045, 0.01, 0.05, "gpu0"),
     Commit: Commit(),
     Abort: Abort("a device failed"),
     FinalOutcome: FinalOutcome("rolled_back"),
@@ -135,6 +139,37 @@ def test_a_refusal_from_the_peer_is_never_answered() -> None:
     for machine in (SourceMachine(), DestinationMachine()):
         step = machine.handle(Refused("vote", "why"))
         assert step.verdict == "ignored" and step.actions == ()
+
+
+# -- the strict budget's share (protocol version 2) ------------------------------
+
+
+def test_the_budget_share_reaches_a_loading_destination_only() -> None:
+    share = Budget(0.05, 0.01)
+    loading = DestinationMachine(DestinationState.TRANSFER)
+    assert loading.handle(share).actions == (Deliver(share),)
+    assert DestinationMachine().handle(share).verdict == "refused"  # before the transfer
+    # Once this side votes, its steps before the vote are over: the share is late.
+    for state in (DestinationState.VOTING, DestinationState.VOTED, DestinationState.ABORTING):
+        step = DestinationMachine(state).handle(share)
+        assert step.verdict == "ignored" and step.actions == ()
+
+
+def test_a_destination_over_its_share_is_heard_before_its_vote_only() -> None:
+    over = OverBudget("settle_arcs", 0.045, 0.01, 0.05, "gpu0")
+    source = SourceMachine(SourceState.TRANSFER)
+    assert source.handle(over).actions == (Deliver(over),)
+    assert source.state is SourceState.TRANSFER  # the coordinator decides the abort
+    voted = SourceMachine(SourceState.VOTED)
+    assert voted.handle(over).verdict == "ignored"
+    assert SourceMachine().handle(over).verdict == "refused"
+
+
+def test_the_share_travels_as_durations() -> None:
+    for message in (Budget(0.05, 0.01), OverBudget("vote", 0.06, 0.0, 0.05)):
+        assert decode(encode(message)) == message
+    with pytest.raises(MalformedMessage, match="left_s"):
+        decode({"op": "budget", "left_s": "soon", "settle_s": 0.01})
 
 
 # -- the destination ------------------------------------------------------------

@@ -9,6 +9,7 @@ Device calls, their deadlines and what a failed one becomes are
 report are ``recorder`` and ``report``'s; the trace is ``trace``'s.
 """
 
+from orchestrator.engine.allowance import OverBudget, Share
 from orchestrator.engine.destination import (
     Completion,
     Destination,
@@ -43,6 +44,8 @@ __all__ = [
     "Migration",
     "MigrationAborted",
     "Observer",
+    "OverBudget",
+    "Share",
     "Trace",
     "TraceEvent",
     "VmmFailure",

@@ -23,6 +23,16 @@ clock says (the VM then runs only on the destination).
 With ``best_effort`` the same checks are taken and reported, and nothing is
 done about them.  The clock is this host's, the source's: between hosts the
 destination reports durations, never timestamps.
+
+Between hosts the destination's own steps before its vote (each device's
+settle arcs once its stream is loaded, then the vote) run on its clock, not
+this one.  When the source barrier releases, strict hands the destination
+its share as a duration (:meth:`DowntimeBudget.share`: the time left until
+its vote must be here, less the round trip), and the destination's
+:class:`Allowance` refuses to start a step that cannot fit in what is left
+of it (:class:`OverBudget`, reported back as durations): the source then
+rolls back, the step it blew named.  A settle that would end past the point
+where a rollback still fits is never begun (``engine.allowance``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 
 import trio
 
+from orchestrator.engine.allowance import OverBudget, Share
 from orchestrator.engine.devices import EngineContext, MigrationAborted
 from orchestrator.engine.model import DowntimeModel, Figure, Forecast
 from orchestrator.engine.recorder import Recorder
@@ -129,6 +140,8 @@ class DowntimeBudget:
         self._armed = True
         self._cutoff = math.inf
         self._moved = trio.Event()
+        #: The destination's share, once it took one (between hosts, strict only).
+        self.granted: Share | None = None
 
     # -- the clock ---------------------------------------------------------------
 
@@ -155,6 +168,32 @@ class DowntimeBudget:
         self._rearm(flow, step)
         if not check.fits and self.strict:
             raise self._blow(check, f"before {step}")
+
+    def share(self, flow: MigrationFlow, rtt_s: float) -> Share | None:
+        """Strict only: the destination's share, from now, for its steps before the
+        vote (the moment the vote check would still pass, less the round trip)."""
+        if not self.strict or not self._armed or self.forecast is None:
+            return None
+        vote = self._measure("vote", flow)
+        return Share(
+            left_s=max(0.0, (vote.limit_ms - vote.worst_ms) / 1000 - rtt_s),
+            settle_s=self.forecast.components.get("settle_arcs", Figure(0.0, "none")).ms / 1000,
+        )
+
+    def refused_by_destination(self, over: OverBudget) -> MigrationAborted:
+        """The destination refused a step of its share: roll back, naming it."""
+        step = f"{over.step} (destination)"
+        if self.blown is not None:
+            return MigrationAborted("the strict downtime budget is blown")
+        elapsed = self.elapsed_s() * 1000
+        # What it says, as this side's check: the limit overrun by what the step overruns.
+        ahead = self._limit_ms() + over.over_s * 1000 - elapsed
+        check = BudgetCheck(step, elapsed, ahead, ahead, self._limit_ms())
+        self.checks.append(check)
+        where = f"at the destination, before {over.step}" + (
+            f" of {over.device}" if over.device else ""
+        )
+        return self._blow(check, where)
 
     def disarm(self) -> None:
         """The commit point: from here the migration completes whatever the clock says."""
@@ -258,6 +297,14 @@ class DowntimeBudget:
                 round(max(0.0, blown.worst_ms - blown.limit_ms), 3) if blown is not None else None
             ),
             "pause_ms": pause_ms,
+            "destination_share": (
+                None
+                if self.granted is None
+                else {
+                    "left_ms": round(self.granted.left_s * 1000, 3),
+                    "settle_ms": round(self.granted.settle_s * 1000, 3),
+                }
+            ),
         }
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from orchestrator.engine.allowance import Allowance, Share
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import each_to_its_end
 from orchestrator.engine.vcpus import Vcpus
@@ -113,6 +114,12 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def begin(self) -> None:
         """Walk every destination device to RESUMING."""
+
+    def grant(self, share: Share) -> bool:
+        """Strict, between hosts: hand the destination its share of the budget, so
+        that it begins no step before its vote that cannot fit (``OverBudget``).
+        False where it takes none (one host: the source's checks run on its clock)."""
+        return False
 
     @abc.abstractmethod
     def stream(self, name: str) -> StreamSender:
@@ -206,6 +213,8 @@ class DestinationEngine:
         self.digests: dict[str, str | None] = {}
         self._path_s: dict[str, float] = dict.fromkeys(self.names, 0.0)
         self._vcpus_resumed = False
+        #: The strict budget's share, where the source granted one (between hosts).
+        self.allowance = Allowance()
 
     # -- before anything changes -------------------------------------------------
 
@@ -291,9 +300,11 @@ class DestinationEngine:
             self._wake(name, end=True)
 
     async def settle(self, name: str, last_write_s: float = 0.0) -> None:
-        """The stream is loaded: walk the device to STOP, then to its grace state."""
+        """The stream is loaded: walk the device to STOP, then to its grace state.
+        Not begun (OverBudget) when it cannot end within the budget's share."""
         flow = self.driver.flow
         assert flow is not None
+        self.allowance.check("settle_arcs", name)
         busy_before = self.driver.busy.get((DESTINATION, name), 0.0)
         route = flow.endpoint(DESTINATION, name).route
         await self.driver.walk(DESTINATION, name, route.settle)

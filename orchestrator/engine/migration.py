@@ -43,6 +43,7 @@ from orchestrator.control import (
     with_limits,
     with_switchover_forced,
 )
+from orchestrator.engine.allowance import OverBudget
 from orchestrator.engine.budget import DowntimeBudget
 from orchestrator.engine.control import LiveControl
 from orchestrator.engine.destination import Destination, LeftInDoubt, LocalDestination
@@ -601,7 +602,10 @@ class Migration:
                 self._enter(Phase.DESTINATION_GRACE)
                 await sw.destination_barrier.released.wait()
                 budget.check("vote", flow)
-                await self.destination.vote()
+                try:
+                    await self.destination.vote()
+                except OverBudget as over:
+                    raise budget.refused_by_destination(over) from None
         except trio.TooSlowError:
             raise self.ctx.abort(
                 "phase_timeout",
@@ -668,13 +672,20 @@ class Migration:
         assert self.flow is not None
         # Run by the last device to arrive, before any may leave its grace state.
         self.budget.check("stop_arcs", self.flow)
+        if not self.destination.on_this_host:
+            share = self.budget.share(self.flow, self.destination.rtt_s or 0.0)
+            if share is not None and self.destination.grant(share):
+                self.budget.granted = share
         self._enter(Phase.STOP_COPY)
         self._trace.emit("barrier", detail={"barrier": "source_p2p"})
 
     # -- per-device tasks ----------------------------------------------------
 
     async def _destination_task(self, name: str, sw: Switchover) -> None:
-        await self.destination.loaded(name)
+        try:
+            await self.destination.loaded(name)
+        except OverBudget as over:
+            raise self.budget.refused_by_destination(over) from None
         sw.loaded[name].set()
         wait = await sw.destination_barrier.arrive()
         self.recorder.barrier_wait(name, "destination_p2p", wait)

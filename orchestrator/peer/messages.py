@@ -26,6 +26,7 @@ __all__ = [
     "Abort",
     "ArcReport",
     "Begin",
+    "Budget",
     "Commit",
     "Completed",
     "DecisionAnswer",
@@ -36,6 +37,7 @@ __all__ = [
     "Loaded",
     "MalformedMessage",
     "Message",
+    "OverBudget",
     "Refused",
     "RolledBack",
     "VcpusReport",
@@ -48,7 +50,8 @@ __all__ = [
 #: The protocol versions this build speaks, oldest first.  A source offers
 #: its range in the prepare call; the destination picks the newest both
 #: speak, or refuses before anything changes.
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+#: Version 2 adds the strict budget's share (``Budget``, ``OverBudget``).
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
 
 
 class MalformedMessage(ProtocolViolation):
@@ -113,6 +116,18 @@ class InitialSent(Message):
     FROM: ClassVar[str] = "source"
     device: str
     nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Budget(Message):
+    """Strict: the destination's share of the downtime budget, as durations from
+    its receipt (the source keeps the clock): its vote must be on its way within
+    ``left_s``; its settle arcs take ``settle_s`` as the source predicts them."""
+
+    OP: ClassVar[str] = "budget"
+    FROM: ClassVar[str] = "source"
+    left_s: float
+    settle_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +207,20 @@ class LoadFailed(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class OverBudget(Message):
+    """A step before the vote would not fit in the share (``Budget``) and was not
+    begun; the source must abort.  Durations from the share's receipt."""
+
+    OP: ClassVar[str] = "over_budget"
+    FROM: ClassVar[str] = "destination"
+    step: str
+    elapsed_s: float
+    need_s: float
+    left_s: float
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VcpusReport(Message):
     """The destination's vCPUs were resumed (or failed to be), with the call's duration."""
 
@@ -255,6 +284,7 @@ class Refused(Message):
 MESSAGES: tuple[type[Message], ...] = (
     Begin,
     InitialSent,
+    Budget,
     Commit,
     Abort,
     FinalOutcome,
@@ -262,6 +292,7 @@ MESSAGES: tuple[type[Message], ...] = (
     ArcReport,
     Loaded,
     LoadFailed,
+    OverBudget,
     VcpusReport,
     Vote,
     Completed,

@@ -70,6 +70,7 @@ from orchestrator.peer.messages import (
     Abort,
     ArcReport,
     Begin,
+    Budget,
     Commit,
     Completed,
     DecisionAnswer,
@@ -80,6 +81,7 @@ from orchestrator.peer.messages import (
     LoadFailed,
     MalformedMessage,
     Message,
+    OverBudget,
     Refused,
     RolledBack,
     VcpusReport,
@@ -97,6 +99,7 @@ __all__ = [
     "AllReady",
     "ArcReport",
     "Begin",
+    "Budget",
     "Commit",
     "CommitRecordFailed",
     "CommitRecorded",
@@ -117,6 +120,7 @@ __all__ = [
     "LocalFailure",
     "MalformedMessage",
     "Message",
+    "OverBudget",
     "PrepareAnswered",
     "Refused",
     "RolledBack",
@@ -510,14 +514,22 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
         S.PREPARING: {
             **own,
             **undecided,
-            **{t: premature for t in (*_REPORTS, VcpusReport, Vote)},
+            **{t: premature for t in (*_REPORTS, VcpusReport, Vote, OverBudget)},
             PrepareAnswered: m._answered,
         },
-        S.TRANSFER: {**own, **undecided, **reports, Vote: m._vote, VcpusReport: no_vcpus_yet},
+        S.TRANSFER: {
+            **own,
+            **undecided,
+            **reports,
+            Vote: m._vote,
+            VcpusReport: no_vcpus_yet,
+            OverBudget: m._report,
+        },
         S.VOTED: {
             **own,
             **undecided,
             **reports,
+            OverBudget: ignored("late: the destination voted"),
             Deciding: m._deciding,
             Vote: duplicate_vote,
             VcpusReport: no_vcpus_yet,
@@ -532,6 +544,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             LinkLost: ignored("the commit record decides"),
             Tick: ignored("the commit record decides"),
             Vote: duplicate_vote,
+            OverBudget: late,
             LocalFailure: refused("the commit decision is being recorded: no rollback now"),
             RolledBack: refused("the destination rolled back after its vote, undecided"),
             Completed: refused(_NEVER_COMPLETED),
@@ -546,6 +559,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             LinkLost: m._redeliver_commit,
             DecisionQuery: m._answer_commit,
             Vote: duplicate_vote,
+            OverBudget: late,
             LocalFailure: refused("no rollback after the commit"),
             RolledBack: refused("the destination rolled back a committed migration"),
         },
@@ -560,6 +574,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             LinkLost: ignored("already aborting"),
             Tick: ignored("nothing to retry"),
             Vote: late,
+            OverBudget: late,
             Completed: refused(_NEVER_COMPLETED),
         },
         S.DONE: {
@@ -570,6 +585,7 @@ def _source_table() -> dict[SourceState, dict[type, Handler]]:
             Completed: m._completed_again,
             RolledBack: late,
             Vote: late,
+            OverBudget: late,
             LinkLost: late,
             Tick: late,
             LocalFailure: late,
@@ -639,7 +655,7 @@ class DestinationMachine(_Machine):
         self.state = DestinationState.TRANSFER
         return _accept(Do.BEGIN_TRANSFER)
 
-    def _initial_sent(self, event: InitialSent) -> Step:
+    def _initial_sent(self, event: InitialSent | Budget) -> Step:
         return _accept(Deliver(event))
 
     def _all_ready(self, event: AllReady) -> Step:
@@ -801,11 +817,13 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             **unvoted,
             Begin: m._begin,
             InitialSent: refused("pre-copy data announced before the transfer began"),
+            Budget: refused("a budget share before the transfer began"),
         },
-        D.TRANSFER: {**own, **loading, AllReady: m._all_ready},
+        D.TRANSFER: {**own, **loading, AllReady: m._all_ready, Budget: m._initial_sent},
         D.VOTING: {
             **own,
             **loading,
+            Budget: ignored("late: this side is voting"),
             VoteRecorded: m._vote_recorded,
             VoteRecordFailed: m._abort,
         },
@@ -818,6 +836,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             LinkLost: m._in_doubt,
             Begin: late,
             InitialSent: m._initial_sent,
+            Budget: late,
             Tick: ignored("nothing to retry"),
         },
         D.IN_DOUBT: {
@@ -830,6 +849,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             LinkLost: ignored("already in doubt"),
             Begin: late,
             InitialSent: late,
+            Budget: late,
         },
         D.COMMITTED: {
             **own,
@@ -842,6 +862,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             Tick: ignored("completing"),
             Begin: late,
             InitialSent: late,
+            Budget: late,
             VoteRecorded: late,
         },
         D.ABORTING: {
@@ -855,6 +876,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             Tick: ignored("rolling back"),
             Begin: late,
             InitialSent: late,
+            Budget: late,
             AllReady: decided_abort,
             VoteRecorded: decided_abort,
             VoteRecordFailed: decided_abort,
@@ -869,6 +891,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             Commit: refused("commit for a migration this side rolled back"),
             LinkLost: ignored("rolled back: the outcome is asked for"),
             InitialSent: late,
+            Budget: late,
             VoteRecorded: decided_abort,
         },
         D.DONE: {
@@ -881,6 +904,7 @@ def _destination_table() -> dict[DestinationState, dict[type, Handler]]:
             LinkLost: ignored("ended"),
             Begin: late,
             InitialSent: late,
+            Budget: late,
             VoteRecorded: late,
         },
     }

@@ -38,7 +38,15 @@ import httpx
 import structlog
 import trio
 
-from orchestrator.engine import Completion, Destination, DeviceDriver, DeviceFailure, LeftInDoubt
+from orchestrator.engine import (
+    Completion,
+    Destination,
+    DeviceDriver,
+    DeviceFailure,
+    LeftInDoubt,
+    OverBudget,
+    Share,
+)
 from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
 from orchestrator.peer import protocol as p
 from orchestrator.peer.backoff import FIRST_S, backoff
@@ -176,6 +184,8 @@ class RemoteDestination(Destination):
         #: Why the channel is gone (None while it is up, or before it opened).
         self.failure: str | None = None
         self._voted = trio.Event()
+        #: The destination refused a step of its budget share.
+        self._over_budget: p.OverBudget | None = None
         self._completed: p.Completed | None = None
         self._rolled_back: p.RolledBack | None = None
         #: The destination cannot be reached after the commit: the outcome waits on it.
@@ -453,6 +463,10 @@ class RemoteDestination(Destination):
             self._links[message.device].loaded = True
         elif isinstance(message, p.LoadFailed):
             self._links[message.device].fail(message.error)
+        elif isinstance(message, p.OverBudget):
+            if self._over_budget is None:
+                self._over_budget = message
+                self._wake("over its share of the downtime budget")
         elif isinstance(message, p.Vote):
             self._voted.set()
         elif isinstance(message, p.VcpusReport):
@@ -560,9 +574,22 @@ class RemoteDestination(Destination):
         assert self.channel is not None
         return _KeepChannel(self.channel.sender(name))
 
+    def grant(self, share: Share) -> bool:
+        if self.version is None or self.version < 2:
+            return False  # a daemon of protocol 1 knows no share: the source's checks guard it
+        self._outbox.append(p.Budget(share.left_s, share.settle_s))
+        self._nursery_or_none_flush()
+        return True
+
+    def _refused_step(self) -> None:
+        over = self._over_budget
+        if over is not None:
+            raise OverBudget(over.step, over.device, over.elapsed_s, over.need_s, over.left_s)
+
     async def loaded(self, name: str) -> None:
         link = self._links[name]
         await link.ready.wait()
+        self._refused_step()
         if link.failure is not None:
             raise self._device_failure(name, link.failure)
 
@@ -579,6 +606,7 @@ class RemoteDestination(Destination):
 
     async def vote(self) -> None:
         await self._voted.wait()
+        self._refused_step()
         if self.machine.state is not p.SourceState.VOTED:
             reason = self.failure or f"the destination did not vote ({self.machine.state.value})"
             raise self._device_failure(

@@ -45,6 +45,8 @@ from orchestrator.engine import (
     DeviceDriver,
     DeviceFailure,
     EngineContext,
+    OverBudget,
+    Share,
     Trace,
     TraceEvent,
 )
@@ -376,6 +378,9 @@ class IncomingMigration:
             elif isinstance(action, p.Deliver):
                 if isinstance(action.message, p.InitialSent):
                     nursery.start_soon(self._acknowledge, action.message)
+                elif isinstance(action.message, p.Budget):
+                    share = Share(action.message.left_s, action.message.settle_s)
+                    self.engine.allowance.grant(share)
             elif isinstance(action, p.RecordOutcome):
                 nursery.start_soon(self._finish, action.outcome)
             elif action is p.Do.BEGIN_TRANSFER:
@@ -437,11 +442,17 @@ class IncomingMigration:
         self._emit(p.Loaded(name, self.engine.written[name], last_write_s))
         try:
             await self.engine.settle(name, last_write_s)
+            self._ready.add(name)
+            if len(self._ready) == len(self.names):
+                self.engine.allowance.check("vote")
+                self.handle(p.AllReady())
         except DeviceFailure:
             return  # the arc report says it failed; the source aborts
-        self._ready.add(name)
-        if len(self._ready) == len(self.names):
-            self.handle(p.AllReady())
+        except OverBudget as over:
+            # Not begun: the source hears why, in durations, and aborts.
+            self._emit(
+                p.OverBudget(over.step, over.elapsed_s, over.need_s, over.left_s, over.device)
+            )
 
     def _start_vote_write(self) -> None:
         """Journal the vote as soon as the first stream ends (every source device has
@@ -665,6 +676,7 @@ class IncomingMigration:
             devices=devices,
             error=error if outcome != "succeeded" else None,
             notes=notes,
+            budget=self.engine.allowance.as_report(),
         )
 
 
