@@ -43,7 +43,13 @@ from orchestrator.plan import VmmEndpoint
 from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
-from orchestrator.transport import RateLimiter, StreamReceiver, StreamSender, local_stream
+from orchestrator.transport import (
+    LocalStreamSender,
+    RateLimiter,
+    StreamReceiver,
+    StreamSender,
+    local_stream,
+)
 
 __all__ = ["Completion", "Destination", "DestinationEngine", "LeftInDoubt", "LocalDestination"]
 
@@ -137,8 +143,14 @@ class Destination(abc.ABC):
         """Return once every device's initial data is loaded (switchover-ack)."""
 
     def in_flight_bytes(self) -> int:
-        """Bytes sent and not yet taken by the destination host (0 on one host)."""
+        """Bytes sent and not yet taken by the destination host."""
         return 0
+
+    def backlog_bytes(self) -> Mapping[str, int]:
+        """Per device, where this side can tell: bytes sent that will still be
+        unloaded once the switchover-ack passes (its destination loads them in
+        the window, before it settles)."""
+        return {}
 
     async def vote(self) -> None:  # noqa: B027
         """Return once the destination may commit, durably where it must be."""
@@ -411,6 +423,9 @@ class LocalDestination(Destination):
         self.notes = []
         self._limiter = limiter
         self._receivers: dict[str, StreamReceiver] = {}
+        self._senders: dict[str, LocalStreamSender] = {}
+        #: Each device's initial pre-copy data, in bytes, once all sent.
+        self._initial: dict[str, int] = {}
 
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
         return await self.engine.open(check=check)
@@ -421,7 +436,29 @@ class LocalDestination(Destination):
     def stream(self, name: str) -> StreamSender:
         sender, receiver = local_stream(self._limiter)
         self._receivers[name] = receiver
+        self._senders[name] = sender
         return sender
+
+    async def initial_sent(self, name: str, nbytes: int) -> None:
+        self._initial[name] = nbytes
+
+    async def acknowledged(self) -> None:
+        # As between hosts (QEMU's switchover-ack): no device stops while its
+        # destination still loads its initial data, which would then load in
+        # the downtime window at the destination's pace.
+        for name, nbytes in self._initial.items():
+            await self.engine.written_at_least(name, nbytes)
+
+    def in_flight_bytes(self) -> int:
+        written = self.engine.written
+        return sum(max(0, s.bytes_sent - written[n]) for n, s in self._senders.items())
+
+    def backlog_bytes(self) -> dict[str, int]:
+        written = self.engine.written
+        return {
+            name: max(0, sender.bytes_sent - max(written[name], self._initial.get(name, 0)))
+            for name, sender in self._senders.items()
+        }
 
     async def loaded(self, name: str) -> None:
         # On one host the coordinator's task for the device does the loading.

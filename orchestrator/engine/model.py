@@ -83,6 +83,8 @@ class DeviceForecast:
     stop_bytes: int
     settle_arcs: Figure
     run_arcs: Figure
+    #: Sent before and not yet loaded at the destination: loaded before it settles.
+    backlog_bytes: int = 0
 
 
 @dataclass
@@ -196,9 +198,11 @@ class DowntimeModel:
         bandwidth_bytes_s: float,
         dirty_bytes_s: Mapping[str, float],
         waited_s: Mapping[str, float] | None = None,
+        backlog_bytes: Mapping[str, int] | None = None,
     ) -> Forecast:
         """The window as this migration would run it if it switched over now
-        (``waited_s``: how long ago each device reported what it has left)."""
+        (``waited_s``: how long ago each device reported what it has left;
+        ``backlog_bytes``: what its destination has still to load of what was sent)."""
         comps: dict[str, Figure] = {}
         devices: dict[str, DeviceForecast] = {}
         pause = self.vmm(S) if self.vcpus else Figure(0.0, "no vmm")
@@ -228,7 +232,8 @@ class DowntimeModel:
             rate = dirty_bytes_s.get(name, 0.0)
             dirtied = declared if declared is not None else int(rate * lead_s)
             nbytes = r.stop_copy_bytes + dirtied
-            devices[name] = DeviceForecast(g, s, nbytes, st, rn)
+            backlog = (backlog_bytes or {}).get(name, 0)
+            devices[name] = DeviceForecast(g, s, nbytes, st, rn, backlog)
             grace.append(g)
             stop.append(s)
             settle.append(st)
@@ -298,7 +303,9 @@ class DowntimeModel:
         slowly: the slower sets the pace, and the last piece one side reads the
         other still has to take)."""
         total = sum(d.stop_bytes for d in devices.values())
-        paces = {name: self._own_pace(name, d.stop_bytes) for name, d in devices.items()}
+        paces = {
+            name: self._own_pace(name, d.stop_bytes, d.backlog_bytes) for name, d in devices.items()
+        }
         cap = self.driver.ctx.plan.bandwidth_limit_mib_s
         paced = all(paces[n][0] > 0 for n, d in devices.items() if d.stop_bytes)
         if not self.remote and cap is None and paced:
@@ -319,10 +326,10 @@ class DowntimeModel:
                 seconds, source = own, f"declared rates of {name}"
         return Figure.of(seconds, source)
 
-    def _own_pace(self, name: str, nbytes: int) -> tuple[float, float]:
+    def _own_pace(self, name: str, nbytes: int, backlog: int = 0) -> tuple[float, float]:
         """How long one device's stream takes at its own rates, and how long its
-        destination takes to load the last piece read."""
-        if nbytes == 0:
+        destination takes to load the last piece read (and, first, its ``backlog``)."""
+        if nbytes == 0 and backlog == 0:
             return 0.0, 0.0
         device = self.driver.devices.get((S, name))
         src = device.declared_rate_bytes_s() if device is not None else None
@@ -338,7 +345,7 @@ class DowntimeModel:
         last_load = last / dst if dst else 0.0
         if not src and not dst:
             return 0.0, 0.0
-        slower = max(nbytes / src if src else 0.0, nbytes / dst if dst else 0.0)
+        slower = max(nbytes / src if src else 0.0, (backlog + nbytes) / dst if dst else 0.0)
         lag = last / max(src, dst) if src and dst else 0.0
         return slower + lag, last_load
 

@@ -99,7 +99,9 @@ class PrecopyRounds:
         # still in flight (its acknowledgement): the devices dirty meanwhile.
         ack_s = in_flight / measured if measured > 0 else 0.0
         waited = {name: now - at + ack_s for name, at in reported_at.items()}
-        forecast = self.model.forecast(self.flow, reports, measured, rates, waited)
+        forecast = self.model.forecast(
+            self.flow, reports, measured, rates, waited, self.destination.backlog_bytes()
+        )
         self.forecast = forecast
         floor = self.model.floor_ms(
             forecast, {n for n, r in reports.items() if not r.pre_copy}, measured
