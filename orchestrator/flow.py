@@ -227,6 +227,7 @@ def decide_precopy(
     bandwidth_bytes_s: float,
     elapsed_s: float,
     predicted_ms: float | None = None,
+    margin_ms: float = 0.0,
     floor_ms: float | None = None,
     downtime_limit_ms: float | None = None,
     forced: bool = False,
@@ -236,7 +237,8 @@ def decide_precopy(
     Converged means every device drained its initial data (the device asks
     for that before a switchover) and the predicted downtime fits the limit:
     ``predicted_ms``, the whole window as the engine's model sees it, or (none
-    given) the stop-copy bytes over the measured bandwidth.  Otherwise, after
+    given) the stop-copy bytes over the measured bandwidth, plus ``margin_ms``,
+    how much longer the model says it may take.  Otherwise, after
     ``precopy_max_rounds`` rounds or the pre-copy deadline, or at once when no
     round can help (``floor_ms``, what the window takes whatever pre-copy still
     sends, exceeds the limit; or the devices without pre-copy alone do), the
@@ -260,11 +262,12 @@ def decide_precopy(
     def decided(action: Literal["continue", "switchover", "abort"], reason: str) -> PrecopyDecision:
         return PrecopyDecision(action, reason, expected_ms, stop_bytes, converged=False)
 
-    converged = not initial_left and expected_ms <= limit
+    converged = not initial_left and expected_ms + margin_ms <= limit
+    plus = f" (+{margin_ms:.0f} ms margin)" if margin_ms else ""
     why_not = (
         f"initial data not drained on {', '.join(initial_left)}"
         if initial_left
-        else f"the window is predicted at {expected_ms:.0f} ms, over the {limit:g} ms limit"
+        else f"the window is predicted at {expected_ms:.0f} ms{plus}, over the {limit:g} ms limit"
     )
     if forced:
         how = "it had converged" if converged else f"not converged: {why_not}"
@@ -279,7 +282,7 @@ def decide_precopy(
         return PrecopyDecision(
             "switchover",
             f"converged after {round_number} round(s): the window is predicted at "
-            f"{expected_ms:.1f} ms, within {limit:g} ms ({stop_bytes} stop-copy bytes at "
+            f"{expected_ms:.1f} ms{plus}, within {limit:g} ms ({stop_bytes} stop-copy bytes at "
             f"{bandwidth_bytes_s / 2**20:.1f} MiB/s)",
             expected_ms,
             stop_bytes,

@@ -127,6 +127,31 @@ async def test_no_device_stops_while_its_destination_still_loads_its_initial_dat
     assert first_stop - started >= 0.1, first_stop - started
 
 
+async def test_what_a_device_dirties_while_the_switchover_ack_waits_is_predicted(
+    autojump_clock: Any,
+) -> None:
+    # Device-paced (13 MiB/s each way): the source reads its initial MiB in one
+    # piece and the destination loads it after, 77 ms during which the device
+    # dirties as many bytes again as it did in the round.  Of old the model
+    # left that wait out and predicted 0.6 of the stop-copy bytes.
+    devices = []
+    for i in range(4):
+        gpu = both(f"gpu{i}", i, transition_ms=1, state_mib=1, drain_mib_s=13, dirty_mib_s=4)
+        gpu["destination"]["drain_mib_s"] = 13
+        devices.append(gpu)
+    m = await run(devices, downtime_limit_ms=500)
+    r = m.report
+    assert r is not None
+    assert r.outcome == "succeeded", r.error
+    forecast = r.precopy.forecast
+    assert forecast is not None
+    for d in r.devices:
+        predicted = forecast["devices"][d.name]["stop_bytes"]
+        assert predicted == pytest.approx(d.bytes_stopcopy, rel=0.15), (d.name, predicted)
+    assert r.downtime_ms is not None and r.precopy.expected_downtime_ms is not None
+    assert r.downtime_ms == pytest.approx(r.precopy.expected_downtime_ms, rel=0.1)
+
+
 async def test_every_figure_says_where_it_came_from(autojump_clock: Any) -> None:
     m = await run([both("gpu0", 0, transition_ms=4, state_mib=1)], downtime_limit_ms=500)
     r = m.report

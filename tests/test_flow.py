@@ -355,6 +355,23 @@ def test_converges_when_initial_drained_and_bytes_fit() -> None:
     assert d.converged and d.expected_downtime_ms == pytest.approx(90.0)
 
 
+def test_the_models_margin_must_fit_the_limit_too() -> None:
+    # 90 ms predicted fits 100 ms; with 15 ms of margin it does not: another round.
+    plan = plan_of(2, downtime_limit_ms=100)
+    ok = {"d0": Remaining(0, 4 << 20, 4 << 20), "d1": Remaining(0, 0, 5 << 20)}
+    d = decide_precopy(
+        plan,
+        round_number=1,
+        remaining=ok,
+        bandwidth_bytes_s=100 * 2**20,
+        elapsed_s=0,
+        predicted_ms=90.0,
+        margin_ms=15.0,
+    )
+    assert d.action == "continue" and not d.converged
+    assert "predicted at 90 ms (+15 ms margin), over the 100 ms limit" in d.reason
+
+
 def test_waits_for_initial_bytes_even_when_small() -> None:
     plan = plan_of(1)
     action, reason = decide(plan, {"d0": Remaining(10, 0, 10)})

@@ -146,6 +146,11 @@ class Destination(abc.ABC):
         """Bytes sent and not yet taken by the destination host."""
         return 0
 
+    def unacknowledged_bytes(self) -> Mapping[str, int]:
+        """Per device, where this side can tell: initial data sent and not yet loaded
+        (the switchover-ack waits for it)."""
+        return {}
+
     def backlog_bytes(self) -> Mapping[str, int]:
         """Per device, where this side can tell: bytes sent that will still be
         unloaded once the switchover-ack passes (its destination loads them in
@@ -452,6 +457,10 @@ class LocalDestination(Destination):
     def in_flight_bytes(self) -> int:
         written = self.engine.written
         return sum(max(0, s.bytes_sent - written[n]) for n, s in self._senders.items())
+
+    def unacknowledged_bytes(self) -> dict[str, int]:
+        written = self.engine.written
+        return {name: max(0, n - written[name]) for name, n in self._initial.items()}
 
     def backlog_bytes(self) -> dict[str, int]:
         written = self.engine.written

@@ -87,6 +87,34 @@ class DeviceForecast:
     backlog_bytes: int = 0
 
 
+#: How far each kind of figure may be off, as a share of it: the forecast's
+#: margin is what the switchover decision keeps in hand (converged: the window
+#: plus its margin fits the limit).  A figure this migration measured, or a
+#: backend declares, varies with the machine's load; a history is other
+#: migrations'; an estimate is a mean of other arcs; the orchestrator's own
+#: work per device is a constant measured on quiet machines, and a loaded
+#: machine doubles it (bench/downtime_promise.py prints the ratios).
+UNCERTAINTY = {
+    "measured": 0.10,
+    "declared": 0.10,
+    "history": 0.25,
+    "estimated": 0.50,
+    "transfer": 0.15,
+    "overhead": 1.00,
+    "io": 0.50,
+}
+
+
+def uncertainty(component: str, figure: Figure) -> float:
+    """The share of ``figure`` (a component of the window) it may be off by."""
+    if component in ("transfer", "overhead"):
+        return UNCERTAINTY[component]
+    if component in ("commit", "control"):
+        return UNCERTAINTY["io"]  # a disk's flush, a network's round trip
+    kind = figure.source.split(" ", 1)[0]
+    return UNCERTAINTY.get(kind, UNCERTAINTY["estimated"])
+
+
 @dataclass
 class Forecast:
     """The predicted downtime: the critical path's components, and per device."""
@@ -95,12 +123,20 @@ class Forecast:
     components: dict[str, Figure] = field(default_factory=dict)
     devices: dict[str, DeviceForecast] = field(default_factory=dict)
 
+    @property
+    def margin_ms(self) -> float:
+        """How much longer the window may take, by how sure each component is."""
+        margin = sum(f.ms * uncertainty(k, f) for k, f in self.components.items())
+        return round(margin, 3) if math.isfinite(margin) else math.inf
+
     def as_report(self) -> dict[str, object]:
         def figure(f: Figure) -> dict[str, object]:
             return {"ms": f.ms if math.isfinite(f.ms) else None, "source": f.source}
 
+        margin = self.margin_ms
         return {
             "total_ms": self.total_ms if math.isfinite(self.total_ms) else None,
+            "margin_ms": margin if math.isfinite(margin) else None,
             "components": {k: figure(v) for k, v in self.components.items()},
             "devices": {
                 name: {
@@ -326,6 +362,34 @@ class DowntimeModel:
                 seconds, source = own, f"declared rates of {name}"
         return Figure.of(seconds, source)
 
+    def ack_wait_s(
+        self, unacknowledged: Mapping[str, int], in_flight: int, bandwidth_bytes_s: float
+    ) -> float:
+        """How long the switchover-ack will wait: each device's initial data not yet
+        loaded (no more than the last piece read), at its destination's declared
+        pace (side by side), or, where no device's is known, what is in flight
+        over the bandwidth."""
+        if unacknowledged:
+            waits = [0.0]
+            for name, nbytes in unacknowledged.items():
+                # The source hands a piece over once read: the destination's lag
+                # behind it is one piece at most.
+                device = self.driver.devices.get((S, name))
+                piece = device.declared_read_bytes(self.read_chunk_bytes) if device else nbytes
+                rate = self._load_rate(name) or bandwidth_bytes_s
+                waits.append(min(nbytes, piece) / rate if rate > 0 else 0.0)
+            return max(waits)
+        return in_flight / bandwidth_bytes_s if bandwidth_bytes_s > 0 else 0.0
+
+    def _load_rate(self, name: str) -> float | None:
+        """How fast the device's destination loads its stream, where declared."""
+        target = self.driver.devices.get((D, name))
+        if target is not None:
+            return target.declared_rate_bytes_s()
+        if self.destination is not None:
+            return self.destination.declared_rate_bytes_s(name)
+        return None
+
     def _own_pace(self, name: str, nbytes: int, backlog: int = 0) -> tuple[float, float]:
         """How long one device's stream takes at its own rates, and how long its
         destination takes to load the last piece read (and, first, its ``backlog``)."""
@@ -334,13 +398,7 @@ class DowntimeModel:
         device = self.driver.devices.get((S, name))
         src = device.declared_rate_bytes_s() if device is not None else None
         piece = device.declared_read_bytes(self.read_chunk_bytes) if device is not None else 0
-        target = self.driver.devices.get((D, name))
-        if target is not None:
-            dst = target.declared_rate_bytes_s()
-        elif self.destination is not None:
-            dst = self.destination.declared_rate_bytes_s(name)
-        else:
-            dst = None
+        dst = self._load_rate(name)
         last = min(nbytes, piece or nbytes)
         last_load = last / dst if dst else 0.0
         if not src and not dst:

@@ -95,9 +95,9 @@ class PrecopyRounds:
             own = reported_at.get(name, now) - started
             if r.pre_copy and own > 0:
                 rates[name] = r.dirty_bytes / own
-        # Between hosts the switchover waits for the destination to load what is
-        # still in flight (its acknowledgement): the devices dirty meanwhile.
-        ack_s = in_flight / measured if measured > 0 else 0.0
+        # The switchover waits for the destination to load each device's initial
+        # data (its acknowledgement): the devices dirty meanwhile.
+        ack_s = self.model.ack_wait_s(self.destination.unacknowledged_bytes(), in_flight, measured)
         waited = {name: now - at + ack_s for name, at in reported_at.items()}
         forecast = self.model.forecast(
             self.flow, reports, measured, rates, waited, self.destination.backlog_bytes()
@@ -113,6 +113,7 @@ class PrecopyRounds:
             bandwidth_bytes_s=measured,
             elapsed_s=now - recorder.phase_started[Phase.PRECOPY],
             predicted_ms=forecast.total_ms,
+            margin_ms=forecast.margin_ms,
             floor_ms=floor,
             downtime_limit_ms=limits.downtime_limit_ms,
             forced=limits.switchover_forced,

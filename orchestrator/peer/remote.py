@@ -186,6 +186,8 @@ class RemoteDestination(Destination):
         self._voted = trio.Event()
         #: The destination refused a step of its budget share.
         self._over_budget: p.OverBudget | None = None
+        #: Each device's initial data, in bytes, as announced (InitialSent).
+        self._initial: dict[str, int] = {}
         self._completed: p.Completed | None = None
         self._rolled_back: p.RolledBack | None = None
         #: The destination cannot be reached after the commit: the outcome waits on it.
@@ -595,7 +597,16 @@ class RemoteDestination(Destination):
 
     async def initial_sent(self, name: str, nbytes: int) -> None:
         assert self.channel is not None
+        self._initial[name] = nbytes
         await self.channel.send_control(encode(p.InitialSent(name, nbytes)))
+
+    def unacknowledged_bytes(self) -> dict[str, int]:
+        # At most: how much of it the destination still loads, this side cannot
+        # tell (the model counts no more than the last piece read).
+        channel = self.channel
+        if channel is None:
+            return {}
+        return {n: b for n, b in self._initial.items() if not channel.is_acknowledged(n)}
 
     async def acknowledged(self) -> None:
         assert self.channel is not None
