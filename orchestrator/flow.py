@@ -293,7 +293,8 @@ def decide_precopy(
         return decided(
             _policy(plan),
             f"cannot converge: the window takes at least {floor_ms:.0f} ms whatever pre-copy "
-            f"still sends (its arcs, the devices without pre-copy, the commit), over the "
+            f"still sends (its arcs, the devices without pre-copy, the commit, with the "
+            f"model's margin), over the "
             f"{limit:g} ms limit; policy {plan.precopy_policy}",
         )
     if bandwidth_bytes_s > 0 and fixed > budget_bytes:

@@ -127,6 +127,49 @@ async def test_no_device_stops_while_its_destination_still_loads_its_initial_dat
     assert first_stop - started >= 0.1, first_stop - started
 
 
+async def test_a_device_announced_after_the_decision_is_waited_for_too(
+    autojump_clock: Any,
+) -> None:
+    # The pre-copy deadline cuts gpu1's first round: it announces its initial
+    # data only after the decision, while the switchover-ack already waits for
+    # gpu0's slow load.  (The wait once walked a dict that grew under it.)
+    gpu0 = sim_device("gpu0", seed=0, state_mib=4, transition_ms=1)
+    gpu0["destination"] = {"drain_mib_s": 2}
+    gpu1 = sim_device("gpu1", seed=1, state_mib=8, transition_ms=1, drain_mib_s=4)
+    for _ in range(5):
+        m = await run(
+            [gpu0, gpu1],
+            downtime_limit_ms=5000,
+            precopy_policy="switchover",
+            timeouts={"precopy_s": 0.5},
+        )
+        assert m.report is not None and m.report.outcome == "succeeded", m.report
+        stops = [
+            e.time for e in m.trace if e.kind == "arc_begin" and e.to_state is DeviceState.STOP_COPY
+        ]
+        # gpu0's 4 MiB at 2 MiB/s: no device stopped before they were loaded.
+        started = next(e.time for e in m.trace if e.kind == "arc_begin")
+        assert min(stops) - started >= 2.0
+
+
+async def test_a_window_that_fits_only_without_its_margin_is_refused_under_abort(
+    autojump_clock: Any,
+) -> None:
+    # 80 ms of arcs and a margin of some 8 ms against an 84 ms limit: abort can
+    # never converge, so it refuses before any change instead of running rounds.
+    m = await run([both("gpu0", 0, transition_ms=20, state_mib=1)], downtime_limit_ms=84)
+    r = m.report
+    assert r is not None
+    assert r.outcome == "refused", r.error
+    assert r.error is not None and "(with its margin)" in r.error.message
+    assert r.precopy.rounds == 0
+    forecast = r.precopy.forecast
+    assert (
+        forecast is not None
+        and forecast["total_ms"] <= 84 < forecast["total_ms"] + forecast["margin_ms"]
+    )
+
+
 async def test_what_a_device_dirties_while_the_switchover_ack_waits_is_predicted(
     autojump_clock: Any,
 ) -> None:
@@ -202,9 +245,11 @@ def test_a_transfer_no_bandwidth_measures_yet_is_unknown_not_infinite() -> None:
         {"stop_arcs": arcs, "transfer": Figure(float("inf"), "no bandwidth"), "run_arcs": arcs},
         devices,
     )
-    assert model.floor_ms(forecast, {"vf0"}, 0.0) == 10.0
+    assert model.floor_ms(forecast, {"vf0"}, 0.0, margin=False) == 10.0
+    assert model.floor_ms(forecast, {"vf0"}, 0.0) == 11.0  # a tenth of declared arcs
     # Measured: the device without pre-copy's bytes count, the other's do not.
-    assert model.floor_ms(forecast, {"vf0"}, 2**20 / 0.1) == pytest.approx(110.0)
+    assert model.floor_ms(forecast, {"vf0"}, 2**20 / 0.1, margin=False) == pytest.approx(110.0)
+    assert model.floor_ms(forecast, {"vf0"}, 2**20 / 0.1) == pytest.approx(11.0 + 100 * 1.15)
 
 
 async def test_arcs_not_walked_yet_come_from_this_hosts_history(

@@ -225,6 +225,8 @@ class DestinationEngine:
         self.vcpus: Vcpus | None = Vcpus(self.ctx, DESTINATION, vmm) if vmm is not None else None
         #: Bytes of each device's stream written into it.
         self.written: dict[str, int] = dict.fromkeys(self.names, 0)
+        #: When the write in progress on a device began.
+        self.writing_since: dict[str, float] = {}
         # Set (and replaced) on each write, and at the stream's end or failure.
         self._progress = {name: trio.Event() for name in self.names}
         self.digests: dict[str, str | None] = {}
@@ -308,8 +310,9 @@ class DestinationEngine:
                     raise self.driver.fail(DESTINATION, name, "receive", exc) from None
                 if chunk is None:
                     return last_write_s
-                start = trio.current_time()
+                start = self.writing_since[name] = trio.current_time()
                 await self.driver.call(DESTINATION, name, "write", device.write, chunk)
+                del self.writing_since[name]
                 last_write_s = trio.current_time() - start
                 self.written[name] += len(chunk)
                 self._wake(name)
@@ -431,6 +434,7 @@ class LocalDestination(Destination):
         self._senders: dict[str, LocalStreamSender] = {}
         #: Each device's initial pre-copy data, in bytes, once all sent.
         self._initial: dict[str, int] = {}
+        self._announced = {name: trio.Event() for name in self.engine.names}
 
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
         return await self.engine.open(check=check)
@@ -446,21 +450,33 @@ class LocalDestination(Destination):
 
     async def initial_sent(self, name: str, nbytes: int) -> None:
         self._initial[name] = nbytes
+        self._announced[name].set()
 
     async def acknowledged(self) -> None:
         # As between hosts (QEMU's switchover-ack): no device stops while its
         # destination still loads its initial data, which would then load in
-        # the downtime window at the destination's pace.
-        for name, nbytes in self._initial.items():
-            await self.engine.written_at_least(name, nbytes)
+        # the downtime window at the destination's pace.  Every device announces
+        # it, some only once the decision is taken (a round cut short).
+        for name in self.engine.names:
+            await self._announced[name].wait()
+            await self.engine.written_at_least(name, self._initial[name])
 
     def in_flight_bytes(self) -> int:
         written = self.engine.written
         return sum(max(0, s.bytes_sent - written[n]) for n, s in self._senders.items())
 
     def unacknowledged_bytes(self) -> dict[str, int]:
-        written = self.engine.written
-        return {name: max(0, n - written[name]) for name, n in self._initial.items()}
+        engine, now = self.engine, trio.current_time()
+        left = {}
+        for name, nbytes in self._initial.items():
+            unloaded = max(0, nbytes - engine.written[name])
+            # Less what the write in progress has done, at the device's pace.
+            since = engine.writing_since.get(name)
+            rate = engine.driver.device(DESTINATION, name).declared_rate_bytes_s()
+            if unloaded and since is not None and rate:
+                unloaded = max(0, unloaded - int((now - since) * rate))
+            left[name] = unloaded
+        return left
 
     def backlog_bytes(self) -> dict[str, int]:
         written = self.engine.written

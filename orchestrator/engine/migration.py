@@ -542,13 +542,17 @@ class Migration:
             for name in self.names
         }
         forecast = self.model.forecast(flow, nothing, bandwidth, {})
-        floor = self.model.floor_ms(forecast, set(), bandwidth)
+        # Abort converges only on a window that fits with its margin; strict
+        # (switching over whatever the rounds say) checks the window itself.
+        margin = plan.precopy_policy == "abort"
+        floor = self.model.floor_ms(forecast, set(), bandwidth, margin=margin)
         if floor <= limits.downtime_limit_ms:
             return
         reason = (
-            f"cannot meet the limit: the window takes at least {floor:.0f} ms with nothing "
-            f"left to send (its arcs, the commit), over the {limits.downtime_limit_ms:g} ms "
-            f"limit; precopy_policy {plan.precopy_policy}, downtime_policy {plan.downtime_policy}"
+            f"cannot meet the limit: the window takes at least {floor:.0f} ms"
+            f"{' (with its margin)' if margin else ''} with nothing left to send (its arcs, "
+            f"the commit), over the {limits.downtime_limit_ms:g} ms limit; precopy_policy "
+            f"{plan.precopy_policy}, downtime_policy {plan.downtime_policy}"
         )
         precopy = self.recorder.precopy
         precopy.forecast = forecast.as_report()

@@ -321,16 +321,29 @@ class DowntimeModel:
             state = step
         return Figure(round(total, 3), _weakest(sources) if sources else "none")
 
-    def floor_ms(self, forecast: Forecast, fixed: set[str], bandwidth_bytes_s: float) -> float:
+    def floor_ms(
+        self,
+        forecast: Forecast,
+        fixed: set[str],
+        bandwidth_bytes_s: float,
+        *,
+        margin: bool = True,
+    ) -> float:
         """What no pre-copy round can shrink: the window with only the bytes of the
         ``fixed`` devices (those without pre-copy; what the others still send may
-        shrink, or not).  A transfer no bandwidth measures yet is unknown, not
-        infinite: it counts nothing here."""
-        floor = sum(f.ms for k, f in forecast.components.items() if k != "transfer")
+        shrink, or not), with (``margin``) what convergence keeps in hand for it.
+        A transfer no bandwidth measures yet is unknown, not infinite: it counts
+        nothing here."""
+        rest = {k: f for k, f in forecast.components.items() if k != "transfer"}
+        floor = sum(f.ms for f in rest.values())
+        if margin:
+            floor += sum(f.ms * uncertainty(k, f) for k, f in rest.items())
         fixed_ms = self.transfer(
             {n: d for n, d in forecast.devices.items() if n in fixed}, bandwidth_bytes_s
         ).ms
-        return floor + (fixed_ms if math.isfinite(fixed_ms) else 0.0)
+        if not math.isfinite(fixed_ms):
+            return floor
+        return floor + fixed_ms * (1 + (UNCERTAINTY["transfer"] if margin else 0.0))
 
     def transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
         """Every device's stop-copy bytes over the bandwidth, then the last piece's
@@ -366,20 +379,23 @@ class DowntimeModel:
         self, unacknowledged: Mapping[str, int], in_flight: int, bandwidth_bytes_s: float
     ) -> float:
         """How long the switchover-ack will wait: each device's initial data not yet
-        loaded (no more than the last piece read), at its destination's declared
-        pace (side by side), or, where no device's is known, what is in flight
-        over the bandwidth."""
-        if unacknowledged:
-            waits = [0.0]
-            for name, nbytes in unacknowledged.items():
-                # The source hands a piece over once read: the destination's lag
-                # behind it is one piece at most.
+        loaded (exact on this host; from another, no more than the last piece
+        read) at its destination's declared pace, side by side; between hosts at
+        least what is in flight on the link over the bandwidth."""
+        waits = [0.0]
+        if (self.remote or not unacknowledged) and bandwidth_bytes_s > 0:
+            # Between hosts the link's queue drains before the acknowledgement can come.
+            waits.append(in_flight / bandwidth_bytes_s)
+        for name, nbytes in unacknowledged.items():
+            if self.remote:
+                # Another host's figure is the whole announcement: the source hands
+                # a piece over once read, so the destination lags one piece behind.
                 device = self.driver.devices.get((S, name))
                 piece = device.declared_read_bytes(self.read_chunk_bytes) if device else nbytes
-                rate = self._load_rate(name) or bandwidth_bytes_s
-                waits.append(min(nbytes, piece) / rate if rate > 0 else 0.0)
-            return max(waits)
-        return in_flight / bandwidth_bytes_s if bandwidth_bytes_s > 0 else 0.0
+                nbytes = min(nbytes, piece)
+            rate = self._load_rate(name) or bandwidth_bytes_s
+            waits.append(nbytes / rate if rate > 0 else 0.0)
+        return max(waits)
 
     def _load_rate(self, name: str) -> float | None:
         """How fast the device's destination loads its stream, where declared."""
