@@ -240,9 +240,14 @@ class MigrationReport(BaseModel):
         "the commit point: policy, limit_ms, checks (step, elapsed_ms, forward_ms, "
         "fallback_ms, fits), blown_at (the step, or watchdog, that made a strict budget roll "
         "back), over_ms, pause_ms (the pause the VM saw) and destination_share (between hosts, "
-        "the destination's share: left_ms until its vote, settle_ms).  A destination daemon's "
-        "own report holds that share and its checks (step, device, elapsed_ms, need_ms, fits), "
-        "durations on its clock from the share's receipt.",
+        "the destination's share: left_ms until its vote, settle_ms).",
+    )
+    share: dict[str, Any] | None = Field(
+        None,
+        description="A destination daemon's report, strict budget: the share the source "
+        "granted it (taken: false when it came after a stream had ended; left_ms, settle_ms) "
+        "and its checks before each settle and the vote (step, device, elapsed_ms, need_ms, "
+        "fits), durations on its clock from the share's receipt.",
     )
     control: Control | None = Field(
         None,

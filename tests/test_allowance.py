@@ -52,3 +52,13 @@ async def test_a_repeated_grant_keeps_the_first_clock(autojump_clock: Any) -> No
     allowance.grant(Share(left_s=0.020, settle_s=0.0))
     with pytest.raises(OverBudget):
         allowance.check("vote")
+
+
+async def test_a_share_that_came_after_a_stream_ended_is_not_taken(autojump_clock: Any) -> None:
+    # Over REST, or behind the data: counted from its late receipt it would be too
+    # generous, so the destination leaves the guarding to the source's own checks.
+    allowance = Allowance()
+    allowance.grant(Share(left_s=0.0, settle_s=0.010), late=True)
+    allowance.check("settle_arcs", "gpu0")
+    report = allowance.as_report()
+    assert report is not None and report["taken"] is False and report["checks"] == []

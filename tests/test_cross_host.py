@@ -340,16 +340,21 @@ async def test_a_strict_budget_rolls_back_both_hosts_before_the_limit_passes(
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
 
 
+def strict_plan(destination: Host, token_file: Path) -> dict[str, Any]:
+    """Two devices under a strict budget with room to spare.  The share goes out
+    as the source barrier releases; the stop arcs (50 ms) come before any stream
+    can end, so it is there before the first settle."""
+    plan = cross_plan(destination, token_file, "gpu0", "gpu1", state_mib=0.0625, transition_ms=50)
+    plan["downtime_limit_ms"] = 5000
+    plan["downtime_policy"] = "strict"
+    return plan
+
+
 async def test_the_destination_takes_its_share_of_a_strict_budget_as_durations(
     short_dir: Path, token_file: Path
 ) -> None:
     async with two_hosts(short_dir, token_file) as (a, b):
-        # The share goes out as the source barrier releases; the stop arcs (20 ms)
-        # come before any stream can end, so it is there before the first settle.
-        plan = cross_plan(b, token_file, "gpu0", "gpu1", state_mib=0.0625, transition_ms=20)
-        plan["downtime_limit_ms"] = 5000
-        plan["downtime_policy"] = "strict"
-        status = await submit(a, plan)
+        status = await submit(a, strict_plan(b, token_file))
         report = status["report"]
         assert status["outcome"] == "succeeded", report
         share = report["budget"]["destination_share"]
@@ -357,11 +362,38 @@ async def test_the_destination_takes_its_share_of_a_strict_budget_as_durations(
         far = await incoming(b, status["id"])
         # What the destination took: the same durations, and a check before each
         # device's settle and before its vote, on its own clock from the receipt.
-        taken = far["report"]["budget"]
-        assert taken["left_ms"] == share["left_ms"], (taken, share)
+        taken = far["report"]["share"]
+        assert taken["taken"] and taken["left_ms"] == share["left_ms"], (taken, share)
         steps = sorted((c["step"], c["device"]) for c in taken["checks"])
         assert steps == [("settle_arcs", "gpu0"), ("settle_arcs", "gpu1"), ("vote", None)], taken
         assert all(c["fits"] and 0 <= c["elapsed_ms"] < 5000 for c in taken["checks"])
+
+
+async def test_a_destination_over_its_share_rolls_both_hosts_back_before_settling(
+    short_dir: Path, token_file: Path, monkeypatch: Any
+) -> None:
+    # The share's arithmetic has its own tests; here it leaves the destination
+    # nothing, so that the refusal crosses the wire: the destination begins no
+    # settle and answers OverBudget, the source rolls back naming its step, and
+    # the destination resets the devices it left in RESUMING.
+    from orchestrator.engine import Share, budget
+
+    monkeypatch.setattr(budget.DowntimeBudget, "share", lambda self, flow, rtt_s: Share(0.0, 0.001))
+    async with two_hosts(short_dir, token_file) as (a, b):
+        status = await submit(a, strict_plan(b, token_file))
+        report = status["report"]
+        assert status["outcome"] == "rolled_back", report
+        assert report["error"]["kind"] == "downtime_budget", report["error"]
+        assert "at the destination, before settle_arcs of gpu" in report["error"]["message"]
+        assert report["budget"]["blown_at"] == "settle_arcs (destination)"
+        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "rolled_back", far
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+        taken = far["report"]["share"]
+        assert taken["taken"] and taken["checks"], taken
+        # Each settle refused before it began (none of the checks fit).
+        assert not any(c["fits"] for c in taken["checks"]), taken
 
 
 async def test_a_destination_of_protocol_1_gets_no_share_and_still_migrates(
@@ -379,7 +411,7 @@ async def test_a_destination_of_protocol_1_gets_no_share_and_still_migrates(
         assert status["outcome"] == "succeeded", status["report"]
         assert status["report"]["budget"]["destination_share"] is None
         far = await incoming(b, status["id"])
-        assert far["report"]["budget"] is None
+        assert far["report"]["share"] is None
 
 
 async def test_the_destinations_declared_arcs_reach_the_sources_forecast(

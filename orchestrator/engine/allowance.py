@@ -57,14 +57,24 @@ class Allowance:
 
     def __init__(self) -> None:
         self.share: Share | None = None
+        #: A share that came too late to be taken (see ``grant``).
+        self.late: Share | None = None
         self._granted_at = 0.0
         #: Each check taken: (step, device, elapsed_s, need_s).
         self.checks: list[tuple[str, str | None, float, float]] = []
 
-    def grant(self, share: Share) -> None:
-        if self.share is None:  # a repeated grant (a duplicate message) keeps the first clock
-            self.share = share
-            self._granted_at = trio.current_time()
+    def grant(self, share: Share, *, late: bool = False) -> None:
+        """Take the share, its clock from now.  ``late``: a stream ended before it
+        arrived (it came another way, or behind the data): its durations would
+        count from too late a moment, so it is not taken (the source's own checks
+        still hold)."""
+        if self.share is not None or self.late is not None:
+            return  # a repeated grant (a duplicate message) keeps the first clock
+        if late:
+            self.late = share
+            return
+        self.share = share
+        self._granted_at = trio.current_time()
 
     def check(self, step: str, device: str | None = None) -> None:
         """Before ``step`` (``settle_arcs`` of a device, or the ``vote``): raise
@@ -79,10 +89,11 @@ class Allowance:
             raise OverBudget(step, device, elapsed, need, share.left_s)
 
     def as_report(self) -> dict[str, Any] | None:
-        share = self.share
+        share = self.share or self.late
         if share is None:
             return None
         return {
+            "taken": self.share is not None,
             "left_ms": round(share.left_s * 1000, 3),
             "settle_ms": round(share.settle_s * 1000, 3),
             "checks": [

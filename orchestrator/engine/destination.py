@@ -290,6 +290,11 @@ class DestinationEngine:
     def _ended(self, name: str) -> bool:
         return self._progress[name] is _ENDED
 
+    def take_share(self, share: Share) -> None:
+        """The source's share of a strict budget: taken unless a stream already
+        ended (the share's clock would start too late to guard its settle)."""
+        self.allowance.grant(share, late=any(self._ended(name) for name in self.names))
+
     def _wake(self, name: str, *, end: bool = False) -> None:
         event = self._progress[name]
         self._progress[name] = _ENDED if end else trio.Event()

@@ -586,7 +586,13 @@ class RemoteDestination(Destination):
     def _refused_step(self) -> None:
         over = self._over_budget
         if over is not None:
-            raise OverBudget(over.step, over.device, over.elapsed_s, over.need_s, over.left_s)
+            raise OverBudget(
+                step=over.step,
+                device=over.device,
+                elapsed_s=over.elapsed_s,
+                need_s=over.need_s,
+                left_s=over.left_s,
+            )
 
     async def loaded(self, name: str) -> None:
         link = self._links[name]

@@ -379,8 +379,7 @@ class IncomingMigration:
                 if isinstance(action.message, p.InitialSent):
                     nursery.start_soon(self._acknowledge, action.message)
                 elif isinstance(action.message, p.Budget):
-                    share = Share(action.message.left_s, action.message.settle_s)
-                    self.engine.allowance.grant(share)
+                    self.engine.take_share(Share(action.message.left_s, action.message.settle_s))
             elif isinstance(action, p.RecordOutcome):
                 nursery.start_soon(self._finish, action.outcome)
             elif action is p.Do.BEGIN_TRANSFER:
@@ -451,7 +450,13 @@ class IncomingMigration:
         except OverBudget as over:
             # Not begun: the source hears why, in durations, and aborts.
             self._emit(
-                p.OverBudget(over.step, over.elapsed_s, over.need_s, over.left_s, over.device)
+                p.OverBudget(
+                    step=over.step,
+                    elapsed_s=over.elapsed_s,
+                    need_s=over.need_s,
+                    left_s=over.left_s,
+                    device=over.device,
+                )
             )
 
     def _start_vote_write(self) -> None:
@@ -676,7 +681,7 @@ class IncomingMigration:
             devices=devices,
             error=error if outcome != "succeeded" else None,
             notes=notes,
-            budget=self.engine.allowance.as_report(),
+            share=self.engine.allowance.as_report(),
         )
 
 
