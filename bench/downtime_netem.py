@@ -263,7 +263,8 @@ def main() -> None:
         destination = Daemon(
             dst,
             Path(tmp) / "dst",
-            {"api": {"tcp": f"{dst_ip}:7800"}, "data": {"listen": f"{dst_ip}:7801"},
+            {"api": {"tcp": f"{dst_ip}:7800"},
+             "data": {"listen": f"{dst_ip}:7801", "insecure": "true"},
              "log": {"level": "warning"}},
         )  # fmt: skip
         source = Daemon(src, Path(tmp) / "src", {"log": {"level": "warning"}})

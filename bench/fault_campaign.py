@@ -465,6 +465,8 @@ class Daemon:
             f'tcp = "{address}:{net.port(role)}"',
             "[data]",
             f'listen = "{address}:0"',
+            # Network namespaces of this one machine: cleartext by choice.
+            "insecure = true",
         ]
         self.config.write_text("\n".join(lines) + "\n")
         self.process: trio.Process | None = None

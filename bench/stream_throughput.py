@@ -32,8 +32,12 @@ what bounds the channel here:
   receiving thread posts every checked frame to a trio task
   (``run_sync_soon``, a memory channel) that gives the buffer back.
 
+``--tls`` adds the channel in mutual TLS (both ends with a certificate of a
+CA made for the run) and a table of it against the plain copy and the
+cleartext channel, in the same run.
+
     python bench/stream_throughput.py [--sizes-mib 1,16,256,1024] [--connections 1,4]
-                                      [--repeats 3] [--quick] [--ceiling]
+                                      [--repeats 3] [--quick] [--ceiling] [--tls]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
@@ -49,10 +54,12 @@ import queue
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -61,6 +68,7 @@ from typing_extensions import Buffer
 from orchestrator import logs
 from orchestrator.errors import PeerError
 from orchestrator.transport import ChannelListener, new_secret, open_channel, wire
+from orchestrator.transport.channel import TlsIdentity, TlsPeer
 
 MIB = 1 << 20
 CHUNK = MIB
@@ -115,9 +123,11 @@ def _plain_destination(control: Connection, connections: int, total: int) -> Non
         sock.close()
 
 
-async def _channel_destination(control: Connection, connections: int, secret: bytes) -> None:
+async def _channel_destination(
+    control: Connection, connections: int, secret: bytes, tls: TlsIdentity | None = None
+) -> None:
     devices = [f"dev{i}" for i in range(connections)]
-    listener = ChannelListener()
+    listener = ChannelListener(tls=tls.server_context() if tls is not None else None)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(listener.serve, "127.0.0.1")
         channel = listener.expect("bench", secret, devices)
@@ -219,10 +229,10 @@ async def _framed_trio_destination(control: Connection, connections: int, total:
 def destination(control: Connection) -> None:
     logs.configure("error")
     while True:
-        trial: tuple[str, int, int, bytes] | None = control.recv()
+        trial: tuple[str, int, int, bytes, TlsIdentity | None] | None = control.recv()
         if trial is None:
             return
-        kind, connections, total, secret = trial
+        kind, connections, total, secret, tls = trial
         if kind == "plain":
             _plain_destination(control, connections, total)
         elif kind == "framed":
@@ -230,7 +240,7 @@ def destination(control: Connection) -> None:
         elif kind == "framed_trio":
             trio.run(_framed_trio_destination, control, connections, total)
         else:
-            trio.run(_channel_destination, control, connections, secret)
+            trio.run(_channel_destination, control, connections, secret, tls)
         control.send("done")
 
 
@@ -268,7 +278,7 @@ def _threaded_copy(
     pour: Callable[[socket.socket, int], None],
 ) -> float:
     """A copy whose source is a thread per connection running ``pour(sock, its share)``."""
-    control.send((kind, connections, total, b""))
+    control.send((kind, connections, total, b"", None))
     port = control.recv()
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
 
@@ -358,7 +368,7 @@ class _ToThread:
 
 
 def framed_trio_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
-    control.send(("framed_trio", connections, total, b""))
+    control.send(("framed_trio", connections, total, b"", None))
     port = control.recv()
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
     elapsed = 0.0
@@ -398,17 +408,30 @@ def framed_trio_copy(control: Peer, payload: memoryview, connections: int, total
     return elapsed
 
 
-def channel_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
+def channel_copy(
+    control: Peer,
+    payload: memoryview,
+    connections: int,
+    total: int,
+    tls: tuple[TlsIdentity, TlsIdentity] | None = None,
+) -> float:
+    """The channel; ``tls``: (the destination's identity, the source's), mutual TLS."""
     secret = new_secret()
-    control.send(("channel", connections, total, secret))
+    control.send(("channel", connections, total, secret, tls[0] if tls else None))
     port = control.recv()
     devices = [f"dev{i}" for i in range(connections)]
     elapsed = 0.0
 
     async def run() -> None:
         nonlocal elapsed
+        peer = TlsPeer(tls[1].client_context(), "127.0.0.1") if tls else None
         async with open_channel(
-            ("127.0.0.1", port), "bench", secret, devices, parallel_connections=connections
+            ("127.0.0.1", port),
+            "bench",
+            secret,
+            devices,
+            parallel_connections=connections,
+            tls=peer,
         ) as channel:
 
             async def pour(device: str, nbytes: int) -> None:
@@ -433,6 +456,27 @@ def channel_copy(control: Peer, payload: memoryview, connections: int, total: in
     return elapsed
 
 
+def _throwaway_identities(stack: contextlib.ExitStack) -> tuple[TlsIdentity, TlsIdentity]:
+    """The destination's and the source's identities, of a CA made for this run."""
+    try:
+        import trustme
+    except ImportError:
+        raise SystemExit(
+            "--tls needs the test extra's trustme (pip install -e '.[test]')"
+        ) from None
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tls-")))
+    ca = trustme.CA()
+    out = []
+    for name in ("destination", "source"):
+        cert = ca.issue_cert("127.0.0.1")
+        files = [folder / f"{name}-{part}.pem" for part in ("cert", "key", "ca")]
+        cert.cert_chain_pems[0].write_to_path(str(files[0]))
+        cert.private_key_pem.write_to_path(str(files[1]))
+        ca.cert_pem.write_to_path(str(files[2]))
+        out.append(TlsIdentity(*files))
+    return out[0], out[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-mib", default="1,16,256,1024", help="state sizes, comma-separated")
@@ -443,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         "--ceiling",
         action="store_true",
         help="also the framed copies without the channel, in a second table",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also the channel in mutual TLS (certificates of a throw-away CA), in a table "
+        "beside the plain copy and the cleartext channel",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -456,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.ceiling:
         copies |= {"framed": framed_copy, "framed_trio": framed_trio_copy}
+    scratch = contextlib.ExitStack()
+    if args.tls:
+        identities = _throwaway_identities(scratch)
+        copies["tls"] = functools.partial(channel_copy, tls=identities)
 
     print(f"command: python bench/stream_throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
     print(
@@ -466,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = memoryview(os.urandom(CHUNK))
     ours = Peer()
     ceiling: list[str] = []
+    secured: list[str] = []
     try:
         print("| state MiB | connections | plain GB/s | channel GB/s | ratio | target 0.80 |")
         print("|---:|---:|---:|---:|---:|---|")
@@ -483,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {ratio:.2f} | {'met' if ratio >= TARGET else 'missed'} |",
                     flush=True,
                 )
+                if args.tls:
+                    secured.append(
+                        f"| {size} | {connections} | {rate['plain']:.2f} | {rate['channel']:.2f} "
+                        f"| {rate['tls']:.2f} | {rate['tls'] / rate['plain']:.2f} "
+                        f"| {rate['tls'] / rate['channel']:.2f} |"
+                    )
                 if args.ceiling:
                     ceiling.append(
                         f"| {size} | {connections} | {rate['plain']:.2f} "
@@ -494,6 +555,15 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         ours.close()
+        scratch.close()
+    if secured:
+        print()
+        print(
+            "| state MiB | connections | plain GB/s | channel GB/s | TLS channel GB/s "
+            "| TLS of plain | TLS of channel |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(secured))
     if ceiling:
         print()
         print(

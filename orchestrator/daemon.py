@@ -73,7 +73,7 @@ from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
 from orchestrator.service import MigrationService
 from orchestrator.settings import UNIX_PATH_MAX, Settings, SettingsError, read_token_file
-from orchestrator.transport.channel import ChannelListener
+from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
 log = structlog.get_logger("orchestrator.daemon")
 
@@ -104,30 +104,74 @@ class Running:
 # -- start-up checks -------------------------------------------------------------
 
 
-def check_tls(settings: Settings) -> ssl.SSLContext | None:
-    """Load the certificate and key now, so that a bad pair stops the start with a clear error."""
+def api_certificate(settings: Settings) -> tuple[Path, Path, str] | None:
+    """The TCP API's certificate and key: ``[api] tls_cert``/``tls_key``, else the
+    host's ``[tls]`` identity (with the API on TCP); and the settings field they are."""
     api = settings.api
-    if api.tls_cert is None or api.tls_key is None:
+    if api.tls_cert is not None and api.tls_key is not None:
+        return api.tls_cert, api.tls_key, "api.tls_cert"
+    if settings.tls is not None and api.tcp is not None:
+        return settings.tls.cert_file, settings.tls.key_file, "tls.cert_file"
+    return None
+
+
+def check_tls(settings: Settings) -> ssl.SSLContext | None:
+    """Load the API's certificate and key now, so that a bad pair stops the start
+    with a clear error."""
+    pair = api_certificate(settings)
+    if pair is None:
         return None
-    for field, path in (("api.tls_cert", api.tls_cert), ("api.tls_key", api.tls_key)):
+    cert, key, field = pair
+    _readable((field, cert), (field.replace("cert", "key"), key))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            [Problem(field, f"cannot use {cert} with the key {key}: {exc.reason or exc}")]
+        ) from None
+    return context
+
+
+def load_identity(settings: Settings) -> TlsIdentity | None:
+    """The host's ``[tls]`` identity, its files read and both contexts built now, so
+    that a bad one stops the start with a clear error naming the field."""
+    tls = settings.tls
+    if tls is None:
+        return None
+    _readable(
+        ("tls.cert_file", tls.cert_file),
+        ("tls.key_file", tls.key_file),
+        ("tls.ca_file", tls.ca_file),
+    )
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        probe.load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            [
+                Problem(
+                    "tls.cert_file",
+                    f"cannot use {tls.cert_file} with the key {tls.key_file}: {exc.reason or exc}",
+                )
+            ]
+        ) from None
+    try:
+        probe.load_verify_locations(cafile=tls.ca_file)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            [Problem("tls.ca_file", f"no CA certificate in {tls.ca_file}: {exc.reason or exc}")]
+        ) from None
+    return TlsIdentity(tls.cert_file, tls.key_file, tls.ca_file)
+
+
+def _readable(*files: tuple[str, Path]) -> None:
+    for field, path in files:
         try:
             with path.open("rb"):
                 pass
         except OSError as exc:
             raise SettingsError([Problem(field, f"cannot read {path}: {exc.strerror}")]) from None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(api.tls_cert, api.tls_key)
-    except ssl.SSLError as exc:
-        raise SettingsError(
-            [
-                Problem(
-                    "api.tls_cert",
-                    f"cannot use {api.tls_cert} with the key {api.tls_key}: {exc.reason or exc}",
-                )
-            ]
-        ) from None
-    return context
 
 
 def check_socket_path(path: Path, field: str = "api.unix_socket") -> None:
@@ -280,10 +324,10 @@ def _hypercorn_config(
     """Serve the sockets we bound (as ``fd://``); the TCP one with TLS when configured."""
     config = HypercornConfig()
     binds = [f"fd://{sock.detach()}" for sock in sockets]
-    if tls:
-        assert settings.api.tls_cert is not None and settings.api.tls_key is not None
-        config.certfile = os.fspath(settings.api.tls_cert)
-        config.keyfile = os.fspath(settings.api.tls_key)
+    pair = api_certificate(settings) if tls else None
+    if pair is not None:
+        config.certfile = os.fspath(pair[0])
+        config.keyfile = os.fspath(pair[1])
         # The Unix socket (first) stays plain: its file mode is its protection.
         config.insecure_bind = binds[:1]
         config.bind = binds[1:]
@@ -315,6 +359,7 @@ async def serve(
             signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
         tokens = read_token_file(settings.api.token_file)
         tls = check_tls(settings) is not None
+        identity = load_identity(settings)
         socket_path = settings.socket_path
         check_socket_path(socket_path)
         _make_dir(settings.state_dir, "state_dir")
@@ -345,7 +390,10 @@ async def serve(
         async with journal:
             registry = CollectorRegistry()
             listener = (
-                ChannelListener(max_handshakes=settings.data.max_handshakes)
+                ChannelListener(
+                    max_handshakes=settings.data.max_handshakes,
+                    tls=identity.server_context() if identity is not None else None,
+                )
                 if settings.data.listen is not None
                 else None
             )
@@ -361,6 +409,7 @@ async def serve(
                 handles=handles,
                 listener=listener,
                 advertise=settings.data.advertise,
+                tls=identity,
                 decision_key=_decision_key(settings.state_dir),
             )
             app = create_app(
@@ -378,8 +427,8 @@ async def serve(
                     log.warning(
                         "daemon.tcp_without_tls",
                         tcp=settings.api.tcp,
-                        hint="bearer tokens cross the network in clear: set api.tls_cert "
-                        "and api.tls_key",
+                        hint="bearer tokens cross the network in clear: set [tls] (or "
+                        "api.tls_cert and api.tls_key)",
                     )
                 try:
                     tcp_socket = bind_tcp_socket(host, port)

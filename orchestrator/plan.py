@@ -138,7 +138,9 @@ class RemoteDestination(BaseModel):
         description="File holding the bearer token the destination daemon accepts (mode 0600)."
     )
     ca_file: Path | None = Field(
-        None, description="PEM CA bundle to verify an https destination with (default: system)."
+        None,
+        description="Deprecated: the daemon's [tls] ca_file replaces it.  PEM CA bundle to "
+        "verify an https destination with (default: system), where the daemon has no [tls].",
     )
 
 

@@ -68,7 +68,7 @@ from orchestrator.plan import Plan
 from orchestrator.report import MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan, resolve
 from orchestrator.transport import RateLimiter
-from orchestrator.transport.channel import ChannelListener
+from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
 log = structlog.get_logger("orchestrator.service")
 
@@ -187,8 +187,11 @@ class MigrationService:
         listener: ChannelListener | None = None,
         advertise: str | None = None,
         decision_key: bytes | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.journal = journal
+        #: This host's TLS identity for migration traffic (``[tls]``), if any.
+        self.tls = tls
         self.metrics = metrics
         #: The backends plans resolve against (the daemon's own: persistent
         #: simulated devices under its state directory).
@@ -480,6 +483,7 @@ class MigrationService:
                 contact,
                 recovering=recovering,
                 committed=committed,
+                tls=self.tls,
             )
 
         return Migration(

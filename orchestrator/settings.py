@@ -21,6 +21,7 @@ daemon make them at start.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import tomllib
@@ -30,7 +31,15 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -199,6 +208,14 @@ class DataSettings(BaseModel):
             "(default: the host it reached this daemon's API on)."
         ),
     )
+    insecure: bool = Field(
+        False,
+        description=(
+            "Allow a data listener beyond the loopback without a [tls] identity: device "
+            "state then crosses the network in cleartext, readable and alterable on the "
+            "path.  Without it such a daemon refuses to start."
+        ),
+    )
     max_handshakes: int = Field(
         # The listener's own default (DEFAULT_MAX_HANDSHAKES); not imported, so
         # that loading the settings does not load the transport and trio.
@@ -226,6 +243,21 @@ class DataSettings(BaseModel):
         return None if self.listen is None else parse_host_port(self.listen)
 
 
+class TlsSettings(BaseModel):
+    """This host's identity for migration traffic (the ``[tls]`` table), as libvirt's
+    pki: every host's certificate is signed by ``ca_file``.  Set, the data channel
+    is mutual TLS (the listener requires a certificate of the CA, cleartext is
+    refused, the source checks the destination's name from its URL); the source
+    checks the destination API's certificate against ``ca_file``; the API's TCP
+    listener serves this certificate unless ``[api] tls_cert`` says otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path = Field(description="PEM certificate (chain) of this host.")
+    key_file: Path = Field(description="PEM private key of cert_file.")
+    ca_file: Path = Field(description="PEM certificate(s) of the CA that signs every host's.")
+
+
 class LogSettings(BaseModel):
     """The daemon's logs on stderr (the ``[log]`` table)."""
 
@@ -241,6 +273,15 @@ class LogSettings(BaseModel):
 _FILE_VALUES: ContextVar[Mapping[str, Any] | None] = ContextVar(
     "orchestrator_file_values", default=None
 )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -282,6 +323,22 @@ class Settings(BaseSettings):
         default_factory=DataSettings, description="The data channel from other hosts."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    tls: TlsSettings | None = Field(
+        None, description="This host's TLS identity for migration traffic; off unless set."
+    )
+
+    @model_validator(mode="after")
+    def _cleartext_stays_local(self) -> Settings:
+        address = self.data.listen_address
+        if address is None or self.tls is not None or self.data.insecure:
+            return self
+        if not _loopback(address[0]):
+            raise ValueError(
+                f"data.listen {self.data.listen!r} is beyond the loopback and there is no [tls] "
+                "identity: device state would cross the network in cleartext.  Set [tls] "
+                "cert_file, key_file and ca_file, or data.insecure = true to accept that"
+            )
+        return self
 
     @field_validator("handover_socket", mode="before")
     @classmethod

@@ -32,6 +32,39 @@ async def incoming(destination: Host, migration_id: str) -> dict[str, Any]:
     return await until(lambda: destination.incoming(migration_id), ended)
 
 
+async def test_two_daemons_with_tls_migrate_over_mutual_tls_and_https(
+    short_dir: Path, token_file: Path
+) -> None:
+    # Each daemon with a [tls] identity of one CA: the prepare call over https
+    # (the destination's certificate checked against the CA and its address),
+    # the data channel mutual TLS (cleartext refused by the listener).
+    async with two_hosts(short_dir, token_file, tls=True) as (a, b):
+        assert b.api_url.startswith("https://")
+        status = await submit(a, cross_plan(b, token_file, "gpu0", "gpu1", state_mib=1))
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        listener = b.service.incoming.listener
+        assert listener is not None and listener.tls is not None
+        assert listener.statistics().refused == {}
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "succeeded"
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+
+
+async def test_a_daemon_with_tls_never_sends_to_a_cleartext_destination(
+    short_dir: Path, token_file: Path
+) -> None:
+    # The source has a [tls] identity, the destination's data channel none: the
+    # source refuses before any device changes (no downgrade to cleartext).
+    async with two_hosts(short_dir, token_file, tls=True) as (a, b):
+        b.service.incoming.listener.tls = None  # as a destination without [tls] answers
+        status = await submit(a, cross_plan(b, token_file, "gpu0", state_mib=0.0625))
+        report = status["report"]
+        assert status["outcome"] == "refused", report
+        assert "not encrypted" in report["error"]["message"], report["error"]
+        assert [d["source_state"] for d in report["devices"]] == ["RUNNING"]
+
+
 async def test_three_devices_migrate_to_the_destination_daemon(
     short_dir: Path, token_file: Path
 ) -> None:

@@ -294,6 +294,64 @@ async def test_a_bad_certificate_is_a_settings_error(short_dir: Path, token_file
         await daemon.serve(missing, shutdown_trigger=trio.sleep_forever)
 
 
+def tls_settings(base: Path, token_file: Path, **tls: str) -> Settings:
+    """A daemon with a [tls] identity (``tls``: the files, overriding a good one)."""
+    from tests.two_daemons import issue_identities
+
+    (good,) = issue_identities(base, "127.0.0.1")
+    files = {"cert_file": str(good.cert), "key_file": str(good.key), "ca_file": str(good.ca)}
+    return Settings.load(
+        flags={
+            "state_dir": str(base / "state"),
+            "shutdown_grace_s": 5,
+            "api": {
+                "unix_socket": str(base / "api.sock"),
+                "token_file": str(token_file),
+                "tcp": "127.0.0.1:0",
+            },
+            "data": {"listen": "127.0.0.1:0"},
+            "tls": {**files, **tls},
+        }
+    )
+
+
+async def test_the_hosts_tls_identity_serves_the_api_and_the_data_listener(
+    short_dir: Path, token_file: Path
+) -> None:
+    settings = tls_settings(short_dir, token_file)
+    assert settings.tls is not None
+    async with running_daemon(settings) as d:
+        assert d.running.tcp_address is not None
+        port = d.running.tcp_address[1]
+        verify = ssl.create_default_context(cafile=settings.tls.ca_file)
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{port}", verify=verify, timeout=10
+        ) as https:
+            assert (await https.get("/healthz")).status_code == 200
+        listener = d.running.service.incoming.listener
+        assert listener is not None and listener.tls is not None
+
+
+async def test_a_bad_tls_identity_is_a_settings_error_naming_its_file(
+    short_dir: Path, token_file: Path
+) -> None:
+    junk = short_dir / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for field, value, expected in (
+        ("cert_file", "/nonexistent.pem", r"tls\.cert_file: cannot read /nonexistent\.pem"),
+        ("ca_file", str(junk), r"tls\.ca_file"),
+        ("key_file", str(junk), r"tls\.cert_file: cannot use .* with the key"),
+    ):
+        base = short_dir / field
+        base.mkdir()
+        with pytest.raises(Exception, match=expected) as exc:
+            await daemon.serve(
+                tls_settings(base, token_file, **{field: value}),
+                shutdown_trigger=trio.sleep_forever,
+            )
+        assert type(exc.value).__name__ == "SettingsError"
+
+
 # -- the CLI client verbs against a daemon ----------------------------------------------------
 
 

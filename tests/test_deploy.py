@@ -824,10 +824,14 @@ def test_daemonset_wires_the_settings_it_is_given(
     assert tokens["secretName"] == secret["metadata"]["name"]
     assert k8s_settings.api.token_file.name in secret["stringData"]
     assert tokens["defaultMode"] & 0o077 == 0  # read_token_file refuses group or other access
-    assert k8s_settings.api.tls_cert is not None and k8s_settings.api.tls_key is not None
-    tls = mounts[volume_of(k8s_settings.api.tls_cert)]["volume"]["secret"]
-    assert volume_of(k8s_settings.api.tls_key) == volume_of(k8s_settings.api.tls_cert)
-    assert (k8s_settings.api.tls_cert.name, k8s_settings.api.tls_key.name) == ("tls.crt", "tls.key")
+    # The host's TLS identity (the API's TCP listener and the data channel):
+    # the kubernetes.io/tls Secret's three files, on its own volume.
+    identity = k8s_settings.tls
+    assert identity is not None
+    files = (identity.cert_file, identity.key_file, identity.ca_file)
+    assert {volume_of(f) for f in files} == {"tls"}
+    assert [f.name for f in files] == ["tls.crt", "tls.key", "ca.crt"]
+    tls = mounts["tls"]["volume"]["secret"]
     assert tls["secretName"] == "orchestrator-tls" and tls["defaultMode"] & 0o077 == 0
 
     # The API port is the settings' TCP port, on every address of the node.

@@ -290,3 +290,36 @@ def test_serve_refuses_a_bad_token_file(
     assert f"api.token_file: {tokens}" in err and message in err
     assert "Traceback" not in err
     assert not (tmp_path / "s").exists(), "nothing starts before the checks pass"
+
+
+# -- [tls] and the data channel beyond the loopback ---------------------------------
+
+
+def test_a_data_listener_beyond_the_loopback_needs_tls_or_says_it_is_insecure() -> None:
+    beyond = {"data": {"listen": "0.0.0.0:7801"}}
+    with pytest.raises(SettingsError) as info:
+        Settings.load(flags=beyond)
+    message = " ".join(problems_of(info).values())
+    assert "cleartext" in message and "data.insecure" in message and "[tls]" in message
+    # On the loopback, or said to be insecure, or with an identity: it starts.
+    Settings.load(flags={"data": {"listen": "127.0.0.1:7801"}})
+    Settings.load(flags={"data": {"listen": "[::1]:7801"}})
+    Settings.load(flags={"data": {"listen": "0.0.0.0:7801", "insecure": True}})
+    tls = {"cert_file": "/c.pem", "key_file": "/k.pem", "ca_file": "/ca.pem"}
+    settings = Settings.load(flags={**beyond, "tls": tls})
+    assert settings.tls is not None and settings.tls.ca_file == Path("/ca.pem")
+
+
+def test_a_tls_identity_names_the_file_it_lacks(tmp_path: Path) -> None:
+    config = write(tmp_path / "o.toml", '[tls]\ncert_file = "/c.pem"\nkey_file = "/k.pem"\n')
+    with pytest.raises(SettingsError) as info:
+        Settings.load(config_file=config)
+    assert "tls.ca_file" in problems_of(info)
+
+
+def test_every_tls_and_data_setting_is_documented() -> None:
+    from orchestrator.settings import DataSettings, TlsSettings
+
+    for model in (TlsSettings, DataSettings):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"

@@ -13,6 +13,7 @@ API socket; journals straight from their files.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -63,6 +64,7 @@ class Host:
     api_port: int
     processes: bool
     placement: Placement = Placement()
+    https: bool = False
     process: trio.Process | None = None
     daemon: Daemon | None = None
     _stack: AsyncExitStack = field(default_factory=AsyncExitStack)
@@ -79,7 +81,7 @@ class Host:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.placement.ip}:{self.api_port}"
+        return f"{'https' if self.https else 'http'}://{self.placement.ip}:{self.api_port}"
 
     async def start(self) -> None:
         if self.processes:
@@ -161,26 +163,65 @@ class Host:
             db.close()
 
 
-def _host(name: str, base: Path, token_file: Path, processes: bool, placement: Placement) -> Host:
+def _host(
+    name: str,
+    base: Path,
+    token_file: Path,
+    processes: bool,
+    placement: Placement,
+    tls: TlsFiles | None = None,
+) -> Host:
     base.mkdir()
     port = free_port() if not placement.prefix else 7800
     config = base / "orchestrator.toml"
-    config.write_text(
-        "\n".join(
-            [
-                f'state_dir = "{base / "state"}"',
-                "shutdown_grace_s = 2",
-                "[api]",
-                f'unix_socket = "{base / "api.sock"}"',
-                f'token_file = "{token_file}"',
-                f'tcp = "{placement.ip}:{port}"',
-                "[data]",
-                f'listen = "{placement.ip}:0"',
-            ]
-        )
-        + "\n"
-    )
-    return Host(name, base, config, port, processes, placement)
+    lines = [
+        f'state_dir = "{base / "state"}"',
+        "shutdown_grace_s = 2",
+        "[api]",
+        f'unix_socket = "{base / "api.sock"}"',
+        f'token_file = "{token_file}"',
+        f'tcp = "{placement.ip}:{port}"',
+        "[data]",
+        f'listen = "{placement.ip}:0"',
+    ]
+    if tls is None and not ipaddress.ip_address(placement.ip).is_loopback:
+        lines.append("insecure = true")  # network namespaces of one test host
+    if tls is not None:
+        lines += [
+            "[tls]",
+            f'cert_file = "{tls.cert}"',
+            f'key_file = "{tls.key}"',
+            f'ca_file = "{tls.ca}"',
+        ]
+    config.write_text("\n".join(lines) + "\n")
+    return Host(name, base, config, port, processes, placement, https=tls is not None)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A host's [tls] identity, as files."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def issue_identities(base: Path, *ips: str) -> list[TlsFiles]:
+    """One certificate per host address (its IP SAN), all signed by one new CA."""
+    import trustme  # the test extra's: only TLS tests need it
+
+    ca = trustme.CA()
+    out = []
+    for i, ip in enumerate(ips):
+        cert = ca.issue_cert(ip, f"host{i}.test")
+        folder = base / f"tls{i}"
+        folder.mkdir()
+        files = TlsFiles(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+        cert.cert_chain_pems[0].write_to_path(str(files.cert))
+        cert.private_key_pem.write_to_path(str(files.key))
+        ca.cert_pem.write_to_path(str(files.ca))
+        out.append(files)
+    return out
 
 
 @asynccontextmanager
@@ -190,10 +231,17 @@ async def two_daemons(
     *,
     processes: bool = False,
     placements: tuple[Placement, Placement] = (Placement(), Placement()),
+    tls: bool = False,
 ) -> AsyncIterator[tuple[Host, Host]]:
-    """(source, destination), both ready; both stopped after."""
-    source = _host("source", short_dir / "a", token_file, processes, placements[0])
-    destination = _host("destination", short_dir / "b", token_file, processes, placements[1])
+    """(source, destination), both ready; both stopped after.  ``tls``: each with a
+    [tls] identity of one test CA (mutual TLS data channel, https API)."""
+    ids: list[TlsFiles | None] = [None, None]
+    if tls:
+        ids = list(issue_identities(short_dir, placements[0].ip, placements[1].ip))
+    source = _host("source", short_dir / "a", token_file, processes, placements[0], ids[0])
+    destination = _host(
+        "destination", short_dir / "b", token_file, processes, placements[1], ids[1]
+    )
     try:
         await destination.start()
         await source.start()

@@ -136,7 +136,11 @@ class IncomingRegistry:
         return IncomingReady(
             migration_id=request.migration_id,
             protocol=version,
-            data={"host": self.advertise, "port": self.listener.address[1]},
+            data={
+                "host": self.advertise,
+                "port": self.listener.address[1],
+                "tls": self.listener.tls is not None,
+            },
             secret=secret.hex(),
             devices={
                 name: {

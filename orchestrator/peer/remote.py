@@ -56,6 +56,7 @@ from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
 from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side
 from orchestrator.transport import RateLimiter, SourceChannel, StreamSender, open_channel
+from orchestrator.transport.channel import TlsIdentity, TlsPeer
 
 log = structlog.get_logger("orchestrator.peer.remote")
 
@@ -151,8 +152,13 @@ class RemoteDestination(Destination):
         *,
         recovering: bool = False,
         committed: bool = False,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.spec = spec
+        #: This host's TLS identity: the data channel is mutual TLS, and the
+        #: destination API's certificate is checked against its CA.
+        self.tls = tls
+        self._tls_peer: TlsPeer | None = None
         self.plan = plan
         self.id = migration_id
         self.driver = driver
@@ -161,6 +167,12 @@ class RemoteDestination(Destination):
         self.base_url = spec.url.rstrip("/")
         self.log = log.bind(migration=migration_id, destination=self.base_url)
         self.notes = []
+        if spec.ca_file is not None:
+            why = "destination.ca_file is deprecated: set the daemon's [tls] ca_file" + (
+                " (which this daemon uses instead)" if tls is not None else ""
+            )
+            self.notes.append(why)
+            self.log.warning("remote.deprecated_ca_file", hint=why)
         self.machine = p.SourceMachine()
         self._first: p.Step | None = None
         if recovering:
@@ -208,7 +220,10 @@ class RemoteDestination(Destination):
         if self._token is None:
             self._token = destination_token(self.spec)
         verify: ssl.SSLContext | bool = True
-        if self.spec.ca_file is not None:
+        if self.tls is not None:
+            verify = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        elif self.spec.ca_file is not None:
+            # Deprecated (the settings' [tls] ca_file replaces it); warned of at submit.
             verify = ssl.create_default_context(cafile=str(self.spec.ca_file))
         return httpx.AsyncClient(
             base_url=self.base_url,
@@ -218,6 +233,26 @@ class RemoteDestination(Destination):
             timeout=timeout or self.plan.timeouts.device_call_s / 3,
             verify=verify,
         )
+
+    def _data_tls(self, required: bool) -> TlsPeer | None:
+        """How the data channel is secured, as both ends' settings agree; PeerError
+        (before anything changes) when they do not."""
+        if required and self.tls is None:
+            raise PeerError(
+                "the destination daemon's data channel requires TLS, and this daemon has no "
+                "[tls] identity (cert_file, key_file, ca_file)"
+            )
+        if self.tls is None:
+            return None
+        if not required:
+            raise PeerError(
+                "the destination daemon's data channel is not encrypted, and this daemon has a "
+                "[tls] identity: device state will not cross the network in cleartext (set "
+                "[tls] on the destination)"
+            )
+        hostname = urlsplit(self.base_url).hostname
+        assert hostname is not None  # a validated URL
+        return TlsPeer(self.tls.client_context(), hostname)
 
     async def _request(
         self, method: str, path: str, *, http_timeout_s: float | None = None, **kwargs: Any
@@ -283,6 +318,7 @@ class RemoteDestination(Destination):
             data = body["data"]
             host = data.get("host") or urlsplit(self.base_url).hostname
             self._data = (str(host), int(data["port"]))
+            self._tls_peer = self._data_tls(bool(data.get("tls", False)))
             self._secret = bytes.fromhex(body["secret"])
             self.version = int(body["protocol"])
             capabilities = {
@@ -368,6 +404,7 @@ class RemoteDestination(Destination):
                 parallel_connections=self.plan.parallel_connections,
                 limiter=self._limiter,
                 connect_timeout_s=self.plan.timeouts.device_call_s,
+                tls=self._tls_peer,
             ) as channel:
                 task_status.started(channel)
                 await self._read(channel)

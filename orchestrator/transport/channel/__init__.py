@@ -58,6 +58,7 @@ from orchestrator.transport.channel.links import (
     WRITE_BATCH_BYTES,
 )
 from orchestrator.transport.channel.listener import ChannelListener, ListenerStatistics, Refusal
+from orchestrator.transport.channel.tls import TlsIdentity, TlsPeer
 
 __all__ = [
     "ABORT_GRACE_S",
@@ -80,6 +81,8 @@ __all__ = [
     "NetworkStreamSender",
     "Refusal",
     "SourceChannel",
+    "TlsIdentity",
+    "TlsPeer",
     "default_connections",
     "new_secret",
     "open_channel",

@@ -44,6 +44,7 @@ from orchestrator.transport.channel.links import (
     _split,
     _tell_abort,
 )
+from orchestrator.transport.channel.tls import TlsPeer, secure
 from orchestrator.transport.streams import RateLimiter, StreamReceiver, StreamSender
 
 if TYPE_CHECKING:
@@ -465,6 +466,7 @@ async def _connect_link(
     secret: bytes,
     index: int,
     connections: int,
+    tls: TlsPeer | None = None,
 ) -> _Link | _ControlLink:
     sock = trio.socket.socket(
         stdlib_socket.AF_INET6 if ":" in address[0] else stdlib_socket.AF_INET,
@@ -474,6 +476,8 @@ async def _connect_link(
         _configure(sock)
         try:
             await sock.connect(address)
+            if tls is not None:
+                sock = await secure(sock, tls.context, server_hostname=tls.hostname)
             server_nonce = wire.parse_challenge(await _receive_exactly(sock, wire.CHALLENGE_SIZE))
             client_nonce = secrets.token_bytes(wire.NONCE_SIZE)
             hello_bytes = wire.client_hello(
@@ -510,6 +514,7 @@ async def open_channel(
     parallel_connections: int | None = None,
     limiter: RateLimiter | None = None,
     connect_timeout_s: float = 10.0,
+    tls: TlsPeer | None = None,
 ) -> AsyncIterator[SourceChannel]:
     """Open the source's end of a migration's data channel to a destination's listener.
 
@@ -518,7 +523,9 @@ async def open_channel(
     raises PeerAuthError if the
     destination refuses or cannot prove it holds ``secret``, PeerError if it
     cannot be reached within ``connect_timeout_s``.  Leaving the block closes
-    the channel: streams not ended by then are cut.
+    the channel: streams not ended by then are cut.  With ``tls`` every
+    connection is TLS first, the destination's certificate checked against its
+    name (PeerError says why a handshake failed).
     """
     connections = parallel_connections or default_connections(len(devices))
     if not 1 <= connections <= min(wire.MAX_CONNECTIONS, max(len(devices), 1)):
@@ -529,7 +536,7 @@ async def open_channel(
     links: dict[int, _Link | _ControlLink] = {}
 
     async def connect(index: int) -> None:
-        links[index] = await _connect_link(address, migration_id, secret, index, connections)
+        links[index] = await _connect_link(address, migration_id, secret, index, connections, tls)
 
     try:
         with trio.fail_after(connect_timeout_s):

@@ -45,6 +45,7 @@ import enum
 import errno
 import secrets
 import socket as stdlib_socket
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ from orchestrator.errors import PeerAuthError, PeerError
 from orchestrator.transport import wire
 from orchestrator.transport.channel.ends import DestinationChannel, new_secret
 from orchestrator.transport.channel.links import _configure, _receive_exactly, _send_all
+from orchestrator.transport.channel.tls import secure
 
 __all__ = [
     "ACCEPT_BACKOFF_S",
@@ -77,6 +79,9 @@ REJECTIONS_KEPT = 100
 #: A kind of accept error or refusal is logged at most once per interval.
 LOG_INTERVAL_S = 10.0
 BACKLOG = 128
+#: TLS handshakes in worker threads at once (the others wait their turn, within
+#: their handshake timeout).
+TLS_HANDSHAKE_THREADS = 32
 
 #: Errors about the connection at the head of the backlog, not the listening
 #: socket: skip it and accept the next (accept(2): Linux reports a pending
@@ -117,6 +122,8 @@ class Refusal(enum.StrEnum):
     EVICTED = "evicted"
     #: The peer closed the connection, or it failed, during the handshake.
     DISCONNECTED = "disconnected"
+    #: With a TLS identity: no TLS (cleartext), or its certificate not the CA's.
+    TLS = "tls"
     #: The handshake raised what it should not (a bug, logged with its traceback).
     ERROR = "error"
 
@@ -184,11 +191,16 @@ class ChannelListener:
         *,
         handshake_timeout_s: float = 10.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if max_handshakes < 1:
             raise ValueError(f"max_handshakes must be at least 1, not {max_handshakes}")
         self.handshake_timeout_s = handshake_timeout_s
         self.max_handshakes = max_handshakes
+        #: Every connection is TLS first (mutual: the server context requires the
+        #: peer's certificate); cleartext is refused.
+        self.tls = tls
+        self._tls_handshakes = trio.CapacityLimiter(min(max_handshakes, TLS_HANDSHAKE_THREADS))
         self._expected: dict[str, DestinationChannel] = {}
         #: The reasons of the last ``REJECTIONS_KEPT`` refusals, oldest first.
         self.rejections: collections.deque[str] = collections.deque(maxlen=REJECTIONS_KEPT)
@@ -325,44 +337,57 @@ class ChannelListener:
             )
 
     async def _handle(self, stranger: _Stranger) -> None:
-        sock = stranger.sock
-        with sock:
-            admitted: tuple[DestinationChannel, wire.Hello] | _Refused | None = None
-            try:
-                with stranger.scope, trio.fail_after(self.handshake_timeout_s):
-                    _configure(sock)
-                    admitted = await self._handshake(stranger)
-            except trio.TooSlowError:
-                admitted = _Refused(Refusal.TIMEOUT, "no HELLO within the handshake timeout")
-            except _Refused as exc:
-                admitted = exc
-            except (PeerError, OSError, trio.ClosedResourceError) as exc:
-                detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                admitted = _Refused(Refusal.DISCONNECTED, detail)
-            except Exception as exc:
-                # A bug, which a stranger's bytes must not turn into the end of
-                # the listener every migration shares.
-                if self._throttle.allow("handshake_error") is not None:
-                    log.exception("channel_handshake_crashed")
-                admitted = _Refused(Refusal.ERROR, f"the handshake failed: {exc!r}")
-            finally:
-                self._strangers.pop(stranger, None)
-            if stranger.evicted:
-                admitted = _Refused(
-                    Refusal.EVICTED, "closed in its handshake to make room for a newer connection"
-                )
-            if not isinstance(admitted, tuple):
-                assert admitted is not None
-                self._refuse(admitted)
-                return
-            channel, hello = admitted
-            try:
-                await channel._run(sock, hello)
-            except Exception as exc:
-                # The channel is failed and its owner told (a PeerError, alone or
-                # in a group); one migration's broken connection must never end
-                # the listener that every other migration shares.
-                log.info("channel_connection_ended", reason=str(exc), exc_info=True)
+        try:
+            await self._serve_stranger(stranger)
+        finally:
+            stranger.sock.close()  # the TLS relay's end, where TLS replaced it
+
+    async def _serve_stranger(self, stranger: _Stranger) -> None:
+        admitted: tuple[DestinationChannel, wire.Hello] | _Refused | None = None
+        try:
+            with stranger.scope, trio.fail_after(self.handshake_timeout_s):
+                _configure(stranger.sock)
+                if self.tls is not None:
+                    stranger.sock = await self._secure(stranger.sock)
+                admitted = await self._handshake(stranger)
+        except trio.TooSlowError:
+            admitted = _Refused(Refusal.TIMEOUT, "no HELLO within the handshake timeout")
+        except _Refused as exc:
+            admitted = exc
+        except (PeerError, OSError, trio.ClosedResourceError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            admitted = _Refused(Refusal.DISCONNECTED, detail)
+        except Exception as exc:
+            # A bug, which a stranger's bytes must not turn into the end of
+            # the listener every migration shares.
+            if self._throttle.allow("handshake_error") is not None:
+                log.exception("channel_handshake_crashed")
+            admitted = _Refused(Refusal.ERROR, f"the handshake failed: {exc!r}")
+        finally:
+            self._strangers.pop(stranger, None)
+        if stranger.evicted:
+            admitted = _Refused(
+                Refusal.EVICTED, "closed in its handshake to make room for a newer connection"
+            )
+        if not isinstance(admitted, tuple):
+            assert admitted is not None
+            self._refuse(admitted)
+            return
+        channel, hello = admitted
+        try:
+            await channel._run(stranger.sock, hello)
+        except Exception as exc:
+            # The channel is failed and its owner told (a PeerError, alone or
+            # in a group); one migration's broken connection must never end
+            # the listener that every other migration shares.
+            log.info("channel_connection_ended", reason=str(exc), exc_info=True)
+
+    async def _secure(self, sock: trio.socket.SocketType) -> trio.socket.SocketType:
+        assert self.tls is not None
+        try:
+            return await secure(sock, self.tls, limiter=self._tls_handshakes)
+        except PeerError as exc:
+            raise _Refused(Refusal.TLS, str(exc)) from None
 
     async def _handshake(self, stranger: _Stranger) -> tuple[DestinationChannel, wire.Hello]:
         sock = stranger.sock
