@@ -21,6 +21,10 @@ Start-up, in this order, so that nothing is half-started when a check fails:
 6. the service recovers what the journal holds unfinished
    (``nursery.start(service.run)``); /readyz says 200 once it has.
 
+SIGHUP reloads the TLS certificates in place (``certificates``): new
+connections present the rotated files; a rotation that does not load is
+logged and changes nothing.
+
 Shutdown, on SIGTERM or SIGINT (or ``shutdown_trigger`` in tests): new
 migrations are refused with 503, running ones get ``shutdown_grace_s`` to
 finish and the rest are rolled back (``service.shutdown``), then the HTTP
@@ -67,6 +71,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.backends import backends_for
+from orchestrator.certificates import CertificateFiles, Certificates
 from orchestrator.errors import OrchestratorError, Problem
 from orchestrator.handover import HandleRegistry, HandoverServer
 from orchestrator.journal import Journal
@@ -318,16 +323,36 @@ def _http_logger() -> logging.Logger:
     return logger
 
 
+class _ServedConfig(HypercornConfig):
+    """Hypercorn's settings, whose TLS context the daemon keeps (SIGHUP reloads it)."""
+
+    certificates: Certificates | None = None
+    certificate_name = "api"
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        context = super().create_ssl_context()
+        if context is not None and self.certificates is not None:
+            assert self.certfile is not None and self.keyfile is not None
+            files = CertificateFiles(self.certificate_name, Path(self.certfile), Path(self.keyfile))
+            self.certificates.keep(files, context)
+        return context
+
+
 def _hypercorn_config(
-    settings: Settings, sockets: list[socket.socket], tls: bool
+    settings: Settings,
+    sockets: list[socket.socket],
+    tls: bool,
+    certificates: Certificates | None = None,
 ) -> HypercornConfig:
     """Serve the sockets we bound (as ``fd://``); the TCP one with TLS when configured."""
-    config = HypercornConfig()
+    config = _ServedConfig()
+    config.certificates = certificates
     binds = [f"fd://{sock.detach()}" for sock in sockets]
     pair = api_certificate(settings) if tls else None
     if pair is not None:
         config.certfile = os.fspath(pair[0])
         config.keyfile = os.fspath(pair[1])
+        config.certificate_name = "api" if pair[2].startswith("api.") else "host"
         # The Unix socket (first) stays plain: its file mode is its protection.
         config.insecure_bind = binds[:1]
         config.bind = binds[1:]
@@ -356,7 +381,9 @@ async def serve(
         # First of all, so that a signal during start-up is a graceful stop too.
         signals = None
         if shutdown_trigger is None:
-            signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+            signals = stack.enter_context(
+                trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            )
         tokens = read_token_file(settings.api.token_file)
         tls = check_tls(settings) is not None
         identity = load_identity(settings)
@@ -389,10 +416,20 @@ async def serve(
         journal = await Journal.open(settings.state_dir)
         async with journal:
             registry = CollectorRegistry()
+            certificates = Certificates(registry)
             listener = (
                 ChannelListener(
                     max_handshakes=settings.data.max_handshakes,
-                    tls=identity.server_context() if identity is not None else None,
+                    tls=(
+                        certificates.keep(
+                            CertificateFiles(
+                                "host", identity.cert_file, identity.key_file, identity.ca_file
+                            ),
+                            identity.server_context(),
+                        )
+                        if identity is not None
+                        else None
+                    ),
                 )
                 if settings.data.listen is not None
                 else None
@@ -449,7 +486,7 @@ async def serve(
                         sock.close()
                     raise
                 stack.enter_context(_removed_on_exit(handover_path))
-            config = _hypercorn_config(settings, sockets, tls)
+            config = _hypercorn_config(settings, sockets, tls, certificates)
             await _run(
                 settings,
                 service,
@@ -461,6 +498,7 @@ async def serve(
                 socket_path,
                 tcp_address,
                 handover,
+                certificates,
             )
 
 
@@ -513,6 +551,7 @@ async def _run(
     socket_path: Path,
     tcp_address: tuple[str, int] | None,
     handover: socket.socket | None = None,
+    certificates: Certificates | None = None,
 ) -> None:
     stop = trio.Event()
     stop_http = trio.Event()
@@ -532,7 +571,7 @@ async def _run(
 
     async with trio.open_nursery() as nursery:
         if signals is not None:
-            nursery.start_soon(_stop_on_signal, signals, stop)
+            nursery.start_soon(_stop_on_signal, signals, stop, certificates)
         else:
             assert shutdown_trigger is not None
             nursery.start_soon(_stop_when, shutdown_trigger, stop)
@@ -644,9 +683,16 @@ async def _listen(
     stop.set()
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+async def _stop_on_signal(
+    signals: AsyncIterator[int], stop: trio.Event, certificates: Certificates | None = None
+) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("daemon.signal", signal=name, action="reload the TLS certificates")
+            if certificates is not None:
+                certificates.reload()
+            continue
         if stop.is_set():
             log.warning("daemon.signal_ignored", signal=name, reason="already shutting down")
         else:

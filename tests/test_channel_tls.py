@@ -5,6 +5,7 @@ present a certificate or do not."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -144,6 +145,38 @@ async def test_a_destination_under_another_name_is_refused(ca: trustme.CA, tmp_p
         async with open_channel(address, "mig-name-2", secret, ["gpu0"], tls=peer) as src:
             await pour(src.sender("gpu0"), b"hello over tls", 5)
             assert await drain(dest.receiver("gpu0")) == b"hello over tls"
+
+
+async def test_an_expired_certificate_is_refused_both_ways(ca: trustme.CA, tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    expired = ca.issue_cert(
+        "127.0.0.1",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    folder = tmp_path / "expired"
+    folder.mkdir()
+    expired.private_key_pem.write_to_path(str(folder / "key.pem"))
+    expired.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    stale = TlsIdentity(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+    good = identity(ca, tmp_path, "good", "127.0.0.1")
+    secret = new_secret()
+    # A destination whose certificate expired: the source refuses it.
+    async with tls_serving(stale) as (listener, address):
+        listener.expect("mig-old", secret, ["gpu0"])
+        peer = TlsPeer(good.client_context(), "127.0.0.1")
+        with pytest.raises(PeerError, match=r"certificate has expired"):
+            async with open_channel(address, "mig-old", secret, ["gpu0"], tls=peer):
+                pass
+    # A source whose certificate expired: the destination refuses it.
+    async with tls_serving(good) as (listener, address):
+        listener.expect("mig-old", secret, ["gpu0"])
+        peer = TlsPeer(stale.client_context(), "127.0.0.1")
+        with pytest.raises(PeerError):
+            async with open_channel(address, "mig-old", secret, ["gpu0"], tls=peer):
+                pass
+        assert any("expired" in r for r in listener.rejections), list(listener.rejections)
 
 
 async def test_a_stranger_that_never_finishes_its_tls_handshake_is_closed(
