@@ -33,8 +33,10 @@ what bounds the channel here:
   (``run_sync_soon``, a memory channel) that gives the buffer back.
 
 ``--tls`` adds the channel in mutual TLS (both ends with a certificate of a
-CA made for the run) and a table of it against the plain copy and the
-cleartext channel, in the same run.
+CA made for the run) and a table of it against the plain copy, the
+cleartext channel and the plain copy through TLS sockets (Python's ssl, a
+blocking thread per connection each side: what user-space TLS costs here,
+the ceiling for a channel that keeps it), in the same run.
 
     python bench/stream_throughput.py [--sizes-mib 1,16,256,1024] [--connections 1,4]
                                       [--repeats 3] [--quick] [--ceiling] [--tls]
@@ -105,10 +107,15 @@ def _in_threads(
         thread.join()
 
 
-def _plain_destination(control: Connection, connections: int, total: int) -> None:
+def _plain_destination(
+    control: Connection, connections: int, total: int, tls: TlsIdentity | None = None
+) -> None:
     socks = _accept(control, connections)
+    server = tls.server_context() if tls is not None else None
 
     def drain(sock: socket.socket, nbytes: int) -> None:
+        if server is not None:
+            sock = server.wrap_socket(sock, server_side=True)
         buffer = memoryview(bytearray(CHUNK))
         got = 0
         while got < nbytes:
@@ -116,11 +123,10 @@ def _plain_destination(control: Connection, connections: int, total: int) -> Non
             if n == 0:
                 raise SystemExit("plain copy: the source closed early")
             got += n
-
-    _in_threads(drain, socks, total)
-    for sock in socks:
         sock.sendall(b"!")
         sock.close()
+
+    _in_threads(drain, socks, total)
 
 
 async def _channel_destination(
@@ -234,7 +240,7 @@ def destination(control: Connection) -> None:
             return
         kind, connections, total, secret, tls = trial
         if kind == "plain":
-            _plain_destination(control, connections, total)
+            _plain_destination(control, connections, total, tls)
         elif kind == "framed":
             _framed_destination(control, connections, total)
         elif kind == "framed_trio":
@@ -276,13 +282,19 @@ def _threaded_copy(
     connections: int,
     total: int,
     pour: Callable[[socket.socket, int], None],
+    tls: tuple[TlsIdentity, TlsIdentity] | None = None,
 ) -> float:
-    """A copy whose source is a thread per connection running ``pour(sock, its share)``."""
-    control.send((kind, connections, total, b"", None))
+    """A copy whose source is a thread per connection running ``pour(sock, its share)``;
+    ``tls``: each connection a TLS socket first (the handshake is timed too: it is
+    one round trip and a signature, nothing against the bytes)."""
+    control.send((kind, connections, total, b"", tls[0] if tls else None))
     port = control.recv()
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    client = tls[1].client_context() if tls is not None else None
 
     def pour_and_confirm(sock: socket.socket, nbytes: int) -> None:
+        if client is not None:
+            sock = client.wrap_socket(sock, server_hostname="127.0.0.1")
         pour(sock, nbytes)
         if sock.recv(1) != b"!":
             raise SystemExit(f"{kind} copy: no confirmation")
@@ -297,7 +309,16 @@ def _threaded_copy(
     return elapsed
 
 
-def plain_copy(control: Peer, payload: memoryview, connections: int, total: int) -> float:
+def plain_copy(
+    control: Peer,
+    payload: memoryview,
+    connections: int,
+    total: int,
+    tls: tuple[TlsIdentity, TlsIdentity] | None = None,
+) -> float:
+    """The plain copy; ``tls``: through TLS sockets (Python's ssl, blocking, a thread
+    per connection each side): the ceiling of user-space TLS here."""
+
     def pour(sock: socket.socket, nbytes: int) -> None:
         sent = 0
         while sent < nbytes:
@@ -305,7 +326,7 @@ def plain_copy(control: Peer, payload: memoryview, connections: int, total: int)
             sock.sendall(payload[:n])
             sent += n
 
-    return _threaded_copy(control, "plain", connections, total, pour)
+    return _threaded_copy(control, "plain", connections, total, pour, tls)
 
 
 def _send_frame(sock: socket.socket, frame: list[Buffer]) -> None:
@@ -510,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls:
         identities = _throwaway_identities(scratch)
         copies["tls"] = functools.partial(channel_copy, tls=identities)
+        copies["tls_socket"] = functools.partial(plain_copy, tls=identities)
 
     print(f"command: python bench/stream_throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
     print(
@@ -541,8 +563,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.tls:
                     secured.append(
                         f"| {size} | {connections} | {rate['plain']:.2f} | {rate['channel']:.2f} "
-                        f"| {rate['tls']:.2f} | {rate['tls'] / rate['plain']:.2f} "
-                        f"| {rate['tls'] / rate['channel']:.2f} |"
+                        f"| {rate['tls_socket']:.2f} | {rate['tls']:.2f} "
+                        f"| {rate['tls'] / rate['plain']:.2f} "
+                        f"| {rate['tls'] / rate['channel']:.2f} "
+                        f"| {rate['tls'] / rate['tls_socket']:.2f} |"
                     )
                 if args.ceiling:
                     ceiling.append(
@@ -559,10 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     if secured:
         print()
         print(
-            "| state MiB | connections | plain GB/s | channel GB/s | TLS channel GB/s "
-            "| TLS of plain | TLS of channel |"
+            "| state MiB | connections | plain GB/s | channel GB/s | TLS socket copy GB/s "
+            "| TLS channel GB/s | TLS of plain | TLS of channel | TLS of TLS socket copy |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print("\n".join(secured))
     if ceiling:
         print()

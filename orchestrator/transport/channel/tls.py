@@ -216,33 +216,38 @@ class _Session:
             if cipher:
                 raw.sendall(cipher)
 
-    def receive(self, raw: stdlib_socket.socket, cipher: bytes) -> tuple[bytes, bool]:
-        """Decrypt what arrived: the plaintext, and whether the peer ended the session."""
-        chunks: list[bytes] = []
-        ended = False
+    def receive(self, cipher: memoryview) -> None:
+        """Take what arrived off the wire (decrypted by ``read_into``)."""
         with self.lock:
             self.incoming.write(cipher)
-            while True:
+
+    def read_into(self, out: memoryview) -> tuple[int, bool]:
+        """Decrypt into ``out`` what the records taken so far hold, as far as it goes:
+        the bytes written, and whether ``out`` filled (more may wait).  Raises
+        ssl.SSLZeroReturnError once the peer ended the session (close_notify)."""
+        n = 0
+        with self.lock:
+            while n < len(out):
                 try:
-                    chunk = self.tls.read(RELAY_BYTES)
+                    # With a buffer, read returns the count (typeshed says bytes too).
+                    got = int(self.tls.read(len(out) - n, out[n:]))
                 except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    ended = True
-                    break
-                if not chunk:
-                    ended = True
-                    break
-                chunks.append(chunk)
-            answer = self.outgoing.pending
-        if answer:
-            # A record the session answers with (TLS 1.3 post-handshake): in order
-            # with the up direction's records.
-            with self.send_lock:
-                with self.lock:
-                    cipher_out = self.outgoing.read()
+                    return n, False
+                if not got:
+                    raise ssl.SSLZeroReturnError("the peer ended the TLS session")
+                n += got
+        return n, True
+
+    def answer(self, raw: stdlib_socket.socket) -> None:
+        """A record the session answers with (TLS 1.3 post-handshake), in order with
+        the up direction's records."""
+        if not self.outgoing.pending:
+            return
+        with self.send_lock:
+            with self.lock:
+                cipher_out = self.outgoing.read()
+            if cipher_out:
                 raw.sendall(cipher_out)
-        return b"".join(chunks), ended
 
 
 class _Relay:
@@ -263,15 +268,16 @@ class _Relay:
 
     def _up(self) -> None:
         raw, pair, session = self.raw, self.pair, self.session
+        plain = memoryview(bytearray(RELAY_BYTES))
         try:
             while True:
-                plain = pair.recv(RELAY_BYTES)
-                if not plain:
+                n = pair.recv_into(plain)
+                if not n:
                     session.close_notify(raw)
                     with contextlib.suppress(OSError):
                         raw.shutdown(stdlib_socket.SHUT_WR)
                     return
-                session.send(raw, plain)
+                session.send(raw, plain[:n])
         except (OSError, ssl.SSLError):
             self._cut()
         finally:
@@ -279,20 +285,26 @@ class _Relay:
 
     def _down(self) -> None:
         raw, pair, session = self.raw, self.pair, self.session
+        cipher, plain = memoryview(bytearray(RELAY_BYTES)), memoryview(bytearray(RELAY_BYTES))
         try:
             while True:
-                cipher = raw.recv(RELAY_BYTES)
-                if not cipher:
+                got = raw.recv_into(cipher)
+                if not got:
                     # The TCP stream ended without close_notify: a cut, or a truncation.
                     self._cut()
                     return
-                plain, ended = session.receive(raw, cipher)
-                if plain:
-                    pair.sendall(plain)
-                if ended:
-                    with contextlib.suppress(OSError):
-                        pair.shutdown(stdlib_socket.SHUT_WR)
-                    return
+                session.receive(cipher[:got])
+                more = True
+                while more:
+                    try:
+                        n, more = session.read_into(plain)
+                    except ssl.SSLZeroReturnError:
+                        with contextlib.suppress(OSError):
+                            pair.shutdown(stdlib_socket.SHUT_WR)
+                        return
+                    if n:
+                        pair.sendall(plain[:n])
+                session.answer(raw)
         except (OSError, ssl.SSLError):
             self._cut()
         finally:
