@@ -20,6 +20,7 @@ The expiry of each certificate in use is exported as
 from __future__ import annotations
 
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,12 +69,19 @@ class Certificates:
 
     def reload(self) -> list[str]:
         """Load every certificate again into its context; the names of those that
-        could not be (each logged, and kept as it was)."""
+        could not be (each logged, and kept as it was).
+
+        The files are read once, into a private copy, and both the trial load
+        and the live one read that copy: a rotation that lands between them
+        (a Kubernetes Secret's symlink swap) cannot give the live context a
+        key of another certificate."""
         failed = []
         for files, context in self._contexts:
             try:
-                probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                _load(probe, files)
+                with tempfile.TemporaryDirectory(prefix="orchestrator-tls-") as folder:
+                    snapshot = _snapshot(files, Path(folder))
+                    _load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), snapshot)
+                    _load(context, snapshot)
             except (OSError, ssl.SSLError) as exc:
                 failed.append(files.name)
                 log.error(  # noqa: TRY400 - the reason is all there is: no traceback
@@ -84,7 +92,6 @@ class Certificates:
                     kept="the certificate already loaded",
                 )
                 continue
-            _load(context, files)
             self._export(files)
             log.info("daemon.tls_reloaded", certificate=files.name, cert_file=str(files.cert_file))
         return failed
@@ -102,6 +109,21 @@ class Certificates:
                     certificate=files.name,
                     days=round(days, 1),
                 )
+
+
+def _snapshot(files: CertificateFiles, folder: Path) -> CertificateFiles:
+    """A copy of the files, read once each, in ``folder`` (private to this process)."""
+    copies = {}
+    for part in ("cert_file", "key_file", "ca_file"):
+        path = getattr(files, part)
+        if path is None:
+            continue
+        copy = folder / part
+        copy.write_bytes(path.read_bytes())
+        copies[part] = copy
+    return CertificateFiles(
+        files.name, copies["cert_file"], copies["key_file"], copies.get("ca_file")
+    )
 
 
 def _load(context: ssl.SSLContext, files: CertificateFiles) -> None:

@@ -55,6 +55,7 @@ import signal
 import socket
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -71,7 +72,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.backends import backends_for
-from orchestrator.certificates import CertificateFiles, Certificates
+from orchestrator.certificates import CertificateFiles, Certificates, expiry_timestamp
 from orchestrator.errors import OrchestratorError, Problem
 from orchestrator.handover import HandleRegistry, HandoverServer
 from orchestrator.journal import Journal
@@ -167,6 +168,12 @@ def load_identity(settings: Settings) -> TlsIdentity | None:
         raise SettingsError(
             [Problem("tls.ca_file", f"no CA certificate in {tls.ca_file}: {exc.reason or exc}")]
         ) from None
+    expiry = expiry_timestamp(tls.cert_file)
+    if expiry is not None and expiry < time.time():
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expiry))
+        raise SettingsError(
+            [Problem("tls.cert_file", f"{tls.cert_file} expired on {when}: every peer refuses it")]
+        )
     return TlsIdentity(tls.cert_file, tls.key_file, tls.ca_file)
 
 
@@ -385,6 +392,7 @@ async def serve(
                 trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
             )
         tokens = read_token_file(settings.api.token_file)
+        settings.check_cleartext()
         tls = check_tls(settings) is not None
         identity = load_identity(settings)
         socket_path = settings.socket_path

@@ -222,6 +222,7 @@ class MigrationService:
             advertise=advertise,
             lock=self._lock_keys,
             unlock=self._unlock,
+            ca_file=tls.ca_file if tls is not None else None,
         )
         if metrics is not None:
             metrics.count_in_doubt = self.in_doubt

@@ -38,7 +38,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -327,19 +326,6 @@ class Settings(BaseSettings):
         None, description="This host's TLS identity for migration traffic; off unless set."
     )
 
-    @model_validator(mode="after")
-    def _cleartext_stays_local(self) -> Settings:
-        address = self.data.listen_address
-        if address is None or self.tls is not None or self.data.insecure:
-            return self
-        if not _loopback(address[0]):
-            raise ValueError(
-                f"data.listen {self.data.listen!r} is beyond the loopback and there is no [tls] "
-                "identity: device state would cross the network in cleartext.  Set [tls] "
-                "cert_file, key_file and ca_file, or data.insecure = true to accept that"
-            )
-        return self
-
     @field_validator("handover_socket", mode="before")
     @classmethod
     def _empty_is_off(cls, value: Any) -> Any:
@@ -373,11 +359,32 @@ class Settings(BaseSettings):
         file_values = read_config_file(config_file) if config_file is not None else {}
         token = _FILE_VALUES.set(file_values)
         try:
-            return cls(**_without_none(flags or {}))
+            settings = cls(**_without_none(flags or {}))
         except ValidationError as exc:
             raise SettingsError(problems_from_validation(exc)) from None
         finally:
             _FILE_VALUES.reset(token)
+        settings.check_cleartext()
+        return settings
+
+    def check_cleartext(self) -> None:
+        """SettingsError when the data channel would listen beyond the loopback with
+        no [tls] identity and no ``data.insecure`` to accept cleartext there."""
+        address = self.data.listen_address
+        if address is None or self.tls is not None or self.data.insecure:
+            return
+        if not _loopback(address[0]):
+            raise SettingsError(
+                [
+                    Problem(
+                        "data.listen",
+                        f"{self.data.listen!r} is beyond the loopback and there is no [tls] "
+                        "identity: device state would cross the network in cleartext.  Set "
+                        "[tls] cert_file, key_file and ca_file, or data.insecure = true to "
+                        "accept that",
+                    )
+                ]
+            )
 
     @property
     def socket_path(self) -> Path:

@@ -49,6 +49,24 @@ async def test_two_daemons_with_tls_migrate_over_mutual_tls_and_https(
         far = await incoming(b, status["id"])
         assert far["outcome"] == "succeeded"
         assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+        # A destination in doubt asks the source over https, its certificate
+        # checked against the same CA: the answer comes back.
+        from orchestrator.peer.server import IncomingMigration
+        from tests.helpers import make_resolved, sim_device
+
+        contact = {"api": a.service.source_api, "token": a.service.decision_token(status["id"])}
+        asking = IncomingMigration(
+            make_resolved([sim_device("gpu0")]),
+            status["id"],
+            None,
+            contact,
+            release=lambda: None,
+            ca_file=b.service.incoming.ca_file,
+        )
+        assert contact["api"].startswith("https://")
+        answer = await asking.ask_once()
+        assert isinstance(answer, messages.DecisionAnswer), answer
+        assert answer.decision == "commit"
 
 
 async def test_a_daemon_with_tls_never_sends_to_a_cleartext_destination(
@@ -427,6 +445,33 @@ async def test_a_destination_over_its_share_rolls_both_hosts_back_before_settlin
         assert taken["taken"] and taken["checks"], taken
         # Each settle refused before it began (none of the checks fit).
         assert not any(c["fits"] for c in taken["checks"]), taken
+
+
+async def test_a_daemon_with_tls_never_sends_its_secret_to_an_http_url(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file, tls=True) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625)
+        plan["destination"]["url"] = plan["destination"]["url"].replace("https://", "http://")
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "refused", report
+        assert "is not https" in report["error"]["message"], report["error"]
+        assert [d["source_state"] for d in report["devices"]] == ["RUNNING"]
+
+
+async def test_a_daemon_without_tls_is_told_the_destination_requires_it(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file, tls=True) as (a, b):
+        a.service.tls = None  # as a source without [tls] ...
+        plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625)
+        # ... that trusts the destination's API by the plan's (deprecated) CA file.
+        plan["destination"]["ca_file"] = str(short_dir / "tls1" / "ca.pem")
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "refused", report
+        assert "requires TLS" in report["error"]["message"], report["error"]
 
 
 async def test_a_destination_of_protocol_1_gets_no_share_and_still_migrates(

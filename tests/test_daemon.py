@@ -352,6 +352,32 @@ async def test_a_bad_tls_identity_is_a_settings_error_naming_its_file(
         assert type(exc.value).__name__ == "SettingsError"
 
 
+async def test_an_expired_host_certificate_stops_the_start(
+    short_dir: Path, token_file: Path
+) -> None:
+    import datetime
+
+    import trustme
+
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC)
+    old = ca.issue_cert(
+        "127.0.0.1",
+        not_before=now - datetime.timedelta(days=9),
+        not_after=now - datetime.timedelta(days=2),
+    )
+    folder = short_dir / "old"
+    folder.mkdir()
+    old.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    old.private_key_pem.write_to_path(str(folder / "key.pem"))
+    settings = tls_settings(
+        short_dir, token_file, cert_file=str(folder / "cert.pem"), key_file=str(folder / "key.pem")
+    )
+    with pytest.raises(Exception, match=r"tls\.cert_file: .* expired on") as exc:
+        await daemon.serve(settings, shutdown_trigger=trio.sleep_forever)
+    assert type(exc.value).__name__ == "SettingsError"
+
+
 # -- the CLI client verbs against a daemon ----------------------------------------------------
 
 

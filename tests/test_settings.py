@@ -299,7 +299,7 @@ def test_a_data_listener_beyond_the_loopback_needs_tls_or_says_it_is_insecure() 
     beyond = {"data": {"listen": "0.0.0.0:7801"}}
     with pytest.raises(SettingsError) as info:
         Settings.load(flags=beyond)
-    message = " ".join(problems_of(info).values())
+    message = problems_of(info)["data.listen"]
     assert "cleartext" in message and "data.insecure" in message and "[tls]" in message
     # On the loopback, or said to be insecure, or with an identity: it starts.
     Settings.load(flags={"data": {"listen": "127.0.0.1:7801"}})

@@ -10,6 +10,7 @@ and journals the devices, then serves the migration until it ends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -56,8 +57,11 @@ class IncomingRegistry:
         advertise: str | None,
         lock: Callable[[list[str], str], None],
         unlock: Callable[[list[str], str], None],
+        ca_file: Path | None = None,
     ) -> None:
         self.journal = journal
+        #: The CA the sources' API certificates are checked against ([tls] ca_file).
+        self.ca_file = ca_file
         self.backends = backends
         self.listener = listener
         self.advertise = advertise
@@ -118,6 +122,7 @@ class IncomingRegistry:
             self.journal,
             source,
             release=lambda: self._unlock(keys, request.migration_id),
+            ca_file=self.ca_file,
         )
         try:
             caps = await migration.open()
@@ -291,6 +296,7 @@ class IncomingRegistry:
             self.journal,
             record.peer,
             release=(lambda: None) if reset else (lambda: self._unlock(keys, record.id)),
+            ca_file=self.ca_file,
         )
         migration.machine = machine
         self.migrations[record.id] = migration

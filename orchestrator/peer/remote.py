@@ -252,7 +252,10 @@ class RemoteDestination(Destination):
             )
         hostname = urlsplit(self.base_url).hostname
         assert hostname is not None  # a validated URL
-        return TlsPeer(self.tls.client_context(), hostname)
+        try:
+            return TlsPeer(self.tls.client_context(), hostname)
+        except (OSError, ssl.SSLError) as exc:  # a rotation half done
+            raise PeerError(f"cannot load this daemon's [tls] identity: {exc}") from None
 
     async def _request(
         self, method: str, path: str, *, http_timeout_s: float | None = None, **kwargs: Any
@@ -291,6 +294,13 @@ class RemoteDestination(Destination):
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
         if not check:
             return await self._recovered_capabilities()
+        if self.tls is not None and urlsplit(self.base_url).scheme != "https":
+            # The bearer token and the migration's secret would cross in cleartext.
+            raise self.ctx.abort(
+                "plan_error",
+                f"destination.url {self.base_url!r} is not https, and this daemon has a [tls] "
+                "identity: the prepare call carries the migration's secret",
+            )
         plan = self.plan.model_dump(mode="json", exclude={"destination"})
         request = {
             "migration_id": self.id,

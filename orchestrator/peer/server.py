@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -95,8 +97,11 @@ class IncomingMigration:
         source: dict[str, Any] | None,
         *,
         release: Callable[[], None],
+        ca_file: Path | None = None,
     ) -> None:
         self.resolved = resolved
+        #: The CA the source's API certificate is checked against ([tls] ca_file).
+        self._ca_file = ca_file
         self.plan = resolved.plan
         self.id = migration_id
         self.journal = journal
@@ -574,7 +579,12 @@ class IncomingMigration:
             return None
         url = f"{str(self.source['api']).rstrip('/')}/v1/migrations/{self.id}/decision"
         try:
-            async with httpx.AsyncClient(timeout=self.plan.timeouts.device_call_s / 3) as client:
+            verify: ssl.SSLContext | bool = True
+            if self._ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(self._ca_file))
+            async with httpx.AsyncClient(
+                timeout=self.plan.timeouts.device_call_s / 3, verify=verify
+            ) as client:
                 response = await client.get(
                     url, headers={"Authorization": f"Bearer {self.source['token']}"}
                 )
@@ -582,7 +592,7 @@ class IncomingMigration:
                 self.log.info("incoming.query_refused", status=response.status_code)
                 return None
             return decode(response.json())
-        except (httpx.HTTPError, ValueError, ProtocolViolation) as exc:
+        except (httpx.HTTPError, ValueError, ProtocolViolation, OSError) as exc:
             self.log.info("incoming.query_failed", error=str(exc))
             return None
 

@@ -44,7 +44,7 @@ from orchestrator.transport.channel.links import (
     _split,
     _tell_abort,
 )
-from orchestrator.transport.channel.tls import TlsPeer, secure
+from orchestrator.transport.channel.tls import Relay, TlsPeer, secure
 from orchestrator.transport.streams import RateLimiter, StreamReceiver, StreamSender
 
 if TYPE_CHECKING:
@@ -476,8 +476,10 @@ async def _connect_link(
         _configure(sock)
         try:
             await sock.connect(address)
+            relay = None
             if tls is not None:
-                sock = await secure(sock, tls.context, server_hostname=tls.hostname)
+                secured = await secure(sock, tls.context, server_hostname=tls.hostname)
+                sock, relay = secured.sock, secured.relay
             server_nonce = wire.parse_challenge(await _receive_exactly(sock, wire.CHALLENGE_SIZE))
             client_nonce = secrets.token_bytes(wire.NONCE_SIZE)
             hello_bytes = wire.client_hello(
@@ -501,7 +503,7 @@ async def _connect_link(
     except BaseException:
         sock.close()
         raise
-    return _make_link(sock, index, connections)
+    return _make_link(sock, index, connections, relay)
 
 
 @contextlib.asynccontextmanager
@@ -696,10 +698,12 @@ class DestinationChannel(_Channel):
             return f"connection {hello.connection} is already open"
         return None
 
-    async def _run(self, sock: trio.socket.SocketType, hello: wire.Hello) -> None:
+    async def _run(
+        self, sock: trio.socket.SocketType, hello: wire.Hello, relay: Relay | None = None
+    ) -> None:
         connections = self.expected_connections
         assert connections is not None
-        link = _make_link(sock, hello.connection, connections)
+        link = _make_link(sock, hello.connection, connections, relay)
         if isinstance(link, _ControlLink):
             self._control = link
         else:

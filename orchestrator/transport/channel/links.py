@@ -61,6 +61,7 @@ from typing_extensions import Buffer
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
 from orchestrator.transport.channel.buffers import _BufferPool
+from orchestrator.transport.channel.tls import Relay
 
 #: The size of a connection's payload buffers (a DATA payload of up to
 #: ``wire.MAX_DATA_PAYLOAD`` fills several).
@@ -154,8 +155,17 @@ class _Connection:
     """What both kinds of connection share: the socket, taken from trio once
     authenticated; the index; how they name a failure; how they close."""
 
-    def __init__(self, sock: trio.socket.SocketType, index: int, *, blocking: bool) -> None:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        index: int,
+        *,
+        blocking: bool,
+        relay: Relay | None = None,
+    ) -> None:
         self.index = index
+        #: The TLS relay behind the socket, where the connection is TLS.
+        self.relay = relay
         self.encoder = wire.FrameEncoder()
         self.sock = stdlib_socket.socket(fileno=sock.detach())
         self.sock.setblocking(blocking)
@@ -192,7 +202,12 @@ class _Connection:
     def _cut(self) -> PeerError:
         if self._closed:
             return self._closed_error()
-        return PeerError(f"connection {self.index} was cut in mid-frame")
+        return self._relay_failure() or PeerError(f"connection {self.index} was cut in mid-frame")
+
+    def _relay_failure(self) -> PeerError | None:
+        """Why the TLS relay cut the connection, if it did: its socket only ends."""
+        failure = self.relay.failure if self.relay is not None else None
+        return None if failure is None else PeerError(f"connection {self.index}: {failure}")
 
 
 class _Link(_Connection):
@@ -214,8 +229,10 @@ class _Link(_Connection):
     thread still using it.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, index: int) -> None:
-        super().__init__(sock, index, blocking=True)
+    def __init__(
+        self, sock: trio.socket.SocketType, index: int, relay: Relay | None = None
+    ) -> None:
+        super().__init__(sock, index, blocking=True, relay=relay)
         self.pool = _BufferPool(RECV_PIECE_BYTES, 0)
         self._jobs: collections.deque[_WriteJob | None] = collections.deque()
         self._queued_bytes = 0
@@ -286,7 +303,8 @@ class _Link(_Connection):
                 return 0
         with self._queued_lock:
             queued = self._queued_bytes
-        return queued + int.from_bytes(raw, sys.byteorder, signed=True)
+        relayed = self.relay.in_flight_bytes() if self.relay is not None else 0
+        return queued + relayed + int.from_bytes(raw, sys.byteorder, signed=True)
 
     def _reader(
         self,
@@ -354,6 +372,9 @@ class _Link(_Connection):
                 if n == 0:
                     if not reader.at_frame_boundary:
                         raise self._cut()
+                    failure = self._relay_failure()
+                    if failure is not None:
+                        raise failure
                     return
                 reader.advance(n)
 
@@ -595,8 +616,10 @@ class _ControlLink(_Connection):
     the kernel's hands, as on a data connection.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, index: int) -> None:
-        super().__init__(sock, index, blocking=False)
+    def __init__(
+        self, sock: trio.socket.SocketType, index: int, relay: Relay | None = None
+    ) -> None:
+        super().__init__(sock, index, blocking=False, relay=relay)
         self._unsent = bytearray()
         self._unsent_added = trio.Event()
         #: Set while nothing is unsent; replaced by a fresh one when something is.
@@ -643,7 +666,9 @@ class _ControlLink(_Connection):
             except OSError as exc:
                 return self._error(exc)
             if n == 0:
-                return None if decoder.reader.at_frame_boundary else self._cut()
+                if not decoder.reader.at_frame_boundary:
+                    return self._cut()
+                return self._relay_failure()
             try:
                 for event in decoder.events(view[:n]):
                     deliver(event, pool)
@@ -734,6 +759,10 @@ async def _tell_abort(link: _Link | _ControlLink, reason: str) -> None:
         await link.write_frame(lambda encoder: _split(encoder.abort(reason)), wait=True)
 
 
-def _make_link(sock: trio.socket.SocketType, index: int, connections: int) -> _Link | _ControlLink:
+def _make_link(
+    sock: trio.socket.SocketType, index: int, connections: int, relay: Relay | None = None
+) -> _Link | _ControlLink:
     """An authenticated socket as the connection its index says: data, or control."""
-    return _ControlLink(sock, index) if index == connections else _Link(sock, index)
+    if index == connections:
+        return _ControlLink(sock, index, relay)
+    return _Link(sock, index, relay)

@@ -56,7 +56,7 @@ from orchestrator.errors import PeerAuthError, PeerError
 from orchestrator.transport import wire
 from orchestrator.transport.channel.ends import DestinationChannel, new_secret
 from orchestrator.transport.channel.links import _configure, _receive_exactly, _send_all
-from orchestrator.transport.channel.tls import secure
+from orchestrator.transport.channel.tls import Relay, Secured, TlsRefused, secure
 
 __all__ = [
     "ACCEPT_BACKOFF_S",
@@ -79,9 +79,6 @@ REJECTIONS_KEPT = 100
 #: A kind of accept error or refusal is logged at most once per interval.
 LOG_INTERVAL_S = 10.0
 BACKLOG = 128
-#: TLS handshakes in worker threads at once (the others wait their turn, within
-#: their handshake timeout).
-TLS_HANDSHAKE_THREADS = 32
 
 #: Errors about the connection at the head of the backlog, not the listening
 #: socket: skip it and accept the next (accept(2): Linux reports a pending
@@ -154,6 +151,8 @@ class _Stranger:
     sock: trio.socket.SocketType
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     evicted: bool = False
+    #: The TLS relay behind ``sock``, once its TLS handshake is done.
+    relay: Relay | None = None
 
 
 class _LogThrottle:
@@ -200,7 +199,6 @@ class ChannelListener:
         #: Every connection is TLS first (mutual: the server context requires the
         #: peer's certificate); cleartext is refused.
         self.tls = tls
-        self._tls_handshakes = trio.CapacityLimiter(min(max_handshakes, TLS_HANDSHAKE_THREADS))
         self._expected: dict[str, DestinationChannel] = {}
         #: The reasons of the last ``REJECTIONS_KEPT`` refusals, oldest first.
         self.rejections: collections.deque[str] = collections.deque(maxlen=REJECTIONS_KEPT)
@@ -348,7 +346,8 @@ class ChannelListener:
             with stranger.scope, trio.fail_after(self.handshake_timeout_s):
                 _configure(stranger.sock)
                 if self.tls is not None:
-                    stranger.sock = await self._secure(stranger.sock)
+                    secured = await self._secure(stranger.sock)
+                    stranger.sock, stranger.relay = secured.sock, secured.relay
                 admitted = await self._handshake(stranger)
         except trio.TooSlowError:
             admitted = _Refused(Refusal.TIMEOUT, "no HELLO within the handshake timeout")
@@ -375,18 +374,18 @@ class ChannelListener:
             return
         channel, hello = admitted
         try:
-            await channel._run(stranger.sock, hello)
+            await channel._run(stranger.sock, hello, stranger.relay)
         except Exception as exc:
             # The channel is failed and its owner told (a PeerError, alone or
             # in a group); one migration's broken connection must never end
             # the listener that every other migration shares.
             log.info("channel_connection_ended", reason=str(exc), exc_info=True)
 
-    async def _secure(self, sock: trio.socket.SocketType) -> trio.socket.SocketType:
+    async def _secure(self, sock: trio.socket.SocketType) -> Secured:
         assert self.tls is not None
         try:
-            return await secure(sock, self.tls, limiter=self._tls_handshakes)
-        except PeerError as exc:
+            return await secure(sock, self.tls)
+        except TlsRefused as exc:
             raise _Refused(Refusal.TLS, str(exc)) from None
 
     async def _handshake(self, stranger: _Stranger) -> tuple[DestinationChannel, wire.Hello]:

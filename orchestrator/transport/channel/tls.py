@@ -7,8 +7,10 @@ the source checks the destination's certificate against the name in the
 destination's URL.  The channel's own handshake (challenge, HELLO, WELCOME:
 which migration, proven by its secret) then runs inside the TLS session.
 
-:func:`secure` does the TLS handshake on the connected TCP socket and puts a
-relay between it and the channel: the channel gets one end of a socket pair,
+:func:`secure` does the TLS handshake on the connected TCP socket, in trio
+(no worker thread a stranger could hold; a deadline or an eviction cancels
+it), and puts a relay between it and the channel: the channel gets one end
+of a socket pair,
 exactly as it would a plain TCP socket (its framing, its threads and its
 non-blocking control reads do not change), and two relay threads move the
 bytes between the other end and the TLS session:
@@ -17,8 +19,14 @@ bytes between the other end and the TLS session:
   what it writes becomes TLS's ``close_notify`` and a half-close;
 * *down*: what arrives on the TCP socket, decrypted, to the channel; the
   peer's ``close_notify`` becomes an end of stream, and anything else that
-  ends the TCP stream (a cut, a bad record) closes the pair, which the
-  channel sees as its connection cut.
+  ends the TCP stream (a cut, a truncation, a bad record) ends the pair
+  too, with ``Relay.failure`` saying why: the channel's connection asks it
+  when its socket ends, and fails with that reason.  Once the channel
+  closed its end, the peer has ``LINGER_S`` to end its own before the relay
+  cuts it: no thread is left waiting on a peer that never closes.
+
+What the relay holds, and what the TCP socket has not yet delivered, count
+in the connection's in-flight bytes (``Relay.in_flight_bytes``).
 
 The TLS session is an ``ssl.SSLObject`` over memory BIOs, which the relay
 threads use under one lock (OpenSSL's objects are not for two threads at
@@ -34,8 +42,11 @@ and bench/stream_throughput.py prints what it costs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket as stdlib_socket
 import ssl
+import sys
+import termios
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +55,12 @@ import trio
 
 from orchestrator.errors import PeerError
 
-__all__ = ["TlsIdentity", "TlsPeer", "secure"]
+__all__ = ["Relay", "Secured", "TlsIdentity", "TlsPeer", "TlsRefused", "secure"]
 
 #: The most bytes a relay thread moves in one step.
 RELAY_BYTES = 256 << 10
+#: How long, after the channel closed its end, the peer has to end its own.
+LINGER_S = 30.0
 #: The oldest protocol either side accepts (1.3 preferred, as OpenSSL negotiates it).
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -90,66 +103,51 @@ class TlsPeer:
     hostname: str
 
 
+class TlsRefused(PeerError):
+    """The TLS handshake failed on TLS's own terms: no TLS (cleartext), a certificate
+    not the CA's, expired, or of another name, a protocol version refused."""
+
+
+@dataclass(frozen=True)
+class Secured:
+    """A connection after its TLS handshake: the channel's end of the relay, and the
+    relay (what it holds in flight, and why it ended, if it was cut)."""
+
+    sock: trio.socket.SocketType
+    relay: Relay
+
+
 async def secure(
     sock: trio.socket.SocketType,
     ctx: ssl.SSLContext,
     *,
     server_hostname: str | None = None,
-    limiter: trio.CapacityLimiter | None = None,
-) -> trio.socket.SocketType:
-    """Do the TLS handshake on the connected ``sock`` (which this takes over) and
-    return the channel's end of the relay to it.  PeerError says why it failed.
+) -> Secured:
+    """Do the TLS handshake on the connected ``sock``, then put the relay behind it.
 
-    The handshake runs in a worker thread.  A cancelled one (a deadline, an
-    eviction) is abandoned: its socket is shut down, which ends it, and the
-    thread closes the socket as it ends (never under a call still running)."""
-    raw = stdlib_socket.socket(fileno=sock.detach())
-    raw.setblocking(True)
+    The handshake runs in trio (a millisecond of cryptography in its thread;
+    no worker thread a stranger could hold): a deadline or an eviction cancels
+    it, and ``sock`` stays the caller's until it succeeded.  TlsRefused says
+    why TLS refused the peer, PeerError that the peer went away."""
     session = _Session(ctx, server_side=server_hostname is None, server_hostname=server_hostname)
-    handshake = _Handshake(session, raw)
     try:
-        await trio.to_thread.run_sync(handshake.run, abandon_on_cancel=True, limiter=limiter)
-    except trio.Cancelled:
-        handshake.abandon()
-        raise
-    except (ssl.SSLError, OSError) as exc:
-        raw.close()
+        await session.handshake(sock)
+    except ssl.SSLError as exc:
+        raise TlsRefused(f"the TLS handshake failed: {_reason(exc)}") from None
+    except OSError as exc:
         raise PeerError(f"the TLS handshake failed: {_reason(exc)}") from None
     ours, theirs = stdlib_socket.socketpair()
-    _Relay(session, raw, theirs).start()
+    try:
+        raw = stdlib_socket.socket(fileno=sock.detach())
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    raw.setblocking(True)
+    relay = Relay(session, raw, theirs)
+    relay.start()
     ours.setblocking(False)
-    return trio.socket.from_stdlib_socket(ours)
-
-
-class _Handshake:
-    """A handshake in a worker thread, and who closes its socket if trio leaves it."""
-
-    def __init__(self, session: _Session, raw: stdlib_socket.socket) -> None:
-        self.session = session
-        self.raw = raw
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._ended = False
-
-    def run(self) -> None:
-        try:
-            self.session.handshake(self.raw)
-        finally:
-            with self._lock:
-                self._ended = True
-                if self._abandoned:
-                    self.raw.close()
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-            if self._ended:
-                self.raw.close()
-                return
-            # Under the lock: the thread cannot close the socket (and its number
-            # be reused) while it is shut down here.
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(stdlib_socket.SHUT_RDWR)
+    return Secured(trio.socket.from_stdlib_socket(ours), relay)
 
 
 def _reason(exc: BaseException) -> str:
@@ -176,27 +174,25 @@ class _Session:
         #: Held from making a record until it is on the wire.
         self.send_lock = threading.Lock()
 
-    def handshake(self, raw: stdlib_socket.socket) -> None:
-        """The TLS handshake, on a blocking socket (before any relay runs)."""
+    async def handshake(self, sock: trio.socket.SocketType) -> None:
+        """The TLS handshake, on the trio socket (before any relay runs)."""
         while True:
             try:
                 self.tls.do_handshake()
             except ssl.SSLWantReadError:
-                wanted = True
+                done = False
             else:
-                wanted = False
-            self._flush(raw)
-            if not wanted:
+                done = True
+            pending = self.outgoing.read()
+            while pending:
+                sent = await sock.send(pending)
+                pending = pending[sent:]
+            if done:
                 return
-            data = raw.recv(RELAY_BYTES)
+            data = await sock.recv(RELAY_BYTES)
             if not data:
-                raise ConnectionResetError("the peer closed the connection in the handshake")
+                raise ConnectionResetError("the peer closed the connection")
             self.incoming.write(data)
-
-    def _flush(self, raw: stdlib_socket.socket) -> None:
-        pending = self.outgoing.read()
-        if pending:
-            raw.sendall(pending)
 
     # -- the relay's two directions --
 
@@ -250,8 +246,13 @@ class _Session:
                 raw.sendall(cipher_out)
 
 
-class _Relay:
-    """The two threads between the channel's socket pair and the TLS session."""
+class Relay:
+    """The two threads between the channel's socket pair and the TLS session.
+
+    ``failure`` says why it ended, when it was not a clean end (a TCP stream
+    that ended without ``close_notify``, a bad record, an error): the pair
+    itself can only end, so the channel asks here when its socket does.
+    """
 
     def __init__(
         self, session: _Session, raw: stdlib_socket.socket, pair: stdlib_socket.socket
@@ -259,12 +260,29 @@ class _Relay:
         self.session = session
         self.raw = raw
         self.pair = pair
+        self.failure: str | None = None
         self._left = 2
         self._lock = threading.Lock()
+        self._closed = False
+        #: Plaintext the up thread took from the pair and has not yet sent.
+        self._in_hand = 0
+        self._down_done = threading.Event()
 
     def start(self) -> None:
         threading.Thread(target=self._up, name="tls-up", daemon=True).start()
         threading.Thread(target=self._down, name="tls-down", daemon=True).start()
+
+    def in_flight_bytes(self) -> int:
+        """What the relay holds and the TCP socket has not delivered to the peer's
+        kernel (beside what the pair itself holds, which the channel counts)."""
+        with self._lock:
+            if self._closed:
+                return 0
+            try:
+                raw = fcntl.ioctl(self.raw.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            except OSError:
+                return self._in_hand
+        return self._in_hand + int.from_bytes(raw, sys.byteorder, signed=True)
 
     def _up(self) -> None:
         raw, pair, session = self.raw, self.pair, self.session
@@ -276,10 +294,16 @@ class _Relay:
                     session.close_notify(raw)
                     with contextlib.suppress(OSError):
                         raw.shutdown(stdlib_socket.SHUT_WR)
+                    # The channel closed its end: the peer has LINGER_S to end its
+                    # side too, or the down thread is cut (never left blocked).
+                    if not self._down_done.wait(LINGER_S):
+                        self._cut("the peer did not end its side of the TLS session")
                     return
+                self._in_hand = n
                 session.send(raw, plain[:n])
-        except (OSError, ssl.SSLError):
-            self._cut()
+                self._in_hand = 0
+        except (OSError, ssl.SSLError) as exc:
+            self._cut(f"TLS send failed: {_reason(exc)}")
         finally:
             self._done()
 
@@ -288,12 +312,8 @@ class _Relay:
         cipher, plain = memoryview(bytearray(RELAY_BYTES)), memoryview(bytearray(RELAY_BYTES))
         try:
             while True:
-                got = raw.recv_into(cipher)
-                if not got:
-                    # The TCP stream ended without close_notify: a cut, or a truncation.
-                    self._cut()
-                    return
-                session.receive(cipher[:got])
+                # First what the session holds already (records that came with
+                # the handshake's last flight), then what arrives.
                 more = True
                 while more:
                     try:
@@ -305,13 +325,21 @@ class _Relay:
                     if n:
                         pair.sendall(plain[:n])
                 session.answer(raw)
-        except (OSError, ssl.SSLError):
-            self._cut()
+                got = raw.recv_into(cipher)
+                if not got:
+                    self._cut("the TLS connection was cut (TCP ended without close_notify)")
+                    return
+                session.receive(cipher[:got])
+        except (OSError, ssl.SSLError) as exc:
+            self._cut(f"TLS receive failed: {_reason(exc)}")
         finally:
+            self._down_done.set()
             self._done()
 
-    def _cut(self) -> None:
+    def _cut(self, why: str) -> None:
         """The TLS side failed: the channel's connection is cut both ways."""
+        if self.failure is None:
+            self.failure = why
         for sock in (self.pair, self.raw):
             with contextlib.suppress(OSError):
                 sock.shutdown(stdlib_socket.SHUT_RDWR)
@@ -321,5 +349,6 @@ class _Relay:
             self._left -= 1
             if self._left:
                 return
-        self.pair.close()
-        self.raw.close()
+            self._closed = True
+            self.pair.close()
+            self.raw.close()
