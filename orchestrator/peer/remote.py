@@ -263,7 +263,7 @@ class RemoteDestination(Destination):
         try:
             async with self._client(http_timeout_s) as client:
                 response = await client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:  # OSError: a CA file that does not load
             raise PeerError(
                 f"the destination daemon {self.base_url} did not answer: {exc}"
             ) from None
