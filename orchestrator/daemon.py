@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
-import ipaddress
 import logging
 import os
 import secrets
@@ -78,7 +77,13 @@ from orchestrator.handover import HandleRegistry, HandoverServer
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
 from orchestrator.service import MigrationService
-from orchestrator.settings import UNIX_PATH_MAX, Settings, SettingsError, read_token_file
+from orchestrator.settings import (
+    UNIX_PATH_MAX,
+    Settings,
+    SettingsError,
+    is_loopback,
+    read_token_file,
+)
 from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
 log = structlog.get_logger("orchestrator.daemon")
@@ -303,15 +308,6 @@ def _removed_on_exit(path: Path) -> Iterator[None]:
                 os.unlink(path)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # -- hypercorn -----------------------------------------------------------------------
 
 
@@ -468,7 +464,7 @@ async def serve(
             tcp_address = None
             if settings.api.tcp_address is not None:
                 host, port = settings.api.tcp_address
-                if not tls and not _is_loopback(host):
+                if not tls and not is_loopback(host):
                     log.warning(
                         "daemon.tcp_without_tls",
                         tcp=settings.api.tcp,

@@ -274,7 +274,8 @@ _FILE_VALUES: ContextVar[Mapping[str, Any] | None] = ContextVar(
 )
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this host's loopback."""
     if host == "localhost":
         return True
     try:
@@ -373,7 +374,7 @@ class Settings(BaseSettings):
         address = self.data.listen_address
         if address is None or self.tls is not None or self.data.insecure:
             return
-        if not _loopback(address[0]):
+        if not is_loopback(address[0]):
             raise SettingsError(
                 [
                     Problem(
