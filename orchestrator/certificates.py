@@ -49,11 +49,12 @@ class Certificates:
 
     registry: CollectorRegistry | None = None
     _contexts: list[tuple[CertificateFiles, ssl.SSLContext]] = field(default_factory=list)
-    _gauge: Gauge | None = None
+    #: The expiry gauge, with a registry.
+    expiry: Gauge | None = None
 
     def __post_init__(self) -> None:
         if self.registry is not None:
-            self._gauge = Gauge(
+            self.expiry = Gauge(
                 "orchestrator_tls_certificate_expiry_timestamp_seconds",
                 "When each certificate the daemon serves expires (Unix time): host, its [tls] "
                 "identity; api, the API's own [api] tls_cert.",
@@ -97,11 +98,11 @@ class Certificates:
         return failed
 
     def _export(self, files: CertificateFiles) -> None:
-        if self._gauge is None:
+        if self.expiry is None:
             return
         expiry = expiry_timestamp(files.cert_file)
         if expiry is not None:
-            self._gauge.labels(certificate=files.name).set(expiry)
+            self.expiry.labels(certificate=files.name).set(expiry)
             days = (expiry - time.time()) / 86400
             if days < 14:
                 log.warning(

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import __version__
+from orchestrator.certificates import Certificates
 from orchestrator.metrics import OUTCOMES, Metrics
 from orchestrator.settings import Settings, SettingsError, parse_host_port, read_token_file
 
@@ -69,6 +70,11 @@ def exported() -> dict[str, dict[str, set[str]]]:
     """
     registry = CollectorRegistry()
     Metrics(registry)
+    # As a daemon with a [tls] identity exports it (its expiry, set at start).
+    expiry = Certificates(registry).expiry
+    assert expiry is not None
+    for name in ("host", "api"):
+        expiry.labels(certificate=name).set(0)
     text = generate_latest(registry).decode()
     samples: dict[str, dict[str, set[str]]] = {}
     for family in text_string_to_metric_families(text):
