@@ -73,15 +73,26 @@ def start_qemu(binary: str, qmp: Path, *, paused: bool) -> Qemu:
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 30
-    while not qmp.exists():
+    # Ready once it accepts a connection: the socket file appears when QEMU
+    # binds it, a moment before it listens (refused in between, on a busy machine).
+    while not _accepts(qmp):
         if process.poll() is not None:
             assert process.stderr is not None
             pytest.fail(f"{binary} exited {process.returncode}: {process.stderr.read().decode()}")
         if time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"{binary} did not create {qmp} within 30 s")
+            pytest.fail(f"{binary} did not accept QMP connections on {qmp} within 30 s")
         time.sleep(0.02)
     return Qemu(process, qmp)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 def stop_qemu(qemu: Qemu) -> None:
