@@ -66,7 +66,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
@@ -424,6 +424,7 @@ async def serve(
             listener = (
                 ChannelListener(
                     max_handshakes=settings.data.max_handshakes,
+                    max_buffered_bytes=settings.data.max_buffered_mib << 20,
                     tls=(
                         certificates.keep(
                             CertificateFiles(
@@ -438,6 +439,14 @@ async def serve(
                 if settings.data.listen is not None
                 else None
             )
+            if listener is not None:
+                Gauge(
+                    "orchestrator_channel_buffered_bytes",
+                    "Device state received from other hosts and not yet loaded into the "
+                    "devices, over every incoming migration ([data] max_buffered_mib caps "
+                    "each).",
+                    registry=registry,
+                ).set_function(listener.buffered_bytes)
             handles = HandleRegistry()
             # Whatever ends the daemon, the descriptors VMMs lent it are closed.
             stack.callback(handles.close_all)

@@ -215,6 +215,17 @@ class DataSettings(BaseModel):
             "path.  Without it such a daemon refuses to start."
         ),
     )
+    max_buffered_mib: int = Field(
+        32,
+        ge=1,
+        le=65536,
+        description=(
+            "Each incoming migration's cap, in MiB, on device state received and not yet "
+            "loaded into its devices: a destination device that loads slower than the "
+            "network holds the source back (TCP back-pressure) instead of filling this "
+            "daemon's memory.  Each connection may always take one 1 MiB buffer beyond it."
+        ),
+    )
     max_handshakes: int = Field(
         # The listener's own default (DEFAULT_MAX_HANDSHAKES); not imported, so
         # that loading the settings does not load the transport and trio.

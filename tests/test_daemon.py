@@ -330,6 +330,13 @@ async def test_the_hosts_tls_identity_serves_the_api_and_the_data_listener(
             assert (await https.get("/healthz")).status_code == 200
         listener = d.running.service.incoming.listener
         assert listener is not None and listener.tls is not None
+        assert listener.max_buffered_bytes == settings.data.max_buffered_mib << 20
+        async with unix_client(d.running.socket_path) as client:
+            metrics = (await client.get("/metrics")).text
+        assert "orchestrator_channel_buffered_bytes 0.0" in metrics
+        assert (
+            'orchestrator_tls_certificate_expiry_timestamp_seconds{certificate="host"}' in metrics
+        )
 
 
 async def test_a_bad_tls_identity_is_a_settings_error_naming_its_file(

@@ -25,7 +25,7 @@ from orchestrator.transport import (
     open_channel,
     wire,
 )
-from orchestrator.transport.channel import UNSENT_BYTES, ends
+from orchestrator.transport.channel import RECV_PIECE_BYTES, UNSENT_BYTES, ends
 from tests.channel_helpers import (
     Address,
     closed_on_us,
@@ -912,3 +912,43 @@ def test_the_public_names_stay_where_callers_import_them(module: str) -> None:
         # The package re-exports the channel's classes and functions, not its tunables.
         wanted = {name for name in wanted if not name.isupper()}
     assert wanted <= exported, sorted(wanted - exported)
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_bytes_received_and_not_loaded_stay_under_the_migrations_cap(
+    connections: int,
+) -> None:
+    # A destination that loads slower than the wire: what waits to be loaded
+    # stays under the cap (plus the one buffer each connection may always
+    # take, so that it keeps moving), and every byte still arrives, in order.
+    cap = 4 << 20
+    devices = [f"dev{i}" for i in range(connections)]
+    data = {d: os.urandom(24 << 20) for d in devices}
+    secret = new_secret()
+    async with serving() as (listener, address):
+        listener.max_buffered_bytes = cap
+        dest = listener.expect("mig-cap", secret, devices)
+        peak = 0
+        got: dict[str, bytearray] = {d: bytearray() for d in devices}
+
+        async def load(device: str) -> None:
+            nonlocal peak
+            receiver = dest.receiver(device)
+            while (piece := await receiver.receive_lent()) is not None:
+                peak = max(peak, listener.buffered_bytes())
+                got[device] += piece
+                await trio.sleep(0.01)  # the slow device: 100 MiB/s
+
+        async with (
+            open_channel(
+                address, "mig-cap", secret, devices, parallel_connections=connections
+            ) as src,
+            trio.open_nursery() as nursery,
+        ):
+            for device in devices:
+                nursery.start_soon(load, device)
+                nursery.start_soon(pour, src.sender(device), data[device], 1 << 20)
+        assert {d: bytes(b) for d, b in got.items()} == data
+        assert peak <= cap + connections * RECV_PIECE_BYTES, peak
+        assert peak >= cap // 2  # it did fill up: the bound was what held it
+        await dest.aclose()

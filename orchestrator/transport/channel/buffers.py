@@ -14,6 +14,10 @@ Invariants:
   the pool makes another;
 * a pool lends at most ``count`` buffers: a reader that finds them all lent
   waits, which holds its connection back;
+* the pools of one migration's channel share a ``ByteBudget``: beyond its cap,
+  a pool that already lends a buffer waits for the budget too (one buffer a
+  connection always goes, so every connection keeps moving): received but
+  not yet loaded bytes stay under the cap plus a buffer a connection;
 * the process keeps at most ``SPARE_BUFFER_BYTES`` of closed pools' buffers
   for the next connections.
 """
@@ -21,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from orchestrator.transport import wire
 
@@ -63,6 +67,36 @@ class _SpareBuffers:
 _SPARE = _SpareBuffers(SPARE_BUFFER_BYTES)
 
 
+class ByteBudget:
+    """Bytes received and not yet given back (loaded), shared by a channel's pools."""
+
+    def __init__(self, cap_bytes: int | None) -> None:
+        self.cap_bytes = cap_bytes
+        self.outstanding = 0
+        self._ready = threading.Condition()
+
+    def take(self, size: int, *, first: bool, closed: Callable[[], bool]) -> bool:
+        """Count ``size`` bytes out, waiting while over the cap (unless ``first``: the
+        pool's only buffer out); False if ``closed()`` said so meanwhile."""
+        with self._ready:
+            cap = self.cap_bytes
+            while not first and cap is not None and self.outstanding + size > cap and not closed():
+                self._ready.wait(timeout=1.0)
+            if closed():
+                return False
+            self.outstanding += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._ready:
+            self.outstanding -= size
+            self._ready.notify_all()
+
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
+
+
 class _BufferPool:
     """The payload buffers of one connection: its reader fills them, consumers give them back.
 
@@ -74,21 +108,34 @@ class _BufferPool:
     buffers given back go to the spares of the process, for the next pool.
     """
 
-    def __init__(self, size: int, count: int) -> None:
+    def __init__(self, size: int, count: int, budget: ByteBudget | None = None) -> None:
         self.size = size
         self._count = count
         self._made = 0
         self._free: list[bytearray] = []
         self._ready = threading.Condition()
         self._closed = False
+        self._budget = budget
+        #: Buffers out of the pool (being filled or lent), counted against the budget.
+        self._out = 0
 
     def take(self) -> bytearray | None:
-        """A free buffer (waiting for one if need be); None once the pool is closed."""
+        """A free buffer (waiting for one, and for the budget, if need be); None once
+        the pool is closed."""
+        budget = self._budget
+        if budget is not None:
+            with self._ready:
+                first = self._out == 0
+            if not budget.take(self.size, first=first, closed=lambda: self._closed):
+                return None
         with self._ready:
             while not self._free and self._made >= self._count and not self._closed:
                 self._ready.wait()
             if self._closed:
+                if budget is not None:
+                    budget.give(self.size)
                 return None
+            self._out += 1
             if self._free:
                 return self._free.pop()
             self._made += 1
@@ -116,6 +163,7 @@ class _BufferPool:
         except BufferError:
             pass
         with self._ready:
+            self._out -= 1
             if buffer is None:
                 self._made -= 1
             elif self._closed:
@@ -123,12 +171,16 @@ class _BufferPool:
             else:
                 self._free.append(buffer)
             self._ready.notify()
+        if self._budget is not None:
+            self._budget.give(self.size)
 
     def close(self) -> None:
         with self._ready:
             self._closed = True
             free, self._free = self._free, []
             self._ready.notify_all()
+        if self._budget is not None:
+            self._budget.wake()
         _SPARE.keep(free)
 
 

@@ -31,7 +31,7 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
-from orchestrator.transport.channel.buffers import _BufferPool, _give_back
+from orchestrator.transport.channel.buffers import ByteBudget, _BufferPool, _give_back
 from orchestrator.transport.channel.links import (
     _configure,
     _ControlLink,
@@ -674,6 +674,8 @@ class DestinationChannel(_Channel):
         self.expected_connections: int | None = None
         self._connected = trio.Event()
         self._first_data_at: float | None = None
+        #: Bytes received and not yet loaded, under the listener's cap.
+        self.budget = ByteBudget(listener.max_buffered_bytes)
 
     def receiver(self, device: str) -> NetworkStreamReceiver:
         return self.receivers[self.devices[self.device_index(device)]]
@@ -704,6 +706,7 @@ class DestinationChannel(_Channel):
         connections = self.expected_connections
         assert connections is not None
         link = _make_link(sock, hello.connection, connections, relay)
+        link.budget = self.budget
         if isinstance(link, _ControlLink):
             self._control = link
         else:

@@ -60,7 +60,7 @@ from typing_extensions import Buffer
 
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
-from orchestrator.transport.channel.buffers import _BufferPool
+from orchestrator.transport.channel.buffers import ByteBudget, _BufferPool
 from orchestrator.transport.channel.tls import Relay
 
 #: The size of a connection's payload buffers (a DATA payload of up to
@@ -166,6 +166,8 @@ class _Connection:
         self.index = index
         #: The TLS relay behind the socket, where the connection is TLS.
         self.relay = relay
+        #: The migration's budget of bytes received and not yet loaded (destination).
+        self.budget: ByteBudget | None = None
         self.encoder = wire.FrameEncoder()
         self.sock = stdlib_socket.socket(fileno=sock.detach())
         self.sock.setblocking(blocking)
@@ -273,7 +275,7 @@ class _Link(_Connection):
         send ``on_write_error``, both in the trio thread."""
         token = trio.lowlevel.current_trio_token()
         self._on_write_error = on_write_error
-        self.pool = _BufferPool(RECV_PIECE_BYTES, QUEUED_PIECES + devices_here)
+        self.pool = _BufferPool(RECV_PIECE_BYTES, QUEUED_PIECES + devices_here, self.budget)
         self._threads_left = 2
         name = f"channel-{self.index}"
         threading.Thread(

@@ -70,6 +70,8 @@ __all__ = [
 
 log = structlog.get_logger("orchestrator.transport")
 
+#: Each migration's cap on bytes received and not yet loaded by its devices.
+DEFAULT_MAX_BUFFERED_BYTES = 32 << 20
 #: Connections in their handshake at once, unless the listener is told otherwise.
 DEFAULT_MAX_HANDSHAKES = 256
 #: How long the listener waits before it accepts again after a shortage.
@@ -191,6 +193,7 @@ class ChannelListener:
         handshake_timeout_s: float = 10.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         tls: ssl.SSLContext | None = None,
+        max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
         if max_handshakes < 1:
             raise ValueError(f"max_handshakes must be at least 1, not {max_handshakes}")
@@ -199,6 +202,9 @@ class ChannelListener:
         #: Every connection is TLS first (mutual: the server context requires the
         #: peer's certificate); cleartext is refused.
         self.tls = tls
+        #: Each migration's cap on bytes received and not yet loaded (None: the
+        #: connections' own pools alone bound them).
+        self.max_buffered_bytes = max_buffered_bytes
         self._expected: dict[str, DestinationChannel] = {}
         #: The reasons of the last ``REJECTIONS_KEPT`` refusals, oldest first.
         self.rejections: collections.deque[str] = collections.deque(maxlen=REJECTIONS_KEPT)
@@ -224,6 +230,10 @@ class ChannelListener:
 
     def forget(self, migration_id: str) -> None:
         self._expected.pop(migration_id, None)
+
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet loaded, over every migration expected here."""
+        return sum(channel.budget.outstanding for channel in self._expected.values())
 
     def statistics(self) -> ListenerStatistics:
         return ListenerStatistics(
