@@ -485,17 +485,17 @@ def _throwaway_identities(stack: contextlib.ExitStack) -> tuple[TlsIdentity, Tls
         raise SystemExit(
             "--tls needs the test extra's trustme (pip install -e '.[test]')"
         ) from None
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the tests' helper (python bench/... puts bench/ first)
+    from tests.helpers import tls_identity
+
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tls-")))
     ca = trustme.CA()
-    out = []
-    for name in ("destination", "source"):
-        cert = ca.issue_cert("127.0.0.1")
-        files = [folder / f"{name}-{part}.pem" for part in ("cert", "key", "ca")]
-        cert.cert_chain_pems[0].write_to_path(str(files[0]))
-        cert.private_key_pem.write_to_path(str(files[1]))
-        ca.cert_pem.write_to_path(str(files[2]))
-        out.append(TlsIdentity(*files))
-    return out[0], out[1]
+    return (
+        tls_identity(ca, folder / "destination", "127.0.0.1"),
+        tls_identity(ca, folder / "source", "127.0.0.1"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

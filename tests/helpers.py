@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 import shutil
@@ -10,13 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from orchestrator.flow import Phase
 from orchestrator.plan import Plan, parse_plan
 from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.transport.channel import TlsIdentity
+
+if TYPE_CHECKING:
+    import trustme
 
 
 def sim_device(
@@ -29,6 +34,24 @@ def sim_device(
         "source": {"state_mib": 0.0625, **source},
         "destination": destination or {},
     }
+
+
+def tls_identity(
+    ca: trustme.CA,
+    folder: Path,
+    *hosts: str,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> TlsIdentity:
+    """A host's [tls] identity as files in ``folder`` (made if need be; a second call
+    rotates them): a certificate for ``hosts`` signed by ``ca``, its key, the CA."""
+    cert = ca.issue_cert(*hosts, not_before=not_before, not_after=not_after)
+    folder.mkdir(exist_ok=True)
+    identity = TlsIdentity(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(str(identity.cert_file))
+    cert.private_key_pem.write_to_path(str(identity.key_file))
+    ca.cert_pem.write_to_path(str(identity.ca_file))
+    return identity
 
 
 def make_plan(devices: list[dict[str, Any]], **top: Any) -> Plan:

@@ -17,17 +17,12 @@ from prometheus_client import CollectorRegistry
 from orchestrator import daemon
 from orchestrator.certificates import CertificateFiles, Certificates, expiry_timestamp
 from orchestrator.transport.channel import TlsIdentity
+from tests.helpers import tls_identity
 
 
 def write_identity(ca: trustme.CA, folder: Path, days: int) -> TlsIdentity:
     now = datetime.datetime.now(datetime.UTC)
-    cert = ca.issue_cert("127.0.0.1", not_after=now + datetime.timedelta(days=days))
-    folder.mkdir(exist_ok=True)
-    ident = TlsIdentity(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
-    cert.cert_chain_pems[0].write_to_path(str(ident.cert_file))
-    cert.private_key_pem.write_to_path(str(ident.key_file))
-    ca.cert_pem.write_to_path(str(ident.ca_file))
-    return ident
+    return tls_identity(ca, folder, "127.0.0.1", not_after=now + datetime.timedelta(days=days))
 
 
 def served_expiry(server: ssl.SSLContext, client_ctx: ssl.SSLContext) -> float:

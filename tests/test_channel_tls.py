@@ -18,6 +18,7 @@ from orchestrator.errors import PeerError
 from orchestrator.transport import ChannelListener, new_secret, open_channel
 from orchestrator.transport.channel import Refusal, TlsIdentity, TlsPeer
 from tests.channel_helpers import Address, closed_on_us, drain, pour, raw_connect
+from tests.helpers import tls_identity
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,7 @@ def ca() -> trustme.CA:
 
 def identity(ca: trustme.CA, tmp: Path, name: str, *hosts: str) -> TlsIdentity:
     """A host's identity: its certificate for ``hosts``, signed by ``ca``."""
-    cert = ca.issue_cert(*hosts)
-    base = tmp / name
-    base.mkdir()
-    cert.private_key_pem.write_to_path(str(base / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(base / "cert.pem"))
-    ca.cert_pem.write_to_path(str(base / "ca.pem"))
-    return TlsIdentity(base / "cert.pem", base / "key.pem", base / "ca.pem")
+    return tls_identity(ca, tmp / name, *hosts)
 
 
 @contextlib.asynccontextmanager
@@ -149,17 +144,13 @@ async def test_a_destination_under_another_name_is_refused(ca: trustme.CA, tmp_p
 
 async def test_an_expired_certificate_is_refused_both_ways(ca: trustme.CA, tmp_path: Path) -> None:
     now = datetime.datetime.now(datetime.UTC)
-    expired = ca.issue_cert(
+    stale = tls_identity(
+        ca,
+        tmp_path / "expired",
         "127.0.0.1",
         not_before=now - datetime.timedelta(days=30),
         not_after=now - datetime.timedelta(days=1),
     )
-    folder = tmp_path / "expired"
-    folder.mkdir()
-    expired.private_key_pem.write_to_path(str(folder / "key.pem"))
-    expired.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    stale = TlsIdentity(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
     good = identity(ca, tmp_path, "good", "127.0.0.1")
     secret = new_secret()
     # A destination whose certificate expired: the source refuses it.

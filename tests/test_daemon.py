@@ -35,6 +35,7 @@ from orchestrator.daemon import DaemonError, Running
 from orchestrator.journal import Journal
 from orchestrator.settings import Settings
 from tests.conftest import TOKEN
+from tests.helpers import tls_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,7 +300,11 @@ def tls_settings(base: Path, token_file: Path, **tls: str) -> Settings:
     from tests.two_daemons import issue_identities
 
     (good,) = issue_identities(base, "127.0.0.1")
-    files = {"cert_file": str(good.cert), "key_file": str(good.key), "ca_file": str(good.ca)}
+    files = {
+        "cert_file": str(good.cert_file),
+        "key_file": str(good.key_file),
+        "ca_file": str(good.ca_file),
+    }
     return Settings.load(
         flags={
             "state_dir": str(base / "state"),
@@ -366,19 +371,16 @@ async def test_an_expired_host_certificate_stops_the_start(
 
     import trustme
 
-    ca = trustme.CA()
     now = datetime.datetime.now(datetime.UTC)
-    old = ca.issue_cert(
+    old = tls_identity(
+        trustme.CA(),
+        short_dir / "old",
         "127.0.0.1",
         not_before=now - datetime.timedelta(days=9),
         not_after=now - datetime.timedelta(days=2),
     )
-    folder = short_dir / "old"
-    folder.mkdir()
-    old.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    old.private_key_pem.write_to_path(str(folder / "key.pem"))
     settings = tls_settings(
-        short_dir, token_file, cert_file=str(folder / "cert.pem"), key_file=str(folder / "key.pem")
+        short_dir, token_file, cert_file=str(old.cert_file), key_file=str(old.key_file)
     )
     with pytest.raises(Exception, match=r"tls\.cert_file: .* expired on") as exc:
         await daemon.serve(settings, shutdown_trigger=trio.sleep_forever)

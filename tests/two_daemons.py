@@ -29,6 +29,8 @@ from typing import Any
 import trio
 
 from orchestrator.settings import Settings
+from orchestrator.transport.channel import TlsIdentity
+from tests.helpers import tls_identity
 from tests.test_daemon import (
     Daemon,
     _daemon_env,
@@ -169,7 +171,7 @@ def _host(
     token_file: Path,
     processes: bool,
     placement: Placement,
-    tls: TlsFiles | None = None,
+    tls: TlsIdentity | None = None,
 ) -> Host:
     base.mkdir()
     port = free_port() if not placement.prefix else 7800
@@ -189,39 +191,20 @@ def _host(
     if tls is not None:
         lines += [
             "[tls]",
-            f'cert_file = "{tls.cert}"',
-            f'key_file = "{tls.key}"',
-            f'ca_file = "{tls.ca}"',
+            f'cert_file = "{tls.cert_file}"',
+            f'key_file = "{tls.key_file}"',
+            f'ca_file = "{tls.ca_file}"',
         ]
     config.write_text("\n".join(lines) + "\n")
     return Host(name, base, config, port, processes, placement, https=tls is not None)
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    """A host's [tls] identity, as files."""
-
-    cert: Path
-    key: Path
-    ca: Path
-
-
-def issue_identities(base: Path, *ips: str) -> list[TlsFiles]:
-    """One certificate per host address (its IP SAN), all signed by one new CA."""
+def issue_identities(base: Path, *ips: str) -> list[TlsIdentity]:
+    """One identity per host address (its IP SAN), all of one new CA."""
     import trustme  # the test extra's: only TLS tests need it
 
     ca = trustme.CA()
-    out = []
-    for i, ip in enumerate(ips):
-        cert = ca.issue_cert(ip, f"host{i}.test")
-        folder = base / f"tls{i}"
-        folder.mkdir()
-        files = TlsFiles(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
-        cert.cert_chain_pems[0].write_to_path(str(files.cert))
-        cert.private_key_pem.write_to_path(str(files.key))
-        ca.cert_pem.write_to_path(str(files.ca))
-        out.append(files)
-    return out
+    return [tls_identity(ca, base / f"tls{i}", ip, f"host{i}.test") for i, ip in enumerate(ips)]
 
 
 @asynccontextmanager
@@ -235,7 +218,7 @@ async def two_daemons(
 ) -> AsyncIterator[tuple[Host, Host]]:
     """(source, destination), both ready; both stopped after.  ``tls``: each with a
     [tls] identity of one test CA (mutual TLS data channel, https API)."""
-    ids: list[TlsFiles | None] = [None, None]
+    ids: list[TlsIdentity | None] = [None, None]
     if tls:
         ids = list(issue_identities(short_dir, placements[0].ip, placements[1].ip))
     source = _host("source", short_dir / "a", token_file, processes, placements[0], ids[0])
