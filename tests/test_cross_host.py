@@ -32,6 +32,14 @@ async def incoming(destination: Host, migration_id: str) -> dict[str, Any]:
     return await until(lambda: destination.incoming(migration_id), ended)
 
 
+def refused_before_any_change(status: dict[str, Any], why: str) -> None:
+    """The migration ended ``refused`` for ``why``, every source device still RUNNING."""
+    report = status["report"]
+    assert status["outcome"] == "refused", report
+    assert why in report["error"]["message"], report["error"]
+    assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+
+
 async def test_two_daemons_with_tls_migrate_over_mutual_tls_and_https(
     short_dir: Path, token_file: Path
 ) -> None:
@@ -77,10 +85,7 @@ async def test_a_daemon_with_tls_never_sends_to_a_cleartext_destination(
     async with two_hosts(short_dir, token_file, tls=True) as (a, b):
         b.service.incoming.listener.tls = None  # as a destination without [tls] answers
         status = await submit(a, cross_plan(b, token_file, "gpu0", state_mib=0.0625))
-        report = status["report"]
-        assert status["outcome"] == "refused", report
-        assert "not encrypted" in report["error"]["message"], report["error"]
-        assert [d["source_state"] for d in report["devices"]] == ["RUNNING"]
+        refused_before_any_change(status, "not encrypted")
 
 
 async def test_three_devices_migrate_to_the_destination_daemon(
@@ -454,10 +459,7 @@ async def test_a_daemon_with_tls_never_sends_its_secret_to_an_http_url(
         plan = cross_plan(b, token_file, "gpu0", state_mib=0.0625)
         plan["destination"]["url"] = plan["destination"]["url"].replace("https://", "http://")
         status = await submit(a, plan)
-        report = status["report"]
-        assert status["outcome"] == "refused", report
-        assert "is not https" in report["error"]["message"], report["error"]
-        assert [d["source_state"] for d in report["devices"]] == ["RUNNING"]
+        refused_before_any_change(status, "is not https")
 
 
 async def test_a_daemon_without_tls_is_told_the_destination_requires_it(
@@ -469,9 +471,7 @@ async def test_a_daemon_without_tls_is_told_the_destination_requires_it(
         # ... that trusts the destination's API by the plan's (deprecated) CA file.
         plan["destination"]["ca_file"] = str(short_dir / "tls1" / "ca.pem")
         status = await submit(a, plan)
-        report = status["report"]
-        assert status["outcome"] == "refused", report
-        assert "requires TLS" in report["error"]["message"], report["error"]
+        refused_before_any_change(status, "requires TLS")
 
 
 async def test_a_destination_of_protocol_1_gets_no_share_and_still_migrates(
