@@ -115,25 +115,33 @@ class Running:
 # -- start-up checks -------------------------------------------------------------
 
 
-def api_certificate(settings: Settings) -> tuple[Path, Path, str] | None:
-    """The TCP API's certificate and key: ``[api] tls_cert``/``tls_key``, else the
-    host's ``[tls]`` identity (with the API on TCP); and the settings field they are."""
+#: The settings fields of each certificate the API may serve (its errors name them).
+_API_CERTIFICATE_FIELDS = {
+    "api": ("api.tls_cert", "api.tls_key"),
+    "host": ("tls.cert_file", "tls.key_file"),
+}
+
+
+def api_certificate(settings: Settings) -> CertificateFiles | None:
+    """The TCP API's certificate: ``[api] tls_cert``/``tls_key`` (``api``), else the
+    host's ``[tls]`` identity (``host``), with the API on TCP."""
     api = settings.api
     if api.tls_cert is not None and api.tls_key is not None:
-        return api.tls_cert, api.tls_key, "api.tls_cert"
+        return CertificateFiles("api", api.tls_cert, api.tls_key)
     if settings.tls is not None and api.tcp is not None:
-        return settings.tls.cert_file, settings.tls.key_file, "tls.cert_file"
+        return CertificateFiles("host", settings.tls.cert_file, settings.tls.key_file)
     return None
 
 
 def check_tls(settings: Settings) -> ssl.SSLContext | None:
     """Load the API's certificate and key now, so that a bad pair stops the start
     with a clear error."""
-    pair = api_certificate(settings)
-    if pair is None:
+    files = api_certificate(settings)
+    if files is None:
         return None
-    cert, key, field = pair
-    _readable((field, cert), (field.replace("cert", "key"), key))
+    cert, key = files.cert_file, files.key_file
+    field, key_field = _API_CERTIFICATE_FIELDS[files.name]
+    _readable((field, cert), (key_field, key))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
@@ -330,14 +338,14 @@ class _ServedConfig(HypercornConfig):
     """Hypercorn's settings, whose TLS context the daemon keeps (SIGHUP reloads it)."""
 
     certificates: Certificates | None = None
-    certificate_name = "api"
+    #: The certificate it serves (certfile and keyfile), once TLS is on.
+    served: CertificateFiles | None = None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         context = super().create_ssl_context()
         if context is not None and self.certificates is not None:
-            assert self.certfile is not None and self.keyfile is not None
-            files = CertificateFiles(self.certificate_name, Path(self.certfile), Path(self.keyfile))
-            self.certificates.keep(files, context)
+            assert self.served is not None
+            self.certificates.keep(self.served, context)
         return context
 
 
@@ -351,11 +359,11 @@ def _hypercorn_config(
     config = _ServedConfig()
     config.certificates = certificates
     binds = [f"fd://{sock.detach()}" for sock in sockets]
-    pair = api_certificate(settings) if tls else None
-    if pair is not None:
-        config.certfile = os.fspath(pair[0])
-        config.keyfile = os.fspath(pair[1])
-        config.certificate_name = "api" if pair[2].startswith("api.") else "host"
+    served = api_certificate(settings) if tls else None
+    if served is not None:
+        config.served = served
+        config.certfile = os.fspath(served.cert_file)
+        config.keyfile = os.fspath(served.key_file)
         # The Unix socket (first) stays plain: its file mode is its protection.
         config.insecure_bind = binds[:1]
         config.bind = binds[1:]

@@ -13,7 +13,6 @@ API socket; journals straight from their files.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -28,7 +27,7 @@ from typing import Any
 
 import trio
 
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, is_loopback
 from orchestrator.transport.channel import TlsIdentity
 from tests.helpers import tls_identity
 from tests.test_daemon import (
@@ -186,7 +185,7 @@ def _host(
         "[data]",
         f'listen = "{placement.ip}:0"',
     ]
-    if tls is None and not ipaddress.ip_address(placement.ip).is_loopback:
+    if tls is None and not is_loopback(placement.ip):
         lines.append("insecure = true")  # network namespaces of one test host
     if tls is not None:
         lines += [

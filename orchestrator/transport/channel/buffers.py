@@ -81,7 +81,7 @@ class ByteBudget:
         with self._ready:
             cap = self.cap_bytes
             while not first and cap is not None and self.outstanding + size > cap and not closed():
-                self._ready.wait(timeout=1.0)
+                self._ready.wait()  # give() and the pool's close() wake it
             if closed():
                 return False
             self.outstanding += size

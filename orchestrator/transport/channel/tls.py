@@ -48,6 +48,7 @@ import ssl
 import sys
 import termios
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,17 +198,21 @@ class _Session:
     # -- the relay's two directions --
 
     def send(self, raw: stdlib_socket.socket, plain: bytes | memoryview) -> None:
-        with self.send_lock:
-            with self.lock:
-                self.tls.write(plain)
-                cipher = self.outgoing.read()
-            raw.sendall(cipher)
+        self._emit(raw, lambda: self.tls.write(plain))
 
     def close_notify(self, raw: stdlib_socket.socket) -> None:
+        def unwrap() -> None:
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.unwrap()
+
+        self._emit(raw, unwrap)
+
+    def _emit(self, raw: stdlib_socket.socket, make: Callable[[], object]) -> None:
+        """``make`` records (under the session's lock), then send them, the send
+        lock held from making them until they are on the wire."""
         with self.send_lock:
             with self.lock:
-                with contextlib.suppress(ssl.SSLError):
-                    self.tls.unwrap()
+                make()
                 cipher = self.outgoing.read()
             if cipher:
                 raw.sendall(cipher)
@@ -237,13 +242,8 @@ class _Session:
     def answer(self, raw: stdlib_socket.socket) -> None:
         """A record the session answers with (TLS 1.3 post-handshake), in order with
         the up direction's records."""
-        if not self.outgoing.pending:
-            return
-        with self.send_lock:
-            with self.lock:
-                cipher_out = self.outgoing.read()
-            if cipher_out:
-                raw.sendall(cipher_out)
+        if self.outgoing.pending:
+            self._emit(raw, lambda: None)
 
 
 class Relay:
