@@ -115,6 +115,11 @@ def uncertainty(component: str, figure: Figure) -> float:
     return UNCERTAINTY.get(kind, UNCERTAINTY["estimated"])
 
 
+def margin_of(components: Mapping[str, Figure]) -> float:
+    """How much longer ``components`` may take, by how sure each one is."""
+    return sum(f.ms * uncertainty(k, f) for k, f in components.items())
+
+
 @dataclass
 class Forecast:
     """The predicted downtime: the critical path's components, and per device."""
@@ -126,7 +131,7 @@ class Forecast:
     @property
     def margin_ms(self) -> float:
         """How much longer the window may take, by how sure each component is."""
-        margin = sum(f.ms * uncertainty(k, f) for k, f in self.components.items())
+        margin = margin_of(self.components)
         return round(margin, 3) if math.isfinite(margin) else math.inf
 
     def as_report(self) -> dict[str, object]:
@@ -334,16 +339,14 @@ class DowntimeModel:
         shrink, or not), with (``margin``) what convergence keeps in hand for it.
         A transfer no bandwidth measures yet is unknown, not infinite: it counts
         nothing here."""
-        rest = {k: f for k, f in forecast.components.items() if k != "transfer"}
-        floor = sum(f.ms for f in rest.values())
-        if margin:
-            floor += sum(f.ms * uncertainty(k, f) for k, f in rest.items())
-        fixed_ms = self.transfer(
+        floor = {k: f for k, f in forecast.components.items() if k != "transfer"}
+        transfer = self.transfer(
             {n: d for n, d in forecast.devices.items() if n in fixed}, bandwidth_bytes_s
-        ).ms
-        if not math.isfinite(fixed_ms):
-            return floor
-        return floor + fixed_ms * (1 + (UNCERTAINTY["transfer"] if margin else 0.0))
+        )
+        if math.isfinite(transfer.ms):
+            floor["transfer"] = transfer
+        total = sum(f.ms for f in floor.values())
+        return total + margin_of(floor) if margin else total
 
     def transfer(self, devices: Mapping[str, DeviceForecast], bandwidth_bytes_s: float) -> Figure:
         """Every device's stop-copy bytes over the bandwidth, then the last piece's
