@@ -11,28 +11,173 @@ back instead of buffering a whole device state in memory; the network data
 channel (the ``channel`` package) carries many devices' streams between two hosts.
 ``RateLimiter`` enforces a plan's ``bandwidth_limit_mib_s`` across every
 stream of a migration, whichever implementation carries it.
+
+Bulk transfers: a stream end that can (the network channel's) moves a
+device's bytes in its own I/O threads, from a ``BlockingReader`` (the source
+device's stream, read into the channel's buffers) or into a
+``BlockingWriter`` (the destination device), with trio told only of the
+transfer's end (a ``Transfer``): no hand-off to trio's thread per chunk.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import trio
 
 from orchestrator.errors import PeerError
 
 __all__ = [
+    "BlockingReader",
+    "BlockingWriter",
     "LocalStreamReceiver",
     "LocalStreamSender",
     "RateLimiter",
     "StreamReceiver",
     "StreamSender",
+    "Transfer",
     "local_stream",
 ]
 
 _END = object()
+_T = TypeVar("_T")
+
+
+class BlockingReader(Protocol):
+    """A source device's stream as an I/O thread reads it (never trio's thread)."""
+
+    def read_into(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` with the stream's next bytes, blocking; how many.
+
+        0 means what ``Device.read`` answering ``b""`` means: nothing more
+        now (pre-copy) or the end of the stream (stop-copy).  A failure is the
+        backend's ``DeviceError``.
+        """
+        ...
+
+
+class BlockingWriter(Protocol):
+    """A destination device as an I/O thread loads its stream (never trio's thread)."""
+
+    def write_from(self, data: memoryview) -> None:
+        """Load the stream's next bytes, blocking; ``data`` is lent for the call."""
+        ...
+
+
+class Transfer:
+    """One bulk transfer of a device's stream, run by an I/O thread.
+
+    The thread moves the bytes and counts them; trio's side is told once, at
+    the end (``done``: the stream's end, the round's limit, a stop, or an
+    error in ``error``), and where it asked, when ``reached`` a byte count.
+    The runner watches ``in_call_s`` for a device call past its deadline,
+    and ``abandon``s a transfer it gives up on: the thread stops at its next
+    step, or, stuck in the device, finishes (or fails) alone and then moves
+    nothing more.
+    """
+
+    def __init__(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        #: Bytes moved so far (read and queued, or loaded).
+        self.bytes = 0
+        #: Seconds the thread spent inside device calls.
+        self.device_s = 0.0
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+        #: Set by trio's side: stop after the current piece (a round cut short).
+        self.stopping = False
+        self.abandoned = False
+        self._call_began: float | None = None
+        self._lock = threading.Lock()
+        self._watches: list[tuple[int, trio.Event]] = []
+        self._finished = False
+        self._on_done: list[Callable[[Transfer], None]] = []
+
+    # -- the I/O thread's side --
+
+    def device_call(self, fn: Callable[[memoryview], _T], data: memoryview) -> _T:
+        """``fn(data)``, timed as a device call."""
+        began = self._call_began = time.monotonic()
+        try:
+            return fn(data)
+        finally:
+            self._call_began = None
+            self.device_s += time.monotonic() - began
+
+    def moved(self, nbytes: int) -> None:
+        """Count ``nbytes`` more; wake the waiters whose count is reached."""
+        with self._lock:
+            self.bytes += nbytes
+            reached = [w for w in self._watches if w[0] <= self.bytes]
+            if reached:
+                self._watches = [w for w in self._watches if w[0] > self.bytes]
+        for _, event in reached:
+            self._post(event.set)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The transfer is over (``error``: why it failed); trio's side hears of it once."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            self.error = error
+        self._post(self._complete)
+
+    def _post(self, fn: Callable[[], object]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn)
+
+    # -- trio's side --
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def on_done(self, fn: Callable[[Transfer], None]) -> None:
+        """Call ``fn(self)`` in trio's thread as the transfer ends, before ``done`` is set."""
+        self._on_done.append(fn)
+
+    def _complete(self) -> None:
+        for fn in self._on_done:
+            fn(self)
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for _, event in watches:
+            event.set()
+        self.done.set()
+
+    def in_call_s(self) -> float | None:
+        """How long the device call under way has taken (None: none is)."""
+        began = self._call_began
+        return None if began is None else time.monotonic() - began
+
+    def stop(self) -> None:
+        """Stop after the piece under way (the bytes moved so far stand)."""
+        self.stopping = True
+
+    def abandon(self) -> None:
+        """Give up on the transfer: its thread moves nothing more."""
+        self.stopping = self.abandoned = True
+
+    async def reached(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` are moved, or the transfer is over."""
+        with self._lock:
+            if self.bytes >= nbytes or self._finished:
+                event = None
+            else:
+                event = trio.Event()
+                self._watches.append((nbytes, event))
+        if event is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await event.wait()
 
 
 class RateLimiter:
@@ -112,6 +257,14 @@ class StreamSender(abc.ABC):
 
     bytes_sent: int
 
+    #: Whether ``start_pump`` is offered (the network channel's streams, unthrottled).
+    pumps: bool = False
+
+    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
+        """Move ``reader``'s bytes into the stream in an I/O thread, up to ``limit``
+        (None: until it has nothing more now); returns at once."""
+        raise NotImplementedError(f"{type(self).__name__} moves no bulk transfers")
+
     @abc.abstractmethod
     async def send(self, chunk: bytes) -> None:
         """Send the next chunk; PeerError if the receiving end has gone."""
@@ -145,6 +298,14 @@ class StreamReceiver(abc.ABC):
     """
 
     bytes_received: int
+
+    #: Whether ``start_sink`` is offered (the network channel's streams).
+    sinks: bool = False
+
+    def start_sink(self, writer: BlockingWriter) -> Transfer:
+        """Load the rest of the stream into ``writer`` in an I/O thread, to its end;
+        returns at once (the transfer is done at the end, or at a failure)."""
+        raise NotImplementedError(f"{type(self).__name__} moves no bulk transfers")
 
     @abc.abstractmethod
     async def receive(self) -> bytes | None:

@@ -32,6 +32,7 @@ from typing_extensions import Buffer
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
 from orchestrator.transport.channel.buffers import ByteBudget, _BufferPool, _give_back
+from orchestrator.transport.channel.bulk import _Backlog, _Pump, _Sink, _view
 from orchestrator.transport.channel.links import (
     _configure,
     _ControlLink,
@@ -45,7 +46,14 @@ from orchestrator.transport.channel.links import (
     _tell_abort,
 )
 from orchestrator.transport.channel.tls import Relay, TlsPeer, secure
-from orchestrator.transport.streams import RateLimiter, StreamReceiver, StreamSender
+from orchestrator.transport.streams import (
+    BlockingReader,
+    BlockingWriter,
+    RateLimiter,
+    StreamReceiver,
+    StreamSender,
+    Transfer,
+)
 
 if TYPE_CHECKING:
     from orchestrator.transport.channel.listener import ChannelListener
@@ -307,6 +315,37 @@ class NetworkStreamSender(StreamSender):
         self.bytes_sent = 0
         self.ended = False
         self._closed = False
+        self._pumping: Transfer | None = None
+        # Bulk transfers go straight to the connection, unless a rate limit paces them.
+        self.pumps = channel.limiter is None
+
+    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
+        """Read ``reader`` into this stream in its connection's writer thread (see
+        ``bulk.py``), up to ``limit`` bytes or until it has nothing more now; returns
+        at once.  Once the transfer is done its bytes count as sent; until then
+        nothing else may be sent on this stream.
+        """
+        if self.ended or self._closed:
+            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
+        if self._pumping is not None and not self._pumping.finished:
+            raise trio.BusyResourceError(f"device {self.name!r} is pumping already")
+        channel = self._channel
+        link = channel._link_of(self.index)
+        pump = _Pump(self.index, reader, limit)
+        transfer = self._pumping = pump.transfer
+        busy = channel._busy()
+        busy.__enter__()
+
+        def done(transfer: Transfer) -> None:
+            busy.__exit__(None, None, None)
+            self.bytes_sent += transfer.bytes
+            channel._payload_bytes += transfer.bytes
+            if isinstance(transfer.error, PeerError) and channel.failure is not None:
+                transfer.error = channel.failure
+
+        transfer.on_done(done)
+        link.start_pump(pump)
+        return transfer
 
     async def send(self, chunk: Buffer) -> None:
         """Send a chunk (any buffer: bytes, bytearray, memoryview), in frames of at most 4 MiB.
@@ -601,6 +640,57 @@ class NetworkStreamReceiver(StreamReceiver):
         # Unbounded: what it holds is bounded by the connection's buffer pool.
         self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
         self._lent: tuple[memoryview, _BufferPool] | None = None
+        self._sink: _Sink | None = None
+        #: Whether the sink's transfer is over and its bytes in ``bytes_received``.
+        self._sink_counted = False
+
+    sinks = True
+
+    def start_sink(self, writer: BlockingWriter) -> Transfer:
+        """Load the rest of the stream into ``writer`` in the device's sink thread (see
+        ``bulk.py``); returns at once.  The transfer is done at the stream's END
+        (every byte before it loaded), at a failed write, or when the channel fails.
+        """
+        channel = self._channel
+        channel.check()
+        if self._sink is not None or self.ended:
+            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is taken")
+        self._give_back()
+        sink = self._sink = _Sink(f"{channel.migration_id}-{self.name}", writer)
+        transfer = sink.transfer
+        # What trio had taken already goes first, then the link hands over the rest.
+        taken: list[_Item] = []
+        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            while True:
+                taken.append(self._receive.receive_nowait())
+        backlog: _Backlog = [(_view(i[0]), i[1]) if i is not None else None for i in taken]
+        link = channel._open_link_of(self.index)
+        if link is not None:
+            link.attach_sink(self.index, sink, backlog)
+        else:  # attached as the connection opens: nothing can have arrived yet
+            assert not backlog
+        if channel.failure is not None:
+            sink.fail(channel.failure)
+
+        def done(transfer: Transfer) -> None:
+            self._sink_counted = True
+            self.bytes_received += transfer.bytes
+            channel._payload_bytes += transfer.bytes
+            if transfer.error is None:
+                self.ended = True
+            elif isinstance(transfer.error, PeerError) and channel.failure is not None:
+                transfer.error = channel.failure
+
+        transfer.on_done(done)
+        return transfer
+
+    @property
+    def loaded_bytes(self) -> int:
+        """Bytes handed to the device's consumer (or loaded by its sink) so far."""
+        sink = self._sink
+        if sink is None or self._sink_counted:
+            return self.bytes_received
+        return self.bytes_received + sink.transfer.bytes
 
     def _give_back(self) -> None:
         if self._lent is not None:
@@ -680,6 +770,12 @@ class DestinationChannel(_Channel):
     def receiver(self, device: str) -> NetworkStreamReceiver:
         return self.receivers[self.devices[self.device_index(device)]]
 
+    def _open_link_of(self, device: int) -> _Link | None:
+        """The data connection a device's frames travel on, if it is open yet."""
+        if self.expected_connections is None:
+            return None
+        return self._links.get(wire.connection_of(device, self.expected_connections))
+
     async def wait_connected(self) -> None:
         """Wait until every connection the source announced is authenticated."""
         self.check()
@@ -711,6 +807,9 @@ class DestinationChannel(_Channel):
             self._control = link
         else:
             self._links[link.index] = link
+            for receiver in self.receivers.values():
+                if receiver._sink is not None and self._open_link_of(receiver.index) is link:
+                    link.attach_sink(receiver.index, receiver._sink, [])
         if len(self._links) == connections and self._control is not None:
             self._connected.set()
         validator = wire.InboundValidator(
@@ -742,6 +841,8 @@ class DestinationChannel(_Channel):
         self._connected.set()
         for receiver in self.receivers.values():
             receiver._send.close()
+            if receiver._sink is not None and self.failure is not None:
+                receiver._sink.fail(self.failure)
 
     def _link_eof(self, link: _Link | _ControlLink, validator: wire.InboundValidator) -> None:
         unfinished = validator.open_devices
@@ -759,7 +860,7 @@ class DestinationChannel(_Channel):
         """Tell the source this device's initial data is loaded (the switchover-ack)."""
         index = self.device_index(device)
         link = self._link_of(index)
-        loaded = self.receivers[device].bytes_received
+        loaded = self.receivers[device].loaded_bytes
         await link.write_frame(lambda encoder: _split(encoder.ack(index, loaded)))
 
     async def aclose(self) -> None:

@@ -61,6 +61,7 @@ from typing_extensions import Buffer
 from orchestrator.errors import PeerAuthError, PeerError, PeerProtocolError
 from orchestrator.transport import wire
 from orchestrator.transport.channel.buffers import ByteBudget, _BufferPool
+from orchestrator.transport.channel.bulk import _Backlog, _Pump, _Sink, _view
 from orchestrator.transport.channel.tls import Relay
 
 #: The size of a connection's payload buffers (a DATA payload of up to
@@ -236,6 +237,10 @@ class _Link(_Connection):
     ) -> None:
         super().__init__(sock, index, blocking=True, relay=relay)
         self.pool = _BufferPool(RECV_PIECE_BYTES, 0)
+        #: Devices whose bulk transfers the writer thread reads and sends (source).
+        self._pumps: collections.deque[_Pump] = collections.deque()
+        #: Devices whose DATA and END the reader thread loads itself (destination).
+        self.sinks: dict[int, _Sink] = {}
         self._jobs: collections.deque[_WriteJob | None] = collections.deque()
         self._queued_bytes = 0
         self._queued_lock = threading.Lock()
@@ -351,7 +356,12 @@ class _Link(_Connection):
         while True:
             frame = reader.next_frame()
             if frame is not None:
-                self._post(token, deliver, validator.accept(frame))
+                event = validator.accept(frame)
+                # Hold no view of the payload past the hand-over: a sink's thread
+                # may load it and give its buffer back before this loop goes on.
+                del frame
+                self._post(token, deliver, event)
+                del event
                 continue
             wanted = reader.payload_remaining
             if wanted:
@@ -386,13 +396,43 @@ class _Link(_Connection):
         deliver: _Deliver,
         event: wire.Event,
     ) -> None:
-        """Hand an event to the trio thread; events that pile up meanwhile share one wake-up."""
+        """Hand an event to the trio thread; events that pile up meanwhile share one wake-up.
+
+        A device's DATA and END go to its sink instead, where one is attached
+        (``attach_sink``): this thread loads them, and trio hears only of the end.
+        """
+        sink = None
         with self._inbox_lock:
-            self._inbox.append(event)
-            if self._inbox_posted:
-                return
-            self._inbox_posted = True
+            if self.sinks and isinstance(event, wire.Data | wire.End):
+                sink = self.sinks.get(event.device)
+            if sink is None:
+                self._inbox.append(event)
+                if self._inbox_posted:
+                    return
+                self._inbox_posted = True
+        if sink is not None:
+            sink.put(event, self.pool)
+            return
         token.run_sync_soon(self._drain_inbox, deliver)
+
+    def attach_sink(self, device: int, sink: _Sink, taken: _Backlog) -> None:
+        """From now on device ``device``'s DATA and END are loaded by ``sink``, in order:
+        ``taken`` (what trio had taken already), then what was posted to trio but
+        not yet taken, then what arrives.  In trio's thread."""
+        with self._inbox_lock:
+            mine = [
+                e for e in self._inbox if isinstance(e, wire.Data | wire.End) and e.device == device
+            ]
+            if mine:
+                self._inbox = [e for e in self._inbox if not any(e is m for m in mine)]
+            backlog = list(taken)
+            for event in mine:
+                if isinstance(event, wire.Data):
+                    backlog.extend((_view(piece), self.pool) for piece in event.pieces)
+                else:
+                    backlog.append(None)
+            sink.start(backlog)
+            self.sinks[device] = sink
 
     def _drain_inbox(self, deliver: _Deliver) -> None:
         with self._inbox_lock:
@@ -402,48 +442,108 @@ class _Link(_Connection):
             deliver(event, self.pool)
 
     def _writer(self, token: trio.lowlevel.TrioToken) -> None:
+        buffer = memoryview(bytearray(RECV_PIECE_BYTES))
         try:
             running = True
             while running:
-                jobs, running = self._next_batch()
+                jobs, pump, running = self._next_work()
                 if jobs:
                     self._send_jobs(token, jobs)
+                elif pump is not None:
+                    self._pump_piece(token, pump, buffer)
         finally:
+            self._end_pumps()
             self._thread_done()
 
-    def _next_batch(self) -> tuple[list[_WriteJob], bool]:
-        """The frames for the next ``sendmsg``, and False once the link closes.
+    def _next_work(self) -> tuple[list[_WriteJob], _Pump | None, bool]:
+        """The frames for the next ``sendmsg``, else the pump whose turn it is to
+        read a piece; False once the link closes.
 
         Whatever small frames are queued go together: fewer system calls, and
         fewer turns at the GIL against trio's thread.  Payloads stop a batch
         at ``WRITE_BATCH_BYTES``: the rest stays queued, still reorderable.
+        Queued frames go before pumped ones: an END or an ACK does not wait
+        for a device's bulk transfer.
         """
         jobs: list[_WriteJob] = []
         payload = 0
         with self._jobs_ready:
-            while not self._jobs:
+            while not self._jobs and not self._pumps:
                 self._jobs_ready.wait()
+            if not self._jobs:
+                pump = self._pumps[0]
+                self._pumps.rotate(-1)
+                return jobs, pump, True
             while self._jobs and len(jobs) < WRITE_BATCH and payload < WRITE_BATCH_BYTES:
                 job = self._jobs.popleft()
                 if job is None:
-                    return jobs, False
+                    return jobs, None, False
                 jobs.append(job)
                 payload += job.payload.nbytes
-        return jobs, True
+        return jobs, None, True
+
+    def _pump_piece(self, token: trio.lowlevel.TrioToken, pump: _Pump, buffer: memoryview) -> None:
+        """Read one piece of a pumping device into ``buffer`` and send it as a DATA frame;
+        or end the pump's transfer (its limit, a stop, the device's end, an error)."""
+        transfer = pump.transfer
+        want = pump.wanted(buffer.nbytes) if self._write_error is None else 0
+        error: BaseException | None = self._write_error
+        n = 0
+        if want:
+            try:
+                n = transfer.device_call(pump.reader.read_into, buffer[:want])
+            except BaseException as exc:  # told to trio, which raises it
+                error = exc
+        if n <= 0 or transfer.abandoned or error is not None:
+            with self._jobs_ready:
+                self._pumps.remove(pump)
+            transfer.finish(error)
+            return
+        piece = buffer[:n]
+        with self._jobs_ready:  # numbered under the lock trio's frames are numbered under
+            header = self.encoder.header(wire.Kind.DATA, pump.slot, n)
+        views = [memoryview(header), piece, memoryview(wire.FrameEncoder.trailer(header, piece))]
+        write_error = self._send_views(token, views)
+        if write_error is None:
+            transfer.moved(n)
+
+    def start_pump(self, pump: _Pump) -> None:
+        """Have the writer thread serve ``pump`` (in trio's thread)."""
+        with self._jobs_ready:
+            error = self._write_error or (self._closed_error() if self._closed else None)
+            if error is None:
+                self._pumps.append(pump)
+                self._jobs_ready.notify()
+                return
+        pump.transfer.finish(error)
+
+    def _end_pumps(self) -> None:
+        with self._jobs_ready:
+            pumps = list(self._pumps)
+            self._pumps.clear()
+        for pump in pumps:
+            pump.transfer.finish(self._write_error or self._closed_error())
+
+    def _send_views(
+        self, token: trio.lowlevel.TrioToken, views: list[memoryview]
+    ) -> PeerError | None:
+        """``sendmsg`` every byte of ``views``; a failure fails the channel at once (callers
+        that no longer wait for their frames must not wait for the reader to notice
+        the same cut) and every later write."""
+        try:
+            while views:
+                _consume(views, self.sock.sendmsg(views))
+        except OSError as exc:
+            error = self._write_error = self._error(exc)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._on_write_error, error)
+            return error
+        return None
 
     def _send_jobs(self, token: trio.lowlevel.TrioToken, jobs: list[_WriteJob]) -> None:
         error = self._write_error
         if error is None:
-            views = [view for job in jobs for view in job.frame()]
-            try:
-                while views:
-                    _consume(views, self.sock.sendmsg(views))
-            except OSError as exc:
-                error = self._write_error = self._error(exc)
-                # Fail the channel now: callers that no longer wait for their
-                # frames must not wait for the reader to notice the same cut.
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(self._on_write_error, error)
+            error = self._send_views(token, [view for job in jobs for view in job.frame()])
         # The trio side hears of a frame only if it waits for that one, or for
         # room (once half the queue has gone): a wake-up per frame cost a third
         # of the throughput.
@@ -524,11 +624,12 @@ class _Link(_Connection):
                     self._room_wanted = trio.Event()
                 room = self._room_wanted
             await room.wait()
-        # Numbered and queued with no checkpoint between: frames leave in header order.
-        header, payload = make(self.encoder)
-        job = _WriteJob(header, memoryview(payload).cast("B"), trio.Event() if wait else None)
-        job.data_of = data_of
         with self._jobs_ready:
+            # Numbered and queued under one lock (pumps queue from their threads):
+            # frames leave in header order.
+            header, payload = make(self.encoder)
+            job = _WriteJob(header, memoryview(payload).cast("B"), trio.Event() if wait else None)
+            job.data_of = data_of
             self._queued_bytes += job.payload.nbytes
             at = len(self._jobs)
             if ends is not None:
@@ -554,7 +655,8 @@ class _Link(_Connection):
             room, self._room_wanted = self._room_wanted, None
         if room is not None:
             room.set()
-        if self._threads_left == 0:
+        if self._threads_left == 0:  # no writer thread to end them
+            self._end_pumps()
             self.sock.close()
 
 
