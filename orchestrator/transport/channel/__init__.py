@@ -20,6 +20,9 @@ One module per job:
 * ``links.py``: one connection once authenticated: a data connection's
   reader and writer threads, the control connection on trio's thread, and
   the order frames leave in;
+* ``bulk.py``: bulk transfers, a device read or loaded by its connection's
+  own threads (``StreamSender.start_pump``, ``StreamReceiver.start_sink``),
+  trio told of each transfer's end only;
 * ``ends.py``: one migration's channel as each side holds it
   (``SourceChannel``, ``DestinationChannel``, a stream end per device,
   ``open_channel``): routing, acknowledgements, CONTROL messages, and

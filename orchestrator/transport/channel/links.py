@@ -23,7 +23,10 @@ trailer there; a send of ``bytes`` returns once queued.  The reader
 (memory touched before, not fresh pages), checksums it, and posts the
 verified frame to trio; the device's consumer borrows that very buffer
 (``receive_lent``) and gives it back with its next call.  The bytes a
-device loads were copied once, by the kernel.  The control connection
+device loads were copied once, by the kernel.  A device with the blocking
+side of its stream needs no trio at all for its bulk bytes (``bulk.py``):
+the writer thread reads it into its own buffer and sends, the reader thread
+loads each verified payload into it.  The control connection
 (``_ControlLink``) carries the commit protocol's small messages, on the
 switchover's critical path: trio's thread writes and reads it itself,
 without those hand-offs.
