@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from orchestrator.errors import DeviceError, PeerError
-from orchestrator.transport import new_secret, open_channel
+from orchestrator.transport import RateLimiter, new_secret, open_channel
 from orchestrator.transport.channel import RECV_PIECE_BYTES
 from tests.channel_helpers import polled, serving
 
@@ -219,4 +219,36 @@ async def test_a_stopped_pump_ends_its_round_after_the_piece_under_way() -> None
             await sender.end()
             await loading.done.wait()
             assert loading.bytes == transfer.bytes
+        await dest.aclose()
+
+
+async def test_a_rate_set_during_a_pump_stops_it_and_the_stream_no_longer_pumps() -> None:
+    data = os.urandom(32 << 20)
+    limiter = RateLimiter(None)
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("rate", secret, ["gpu"])
+        async with open_channel(address, "rate", secret, ["gpu"], limiter=limiter) as src:
+            sender = src.sender("gpu")
+            assert sender.pumps
+            gate = threading.Event()
+
+            class Gated(MemoryReader):
+                def read_into(self, buffer: memoryview) -> int:
+                    if self.pos >= 1 << 20:
+                        gate.wait()
+                    return super().read_into(buffer)
+
+            transfer = sender.start_pump(Gated(data))
+            loading = dest.receiver("gpu").start_sink(Collector())
+            await loading.reached(1 << 20)
+            limiter.set_rate(64 << 20)
+            gate.set()
+            await transfer.done.wait()
+            assert transfer.stopping and not transfer.exhausted
+            assert transfer.bytes < len(data)
+            assert not sender.pumps  # the rest goes through trio, paced
+            await sender.end()
+            await loading.done.wait()
+            assert loading.exhausted and loading.bytes == transfer.bytes
         await dest.aclose()

@@ -468,10 +468,10 @@ class FakeKernel(Syscalls):
             arg[8:16] = uapi.FEATURE_MIG_STATE.pack(int(target), data_fd)
         return 0
 
-    def read(self, fd: int, size: int) -> bytes:
+    def readinto(self, fd: int, buffer: memoryview) -> int:
         if self.read_errno is not None:
             raise OSError(self.read_errno, os.strerror(self.read_errno))
-        return os.read(fd, size)
+        return os.readv(fd, [buffer])
 
     def poll(self, fd: int, events: int, timeout_ms: int) -> bool:
         if self.poll_gate is None:

@@ -17,6 +17,11 @@ Invariants a backend keeps:
   temporary end of the currently available data (``-ENOMSG`` in the uAPI,
   ``0`` from some drivers); in STOP_COPY it is the end of the stream.
 * ``write`` feeds the stream to a device in RESUMING, in order.
+* ``bulk_reader`` / ``bulk_writer``, where a backend offers them, are the
+  same stream's blocking side, for the data channel's I/O threads to read
+  and load the device without trio (never called from trio's thread).  They
+  keep every rule of ``read`` and ``write``; a call may block, and a thread
+  stuck in one is abandoned by the runner at its deadline.
 * Every failure is a :class:`orchestrator.errors.DeviceError`; a backend
   translates its errno at this boundary and nowhere else.
 * Backends never sleep on a deadline of their own: the runner puts every
@@ -41,6 +46,7 @@ StreamChunk = bytes | bytearray | memoryview
 
 if TYPE_CHECKING:
     from orchestrator.handover import HandleRegistry
+    from orchestrator.transport.streams import BlockingReader, BlockingWriter
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,16 @@ class Device(abc.ABC):
         ``data`` is lent for the call: it may be a view of a buffer the data
         channel reuses once ``write`` returns, so a device copies what it keeps.
         """
+
+    def bulk_reader(self) -> BlockingReader | None:
+        """The blocking side of ``read``, for an I/O thread (None: not offered; the
+        runner then reads through ``read``).  Asked at each round, so a backend may
+        offer it only while nothing it must do on trio's thread is due."""
+        return None
+
+    def bulk_writer(self) -> BlockingWriter | None:
+        """The blocking side of ``write``, for an I/O thread (None: not offered)."""
+        return None
 
     @abc.abstractmethod
     async def precopy_info(self) -> PrecopyInfo:

@@ -27,10 +27,11 @@ then only updates the device's bookkeeping.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import trio
@@ -90,20 +91,27 @@ class ThreadedDevice(Device):
         cancelled = threading.Event()
 
         def work() -> T:
-            with self._lock:
-                if self._closed:
-                    raise self._error(operation, errno.EBADF, "the device is closed")
-                self._workers += 1
-            try:
+            with self._as_worker(operation):
                 return fn(cancelled)
-            finally:
-                self._leave()
 
         try:
             return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         except trio.Cancelled:
             cancelled.set()
             raise
+
+    @contextlib.contextmanager
+    def _as_worker(self, operation: str) -> Iterator[None]:
+        """The calling thread (a worker, or a data channel's I/O thread) registered
+        with this device while it runs; refused once the device is closed."""
+        with self._lock:
+            if self._closed:
+                raise self._error(operation, errno.EBADF, "the device is closed")
+            self._workers += 1
+        try:
+            yield
+        finally:
+            self._leave()
 
     def _leave(self) -> None:
         """A worker is done: the last one out releases what was given up."""

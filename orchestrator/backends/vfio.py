@@ -386,8 +386,9 @@ class Syscalls:
             return int(fcntl.ioctl(fd, request, arg, True))
         return int(fcntl.ioctl(fd, request, arg))
 
-    def read(self, fd: int, size: int) -> bytes:
-        return os.read(fd, size)
+    def readinto(self, fd: int, buffer: memoryview) -> int:
+        """``read(2)`` into the caller's buffer."""
+        return os.readv(fd, [buffer])
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
@@ -607,6 +608,37 @@ class VfioDevice(ThreadedDevice):
     async def read(self, max_bytes: int) -> bytes:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
+        stream, state = self._save_stream()
+        if stream.ended:
+            return b""
+        buffer = bytearray(max_bytes)
+        n = await self._in_thread(
+            "read(data_fd)",
+            lambda cancel: self._read_blocking(cancel, stream, state, memoryview(buffer)),
+        )
+        del buffer[n:]
+        data = bytes(buffer)
+        self._count(stream, data)
+        return data
+
+    async def write(self, data: StreamChunk) -> None:
+        stream = self._load_stream()
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._in_thread(
+            "write(data_fd)", lambda cancel: self._write_blocking(cancel, stream, data)
+        )
+        self._count(stream, data)
+
+    def bulk_reader(self) -> _DataFd:
+        return _DataFd(self)
+
+    def bulk_writer(self) -> _DataFd:
+        return _DataFd(self)
+
+    def _save_stream(self) -> tuple[_Stream, DeviceState]:
+        """The stream ``read`` reads, in the state it is read in; EINVAL if none."""
         self._check_open("read(data_fd)")
         stream, state = self._stream, self._state
         if stream is None or state not in SAVING_STATES:
@@ -615,17 +647,10 @@ class VfioDevice(ThreadedDevice):
                 errno.EINVAL,
                 f"there is no save stream to read in {_name(state)}",
             )
-        if stream.ended:
-            return b""
-        data = await self._in_thread(
-            "read(data_fd)", lambda cancel: self._read_blocking(cancel, stream, state, max_bytes)
-        )
-        if data:
-            stream.digest.update(data)
-            stream.nbytes += len(data)
-        return data
+        return stream, state
 
-    async def write(self, data: StreamChunk) -> None:
+    def _load_stream(self) -> _Stream:
+        """The stream ``write`` loads; EINVAL outside RESUMING."""
         self._check_open("write(data_fd)")
         stream, state = self._stream, self._state
         if stream is None or state is not DeviceState.RESUMING:
@@ -634,14 +659,13 @@ class VfioDevice(ThreadedDevice):
                 errno.EINVAL,
                 f"the device loads only in RESUMING, not {_name(state)}",
             )
-        if not data:
-            await trio.lowlevel.checkpoint()
-            return
-        await self._in_thread(
-            "write(data_fd)", lambda cancel: self._write_blocking(cancel, stream, data)
-        )
-        stream.digest.update(data)
-        stream.nbytes += len(data)
+        return stream
+
+    @staticmethod
+    def _count(stream: _Stream, data: StreamChunk) -> None:
+        if data:
+            stream.digest.update(data)
+            stream.nbytes += len(data)
 
     async def precopy_info(self) -> PrecopyInfo:
         operation = "VFIO_MIG_GET_PRECOPY_INFO"
@@ -1004,30 +1028,30 @@ class VfioDevice(ThreadedDevice):
             raise self._error(operation, errno.EPROTO, problem, target)
 
     def _read_blocking(
-        self, cancel: threading.Event, stream: _Stream, state: DeviceState, size: int
-    ) -> bytes:
+        self, cancel: threading.Event, stream: _Stream, state: DeviceState, buffer: memoryview
+    ) -> int:
         operation = "read(data_fd)"
         precopy = state in _PRE_COPY_STATES
         if precopy:
             if not self._poll(stream.fd, select.POLLIN, _PRECOPY_POLL_MS, operation):
-                return b""
+                return 0
         else:
             self._wait(cancel, stream.fd, select.POLLIN, operation)
         try:
-            data = self.syscalls.read(stream.fd, size)
+            n = self.syscalls.readinto(stream.fd, buffer)
         except OSError as exc:
             err = exc.errno or errno.EIO
             if err == errno.ENOMSG and precopy:
-                return b""  # the uAPI's temporary end of pre-copy data
+                return 0  # the uAPI's temporary end of pre-copy data
             hint = f"at stream offset {stream.nbytes} in {state.name}"
             if err == errno.ENOMSG:
                 hint += (
                     " (ENOMSG is the temporary end of pre-copy data; STOP_COPY must not give it)"
                 )
             raise self._error(operation, err, hint) from None
-        if not data and not precopy:
+        if not n and not precopy:
             stream.ended = True
-        return data
+        return n
 
     def _write_blocking(self, cancel: threading.Event, stream: _Stream, data: StreamChunk) -> None:
         operation = "write(data_fd)"
@@ -1212,3 +1236,36 @@ class VfioBackend(Backend):
     ) -> VfioDevice:
         """A device whose open descriptor a VMM handed over (see :meth:`VfioDevice.from_fd`)."""
         return VfioDevice.from_fd(name, side, fd, identity=identity, syscalls=self.syscalls)
+
+
+class _DataFd:
+    """The blocking side of a VFIO device's ``data_fd``, for a data channel's I/O thread.
+
+    Each call registers the thread as one of the device's workers (its
+    descriptors outlive the call), reads into or writes from the channel's
+    buffer with no copy of its own, and keeps the stream's digest and count
+    as ``read`` and ``write`` do.  A thread the runner abandoned stops at
+    its next wait for the descriptor (the device closed).
+    """
+
+    def __init__(self, device: VfioDevice) -> None:
+        self._device = device
+        self._never = threading.Event()
+
+    def read_into(self, buffer: memoryview) -> int:
+        device = self._device
+        stream, state = device._save_stream()
+        if stream.ended:
+            return 0
+        with device._as_worker("read(data_fd)"):
+            n = device._read_blocking(self._never, stream, state, buffer)
+        device._count(stream, buffer[:n])
+        return n
+
+    def write_from(self, data: memoryview) -> None:
+        device = self._device
+        stream = device._load_stream()
+        if data.nbytes:
+            with device._as_worker("write(data_fd)"):
+                device._write_blocking(self._never, stream, data)
+            device._count(stream, data)

@@ -44,10 +44,12 @@ from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
 from orchestrator.transport import (
+    BlockingWriter,
     LocalStreamSender,
     RateLimiter,
     StreamReceiver,
     StreamSender,
+    Transfer,
     local_stream,
 )
 
@@ -229,6 +231,9 @@ class DestinationEngine:
         self.writing_since: dict[str, float] = {}
         # Set (and replaced) on each write, and at the stream's end or failure.
         self._progress = {name: trio.Event() for name in self.names}
+        #: The devices a channel's thread loads now: the transfer, and the bytes
+        #: written before it began.
+        self._sinks: dict[str, tuple[Transfer, int]] = {}
         self.digests: dict[str, str | None] = {}
         self._path_s: dict[str, float] = dict.fromkeys(self.names, 0.0)
         self._vcpus_resumed = False
@@ -284,7 +289,14 @@ class DestinationEngine:
         while self.written[name] < nbytes:
             if self._ended(name):
                 return False
-            await self._progress[name].wait()
+            sink = self._sinks.get(name)
+            if sink is None:
+                await self._progress[name].wait()
+                continue
+            transfer, before = sink
+            await transfer.reached(nbytes - before)
+            if before + transfer.bytes >= nbytes:
+                return True
         return True
 
     def _ended(self, name: str) -> bool:
@@ -307,6 +319,9 @@ class DestinationEngine:
         receiver stays open: the caller closes it (or first drains what is on its way)."""
         device = self.driver.device(DESTINATION, name)
         last_write_s = 0.0
+        writer = device.bulk_writer() if receiver.sinks else None
+        if writer is not None:
+            return await self._sink(name, receiver, writer)
         try:
             while True:
                 try:
@@ -323,6 +338,26 @@ class DestinationEngine:
                 self._wake(name)
         finally:
             self._wake(name, end=True)
+
+    async def _sink(self, name: str, receiver: StreamReceiver, writer: BlockingWriter) -> float:
+        """``receive`` by the channel's thread: it loads the device, trio hears of the end."""
+        try:
+            transfer = receiver.start_sink(writer)
+        except PeerError as exc:
+            raise self.driver.fail(DESTINATION, name, "receive", exc) from None
+        before = self.written[name]
+        self._sinks[name] = (transfer, before)
+        self._wake(name)  # waiters for a byte count wait on the transfer from now on
+
+        def count(nbytes: int) -> None:
+            self.written[name] += nbytes
+
+        try:
+            await self.driver.transfer(DESTINATION, name, "write", transfer, progress=count)
+        finally:
+            del self._sinks[name]
+            self._wake(name, end=True)
+        return transfer.last_call_s
 
     async def settle(self, name: str, last_write_s: float = 0.0) -> None:
         """The stream is loaded: walk the device to STOP, then to its grace state.

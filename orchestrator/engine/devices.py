@@ -37,6 +37,7 @@ from orchestrator.flow import MigrationFlow
 from orchestrator.plan import Plan
 from orchestrator.report import ErrorInfo
 from orchestrator.states import Capabilities, DeviceState, Side
+from orchestrator.transport.streams import Transfer
 
 __all__ = [
     "DeviceDriver",
@@ -47,6 +48,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: How often a bulk transfer's watcher looks at it (at most; a quarter of the deadline
+#: where that is shorter): a device call past its deadline, the bytes moved for reports.
+TRANSFER_TICK_S = 0.25
 
 
 class MigrationAborted(Exception):
@@ -175,6 +180,71 @@ class DeviceDriver:
         finally:
             key = (side, name)
             self.busy[key] = self.busy.get(key, 0.0) + trio.current_time() - start
+
+    async def transfer(
+        self,
+        side: Side,
+        name: str,
+        operation: str,
+        transfer: Transfer,
+        *,
+        cut: trio.Event | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Watch a bulk transfer the data channel's threads run for a device, to its end.
+
+        Its device calls keep the deadline of every call: one under way for longer
+        abandons the transfer (the thread finishes or fails alone) and fails the
+        device with DeviceTimeout; a cancelled caller abandons it too.  ``cut``
+        stops it after the piece under way (a round cut short).  ``progress(n)``
+        hears of the bytes moved since it last heard, now and then and at the end.
+        Its device error (``operation``) or its stream's error becomes the failure.
+        """
+        deadline = self.ctx.plan.timeouts.device_call_s
+        tick = min(deadline / 4, TRANSFER_TICK_S)
+        counted = 0
+
+        def count() -> None:
+            nonlocal counted
+            moved = transfer.bytes
+            if progress is not None and moved > counted:
+                progress(moved - counted)
+            counted = moved
+
+        async def stop_at_cut(cut: trio.Event) -> None:
+            await cut.wait()
+            transfer.stop()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if cut is not None:
+                    nursery.start_soon(stop_at_cut, cut)
+                while not transfer.done.is_set():
+                    with trio.move_on_after(tick):
+                        await transfer.done.wait()
+                    count()
+                    stuck = transfer.in_call_s()
+                    if stuck is not None and stuck > deadline and not transfer.done.is_set():
+                        transfer.abandon()
+                        err = DeviceTimeout(
+                            f"no answer within {deadline:g} s", device=name, operation=operation
+                        )
+                        raise self.fail(side, name, operation, err)
+                nursery.cancel_scope.cancel()
+        finally:
+            if not transfer.done.is_set():
+                transfer.abandon()
+            key = (side, name)
+            self.busy[key] = self.busy.get(key, 0.0) + transfer.device_s
+        count()
+        error = transfer.error
+        if error is None:
+            return
+        if isinstance(error, PeerError):
+            raise self.fail(side, name, "send" if side is Side.SOURCE else "receive", error)
+        if isinstance(error, DeviceError):
+            raise self.fail(side, name, operation, error)
+        raise error
 
     def fail(self, side: Side, name: str, operation: str, exc: Exception) -> DeviceFailure:
         """The migration failure a device's (or its stream's) error is."""

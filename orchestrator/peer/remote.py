@@ -55,7 +55,14 @@ from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
 from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side
-from orchestrator.transport import RateLimiter, SourceChannel, StreamSender, open_channel
+from orchestrator.transport import (
+    BlockingReader,
+    RateLimiter,
+    SourceChannel,
+    StreamSender,
+    Transfer,
+    open_channel,
+)
 from orchestrator.transport.channel import TlsIdentity, TlsPeer
 
 log = structlog.get_logger("orchestrator.peer.remote")
@@ -828,8 +835,15 @@ class _KeepChannel(StreamSender):
         self._sender = sender
 
     @property
+    def pumps(self) -> bool:  # type: ignore[override]
+        return self._sender.pumps
+
+    @property
     def bytes_sent(self) -> int:  # type: ignore[override]
         return self._sender.bytes_sent
+
+    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
+        return self._sender.start_pump(reader, limit=limit)
 
     async def send(self, chunk: bytes) -> None:
         await self._sender.send(chunk)

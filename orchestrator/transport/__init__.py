@@ -29,15 +29,20 @@ from orchestrator.transport.channel import (
     open_channel,
 )
 from orchestrator.transport.streams import (
+    BlockingReader,
+    BlockingWriter,
     LocalStreamReceiver,
     LocalStreamSender,
     RateLimiter,
     StreamReceiver,
     StreamSender,
+    Transfer,
     local_stream,
 )
 
 __all__ = [
+    "BlockingReader",
+    "BlockingWriter",
     "ChannelListener",
     "ChannelStatistics",
     "DestinationChannel",
@@ -49,6 +54,7 @@ __all__ = [
     "SourceChannel",
     "StreamReceiver",
     "StreamSender",
+    "Transfer",
     "default_connections",
     "local_stream",
     "new_secret",

@@ -87,12 +87,15 @@ class Transfer:
         self._token = trio.lowlevel.current_trio_token()
         #: Bytes moved so far (read and queued, or loaded).
         self.bytes = 0
-        #: Seconds the thread spent inside device calls.
+        #: Seconds the thread spent inside device calls, and inside the latest one.
         self.device_s = 0.0
+        self.last_call_s = 0.0
         self.error: BaseException | None = None
         self.done = trio.Event()
         #: Set by trio's side: stop after the current piece (a round cut short).
         self.stopping = False
+        #: Set by the thread: the device had nothing more (its reader or its END).
+        self.exhausted = False
         self.abandoned = False
         self._call_began: float | None = None
         self._lock = threading.Lock()
@@ -109,7 +112,8 @@ class Transfer:
             return fn(data)
         finally:
             self._call_began = None
-            self.device_s += time.monotonic() - began
+            self.last_call_s = time.monotonic() - began
+            self.device_s += self.last_call_s
 
     def moved(self, nbytes: int) -> None:
         """Count ``nbytes`` more; wake the waiters whose count is reached."""
@@ -200,8 +204,15 @@ class RateLimiter:
         self._anchor_s = -math.inf
         self._anchor_bytes = 0.0
         self._changed = trio.Event()
+        #: Told of every rate change (bulk transfers, which the limiter cannot pace).
+        self._watchers: list[Callable[[], None]] = []
         self.bytes_per_s: float | None = None
         self.set_rate(bytes_per_s)
+
+    def watch(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` at every rate change until the returned call stops it."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn)
 
     def set_rate(self, bytes_per_s: float | None) -> None:
         """Cap the rate at ``bytes_per_s`` from now on (None: no cap)."""
@@ -214,6 +225,8 @@ class RateLimiter:
         self.bytes_per_s = bytes_per_s
         self._changed.set()
         self._changed = trio.Event()
+        for fn in list(self._watchers):
+            fn()
 
     def _crossed_by(self, when: float) -> float:
         if self.bytes_per_s is None or when == -math.inf:
@@ -257,7 +270,8 @@ class StreamSender(abc.ABC):
 
     bytes_sent: int
 
-    #: Whether ``start_pump`` is offered (the network channel's streams, unthrottled).
+    #: Whether ``start_pump`` is offered now (the network channel's streams, while no
+    #: rate limit paces them).
     pumps: bool = False
 
     def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:

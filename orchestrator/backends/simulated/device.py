@@ -75,6 +75,8 @@ from __future__ import annotations
 
 import errno
 import math
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, NoReturn, TypeVar, TypeVarTuple
@@ -169,6 +171,9 @@ class SimulatedDevice(Device):
         self._pages = _PageDigests(self._layout)
         self._saver: _Saver | None = None
         self._loader: _Loader | None = None
+        #: Held while a data channel's I/O thread reads or loads the stream, and
+        #: while trio's side changes the content or the stream under it.
+        self._stream_lock = threading.RLock()
 
     # -- introspection for tests (sync; the Device interface is async) --
 
@@ -311,6 +316,13 @@ class SimulatedDevice(Device):
         except _BadStream as exc:
             raise self._device_error("write", str(exc), errno.EINVAL) from None
 
+    def bulk_reader(self) -> _ThreadSide | None:
+        # A fault fires on trio's side, where its hang and delays are trio sleeps.
+        return _ThreadSide(self) if self._faults.quiet else None
+
+    def bulk_writer(self) -> _ThreadSide | None:
+        return _ThreadSide(self) if self._faults.quiet else None
+
     async def precopy_info(self) -> PrecopyInfo:
         await _checkpoint()
         self._catch_up("precopy_info")
@@ -422,9 +434,10 @@ class SimulatedDevice(Device):
                 target,
             )
 
-    def _saver_to_read(self, max_bytes: int) -> _Saver:
-        """read's checks: the device is open, has a stream, and ``max_bytes`` makes sense."""
-        self._catch_up("read")
+    def _saver_to_read(self, max_bytes: int, *, catch_up: bool = True) -> _Saver:
+        """read's checks: the device is open, has a stream, and ``max_bytes`` makes sense.
+        Without ``catch_up`` (an I/O thread: the clock is trio's) no dirtying is applied."""
+        self._catch_up("read") if catch_up else self._check_live("read")
         saver = self._saver
         if saver is None:
             raise self._no_stream("read")
@@ -434,9 +447,9 @@ class SimulatedDevice(Device):
             )
         return saver
 
-    def _loader_to_write(self) -> _Loader:
+    def _loader_to_write(self, *, catch_up: bool = True) -> _Loader:
         """write's checks: the device is open, loading, and its load not poisoned."""
-        self._catch_up("write")
+        self._catch_up("write") if catch_up else self._check_live("write")
         loader = self._loader
         if loader is None:
             raise self._device_error(
@@ -459,11 +472,14 @@ class SimulatedDevice(Device):
 
     def _catch_up(self, operation: str) -> None:
         """Every call, after its checkpoint: the open check, and catching up with the clock."""
+        self._check_live(operation)
+        if self._dirty.per_s:
+            self._advance()
+
+    def _check_live(self, operation: str) -> None:
         if not self._live:
             message = "the device is not open" if not self._opened else "the device is closed"
             raise self._device_error(operation, message, errno.EBADF)
-        if self._dirty.per_s:
-            self._advance()
 
     def _set_content(
         self,
@@ -519,6 +535,12 @@ class SimulatedDevice(Device):
             return  # nothing ever dirties: the clock does not matter
         count = self._dirty.due(_current_time(), self._state in RUNNING_STATES)
         if count:
+            with self._stream_lock:
+                self._mutate(count)
+
+    def _mutate(self, count: int) -> None:
+        """Apply ``count`` mutations to the content (under the stream lock)."""
+        if count:
             saver = self._saver
             file = self._file
             batch = (
@@ -540,6 +562,10 @@ class SimulatedDevice(Device):
 
     def _enter(self, target: DeviceState) -> None:
         """Take the arc's effects on the stream, then the state."""
+        with self._stream_lock:
+            self._enter_locked(target)
+
+    def _enter_locked(self, target: DeviceState) -> None:
         current = self._state
         loader = self._loader
         if current is _RESUMING and loader is not None:
@@ -565,9 +591,10 @@ class SimulatedDevice(Device):
             self._file.record(target, self.mutations)
 
     def _enter_error(self) -> None:
-        self._state = DeviceState.ERROR
-        self._saver = None
-        self._loader = None
+        with self._stream_lock:
+            self._state = DeviceState.ERROR
+            self._saver = None
+            self._loader = None
         if self._file is not None:
             self._file.record(DeviceState.ERROR, self.mutations)
 
@@ -582,3 +609,43 @@ class SimulatedDevice(Device):
         if kind == "error_state":
             self._enter_error()
         raise self._device_error(operation, f"injected {kind} fault at {where}", errno.EIO, target)
+
+
+class _ThreadSide:
+    """A simulated device's stream as a data channel's I/O thread reads and loads it.
+
+    What ``read`` and ``write`` do, with the drain delay slept in the thread
+    and no dirtying caught up (the clock is trio's: the device's next call on
+    trio's side applies the mutations due).  Offered only while no fault is
+    configured or armed.
+    """
+
+    def __init__(self, device: SimulatedDevice) -> None:
+        self._device = device
+
+    def read_into(self, buffer: memoryview) -> int:
+        device = self._device
+        drain = device._drain_bytes_s
+        want = buffer.nbytes
+        if drain is not None:
+            want = device.declared_read_bytes(want)
+        with device._stream_lock:
+            saver = device._saver_to_read(want, catch_up=False)
+            data = saver.produce(want, stopped=device._state is _STOP_COPY)
+            n = len(data)
+            buffer[:n] = data
+        if drain is not None and n:
+            time.sleep(n / drain)
+        return n
+
+    def write_from(self, data: memoryview) -> None:
+        device = self._device
+        drain = device._drain_bytes_s
+        if drain is not None and data.nbytes:
+            time.sleep(data.nbytes / drain)
+        with device._stream_lock:
+            loader = device._loader_to_write(catch_up=False)
+            try:
+                loader.feed(data)
+            except _BadStream as exc:
+                raise device._device_error("write", str(exc), errno.EINVAL) from None

@@ -107,6 +107,7 @@ class _Sink:
     def _load_item(self, item: tuple[memoryview, _BufferPool] | None) -> None:
         transfer = self.transfer
         if item is None:
+            transfer.exhausted = True
             transfer.finish(self._failure)
             return
         piece, pool = item

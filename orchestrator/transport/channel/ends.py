@@ -316,8 +316,12 @@ class NetworkStreamSender(StreamSender):
         self.ended = False
         self._closed = False
         self._pumping: Transfer | None = None
-        # Bulk transfers go straight to the connection, unless a rate limit paces them.
-        self.pumps = channel.limiter is None
+
+    @property
+    def pumps(self) -> bool:  # type: ignore[override]
+        """Bulk transfers go straight to the connection, unless a rate limit paces them."""
+        limiter = self._channel.limiter
+        return limiter is None or limiter.bytes_per_s is None
 
     def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
         """Read ``reader`` into this stream in its connection's writer thread (see
@@ -335,9 +339,14 @@ class NetworkStreamSender(StreamSender):
         transfer = self._pumping = pump.transfer
         busy = channel._busy()
         busy.__enter__()
+        # A rate set meanwhile ends the transfer: what is left goes paced.
+        limiter = channel.limiter
+        unwatch = limiter.watch(transfer.stop) if limiter is not None else None
 
         def done(transfer: Transfer) -> None:
             busy.__exit__(None, None, None)
+            if unwatch is not None:
+                unwatch()
             self.bytes_sent += transfer.bytes
             channel._payload_bytes += transfer.bytes
             if isinstance(transfer.error, PeerError) and channel.failure is not None:

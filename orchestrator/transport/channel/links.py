@@ -500,6 +500,7 @@ class _Link(_Connection):
         if n <= 0 or transfer.abandoned or error is not None:
             with self._jobs_ready:
                 self._pumps.remove(pump)
+            transfer.exhausted = want > 0 and n <= 0 and error is None
             transfer.finish(error)
             return
         piece = buffer[:n]
