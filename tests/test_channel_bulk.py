@@ -31,6 +31,20 @@ class MemoryReader:
         return n
 
 
+class GatedReader(MemoryReader):
+    """A memory stream whose reads past ``gate_at`` bytes wait for ``gate``."""
+
+    def __init__(self, data: bytes, gate_at: int) -> None:
+        super().__init__(data)
+        self.gate_at = gate_at
+        self.gate = threading.Event()
+
+    def read_into(self, buffer: memoryview) -> int:
+        if self.pos >= self.gate_at:
+            self.gate.wait()
+        return super().read_into(buffer)
+
+
 class Collector:
     """A destination device that keeps what it loads."""
 
@@ -199,20 +213,12 @@ async def test_a_stopped_pump_ends_its_round_after_the_piece_under_way() -> None
         dest = listener.expect("stop", secret, ["gpu"])
         async with open_channel(address, "stop", secret, ["gpu"]) as src:
             sender = src.sender("gpu")
-            gate = threading.Event()
-
-            class Gated(MemoryReader):
-                def read_into(self, buffer: memoryview) -> int:
-                    if self.pos >= 2 << 20:
-                        gate.wait()
-                    return super().read_into(buffer)
-
-            reader = Gated(data)
+            reader = GatedReader(data, 2 << 20)
             transfer = sender.start_pump(reader)
             loading = dest.receiver("gpu").start_sink(Collector())
             await loading.reached(2 << 20)
             transfer.stop()
-            gate.set()
+            reader.gate.set()
             await transfer.done.wait()
             assert transfer.error is None and transfer.bytes < len(data)
             assert sender.bytes_sent == transfer.bytes
@@ -231,19 +237,12 @@ async def test_a_rate_set_during_a_pump_stops_it_and_the_stream_no_longer_pumps(
         async with open_channel(address, "rate", secret, ["gpu"], limiter=limiter) as src:
             sender = src.sender("gpu")
             assert sender.pumps
-            gate = threading.Event()
-
-            class Gated(MemoryReader):
-                def read_into(self, buffer: memoryview) -> int:
-                    if self.pos >= 1 << 20:
-                        gate.wait()
-                    return super().read_into(buffer)
-
-            transfer = sender.start_pump(Gated(data))
+            reader = GatedReader(data, 1 << 20)
+            transfer = sender.start_pump(reader)
             loading = dest.receiver("gpu").start_sink(Collector())
             await loading.reached(1 << 20)
             limiter.set_rate(64 << 20)
-            gate.set()
+            reader.gate.set()
             await transfer.done.wait()
             assert transfer.stopping and not transfer.exhausted
             assert transfer.bytes < len(data)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestrator.backends.base import StreamChunk
 from orchestrator.backends.simulated.device import SimulatedDevice, _ThreadSide
 from tests.test_cross_host import incoming, submit
-from tests.two_daemons import cross_plan, two_daemons
+from tests.two_daemons import cross_plan, ended, two_daemons, until
+
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -96,3 +99,42 @@ async def test_a_device_read_that_hangs_in_a_channel_thread_fails_at_its_deadlin
             assert far["outcome"] == "rolled_back"
     finally:
         release.set()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+async def test_a_slow_destination_device_keeps_the_daemons_memory_under_its_cap(
+    short_dir: Path, token_file: Path
+) -> None:
+    # 256 MiB of state into a destination device that loads at 128 MiB/s and keeps
+    # nothing: whatever the destination daemon holds meanwhile is its own.  Bounded,
+    # it grows by its buffers ([data] max_buffered_mib, 32 by default) and a constant,
+    # not by the state.
+    state_mib, cap_mib, constant_mib = 256, 32, 40
+    async with two_daemons(short_dir, token_file, processes=True) as (a, b):
+        assert b.process is not None
+        plan = cross_plan(b, token_file, "gpu0", state_mib=state_mib, dirty_mib_s=0)
+        plan["devices"][0]["destination"] = {"discard": True, "drain_mib_s": 128}
+        plan["downtime_limit_ms"] = 60_000
+        plan["timeouts"] = {"device_call_s": 30}
+        before = _rss_bytes(b.process.pid)
+        peak = before
+        migration_id = await a.submit(plan)
+
+        async def sampled() -> dict[str, Any]:
+            nonlocal peak
+            assert b.process is not None
+            peak = max(peak, _rss_bytes(b.process.pid))
+            return await a.status(migration_id)
+
+        status = await until(sampled, ended, seconds=120)
+        assert status["outcome"] == "succeeded", status["report"]
+        far = await incoming(b, migration_id)
+        assert far["devices"]["gpu0"]["digest"] is None  # it kept nothing to digest
+    growth_mib = (peak - before) / MIB
+    assert growth_mib < cap_mib + constant_mib, f"the destination grew by {growth_mib:.0f} MiB"

@@ -53,6 +53,7 @@ class Hosts:
         params = spec.source if role == "source" else spec.destination
         assert isinstance(params, SimulatedParams)
         dev = SimulatedBackend(self.dirs[role]).create("dev0", side, params)
+        assert isinstance(dev, SimulatedDevice)
         await dev.open()
         return dev
 

@@ -63,7 +63,9 @@ def params(**changes: Any) -> SimulatedParams:
 def device(
     state_dir: Path, p: SimulatedParams, side: Side = Side.SOURCE, name: str = "gpu0"
 ) -> SimulatedDevice:
-    return SimulatedBackend(state_dir).create(name, side, p)
+    made = SimulatedBackend(state_dir).create(name, side, p)
+    assert isinstance(made, SimulatedDevice)
+    return made
 
 
 async def opened(

@@ -32,6 +32,7 @@ from orchestrator.backends.simulated import (
     SimulatedParams,
     reference_digest,
 )
+from orchestrator.backends.simulated.discard import DiscardDevice
 from orchestrator.backends.simulated.faults import arc_name
 from orchestrator.errors import DeviceError, PlanError
 from orchestrator.plan import problems_from_validation
@@ -1440,3 +1441,37 @@ def test_backend_plan_hooks() -> None:
     assert (device.name, device.side, device.params) == ("gpu0", Side.DESTINATION, destination)
     with pytest.raises(TypeError, match="SimulatedParams"):
         backend.create("x", Side.SOURCE, FaultSpec(at="STOP", kind="error"))
+
+
+def test_a_discarding_device_is_a_destination_only() -> None:
+    backend = SimulatedBackend()
+    problems = backend.check_pair(SimulatedParams(discard=True), SimulatedParams())
+    assert [p.path for p in problems] == ["source.discard"]
+    assert backend.check_pair(SimulatedParams(), SimulatedParams(discard=True)) == []
+
+
+async def test_a_discarding_device_loads_counts_and_keeps_nothing() -> None:
+    made = SimulatedBackend().create(
+        "nic0", Side.DESTINATION, SimulatedParams(state_mib=1, discard=True)
+    )
+    assert isinstance(made, DiscardDevice)
+    await made.open()
+    with pytest.raises(DeviceError, match="loads only in RESUMING"):
+        await made.write(b"early")
+    with pytest.raises(DeviceError, match="not one arc"):
+        await made.set_state(DeviceState.RESUMING)
+    for state in (DeviceState.RUNNING_P2P, DeviceState.STOP, DeviceState.RESUMING):
+        await made.set_state(state)
+    await made.write(b"x" * 1000)
+    writer = made.bulk_writer()
+    await trio.to_thread.run_sync(writer.write_from, memoryview(b"y" * 24))
+    assert made.loaded == 1024
+    with pytest.raises(DeviceError, match="no stream to save"):
+        await made.read(10)
+    for state in (DeviceState.STOP, DeviceState.RUNNING_P2P, DeviceState.RUNNING):
+        await made.set_state(state)
+    assert await made.get_state() is DeviceState.RUNNING
+    assert await made.state_digest() is None  # it kept nothing to digest
+    await made.close()
+    with pytest.raises(DeviceError, match="closed"):
+        await made.get_state()

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from orchestrator.backends.base import Backend
 from orchestrator.backends.simulated.device import SimulatedDevice
+from orchestrator.backends.simulated.discard import DiscardDevice
 from orchestrator.backends.simulated.params import SimulatedParams
 from orchestrator.backends.simulated.statefile import seed_fits_file
 from orchestrator.errors import Problem
@@ -72,6 +73,10 @@ class SimulatedBackend(Backend):
     def check_pair(self, source: BaseModel, destination: BaseModel) -> list[Problem]:
         src, dst = _params(source), _params(destination)
         problems = []
+        if src.discard:
+            problems.append(
+                Problem("source.discard", "a discarding device loads only: it cannot be a source")
+            )
         if src.state_bytes != dst.state_bytes:
             problems.append(
                 Problem(
@@ -100,6 +105,9 @@ class SimulatedBackend(Backend):
                     )
         return problems
 
-    def create(self, name: str, side: Side, params: BaseModel) -> SimulatedDevice:
+    def create(self, name: str, side: Side, params: BaseModel) -> SimulatedDevice | DiscardDevice:
+        settings = _params(params)
+        if settings.discard:
+            return DiscardDevice(name, side, settings)
         state_file = None if self.state_dir is None else self.device_file(name, side)
-        return SimulatedDevice(name, side, _params(params), state_file=state_file)
+        return SimulatedDevice(name, side, settings, state_file=state_file)

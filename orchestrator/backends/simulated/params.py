@@ -59,6 +59,12 @@ class SimulatedParams(BaseModel):
     pre_copy: bool = Field(default=True, description="The device has the PRE_COPY states.")
     seed: int = Field(default=0, description="Seed of the initial content and of the dirtying.")
     fault: FaultSpec | None = Field(default=None, description="A fault to inject, if any.")
+    discard: bool = Field(
+        default=False,
+        description="Destination only: the device loads its stream and keeps none of it (no "
+        "content, no file, no digest), at drain_mib_s; what the daemon holds meanwhile is "
+        "its own.",
+    )
 
     @field_validator("page_kib")
     @classmethod
