@@ -19,6 +19,7 @@ from orchestrator.backends.vfio import VfioDevice, VfioParams
 from orchestrator.errors import DeviceError, TransitionError
 from orchestrator.states import DeviceState, MigrationFlags, Side, path, supported_states
 from tests.kernel.lab import (
+    DAEMON_START_S,
     MTTY_HEADER_BYTES,
     Mdevs,
     MttyHandle,
@@ -32,6 +33,7 @@ from tests.kernel.lab import (
     vfio_device,
     write_plan,
 )
+from tests.two_daemons import Placement, ended, two_daemons, until
 
 S = DeviceState
 ALL_FLAGS = MigrationFlags.STOP_COPY | MigrationFlags.P2P | MigrationFlags.PRE_COPY
@@ -354,3 +356,46 @@ def test_a_plan_naming_a_missing_device_is_refused(mdevs: Mdevs, tmp_path: Path)
     for mdev in (present, other):
         with MttyHandle(mdev) as handle:
             assert handle.state() is S.RUNNING
+
+
+async def test_two_daemons_move_mtty_devices_through_the_channels_threads(
+    mdevs: Mdevs, short_dir: Path, token_file: Path
+) -> None:
+    # Between two daemons, a VFIO device's data_fd is read by the data channel's
+    # writer thread and written by the destination's reader thread (the blocking
+    # side of the backend's stream): the registers must arrive all the same.
+    pairs = [(mdevs.create("mtty-1"), mdevs.create("mtty-1")) for _ in range(2)]
+    settings = [
+        PortSetting(scratch=0x3C + i, lcr=0x1B, ier=0x05, mcr=0x0B, fifo=f"dm{i}".encode())
+        for i in range(2)
+    ]
+    for (source, _), setting in zip(pairs, settings, strict=True):
+        with MttyHandle(source) as handle:
+            program(handle, 0, setting)
+    slow = Placement(ready_s=DAEMON_START_S)
+    async with two_daemons(short_dir, token_file, processes=True, placements=(slow, slow)) as (
+        a,
+        b,
+    ):
+        plan = {
+            "vm": "lab-two-daemons",
+            "downtime_limit_ms": 10000,
+            "destination": {"url": b.api_url, "token_file": str(token_file)},
+            "devices": [
+                vfio_device(f"tty{i}", source, destination)
+                for i, (source, destination) in enumerate(pairs)
+            ],
+        }
+        migration_id = await a.submit(plan)
+        status = await until(lambda: a.status(migration_id), ended, seconds=240)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report["error"]
+        for device in report["devices"]:
+            assert device["bytes_precopy"] + device["bytes_stopcopy"] == mtty_stream_bytes(1)
+            assert (device["source_state"], device["destination_state"]) == ("STOP", "RUNNING")
+    for (source, destination), setting in zip(pairs, settings, strict=True):
+        with MttyHandle(destination) as handle:
+            assert handle.state() is S.RUNNING
+            check_port(handle, 0, setting)
+        with MttyHandle(source) as handle:
+            assert handle.state() is S.STOP
