@@ -141,7 +141,7 @@ def _plain_destination(
 class _Discard:
     """A destination device that loads nothing: what the channel costs alone."""
 
-    def write_from(self, data: memoryview) -> None:
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         pass
 
 
@@ -162,7 +162,7 @@ class _MemfdDevice:
         self._fd = fd
         self._left = nbytes
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         want = min(len(buffer), self._left, CHUNK)
         if want <= 0:
             return 0

@@ -23,7 +23,7 @@ class MemoryReader:
         self.piece = piece
         self.threads: set[str] = set()
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         self.threads.add(threading.current_thread().name)
         n = min(len(buffer), len(self.data) - self.pos, self.piece or len(buffer))
         buffer[:n] = self.data[self.pos : self.pos + n]
@@ -39,10 +39,10 @@ class GatedReader(MemoryReader):
         self.gate_at = gate_at
         self.gate = threading.Event()
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         if self.pos >= self.gate_at:
             self.gate.wait()
-        return super().read_into(buffer)
+        return super().read_into(buffer, cancel)
 
 
 class Collector:
@@ -52,7 +52,7 @@ class Collector:
         self.got = bytearray()
         self.threads: set[str] = set()
 
-    def write_from(self, data: memoryview) -> None:
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         self.threads.add(threading.current_thread().name)
         self.got += data
 
@@ -132,16 +132,18 @@ async def test_a_sink_started_late_loads_what_arrived_before_it_first_in_order()
             await loading.done.wait()
             assert loading.error is None
             assert bytes(got + sink.got) == data
+            # What trio took before the sink is counted once.
+            assert dest.statistics().payload_bytes == len(data) == src.statistics().payload_bytes
         await dest.aclose()
 
 
 async def test_a_device_error_in_a_pump_or_a_sink_ends_its_transfer_with_that_error() -> None:
     class Failing:
-        def read_into(self, buffer: memoryview) -> int:
+        def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
             raise DeviceError("read failed", device="gpu", operation="read", errno=5)
 
     class Refusing:
-        def write_from(self, data: memoryview) -> None:
+        def write_from(self, data: memoryview, cancel: threading.Event) -> None:
             raise DeviceError("load refused", device="gpu", operation="write", errno=22)
 
     secret = new_secret()
@@ -167,7 +169,7 @@ async def test_a_stuck_device_call_shows_and_an_abandoned_pump_moves_nothing_mor
     class Stuck:
         calls = 0
 
-        def read_into(self, buffer: memoryview) -> int:
+        def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
             self.calls += 1
             release.wait()
             buffer[:5] = b"stale"
@@ -250,4 +252,26 @@ async def test_a_rate_set_during_a_pump_stops_it_and_the_stream_no_longer_pumps(
             await sender.end()
             await loading.done.wait()
             assert loading.exhausted and loading.bytes == transfer.bytes
+        await dest.aclose()
+
+
+async def test_a_sink_given_up_on_never_reports_its_stream_whole() -> None:
+    class Waiting:
+        def write_from(self, data: memoryview, cancel: threading.Event) -> None:
+            cancel.wait()  # a device call that ends only when the runner gives up
+
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect("gone", secret, ["gpu"])
+        async with open_channel(address, "gone", secret, ["gpu"]) as src:
+            receiver = dest.receiver("gpu")
+            loading = receiver.start_sink(Waiting())
+            sender = src.sender("gpu")
+            await sender.send(b"z" * 4096)
+            await polled(lambda: loading.in_call_s() is not None)
+            loading.abandon()  # the call returns (its cancel is set)
+            await sender.end()
+            await loading.done.wait()
+            assert isinstance(loading.error, PeerError) and not loading.exhausted
+            assert not receiver.ended
         await dest.aclose()

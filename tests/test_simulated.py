@@ -11,6 +11,7 @@ import errno
 import hashlib
 import random
 import struct
+import threading
 import zlib
 from collections.abc import Awaitable, Iterator
 from typing import Any
@@ -1464,7 +1465,7 @@ async def test_a_discarding_device_loads_counts_and_keeps_nothing() -> None:
         await made.set_state(state)
     await made.write(b"x" * 1000)
     writer = made.bulk_writer()
-    await trio.to_thread.run_sync(writer.write_from, memoryview(b"y" * 24))
+    await trio.to_thread.run_sync(writer.write_from, memoryview(b"y" * 24), threading.Event())
     assert made.loaded == 1024
     with pytest.raises(DeviceError, match="no stream to save"):
         await made.read(10)

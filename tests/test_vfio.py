@@ -531,6 +531,10 @@ async def test_a_save_stream_keeps_one_data_fd_from_pre_copy_to_its_end() -> Non
     assert DEVICE_FD in kernel.closed
 
 
+#: A cancel event nobody sets: the blocking side's calls run to their end.
+NEVER = threading.Event()
+
+
 async def test_the_blocking_side_reads_and_loads_the_data_fd_as_read_and_write_do() -> None:
     # What a data channel's thread calls: the same stream, into and out of its buffers.
     kernel = FakeKernel()
@@ -538,39 +542,39 @@ async def test_the_blocking_side_reads_and_loads_the_data_fd_as_read_and_write_d
     reader = device.bulk_reader()
     buffer = memoryview(bytearray(8))
     with pytest.raises(DeviceError, match="no save stream to read in RUNNING"):
-        await trio.to_thread.run_sync(reader.read_into, buffer)
+        await trio.to_thread.run_sync(reader.read_into, buffer, NEVER)
     await device.set_state(S.PRE_COPY)
     assert kernel.feed is not None
     os.write(kernel.feed, b"abc")
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 3
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 3
     assert bytes(buffer[:3]) == b"abc"
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 0  # nothing more now
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 0  # nothing more now
     kernel.read_errno = errno.ENOMSG
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 0
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 0
     kernel.read_errno = None
     await device.set_state(S.PRE_COPY_P2P)
     await device.set_state(S.STOP_COPY)
     os.write(kernel.feed, b"defghijkl")
     os.close(kernel.feed)
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 8
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 1
-    assert await trio.to_thread.run_sync(reader.read_into, buffer) == 0  # the end
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 8
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 1
+    assert await trio.to_thread.run_sync(reader.read_into, buffer, NEVER) == 0  # the end
     await device.set_state(S.STOP)
     assert await device.state_digest() == hashlib.sha256(b"abcdefghijkl").hexdigest()
     await device.close()
     with pytest.raises(DeviceError, match="closed"):
-        await trio.to_thread.run_sync(reader.read_into, buffer)
+        await trio.to_thread.run_sync(reader.read_into, buffer, NEVER)
 
     kernel = FakeKernel()
     device = await fake_device(kernel, Side.DESTINATION)
     writer = device.bulk_writer()
     for state in (S.RUNNING_P2P, S.STOP, S.RESUMING):
         await device.set_state(state)
-    await trio.to_thread.run_sync(writer.write_from, memoryview(b"0123456789abcdef"))
+    await trio.to_thread.run_sync(writer.write_from, memoryview(b"0123456789abcdef"), NEVER)
     assert bytes(kernel.loaded) == b"0123456789abcdef"  # taken 7 bytes at a time
     await device.set_state(S.STOP)
     with pytest.raises(DeviceError, match="loads only in RESUMING"):
-        await trio.to_thread.run_sync(writer.write_from, memoryview(b"x"))
+        await trio.to_thread.run_sync(writer.write_from, memoryview(b"x"), NEVER)
     await device.close()
 
 

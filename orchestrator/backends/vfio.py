@@ -1245,27 +1245,26 @@ class _DataFd:
     descriptors outlive the call), reads into or writes from the channel's
     buffer with no copy of its own, and keeps the stream's digest and count
     as ``read`` and ``write`` do.  A thread the runner abandoned stops at
-    its next wait for the descriptor (the device closed).
+    its next wait for the descriptor (``cancel``), as a worker does.
     """
 
     def __init__(self, device: VfioDevice) -> None:
         self._device = device
-        self._never = threading.Event()
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         device = self._device
         stream, state = device._save_stream()
         if stream.ended:
             return 0
         with device._as_worker("read(data_fd)"):
-            n = device._read_blocking(self._never, stream, state, buffer)
+            n = device._read_blocking(cancel, stream, state, buffer)
         device._count(stream, buffer[:n])
         return n
 
-    def write_from(self, data: memoryview) -> None:
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         device = self._device
         stream = device._load_stream()
         if data.nbytes:
             with device._as_worker("write(data_fd)"):
-                device._write_blocking(self._never, stream, data)
+                device._write_blocking(cancel, stream, data)
             device._count(stream, data)

@@ -215,7 +215,9 @@ class DeviceDriver:
             await cut.wait()
             transfer.stop()
 
+        timed_out = False
         try:
+            # Nothing raised inside the nursery: it would come out as an ExceptionGroup.
             async with trio.open_nursery() as nursery:
                 if cut is not None:
                     nursery.start_soon(stop_at_cut, cut)
@@ -225,17 +227,19 @@ class DeviceDriver:
                     count()
                     stuck = transfer.in_call_s()
                     if stuck is not None and stuck > deadline and not transfer.done.is_set():
-                        transfer.abandon()
-                        err = DeviceTimeout(
-                            f"no answer within {deadline:g} s", device=name, operation=operation
-                        )
-                        raise self.fail(side, name, operation, err)
+                        timed_out = True
+                        break
                 nursery.cancel_scope.cancel()
         finally:
             if not transfer.done.is_set():
                 transfer.abandon()
             key = (side, name)
             self.busy[key] = self.busy.get(key, 0.0) + transfer.device_s
+        if timed_out:
+            err = DeviceTimeout(
+                f"no answer within {deadline:g} s", device=name, operation=operation
+            )
+            raise self.fail(side, name, operation, err)
         count()
         error = transfer.error
         if error is None:

@@ -435,6 +435,8 @@ class IncomingMigration:
             # so that the connection the device shares keeps moving.
             state = await self.driver.probe(DESTINATION, name)
             self._emit(p.LoadFailed(name, state, failure.info))
+            # (With a sink, which gives back what follows itself, this waits for the
+            # source's abort: closing the stream first would abort before it hears why.)
             with contextlib.suppress(PeerError):
                 while await receiver.receive_lent() is not None:
                     pass

@@ -53,12 +53,13 @@ _T = TypeVar("_T")
 class BlockingReader(Protocol):
     """A source device's stream as an I/O thread reads it (never trio's thread)."""
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         """Fill ``buffer`` with the stream's next bytes, blocking; how many.
 
         0 means what ``Device.read`` answering ``b""`` means: nothing more
         now (pre-copy) or the end of the stream (stop-copy).  A failure is the
-        backend's ``DeviceError``.
+        backend's ``DeviceError``.  ``cancel`` is set when the runner gives up
+        on the call: a wait that can look at it stops.
         """
         ...
 
@@ -66,8 +67,9 @@ class BlockingReader(Protocol):
 class BlockingWriter(Protocol):
     """A destination device as an I/O thread loads its stream (never trio's thread)."""
 
-    def write_from(self, data: memoryview) -> None:
-        """Load the stream's next bytes, blocking; ``data`` is lent for the call."""
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
+        """Load the stream's next bytes, blocking; ``data`` is lent for the call.
+        ``cancel``: as for ``BlockingReader.read_into``."""
         ...
 
 
@@ -94,6 +96,8 @@ class Transfer:
         self.done = trio.Event()
         #: Set by trio's side: stop after the current piece (a round cut short).
         self.stopping = False
+        #: Set when the runner gives up: a device call waiting on it stops.
+        self.cancelled = threading.Event()
         #: Set by the thread: the device had nothing more (its reader or its END).
         self.exhausted = False
         self.abandoned = False
@@ -105,11 +109,11 @@ class Transfer:
 
     # -- the I/O thread's side --
 
-    def device_call(self, fn: Callable[[memoryview], _T], data: memoryview) -> _T:
-        """``fn(data)``, timed as a device call."""
+    def device_call(self, fn: Callable[[memoryview, threading.Event], _T], data: memoryview) -> _T:
+        """``fn(data, cancelled)``, timed as a device call."""
         began = self._call_began = time.monotonic()
         try:
-            return fn(data)
+            return fn(data, self.cancelled)
         finally:
             self._call_began = None
             self.last_call_s = time.monotonic() - began
@@ -150,7 +154,11 @@ class Transfer:
 
     def _complete(self) -> None:
         for fn in self._on_done:
-            fn(self)
+            try:
+                fn(self)
+            except Exception as exc:  # run by trio's loop: never let it escape there
+                if self.error is None:
+                    self.error = exc
         with self._lock:
             watches, self._watches = self._watches, []
         for _, event in watches:
@@ -169,6 +177,7 @@ class Transfer:
     def abandon(self) -> None:
         """Give up on the transfer: its thread moves nothing more."""
         self.stopping = self.abandoned = True
+        self.cancelled.set()
 
     async def reached(self, nbytes: int) -> None:
         """Wait until ``nbytes`` are moved, or the transfer is over."""
@@ -210,7 +219,7 @@ class RateLimiter:
         self.set_rate(bytes_per_s)
 
     def watch(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Call ``fn()`` at every rate change until the returned call stops it."""
+        """Call ``fn()`` whenever a rate is set, until the returned call stops it."""
         self._watchers.append(fn)
         return lambda: self._watchers.remove(fn)
 
@@ -225,8 +234,9 @@ class RateLimiter:
         self.bytes_per_s = bytes_per_s
         self._changed.set()
         self._changed = trio.Event()
-        for fn in list(self._watchers):
-            fn()
+        if bytes_per_s is not None:  # a bulk transfer goes on unpaced while none is
+            for fn in list(self._watchers):
+                fn()
 
     def _crossed_by(self, when: float) -> float:
         if self.bytes_per_s is None or when == -math.inf:

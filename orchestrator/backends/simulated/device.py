@@ -76,7 +76,6 @@ from __future__ import annotations
 import errno
 import math
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal, NoReturn, TypeVar, TypeVarTuple
@@ -350,15 +349,16 @@ class SimulatedDevice(Device):
         await self._checked(bool(delay), self._catch_up, "reset")
         if delay:
             await _sleep(delay)
-        self._saver = None
-        self._loader = None
-        file = self._file
-        if file is None:
-            self._set_content(bytearray(self._layout.size), "zeros")
-        else:
-            file.begin_reset()
-            self._set_content(file.content, "zeros")
-        self._state = DeviceState.RUNNING
+        with self._stream_lock:  # a channel thread given up on may still be loading
+            self._saver = None
+            self._loader = None
+            file = self._file
+            if file is None:
+                self._set_content(bytearray(self._layout.size), "zeros")
+            else:
+                file.begin_reset()
+                self._set_content(file.content, "zeros")
+            self._state = DeviceState.RUNNING
         self._faults.armed = None
         self._dirty.restart(_current_time())
         self.resets += 1
@@ -373,19 +373,20 @@ class SimulatedDevice(Device):
                 # The content goes with the mapping: every page digest current now,
                 # so that state_digest still answers after close.
                 self._pages.state_digest()
-        self._closed = True
-        self._live = False
-        self._saver = None
-        self._loader = None
-        file = self._file
-        if file is not None:
-            self._file = None
-            self._words.release()
-            self._words = memoryview(b"")
-            self._pages.view.release()
-            self._pages.view = memoryview(b"")
-            self._content = bytearray()
-            file.close()
+        with self._stream_lock:  # a channel thread given up on may still be in it
+            self._closed = True
+            self._live = False
+            self._saver = None
+            self._loader = None
+            file = self._file
+            if file is not None:
+                self._file = None
+                self._words.release()
+                self._words = memoryview(b"")
+                self._pages.view.release()
+                self._pages.view = memoryview(b"")
+                self._content = bytearray()
+                file.close()
 
     async def state_digest(self) -> str:
         """The state digest (see the module docstring); unlike other calls, still
@@ -623,7 +624,7 @@ class _ThreadSide:
     def __init__(self, device: SimulatedDevice) -> None:
         self._device = device
 
-    def read_into(self, buffer: memoryview) -> int:
+    def read_into(self, buffer: memoryview, cancel: threading.Event) -> int:
         device = self._device
         drain = device._drain_bytes_s
         want = buffer.nbytes
@@ -635,14 +636,14 @@ class _ThreadSide:
             n = len(data)
             buffer[:n] = data
         if drain is not None and n:
-            time.sleep(n / drain)
+            cancel.wait(n / drain)  # the drain delay; a runner that gave up ends it
         return n
 
-    def write_from(self, data: memoryview) -> None:
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         device = self._device
         drain = device._drain_bytes_s
         if drain is not None and data.nbytes:
-            time.sleep(data.nbytes / drain)
+            cancel.wait(data.nbytes / drain)
         with device._stream_lock:
             loader = device._loader_to_write(catch_up=False)
             try:

@@ -12,7 +12,7 @@ Its stream is counted, not checked.
 from __future__ import annotations
 
 import errno
-import time
+import threading
 from typing import ClassVar
 
 import trio
@@ -90,12 +90,12 @@ class DiscardDevice(Device):
     def bulk_writer(self) -> DiscardDevice:
         return self
 
-    def write_from(self, data: memoryview) -> None:
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         """The blocking side of ``write``, for a data channel's thread."""
         self._check_loading()
         rate = self._drain_bytes_s
         if rate is not None and data.nbytes:
-            time.sleep(data.nbytes / rate)
+            cancel.wait(data.nbytes / rate)
         self.loaded += data.nbytes
 
     async def precopy_info(self) -> PrecopyInfo:

@@ -107,7 +107,9 @@ class _Sink:
     def _load_item(self, item: tuple[memoryview, _BufferPool] | None) -> None:
         transfer = self.transfer
         if item is None:
-            transfer.exhausted = True
+            if transfer.abandoned and self._failure is None:
+                self._failure = PeerError(f"the load of {self.name} was given up before its end")
+            transfer.exhausted = self._failure is None
             transfer.finish(self._failure)
             return
         piece, pool = item

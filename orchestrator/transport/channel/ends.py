@@ -331,8 +331,7 @@ class NetworkStreamSender(StreamSender):
         """
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
-        if self._pumping is not None and not self._pumping.finished:
-            raise trio.BusyResourceError(f"device {self.name!r} is pumping already")
+        self._check_not_pumping()
         channel = self._channel
         link = channel._link_of(self.index)
         pump = _Pump(self.index, reader, limit)
@@ -356,6 +355,10 @@ class NetworkStreamSender(StreamSender):
         link.start_pump(pump)
         return transfer
 
+    def _check_not_pumping(self) -> None:
+        if self._pumping is not None and not self._pumping.finished:
+            raise trio.BusyResourceError(f"device {self.name!r} is pumping")
+
     async def send(self, chunk: Buffer) -> None:
         """Send a chunk (any buffer: bytes, bytearray, memoryview), in frames of at most 4 MiB.
 
@@ -365,6 +368,7 @@ class NetworkStreamSender(StreamSender):
         """
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
+        self._check_not_pumping()
         view = memoryview(chunk).cast("B")
         immutable = isinstance(view.obj, bytes)
         channel = self._channel
@@ -388,6 +392,7 @@ class NetworkStreamSender(StreamSender):
     async def end(self) -> None:
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
+        self._check_not_pumping()
         link = self._channel._link_of(self.index)
         index, total = self.index, self.bytes_sent
         await self._channel._guarded(
@@ -673,6 +678,10 @@ class NetworkStreamReceiver(StreamReceiver):
             while True:
                 taken.append(self._receive.receive_nowait())
         backlog: _Backlog = [(_view(i[0]), i[1]) if i is not None else None for i in taken]
+        # Counted in the channel's statistics when trio took them.
+        counted = sum(len(i[0]) for i in taken if i is not None)
+        if channel._first_data_at is None:
+            channel._first_data_at = trio.current_time()
         link = channel._open_link_of(self.index)
         if link is not None:
             link.attach_sink(self.index, sink, backlog)
@@ -684,7 +693,9 @@ class NetworkStreamReceiver(StreamReceiver):
         def done(transfer: Transfer) -> None:
             self._sink_counted = True
             self.bytes_received += transfer.bytes
-            channel._payload_bytes += transfer.bytes
+            channel._payload_bytes += max(0, transfer.bytes - counted)
+            if channel._first_data_at is not None:
+                channel._busy_s = trio.current_time() - channel._first_data_at
             if transfer.error is None:
                 self.ended = True
             elif isinstance(transfer.error, PeerError) and channel.failure is not None:
