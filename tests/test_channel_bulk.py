@@ -45,6 +45,13 @@ class GatedReader(MemoryReader):
         return super().read_into(buffer, cancel)
 
 
+class Waiting:
+    """A destination device whose load returns only once the runner gives up."""
+
+    def write_from(self, data: memoryview, cancel: threading.Event) -> None:
+        cancel.wait()
+
+
 class Collector:
     """A destination device that keeps what it loads."""
 
@@ -256,15 +263,12 @@ async def test_a_rate_set_during_a_pump_stops_it_and_the_stream_no_longer_pumps(
 
 
 async def test_a_sink_given_up_on_never_reports_its_stream_whole() -> None:
-    class Waiting:
-        def write_from(self, data: memoryview, cancel: threading.Event) -> None:
-            cancel.wait()  # a device call that ends only when the runner gives up
-
     secret = new_secret()
     async with serving() as (listener, address):
         dest = listener.expect("gone", secret, ["gpu"])
         async with open_channel(address, "gone", secret, ["gpu"]) as src:
             receiver = dest.receiver("gpu")
+            # A device call that ends only when the runner gives up on it.
             loading = receiver.start_sink(Waiting())
             sender = src.sender("gpu")
             await sender.send(b"z" * 4096)

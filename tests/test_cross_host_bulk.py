@@ -69,36 +69,39 @@ async def test_a_device_with_a_fault_configured_moves_through_trio_and_still_arr
     assert {call.split()[1] for call in no_trio_path} == {"gpu0"}
 
 
-async def test_a_device_read_that_hangs_in_a_channel_thread_fails_at_its_deadline(
-    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("call", "side"), [("read_into", "source"), ("write_from", "destination")])
+async def test_a_device_call_that_hangs_in_a_channel_thread_fails_at_its_deadline(
+    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch, call: str, side: str
 ) -> None:
-    release = threading.Event()
-    read_into = _ThreadSide.read_into
+    # gpu1's read (source) or load (destination) never answers: the runner gives up
+    # on it at the device call deadline (its cancel set, which ends the call here)
+    # and both hosts roll back, the failure naming the device, side and operation.
+    real = getattr(_ThreadSide, call)
 
-    def hanging(self: _ThreadSide, buffer: memoryview, cancel: threading.Event) -> int:
+    def hanging(self: _ThreadSide, data: memoryview, cancel: threading.Event) -> Any:
         if self._device.name == "gpu1":
-            release.wait()
-        return read_into(self, buffer, cancel)
+            cancel.wait()
+        return real(self, data, cancel)
 
-    monkeypatch.setattr(_ThreadSide, "read_into", hanging)
-    try:
-        async with two_daemons(short_dir, token_file) as (a, b):
-            plan = cross_plan(b, token_file, "gpu0", "gpu1")
-            plan["timeouts"] = {"device_call_s": 1}
-            status = await submit(a, plan)
-            report = status["report"]
-            assert status["outcome"] == "rolled_back", report
-            error = report["error"]
-            assert (error["kind"], error["device"], error["operation"]) == (
-                "device_timeout",
-                "gpu1",
-                "read",
-            )
-            assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
-            far = await incoming(b, status["id"])
-            assert far["outcome"] == "rolled_back"
-    finally:
-        release.set()
+    monkeypatch.setattr(_ThreadSide, call, hanging)
+    async with two_daemons(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", "gpu1")
+        plan["timeouts"] = {"device_call_s": 1}
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "rolled_back", report
+        error = report["error"]
+        operation = "read" if side == "source" else "write"
+        assert (error["side"], error["kind"], error["device"], error["operation"]) == (
+            side,
+            "device_timeout",
+            "gpu1",
+            operation,
+        )
+        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
+        far = await incoming(b, status["id"])
+        assert far["outcome"] == "rolled_back"
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
 
 
 def _rss_bytes(pid: int) -> int:
@@ -138,33 +141,3 @@ async def test_a_slow_destination_device_keeps_the_daemons_memory_under_its_cap(
         assert far["devices"]["gpu0"]["digest"] is None  # it kept nothing to digest
     growth_mib = (peak - before) / MIB
     assert growth_mib < cap_mib + constant_mib, f"the destination grew by {growth_mib:.0f} MiB"
-
-
-async def test_a_destination_load_that_hangs_in_a_channel_thread_fails_at_its_deadline(
-    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    write_from = _ThreadSide.write_from
-
-    def hanging(self: _ThreadSide, data: memoryview, cancel: threading.Event) -> None:
-        if self._device.name == "gpu1":
-            cancel.wait()  # until the runner gives up on it
-        write_from(self, data, cancel)
-
-    monkeypatch.setattr(_ThreadSide, "write_from", hanging)
-    async with two_daemons(short_dir, token_file) as (a, b):
-        plan = cross_plan(b, token_file, "gpu0", "gpu1")
-        plan["timeouts"] = {"device_call_s": 1}
-        status = await submit(a, plan)
-        report = status["report"]
-        assert status["outcome"] == "rolled_back", report
-        error = report["error"]
-        assert (error["side"], error["kind"], error["device"], error["operation"]) == (
-            "destination",
-            "device_timeout",
-            "gpu1",
-            "write",
-        )
-        assert {d["source_state"] for d in report["devices"]} == {"RUNNING"}
-        far = await incoming(b, status["id"])
-        assert far["outcome"] == "rolled_back"
-        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
