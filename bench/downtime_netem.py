@@ -8,10 +8,18 @@ stop-copy, so the bound is dominated by the link, as in the switchover of a
 device whose state cannot be pre-copied) it prints the measured downtime
 beside its lower bound:
 
-    bound = stop-copy bytes / rate          (the link cannot carry them faster)
+    bound = stop-copy bytes on the wire / rate
+                                            (the link cannot carry them faster: the
+                                             state with the TCP/IP and Ethernet
+                                             headers of each segment, at the link's
+                                             MTU, as the shaper counts them)
           + 2 round trips                   (the end of the streams out and the
                                              destination's readiness back; the
                                              commit out and the running report back)
+          + one durable write               (the decision on disk before anyone
+                                             acts on it: a small write and fsync in
+                                             the state directory's file system,
+                                             median of 20, measured in the same run)
           + the transitions on the path     (the kernel's state machine for these
                                              devices, P2P without pre-copy: source
                                              RUNNING_P2P -> STOP -> STOP_COPY,
@@ -20,9 +28,9 @@ beside its lower bound:
                                              commit: 5 arcs of 1 ms, all devices
                                              moving in parallel)
 
-What the bound leaves out is the orchestrator's own cost: framing, Python,
-and the journal's fsyncs (the destination's vote and both commit records are
-on disk before anyone acts on them).
+What the bound leaves out is the orchestrator's own cost: its framing,
+Python, and the journal's other writes (the destination's vote and the
+source's commit record each take one; the bound counts one).
 
 Needs root, ``ip netns`` and the netem qdisc.  This machine's host kernel has
 no netem; the kernel lab's guest kernel does:
@@ -57,6 +65,7 @@ from orchestrator.states import DeviceState, MigrationFlags, path
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-" + secrets.token_hex(16)
 TRANSITION_MS = 1.0
+SOURCE_IP, DESTINATION_IP = "10.232.0.1", "10.232.0.2"
 #: The devices' capabilities (P2P, no pre-copy) and the arcs on the downtime's
 #: critical path, as the orchestrator's own state machine routes them.
 FLAGS = MigrationFlags.STOP_COPY | MigrationFlags.P2P
@@ -92,7 +101,7 @@ def shaped_link(delay_ms: float, rate_mbit: float, shaper: str) -> Iterator[tupl
         run("ip", "link", "add", a, "type", "veth", "peer", "name", b)
         run("ip", "link", "set", a, "netns", src)
         run("ip", "link", "set", b, "netns", dst)
-        for ns, dev, ip in ((src, a, "10.232.0.1"), (dst, b, "10.232.0.2")):
+        for ns, dev, ip in ((src, a, SOURCE_IP), (dst, b, DESTINATION_IP)):
             run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
             run("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
             run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
@@ -112,10 +121,46 @@ def shaped_link(delay_ms: float, rate_mbit: float, shaper: str) -> Iterator[tupl
                     "(scripts/kernel-lab.sh shell python bench/downtime_netem.py), "
                     "or shape the rate alone with --shaper tbf"
                 )
-        yield src, dst, "10.232.0.2"
+        yield src, dst, DESTINATION_IP
     finally:
         run("ip", "netns", "del", src, check=False)
         run("ip", "netns", "del", dst, check=False)
+
+
+#: TCP and IP headers of a segment (TCP with timestamps, as Linux sends it) and
+#: the Ethernet header a shaper on a veth counts with each packet.
+TCP_IP_HEADER = 20 + 32
+ETHERNET_HEADER = 14
+
+
+def wire_bytes(payload: int, mtu: int) -> int:
+    """``payload`` bytes of a TCP stream as the link carries them: in segments of
+    at most MTU - headers, each with its TCP, IP and Ethernet headers."""
+    mss = mtu - TCP_IP_HEADER
+    segments = -(-payload // mss)
+    return payload + segments * (TCP_IP_HEADER + ETHERNET_HEADER)
+
+
+def link_mtu(ns: str) -> int:
+    out = run("ip", "netns", "exec", ns, "ip", "-o", "link", "show").stdout
+    mtus = [int(line.split(" mtu ")[1].split()[0]) for line in out.splitlines() if "@" in line]
+    return min(mtus) if mtus else 1500
+
+
+def durable_write_ms(folder: Path, samples: int = 20) -> float:
+    """A small write and fsync in ``folder``'s file system: one durable record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fsync-probe"
+    times = []
+    with path.open("wb") as f:
+        for i in range(samples):
+            start = time.perf_counter()
+            f.write(i.to_bytes(8, "big") * 64)
+            f.flush()
+            os.fsync(f.fileno())
+            times.append((time.perf_counter() - start) * 1000)
+    path.unlink()
+    return statistics.median(times)
 
 
 class Daemon:
@@ -223,6 +268,8 @@ def migrate(
         ],
     }
     created = source.request("POST", "/v1/migrations", plan)
+    if "id" not in created:
+        raise SystemExit(f"the source refused the plan: {json.dumps(created)}")
     migration_id = created["id"]
     while True:
         status = source.request("GET", f"/v1/migrations/{migration_id}")
@@ -256,6 +303,7 @@ def main() -> None:
     rtt_ms = 2 * args.delay_ms
     rows = []
     run_index = 0
+    mtu, fsync_ms = 1500, 0.0
     with (
         tempfile.TemporaryDirectory(prefix="bench-netem-") as tmp,
         shaped_link(args.delay_ms, args.rate_mbit, args.shaper) as (src, dst, dst_ip),
@@ -267,10 +315,17 @@ def main() -> None:
              "data": {"listen": f"{dst_ip}:7801", "insecure": "true"},
              "log": {"level": "warning"}},
         )  # fmt: skip
-        source = Daemon(src, Path(tmp) / "src", {"log": {"level": "warning"}})
+        # The source's TCP API: the destination asks it for the decision if they part.
+        source = Daemon(
+            src,
+            Path(tmp) / "src",
+            {"api": {"tcp": f"{SOURCE_IP}:7800"}, "log": {"level": "warning"}},
+        )
         try:
             destination.wait_ready()
             source.wait_ready()
+            mtu = link_mtu(src)
+            fsync_ms = durable_write_ms(Path(tmp) / "src" / "state")
             for n in counts:
                 measured, bounds = [], []
                 phases: dict[str, list[float]] = {}
@@ -283,8 +338,8 @@ def main() -> None:
                     if status["outcome"] != "succeeded":
                         raise SystemExit(f"migration failed: {json.dumps(report, indent=1)}")
                     stopcopy = sum(d["bytes_stopcopy"] for d in report["devices"])
-                    bound = stopcopy * 8 / (args.rate_mbit * 1e6) * 1000
-                    bound += 2 * rtt_ms + CRITICAL_ARCS * TRANSITION_MS
+                    bound = wire_bytes(stopcopy, mtu) * 8 / (args.rate_mbit * 1e6) * 1000
+                    bound += 2 * rtt_ms + CRITICAL_ARCS * TRANSITION_MS + fsync_ms
                     measured.append(report["downtime_ms"])
                     for phase in PHASES:
                         phases.setdefault(phase, []).append(report["phases"].get(phase, 0.0))
@@ -299,7 +354,8 @@ def main() -> None:
     print(
         f"# {platform.node()} kernel {platform.release()}: {args.shaper} delay {args.delay_ms} ms "
         f"each way (RTT {rtt_ms} ms), rate {args.rate_mbit:g} Mbit/s; {args.runs} run(s); "
-        f"devices without pre-copy, {CRITICAL_ARCS} transitions of 1 ms on the path"
+        f"devices without pre-copy, {CRITICAL_ARCS} transitions of 1 ms on the path; "
+        f"MTU {mtu}; one durable write {fsync_ms:.2f} ms (median of 20, same disk)"
     )
     print(
         "| devices | state KiB | bound ms | downtime ms (median) | best | ratio | target "
