@@ -95,11 +95,16 @@ async def test_pumped_streams_arrive_byte_exact_loaded_in_sink_threads(connectio
                 first = sender.start_pump(reader, limit=len(data[device]) // 3)
                 await first.done.wait()
                 assert first.error is None and first.bytes == len(data[device]) // 3
-                second = sender.start_pump(reader)
+                # Half the devices have the thread end their stream with the last
+                # byte (the stop-copy drain), half end it through trio.
+                by_thread = devices.index(device) % 2 == 0
+                second = sender.start_pump(reader, end=by_thread)
                 await second.done.wait()
-                assert second.error is None
+                assert second.error is None and second.ended_stream is by_thread
                 assert sender.bytes_sent == len(data[device])
-                await sender.end()
+                assert sender.ended is by_thread
+                if not by_thread:
+                    await sender.end()
                 # Read by its connection's writer thread, never trio's.
                 assert all(name.endswith("-tx") for name in reader.threads)
 

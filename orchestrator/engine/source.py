@@ -128,7 +128,8 @@ class SourceHalf:
         await self.driver.walk(SOURCE, name, DeviceState.STOP_COPY)
         await self._drain(name, sender, precopy=False)
         try:
-            await sender.end()
+            if not sender.ended:  # a bulk transfer's thread may have ended it
+                await sender.end()
         except PeerError as exc:
             raise self.driver.fail(SOURCE, name, "send", exc) from None
         busy = self.driver.busy.get((SOURCE, name), 0.0) - busy_before
@@ -163,7 +164,9 @@ class SourceHalf:
             if cut is not None and cut.is_set():
                 return
             try:
-                transfer = sender.start_pump(reader, limit=limit)
+                # The stop-copy drain reads to the stream's end: the thread sends
+                # its END at once.
+                transfer = sender.start_pump(reader, limit=limit, end=not precopy)
             except PeerError as exc:
                 raise driver.fail(SOURCE, name, "send", exc) from None
             await driver.transfer(SOURCE, name, "read", transfer, cut=cut, progress=count)

@@ -842,8 +842,14 @@ class _KeepChannel(StreamSender):
     def bytes_sent(self) -> int:  # type: ignore[override]
         return self._sender.bytes_sent
 
-    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
-        return self._sender.start_pump(reader, limit=limit)
+    def start_pump(
+        self, reader: BlockingReader, *, limit: int | None = None, end: bool = False
+    ) -> Transfer:
+        return self._sender.start_pump(reader, limit=limit, end=end)
+
+    @property
+    def ended(self) -> bool:  # type: ignore[override]
+        return self._sender.ended
 
     async def send(self, chunk: bytes) -> None:
         await self._sender.send(chunk)

@@ -100,6 +100,8 @@ class Transfer:
         self.cancelled = threading.Event()
         #: Set by the thread: the device had nothing more (its reader or its END).
         self.exhausted = False
+        #: Set by the thread: it sent the stream's END after the last byte.
+        self.ended_stream = False
         self.abandoned = False
         self._call_began: float | None = None
         self._lock = threading.Lock()
@@ -279,14 +281,20 @@ class StreamSender(abc.ABC):
     """
 
     bytes_sent: int
+    #: Whether the stream was ended (``end``, or a bulk transfer's thread at its end).
+    ended: bool = False
 
     #: Whether ``start_pump`` is offered now (the network channel's streams, while no
     #: rate limit paces them).
     pumps: bool = False
 
-    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
+    def start_pump(
+        self, reader: BlockingReader, *, limit: int | None = None, end: bool = False
+    ) -> Transfer:
         """Move ``reader``'s bytes into the stream in an I/O thread, up to ``limit``
-        (None: until it has nothing more now); returns at once."""
+        (None: until it has nothing more now); returns at once.  ``end``: the
+        reader's end is the stream's (stop-copy), and the thread ends the stream
+        at once (``Transfer.ended_stream``), without waiting for trio."""
         raise NotImplementedError(f"{type(self).__name__} moves no bulk transfers")
 
     @abc.abstractmethod
@@ -372,6 +380,7 @@ class LocalStreamSender(StreamSender):
 
     async def end(self) -> None:
         await self._put(_END)
+        self.ended = True
         await self._channel.aclose()
 
     async def _put(self, item: object) -> None:

@@ -323,18 +323,21 @@ class NetworkStreamSender(StreamSender):
         limiter = self._channel.limiter
         return limiter is None or limiter.bytes_per_s is None
 
-    def start_pump(self, reader: BlockingReader, *, limit: int | None = None) -> Transfer:
+    def start_pump(
+        self, reader: BlockingReader, *, limit: int | None = None, end: bool = False
+    ) -> Transfer:
         """Read ``reader`` into this stream in its connection's writer thread (see
         ``bulk.py``), up to ``limit`` bytes or until it has nothing more now; returns
         at once.  Once the transfer is done its bytes count as sent; until then
-        nothing else may be sent on this stream.
+        nothing else may be sent on this stream.  ``end``: at the reader's end the
+        thread sends the stream's END too (the stream is then ``ended``).
         """
         if self.ended or self._closed:
             raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
         self._check_not_pumping()
         channel = self._channel
         link = channel._link_of(self.index)
-        pump = _Pump(self.index, reader, limit)
+        pump = _Pump(self.index, reader, limit, self.bytes_sent if end else None)
         transfer = self._pumping = pump.transfer
         busy = channel._busy()
         busy.__enter__()
@@ -347,6 +350,8 @@ class NetworkStreamSender(StreamSender):
             if unwatch is not None:
                 unwatch()
             self.bytes_sent += transfer.bytes
+            if transfer.ended_stream:
+                self.ended = True
             channel._payload_bytes += transfer.bytes
             if isinstance(transfer.error, PeerError) and channel.failure is not None:
                 transfer.error = channel.failure

@@ -466,7 +466,8 @@ class _Link(_Connection):
         fewer turns at the GIL against trio's thread.  Payloads stop a batch
         at ``WRITE_BATCH_BYTES``: the rest stays queued, still reorderable.
         Queued frames go before pumped ones: an END or an ACK does not wait
-        for a device's bulk transfer.
+        for a device's bulk transfer.  Pumps are served first come, first
+        served, not in turns.
         """
         jobs: list[_WriteJob] = []
         payload = 0
@@ -474,9 +475,10 @@ class _Link(_Connection):
             while not self._jobs and not self._pumps:
                 self._jobs_ready.wait()
             if not self._jobs:
-                pump = self._pumps[0]
-                self._pumps.rotate(-1)
-                return jobs, pump, True
+                # One device at a time, in the order they started: each ends as
+                # soon as its own bytes are out (its END follows), and the
+                # destination settles it while the others are on the wire.
+                return jobs, self._pumps[0], True
             while self._jobs and len(jobs) < WRITE_BATCH and payload < WRITE_BATCH_BYTES:
                 job = self._jobs.popleft()
                 if job is None:
@@ -498,9 +500,17 @@ class _Link(_Connection):
             except BaseException as exc:  # told to trio, which raises it
                 error = exc
         if n <= 0 or transfer.abandoned or error is not None:
+            exhausted = want > 0 and n <= 0 and error is None and not transfer.abandoned
+            if exhausted and pump.end_after is not None:
+                # The stream's end: its END at once, not after a round trip to trio.
+                total = pump.end_after + transfer.bytes
+                with self._jobs_ready:
+                    frame = self.encoder.end(pump.slot, total)
+                error = self._send_views(token, [memoryview(part).cast("B") for part in frame])
+                transfer.ended_stream = error is None
             with self._jobs_ready:
                 self._pumps.remove(pump)
-            transfer.exhausted = want > 0 and n <= 0 and error is None
+            transfer.exhausted = exhausted
             transfer.finish(error)
             return
         piece = buffer[:n]
