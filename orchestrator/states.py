@@ -290,6 +290,7 @@ def _describe_flags(flags: MigrationFlags | int) -> str:
     return "{" + ", ".join(names) + "}"
 
 
+@cache
 def supported_states(flags: MigrationFlags) -> frozenset[DeviceState]:
     """The states a device with these flags has (ERROR is never included)."""
     return frozenset(s for s, needs in _STATE_NEEDS.items() if flags & needs == needs)
@@ -361,10 +362,15 @@ def _search(
     return None
 
 
+@cache
 def path(
     flags: MigrationFlags, current: DeviceState, target: DeviceState
 ) -> tuple[DeviceState, ...]:
     """The states a device visits after ``current`` on its way to ``target``.
+
+    Cached: the downtime model and the budget's checks walk every device's
+    paths inside the switchover window (a refusal is not cached: it is raised
+    afresh).
 
     The last element is ``target``; ``()`` when ``current`` is ``target``.  Each
     consecutive pair (starting from ``current``) is an arc of ``arcs(flags)``.

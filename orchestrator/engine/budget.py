@@ -163,9 +163,12 @@ class DowntimeBudget:
             raise MigrationAborted("the strict downtime budget is blown")
         if not self._armed or self.forecast is None:
             return
-        check = self._measure(step, flow)
+        # One rollback figure serves the check and the watchdog's new cutoff: it
+        # walks every device, inside the window.
+        rollback = self._rollback_ms(flow, after=STEPS.get(step, "commit"))
+        check = self._measure(step, flow, rollback)
         self.checks.append(check)
-        self._rearm(flow, step)
+        self._rearm(rollback)
         if not check.fits and self.strict:
             raise self._blow(check, f"before {step}")
 
@@ -222,7 +225,11 @@ class DowntimeBudget:
 
     # -- what the checks compute ------------------------------------------------------
 
-    def _measure(self, step: str, flow: MigrationFlow) -> BudgetCheck:
+    def _measure(
+        self, step: str, flow: MigrationFlow, rollback_ms: float | None = None
+    ) -> BudgetCheck:
+        """The check before ``step``; ``rollback_ms``: a rollback's cost from after it,
+        where the caller has it already."""
         assert self.forecast is not None
         components = self.forecast.components
         first = COMPONENTS.index(STEPS.get(step, "commit"))
@@ -230,7 +237,9 @@ class DowntimeBudget:
         overhead = components.get("overhead", Figure(0.0, "none")).ms
         forward = sum(ahead) + overhead
         this_step = components[COMPONENTS[first]].ms if COMPONENTS[first] in components else 0.0
-        fallback = this_step + self._rollback_ms(flow, after=STEPS.get(step, "commit"))
+        if rollback_ms is None:
+            rollback_ms = self._rollback_ms(flow, after=STEPS.get(step, "commit"))
+        fallback = this_step + rollback_ms
         if step == "watchdog":
             forward, fallback = 0.0, self._rollback_ms(flow, after="commit")
         return BudgetCheck(step, self.elapsed_s() * 1000, forward, fallback, self._limit_ms())
@@ -254,11 +263,10 @@ class DowntimeBudget:
                 final = max(final, self.model.walk(S, e.name, start, DeviceState.RUNNING).ms)
         return quiesce + final + resume
 
-    def _rearm(self, flow: MigrationFlow, step: str) -> None:
-        """The watchdog's cutoff: the limit less a rollback from after ``step``."""
-        limit = self._limit_ms()
-        rollback = self._rollback_ms(flow, after=STEPS.get(step, "commit"))
-        self._cutoff = (limit - rollback) / 1000 - WATCHDOG_EARLY_S
+    def _rearm(self, rollback_ms: float) -> None:
+        """The watchdog's cutoff: the limit less a rollback (``rollback_ms``) from
+        after the step just checked."""
+        self._cutoff = (self._limit_ms() - rollback_ms) / 1000 - WATCHDOG_EARLY_S
         self._moved.set()
 
     def _start_or_now(self) -> float:
