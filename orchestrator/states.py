@@ -362,7 +362,6 @@ def _search(
     return None
 
 
-@cache
 def path(
     flags: MigrationFlags, current: DeviceState, target: DeviceState
 ) -> tuple[DeviceState, ...]:
@@ -380,6 +379,13 @@ def path(
     supported by the flags, or no path keeps the data stream intact
     (``STOP_COPY`` to a pre-copy state).
     """
+    return _path(flags, current, target)
+
+
+@cache
+def _path(
+    flags: MigrationFlags, current: DeviceState, target: DeviceState
+) -> tuple[DeviceState, ...]:
     flags = MigrationFlags(flags)
 
     def refuse(reason: str) -> TransitionError:
