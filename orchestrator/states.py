@@ -545,12 +545,17 @@ def v1_steps(old: V1 | int, new: V1 | int) -> tuple[V1Step, ...]:
     RESUMING, !RESUMING, RUNNING, SAVING|RUNNING, !NDMA): each entry is an event
     that sets and clears the bits it names.  Going down the list, an event
     happens when it agrees with ``new`` (sets only bits ``new`` has, clears only
-    bits ``new`` lacks) and changes the bits reached so far; so every step
-    changes the bitfield and the last step's bits are ``new``.  Where a bit
-    changes under two entries, the first wins: ``PRE_COPY -> STOP_COPY`` is the
-    single event ``!RUNNING`` (the stream stays open), while ``RUNNING ->
+    bits ``new`` lacks) and changes the bits reached so far; the last step's
+    bits are ``new``.  Where a bit changes under two entries, the first wins,
+    with one exception: ``SAVING|!RUNNING`` is the stop-copy capture ("if
+    RUNNING or SAVING change && state == !RUNNING | SAVING: save device
+    state"), so it happens whenever the write changes RUNNING or SAVING and
+    ends stopped and saving, even once ``!RUNNING`` has left nothing for it to
+    change: ``PRE_COPY -> STOP_COPY`` is ``!RUNNING`` (the stream stays open)
+    then the capture ``SAVING|!RUNNING`` on the same bits, and ``RUNNING ->
     STOP_COPY`` is ``!RUNNING`` then ``SAVING|!RUNNING``, the v2 path through
-    ``STOP``.
+    ``STOP``.  That capture is the one step that may leave the bitfield as it
+    found it.
 
     Clearing SAVING is not in the list.  It happens first, as the event
     ``!SAVING`` (seed 004 names it: it ends the save stream), because the
@@ -585,11 +590,16 @@ def v1_steps(old: V1 | int, new: V1 | int) -> tuple[V1Step, ...]:
         )
     goal = V1(new)
     here = V1(old)
+    # The stop-copy capture: RUNNING or SAVING changes and the device ends saving
+    # and stopped (seed 001).
+    capture = bool((V1(old) ^ goal) & (V1.SAVING | V1.RUNNING)) and (
+        goal & (V1.SAVING | V1.RUNNING) == V1.SAVING
+    )
     steps: list[V1Step] = []
     for event in _V1_EVENTS:
         agrees = event.sets & ~goal == 0 and event.clears & goal == 0
         after = (here | event.sets) & ~event.clears
-        if agrees and after != here:
+        if agrees and (after != here or (capture and event.action == "SAVING|!RUNNING")):
             here = after
             steps.append(V1Step(event.action, here))
     return tuple(steps)

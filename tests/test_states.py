@@ -756,7 +756,12 @@ def test_v1_steps_properties(old: int, new: int) -> None:
     assert len(set(ranks)) == len(ranks)
     before = [old] + [int(step.bits) for step in steps[:-1]]
     for prior, step in zip(before, steps, strict=True):
-        assert int(step.bits) != prior  # every event changes the bitfield
+        # Every event changes the bitfield, but the stop-copy capture, which
+        # happens whenever RUNNING or SAVING change into a stopped saving state.
+        assert int(step.bits) != prior or step.action == "SAVING|!RUNNING"
+    captures = [step for step in steps if step.action == "SAVING|!RUNNING"]
+    into_stop_copy = new & (SV | R) == SV and (old ^ new) & (SV | R) != 0
+    assert len(captures) == (1 if into_stop_copy else 0)
     intermediates = [int(step.bits) for step in steps[:-1]]
     if (old, new) in FORCED_ERROR_BITS:
         # SAVING and RESUMING together: ERROR's bits, or (with NDMA) no valid value.
@@ -782,10 +787,14 @@ def test_v1_steps_examples() -> None:
     # The source's last steps: P2P grace, then stop-copy.
     assert _walk(R, N | R) == [("NDMA", N | R)]
     assert _walk(SV | R, N | SV | R) == [("NDMA", N | SV | R)]
-    assert _walk(N | SV | R, SV) == [("!RUNNING", N | SV), ("!NDMA", SV)]
+    assert _walk(N | SV | R, SV) == [
+        ("!RUNNING", N | SV),
+        ("SAVING|!RUNNING", N | SV),  # the stop-copy capture, seed 001
+        ("!NDMA", SV),
+    ]
     assert _walk(N | R, V1(0)) == [("!RUNNING", N), ("!NDMA", V1(0))]
-    # Pre-copy to stop-copy keeps the stream: one event.
-    assert _walk(SV | R, SV) == [("!RUNNING", SV)]
+    # Pre-copy to stop-copy keeps the stream and captures the stop-copy state.
+    assert _walk(SV | R, SV) == [("!RUNNING", SV), ("SAVING|!RUNNING", SV)]
     # Running straight to stop-copy stops, then saves (v2 goes through STOP).
     assert _walk(R, SV) == [("!RUNNING", V1(0)), ("SAVING|!RUNNING", SV)]
     # Closing the stream is its own first event, so a saving device bound for
