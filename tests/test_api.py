@@ -649,6 +649,14 @@ async def test_unknown_ids_routes_and_methods_are_json_errors(api: Api) -> None:
         "invalid_request",
     )
     assert [p for p, _ in problems(error)] == ["header.Last-Event-ID"]
+    # Past the journal's 64-bit sequence numbers: refused before the stream begins.
+    for too_big in (str(2**63), str(10**30)):
+        error = assert_error(
+            await api.client.get("/v1/migrations/nope/events", headers={"last-event-id": too_big}),
+            422,
+            "invalid_request",
+        )
+        assert [p for p, _ in problems(error)] == ["header.Last-Event-ID"]
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
 
 

@@ -419,7 +419,14 @@ async def migration_events(
     service: Service,
     last_event_id: Annotated[
         int | None,
-        Header(alias="Last-Event-ID", ge=0, description="Resume after the event with this id."),
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            # Event ids are the journal's 64-bit sequence numbers: a larger one names
+            # no event, and would overflow the query after the 200 went out.
+            le=2**63 - 1,
+            description="Resume after the event with this id.",
+        ),
     ] = None,
 ) -> StreamingResponse:
     await service.status(migration_id)  # 404 now, not in the middle of a 200
