@@ -436,14 +436,18 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
     """The bearer tokens in ``path``: one per line, blank lines and # comments ignored.
 
     Refuses (SettingsError on ``api.token_file``) a file that is missing, not a
-    regular file, holds no token, or, with ``check_mode``, that group or
-    other may access: every token in it grants full control of migrations.
-    The client reads its token with ``check_mode=False``: that file's
-    permissions are its owner's business, not the daemon's.
+    regular file (a FIFO is refused at once, never waited on), holds no token,
+    or, with ``check_mode``: a file that group or other may access, that
+    another user owns, or that sits in a directory every user may write to
+    (anyone could replace it), and a token shorter than ``MIN_TOKEN_CHARS``
+    (``x``, ``changeme``): every token in it grants full control of
+    migrations.  The client reads its token with ``check_mode=False``: that
+    file is its owner's business, not the daemon's.
     """
     field = "api.token_file"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SettingsError([Problem(field, f"{path} does not exist")]) from None
     except OSError as exc:
@@ -452,9 +456,12 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
         ) from None
     try:
         # fstat the file we read, not the name: no window for a swap between the two.
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if not stat.S_ISREG(mode):
             raise SettingsError([Problem(field, f"{path} is not a regular file")])
+        if check_mode:
+            _check_token_file_owner(path, info.st_uid)
         if check_mode and mode & 0o077:
             who = " and ".join(
                 name for name, bits in (("group", 0o070), ("other", 0o007)) if mode & bits
@@ -488,4 +495,47 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
                 )
             ]
         )
+    if check_mode:
+        short = [n for n, token in enumerate(tokens, 1) if len(token) < MIN_TOKEN_CHARS]
+        if short:
+            raise SettingsError(
+                [
+                    Problem(
+                        field,
+                        f"{path}: token {', '.join(map(str, short))} has fewer than "
+                        f"{MIN_TOKEN_CHARS} characters: anyone could guess it (make one "
+                        "with: python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+                    )
+                ]
+            )
     return tokens
+
+
+#: The shortest bearer token the daemon accepts (``x`` and ``changeme`` are guessed).
+MIN_TOKEN_CHARS = 16
+
+
+def _check_token_file_owner(path: Path, uid: int) -> None:
+    """The daemon's own file, in a directory not every user may write to."""
+    field = "api.token_file"
+    if uid != os.geteuid():
+        raise SettingsError(
+            [Problem(field, f"{path} is owned by uid {uid}, not by this daemon's ({os.geteuid()})")]
+        )
+    folder = path.absolute().parent
+    try:
+        folder_mode = folder.stat().st_mode
+    except OSError as exc:
+        raise SettingsError(
+            [Problem(field, f"cannot inspect {folder}: {exc.strerror or exc}")]
+        ) from None
+    if folder_mode & stat.S_IWOTH and not folder_mode & stat.S_ISVTX:
+        raise SettingsError(
+            [
+                Problem(
+                    field,
+                    f"{path} is in {folder}, which every user may write to: anyone could "
+                    "replace it; keep it in a directory only its owner writes",
+                )
+            ]
+        )

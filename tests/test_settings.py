@@ -219,8 +219,50 @@ def test_a_missing_or_broken_config_file_is_named(tmp_path: Path) -> None:
 
 
 def test_tokens_one_per_line_without_blanks_or_comments(tmp_path: Path) -> None:
-    path = write(tmp_path / "tokens", "# ops\n\n  alpha-token  \n#beta\nbeta-token\n")
-    assert read_token_file(path) == ("alpha-token", "beta-token")
+    path = write(
+        tmp_path / "tokens", "# ops\n\n  alpha-token-0123456  \n#beta\nbeta-token-0123456\n"
+    )
+    assert read_token_file(path) == ("alpha-token-0123456", "beta-token-0123456")
+
+
+@pytest.mark.parametrize("token", ["x", "changeme", "fifteen-chars!!"])
+def test_a_guessable_token_is_refused_by_the_daemon(tmp_path: Path, token: str) -> None:
+    path = write(tmp_path / "tokens", f"long-enough-token-01\n{token}\n")
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(path)
+    message = problems_of(exc)["api.token_file"]
+    assert "token 2 has fewer than 16 characters" in message and token not in message
+    assert read_token_file(path, check_mode=False)[1] == token  # a client's own business
+
+
+def test_a_fifo_token_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SettingsError) as exc:  # no writer ever comes: no wait for one
+        read_token_file(fifo)
+    assert "not a regular file" in problems_of(exc)["api.token_file"]
+
+
+def test_a_token_file_anyone_could_replace_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = write(shared / "tokens", "long-enough-token-01\n")
+    shared.chmod(0o777)
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(path)
+    assert "which every user may write to" in problems_of(exc)["api.token_file"]
+    shared.chmod(0o1777)  # sticky, as /tmp: only the file's owner may replace it
+    assert read_token_file(path) == ("long-enough-token-01",)
+
+
+def test_a_token_file_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "tokens", "long-enough-token-01\n")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(path)
+    assert "is owned by uid" in problems_of(exc)["api.token_file"]
 
 
 @pytest.mark.parametrize(
