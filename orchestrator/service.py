@@ -213,6 +213,8 @@ class MigrationService:
         #: Set when a journal write failed: the daemon reports itself not ready.
         self.journal_failure: str | None = None
         self._submitting = 0
+        #: Idempotency keys being submitted now: a retry with one waits for it.
+        self._submitting_keys: dict[str, trio.Event] = {}
         self._submits_idle = trio.Event()
         #: Migrations other hosts' daemons send here (this daemon is their destination).
         self.incoming = IncomingRegistry(
@@ -299,10 +301,25 @@ class MigrationService:
     async def _submit(
         self, plan: Plan, idempotency_key: str | None
     ) -> tuple[MigrationStatus, bool]:
-        if idempotency_key is not None:
+        if idempotency_key is None:
+            return await self._submit_new(plan, None)
+        # Retries with one key, concurrent ones included, get the first migration:
+        # one submission of a key at a time, the others wait for it, then look.
+        while (pending := self._submitting_keys.get(idempotency_key)) is not None:
+            await pending.wait()
+        done = self._submitting_keys[idempotency_key] = trio.Event()
+        try:
             first = await self.journal.find_by_idempotency_key(idempotency_key)
             if first is not None:
                 return await self.status(first.id), False
+            return await self._submit_new(plan, idempotency_key)
+        finally:
+            del self._submitting_keys[idempotency_key]
+            done.set()
+
+    async def _submit_new(
+        self, plan: Plan, idempotency_key: str | None
+    ) -> tuple[MigrationStatus, bool]:
         if plan.destination is not None and self.source_api is None:
             raise PlanError(
                 [

@@ -87,6 +87,25 @@ async def test_idempotency_key_returns_the_first_migration(service: MigrationSer
     assert created and not created_again and again.id == first.id
 
 
+async def test_concurrent_retries_with_one_idempotency_key_all_get_the_first_migration(
+    service: MigrationService,
+) -> None:
+    # Twenty retries at once, as a management layer's timeouts fire them: one
+    # migration, and none of them refused as busy by its own device lock.
+    answers: list[tuple[str, bool]] = []
+
+    async def retry() -> None:
+        status, created = await service.submit(plan_for("vm1", "gpu0"), idempotency_key="k")
+        answers.append((status.id, created))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(retry)
+    assert len({id_ for id_, _ in answers}) == 1
+    assert sorted(created for _, created in answers) == [False] * 19 + [True]
+    assert (await wait_done(service, answers[0][0])).outcome == "succeeded"
+
+
 async def test_a_plan_that_cannot_succeed_is_refused_and_not_recorded(
     service: MigrationService,
 ) -> None:
