@@ -432,6 +432,15 @@ class MigrationService:
 
     async def follow(self, migration_id: str, after_seq: int = 0) -> AsyncIterator[JournalEvent]:
         """The journaled events of a migration after ``after_seq``, then live ones until it ends."""
+        async for event in self.follow_alive(migration_id, after_seq):
+            assert event is not None  # no quiet ticks without ``quiet_s``
+            yield event
+
+    async def follow_alive(
+        self, migration_id: str, after_seq: int = 0, quiet_s: float | None = None
+    ) -> AsyncIterator[JournalEvent | None]:
+        """As ``follow``, and None after each ``quiet_s`` without an event: what an
+        event stream sends as a keep-alive through a long quiet pre-copy."""
         await self.status(migration_id)  # MigrationNotFound if unknown
         seq = after_seq
         while True:
@@ -444,7 +453,10 @@ class MigrationService:
             if finished:
                 return
             assert changed is not None
-            await changed.wait()
+            with trio.move_on_after(math.inf if quiet_s is None else quiet_s) as quiet:
+                await changed.wait()
+            if quiet.cancelled_caught:
+                yield None
 
     def devices(self) -> builtins.list[DeviceStatus]:
         return [

@@ -26,6 +26,7 @@ from orchestrator.api import (
     openapi_document,
     render_openapi,
 )
+from orchestrator.api import app as app_module
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.api.client import parse_sse
 from orchestrator.control import Control, ControlRefused, ControlRequest, with_limits
@@ -193,6 +194,24 @@ async def test_the_event_stream_follows_the_migration_to_its_end(api: Api) -> No
     )
     resumed = [int(e.id or 0) for e in parse_sse(iter(again.text.splitlines()))]
     assert resumed == seqs[5:]
+
+
+async def test_a_quiet_event_stream_sends_keep_alive_comments(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arcs of 200 ms: a quiet stretch far longer than the keep-alive interval,
+    # during which the stream must still send something.
+    monkeypatch.setattr(app_module, "KEEPALIVE_S", 0.02)
+    plan = plan_body("vm1", "gpu0", pre_copy=False, transition_ms=200)
+    plan["downtime_limit_ms"] = 5000
+    status = await submit(api, plan)
+    response = await api.client.get(f"/v1/migrations/{status.id}/events")
+    lines = response.text.splitlines()
+    assert ": keep-alive" in lines
+    # Comments are not events: a client sees the same events as without them.
+    data = [MigrationEvent.model_validate_json(e.data) for e in parse_sse(iter(lines))]
+    assert [d.seq for d in data] == list(range(1, len(data) + 1))
+    assert data[-1].kind == "finished"
 
 
 async def test_an_idempotency_key_returns_the_first_migration(api: Api) -> None:

@@ -399,7 +399,8 @@ async def cancel_migration(migration_id: str, service: Service) -> MigrationStat
     description=(
         "Each event has `id: <seq>`, `event: <kind>` and `data: <MigrationEvent as JSON>`.  "
         "The journaled events come first, then live ones; the stream ends after the "
-        "migration's `finished` event.  Send `Last-Event-ID` to resume after an event."
+        "migration's `finished` event.  Send `Last-Event-ID` to resume after an event.  "
+        "A stream quiet for 15 s sends a comment line (`: keep-alive`)."
     ),
     response_class=StreamingResponse,
     responses={
@@ -437,13 +438,21 @@ async def migration_events(
     )
 
 
+#: An event stream quiet this long sends a comment line: proxies and load balancers
+#: close idle connections, and a pre-copy may run for minutes without an event.
+KEEPALIVE_S = 15.0
+
+
 async def _event_stream(
     service: MigrationService, migration_id: str, after_seq: int
 ) -> AsyncIterator[bytes]:
-    events = cast(AsyncGenerator[JournalEvent, None], service.follow(migration_id, after_seq))
+    events = cast(
+        AsyncGenerator[JournalEvent | None, None],
+        service.follow_alive(migration_id, after_seq, KEEPALIVE_S),
+    )
     async with contextlib.aclosing(events):
         async for event in events:
-            yield format_sse(event)
+            yield b": keep-alive\n\n" if event is None else format_sse(event)
 
 
 def format_sse(event: JournalEvent) -> bytes:
