@@ -68,6 +68,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 from prometheus_client import CollectorRegistry, Gauge
 
+from orchestrator import sdnotify
 from orchestrator.api import create_app
 from orchestrator.api.app import OrchestratorAPI
 from orchestrator.backends import backends_for
@@ -630,6 +631,7 @@ async def _run(
             state_dir=str(settings.state_dir),
             pid=os.getpid(),
         )
+        sdnotify.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving {' '.join(urls)}")
         task_status.started(
             Running(
                 service=service,
@@ -641,6 +643,7 @@ async def _run(
         )
         await stop.wait()
         log.info("daemon.stopping", grace_s=settings.shutdown_grace_s)
+        sdnotify.notify("STOPPING=1", "STATUS=stopping: migrations under way end or roll back")
         await service.shutdown(settings.shutdown_grace_s)
         stop_http.set()
         await http_stopped.wait()

@@ -7,6 +7,7 @@ subprocess, since signals belong to a process's main thread.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -28,7 +29,7 @@ import httpx
 import pytest
 import trio
 
-from orchestrator import cli, daemon
+from orchestrator import cli, daemon, sdnotify
 from orchestrator.api.client import parse_sse
 from orchestrator.cli import ExitStatus
 from orchestrator.daemon import DaemonError, Running
@@ -104,6 +105,41 @@ async def poll_until(
 
 
 # -- in process ---------------------------------------------------------------------------
+
+
+async def test_systemd_hears_ready_once_it_serves_and_stopping_as_it_stops(
+    short_dir: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As under a unit of Type=notify: NOTIFY_SOCKET names a datagram socket.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "notify"))
+
+    def heard() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            return notify.recv(4096).decode().splitlines()
+        return []
+
+    try:
+        async with running_daemon(settings_for(short_dir, token_file)) as d:
+            ready = heard()
+            assert "READY=1" in ready and f"MAINPID={os.getpid()}" in ready
+            # Ready means serving: the API answers at once.
+            async with unix_client(d.running.socket_path) as client:
+                assert (await client.get("/readyz")).status_code == 200
+            assert heard() == []  # nothing more while it serves
+        assert "STOPPING=1" in heard()
+    finally:
+        notify.close()
+
+
+def test_nothing_is_sent_without_a_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.notify("READY=1") is False
+    # A socket that cannot be reached is logged, never raised: the daemon serves on.
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
+    assert sdnotify.notify("READY=1") is False
 
 
 async def test_serves_on_the_unix_socket_and_on_tcp(short_dir: Path, token_file: Path) -> None:

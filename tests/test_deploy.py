@@ -367,7 +367,8 @@ def _unit() -> configparser.RawConfigParser:
 
 def test_unit_keeps_its_settings_and_hardening() -> None:
     service = _unit()["Service"]
-    assert service["Type"] == "simple"
+    # The daemon says READY=1 once it serves (orchestrator/sdnotify.py).
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
     assert service["ExecStart"] == (
         "/usr/bin/orchestrator serve --config /etc/orchestrator/orchestrator.toml"
     )
