@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 
 from orchestrator.errors import DeviceError, PeerError
-from orchestrator.transport import RateLimiter, new_secret, open_channel
+from orchestrator.transport import (
+    DestinationChannel,
+    RateLimiter,
+    SourceChannel,
+    new_secret,
+    open_channel,
+)
 from orchestrator.transport.channel import RECV_PIECE_BYTES
 from tests.channel_helpers import polled, serving
 
@@ -62,6 +71,19 @@ class Collector:
     def write_from(self, data: memoryview, cancel: threading.Event) -> None:
         self.threads.add(threading.current_thread().name)
         self.got += data
+
+
+@contextlib.asynccontextmanager
+async def one_gpu(
+    tag: str, **options: Any
+) -> AsyncIterator[tuple[DestinationChannel, SourceChannel]]:
+    """A channel of one device, "gpu", migration ``tag``: its two ends, closed after."""
+    secret = new_secret()
+    async with serving() as (listener, address):
+        dest = listener.expect(tag, secret, ["gpu"])
+        async with open_channel(address, tag, secret, ["gpu"], **options) as src:
+            yield dest, src
+        await dest.aclose()
 
 
 @pytest.mark.parametrize("connections", [1, 4])
@@ -124,29 +146,25 @@ async def test_pumped_streams_arrive_byte_exact_loaded_in_sink_threads(connectio
 
 async def test_a_sink_started_late_loads_what_arrived_before_it_first_in_order() -> None:
     data = os.urandom((3 << 20) + 17)
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("late", secret, ["gpu"])
-        async with open_channel(address, "late", secret, ["gpu"]) as src:
-            sender = src.sender("gpu")
-            # Sent through trio first, then pumped: the destination takes the first
-            # megabyte itself, then starts its sink with the rest queued or on its way.
-            await sender.send(data[: 1 << 20])
-            transfer = sender.start_pump(MemoryReader(data[1 << 20 :], piece=65536))
-            await transfer.done.wait()
-            await sender.end()
-            receiver = dest.receiver("gpu")
-            head = await receiver.receive_lent()
-            assert head is not None
-            got = bytearray(head)
-            sink = Collector()
-            loading = receiver.start_sink(sink)
-            await loading.done.wait()
-            assert loading.error is None
-            assert bytes(got + sink.got) == data
-            # What trio took before the sink is counted once.
-            assert dest.statistics().payload_bytes == len(data) == src.statistics().payload_bytes
-        await dest.aclose()
+    async with one_gpu("late") as (dest, src):
+        sender = src.sender("gpu")
+        # Sent through trio first, then pumped: the destination takes the first
+        # megabyte itself, then starts its sink with the rest queued or on its way.
+        await sender.send(data[: 1 << 20])
+        transfer = sender.start_pump(MemoryReader(data[1 << 20 :], piece=65536))
+        await transfer.done.wait()
+        await sender.end()
+        receiver = dest.receiver("gpu")
+        head = await receiver.receive_lent()
+        assert head is not None
+        got = bytearray(head)
+        sink = Collector()
+        loading = receiver.start_sink(sink)
+        await loading.done.wait()
+        assert loading.error is None
+        assert bytes(got + sink.got) == data
+        # What trio took before the sink is counted once.
+        assert dest.statistics().payload_bytes == len(data) == src.statistics().payload_bytes
 
 
 async def test_a_device_error_in_a_pump_or_a_sink_ends_its_transfer_with_that_error() -> None:
@@ -158,21 +176,17 @@ async def test_a_device_error_in_a_pump_or_a_sink_ends_its_transfer_with_that_er
         def write_from(self, data: memoryview, cancel: threading.Event) -> None:
             raise DeviceError("load refused", device="gpu", operation="write", errno=22)
 
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("err", secret, ["gpu"])
-        async with open_channel(address, "err", secret, ["gpu"]) as src:
-            sender = src.sender("gpu")
-            failed = sender.start_pump(Failing())
-            await failed.done.wait()
-            assert isinstance(failed.error, DeviceError) and failed.bytes == 0
-            loading = dest.receiver("gpu").start_sink(Refusing())
-            await sender.send(os.urandom(3 << 20))
-            await loading.done.wait()
-            assert isinstance(loading.error, DeviceError)
-            assert "load refused" in str(loading.error)
-            await sender.end()
-        await dest.aclose()
+    async with one_gpu("err") as (dest, src):
+        sender = src.sender("gpu")
+        failed = sender.start_pump(Failing())
+        await failed.done.wait()
+        assert isinstance(failed.error, DeviceError) and failed.bytes == 0
+        loading = dest.receiver("gpu").start_sink(Refusing())
+        await sender.send(os.urandom(3 << 20))
+        await loading.done.wait()
+        assert isinstance(loading.error, DeviceError)
+        assert "load refused" in str(loading.error)
+        await sender.end()
 
 
 async def test_a_stuck_device_call_shows_and_an_abandoned_pump_moves_nothing_more() -> None:
@@ -206,81 +220,65 @@ async def test_a_stuck_device_call_shows_and_an_abandoned_pump_moves_nothing_mor
 
 
 async def test_a_failed_channel_ends_a_waiting_sink_with_the_channels_failure() -> None:
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("cut", secret, ["gpu"])
-        async with open_channel(address, "cut", secret, ["gpu"]) as src:
-            await dest.wait_connected()
-            loading = dest.receiver("gpu").start_sink(Collector())
-            await src.sender("gpu").send(b"x" * 1000)
-            await src.abort("operator cancelled")
-            await loading.done.wait()
-            assert isinstance(loading.error, PeerError)
-            assert "operator cancelled" in str(loading.error)
-        await dest.aclose()
+    async with one_gpu("cut") as (dest, src):
+        await dest.wait_connected()
+        loading = dest.receiver("gpu").start_sink(Collector())
+        await src.sender("gpu").send(b"x" * 1000)
+        await src.abort("operator cancelled")
+        await loading.done.wait()
+        assert isinstance(loading.error, PeerError)
+        assert "operator cancelled" in str(loading.error)
 
 
 async def test_a_stopped_pump_ends_its_round_after_the_piece_under_way() -> None:
     data = os.urandom(64 << 20)
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("stop", secret, ["gpu"])
-        async with open_channel(address, "stop", secret, ["gpu"]) as src:
-            sender = src.sender("gpu")
-            reader = GatedReader(data, 2 << 20)
-            transfer = sender.start_pump(reader)
-            loading = dest.receiver("gpu").start_sink(Collector())
-            await loading.reached(2 << 20)
-            transfer.stop()
-            reader.gate.set()
-            await transfer.done.wait()
-            assert transfer.error is None and transfer.bytes < len(data)
-            assert sender.bytes_sent == transfer.bytes
-            await sender.end()
-            await loading.done.wait()
-            assert loading.bytes == transfer.bytes
-        await dest.aclose()
+    async with one_gpu("stop") as (dest, src):
+        sender = src.sender("gpu")
+        reader = GatedReader(data, 2 << 20)
+        transfer = sender.start_pump(reader)
+        loading = dest.receiver("gpu").start_sink(Collector())
+        await loading.reached(2 << 20)
+        transfer.stop()
+        reader.gate.set()
+        await transfer.done.wait()
+        assert transfer.error is None and transfer.bytes < len(data)
+        assert sender.bytes_sent == transfer.bytes
+        await sender.end()
+        await loading.done.wait()
+        assert loading.bytes == transfer.bytes
 
 
 async def test_a_rate_set_during_a_pump_stops_it_and_the_stream_no_longer_pumps() -> None:
     data = os.urandom(32 << 20)
     limiter = RateLimiter(None)
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("rate", secret, ["gpu"])
-        async with open_channel(address, "rate", secret, ["gpu"], limiter=limiter) as src:
-            sender = src.sender("gpu")
-            assert sender.pumps
-            reader = GatedReader(data, 1 << 20)
-            transfer = sender.start_pump(reader)
-            loading = dest.receiver("gpu").start_sink(Collector())
-            await loading.reached(1 << 20)
-            limiter.set_rate(64 << 20)
-            reader.gate.set()
-            await transfer.done.wait()
-            assert transfer.stopping and not transfer.exhausted
-            assert transfer.bytes < len(data)
-            assert not sender.pumps  # the rest goes through trio, paced
-            await sender.end()
-            await loading.done.wait()
-            assert loading.exhausted and loading.bytes == transfer.bytes
-        await dest.aclose()
+    async with one_gpu("rate", limiter=limiter) as (dest, src):
+        sender = src.sender("gpu")
+        assert sender.pumps
+        reader = GatedReader(data, 1 << 20)
+        transfer = sender.start_pump(reader)
+        loading = dest.receiver("gpu").start_sink(Collector())
+        await loading.reached(1 << 20)
+        limiter.set_rate(64 << 20)
+        reader.gate.set()
+        await transfer.done.wait()
+        assert transfer.stopping and not transfer.exhausted
+        assert transfer.bytes < len(data)
+        assert not sender.pumps  # the rest goes through trio, paced
+        await sender.end()
+        await loading.done.wait()
+        assert loading.exhausted and loading.bytes == transfer.bytes
 
 
 async def test_a_sink_given_up_on_never_reports_its_stream_whole() -> None:
-    secret = new_secret()
-    async with serving() as (listener, address):
-        dest = listener.expect("gone", secret, ["gpu"])
-        async with open_channel(address, "gone", secret, ["gpu"]) as src:
-            receiver = dest.receiver("gpu")
-            # A device call that ends only when the runner gives up on it.
-            loading = receiver.start_sink(Waiting())
-            sender = src.sender("gpu")
-            await sender.send(b"z" * 4096)
-            await polled(lambda: loading.in_call_s() is not None)
-            loading.abandon()  # the call returns (its cancel is set)
-            await sender.end()
-            await loading.done.wait()
-            assert isinstance(loading.error, PeerError) and not loading.exhausted
-            assert not receiver.ended
-        await dest.aclose()
+    async with one_gpu("gone") as (dest, src):
+        receiver = dest.receiver("gpu")
+        # A device call that ends only when the runner gives up on it.
+        loading = receiver.start_sink(Waiting())
+        sender = src.sender("gpu")
+        await sender.send(b"z" * 4096)
+        await polled(lambda: loading.in_call_s() is not None)
+        loading.abandon()  # the call returns (its cancel is set)
+        await sender.end()
+        await loading.done.wait()
+        assert isinstance(loading.error, PeerError) and not loading.exhausted
+        assert not receiver.ended
