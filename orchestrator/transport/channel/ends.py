@@ -150,6 +150,12 @@ class _Channel:
     def statistics(self) -> ChannelStatistics:
         return ChannelStatistics(self._payload_bytes, self._busy_s, len(self._links))
 
+    def _blame(self, transfer: Transfer) -> None:
+        """A transfer that ended on a stream error while the channel failed: the
+        channel's failure is the reason to report (the error is its consequence)."""
+        if isinstance(transfer.error, PeerError) and self.failure is not None:
+            transfer.error = self.failure
+
     def check(self) -> None:
         """Raise the channel's failure, if it has failed."""
         if self.failure is not None:
@@ -332,9 +338,7 @@ class NetworkStreamSender(StreamSender):
         nothing else may be sent on this stream.  ``end``: at the reader's end the
         thread sends the stream's END too (the stream is then ``ended``).
         """
-        if self.ended or self._closed:
-            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
-        self._check_not_pumping()
+        self._check_can_send()
         channel = self._channel
         link = channel._link_of(self.index)
         pump = _Pump(self.index, reader, limit, self.bytes_sent if end else None)
@@ -353,14 +357,16 @@ class NetworkStreamSender(StreamSender):
             if transfer.ended_stream:
                 self.ended = True
             channel._payload_bytes += transfer.bytes
-            if isinstance(transfer.error, PeerError) and channel.failure is not None:
-                transfer.error = channel.failure
+            channel._blame(transfer)
 
         transfer.on_done(done)
         link.start_pump(pump)
         return transfer
 
-    def _check_not_pumping(self) -> None:
+    def _check_can_send(self) -> None:
+        """Refuse to add to a stream that ended, was closed, or is pumping."""
+        if self.ended or self._closed:
+            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
         if self._pumping is not None and not self._pumping.finished:
             raise trio.BusyResourceError(f"device {self.name!r} is pumping")
 
@@ -371,9 +377,7 @@ class NetworkStreamSender(StreamSender):
         its frames are queued to the connection's writer; any other buffer
         once its frames are in the kernel's hands.
         """
-        if self.ended or self._closed:
-            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
-        self._check_not_pumping()
+        self._check_can_send()
         view = memoryview(chunk).cast("B")
         immutable = isinstance(view.obj, bytes)
         channel = self._channel
@@ -395,9 +399,7 @@ class NetworkStreamSender(StreamSender):
         await self._channel._guarded(self._channel._link_of(self.index).flush())
 
     async def end(self) -> None:
-        if self.ended or self._closed:
-            raise trio.ClosedResourceError(f"the stream of device {self.name!r} is closed")
-        self._check_not_pumping()
+        self._check_can_send()
         link = self._channel._link_of(self.index)
         index, total = self.index, self.bytes_sent
         await self._channel._guarded(
@@ -666,8 +668,8 @@ class NetworkStreamReceiver(StreamReceiver):
     sinks = True
 
     def start_sink(self, writer: BlockingWriter) -> Transfer:
-        """Load the rest of the stream into ``writer`` in the device's sink thread (see
-        ``bulk.py``); returns at once.  The transfer is done at the stream's END
+        """Load the rest of the stream into ``writer`` in its connection's reader thread
+        (see ``bulk.py``); returns at once.  The transfer is done at the stream's END
         (every byte before it loaded), at a failed write, or when the channel fails.
         """
         channel = self._channel
@@ -703,8 +705,7 @@ class NetworkStreamReceiver(StreamReceiver):
                 channel._busy_s = trio.current_time() - channel._first_data_at
             if transfer.error is None:
                 self.ended = True
-            elif isinstance(transfer.error, PeerError) and channel.failure is not None:
-                transfer.error = channel.failure
+            channel._blame(transfer)
 
         transfer.on_done(done)
         return transfer

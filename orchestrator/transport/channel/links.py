@@ -360,8 +360,9 @@ class _Link(_Connection):
             frame = reader.next_frame()
             if frame is not None:
                 event = validator.accept(frame)
-                # Hold no view of the payload past the hand-over: a sink's thread
-                # may load it and give its buffer back before this loop goes on.
+                # Hold no view of the payload past the hand-over: a sink loads it
+                # inside _post, in this thread, and gives its buffer back there
+                # (a view still held here would keep the pool from reusing it).
                 del frame
                 self._post(token, deliver, event)
                 del event
