@@ -136,7 +136,15 @@ async def test_kill_9_in_each_phase_then_restart_recovers(
     try:
         await _wait_ready(socket_path, process, short_dir / "daemon2.log")
         async with unix_client(socket_path) as client:
-            status = (await client.get(f"/v1/migrations/{migration_id}")).json()
+            # Ready means this host's devices are settled (service._recover_one); the
+            # outcome shows once it is journaled, a moment later (1 run in about 6 read
+            # it before then).
+            with trio.fail_after(10):
+                while True:
+                    status = (await client.get(f"/v1/migrations/{migration_id}")).json()
+                    if status["outcome"] is not None:
+                        break
+                    await trio.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await process.wait() == 0
