@@ -461,7 +461,9 @@ async def serve(
             stack.callback(handles.close_all)
             service = MigrationService(
                 journal,
-                Metrics(registry),
+                # The node, as the deployment names it (the DaemonSet's downward
+                # API), so that dashboards can filter by it.
+                Metrics(registry, node=os.environ.get("NODE_NAME") or socket.gethostname()),
                 # One registry: plans' handles are checked against it and the
                 # backends open handed-over devices from it.
                 backends=backends_for(settings.state_dir, handles=handles),

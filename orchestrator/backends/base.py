@@ -187,6 +187,11 @@ class Backend(abc.ABC):
     #: The pydantic model of a ``source`` or ``destination`` table.
     params_model: ClassVar[type[BaseModel]]
 
+    def present(self) -> bool:
+        """Whether this host could have devices of this backend (its kernel
+        interface exists); the metrics create their series for those only."""
+        return True
+
     def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
         """Fields the destination table inherits from the source when it omits them."""
         return {}

@@ -1143,6 +1143,9 @@ class VfioBackend(Backend):
     name: ClassVar[str] = "vfio"
     params_model: ClassVar[type[BaseModel]] = VfioParams
 
+    def present(self) -> bool:
+        return os.path.isdir("/dev/vfio")
+
     def __init__(
         self,
         sysfs_root: Path = Path("/sys"),

@@ -790,6 +790,9 @@ class VhostVdpaBackend(Backend):
     name: ClassVar[str] = "vhost_vdpa"
     params_model: ClassVar[type[BaseModel]] = VhostVdpaParams
 
+    def present(self) -> bool:
+        return os.path.isdir("/sys/bus/vdpa")
+
     def __init__(
         self,
         handles: HandleRegistry | None = None,
