@@ -22,7 +22,8 @@ class TraceEvent:
     seq: int
     time: float
     # arc_begin, arc_end, arc_failed, reset, phase, barrier, commit, decision,
-    # switchover_ack, vmm_begin, vmm_end, vmm_failed (detail: action)
+    # switchover_ack, initial_back (detail: bytes, round, reacknowledge),
+    # vmm_begin, vmm_end, vmm_failed (detail: action)
     kind: str
     side: Side | None
     device: str | None
