@@ -960,30 +960,24 @@ class VfioDevice(ThreadedDevice):
         kernel has it: the device may then report new initial data mid pre-copy.
         Without it (an older kernel, a driver that does not implement it) the
         device keeps today's behaviour, and its capabilities say so."""
-        feature = uapi.Feature.MIG_PRECOPY_INFO_V2
-        if not self._probe(feature, uapi.FeatureOp.SET):
-            return False
-        buf = uapi.feature_request(feature, uapi.FeatureOp.SET)
-        try:
-            self.syscalls.ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
-                return False
-            raise self._error(
-                f"VFIO_DEVICE_FEATURE(SET {feature.name})", exc.errno or errno.EIO
-            ) from None
-        return True
+        feature, op = uapi.Feature.MIG_PRECOPY_INFO_V2, uapi.FeatureOp.SET
+        return self._probe(feature, op) and self._feature_call(feature, op, "SET")
 
     def _probe(self, feature: uapi.Feature, op: uapi.FeatureOp) -> bool:
         """Whether the device supports ``op`` on ``feature`` (the PROBE flag)."""
-        buf = uapi.feature_request(feature, uapi.FeatureOp.PROBE | op)
+        return self._feature_call(feature, uapi.FeatureOp.PROBE | op, "PROBE")
+
+    def _feature_call(self, feature: uapi.Feature, op: uapi.FeatureOp, what: str) -> bool:
+        """A ``VFIO_DEVICE_FEATURE`` call without data; False where the kernel or
+        the driver lacks the feature, a device error for any other failure."""
+        buf = uapi.feature_request(feature, op)
         try:
             self.syscalls.ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf)
         except OSError as exc:
             if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 return False
             raise self._error(
-                f"VFIO_DEVICE_FEATURE(PROBE {feature.name})", exc.errno or errno.EIO
+                f"VFIO_DEVICE_FEATURE({what} {feature.name})", exc.errno or errno.EIO
             ) from None
         return True
 
