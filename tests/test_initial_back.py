@@ -35,7 +35,7 @@ from orchestrator.states import Capabilities, DeviceState, Side
 from orchestrator.transport import new_secret, open_channel
 from tests.channel_helpers import serving
 from tests.helpers import make_resolved, sim_device
-from tests.invariants import check_all
+from tests.invariants import check_acknowledged_before_the_switchover, check_all
 from tests.test_vfio import FakeKernel, fake_device
 from tests.two_daemons import Host, cross_plan, ended, two_daemons, until
 
@@ -226,6 +226,29 @@ async def test_the_acknowledgement_is_asked_again_before_any_device_stops(
     assert stops and returned.seq < ack.seq < min(e.seq for e in stops)
     round_two = next(e for e in trace if e.kind == "decision" and e.detail["round"] == 2)
     assert round_two.detail["action"] == "continue"  # never converged on the round it came back
+
+
+async def test_the_invariant_fails_a_switchover_before_the_acknowledgement(
+    autojump_clock: Any,
+) -> None:
+    # The check every engine test runs (check_all) holds the trace to it: the same
+    # migration's trace, its acknowledgement moved after the first stop, fails.
+    m = Migration(make_resolved(gpus(reinit_mib=0.25, reinit_after=2), downtime_limit_ms=12))
+    await m.run()
+    check_acknowledged_before_the_switchover(m)
+    trace = m.trace
+    [ack] = [e for e in trace if e.kind == "switchover_ack"]
+    first_stop = left_precopy(trace)[0]
+    trace.remove(ack)
+    trace.insert(trace.index(first_stop) + 1, ack)
+    with pytest.raises(AssertionError, match="before the destination acknowledged"):
+        check_acknowledged_before_the_switchover(m)
+    # And a return of initial data after the acknowledgement fails it too.
+    trace.remove(ack)
+    [back] = [e for e in trace if e.kind == "initial_back"]
+    trace.insert(trace.index(back), ack)
+    with pytest.raises(AssertionError, match="came back after the ack"):
+        check_acknowledged_before_the_switchover(m)
 
 
 async def test_a_device_without_the_feature_migrates_as_before(autojump_clock: Any) -> None:
