@@ -56,10 +56,14 @@ class PrecopyInfo:
     ``initial_bytes``: data of the initial pass not yet read; the device wants
     it drained before the switchover.  ``dirty_bytes``: an estimate of data
     that changed since it was read and will have to be sent again.
+    ``reinit``: the device says new initial data appeared since its last report
+    (only a device whose capabilities have ``precopy_reinit`` says so); its
+    ``initial_bytes`` count that new data.
     """
 
     initial_bytes: int
     dirty_bytes: int
+    reinit: bool = False
 
 
 class Device(abc.ABC):
