@@ -610,9 +610,11 @@ def test_dockerfile_agrees_with_the_image_settings_and_install_script() -> None:
     # The image's settings load with the daemon's model, and EXPOSE is their port.
     config = DOCKER_DIR / "orchestrator.toml"
     settings = Settings.load(config)
-    assert settings.api.tcp_address is not None
+    assert settings.api.tcp_address is not None and settings.data.listen is not None
     (expose,) = (i.args for i in final if i.keyword == "EXPOSE")
-    assert expose == str(settings.api.tcp_address[1])
+    # The API's port and the data channel's: an image can receive migrations.
+    assert expose.split() == [str(settings.api.tcp_address[1]), settings.data.listen.split(":")[-1]]
+    assert settings.tls is not None and str(settings.tls.cert_file).startswith("/etc/orchestrator/")
     (volume,) = (i.args for i in final if i.keyword == "VOLUME")
     assert exec_form(volume) == [str(settings.state_dir)]
     assert settings.log.format == "json"
