@@ -474,6 +474,7 @@ async def serve(
                 advertise=settings.data.advertise,
                 tls=identity,
                 decision_key=_decision_key(settings.state_dir),
+                max_migrations=settings.max_migrations,
             )
             app = create_app(
                 service,

@@ -98,6 +98,12 @@ class ShuttingDown(OrchestratorError):
     status_hint = 503
 
 
+class TooManyMigrations(OrchestratorError):
+    """This host runs as many migrations as its settings allow (``max_migrations``)."""
+
+    status_hint = 429
+
+
 class Progress(BaseModel):
     """Live progress of a migration in flight."""
 
@@ -188,8 +194,11 @@ class MigrationService:
         advertise: str | None = None,
         decision_key: bytes | None = None,
         tls: TlsIdentity | None = None,
+        max_migrations: int = 0,
     ) -> None:
         self.journal = journal
+        #: Most migrations at once, outgoing and incoming together (0: no limit).
+        self.max_migrations = max_migrations
         #: This host's TLS identity for migration traffic (``[tls]``), if any.
         self.tls = tls
         self.metrics = metrics
@@ -224,6 +233,7 @@ class MigrationService:
             advertise=advertise,
             lock=self._lock_keys,
             unlock=self._unlock,
+            admit=self._check_capacity,
             ca_file=tls.ca_file if tls is not None else None,
         )
         if metrics is not None:
@@ -334,6 +344,7 @@ class MigrationService:
         resolved = resolve(plan, self.backends, self.handles)
         keys = device_keys(resolved)
         self._check_free(keys)
+        self._check_capacity()
         migration_id = uuid.uuid4().hex
         if self.handles is not None:
             self.handles.claim(migration_id, resolved.handles())  # HandleBusy: nothing taken
@@ -471,6 +482,20 @@ class MigrationService:
         if busy:
             held = ", ".join(f"{key} (migration {mid})" for key, mid in busy)
             raise DeviceBusy(f"devices already part of an active migration: {held}")
+
+    def running(self) -> int:
+        """Migrations holding devices here now, outgoing and incoming (recovered ones too)."""
+        return len(set(self._locks.values()))
+
+    def _check_capacity(self) -> None:
+        """Refuse one more migration past ``max_migrations``: nothing is queued, the
+        management layer decides when to try again (a recovery is never refused)."""
+        if self.max_migrations and self.running() >= self.max_migrations:
+            raise TooManyMigrations(
+                f"this host runs {self.running()} migration(s), as many as its settings allow "
+                f"(max_migrations = {self.max_migrations}, outgoing and incoming together): "
+                "try again once one has ended"
+            )
 
     def _lock_keys(self, keys: builtins.list[str], migration_id: str) -> None:
         self._check_free(keys)

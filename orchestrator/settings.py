@@ -330,6 +330,18 @@ class Settings(BaseSettings):
             "mode 0700 if missing.  One daemon per state directory."
         ),
     )
+    max_migrations: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description=(
+            "Most migrations this host runs at once, outgoing and incoming together (0: no "
+            "limit).  One more is refused at once, nothing queued: a submission gets 429 "
+            "too_many_migrations, another host's prepare is refused (its migration ends "
+            "refused), and the management layer decides when to try again.  Migrations a "
+            "restart recovers always run."
+        ),
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,

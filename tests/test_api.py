@@ -810,7 +810,9 @@ async def test_the_openapi_document_is_committed_and_served(api: Api) -> None:
     assert post["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Plan"
     }
-    assert set(post["responses"]) == {"200", "201", "401", "403", "409", "413", "422", "503"}
+    assert set(post["responses"]) == {
+        *("200", "201", "401", "403", "409", "413", "422", "429", "503")
+    }
     # 201 is an accepted plan, not a migration that went well.
     assert "201" in post["description"] and "`refused`" in post["description"]
     (outcome,) = (

@@ -649,3 +649,21 @@ async def test_a_source_daemon_needs_only_a_peer_token_of_its_destination(
             assert response.status_code == 403
             error = response.json()["error"]
             assert "a peer token may not GET /v1/migrations" in error["message"]
+
+
+async def test_a_destination_at_its_max_migrations_refuses_before_anything_changes(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file, destination_max_migrations=1) as (a, b):
+        # The destination host runs one migration of its own: it is full.
+        local = cross_plan(b, token_file, "hold0", state_mib=2, drain_mib_s=1)
+        del local["destination"]
+        holding = await b.submit(local)
+        status = await submit(a, cross_plan(b, token_file, "gpu0"))
+        refused_before_any_change(status, "max_migrations = 1")
+        code, _ = await b.post(f"/v1/migrations/{holding}/cancel", {})
+        assert code == 202
+        await until(lambda: b.status(holding), ended)
+        # Room again: the same plan goes through.
+        again = await submit(a, cross_plan(b, token_file, "gpu1"))
+        assert again["outcome"] == "succeeded", again["report"]

@@ -21,6 +21,7 @@ from orchestrator.service import (
     MigrationStatus,
     PastCommitPoint,
     ShuttingDown,
+    TooManyMigrations,
 )
 from tests.helpers import SUCCESS_PHASES, make_plan, sim_device
 
@@ -241,4 +242,29 @@ async def test_a_failing_journal_makes_the_daemon_unready_but_never_hangs_it(
             assert svc.devices()[0].migration is None  # the lock was released
             with trio.fail_after(10):
                 await svc.shutdown(grace_s=1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_migration_past_max_migrations_is_refused_and_nothing_recorded(
+    tmp_path: Path,
+) -> None:
+    async with await Journal.open(tmp_path / "state") as journal:
+        svc = MigrationService(journal, Metrics(CollectorRegistry()), max_migrations=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            slow = {"state_mib": 1, "drain_mib_s": 1}
+            first, _ = await svc.submit(plan_for("vm1", "gpu0", **slow))
+            second, _ = await svc.submit(plan_for("vm2", "gpu1", **slow))
+            assert svc.running() == 2
+            with pytest.raises(TooManyMigrations, match=r"max_migrations = 2"):
+                await svc.submit(plan_for("vm3", "gpu2"))
+            assert len(await svc.list()) == 2
+            await svc.cancel(first.id)
+            await wait_done(svc, first.id)
+            # One ended: room for another.
+            third, _ = await svc.submit(plan_for("vm3", "gpu2"))
+            assert (await wait_done(svc, third.id)).outcome == "succeeded"
+            await svc.cancel(second.id)
+            await wait_done(svc, second.id)
+            await svc.shutdown(grace_s=5)
             nursery.cancel_scope.cancel()

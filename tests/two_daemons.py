@@ -172,6 +172,7 @@ def _host(
     placement: Placement,
     tls: TlsIdentity | None = None,
     peer_token_file: Path | None = None,
+    max_migrations: int = 0,
 ) -> Host:
     base.mkdir()
     port = free_port() if not placement.prefix else 7800
@@ -179,6 +180,7 @@ def _host(
     lines = [
         f'state_dir = "{base / "state"}"',
         "shutdown_grace_s = 2",
+        f"max_migrations = {max_migrations}",
         "[api]",
         f'unix_socket = "{base / "api.sock"}"',
         f'token_file = "{token_file}"',
@@ -217,6 +219,7 @@ async def two_daemons(
     placements: tuple[Placement, Placement] = (Placement(), Placement()),
     tls: bool = False,
     peer_token_file: Path | None = None,
+    destination_max_migrations: int = 0,
 ) -> AsyncIterator[tuple[Host, Host]]:
     """(source, destination), both ready; both stopped after.  ``tls``: each with a
     [tls] identity of one test CA (mutual TLS data channel, https API);
@@ -233,6 +236,7 @@ async def two_daemons(
         placements[1],
         ids[1],
         peer_token_file,
+        destination_max_migrations,
     )
     try:
         await destination.start()

@@ -113,6 +113,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict: see the error's kind.",
         413: "The request body is larger than api.max_body_bytes.",
         422: "Invalid request: every problem with its field path.",
+        429: "This host runs as many migrations as its settings allow (max_migrations, "
+        "outgoing and incoming together): nothing was started; try again later.",
         503: "The daemon is starting or shutting down.",
     }
     return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}
@@ -177,7 +179,7 @@ async def metrics(request: Request) -> Response:
     ),
     responses={
         200: {"model": MigrationStatus, "description": "The Idempotency-Key was seen before."},
-        **_errors(409, 413, 422, 503),
+        **_errors(409, 413, 422, 429, 503),
     },
 )
 async def submit_migration(
@@ -213,7 +215,7 @@ async def submit_migration(
         "opens them and answers with their capabilities, the data channel's port and a "
         "secret for this migration only.  503 when this daemon has no `[data] listen`."
     ),
-    responses=_errors(409, 413, 422, 503),
+    responses=_errors(409, 413, 422, 429, 503),
 )
 async def prepare_incoming(request: IncomingRequest, service: Service) -> IncomingReady:
     if not service.accepting or not service.ready:

@@ -58,6 +58,7 @@ class IncomingRegistry:
         lock: Callable[[list[str], str], None],
         unlock: Callable[[list[str], str], None],
         ca_file: Path | None = None,
+        admit: Callable[[], None] = lambda: None,
     ) -> None:
         self.journal = journal
         #: The CA the sources' API certificates are checked against ([tls] ca_file).
@@ -67,6 +68,8 @@ class IncomingRegistry:
         self.advertise = advertise
         self._lock = lock
         self._unlock = unlock
+        #: Raises (TooManyMigrations) when this host may take no more migrations.
+        self._admit = admit
         self.migrations: dict[str, IncomingMigration] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -114,6 +117,7 @@ class IncomingRegistry:
             )
         resolved = resolve(plan, self.backends)
         keys = resolved.device_keys()
+        self._admit()
         self._lock(keys, request.migration_id)
         source = request.source.model_dump()
         migration = IncomingMigration(
