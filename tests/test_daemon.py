@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -629,13 +630,17 @@ async def daemon_process(
 
 
 async def _wait_ready(
-    socket_path: Path, process: trio.Process, log: Path, seconds: float = 20
+    socket_path: Path,
+    process: trio.Process,
+    log: Path,
+    seconds: float = 20,
+    token: str = TOKEN,
 ) -> None:
     with trio.fail_after(seconds):
         while True:
             assert process.poll() is None, await trio.Path(log).read_text()
             if await trio.Path(socket_path).exists():
-                async with unix_client(socket_path) as client:
+                async with unix_client(socket_path, token) as client:
                     try:
                         if (await client.get("/readyz")).status_code == 200:
                             return
@@ -838,3 +843,58 @@ async def test_a_data_listener_that_dies_stops_the_daemon_which_exits_unavailabl
         record = await journal.get(migration_id)
         assert record is not None and record.outcome == "rolled_back", text
         assert await journal.unfinished() == []
+
+
+def _readme_block(marker: str) -> list[str]:
+    """The command lines of the README's sh block after ``<!-- marker -->``, comments cut."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->\n```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+async def test_the_readme_recipe_serves_here_and_migrates(tmp_path: Path) -> None:
+    """`Try the daemon here`, command by command, in a scratch copy of its files: a
+    fresh machine's clone has no token, no state and nothing listening yet."""
+    for name in ("config/local.toml", "config/plans/one-nic-without-p2p.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    cli_words = [sys.executable, "-m", "orchestrator"]
+
+    def words(line: str) -> list[str]:
+        split = line.split()
+        assert split[0] == ".venv/bin/orchestrator" or split[0] in ("install", "chmod", "python3")
+        return [*cli_words, *split[1:]] if split[0] == ".venv/bin/orchestrator" else split
+
+    *setup, serve = _readme_block("local-serve")
+    for line in setup:
+        await trio.run_process(line, shell=True, cwd=tmp_path)
+    # The ports are the file's, but other tests' daemons may hold them: free ones.
+    env = {
+        **_daemon_env(),
+        "ORCHESTRATOR_API__TCP": "127.0.0.1:0",
+        "ORCHESTRATOR_DATA__LISTEN": "127.0.0.1:0",
+    }
+    log = tmp_path / "serve.log"
+    process = await trio.lowlevel.open_process(
+        words(serve), cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    try:
+        token = (tmp_path / ".local" / "api-tokens").read_text().strip()
+        await _wait_ready(tmp_path / ".local" / "api.sock", process, log, 60, token)
+        migration_id = ""
+        for line in _readme_block("local-client"):
+            argv = [w.replace("ID", migration_id) if w == "ID" else w for w in words(line)]
+            done = await trio.run_process(argv, cwd=tmp_path, env=env, capture_stdout=True)
+            out = done.stdout.decode()
+            if argv[3] == "submit":
+                found = re.search(r"\b([0-9a-f]{32})\b", out)
+                assert found is not None, out
+                migration_id = found.group(1)
+        assert migration_id and "succeeded" in out, out
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            assert await process.wait() == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
