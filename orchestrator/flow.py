@@ -50,8 +50,11 @@ raises ``ProtocolViolation`` and changes nothing):
    recorded; no source device enters any running state after it.
 5. A device in ERROR leaves it only by a reset, and a reset device no
    longer takes part in any barrier (its DMA context is gone).  A device in
-   ERROR does not count as stopped for its peers: whatever DMA reaches it is
-   lost in the reset it is due for.
+   ERROR does not count as stopped for its peers: before the commit whatever
+   DMA reaches it is lost in the reset it is due for; after the commit (a
+   destination device is never reset then) its state is lost already, and
+   its peers run rather than hold the VM's other devices in their grace
+   states (the migration ends failed, naming it).
 
 The commit point is reached when every destination device has loaded its
 stream and stands in its grace state; the runner then records the decision
@@ -535,8 +538,17 @@ class MigrationFlow:
         """The flow of a destination half on the destination daemon: its own endpoints.
 
         The cross-device rules were checked by the source's flow, which knows
-        both ends; this one keeps the destination's invariants (3 to 5).
+        both ends; this one keeps the destination's invariants (3 to 5), and
+        refuses (PlanError) what no order could make safe here either: two
+        devices without P2P among P2P peers.
         """
+        problems = [
+            p
+            for p in check_capabilities(plan, {n: (c, c) for n, c in capabilities.items()})
+            if "no order helps" in p.message
+        ]
+        if problems:
+            raise PlanError(problems)
         flow = cls(plan)
         flow.ordered = ordered_device(plan, capabilities)
         for spec in plan.devices:

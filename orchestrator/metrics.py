@@ -426,6 +426,8 @@ class _Live(Collector):
             for key, nbytes in _bytes_of(migration).items():
                 sent[key] = sent.get(key, 0) + nbytes
             rounds += migration.recorder.precopy.rounds
+            if migration.phase is not Phase.PRECOPY:
+                continue  # past its decision: what pre-copy left is moving now
             for stats in migration.recorder.stats.values():
                 if stats.remaining is not None:
                     precopy_left += stats.remaining.initial_bytes + stats.remaining.dirty_bytes
@@ -447,13 +449,13 @@ class _Live(Collector):
         )
         yield GaugeMetricFamily(
             "orchestrator_precopy_remaining_bytes",
-            "What the migrations in flight still have to send in pre-copy (initial and "
+            "What the migrations in pre-copy still have to send in pre-copy (initial and "
             "dirty bytes), as their devices last reported it.",
             value=precopy_left,
         )
         yield GaugeMetricFamily(
             "orchestrator_stop_copy_bytes",
-            "What the migrations in flight would send with their devices stopped, were "
+            "What the migrations in pre-copy would send with their devices stopped, were "
             "they to switch over now, as their devices last reported it.",
             value=stop_copy,
         )

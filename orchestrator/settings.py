@@ -562,20 +562,23 @@ def _check_token_file_owner(path: Path, uid: int, field: str) -> None:
         raise SettingsError(
             [Problem(field, f"{path} is owned by uid {uid}, not by this daemon's ({os.geteuid()})")]
         )
-    folder = Path(os.path.realpath(path)).parent
-    try:
-        folder_mode = folder.stat().st_mode
-    except OSError as exc:
-        raise SettingsError(
-            [Problem(field, f"cannot inspect {folder}: {exc.strerror or exc}")]
-        ) from None
-    if folder_mode & stat.S_IWOTH and not folder_mode & stat.S_ISVTX:
-        raise SettingsError(
-            [
-                Problem(
-                    field,
-                    f"{path} is in {folder}, which every user may write to: anyone could "
-                    "replace it; keep it in a directory only its owner writes",
-                )
-            ]
-        )
+    # The directory holding the name (whoever writes it could point the name
+    # elsewhere) and, through a symlink, the one holding the file.
+    folders = dict.fromkeys([path.absolute().parent, Path(os.path.realpath(path)).parent])
+    for folder in folders:
+        try:
+            folder_mode = folder.stat().st_mode
+        except OSError as exc:
+            raise SettingsError(
+                [Problem(field, f"cannot inspect {folder}: {exc.strerror or exc}")]
+            ) from None
+        if folder_mode & stat.S_IWOTH and not folder_mode & stat.S_ISVTX:
+            raise SettingsError(
+                [
+                    Problem(
+                        field,
+                        f"{path} is in {folder}, which every user may write to: anyone "
+                        "could replace it; keep it in a directory only its owner writes",
+                    )
+                ]
+            )

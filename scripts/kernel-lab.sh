@@ -148,6 +148,7 @@ EOF
     # QEMU opens the guest's stdout and stderr as files (/proc/self/fd/1, 2),
     # truncating them: through a pipe, a log this script's output goes to (CI's)
     # keeps what came before.  The exit status goes round the pipe in a file.
+    rm -f "$lab/results/boot-status"
     {
         status=0
         PATH="$root/.venv/bin:$PATH" "$root/.venv/bin/vng" --run "/boot/vmlinuz-$kver" \
@@ -156,6 +157,8 @@ EOF
             --exec "$cmd" || status=$?
         echo "$status" >"$lab/results/boot-status"
     } 2>&1 | cat
+    # No status file: the block died before the end, a failure.
+    [ -s "$lab/results/boot-status" ] || return 1
     return "$(cat "$lab/results/boot-status")"
 }
 

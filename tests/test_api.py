@@ -830,3 +830,12 @@ def test_the_package_exports_what_it_lists() -> None:
         assert getattr(orchestrator.api, name) is not None
     with pytest.raises(AttributeError):
         _ = orchestrator.api.nothing_here
+
+
+async def test_a_decision_credential_opens_only_a_get_of_its_decision(api: Api) -> None:
+    credential = api.service.decision_token("some-id")
+    async with api.anonymous(authorization=f"Bearer {credential}") as peer:
+        assert (await peer.get("/v1/migrations/some-id/decision")).status_code == 200
+        assert_error(await peer.post("/v1/migrations/some-id/decision"), 403, "forbidden")
+        assert_error(await peer.get("/v1/migrations/other-id/decision"), 403, "forbidden")
+        assert_error(await peer.get("/v1/migrations/some-id"), 403, "forbidden")

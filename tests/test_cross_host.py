@@ -228,7 +228,7 @@ async def test_a_destination_of_another_protocol_version_refuses_before_anything
         assert status["outcome"] == "refused", status["report"]
         error = status["report"]["error"]
         assert "no common protocol version" in error["message"], error
-        assert "source speaks 1 to 2, this daemon 7 to 8" in error["message"], error
+        assert "source speaks 1 to 3, this daemon 7 to 8" in error["message"], error
         assert [d["source_state"] for d in status["report"]["devices"]] == ["RUNNING"]
         # Nothing was prepared there: its devices are free, its journal empty.
         assert b.journal_rows(status["id"]) == []
@@ -667,3 +667,23 @@ async def test_a_destination_at_its_max_migrations_refuses_before_anything_chang
         # Room again: the same plan goes through.
         again = await submit(a, cross_plan(b, token_file, "gpu1"))
         assert again["outcome"] == "succeeded", again["report"]
+
+
+async def test_an_older_destination_daemon_is_refused_a_vm_with_an_ordered_device(
+    short_dir: Path, token_file: Path, monkeypatch: Any
+) -> None:
+    """Mid-upgrade: a destination before protocol 3 would run every device at once after
+    the commit, the device without P2P possibly still stopped beside running peers."""
+    from orchestrator.peer import registry
+
+    async with two_hosts(short_dir, token_file) as (a, b):
+        monkeypatch.setattr(registry, "PROTOCOL_VERSIONS", (1, 2))
+        plan = cross_plan(b, token_file, "gpu0", "nic0")
+        plan["devices"][1]["source"] = {**plan["devices"][1]["source"], "p2p": False}
+        status = await submit(a, plan)
+        refused_before_any_change(status, "an older version")
+        far = await incoming(b, status["id"])
+        assert {d["state"] for d in far["devices"].values()} == {"RUNNING"}
+        # Without an ordered device, protocol 2 still serves.
+        status = await submit(a, cross_plan(b, token_file, "gpu1", "gpu2"))
+        assert status["outcome"] == "succeeded", status["report"]

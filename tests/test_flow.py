@@ -541,3 +541,12 @@ def test_decision_is_never_continue_past_max_rounds(rnd: int, limit: int) -> Non
     plan = plan_of(1, downtime_limit_ms=limit, precopy_max_rounds=rnd)
     action, _ = decide(plan, {"d0": Remaining(5, 1 << 30, 1 << 30)}, rnd=rnd)
     assert action in ("abort", "switchover")
+
+
+def test_the_destination_half_refuses_two_devices_without_p2p() -> None:
+    """Its own check, should a source (an old or a faulty one) send such a plan."""
+    plan = plan_of(3)
+    with pytest.raises(PlanError, match="no order helps"):
+        MigrationFlow.for_destination(plan, {"d0": FULL, "d1": BARE, "d2": PRECOPY_ONLY})
+    flow = MigrationFlow.for_destination(plan, {"d0": FULL, "d1": BARE, "d2": FULL})
+    assert flow.ordered == "d1"

@@ -281,6 +281,15 @@ def test_a_symlinked_token_file_is_judged_where_it_leads(tmp_path: Path) -> None
     with pytest.raises(SettingsError) as exc:
         read_token_file(link)
     assert "which every user may write to" in problems_of(exc)["api.token_file"]
+    data.chmod(0o700)
+    # And the one holding the link: whoever writes it could point the link elsewhere.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "api-tokens").symlink_to(target)
+    shared.chmod(0o777)
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(shared / "api-tokens")
+    assert f"is in {shared}, which every user" in problems_of(exc)["api.token_file"]
 
 
 def test_a_token_file_another_user_owns_is_refused(

@@ -137,7 +137,8 @@ class BearerAuth:
         path = scope["path"]
         roles = self._roles(credentials)
         if not roles:
-            if self._scoped is not None and self._scoped(path, credentials):
+            scoped = self._scoped is not None and scope["method"] in ("GET", "HEAD")
+            if scoped and self._scoped is not None and self._scoped(path, credentials):
                 await self.app(scope, receive, send)
                 return
             await send_error(send, 403, "forbidden", "the bearer token is not valid")

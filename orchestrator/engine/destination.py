@@ -123,6 +123,11 @@ class Destination(abc.ABC):
     async def begin(self) -> None:
         """Walk every destination device to RESUMING."""
 
+    def orders_devices(self) -> bool:
+        """Whether the destination runs the ordered device (one without P2P among P2P
+        peers) before its peers leave their grace states (every daemon since protocol 3)."""
+        return True
+
     def grant(self, share: Share) -> bool:
         """Strict, between hosts: hand the destination its share of the budget, so
         that it begins no step before its vote that cannot fit (``OverBudget``).

@@ -503,6 +503,14 @@ class Migration:
             raise self.ctx.abort(
                 "plan_error", f"the devices cannot migrate together: {exc}"
             ) from None
+        if flow.ordered is not None and not self.destination.orders_devices():
+            raise self.ctx.abort(
+                "plan_error",
+                f"device {flow.ordered!r} has no P2P states and must run on the destination "
+                "before its peers leave their grace states, which the destination daemon "
+                "(an older version) does not do: upgrade it, or declare p2p = false if "
+                "the VM uses no peer-to-peer DMA",
+            )
         self.driver.flow = flow
         return flow
 

@@ -22,6 +22,7 @@ from orchestrator.states import DeviceState
 
 __all__ = [
     "MESSAGES",
+    "ORDERED_VERSION",
     "PROTOCOL_VERSIONS",
     "Abort",
     "ArcReport",
@@ -51,7 +52,11 @@ __all__ = [
 #: its range in the prepare call; the destination picks the newest both
 #: speak, or refuses before anything changes.
 #: Version 2 adds the strict budget's share (``Budget``, ``OverBudget``).
-PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+#: Version 3: the destination runs a VM's ordered device (one without P2P among
+#: P2P peers) before its peers leave their grace states.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: The first version whose destination keeps the ordered device's order.
+ORDERED_VERSION = 3
 
 
 class MalformedMessage(ProtocolViolation):

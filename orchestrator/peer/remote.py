@@ -50,7 +50,7 @@ from orchestrator.engine import (
 from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
 from orchestrator.peer import protocol as p
 from orchestrator.peer.backoff import FIRST_S, backoff
-from orchestrator.peer.messages import PROTOCOL_VERSIONS, decode, encode
+from orchestrator.peer.messages import ORDERED_VERSION, PROTOCOL_VERSIONS, decode, encode
 from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
 from orchestrator.report import ErrorInfo, Outcome
@@ -632,6 +632,11 @@ class RemoteDestination(Destination):
     def stream(self, name: str) -> StreamSender:
         assert self.channel is not None
         return _KeepChannel(self.channel.sender(name))
+
+    def orders_devices(self) -> bool:
+        # A destination daemon before protocol 3 runs every device at once after the
+        # commit: a device without P2P could be stopped while its peers run.
+        return self.version is not None and self.version >= ORDERED_VERSION
 
     def grant(self, share: Share) -> bool:
         if self.version is None or self.version < 2:
