@@ -766,3 +766,20 @@ async def test_a_device_dropped_without_close_releases_its_lock(tmp_path: Path) 
     gc.collect()
     again = await opened(tmp_path, params())
     await again.close()
+
+
+async def test_a_source_device_that_moved_says_pre_copy_began_whatever_the_journal_says(
+    tmp_path: Path,
+) -> None:
+    """The journal's phase may lag the devices (its writer batches): killed just after a
+    source device entered PRE_COPY, the record may still say prepare.  The device is the
+    witness: the recovery rolls back, never "refused" (every device as it was)."""
+    backends = backends_for(tmp_path)
+    resolved = resolve(sim_child.migration_plan(), backends)
+    spec = resolved.devices[0]
+    dev = await opened(tmp_path, cast(SimulatedParams, spec.source), Side.SOURCE, spec.name)
+    await walk(dev, DeviceState.PRE_COPY)
+    await dev.close()
+    report = await Migration(resolved).recover(committed=False, interrupted_phase="prepare")
+    assert report.outcome == "rolled_back", report.error
+    assert {d.source_state for d in report.devices} == {"RUNNING"}

@@ -333,6 +333,10 @@ class Migration:
                 with trio.fail_after(self.plan.timeouts.rollback_s):
                     flow = await self._open_all(check=False)
                     await self._adopt_states()
+                # The journal's phase may lag the devices (its writer batches): a source
+                # device that left RUNNING had begun pre-copy, whatever it says.
+                if any(e.state is not DeviceState.RUNNING for e in flow.side(SOURCE)):
+                    self._began_before = True
                 # Unknown after a crash; resuming running vCPUs changes nothing.
                 self._vcpus_paused = self.vcpus is not None
                 # Both ends bound their own work (a peer out of reach leaves the
