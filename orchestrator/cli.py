@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     # The daemon's modules (FastAPI, httpx) load only for the commands that need them.
     from orchestrator.api.client import Client
     from orchestrator.api.models import MigrationEvent
-    from orchestrator.service import MigrationStatus
     from orchestrator.settings import SettingsError
+    from orchestrator.status import MigrationStatus
 
 
 class ExitStatus(enum.IntEnum):

@@ -91,8 +91,11 @@ it records.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -123,10 +126,14 @@ from orchestrator.trace import TraceEvent
 __all__ = [
     "FILENAME",
     "SCHEMA_VERSION",
+    "Cursor",
     "Journal",
     "JournalError",
     "JournalEvent",
+    "MigrationFilter",
+    "MigrationPage",
     "MigrationRecord",
+    "MigrationSummary",
 ]
 
 T = TypeVar("T")
@@ -196,6 +203,92 @@ class JournalEvent:
     detail: Mapping[str, Any]
     #: The runner's own clock for a trace event (``trio.current_time()``).
     trace_time: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationFilter:
+    """Which migrations a list shows (None: any)."""
+
+    vm: str | None = None
+    outcome: Outcome | None = None
+    phase: str | None = None
+    #: Only migrations created at or after this Unix time.
+    since: float | None = None
+
+    def sql(self) -> tuple[builtins.list[str], builtins.list[Any]]:
+        """The WHERE clauses (on ``migrations m``) and their arguments."""
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise JournalError(f"unknown outcome {self.outcome!r}")
+        if self.phase is not None and self.phase not in PHASES:
+            raise JournalError(f"unknown phase {self.phase!r}")
+        clauses: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        for column, value in (("vm", self.vm), ("outcome", self.outcome), ("phase", self.phase)):
+            if value is not None:
+                clauses.append(f"m.{column} = ?")
+                args.append(value)
+        if self.since is not None:
+            clauses.append("m.created_at >= ?")
+            args.append(self.since)
+        return clauses, args
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page of a list starts: after this migration, in the list's order
+    (newest first).  Opaque to clients: ``encode`` and ``decode`` round-trip it."""
+
+    created_at: float
+    rowid: int
+
+    def encode(self) -> str:
+        text = f"{self.created_at!r}/{self.rowid}".encode()
+        return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        """The cursor ``encode`` gave; ValueError for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            created, _, rowid = raw.partition("/")
+            cursor = cls(float(created), int(rowid))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise ValueError("not a cursor this daemon gave (use next_cursor as given)") from None
+        if not math.isfinite(cursor.created_at) or cursor.rowid < 0:
+            raise ValueError("not a cursor this daemon gave (use next_cursor as given)")
+        return cursor
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSummary:
+    """A migration in a list: what an operator scans, without its plan or report."""
+
+    id: str
+    vm: str
+    role: str
+    phase: str
+    committed: bool
+    outcome: Outcome | None
+    created_at: float
+    finished_at: float | None
+    #: The report's downtime (None: not finished, or no downtime window).
+    downtime_ms: float | None
+    #: How many devices the plan names.
+    devices: int
+    #: The report's error, as ``kind: message`` (None: no error).
+    error: str | None
+    #: Its place in the list (where the page after it starts).
+    position: Cursor
+    #: The whole record, when the page was asked ``full``.
+    record: MigrationRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPage:
+    """One page of a list, and where the next starts (None: this is the last)."""
+
+    entries: builtins.list[MigrationSummary]
+    next: Cursor | None
 
 
 class Journal:
@@ -522,26 +615,48 @@ class Journal:
         limit: int | None = 100,
     ) -> builtins.list[MigrationRecord]:
         """Migrations, newest first, filtered by outcome and phase (None: any)."""
-        if outcome is not None and outcome not in OUTCOMES:
-            raise JournalError(f"unknown outcome {outcome!r}")
-        if phase is not None and phase not in PHASES:
-            raise JournalError(f"unknown phase {phase!r}")
+        page = await self.page(
+            MigrationFilter(outcome=outcome, phase=phase), limit=limit, full=True
+        )
+        return [entry.record for entry in page.entries if entry.record is not None]
+
+    async def page(
+        self,
+        where: MigrationFilter | None = None,
+        *,
+        after: Cursor | None = None,
+        limit: int | None = 100,
+        full: bool = False,
+    ) -> MigrationPage:
+        """One page of migrations, newest first: those ``where`` admits after
+        ``after`` (None: from the newest), at most ``limit`` (None: every one).
+
+        Filtering and paging happen in the query, so a page costs its own rows
+        and not the journal's.  Each entry is a summary; ``full`` adds the whole
+        record.  ``next`` is where the next page starts, None after the last.
+        """
+        where = where or MigrationFilter()
         if limit is not None and limit < 1:
             raise JournalError(f"limit must be at least 1, not {limit}")
-        where, args = [], []
-        for column, value in (("outcome", outcome), ("phase", phase)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = _select()
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC"
+        clauses, args = where.sql()
+        if after is not None:
+            clauses.append("(m.created_at < ? OR (m.created_at = ? AND m.rowid < ?))")
+            args += [after.created_at, after.created_at, after.rowid]
+        record = f", {_record_columns()}" if full else ""
+        sql = f"SELECT {_SUMMARY_COLUMNS}{record} FROM migrations m"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY m.created_at DESC, m.rowid DESC"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            # One more than asked: whether another page follows, without a count.
+            sql += f" LIMIT {int(limit) + 1}"
 
-        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
-            return [self._record(row) for row in db.execute(sql, args)]
+        def read(db: sqlite3.Connection) -> MigrationPage:
+            rows = db.execute(sql, args).fetchall()
+            more = limit is not None and len(rows) > limit
+            entries = [self._listed(row, full) for row in rows[:limit]]
+            last = entries[-1].position if more and entries else None
+            return MigrationPage(entries, last)
 
         return await self._read(read)
 
@@ -686,6 +801,31 @@ class Journal:
             data = {"detail": {"phase": phase, "previous": previous}}
         return _append(db, migration_id, now, "phase", data)
 
+    def _listed(self, row: tuple[Any, ...], full: bool) -> MigrationSummary:
+        """A row of ``_SUMMARY_COLUMNS`` (then ``_record_columns()`` if ``full``)."""
+        (rowid, mid, vm, role, phase, committed, outcome, created_at, finished_at) = row[:9]
+        downtime_ms, devices, error_kind, error_message = row[9:13]
+        if outcome is not None and outcome not in OUTCOMES:
+            raise JournalError(f"migration {mid!r}: unknown outcome {outcome!r}", path=self.path)
+        error = None
+        if error_message is not None:
+            error = f"{error_kind}: {error_message}" if error_kind else str(error_message)
+        return MigrationSummary(
+            id=str(mid),
+            vm=str(vm),
+            role=str(role),
+            phase=str(phase),
+            committed=bool(committed),
+            outcome=outcome,
+            created_at=float(created_at),
+            finished_at=finished_at,
+            downtime_ms=None if downtime_ms is None else float(downtime_ms),
+            devices=int(devices),
+            error=error,
+            position=Cursor(float(created_at), int(rowid)),
+            record=self._record(row[13:]) if full else None,
+        )
+
     def _record(self, row: tuple[Any, ...]) -> MigrationRecord:
         (
             mid,
@@ -735,16 +875,32 @@ class Journal:
         )
 
 
-def _select() -> str:
-    """The columns of a MigrationRecord, as the schema this code writes has them
-    (``peer_json`` since version 4, ``control_json`` since 5)."""
-    peer = "peer_json" if SCHEMA_VERSION >= 4 else "NULL"
-    control = "control_json" if SCHEMA_VERSION >= 5 else "NULL"
+def _record_columns() -> str:
+    """The columns of a MigrationRecord, as ``Journal._record`` reads them and as the
+    schema this code writes has them (``peer_json`` since version 4, ``control_json``
+    since 5)."""
+    peer = "m.peer_json" if SCHEMA_VERSION >= 4 else "NULL"
+    control = "m.control_json" if SCHEMA_VERSION >= 5 else "NULL"
     return (
-        "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-        f"committed_at, outcome, finished_at, report_json, role, {peer}, {control} "
-        "FROM migrations"
+        "m.id, m.vm, m.plan_json, m.idempotency_key, m.created_at, m.updated_at, m.phase, "
+        f"m.committed, m.committed_at, m.outcome, m.finished_at, m.report_json, m.role, "
+        f"{peer}, {control}"
     )
+
+
+#: The columns of a MigrationSummary, as ``Journal._listed`` reads them: what a list
+#: shows, taken from the stored report without reading it whole.
+_SUMMARY_COLUMNS: Final = (
+    "m.rowid, m.id, m.vm, m.role, m.phase, m.committed, m.outcome, m.created_at, "
+    "m.finished_at, json_extract(m.report_json, '$.downtime_ms'), "
+    "(SELECT COUNT(DISTINCT d.device) FROM devices d WHERE d.migration_id = m.id), "
+    "json_extract(m.error_json, '$.kind'), json_extract(m.error_json, '$.message')"
+)
+
+
+def _select() -> str:
+    """A query of MigrationRecords, to which a WHERE clause may be added."""
+    return f"SELECT {_record_columns()} FROM migrations m"
 
 
 def _exists(db: sqlite3.Connection, migration_id: str) -> bool:

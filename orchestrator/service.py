@@ -52,21 +52,36 @@ from typing import Any, Literal
 
 import structlog
 import trio
-from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
-from orchestrator.control import Control, ControlRefused, ControlRequest, initial
+from orchestrator.control import Control, ControlRefused, ControlRequest
 from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
 from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
-from orchestrator.journal import Journal, JournalEvent, MigrationRecord
+from orchestrator.journal import (
+    Cursor,
+    Journal,
+    JournalEvent,
+    MigrationFilter,
+    MigrationRecord,
+)
 from orchestrator.metrics import Metrics
 from orchestrator.peer.messages import DecisionAnswer
 from orchestrator.peer.registry import IncomingRegistry
 from orchestrator.peer.remote import RemoteDestination, SourceContact, Unsettled
 from orchestrator.plan import Plan
-from orchestrator.report import MigrationReport, Outcome
+from orchestrator.report import Outcome
 from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.status import (
+    DEFAULT_PAGE_SIZE,
+    DeviceStatus,
+    MigrationList,
+    MigrationStatus,
+    MigrationSummary,
+    Progress,
+    status_of_record,
+    summary_of,
+)
 from orchestrator.transport import RateLimiter
 from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
@@ -96,54 +111,6 @@ class PastCommitPoint(OrchestratorError):
 
 class ShuttingDown(OrchestratorError):
     status_hint = 503
-
-
-class Progress(BaseModel):
-    """Live progress of a migration in flight."""
-
-    precopy_round: int = Field(description="The pre-copy round under way, or the rounds done.")
-    bytes_sent: dict[str, int] = Field(description="Device name -> bytes sent so far.")
-    remaining_bytes: int | None = Field(
-        description="Estimated bytes still to send (once every device has reported)."
-    )
-    expected_downtime_ms: float | None = Field(
-        description="Downtime the stop-copy would take at the measured bandwidth."
-    )
-
-
-class MigrationStatus(BaseModel):
-    """A migration as the API shows it: its report when it has ended, progress while it runs."""
-
-    id: str
-    vm: str
-    phase: str
-    outcome: Outcome | None = Field(description="None while the migration runs.")
-    committed: bool
-    in_doubt: bool = Field(
-        False,
-        description="Committed, and the destination's daemon cannot be reached to say how "
-        "it ended: the outcome waits on it (or on an operator: orchestrator settle).",
-    )
-    created_at: float = Field(description="Unix time the migration was accepted.")
-    progress: Progress | None = None
-    control: Control | None = Field(
-        None,
-        description="The downtime limit and bandwidth cap in force, and every change an "
-        "operator made (PATCH /v1/migrations/{id}, POST .../switchover).",
-    )
-    report: MigrationReport | None = Field(
-        None, description="The same report as `orchestrator run --json`, once it has ended."
-    )
-
-
-class DeviceStatus(BaseModel):
-    device: str = Field(
-        description="The device's lock key: its backend and name (simulated), or its backend "
-        "and host-wide identity (vfio: its sysfs path, or handle:<vm>/<device>)."
-    )
-    backend: str
-    name: str
-    migration: str | None = Field(description="The unfinished migration holding it, if any.")
 
 
 def device_keys(resolved: ResolvedPlan) -> list[str]:
@@ -353,27 +320,63 @@ class MigrationService:
         return self._status_of(entry), True
 
     async def status(self, migration_id: str) -> MigrationStatus:
-        entry = self._entries.get(migration_id)
-        if entry is not None and not entry.done.is_set():
-            return self._status_of(entry)
+        live = self._live_status(migration_id)
+        if live is not None:
+            return live
         record = await self.journal.get(migration_id)
         if record is None:
             raise MigrationNotFound(f"no migration {migration_id!r}")
-        return _status_of_record(record)
+        return status_of_record(record)
 
     async def list(
-        self, outcome: Outcome | None = None, phase: str | None = None, limit: int = 1000
+        self, outcome: Outcome | None = None, phase: str | None = None
     ) -> builtins.list[MigrationStatus]:
-        """Migrations, newest first, at most ``limit`` of them."""
-        records = await self.journal.list(outcome=outcome, phase=phase, limit=limit)
-        out = []
-        for record in records:
-            entry = self._entries.get(record.id)
-            live = entry is not None and not entry.done.is_set()
-            status = self._status_of(entry) if live and entry else _status_of_record(record)
-            if phase is None or status.phase == phase:
-                out.append(status)
-        return out
+        """Every migration, newest first, in full (``page`` for a page of them)."""
+        page = await self.page(MigrationFilter(outcome=outcome, phase=phase), limit=None)
+        return [m for m in page.migrations if isinstance(m, MigrationStatus)]
+
+    async def page(
+        self,
+        where: MigrationFilter | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int | None = DEFAULT_PAGE_SIZE,
+        full: bool = True,
+    ) -> MigrationList:
+        """A page of migrations, newest first, from ``cursor`` (the previous page's
+        ``next_cursor``; None: the newest); summaries, or each in full.  The journal
+        filters and pages; a migration running here shows its live phase.  Raises
+        ValueError for a cursor this service never gave."""
+        after = None if cursor is None else Cursor.decode(cursor)
+        page = await self.journal.page(where, after=after, limit=limit, full=full)
+        next_cursor = None if page.next is None else page.next.encode()
+        if full:
+            statuses = []
+            for entry in page.entries:
+                assert entry.record is not None
+                statuses.append(self._live_status(entry.id) or status_of_record(entry.record))
+            return MigrationList(migrations=statuses, next_cursor=next_cursor)
+        summaries: builtins.list[MigrationSummary] = []
+        for entry in page.entries:
+            summary = summary_of(entry)
+            live = self._live_status(entry.id)
+            if live is not None:
+                summary = summary.model_copy(
+                    update={
+                        "phase": live.phase,
+                        "committed": live.committed,
+                        "in_doubt": live.in_doubt,
+                    }
+                )
+            summaries.append(summary)
+        return MigrationList(migrations=summaries, next_cursor=next_cursor)
+
+    def _live_status(self, migration_id: str) -> MigrationStatus | None:
+        """The status of a migration running here (None: not running here)."""
+        entry = self._entries.get(migration_id)
+        if entry is None or entry.done.is_set():
+            return None
+        return self._status_of(entry)
 
     async def cancel(self, migration_id: str) -> MigrationStatus:
         """Roll a migration back; PastCommitPoint once the destination has won or it ended."""
@@ -753,20 +756,8 @@ class MigrationService:
             committed=m.committed,
             in_doubt=m.destination.in_doubt,
             created_at=entry.created_at,
+            started_at=entry.created_at,
             progress=None if report else Progress(**progress),
             control=m.live.state,
             report=report,
         )
-
-
-def _status_of_record(record: MigrationRecord) -> MigrationStatus:
-    return MigrationStatus(
-        id=record.id,
-        vm=record.vm,
-        phase=record.phase,
-        outcome=record.outcome,
-        committed=record.committed,
-        created_at=record.created_at,
-        control=record.control or initial(record.plan),
-        report=record.report,
-    )

@@ -18,10 +18,10 @@ from orchestrator.service import (
     DeviceBusy,
     MigrationNotFound,
     MigrationService,
-    MigrationStatus,
     PastCommitPoint,
     ShuttingDown,
 )
+from orchestrator.status import MigrationStatus
 from tests.helpers import SUCCESS_PHASES, make_plan, sim_device
 
 

@@ -25,7 +25,7 @@ import httpx
 
 from orchestrator import __version__
 from orchestrator.errors import Problem
-from orchestrator.service import MigrationStatus
+from orchestrator.status import MigrationStatus
 
 from .models import MigrationEvent
 
