@@ -2,14 +2,15 @@
 
 ``run``, ``validate`` and ``states`` work on this host without a daemon;
 ``serve`` runs the daemon and ``submit``, ``status``, ``watch``, ``cancel``,
-``set``, ``switchover`` and ``settle`` talk to it over its REST API
-(``orchestrator.api.client``);
+``set``, ``switchover``, ``settle``, ``list`` and ``devices`` talk to it over
+its REST API (``orchestrator.cli_client``);
 ``handover`` lends it a device over its handover socket, as a VMM does
 (``orchestrator.handover``), and holds it until stopped;
 ``openapi`` prints or renews the committed OpenAPI document.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
-directly.  One table of exit statuses (``ExitStatus``) serves every command;
+directly.  One table of exit statuses (``ExitStatus``, in ``orchestrator.cli_output``
+with what the commands print) serves every command;
 ``run`` and ``watch`` exit with their migration's outcome, the others with 0
 when they did what was asked::
 

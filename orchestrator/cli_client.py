@@ -1,6 +1,7 @@
 """The ``orchestrator`` verbs that talk to a running daemon over its REST API
 (``orchestrator.api.client``): ``submit``, ``status``, ``watch``, ``cancel``,
-``set``, ``switchover``, ``settle``, ``list`` and ``devices``.
+``set``, ``switchover``, ``settle``, ``list`` and ``devices``.  (The daemon's
+modules, FastAPI and httpx, load only when one of them runs.)
 
 Each exits with ``ExitStatus``: 0 when it did what was asked (``watch``: the
 migration's outcome), 2 for a 4xx answer (bad input, an unknown id, a
@@ -11,17 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, get_args
 
 from orchestrator.cli_output import (
     ExitStatus,
     control_line,
     exit_status,
     help_layout,
+    mib,
     print_status,
+    print_table,
 )
+from orchestrator.flow import Phase
+from orchestrator.report import Outcome
+from orchestrator.status import MAX_PAGE_SIZE, MigrationList, MigrationSummary
 
 if TYPE_CHECKING:
     from orchestrator.api.client import Client
@@ -126,6 +134,82 @@ def add_client_commands(sub: Any) -> None:
     settle.add_argument("--force", action="store_true", help="settle even if the peer answers")
     settle.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    listing = sub.add_parser(
+        "list",
+        parents=[connection],
+        help="list migrations, newest first, as a table",
+        **help_layout(
+            "One line per migration: its id, VM, phase, outcome (running while it runs), "
+            "start time and duration (UTC), downtime, device count and error.  The filters "
+            "combine; the daemon pages the list (GET /v1/migrations), this command follows "
+            "its cursor up to --limit lines, or to the end with --all."
+        ),
+    )
+    listing.add_argument("--vm", help="only this VM's migrations")
+    listing.add_argument("--outcome", choices=sorted(get_args(Outcome)), help="only those ended so")
+    listing.add_argument(
+        "--phase", choices=[p.value for p in Phase], help="only those in this phase"
+    )
+    listing.add_argument(
+        "--since",
+        type=_since,
+        metavar="TIME|AGE",
+        help="only those started at or after an RFC 3339 time (2026-12-08T01:00:00Z), or "
+        "within an age: 90s, 30m, 2h, 7d",
+    )
+    limits = listing.add_mutually_exclusive_group()
+    limits.add_argument(
+        "--limit",
+        type=_positive,
+        default=LIST_DEFAULT,
+        help=f"show at most this many, the newest (default {LIST_DEFAULT})",
+    )
+    limits.add_argument("--all", action="store_true", help="show every migration that matches")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"migrations": [summaries], "next_cursor": ...} as JSON',
+    )
+
+    devices = sub.add_parser(
+        "devices",
+        parents=[connection],
+        help="list the devices the daemon knows and the migration holding each",
+        **help_layout(
+            "The devices of this daemon's host it knows of (GET /v1/devices): those "
+            "migrations used since it started, those an unfinished migration holds, those "
+            "a VMM handed over, and the simulated devices whose files are in its state "
+            "directory (with their size: they outlive migrations)."
+        ),
+    )
+    devices.add_argument("--json", action="store_true", help="print the devices as JSON")
+
+
+#: Lines ``orchestrator list`` shows when not told otherwise.
+LIST_DEFAULT = 50
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> str:
+    """An RFC 3339 time as given (the daemon checks it), or an age made one."""
+    match = _AGE.fullmatch(text.strip())
+    if match is None:
+        return text
+    seconds = float(match.group(1)) * _AGE_UNITS[match.group(2)]
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="seconds")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
 
 def _cap(text: str) -> float | None:
     """A bandwidth cap on the command line: MiB/s, or none."""
@@ -149,6 +233,10 @@ def client_command(args: argparse.Namespace) -> int:
                 return ExitStatus.SUCCEEDED
             if args.command == "watch":
                 return _watch(client, args)
+            if args.command == "list":
+                return _list(client, args, sys.stdout)
+            if args.command == "devices":
+                return _devices(client, args.json, sys.stdout)
             if args.command in ("set", "switchover"):
                 return _control(client, args)
             if args.command == "settle":
@@ -226,6 +314,86 @@ def _control(client: Client, args: argparse.Namespace) -> int:
     print(f"migration {status.id}: {done}, phase {status.phase}")
     if status.control is not None:
         print("  " + control_line(status.control))
+    return ExitStatus.SUCCEEDED
+
+
+def _list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    filters = {"vm": args.vm, "outcome": args.outcome, "phase": args.phase, "since": args.since}
+    query: dict[str, str | int] = {k: v for k, v in filters.items() if v is not None}
+    shown: list[MigrationSummary] = []
+    cursor: str | None = None
+    while True:
+        # Pages of what is still wanted, so that the cursor is right after the last shown.
+        wanted = MAX_PAGE_SIZE if args.all else min(args.limit - len(shown), MAX_PAGE_SIZE)
+        page = client.page({**query, "limit": wanted, **({"cursor": cursor} if cursor else {})})
+        shown.extend(m for m in page.migrations if isinstance(m, MigrationSummary))
+        cursor = page.next_cursor
+        if cursor is None or (not args.all and len(shown) >= args.limit):
+            break
+    if args.json:
+        print(
+            MigrationList(migrations=shown, next_cursor=cursor).model_dump_json(indent=2), file=out
+        )
+        return ExitStatus.SUCCEEDED
+    if not shown:
+        print("no migrations match", file=out)
+        return ExitStatus.SUCCEEDED
+    print_table([_LIST_HEADER, *(_list_row(m) for m in shown)], out)
+    if cursor is not None:
+        print(
+            f"(the newest {len(shown)}: --limit N for more, --all for every one)", file=sys.stderr
+        )
+    return ExitStatus.SUCCEEDED
+
+
+_LIST_HEADER = (
+    "ID",
+    "VM",
+    "PHASE",
+    "OUTCOME",
+    "STARTED (UTC)",
+    "TOOK",
+    "DOWNTIME",
+    "DEVICES",
+    "ERROR",
+)
+
+
+def _list_row(m: MigrationSummary) -> tuple[str, ...]:
+    outcome = m.outcome or ("in doubt" if m.in_doubt else "running")
+    took = "-" if m.finished_at is None else _duration(m.finished_at - m.started_at)
+    downtime = "-" if m.downtime_ms is None else f"{m.downtime_ms:.1f} ms"
+    error = m.error or ""
+    if len(error) > 60:
+        error = error[:59] + "…"
+    return (m.id, m.vm, m.phase, outcome, _utc(m.started_at), took, downtime, str(m.devices), error)
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _devices(client: Client, as_json: bool, out: TextIO) -> int:
+    devices = client.devices()
+    if as_json:
+        print(json.dumps([d.model_dump(mode="json") for d in devices], indent=2), file=out)
+        return ExitStatus.SUCCEEDED
+    if not devices:
+        print("no devices known", file=out)
+        return ExitStatus.SUCCEEDED
+    rows = [("DEVICE", "BACKEND", "NAME", "MIGRATION", "HANDLE", "FILES")]
+    for d in devices:
+        files = f"{len(d.files)} ({mib(d.file_bytes)})" if d.files else "-"
+        rows.append((d.device, d.backend, d.name, d.migration or "-", d.handle or "-", files))
+    print_table(rows, out)
     return ExitStatus.SUCCEEDED
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import enum
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from orchestrator.report import OUTCOME_MEANINGS, Control, MigrationReport, Outcome
@@ -26,6 +26,7 @@ __all__ = [
     "mib",
     "print_report",
     "print_status",
+    "print_table",
     "progress_line",
 ]
 
@@ -115,6 +116,15 @@ def mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Rows of cells in aligned columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
 def print_report(
     report: MigrationReport, out: TextIO, *, downtime_limit_ms: float | None = None
 ) -> None:
@@ -156,18 +166,17 @@ def print_report(
                 check,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
+    print_table(rows, out)
     for note in report.notes:
         print(f"note: {note}", file=out)
     if report.error is not None:
         e = report.error
         where = ", ".join(
             x
-            for x in (e.side and f"{e.side} device {e.device!r}", e.phase and f"phase {e.phase}")
+            for x in (
+                e.side and (f"{e.side} device {e.device!r}" if e.device else f"{e.side} side"),
+                e.phase and f"phase {e.phase}",
+            )
             if x
         )
         print(f"error ({e.kind}{', ' + where if where else ''}): {e.message}", file=out)

@@ -54,6 +54,8 @@ import structlog
 import trio
 
 from orchestrator.backends import Backend
+from orchestrator.backends.handles import handle_key
+from orchestrator.backends.simulated.backend import SimulatedBackend
 from orchestrator.control import Control, ControlRefused, ControlRequest
 from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
 from orchestrator.errors import OrchestratorError, PlanError, Problem
@@ -462,10 +464,35 @@ class MigrationService:
                 yield None
 
     def devices(self) -> builtins.list[DeviceStatus]:
-        return [
-            status.model_copy(update={"migration": self._locks.get(key)})
-            for key, status in sorted(self._known.items())
-        ]
+        """The devices this daemon knows, by lock key (see ``DeviceStatus``): read
+        only, from the locks, the handle registry and the simulated devices' files."""
+        found = {key: status.model_copy(deep=True) for key, status in self._known.items()}
+        for key in self._locks:
+            if key not in found:  # an incoming migration's, or one recovered
+                backend, _, name = key.partition(":")
+                found[key] = DeviceStatus(device=key, backend=backend, name=name, migration=None)
+        for handed in self.handles.handed_over() if self.handles is not None else []:
+            key = handle_key(handed.kind, handed.handle)
+            status = found.setdefault(
+                key,
+                DeviceStatus(device=key, backend=handed.kind, name=handed.device, migration=None),
+            )
+            status.handle = handed.handle
+        simulated = (self.backends or {}).get("simulated")
+        if isinstance(simulated, SimulatedBackend):
+            for stored in simulated.stored_devices():
+                key = f"{simulated.name}:{stored.name}"
+                status = found.setdefault(
+                    key,
+                    DeviceStatus(
+                        device=key, backend=simulated.name, name=stored.name, migration=None
+                    ),
+                )
+                status.files.append(str(stored.path))
+                status.file_bytes += stored.bytes
+        for key, status in found.items():
+            status.migration = self._locks.get(key)
+        return [found[key] for key in sorted(found)]
 
     # -- internals ---------------------------------------------------------------
 

@@ -123,6 +123,10 @@ class MigrationList(BaseModel):
 
 
 class DeviceStatus(BaseModel):
+    """A device this daemon knows: one a migration used since it started, one an
+    unfinished migration holds (its journal's, after a restart too), one a VMM handed
+    over, or a simulated device whose file is in the state directory."""
+
     device: str = Field(
         description="The device's lock key: its backend and name (simulated), or its backend "
         "and host-wide identity (vfio: its sysfs path, or handle:<vm>/<device>)."
@@ -130,6 +134,16 @@ class DeviceStatus(BaseModel):
     backend: str
     name: str
     migration: str | None = Field(description="The unfinished migration holding it, if any.")
+    handle: str | None = Field(
+        None, description="The handle (VM/NAME) a VMM handed it over as, while it holds it."
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="A simulated device's files in the state directory, one per side it "
+        "has been on (source, destination), which outlive migrations: "
+        "`simulated/<side>/<name>.sim`.",
+    )
+    file_bytes: int = Field(0, description="The size of those files together.")
 
 
 def status_of_record(record: MigrationRecord) -> MigrationStatus:

@@ -238,7 +238,15 @@ async def test_a_device_of_an_active_migration_is_refused_with_409(api: Api) -> 
     assert "simulated:gpu0" in error["message"] and first.id in error["message"]
     devices = (await api.client.get("/v1/devices")).json()
     assert devices == [
-        {"device": "simulated:gpu0", "backend": "simulated", "name": "gpu0", "migration": first.id}
+        {
+            "device": "simulated:gpu0",
+            "backend": "simulated",
+            "name": "gpu0",
+            "migration": first.id,
+            "handle": None,
+            "files": [],  # in memory: this service's backends keep no files
+            "file_bytes": 0,
+        }
     ]
     await wait_done(api, first.id)
     assert (await api.client.get("/v1/devices")).json()[0]["migration"] is None

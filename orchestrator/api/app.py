@@ -573,7 +573,13 @@ def format_sse(event: JournalEvent) -> bytes:
 @router.get(
     "/v1/devices",
     tags=["devices"],
-    summary="The devices this daemon has migrated, and the migration holding each, if any.",
+    summary="The devices this daemon knows, and the migration holding each, if any.",
+    description=(
+        "Read only.  Every device a migration used since the daemon started, every one an "
+        "unfinished migration holds (recovered ones and incoming ones included), every one "
+        "a VMM handed over (`handle`), and every simulated device whose files are in the "
+        "state directory (`files`, `file_bytes`: they outlive migrations), by lock key."
+    ),
 )
 async def list_devices(service: Service) -> list[DeviceStatus]:
     return service.devices()
