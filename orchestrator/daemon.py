@@ -472,6 +472,7 @@ async def serve(
                 advertise=settings.data.advertise,
                 tls=identity,
                 decision_key=_decision_key(settings.state_dir),
+                retention_days=settings.journal_retention_days,
             )
             app = create_app(
                 service,

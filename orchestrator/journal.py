@@ -16,9 +16,14 @@ Invariants:
   ``CommitJournal``: when it returns, the decision is on disk, power loss
   included.  A committed migration never goes back: the journal refuses to
   enter the rollback phase or to finish it as ``rolled_back`` or ``refused``.
-* **Nothing journaled is ever deleted by the journal.**  Events are
+* **Nothing journaled is ever deleted, but by retention.**  Events are
   append-only and a finished migration is frozen; SQL triggers refuse an
-  UPDATE or DELETE that would break this, whoever issues it.
+  UPDATE or DELETE that would break this, whoever issues it.  One path
+  deletes, ``prune`` (the daemon's ``journal_retention_days``, off by
+  default): a finished migration whole, once old enough, and only one this
+  host ran alone or whose outcome the peer daemon acknowledged
+  (``acknowledge``), for the peer may still ask about it.  The triggers
+  let a migration's rows go only while ``prune`` names it (schema version 7).
 * **Errors are ours.**  Misuse (an unknown migration, a write after
   ``finish``) and a corrupt or unreadable database are a
   :class:`JournalError` naming the file, never a raw ``sqlite3`` exception.
@@ -31,7 +36,7 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 6, in :mod:`orchestrator.journal_schema`; ``schema_version``
+Schema (version 7, in :mod:`orchestrator.journal_schema`; ``schema_version``
 holds the number, and ``open`` upgrades an older file step by step in
 ``SCHEMA_UPGRADES``, each step one transaction that keeps every row, index
 and trigger).  Times are Unix seconds
@@ -78,6 +83,10 @@ and trigger).  Times are Unix seconds
         mean_s          REAL,               -- running mean, the last 20 weigh most
         updated_at      REAL,
         PRIMARY KEY (model, side, from_state, to_state))    (version 6)
+    peer_acks(                              -- the peer daemon holds the outcome too
+        migration_id    TEXT REFERENCES migrations,
+        at              REAL)                                (version 7)
+    pruning(migration_id TEXT)              -- empty but inside ``prune``  (version 7)
 
 Events the journal writes itself: ``phase`` (at ``create`` and on every
 ``record_phase``) and ``finished`` (at ``finish``).  Everything else comes
@@ -586,6 +595,66 @@ class Journal:
                 )
 
         return await self._run(write)
+
+    # -- retention ---------------------------------------------------------------
+
+    async def acknowledge(self, migration_id: str) -> bool:
+        """Record that the peer daemon of this finished migration between two hosts
+        holds its outcome too (it will not ask about it again): from now on retention
+        may prune it.  False (nothing recorded) for an unknown or unfinished one."""
+
+        def write(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                row = db.execute(
+                    "SELECT outcome FROM migrations WHERE id = ?", (migration_id,)
+                ).fetchone()
+                if row is None or row[0] is None:
+                    return False
+                db.execute(
+                    "INSERT OR IGNORE INTO peer_acks (migration_id, at) VALUES (?, ?)",
+                    (migration_id, time.time()),
+                )
+                return True
+
+        return await self._run(write)
+
+    async def prune(self, finished_before: float, batch: int = 500) -> builtins.list[str]:
+        """Delete, whole, the finished migrations that ended before ``finished_before``
+        (Unix time) and that nothing can ask about any more: those this host ran alone
+        (no destination daemon) and those whose peer acknowledged the outcome.  An
+        unfinished migration, or one between two hosts not acknowledged, stays.  At most
+        ``batch`` per transaction, so that writers wait little; returns the ids pruned."""
+        pruned: builtins.list[str] = []
+
+        def write(db: sqlite3.Connection) -> builtins.list[str]:
+            with transaction(db):
+                ids = [
+                    str(row[0])
+                    for row in db.execute(
+                        "SELECT m.id FROM migrations m WHERE m.outcome IS NOT NULL "
+                        "AND m.finished_at < ? AND ("
+                        " (m.role = 'source' AND json_extract(m.plan_json, '$.destination') "
+                        "  IS NULL)"
+                        " OR EXISTS (SELECT 1 FROM peer_acks a WHERE a.migration_id = m.id)) "
+                        "ORDER BY m.finished_at LIMIT ?",
+                        (finished_before, batch),
+                    )
+                ]
+                db.executemany("INSERT INTO pruning (migration_id) VALUES (?)", [(i,) for i in ids])
+                for table in ("events", "devices", "peer_acks"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE migration_id IN "
+                        "(SELECT migration_id FROM pruning)"
+                    )
+                db.execute("DELETE FROM migrations WHERE id IN (SELECT migration_id FROM pruning)")
+                db.execute("DELETE FROM pruning")
+                return ids
+
+        while True:
+            ids = await self._run(write)
+            pruned.extend(ids)
+            if len(ids) < batch:
+                return pruned
 
     # -- reads -----------------------------------------------------------------
 

@@ -89,6 +89,10 @@ from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
 log = structlog.get_logger("orchestrator.service")
 
+#: How often retention prunes the journal (``journal_retention_days``), after its
+#: pass at start.
+RETENTION_INTERVAL_S = 3600.0
+
 #: The longest the journal writer holds the trace back for migrations inside
 #: their downtime window.  bench/downtime_netem.py measured the downtime 7-10%
 #: shorter with the writer held (1, 8 and 64 devices, two rounds alternated).
@@ -157,8 +161,13 @@ class MigrationService:
         advertise: str | None = None,
         decision_key: bytes | None = None,
         tls: TlsIdentity | None = None,
+        retention_days: float | None = None,
     ) -> None:
         self.journal = journal
+        #: Prune migrations finished this many days ago (None: keep everything).
+        self.retention_days = retention_days
+        #: Set once retention's pass at start is done.
+        self.retention_started = trio.Event()
         #: This host's TLS identity for migration traffic (``[tls]``), if any.
         self.tls = tls
         self.metrics = metrics
@@ -212,6 +221,8 @@ class MigrationService:
             self._nursery = nursery
             nursery.start_soon(self._journal_writer)
             await self._recover_all()
+            if self.retention_days is not None:
+                nursery.start_soon(self._retain, self.retention_days)
             await nursery.start(self.incoming.run)
             self.ready = True
             task_status.started(self)
@@ -636,6 +647,7 @@ class MigrationService:
             if migration.report is not None:
                 self._journal_send.send_nowait((entry, _FINISH))
                 await entry.journaled.wait()
+                await self._acknowledge_peer(migration)
             self._unlock(entry.keys, migration.id)
             entry.done.set()
             entry.notify()
@@ -645,6 +657,22 @@ class MigrationService:
                 del self._entries[migration.id]
             outcome = migration.report.outcome if migration.report else None
             log.info("service.finished", migration=migration.id, outcome=outcome)
+
+    async def _acknowledge_peer(self, migration: Migration) -> None:
+        """Record, for retention, that the destination daemon of a migration between two
+        hosts holds its outcome: it reported its devices ran after the commit, which it
+        had recorded (it never asks the source again).  An outcome an operator settled,
+        or a migration rolled back (the destination may still ask how it ended), is kept
+        until acknowledged otherwise."""
+        destination = migration.destination
+        report = migration.report
+        if not isinstance(destination, RemoteDestination) or report is None:
+            return
+        if report.committed and destination.completed_outcome is not None:
+            try:
+                await self.journal.acknowledge(migration.id)
+            except Exception as exc:  # retention keeps it: nothing is lost
+                log.warning("service.acknowledge_failed", migration=migration.id, error=str(exc))
 
     async def _journal_writer(self) -> None:
         """Writes each migration's events, then its report, to the journal, in order."""
@@ -716,6 +744,20 @@ class MigrationService:
     async def _write_events(self, entry: _Entry, events: builtins.list[TraceEvent]) -> None:
         await self.journal.record_events(entry.migration.id, events)
         entry.notify()
+
+    async def _retain(self, days: float) -> None:
+        """Prune what the journal may forget (``Journal.prune``), now and every
+        ``RETENTION_INTERVAL_S``; a failure is logged and tried again next time."""
+        while True:
+            try:
+                pruned = await self.journal.prune(time.time() - days * 86400)
+            except Exception as exc:
+                log.warning("service.retention_failed", error=str(exc))
+            else:
+                if pruned:
+                    log.info("service.retention", pruned=len(pruned), days=days)
+            self.retention_started.set()
+            await trio.sleep(RETENTION_INTERVAL_S)
 
     async def _recover_all(self) -> None:
         # Incoming migrations (this daemon was their destination) recover in
