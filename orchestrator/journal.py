@@ -596,6 +596,16 @@ class Journal:
 
         return await self._run(write)
 
+    async def probe(self) -> None:
+        """One real, durable write that changes nothing: JournalError if the journal
+        refuses writes (the service asks after a failure, with nothing else to write)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute("UPDATE schema_version SET version = version")
+
+        await self._run(write)
+
     # -- retention ---------------------------------------------------------------
 
     async def acknowledge(self, migration_id: str) -> bool:

@@ -23,7 +23,10 @@ migration logic itself stays in the flow and the runner.  The service owns:
   writer holds back (at most ``TRACE_HOLD_MAX_S``): its transactions take
   the GIL and the disk from the switchover, whose every step is on the
   critical path.  A crash meanwhile loses the trace of that window, never a
-  decision: the commit is recorded at once, whatever the writer does;
+  decision: the commit is recorded at once, whatever the writer does.  A
+  journal that refuses writes makes the daemon unready (saying why) while the
+  writer keeps what it could not write and tries again; ready again once the
+  journal takes it (``orchestrator.journal_writer``);
 * live control: an operator's new limits or forced switchover go to the
   running migration (``Migration.control``, ``force_switchover``), which says
   whether its phase accepts them; each accepted change is on disk
@@ -47,7 +50,6 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
@@ -57,7 +59,7 @@ from orchestrator.backends import Backend
 from orchestrator.backends.handles import handle_key
 from orchestrator.backends.simulated.backend import SimulatedBackend
 from orchestrator.control import Control, ControlRefused, ControlRequest
-from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
+from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration
 from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
 from orchestrator.journal import (
@@ -67,6 +69,7 @@ from orchestrator.journal import (
     MigrationFilter,
     MigrationRecord,
 )
+from orchestrator.journal_writer import FINISH, Entry, JournalWriter
 from orchestrator.metrics import Metrics
 from orchestrator.peer.messages import DecisionAnswer
 from orchestrator.peer.registry import IncomingRegistry
@@ -93,11 +96,6 @@ log = structlog.get_logger("orchestrator.service")
 #: pass at start.
 RETENTION_INTERVAL_S = 3600.0
 
-#: The longest the journal writer holds the trace back for migrations inside
-#: their downtime window.  bench/downtime_netem.py measured the downtime 7-10%
-#: shorter with the writer held (1, 8 and 64 devices, two rounds alternated).
-TRACE_HOLD_MAX_S = 1.0
-
 
 class MigrationNotFound(OrchestratorError):
     status_hint = 404
@@ -122,30 +120,6 @@ class ShuttingDown(OrchestratorError):
 def device_keys(resolved: ResolvedPlan) -> list[str]:
     """How the service names the devices of a plan, for locking (``Backend.device_keys``)."""
     return resolved.device_keys()
-
-
-#: Queued after a migration's last event: the writer then journals its report.
-_FINISH = object()
-
-
-@dataclass
-class _Entry:
-    """A migration this service runs (or recovers)."""
-
-    migration: Migration
-    created_at: float
-    keys: list[str]
-    done: trio.Event = field(default_factory=trio.Event)
-    # Set once the journal holds the report.
-    journaled: trio.Event = field(default_factory=trio.Event)
-    # Set and replaced whenever new events reach the journal: wakes followers.
-    changed: trio.Event = field(default_factory=trio.Event)
-    # One control change at a time: each is journaled in the order it applied.
-    control_lock: trio.Lock = field(default_factory=trio.Lock)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 class MigrationService:
@@ -176,20 +150,22 @@ class MigrationService:
         self.backends = backends
         #: The devices VMMs handed over, which plans name by handle.
         self.handles = handles
-        self.ready = False
         self.accepting = True
         #: The URL other hosts' daemons reach this daemon's API on (``[api] advertise``,
         #: or the TCP listener's own address); None: no migration to another host.
         self.source_api: str | None = None
         # Each migration's decision credential is derived from it: nothing to store.
         self._decision_key = decision_key or secrets.token_bytes(32)
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._locks: dict[str, str] = {}
         self._known: dict[str, DeviceStatus] = {}
         self._nursery: trio.Nursery | None = None
-        self._writer_done = trio.Event()
-        #: Set when a journal write failed: the daemon reports itself not ready.
-        self.journal_failure: str | None = None
+        self._writer = JournalWriter(
+            journal, lambda: builtins.list(self._entries.values()), self._journal_written
+        )
+        #: Recovery is done (``run``): with ``accepting`` and a journal that takes
+        #: writes, the daemon is ready.
+        self.recovered = False
         self._submitting = 0
         #: Idempotency keys being submitted now: a retry with one waits for it.
         self._submitting_keys: dict[str, trio.Event] = {}
@@ -206,9 +182,6 @@ class MigrationService:
         )
         if metrics is not None:
             metrics.count_in_doubt = self.in_doubt
-        self._journal_send, self._journal_receive = trio.open_memory_channel[
-            tuple[_Entry, TraceEvent | object]
-        ](math.inf)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -219,19 +192,18 @@ class MigrationService:
         until cancelled.  Use with ``await nursery.start(service.run)``."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._journal_writer)
+            nursery.start_soon(self._writer.run)
             await self._recover_all()
             if self.retention_days is not None:
                 nursery.start_soon(self._retain, self.retention_days)
             await nursery.start(self.incoming.run)
-            self.ready = True
+            self.recovered = True
             task_status.started(self)
             await trio.sleep_forever()
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new migrations, let running ones finish for ``grace_s``, roll back the rest."""
         self.accepting = False
-        self.ready = False
         # A submit already past its check finishes starting its migration
         # first, so that the migration is counted below.
         while self._submitting:
@@ -253,8 +225,7 @@ class MigrationService:
         for entry in active:
             await entry.done.wait()
         # Nothing runs any more: let the writer flush what is queued, and end.
-        self._journal_send.close()
-        await self._writer_done.wait()
+        await self._writer.close()
 
     # -- requests ----------------------------------------------------------------
 
@@ -379,17 +350,48 @@ class MigrationService:
                         "phase": live.phase,
                         "committed": live.committed,
                         "in_doubt": live.in_doubt,
+                        "outcome": live.outcome,
+                        "finished_at": live.finished_at,
                     }
                 )
             summaries.append(summary)
         return MigrationList(migrations=summaries, next_cursor=next_cursor)
 
     def _live_status(self, migration_id: str) -> MigrationStatus | None:
-        """The status of a migration running here (None: not running here)."""
+        """The status of a migration running here, or ended here while the journal
+        refused its report (None: the journal has the last word)."""
         entry = self._entries.get(migration_id)
-        if entry is None or entry.done.is_set():
+        if entry is None or (entry.done.is_set() and entry.finish_written):
             return None
         return self._status_of(entry)
+
+    @property
+    def journal_failure(self) -> str | None:
+        """Why the journal refused the last write; None while it takes writes."""
+        return self._writer.failure
+
+    @property
+    def journal_tried(self) -> trio.Event:
+        """Set after the journal writer's next pass (which, after a failure, retries)."""
+        return self._writer.tried
+
+    @property
+    def ready(self) -> bool:
+        """Recovered, accepting migrations, and the journal takes writes."""
+        return self.recovered and self.accepting and self.journal_failure is None
+
+    def unready_reason(self) -> str | None:
+        """Why the daemon is not ready, in words for /readyz (None: it is)."""
+        if not self.accepting:
+            return "the orchestrator is shutting down"
+        if not self.recovered:
+            return "the orchestrator is recovering unfinished migrations"
+        if self.journal_failure is not None:
+            return (
+                f"the journal refuses writes ({self.journal_failure}); the daemon tries "
+                "again every second and is ready once it takes them"
+            )
+        return None
 
     async def cancel(self, migration_id: str) -> MigrationStatus:
         """Roll a migration back; PastCommitPoint once the destination has won or it ended."""
@@ -439,8 +441,7 @@ class MigrationService:
                     with trio.CancelScope(shield=True):
                         await self.journal.record_control(migration_id, after)
                 except Exception as exc:
-                    self.ready = False
-                    self.journal_failure = str(exc)
+                    self._writer.failed(exc)
                     raise
                 entry.notify()
                 log.info("service.control", migration=migration_id, change=after.last_event)
@@ -598,7 +599,7 @@ class MigrationService:
         outgoing = sum(1 for e in self._entries.values() if e.migration.destination.in_doubt)
         return outgoing + self.incoming.in_doubt()
 
-    def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
+    def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> Entry:
         assert self._nursery is not None
         migration = self._migration(resolved, migration_id)
         entry = self._register(migration, resolved, time.time(), keys)
@@ -611,19 +612,19 @@ class MigrationService:
         resolved: ResolvedPlan,
         created_at: float,
         keys: builtins.list[str],
-    ) -> _Entry:
+    ) -> Entry:
         """Track a migration: its entry, its devices, its events on their way to the journal."""
-        entry = _Entry(migration=migration, created_at=created_at, keys=keys)
+        entry = Entry(migration=migration, created_at=created_at, keys=keys)
         self._entries[migration.id] = entry
         for device in resolved.devices:
             for key in device.keys:
                 self._known[key] = DeviceStatus(
                     device=key, backend=device.backend.name, name=device.name, migration=None
                 )
-        migration.observers.append(lambda event: self._journal_send.send_nowait((entry, event)))
+        migration.observers.append(lambda event: self._writer.send(entry, event))
         return entry
 
-    async def _run_one(self, entry: _Entry) -> None:
+    async def _run_one(self, entry: Entry) -> None:
         migration = entry.migration
         try:
             if self.metrics is not None:
@@ -640,23 +641,35 @@ class MigrationService:
         finally:
             await self._finish(entry)
 
-    async def _finish(self, entry: _Entry) -> None:
+    async def _finish(self, entry: Entry) -> None:
         """Journal the report after every event of the migration, then free its devices."""
         migration = entry.migration
         with trio.CancelScope(shield=True):
             if migration.report is not None:
-                self._journal_send.send_nowait((entry, _FINISH))
+                self._writer.send(entry, FINISH)
                 await entry.journaled.wait()
-                await self._acknowledge_peer(migration)
+                if entry.finish_written:
+                    await self._acknowledge_peer(migration)
             self._unlock(entry.keys, migration.id)
+            entry.finished_at = time.time()
             entry.done.set()
             entry.notify()
-            # The journal holds it from now on; a long-running daemon must not
-            # keep every migration (and its trace) it ever ran in memory.
-            if self._entries.get(migration.id) is entry:
-                del self._entries[migration.id]
+            # The journal holds it from now on; a long-running daemon must not keep
+            # every migration (and its trace) it ever ran in memory.  One whose report
+            # the journal refused stays until the writer gets it in.
+            if entry.finish_written or migration.report is None:
+                self._forget(entry)
             outcome = migration.report.outcome if migration.report else None
             log.info("service.finished", migration=migration.id, outcome=outcome)
+
+    def _journal_written(self, entry: Entry) -> None:
+        """The writer got a migration's report into the journal."""
+        if entry.done.is_set():  # it ended while the journal refused the report
+            self._forget(entry)
+
+    def _forget(self, entry: Entry) -> None:
+        if self._entries.get(entry.migration.id) is entry:
+            del self._entries[entry.migration.id]
 
     async def _acknowledge_peer(self, migration: Migration) -> None:
         """Record, for retention, that the destination daemon of a migration between two
@@ -673,77 +686,6 @@ class MigrationService:
                 await self.journal.acknowledge(migration.id)
             except Exception as exc:  # retention keeps it: nothing is lost
                 log.warning("service.acknowledge_failed", migration=migration.id, error=str(exc))
-
-    async def _journal_writer(self) -> None:
-        """Writes each migration's events, then its report, to the journal, in order."""
-        try:
-            async for item in self._journal_receive:
-                await self._hold_during_downtime()
-                items = [item]
-                # Whatever is queued already goes in the same pass, in batches.
-                while True:
-                    try:
-                        items.append(self._journal_receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._write_in_order_or_log(items)
-        finally:
-            self._writer_done.set()
-
-    async def _hold_during_downtime(self) -> None:
-        """Wait until no migration is inside its downtime window, or ``TRACE_HOLD_MAX_S``."""
-        with trio.move_on_after(TRACE_HOLD_MAX_S):
-            while True:
-                for entry in list(self._entries.values()):
-                    await entry.migration.downtime_window_closed()
-                # Each wait is a checkpoint, in which another migration's window
-                # may have opened (its first events already queued): the writer
-                # takes the queue only once none is open, with no await between.
-                if not any(e.migration.in_downtime_window for e in self._entries.values()):
-                    return
-
-    async def _write_in_order_or_log(
-        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
-    ) -> None:
-        """Like ``_write_in_order``; a journal that fails makes the daemon unready
-        (the operator must see it) but never stalls the migrations waiting on it."""
-        try:
-            await self._write_in_order(items)
-        except Exception as exc:
-            self.ready = False
-            self.journal_failure = str(exc)
-            log.exception("service.journal_failed")
-            for entry, item in items:
-                if item is _FINISH:
-                    entry.journaled.set()
-
-    async def _write_in_order(
-        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
-    ) -> None:
-        batch: builtins.list[TraceEvent] = []
-        batch_entry: _Entry | None = None
-        with trio.CancelScope(shield=True):
-            for entry, item in items:
-                if batch and (entry is not batch_entry or item is _FINISH):
-                    assert batch_entry is not None
-                    await self._write_events(batch_entry, batch)
-                    batch = []
-                if item is _FINISH:
-                    report = entry.migration.report
-                    assert report is not None
-                    await self.journal.finish(entry.migration.id, report)
-                    entry.journaled.set()
-                else:
-                    assert isinstance(item, TraceEvent)
-                    batch_entry = entry
-                    batch.append(item)
-            if batch:
-                assert batch_entry is not None
-                await self._write_events(batch_entry, batch)
-
-    async def _write_events(self, entry: _Entry, events: builtins.list[TraceEvent]) -> None:
-        await self.journal.record_events(entry.migration.id, events)
-        entry.notify()
 
     async def _retain(self, days: float) -> None:
         """Prune what the journal may forget (``Journal.prune``), now and every
@@ -790,7 +732,7 @@ class MigrationService:
 
     async def _recover_task(
         self,
-        entry: _Entry,
+        entry: Entry,
         record: MigrationRecord,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -810,7 +752,7 @@ class MigrationService:
         if self.metrics is not None and report is not None:
             self.metrics.record_report(report)
 
-    def _status_of(self, entry: _Entry) -> MigrationStatus:
+    def _status_of(self, entry: Entry) -> MigrationStatus:
         m = entry.migration
         # The outcome shows once the report is journaled and the devices are
         # free, so whoever sees it can act on it at once.
@@ -826,6 +768,7 @@ class MigrationService:
             in_doubt=m.destination.in_doubt,
             created_at=entry.created_at,
             started_at=entry.created_at,
+            finished_at=entry.finished_at if report else None,
             progress=None if report else Progress(**progress),
             control=m.live.state,
             report=report,

@@ -731,7 +731,12 @@ async def test_healthz_is_open_and_any_listed_token_works(api: Api) -> None:
 
 
 async def test_readyz_and_submissions_follow_the_service_state(api: Api) -> None:
-    assert (await api.client.get("/readyz")).json() == {"ready": True}
+    assert (await api.client.get("/readyz")).json() == {
+        "ready": True,
+        "recovered": True,
+        "accepting": True,
+        "journal_writable": True,
+    }
     await api.service.shutdown(grace_s=1)
     assert "shutting down" in assert_error(await api.client.get("/readyz"), 503)["message"]
     response = await api.client.post("/v1/migrations", json=plan_body("vm1", "gpu0"))

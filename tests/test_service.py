@@ -10,7 +10,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator import service as service_module
+from orchestrator import journal_writer
 from orchestrator.errors import PlanError
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
@@ -211,7 +211,7 @@ async def test_the_trace_of_a_downtime_window_is_journaled_once_it_closes(
 async def test_the_trace_is_held_back_no_longer_than_the_bound(
     service: MigrationService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "TRACE_HOLD_MAX_S", 0.05)
+    monkeypatch.setattr(journal_writer, "TRACE_HOLD_MAX_S", 0.05)
     status, _ = await service.submit(plan_for("vm1", "gpu0", transition_ms=300))
     await _inside_stop_copy(service, status.id)
     await trio.sleep(0.2)

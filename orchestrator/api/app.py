@@ -187,13 +187,10 @@ async def healthz() -> Health:
     responses=_errors(503),
 )
 async def readyz(service: Service) -> Readiness:
-    if not service.ready:
-        raise NotReady(
-            "the orchestrator is shutting down"
-            if not service.accepting
-            else "the orchestrator is recovering unfinished migrations"
-        )
-    return Readiness(ready=True)
+    reason = service.unready_reason()
+    if reason is not None:
+        raise NotReady(reason)
+    return Readiness(ready=True, recovered=True, accepting=True, journal_writable=True)
 
 
 @router.get(
@@ -243,8 +240,9 @@ async def submit_migration(
         ),
     ] = None,
 ) -> MigrationStatus:
-    if service.accepting and not service.ready:
-        raise NotReady("the orchestrator is recovering unfinished migrations; try again shortly")
+    reason = service.unready_reason() if service.accepting else None
+    if reason is not None:
+        raise NotReady(f"{reason}; try again shortly")
     status, created = await service.submit(plan, idempotency_key)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/migrations/{status.id}"
@@ -265,8 +263,9 @@ async def submit_migration(
     responses=_errors(409, 413, 422, 503),
 )
 async def prepare_incoming(request: IncomingRequest, service: Service) -> IncomingReady:
-    if not service.accepting or not service.ready:
-        raise NotReady("the orchestrator is not ready to receive a migration")
+    reason = service.unready_reason()
+    if reason is not None:
+        raise NotReady(f"not ready to receive a migration: {reason}")
     return await service.incoming.prepare(request)
 
 
