@@ -105,6 +105,7 @@ import binascii
 import builtins
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -134,6 +135,7 @@ from orchestrator.trace import TraceEvent
 
 __all__ = [
     "FILENAME",
+    "GENERATION_FILE",
     "SCHEMA_VERSION",
     "Cursor",
     "Journal",
@@ -158,6 +160,28 @@ HISTORY_MIN_SAMPLES: Final = 3
 
 #: The database file's name inside the state directory.
 FILENAME: Final = "journal.sqlite3"
+#: The generation marker's, beside it: the journal's generation (SQLite's
+#: ``user_version``, raised by every write that creates, commits, ends or prunes a
+#: migration) as last committed, so that a journal that lost some is refused.
+GENERATION_FILE: Final = "journal.generation"
+
+
+def read_generation(marker: Path) -> int | None:
+    """The generation a marker file records (None: there is none); JournalError for
+    one that cannot be read."""
+    try:
+        text = marker.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JournalError(f"cannot read the generation marker {marker}: {exc}") from None
+    if not text.strip().isdigit():
+        raise JournalError(
+            f"the generation marker {marker} holds {text[:40]!r}, not a generation "
+            "(the daemon writes it: move it away to start afresh on purpose)"
+        )
+    return int(text.strip())
+
 
 #: A committed migration never rolls back: the two-phase commit's promise.  (Earlier
 #: forward phases are not refused: a forwarded trace may deliver them after the
@@ -316,6 +340,11 @@ class Journal:
         # so the API's GETs stay fast while migrations journal their events.
         self._reader: sqlite3.Connection | None = reader
         self._read_limiter = trio.CapacityLimiter(1)
+        # The generation marker beside the file (``GENERATION_FILE``): the journal's
+        # generation as last committed, and one a transaction raised, until it commits.
+        self._marker = path.with_name(GENERATION_FILE)
+        self._generation = 0
+        self._raised: int | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -329,7 +358,14 @@ class Journal:
         except BaseException:
             connection.close()
             raise
-        return cls(path, connection, reader)
+        journal = cls(path, connection, reader)
+        try:
+            await trio.to_thread.run_sync(journal._check_generation)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await journal.close()
+            raise
+        return journal
 
     async def close(self) -> None:
         """Close the database after any read or write in flight.  Safe to call twice."""
@@ -422,6 +458,7 @@ class Journal:
                     "phase",
                     {"detail": {"phase": Phase.PREPARE.value, "previous": None}},
                 )
+                self._bump(db)
             return migration_id, True
 
         return await self._write(write)
@@ -483,6 +520,7 @@ class Journal:
                     "WHERE id = ?",
                     (now, now, migration_id),
                 )
+                self._bump(db)
 
         await self._write(write)
 
@@ -586,6 +624,7 @@ class Journal:
                         migration_id,
                     ),
                 )
+                self._bump(db)
                 return _append(
                     db,
                     migration_id,
@@ -658,6 +697,8 @@ class Journal:
                     )
                 db.execute("DELETE FROM migrations WHERE id IN (SELECT migration_id FROM pruning)")
                 db.execute("DELETE FROM pruning")
+                if ids:
+                    self._bump(db)
                 return ids
 
         while True:
@@ -825,10 +866,67 @@ class Journal:
         db = self._db
         if db is None:  # closed while this call waited for its turn
             raise JournalError("the journal is closed", path=self.path)
+        self._raised = None
         try:
-            return fn(db)
+            result = fn(db)
         except sqlite3.Error as exc:
             raise JournalError(describe(exc), path=self.path) from None
+        if self._raised is not None:  # committed: the marker follows
+            self._generation, self._raised = self._raised, None
+            self._write_marker()
+        return result
+
+    # -- the generation marker -------------------------------------------------------
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        """Raise the journal's generation in the transaction under way (a write that
+        creates, commits, ends or prunes migrations); the marker follows its commit."""
+        (generation,) = db.execute("PRAGMA user_version").fetchone()
+        self._raised = int(generation) + 1
+        db.execute(f"PRAGMA user_version = {self._raised}")
+
+    def _check_generation(self) -> None:
+        """Refuse a journal older than its marker says: emptied, replaced by an older
+        copy, or copied without its ``-wal`` file (which holds the commits since the
+        last checkpoint; SQLite removes it on a clean close, so a journal closed
+        cleanly needs none).  No marker: a first start, or a journal from before
+        markers: it is taken as it is."""
+        assert self._db is not None
+        try:
+            (generation,) = self._db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(describe(exc), path=self.path) from None
+        self._generation = int(generation)
+        recorded = read_generation(self._marker)
+        if recorded is not None and self._generation < recorded:
+            state = "is empty" if self._generation == 0 else f"is at generation {self._generation}"
+            raise JournalError(
+                f"it {state}, but {self._marker.name} beside it says it reached generation "
+                f"{recorded}: migrations it held are missing (emptied, an older copy, or "
+                f"copied without its -wal file?), and their devices would be stranded.  "
+                f"Restore the journal with its -wal file; to start afresh on purpose, move "
+                f"{self._marker} away",
+                path=self.path,
+            )
+        if recorded != self._generation:
+            self._write_marker()
+
+    def _write_marker(self) -> None:
+        """Replace the marker with the generation committed last.  Not fsynced: after
+        a power loss it may say less than the journal holds, never more."""
+        tmp = self._marker.with_name(self._marker.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, f"{self._generation}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._marker)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the generation marker {self._marker}: {exc.strerror or exc}",
+                path=self.path,
+            ) from None
 
     def _require_unfinished(
         self, db: sqlite3.Connection, migration_id: str, action: str
