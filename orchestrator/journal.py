@@ -667,6 +667,25 @@ class Journal:
 
         return await self._run(write)
 
+    async def unacknowledged(
+        self, finished_before: float, limit: int = 100
+    ) -> builtins.list[MigrationRecord]:
+        """Finished migrations between two hosts, ended before ``finished_before``,
+        whose peer has not acknowledged the outcome yet: what retention asks about."""
+
+        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
+            rows = db.execute(
+                f"{_select()} WHERE m.outcome IS NOT NULL AND m.finished_at < ? "
+                "AND NOT (m.role = 'source' AND json_extract(m.plan_json, '$.destination') "
+                "IS NULL) "
+                "AND NOT EXISTS (SELECT 1 FROM peer_acks a WHERE a.migration_id = m.id) "
+                "ORDER BY m.finished_at LIMIT ?",
+                (finished_before, limit),
+            ).fetchall()
+            return [self._record(row) for row in rows]
+
+        return await self._read(read)
+
     async def prune(self, finished_before: float, batch: int = 500) -> builtins.list[str]:
         """Delete, whole, the finished migrations that ended before ``finished_before``
         (Unix time) and that nothing can ask about any more: those this host ran alone

@@ -71,6 +71,7 @@ from orchestrator.journal import (
 )
 from orchestrator.journal_writer import FINISH, Entry, JournalWriter
 from orchestrator.metrics import Metrics
+from orchestrator.peer.acks import peer_holds_outcome
 from orchestrator.peer.messages import DecisionAnswer
 from orchestrator.peer.registry import IncomingRegistry
 from orchestrator.peer.remote import RemoteDestination, SourceContact, Unsettled
@@ -688,11 +689,11 @@ class MigrationService:
                 log.warning("service.acknowledge_failed", migration=migration.id, error=str(exc))
 
     async def _retain(self, days: float) -> None:
-        """Prune what the journal may forget (``Journal.prune``), now and every
-        ``RETENTION_INTERVAL_S``; a failure is logged and tried again next time."""
+        """Prune what the journal may forget, now and every ``RETENTION_INTERVAL_S``;
+        a failure is logged and tried again next time."""
         while True:
             try:
-                pruned = await self.journal.prune(time.time() - days * 86400)
+                pruned = await self.retain(time.time() - days * 86400)
             except Exception as exc:
                 log.warning("service.retention_failed", error=str(exc))
             else:
@@ -700,6 +701,16 @@ class MigrationService:
                     log.info("service.retention", pruned=len(pruned), days=days)
             self.retention_started.set()
             await trio.sleep(RETENTION_INTERVAL_S)
+
+    async def retain(self, finished_before: float) -> builtins.list[str]:
+        """One retention pass: ask the peers of the finished migrations between two
+        hosts that ended before ``finished_before`` whether they hold the outcome
+        (``peer.acks``), record each that does, then prune (``Journal.prune``)."""
+        ca_file = self.tls.ca_file if self.tls is not None else None
+        for record in await self.journal.unacknowledged(finished_before):
+            if await peer_holds_outcome(record, ca_file):
+                await self.journal.acknowledge(record.id)
+        return await self.journal.prune(finished_before)
 
     async def _recover_all(self) -> None:
         # Incoming migrations (this daemon was their destination) recover in

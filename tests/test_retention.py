@@ -214,3 +214,30 @@ async def test_between_two_hosts_only_what_the_peer_acknowledged_is_pruned(
         assert b.journal_rows(rolled_back) == [] and b.journal_rows(moved) != []
         assert (await a.get(f"/v1/migrations/{moved}"))[0] == 404
         assert (await a.get(f"/v1/migrations/{rolled_back}"))[0] == 200
+
+        # A retention pass asks the peer about the others.  The destination holds the
+        # rolled back one's outcome: the source prunes it.  The source no longer knows
+        # the committed one (it pruned it, having known the destination's record was
+        # final): the destination prunes it too.
+        assert await a.service.retain(later) == [rolled_back]
+        assert await b.service.retain(later) == [moved]
+        for host in (a, b):
+            assert await host.service.journal.list() == []
+
+
+async def test_a_peer_that_cannot_be_asked_acknowledges_nothing(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_daemons(short_dir, token_file) as (a, b):
+        failing = cross_plan(b, token_file, "gpu1")
+        failing["devices"][0]["destination"] = {
+            "fault": {"at": "stream", "offset": 65536, "kind": "corrupt"}
+        }
+        rolled_back = await a.submit(failing)
+        assert (await until(partial(a.status, rolled_back), ended))["outcome"] == "rolled_back"
+        await until(partial(b.incoming, rolled_back), ended)
+    # Both daemons stopped: whether the destination holds the outcome cannot be known.
+    async with await Journal.open(a.base / "state") as journal:
+        service = MigrationService(journal)
+        assert await service.retain(time.time() + 1) == []
+        assert [r.id for r in await journal.unacknowledged(time.time() + 1)] == [rolled_back]
