@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,42 @@ async def test_a_failing_journal_makes_the_daemon_unready_but_never_hangs_it(
             with trio.fail_after(10):
                 await svc.shutdown(grace_s=1)
             nursery.cancel_scope.cancel()
+
+
+async def test_devices_shows_migrations_handovers_and_simulated_files(tmp_path: Path) -> None:
+    from orchestrator.backends import backends_for
+    from orchestrator.handover import HandleRegistry
+
+    state = tmp_path / "state"
+    registry = HandleRegistry()
+    registry.register_vm(7, "vm9")
+    registry.hand_over(7, "vm9", "nic9", "vhost_vdpa", os.open(os.devnull, os.O_RDONLY))
+    async with await Journal.open(state) as journal:
+        backends = backends_for(state, handles=registry)
+        svc = MigrationService(journal, backends=backends, handles=registry)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            done, _ = await svc.submit(plan_for("vm1", "gpu0"))
+            await wait_done(svc, done.id)
+            running, _ = await svc.submit(plan_for("vm2", "gpu1", state_mib=1, drain_mib_s=4))
+            devices = {d.device: d for d in svc.devices()}
+            assert set(devices) == {
+                "simulated:gpu0",
+                "simulated:gpu1",
+                "vhost_vdpa:handle:vm9/nic9",
+            }
+            assert devices["simulated:gpu1"].migration == running.id
+            gpu0 = devices["simulated:gpu0"]
+            assert gpu0.migration is None and len(gpu0.files) == 2 and gpu0.file_bytes > 0
+            nic9 = devices["vhost_vdpa:handle:vm9/nic9"]
+            assert (nic9.backend, nic9.name, nic9.handle, nic9.migration) == (
+                "vhost_vdpa",
+                "nic9",
+                "vm9/nic9",
+                None,
+            )
+            # A fresh list each time: nothing accumulates across calls.
+            assert svc.devices() == svc.devices()
+            await svc.shutdown(grace_s=0)
+            nursery.cancel_scope.cancel()
+    registry.close_all()
