@@ -192,6 +192,7 @@ async def test_a_bad_or_unknown_parameter_is_422_naming_it(
         await api.client.get("/v1/migrations", params=params), 422, "invalid_request"
     )
     assert sorted(p for p, _ in problems(error)) == paths
+    assert "Value error" not in error["message"]
     if paths[0] in ("query.vmm", "query.color"):
         assert "unknown parameter" in error["message"] and "limit" in error["message"]
 
