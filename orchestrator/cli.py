@@ -2,14 +2,15 @@
 
 ``run``, ``validate`` and ``states`` work on this host without a daemon;
 ``serve`` runs the daemon and ``submit``, ``status``, ``watch``, ``cancel``,
-``set``, ``switchover`` and ``settle`` talk to it over its REST API
-(``orchestrator.api.client``);
+``set``, ``switchover``, ``settle``, ``list`` and ``devices`` talk to it over
+its REST API (``orchestrator.cli_client``);
 ``handover`` lends it a device over its handover socket, as a VMM does
 (``orchestrator.handover``), and holds it until stopped;
 ``openapi`` prints or renews the committed OpenAPI document.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
-directly.  One table of exit statuses (``ExitStatus``) serves every command;
+directly.  One table of exit statuses (``ExitStatus``, in ``orchestrator.cli_output``
+with what the commands print) serves every command;
 ``run`` and ``watch`` exit with their migration's outcome, the others with 0
 when they did what was asked::
 
@@ -31,112 +32,58 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import enum
 import json
 import os
 import signal
 import stat
 import sys
-import textwrap
-from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
 from orchestrator import __version__, logs
+from orchestrator.cli_client import WatchBar, add_client_commands, client_command
+from orchestrator.cli_output import (
+    OUTCOME_EXIT_STATUS,
+    ExitStatus,
+    exit_status,
+    exit_status_help,
+    help_layout,
+    print_report,
+    progress_line,
+)
 from orchestrator.engine import Migration
 from orchestrator.errors import PlanError
 from orchestrator.plan import parse_plan
-from orchestrator.report import OUTCOME_MEANINGS, Control, MigrationReport, Outcome
+from orchestrator.report import MigrationReport
 from orchestrator.resolve import ResolvedPlan, load_plan, refuse_handles, resolve
 from orchestrator.states import MigrationFlags, transition_table_markdown
 
 if TYPE_CHECKING:
-    # The daemon's modules (FastAPI, httpx) load only for the commands that need them.
-    from orchestrator.api.client import Client
-    from orchestrator.api.models import MigrationEvent
-    from orchestrator.service import MigrationStatus
     from orchestrator.settings import SettingsError
 
-
-class ExitStatus(enum.IntEnum):
-    """What ``main`` returns, whatever the command: the module docstring's table."""
-
-    SUCCEEDED = 0
-    ROLLED_BACK = 1
-    BAD_INPUT = 2
-    FAILED = 3
-    REFUSED = 4
-    UNAVAILABLE = 5
-
-    @property
-    def label(self) -> str:
-        return self.name.lower().replace("_", " ")
-
-    @property
-    def meaning(self) -> str:
-        return _EXIT_MEANINGS[self]
-
-
-_EXIT_MEANINGS: Final[Mapping[ExitStatus, str]] = {
-    ExitStatus.SUCCEEDED: "the migration succeeded; any other command did what was asked",
-    ExitStatus.ROLLED_BACK: OUTCOME_MEANINGS["rolled_back"],
-    ExitStatus.BAD_INPUT: (
-        "usage, an invalid plan or settings (nothing was recorded; the API answers 422), "
-        "or another 4xx answer of the API (an unknown id, a conflict)"
-    ),
-    ExitStatus.FAILED: OUTCOME_MEANINGS["failed"],
-    ExitStatus.REFUSED: OUTCOME_MEANINGS["refused"],
-    ExitStatus.UNAVAILABLE: (
-        "the daemon could not be reached, went away, answered with a 5xx, or (serve) "
-        "could not start"
-    ),
-}
-
-#: The exit status of a command that followed a migration to its end.
-OUTCOME_EXIT_STATUS: Final[Mapping[Outcome, ExitStatus]] = {
-    "succeeded": ExitStatus.SUCCEEDED,
-    "refused": ExitStatus.REFUSED,
-    "rolled_back": ExitStatus.ROLLED_BACK,
-    "failed": ExitStatus.FAILED,
-}
-
-
-def exit_status(outcome: Outcome) -> ExitStatus:
-    """What ``run`` and ``watch`` exit with once the migration has ended so."""
-    return OUTCOME_EXIT_STATUS[outcome]
-
-
-def exit_status_help(width: int = 79) -> str:
-    """The exit status table as ``--help`` shows it after every command's options."""
-    lines = ["exit status (every command):"]
-    for status in ExitStatus:
-        head = f"  {status.value}  {status.label}: "
-        lines.append(
-            textwrap.fill(status.meaning, width, initial_indent=head, subsequent_indent=" " * 5)
-        )
-    return "\n".join(lines)
+__all__ = [
+    "OUTCOME_EXIT_STATUS",
+    "ExitStatus",
+    "WatchBar",
+    "build_parser",
+    "exit_status",
+    "exit_status_help",
+    "main",
+    "print_report",
+    "progress_line",
+]
 
 
 DEFAULT_PLAN = "default_plan.toml"
 
 
-def _help_layout(description: str | None = None) -> dict[str, Any]:
-    """A parser's description, wrapped here, and the exit status table after its
-    options: argparse prints both as given, so the table keeps its lines."""
-    return {
-        "formatter_class": argparse.RawDescriptionHelpFormatter,
-        "description": None if description is None else textwrap.fill(description, 79),
-        "epilog": exit_status_help(),
-    }
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator",
-        **_help_layout(
+        **help_layout(
             "Live-migrate the passthrough devices of a VM through the Linux device migration flow."
         ),
     )
@@ -158,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="migrate the devices of a plan on this host", **_help_layout())
+    run = sub.add_parser("run", help="migrate the devices of a plan on this host", **help_layout())
     run.add_argument(
         "plan",
         nargs="?",
@@ -169,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
 
     validate = sub.add_parser(
-        "validate", help="check a plan and print every problem", **_help_layout()
+        "validate", help="check a plan and print every problem", **help_layout()
     )
     validate.add_argument("plan", type=Path)
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     states = sub.add_parser(
-        "states", help="print the device state model's arcs for a capability set", **_help_layout()
+        "states", help="print the device state model's arcs for a capability set", **help_layout()
     )
     states.add_argument(
         "--flags",
@@ -313,82 +260,8 @@ async def _show_progress(migration: Migration, out: TextIO) -> None:
         out.flush()
 
 
-def progress_line(progress: dict[str, Any]) -> str:
-    sent = sum(progress["bytes_sent"].values())
-    parts = [f"[{progress['phase']}]", f"sent {_mib(sent)}"]
-    if progress["precopy_round"]:
-        parts.append(f"round {progress['precopy_round']}")
-    if progress["remaining_bytes"] is not None:
-        parts.append(f"remaining {_mib(progress['remaining_bytes'])}")
-    if progress["expected_downtime_ms"] is not None:
-        parts.append(f"expected downtime {progress['expected_downtime_ms']:.1f} ms")
-    return "  ".join(parts)
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 def print_summary(report: MigrationReport, resolved: ResolvedPlan, out: TextIO) -> None:
     print_report(report, out, downtime_limit_ms=resolved.plan.downtime_limit_ms)
-
-
-def print_report(
-    report: MigrationReport, out: TextIO, *, downtime_limit_ms: float | None = None
-) -> None:
-    downtime = "n/a" if report.downtime_ms is None else f"{report.downtime_ms:.1f} ms"
-    limit = "" if downtime_limit_ms is None else f" (limit {downtime_limit_ms:g} ms)"
-    print(
-        f"VM {report.vm}: {report.outcome} in {report.duration_ms:.1f} ms, "
-        f"downtime {downtime}{limit}",
-        file=out,
-    )
-    pre = report.precopy
-    if pre.rounds:
-        print(
-            f"pre-copy: {pre.rounds} round(s), {pre.decision or 'no decision'}: {pre.reason}",
-            file=out,
-        )
-    if report.phases:
-        print("phases: " + ", ".join(f"{k} {v:.1f} ms" for k, v in report.phases.items()), file=out)
-    for name, barrier in report.barriers.items():
-        print(
-            f"barrier {name}: {barrier.members} member(s), "
-            f"longest wait {barrier.wait_ms_max:.1f} ms",
-            file=out,
-        )
-    header = ("device", "backend", "source", "destination", "pre-copy", "stop-copy", "state")
-    rows = [header]
-    for d in report.devices:
-        check = "-"
-        if report.outcome == "succeeded" and d.source_digest and d.destination_digest:
-            check = "identical" if d.source_digest == d.destination_digest else "DIFFERS"
-        rows.append(
-            (
-                d.name,
-                d.backend,
-                d.source_state + (" (reset)" if d.source_reset else ""),
-                d.destination_state + (" (reset)" if d.destination_reset else ""),
-                _mib(d.bytes_precopy),
-                _mib(d.bytes_stopcopy),
-                check,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
-    for note in report.notes:
-        print(f"note: {note}", file=out)
-    if report.error is not None:
-        e = report.error
-        where = ", ".join(
-            x
-            for x in (e.side and f"{e.side} device {e.device!r}", e.phase and f"phase {e.phase}")
-            if x
-        )
-        print(f"error ({e.kind}{', ' + where if where else ''}): {e.message}", file=out)
 
 
 def _print_problems(exc: PlanError, out: TextIO) -> None:
@@ -404,7 +277,7 @@ def _add_daemon_commands(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the daemon: the REST API over the migration service",
-        **_help_layout(
+        **help_layout(
             "Settings come from --config (or $ORCHESTRATOR_CONFIG), then the environment "
             "(ORCHESTRATOR_STATE_DIR, ORCHESTRATOR_API__TCP, ...), then these flags."
         ),
@@ -423,110 +296,18 @@ def _add_daemon_commands(sub: Any) -> None:
     serve.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
 
     openapi = sub.add_parser(
-        "openapi", help="print the REST API's OpenAPI document", **_help_layout()
+        "openapi", help="print the REST API's OpenAPI document", **help_layout()
     )
     openapi.add_argument(
         "--write", action="store_true", help="renew the committed orchestrator/api/openapi.json"
     )
 
-    connection = argparse.ArgumentParser(add_help=False)
-    group = connection.add_argument_group("connection to the daemon")
-    group.add_argument(
-        "--config", type=Path, help="the daemon's settings file: its socket and token file"
-    )
-    group.add_argument(
-        "--url", help="the daemon over TCP, http(s)://HOST:PORT (default: its Unix socket)"
-    )
-    group.add_argument("--socket", type=Path, help="the daemon's Unix socket")
-    group.add_argument(
-        "--token-file", type=Path, help="bearer token file (default: the settings' one)"
-    )
-    group.add_argument("--cacert", type=Path, help="CA certificate to verify an https --url")
-    group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
-
-    submit = sub.add_parser(
-        "submit",
-        parents=[connection],
-        help="start a migration (0 once the daemon accepted it; follow it with watch)",
-        **_help_layout(),
-    )
-    submit.add_argument("plan", type=Path, help="plan file, .toml or .json")
-    submit.add_argument(
-        "--idempotency-key", help="submitting again with this key returns the first migration"
-    )
-    submit.add_argument("--json", action="store_true", help="print the status as JSON")
-
-    def one_migration(name: str, summary: str, description: str | None = None) -> Any:
-        """A verb on one migration by id, which prints its status (--json: as JSON)."""
-        verb = sub.add_parser(name, parents=[connection], help=summary, **_help_layout(description))
-        verb.add_argument("id")
-        verb.add_argument("--json", action="store_true", help="print the status as JSON")
-        return verb
-
-    one_migration("status", "show a migration")
-
-    watch = sub.add_parser(
-        "watch",
-        parents=[connection],
-        help="follow a migration to its end and exit with its outcome",
-        **_help_layout(),
-    )
-    watch.add_argument("id")
-    watch.add_argument("--json", action="store_true", help="print the final status as JSON")
-    watch.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    one_migration("cancel", "roll a migration back")
-    control = one_migration(
-        "set",
-        "change the downtime limit or bandwidth cap of a migration in pre-copy",
-        "As virsh migrate-setmaxdowntime and migrate-setspeed: accepted before the "
-        "migration's pre-copy decision (in prepare it applies from the first round), "
-        "refused after it.  The cap applies at once, the limit at the next decision.",
-    )
-    control.add_argument("--downtime-limit-ms", type=float, help="the new downtime limit, in ms")
-    control.add_argument(
-        "--bandwidth-limit-mib-s",
-        type=_cap,
-        default=argparse.SUPPRESS,
-        metavar="N|none",
-        help="the new cap on the data channel, in MiB/s; none removes it",
-    )
-    one_migration(
-        "switchover",
-        "force the switchover of a migration in pre-copy, now",
-        "As virsh migrate --force-complete: the pre-copy round in flight ends and the "
-        "migration switches over, whether it converged or not (follow it with watch); "
-        "with downtime_policy strict, a window predicted over the limit rolls back "
-        "instead of pausing the VM past it.  Asked again while it goes on, the same "
-        "answer; refused after a pre-copy decision it did not force.",
-    )
-
-    settle = sub.add_parser(
-        "settle",
-        parents=[connection],
-        help="decide for a migration in doubt (its peer daemon out of reach)",
-        **_help_layout(
-            "A migration between two hosts is in doubt when one daemon waits on the "
-            "other and cannot reach it: the source after its commit (how did the "
-            "destination end? succeeded or failed), the destination after its vote "
-            "(commit or abort?).  Refused while the peer can still be asked, unless "
-            "--force: the peer's own answer is the one that counts."
-        ),
-    )
-    settle.add_argument("id")
-    settle.add_argument(
-        "verdict",
-        choices=("succeeded", "failed", "commit", "abort"),
-        help="succeeded or failed (a migration this daemon runs); commit or abort (one "
-        "it receives)",
-    )
-    settle.add_argument("--force", action="store_true", help="settle even if the peer answers")
-    settle.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_client_commands(sub)
 
     handover = sub.add_parser(
         "handover",
         help="hand a device over to the daemon, as a VMM does, and hold it until stopped",
-        **_help_layout(
+        **help_layout(
             "Opens DEVICE (or takes --fd), registers --vm on the daemon's handover socket, "
             "hands the descriptor over and prints its handle (VM/NAME), which plans name as "
             'handle = "VM/NAME".  The daemon keeps it while this command runs: until '
@@ -544,16 +325,6 @@ def _add_daemon_commands(sub: Any) -> None:
     handover.add_argument("--config", type=Path, help="the daemon's settings file")
 
 
-def _cap(text: str) -> float | None:
-    """A bandwidth cap on the command line: MiB/s, or none."""
-    if text.strip().lower() in ("none", "unlimited"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of MiB/s, nor none: {text!r}") from None
-
-
 def _daemon_commands(args: argparse.Namespace) -> int:
     from orchestrator.settings import SettingsError
 
@@ -564,7 +335,7 @@ def _daemon_commands(args: argparse.Namespace) -> int:
             return _openapi(args)
         if args.command == "handover":
             return _handover(args)
-        return _client_command(args)
+        return client_command(args)
     except SettingsError as exc:
         _print_settings_problems(exc, sys.stderr)
         return ExitStatus.BAD_INPUT
@@ -694,199 +465,6 @@ def _openapi(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_openapi())
     return ExitStatus.SUCCEEDED
-
-
-def _client_command(args: argparse.Namespace) -> int:
-    from orchestrator.api.client import ApiError, Unreachable
-
-    try:
-        with _client(args) as client:
-            if args.command == "submit":
-                return _submit(client, args)
-            if args.command == "status":
-                _print_status(client.status(args.id), args.json, sys.stdout)
-                return ExitStatus.SUCCEEDED
-            if args.command == "watch":
-                return _watch(client, args)
-            if args.command in ("set", "switchover"):
-                return _control(client, args)
-            if args.command == "settle":
-                answer = client.settle(args.id, args.verdict, force=args.force)
-                if args.json:
-                    print(json.dumps(answer, indent=2))
-                else:
-                    print(f"migration {args.id}: settled ({args.verdict})")
-                return ExitStatus.SUCCEEDED
-            status = client.cancel(args.id)
-            if args.json:
-                print(status.model_dump_json(indent=2))
-            else:
-                print(f"migration {status.id}: cancelled, rolling back")
-            return ExitStatus.SUCCEEDED
-    except Unreachable as exc:
-        print(f"orchestrator {args.command}: {exc}", file=sys.stderr)
-        return ExitStatus.UNAVAILABLE
-    except ApiError as exc:
-        print(
-            f"orchestrator {args.command}: {exc.message} ({exc.status} {exc.kind})", file=sys.stderr
-        )
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return ExitStatus.BAD_INPUT if 400 <= exc.status < 500 else ExitStatus.UNAVAILABLE
-
-
-def _client(args: argparse.Namespace) -> Client:
-    from orchestrator.api.client import Client
-    from orchestrator.settings import Settings, read_token_file
-
-    settings = None
-    if args.token_file is None or (args.url is None and args.socket is None):
-        settings = Settings.load(args.config)
-    token_file = args.token_file or (settings.api.token_file if settings else None)
-    assert token_file is not None
-    # The first token; the file's mode is its owner's business, not the daemon's.
-    token = read_token_file(token_file, check_mode=False)[0]
-    if args.url is not None:
-        return Client(token=token, url=args.url, cacert=args.cacert, timeout_s=args.timeout)
-    socket_path = args.socket or (settings.socket_path if settings else None)
-    return Client(token=token, socket_path=socket_path, timeout_s=args.timeout)
-
-
-def _submit(client: Client, args: argparse.Namespace) -> int:
-    from orchestrator.plan import read_plan_data
-
-    data = read_plan_data(args.plan)  # the daemon checks it; this only reads it
-    status, created = client.submit(data, args.idempotency_key)
-    if args.json:
-        print(status.model_dump_json(indent=2))
-    elif created:
-        print(f"migration {status.id} started (VM {status.vm}): orchestrator watch {status.id}")
-    else:
-        print(f"migration {status.id} (VM {status.vm}) was already submitted with this key")
-    return ExitStatus.SUCCEEDED
-
-
-def _control(client: Client, args: argparse.Namespace) -> int:
-    if args.command == "switchover":
-        status = client.switchover(args.id)
-        done = "switchover forced"
-    else:
-        changes: dict[str, float | None] = {}
-        if args.downtime_limit_ms is not None:
-            changes["downtime_limit_ms"] = args.downtime_limit_ms
-        if "bandwidth_limit_mib_s" in args:
-            changes["bandwidth_limit_mib_s"] = args.bandwidth_limit_mib_s
-        # Nothing to change is the daemon's to refuse, with the words it uses.
-        status = client.control(args.id, changes)
-        done = "limits set"
-    if args.json:
-        print(status.model_dump_json(indent=2))
-        return ExitStatus.SUCCEEDED
-    print(f"migration {status.id}: {done}, phase {status.phase}")
-    if status.control is not None:
-        print("  " + control_line(status.control))
-    return ExitStatus.SUCCEEDED
-
-
-def control_line(control: Control) -> str:
-    """The limits in force, in one line."""
-    cap = control.bandwidth_limit_mib_s
-    parts = [
-        f"downtime limit {control.downtime_limit_ms:g} ms",
-        f"bandwidth cap {cap:g} MiB/s" if cap is not None else "no bandwidth cap",
-    ]
-    if control.switchover_forced:
-        parts.append("switchover forced")
-    return ", ".join(parts)
-
-
-def _print_status(status: MigrationStatus, as_json: bool, out: TextIO) -> None:
-    if as_json:
-        print(status.model_dump_json(indent=2), file=out)
-        return
-    state = status.outcome or "running"
-    committed = ", committed" if status.committed else ""
-    print(
-        f"migration {status.id}: VM {status.vm}, {state}, phase {status.phase}{committed}",
-        file=out,
-    )
-    if status.progress is not None:
-        print(
-            "  " + progress_line({**status.progress.model_dump(), "phase": status.phase}), file=out
-        )
-    if status.report is not None:
-        print_report(status.report, out)
-
-
-def _watch(client: Client, args: argparse.Namespace) -> int:
-    client.status(args.id)  # an unknown id fails here, before any bar is drawn
-    bar = WatchBar(sys.stderr) if sys.stderr.isatty() and not args.no_progress else None
-    try:
-        for event in client.events(args.id):
-            if bar is not None:
-                bar.update(event)
-    finally:
-        if bar is not None:
-            bar.clear()
-    final = client.status(args.id)
-    _print_status(final, args.json, sys.stdout)
-    if final.outcome is None:
-        # The stream ends when the migration does, or when the daemon stops.
-        print(
-            f"orchestrator watch: the event stream of {args.id} ended before its outcome "
-            "(is the daemon stopping?)",
-            file=sys.stderr,
-        )
-        return ExitStatus.UNAVAILABLE
-    return exit_status(final.outcome)
-
-
-class WatchBar:
-    """A one-line progress bar on a terminal, driven by a migration's events."""
-
-    WIDTH = 24
-
-    def __init__(self, out: TextIO) -> None:
-        from orchestrator.flow import Phase
-
-        self.out = out
-        # The forward path; rollback has no place on it and shows as such.
-        self.order = [p.value for p in Phase if p is not Phase.ROLLBACK]
-        self.phase = self.order[0]
-        self.arcs = 0
-        self.round: int | None = None
-        self._drawn_at = 0.0
-
-    def update(self, event: MigrationEvent) -> None:
-        import time
-
-        changed = False
-        if event.kind == "phase" and "phase" in event.detail:
-            self.phase, changed = str(event.detail["phase"]), True
-        elif event.kind == "arc_end":
-            self.arcs += 1
-        elif event.kind == "decision":
-            self.round = event.detail.get("round")
-        now = time.monotonic()
-        if changed or now - self._drawn_at >= 0.1:
-            self._drawn_at = now
-            self.out.write("\r\x1b[K" + self.line())
-            self.out.flush()
-
-    def line(self) -> str:
-        if self.phase in self.order:
-            done = round(self.WIDTH * self.order.index(self.phase) / (len(self.order) - 1))
-            bar = "#" * done + "-" * (self.WIDTH - done)
-        else:
-            bar = "<" * self.WIDTH
-        parts = [f"[{bar}]", self.phase, f"{self.arcs} state changes"]
-        if self.round:
-            parts.append(f"pre-copy rounds {self.round}")
-        return "  ".join(parts)
-
-    def clear(self) -> None:
-        self.out.write("\r\x1b[K")
-        self.out.flush()
 
 
 def _print_settings_problems(exc: SettingsError, out: TextIO) -> None:

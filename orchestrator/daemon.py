@@ -226,7 +226,14 @@ def pid_lock(path: Path, holder_of: str) -> Iterator[None]:
     checks, after locking, that the name still leads to the file it locked.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            # A read-only file system or directory: said in one line, not a traceback.
+            raise DaemonError(
+                f"cannot create the lock {path}: {exc.strerror or exc} (the daemon needs "
+                f"to write in {path.parent}: is it read-only, or not this user's?)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -475,6 +482,7 @@ async def serve(
                 tls=identity,
                 decision_key=_decision_key(settings.state_dir),
                 max_migrations=settings.max_migrations,
+                retention_days=settings.journal_retention_days,
             )
             app = create_app(
                 service,

@@ -312,6 +312,10 @@ class HandleRegistry:
 
     # -- the migrations' side ------------------------------------------------------------
 
+    def handed_over(self) -> list[HandedOver]:
+        """Every device handed over now, by handle."""
+        return [self._handles[h] for h in sorted(self._handles)]
+
     def lookup(self, handle: str) -> HandedOver | None:
         return self._handles.get(handle)
 

@@ -16,9 +16,14 @@ Invariants:
   ``CommitJournal``: when it returns, the decision is on disk, power loss
   included.  A committed migration never goes back: the journal refuses to
   enter the rollback phase or to finish it as ``rolled_back`` or ``refused``.
-* **Nothing journaled is ever deleted by the journal.**  Events are
+* **Nothing journaled is ever deleted, but by retention.**  Events are
   append-only and a finished migration is frozen; SQL triggers refuse an
-  UPDATE or DELETE that would break this, whoever issues it.
+  UPDATE or DELETE that would break this, whoever issues it.  One path
+  deletes, ``prune`` (the daemon's ``journal_retention_days``, off by
+  default): a finished migration whole, once old enough, and only one this
+  host ran alone or whose outcome the peer daemon acknowledged
+  (``acknowledge``), for the peer may still ask about it.  The triggers
+  let a migration's rows go only while ``prune`` names it (schema version 7).
 * **Errors are ours.**  Misuse (an unknown migration, a write after
   ``finish``) and a corrupt or unreadable database are a
   :class:`JournalError` naming the file, never a raw ``sqlite3`` exception.
@@ -31,7 +36,7 @@ so a transaction is either wholly written or not at all.  Writers in one
 daemon are serialized by the limiter; another process (a CLI reading history)
 waits on SQLite's busy timeout.
 
-Schema (version 6, in :mod:`orchestrator.journal_schema`; ``schema_version``
+Schema (version 7, in :mod:`orchestrator.journal_schema`; ``schema_version``
 holds the number, and ``open`` upgrades an older file step by step in
 ``SCHEMA_UPGRADES``, each step one transaction that keeps every row, index
 and trigger).  Times are Unix seconds
@@ -78,6 +83,10 @@ and trigger).  Times are Unix seconds
         mean_s          REAL,               -- running mean, the last 20 weigh most
         updated_at      REAL,
         PRIMARY KEY (model, side, from_state, to_state))    (version 6)
+    peer_acks(                              -- the peer daemon holds the outcome too
+        migration_id    TEXT REFERENCES migrations,
+        at              REAL)                                (version 7)
+    pruning(migration_id TEXT)              -- empty but inside ``prune``  (version 7)
 
 Events the journal writes itself: ``phase`` (at ``create`` and on every
 ``record_phase``) and ``finished`` (at ``finish``).  Everything else comes
@@ -91,8 +100,12 @@ it records.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import json
+import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -122,11 +135,16 @@ from orchestrator.trace import TraceEvent
 
 __all__ = [
     "FILENAME",
+    "GENERATION_FILE",
     "SCHEMA_VERSION",
+    "Cursor",
     "Journal",
     "JournalError",
     "JournalEvent",
+    "MigrationFilter",
+    "MigrationPage",
     "MigrationRecord",
+    "MigrationSummary",
 ]
 
 T = TypeVar("T")
@@ -142,6 +160,28 @@ HISTORY_MIN_SAMPLES: Final = 3
 
 #: The database file's name inside the state directory.
 FILENAME: Final = "journal.sqlite3"
+#: The generation marker's, beside it: the journal's generation (SQLite's
+#: ``user_version``, raised by every write that creates, commits, ends or prunes a
+#: migration) as last committed, so that a journal that lost some is refused.
+GENERATION_FILE: Final = "journal.generation"
+
+
+def read_generation(marker: Path) -> int | None:
+    """The generation a marker file records (None: there is none); JournalError for
+    one that cannot be read."""
+    try:
+        text = marker.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JournalError(f"cannot read the generation marker {marker}: {exc}") from None
+    if not text.strip().isdigit():
+        raise JournalError(
+            f"the generation marker {marker} holds {text[:40]!r}, not a generation "
+            "(the daemon writes it: move it away to start afresh on purpose)"
+        )
+    return int(text.strip())
+
 
 #: A committed migration never rolls back: the two-phase commit's promise.  (Earlier
 #: forward phases are not refused: a forwarded trace may deliver them after the
@@ -198,6 +238,92 @@ class JournalEvent:
     trace_time: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationFilter:
+    """Which migrations a list shows (None: any)."""
+
+    vm: str | None = None
+    outcome: Outcome | None = None
+    phase: str | None = None
+    #: Only migrations created at or after this Unix time.
+    since: float | None = None
+
+    def sql(self) -> tuple[builtins.list[str], builtins.list[Any]]:
+        """The WHERE clauses (on ``migrations m``) and their arguments."""
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise JournalError(f"unknown outcome {self.outcome!r}")
+        if self.phase is not None and self.phase not in PHASES:
+            raise JournalError(f"unknown phase {self.phase!r}")
+        clauses: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        for column, value in (("vm", self.vm), ("outcome", self.outcome), ("phase", self.phase)):
+            if value is not None:
+                clauses.append(f"m.{column} = ?")
+                args.append(value)
+        if self.since is not None:
+            clauses.append("m.created_at >= ?")
+            args.append(self.since)
+        return clauses, args
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page of a list starts: after this migration, in the list's order
+    (newest first).  Opaque to clients: ``encode`` and ``decode`` round-trip it."""
+
+    created_at: float
+    rowid: int
+
+    def encode(self) -> str:
+        text = f"{self.created_at!r}/{self.rowid}".encode()
+        return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        """The cursor ``encode`` gave; ValueError for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            created, _, rowid = raw.partition("/")
+            cursor = cls(float(created), int(rowid))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise ValueError("not a cursor this daemon gave (use next_cursor as given)") from None
+        if not math.isfinite(cursor.created_at) or cursor.rowid < 0:
+            raise ValueError("not a cursor this daemon gave (use next_cursor as given)")
+        return cursor
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSummary:
+    """A migration in a list: what an operator scans, without its plan or report."""
+
+    id: str
+    vm: str
+    role: str
+    phase: str
+    committed: bool
+    outcome: Outcome | None
+    created_at: float
+    finished_at: float | None
+    #: The report's downtime (None: not finished, or no downtime window).
+    downtime_ms: float | None
+    #: How many devices the plan names.
+    devices: int
+    #: The report's error, as ``kind: message`` (None: no error).
+    error: str | None
+    #: Its place in the list (where the page after it starts).
+    position: Cursor
+    #: The whole record, when the page was asked ``full``.
+    record: MigrationRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPage:
+    """One page of a list, and where the next starts (None: this is the last)."""
+
+    entries: builtins.list[MigrationSummary]
+    next: Cursor | None
+
+
 class Journal:
     """The migration journal on one SQLite file.  Open with ``await Journal.open(dir)``."""
 
@@ -214,6 +340,11 @@ class Journal:
         # so the API's GETs stay fast while migrations journal their events.
         self._reader: sqlite3.Connection | None = reader
         self._read_limiter = trio.CapacityLimiter(1)
+        # The generation marker beside the file (``GENERATION_FILE``): the journal's
+        # generation as last committed, and one a transaction raised, until it commits.
+        self._marker = path.with_name(GENERATION_FILE)
+        self._generation = 0
+        self._raised: int | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -227,7 +358,14 @@ class Journal:
         except BaseException:
             connection.close()
             raise
-        return cls(path, connection, reader)
+        journal = cls(path, connection, reader)
+        try:
+            await trio.to_thread.run_sync(journal._check_generation)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await journal.close()
+            raise
+        return journal
 
     async def close(self) -> None:
         """Close the database after any read or write in flight.  Safe to call twice."""
@@ -320,6 +458,7 @@ class Journal:
                     "phase",
                     {"detail": {"phase": Phase.PREPARE.value, "previous": None}},
                 )
+                self._bump(db)
             return migration_id, True
 
         return await self._write(write)
@@ -381,6 +520,7 @@ class Journal:
                     "WHERE id = ?",
                     (now, now, migration_id),
                 )
+                self._bump(db)
 
         await self._write(write)
 
@@ -484,6 +624,7 @@ class Journal:
                         migration_id,
                     ),
                 )
+                self._bump(db)
                 return _append(
                     db,
                     migration_id,
@@ -493,6 +634,97 @@ class Journal:
                 )
 
         return await self._run(write)
+
+    async def probe(self) -> None:
+        """One real, durable write that changes nothing: JournalError if the journal
+        refuses writes (the service asks after a failure, with nothing else to write)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                db.execute("UPDATE schema_version SET version = version")
+
+        await self._run(write)
+
+    # -- retention ---------------------------------------------------------------
+
+    async def acknowledge(self, migration_id: str) -> bool:
+        """Record that the peer daemon of this finished migration between two hosts
+        holds its outcome too (it will not ask about it again): from now on retention
+        may prune it.  False (nothing recorded) for an unknown or unfinished one."""
+
+        def write(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                row = db.execute(
+                    "SELECT outcome FROM migrations WHERE id = ?", (migration_id,)
+                ).fetchone()
+                if row is None or row[0] is None:
+                    return False
+                db.execute(
+                    "INSERT OR IGNORE INTO peer_acks (migration_id, at) VALUES (?, ?)",
+                    (migration_id, time.time()),
+                )
+                return True
+
+        return await self._run(write)
+
+    async def unacknowledged(
+        self, finished_before: float, limit: int = 100
+    ) -> builtins.list[MigrationRecord]:
+        """Finished migrations between two hosts, ended before ``finished_before``,
+        whose peer has not acknowledged the outcome yet: what retention asks about."""
+
+        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
+            rows = db.execute(
+                f"{_select()} WHERE m.outcome IS NOT NULL AND m.finished_at < ? "
+                "AND NOT (m.role = 'source' AND json_extract(m.plan_json, '$.destination') "
+                "IS NULL) "
+                "AND NOT EXISTS (SELECT 1 FROM peer_acks a WHERE a.migration_id = m.id) "
+                "ORDER BY m.finished_at LIMIT ?",
+                (finished_before, limit),
+            ).fetchall()
+            return [self._record(row) for row in rows]
+
+        return await self._read(read)
+
+    async def prune(self, finished_before: float, batch: int = 500) -> builtins.list[str]:
+        """Delete, whole, the finished migrations that ended before ``finished_before``
+        (Unix time) and that nothing can ask about any more: those this host ran alone
+        (no destination daemon) and those whose peer acknowledged the outcome.  An
+        unfinished migration, or one between two hosts not acknowledged, stays.  At most
+        ``batch`` per transaction, so that writers wait little; returns the ids pruned."""
+        pruned: builtins.list[str] = []
+
+        def write(db: sqlite3.Connection) -> builtins.list[str]:
+            with transaction(db):
+                ids = [
+                    str(row[0])
+                    for row in db.execute(
+                        "SELECT m.id FROM migrations m WHERE m.outcome IS NOT NULL "
+                        "AND m.finished_at < ? AND ("
+                        " (m.role = 'source' AND json_extract(m.plan_json, '$.destination') "
+                        "  IS NULL)"
+                        " OR EXISTS (SELECT 1 FROM peer_acks a WHERE a.migration_id = m.id)) "
+                        "ORDER BY m.finished_at LIMIT ?",
+                        (finished_before, batch),
+                    )
+                ]
+                db.executemany("INSERT INTO pruning (migration_id) VALUES (?)", [(i,) for i in ids])
+                for table in ("events", "devices", "peer_acks"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE migration_id IN "
+                        "(SELECT migration_id FROM pruning)"
+                    )
+                db.execute("DELETE FROM migrations WHERE id IN (SELECT migration_id FROM pruning)")
+                db.execute("DELETE FROM pruning")
+                if ids:
+                    self._bump(db)
+                return ids
+
+        while True:
+            ids = await self._run(write)
+            pruned.extend(ids)
+            if len(ids) < batch:
+                return pruned
 
     # -- reads -----------------------------------------------------------------
 
@@ -522,26 +754,48 @@ class Journal:
         limit: int | None = 100,
     ) -> builtins.list[MigrationRecord]:
         """Migrations, newest first, filtered by outcome and phase (None: any)."""
-        if outcome is not None and outcome not in OUTCOMES:
-            raise JournalError(f"unknown outcome {outcome!r}")
-        if phase is not None and phase not in PHASES:
-            raise JournalError(f"unknown phase {phase!r}")
+        page = await self.page(
+            MigrationFilter(outcome=outcome, phase=phase), limit=limit, full=True
+        )
+        return [entry.record for entry in page.entries if entry.record is not None]
+
+    async def page(
+        self,
+        where: MigrationFilter | None = None,
+        *,
+        after: Cursor | None = None,
+        limit: int | None = 100,
+        full: bool = False,
+    ) -> MigrationPage:
+        """One page of migrations, newest first: those ``where`` admits after
+        ``after`` (None: from the newest), at most ``limit`` (None: every one).
+
+        Filtering and paging happen in the query, so a page costs its own rows
+        and not the journal's.  Each entry is a summary; ``full`` adds the whole
+        record.  ``next`` is where the next page starts, None after the last.
+        """
+        where = where or MigrationFilter()
         if limit is not None and limit < 1:
             raise JournalError(f"limit must be at least 1, not {limit}")
-        where, args = [], []
-        for column, value in (("outcome", outcome), ("phase", phase)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = _select()
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC"
+        clauses, args = where.sql()
+        if after is not None:
+            clauses.append("(m.created_at < ? OR (m.created_at = ? AND m.rowid < ?))")
+            args += [after.created_at, after.created_at, after.rowid]
+        record = f", {_record_columns()}" if full else ""
+        sql = f"SELECT {_SUMMARY_COLUMNS}{record} FROM migrations m"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY m.created_at DESC, m.rowid DESC"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            # One more than asked: whether another page follows, without a count.
+            sql += f" LIMIT {int(limit) + 1}"
 
-        def read(db: sqlite3.Connection) -> builtins.list[MigrationRecord]:
-            return [self._record(row) for row in db.execute(sql, args)]
+        def read(db: sqlite3.Connection) -> MigrationPage:
+            rows = db.execute(sql, args).fetchall()
+            more = limit is not None and len(rows) > limit
+            entries = [self._listed(row, full) for row in rows[:limit]]
+            last = entries[-1].position if more and entries else None
+            return MigrationPage(entries, last)
 
         return await self._read(read)
 
@@ -631,10 +885,67 @@ class Journal:
         db = self._db
         if db is None:  # closed while this call waited for its turn
             raise JournalError("the journal is closed", path=self.path)
+        self._raised = None
         try:
-            return fn(db)
+            result = fn(db)
         except sqlite3.Error as exc:
             raise JournalError(describe(exc), path=self.path) from None
+        if self._raised is not None:  # committed: the marker follows
+            self._generation, self._raised = self._raised, None
+            self._write_marker()
+        return result
+
+    # -- the generation marker -------------------------------------------------------
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        """Raise the journal's generation in the transaction under way (a write that
+        creates, commits, ends or prunes migrations); the marker follows its commit."""
+        (generation,) = db.execute("PRAGMA user_version").fetchone()
+        self._raised = int(generation) + 1
+        db.execute(f"PRAGMA user_version = {self._raised}")
+
+    def _check_generation(self) -> None:
+        """Refuse a journal older than its marker says: emptied, replaced by an older
+        copy, or copied without its ``-wal`` file (which holds the commits since the
+        last checkpoint; SQLite removes it on a clean close, so a journal closed
+        cleanly needs none).  No marker: a first start, or a journal from before
+        markers: it is taken as it is."""
+        assert self._db is not None
+        try:
+            (generation,) = self._db.execute("PRAGMA user_version").fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(describe(exc), path=self.path) from None
+        self._generation = int(generation)
+        recorded = read_generation(self._marker)
+        if recorded is not None and self._generation < recorded:
+            state = "is empty" if self._generation == 0 else f"is at generation {self._generation}"
+            raise JournalError(
+                f"it {state}, but {self._marker.name} beside it says it reached generation "
+                f"{recorded}: migrations it held are missing (emptied, an older copy, or "
+                f"copied without its -wal file?), and their devices would be stranded.  "
+                f"Restore the journal with its -wal file; to start afresh on purpose, move "
+                f"{self._marker} away",
+                path=self.path,
+            )
+        if recorded != self._generation:
+            self._write_marker()
+
+    def _write_marker(self) -> None:
+        """Replace the marker with the generation committed last.  Not fsynced: after
+        a power loss it may say less than the journal holds, never more."""
+        tmp = self._marker.with_name(self._marker.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, f"{self._generation}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._marker)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the generation marker {self._marker}: {exc.strerror or exc}",
+                path=self.path,
+            ) from None
 
     def _require_unfinished(
         self, db: sqlite3.Connection, migration_id: str, action: str
@@ -686,6 +997,31 @@ class Journal:
             data = {"detail": {"phase": phase, "previous": previous}}
         return _append(db, migration_id, now, "phase", data)
 
+    def _listed(self, row: tuple[Any, ...], full: bool) -> MigrationSummary:
+        """A row of ``_SUMMARY_COLUMNS`` (then ``_record_columns()`` if ``full``)."""
+        (rowid, mid, vm, role, phase, committed, outcome, created_at, finished_at) = row[:9]
+        downtime_ms, devices, error_kind, error_message = row[9:13]
+        if outcome is not None and outcome not in OUTCOMES:
+            raise JournalError(f"migration {mid!r}: unknown outcome {outcome!r}", path=self.path)
+        error = None
+        if error_message is not None:
+            error = f"{error_kind}: {error_message}" if error_kind else str(error_message)
+        return MigrationSummary(
+            id=str(mid),
+            vm=str(vm),
+            role=str(role),
+            phase=str(phase),
+            committed=bool(committed),
+            outcome=outcome,
+            created_at=float(created_at),
+            finished_at=finished_at,
+            downtime_ms=None if downtime_ms is None else float(downtime_ms),
+            devices=int(devices),
+            error=error,
+            position=Cursor(float(created_at), int(rowid)),
+            record=self._record(row[13:]) if full else None,
+        )
+
     def _record(self, row: tuple[Any, ...]) -> MigrationRecord:
         (
             mid,
@@ -735,16 +1071,32 @@ class Journal:
         )
 
 
-def _select() -> str:
-    """The columns of a MigrationRecord, as the schema this code writes has them
-    (``peer_json`` since version 4, ``control_json`` since 5)."""
-    peer = "peer_json" if SCHEMA_VERSION >= 4 else "NULL"
-    control = "control_json" if SCHEMA_VERSION >= 5 else "NULL"
+def _record_columns() -> str:
+    """The columns of a MigrationRecord, as ``Journal._record`` reads them and as the
+    schema this code writes has them (``peer_json`` since version 4, ``control_json``
+    since 5)."""
+    peer = "m.peer_json" if SCHEMA_VERSION >= 4 else "NULL"
+    control = "m.control_json" if SCHEMA_VERSION >= 5 else "NULL"
     return (
-        "SELECT id, vm, plan_json, idempotency_key, created_at, updated_at, phase, committed, "
-        f"committed_at, outcome, finished_at, report_json, role, {peer}, {control} "
-        "FROM migrations"
+        "m.id, m.vm, m.plan_json, m.idempotency_key, m.created_at, m.updated_at, m.phase, "
+        f"m.committed, m.committed_at, m.outcome, m.finished_at, m.report_json, m.role, "
+        f"{peer}, {control}"
     )
+
+
+#: The columns of a MigrationSummary, as ``Journal._listed`` reads them: what a list
+#: shows, taken from the stored report without reading it whole.
+_SUMMARY_COLUMNS: Final = (
+    "m.rowid, m.id, m.vm, m.role, m.phase, m.committed, m.outcome, m.created_at, "
+    "m.finished_at, json_extract(m.report_json, '$.downtime_ms'), "
+    "(SELECT COUNT(DISTINCT d.device) FROM devices d WHERE d.migration_id = m.id), "
+    "json_extract(m.error_json, '$.kind'), json_extract(m.error_json, '$.message')"
+)
+
+
+def _select() -> str:
+    """A query of MigrationRecords, to which a WHERE clause may be added."""
+    return f"SELECT {_record_columns()} FROM migrations m"
 
 
 def _exists(db: sqlite3.Connection, migration_id: str) -> bool:

@@ -32,7 +32,7 @@ __all__ = [
 
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 
 OUTCOMES: Final = frozenset(get_args(Outcome))
 PHASES: Final = frozenset(p.value for p in Phase)
@@ -183,6 +183,45 @@ _SCHEMA_V6: Final = (
         PRIMARY KEY (model, side, from_state, to_state))""",
 )
 
+#: Version 7: retention (``journal_retention_days``).  The journal still deletes
+#: nothing by itself; one deliberate path prunes a finished migration whole (its
+#: row, events, devices and acknowledgement): ``Journal.prune`` names it in
+#: ``pruning`` inside the pruning transaction, and only a migration named there
+#: and finished passes the no-delete triggers, which are made again with that
+#: condition.  ``peer_acks``: the other host's daemon has its outcome too (a
+#: migration between two hosts is pruned only then: the peer may still ask).
+_PRUNABLE: Final = (
+    "(SELECT 1 FROM migrations m JOIN pruning p ON p.migration_id = m.id "
+    "WHERE m.id = {id} AND m.outcome IS NOT NULL)"
+)
+_SCHEMA_V7: Final = (
+    """CREATE TABLE peer_acks (
+        migration_id TEXT PRIMARY KEY NOT NULL REFERENCES migrations (id),
+        at           REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE TABLE pruning (migration_id TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID",
+    """CREATE TRIGGER pruning_only_finished BEFORE INSERT ON pruning
+    WHEN NOT EXISTS (SELECT 1 FROM migrations WHERE id = NEW.migration_id AND outcome IS NOT NULL)
+    BEGIN SELECT RAISE(ABORT, 'only a finished migration is pruned'); END""",
+    "DROP TRIGGER migrations_no_delete",
+    f"""CREATE TRIGGER migrations_no_delete BEFORE DELETE ON migrations
+    WHEN NOT EXISTS {_PRUNABLE.format(id="OLD.id")}
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END""",
+    "DROP TRIGGER events_no_delete",
+    f"""CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    WHEN NOT EXISTS {_PRUNABLE.format(id="OLD.migration_id")}
+    BEGIN SELECT RAISE(ABORT, 'journal events are append-only'); END""",
+    "DROP TRIGGER devices_no_delete",
+    f"""CREATE TRIGGER devices_no_delete BEFORE DELETE ON devices
+    WHEN NOT EXISTS {_PRUNABLE.format(id="OLD.migration_id")}
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END""",
+    f"""CREATE TRIGGER peer_acks_no_delete BEFORE DELETE ON peer_acks
+    WHEN NOT EXISTS {_PRUNABLE.format(id="OLD.migration_id")}
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END""",
+    """CREATE TRIGGER peer_acks_no_update BEFORE UPDATE ON peer_acks
+    BEGIN SELECT RAISE(ABORT, 'the journal deletes nothing'); END""",
+)
+
 SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
@@ -190,6 +229,7 @@ SCHEMA_UPGRADES: Final[Mapping[int, tuple[str, ...]]] = {
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
     6: _SCHEMA_V6,
+    7: _SCHEMA_V7,
 }
 
 

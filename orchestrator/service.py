@@ -23,7 +23,10 @@ migration logic itself stays in the flow and the runner.  The service owns:
   writer holds back (at most ``TRACE_HOLD_MAX_S``): its transactions take
   the GIL and the disk from the switchover, whose every step is on the
   critical path.  A crash meanwhile loses the trace of that window, never a
-  decision: the commit is recorded at once, whatever the writer does;
+  decision: the commit is recorded at once, whatever the writer does.  A
+  journal that refuses writes makes the daemon unready (saying why) while the
+  writer keeps what it could not write and tries again; ready again once the
+  journal takes it (``orchestrator.journal_writer``);
 * live control: an operator's new limits or forced switchover go to the
   running migration (``Migration.control``, ``force_switchover``), which says
   whether its phase accepts them; each accepted change is on disk
@@ -47,35 +50,52 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
 import trio
-from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
-from orchestrator.control import Control, ControlRefused, ControlRequest, initial
-from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
+from orchestrator.backends.handles import handle_key
+from orchestrator.backends.simulated.backend import SimulatedBackend
+from orchestrator.control import Control, ControlRefused, ControlRequest
+from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration
 from orchestrator.errors import OrchestratorError, PlanError, Problem
 from orchestrator.handover import HandleRegistry
-from orchestrator.journal import Journal, JournalEvent, MigrationRecord
+from orchestrator.journal import (
+    Cursor,
+    Journal,
+    JournalEvent,
+    MigrationFilter,
+    MigrationRecord,
+)
+from orchestrator.journal_writer import FINISH, Entry, JournalWriter
 from orchestrator.metrics import Metrics
+from orchestrator.peer.acks import peer_holds_outcome
 from orchestrator.peer.messages import DecisionAnswer
 from orchestrator.peer.registry import IncomingRegistry
 from orchestrator.peer.remote import RemoteDestination, SourceContact, Unsettled
 from orchestrator.plan import Plan
-from orchestrator.report import MigrationReport, Outcome
+from orchestrator.report import Outcome
 from orchestrator.resolve import ResolvedPlan, resolve
+from orchestrator.status import (
+    DEFAULT_PAGE_SIZE,
+    DeviceStatus,
+    MigrationList,
+    MigrationStatus,
+    MigrationSummary,
+    Progress,
+    status_of_record,
+    summary_of,
+)
 from orchestrator.transport import RateLimiter
 from orchestrator.transport.channel import ChannelListener, TlsIdentity
 
 log = structlog.get_logger("orchestrator.service")
 
-#: The longest the journal writer holds the trace back for migrations inside
-#: their downtime window.  bench/downtime_netem.py measured the downtime 7-10%
-#: shorter with the writer held (1, 8 and 64 devices, two rounds alternated).
-TRACE_HOLD_MAX_S = 1.0
+#: How often retention prunes the journal (``journal_retention_days``), after its
+#: pass at start.
+RETENTION_INTERVAL_S = 3600.0
 
 
 class MigrationNotFound(OrchestratorError):
@@ -104,81 +124,9 @@ class TooManyMigrations(OrchestratorError):
     status_hint = 429
 
 
-class Progress(BaseModel):
-    """Live progress of a migration in flight."""
-
-    precopy_round: int = Field(description="The pre-copy round under way, or the rounds done.")
-    bytes_sent: dict[str, int] = Field(description="Device name -> bytes sent so far.")
-    remaining_bytes: int | None = Field(
-        description="Estimated bytes still to send (once every device has reported)."
-    )
-    expected_downtime_ms: float | None = Field(
-        description="Downtime the stop-copy would take at the measured bandwidth."
-    )
-
-
-class MigrationStatus(BaseModel):
-    """A migration as the API shows it: its report when it has ended, progress while it runs."""
-
-    id: str
-    vm: str
-    phase: str
-    outcome: Outcome | None = Field(description="None while the migration runs.")
-    committed: bool
-    in_doubt: bool = Field(
-        False,
-        description="Committed, and the destination's daemon cannot be reached to say how "
-        "it ended: the outcome waits on it (or on an operator: orchestrator settle).",
-    )
-    created_at: float = Field(description="Unix time the migration was accepted.")
-    progress: Progress | None = None
-    control: Control | None = Field(
-        None,
-        description="The downtime limit and bandwidth cap in force, and every change an "
-        "operator made (PATCH /v1/migrations/{id}, POST .../switchover).",
-    )
-    report: MigrationReport | None = Field(
-        None, description="The same report as `orchestrator run --json`, once it has ended."
-    )
-
-
-class DeviceStatus(BaseModel):
-    device: str = Field(
-        description="The device's lock key: its backend and name (simulated), or its backend "
-        "and host-wide identity (vfio: its sysfs path, or handle:<vm>/<device>)."
-    )
-    backend: str
-    name: str
-    migration: str | None = Field(description="The unfinished migration holding it, if any.")
-
-
 def device_keys(resolved: ResolvedPlan) -> list[str]:
     """How the service names the devices of a plan, for locking (``Backend.device_keys``)."""
     return resolved.device_keys()
-
-
-#: Queued after a migration's last event: the writer then journals its report.
-_FINISH = object()
-
-
-@dataclass
-class _Entry:
-    """A migration this service runs (or recovers)."""
-
-    migration: Migration
-    created_at: float
-    keys: list[str]
-    done: trio.Event = field(default_factory=trio.Event)
-    # Set once the journal holds the report.
-    journaled: trio.Event = field(default_factory=trio.Event)
-    # Set and replaced whenever new events reach the journal: wakes followers.
-    changed: trio.Event = field(default_factory=trio.Event)
-    # One control change at a time: each is journaled in the order it applied.
-    control_lock: trio.Lock = field(default_factory=trio.Lock)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 class MigrationService:
@@ -195,10 +143,15 @@ class MigrationService:
         decision_key: bytes | None = None,
         tls: TlsIdentity | None = None,
         max_migrations: int = 0,
+        retention_days: float | None = None,
     ) -> None:
         self.journal = journal
         #: Most migrations at once, outgoing and incoming together (0: no limit).
         self.max_migrations = max_migrations
+        #: Prune migrations finished this many days ago (None: keep everything).
+        self.retention_days = retention_days
+        #: Set once retention's pass at start is done.
+        self.retention_started = trio.Event()
         #: This host's TLS identity for migration traffic (``[tls]``), if any.
         self.tls = tls
         self.metrics = metrics
@@ -207,20 +160,22 @@ class MigrationService:
         self.backends = backends
         #: The devices VMMs handed over, which plans name by handle.
         self.handles = handles
-        self.ready = False
         self.accepting = True
         #: The URL other hosts' daemons reach this daemon's API on (``[api] advertise``,
         #: or the TCP listener's own address); None: no migration to another host.
         self.source_api: str | None = None
         # Each migration's decision credential is derived from it: nothing to store.
         self._decision_key = decision_key or secrets.token_bytes(32)
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._locks: dict[str, str] = {}
         self._known: dict[str, DeviceStatus] = {}
         self._nursery: trio.Nursery | None = None
-        self._writer_done = trio.Event()
-        #: Set when a journal write failed: the daemon reports itself not ready.
-        self.journal_failure: str | None = None
+        self._writer = JournalWriter(
+            journal, lambda: builtins.list(self._entries.values()), self._journal_written
+        )
+        #: Recovery is done (``run``): with ``accepting`` and a journal that takes
+        #: writes, the daemon is ready.
+        self.recovered = False
         self._submitting = 0
         #: Idempotency keys being submitted now: a retry with one waits for it.
         self._submitting_keys: dict[str, trio.Event] = {}
@@ -238,9 +193,6 @@ class MigrationService:
         )
         if metrics is not None:
             metrics.count_in_doubt = self.in_doubt
-        self._journal_send, self._journal_receive = trio.open_memory_channel[
-            tuple[_Entry, TraceEvent | object]
-        ](math.inf)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -251,17 +203,18 @@ class MigrationService:
         until cancelled.  Use with ``await nursery.start(service.run)``."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._journal_writer)
+            nursery.start_soon(self._writer.run)
             await self._recover_all()
+            if self.retention_days is not None:
+                nursery.start_soon(self._retain, self.retention_days)
             await nursery.start(self.incoming.run)
-            self.ready = True
+            self.recovered = True
             task_status.started(self)
             await trio.sleep_forever()
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new migrations, let running ones finish for ``grace_s``, roll back the rest."""
         self.accepting = False
-        self.ready = False
         # A submit already past its check finishes starting its migration
         # first, so that the migration is counted below.
         while self._submitting:
@@ -283,8 +236,7 @@ class MigrationService:
         for entry in active:
             await entry.done.wait()
         # Nothing runs any more: let the writer flush what is queued, and end.
-        self._journal_send.close()
-        await self._writer_done.wait()
+        await self._writer.close()
 
     # -- requests ----------------------------------------------------------------
 
@@ -364,27 +316,94 @@ class MigrationService:
         return self._status_of(entry), True
 
     async def status(self, migration_id: str) -> MigrationStatus:
-        entry = self._entries.get(migration_id)
-        if entry is not None and not entry.done.is_set():
-            return self._status_of(entry)
+        live = self._live_status(migration_id)
+        if live is not None:
+            return live
         record = await self.journal.get(migration_id)
         if record is None:
             raise MigrationNotFound(f"no migration {migration_id!r}")
-        return _status_of_record(record)
+        return status_of_record(record)
 
     async def list(
-        self, outcome: Outcome | None = None, phase: str | None = None, limit: int = 1000
+        self, outcome: Outcome | None = None, phase: str | None = None
     ) -> builtins.list[MigrationStatus]:
-        """Migrations, newest first, at most ``limit`` of them."""
-        records = await self.journal.list(outcome=outcome, phase=phase, limit=limit)
-        out = []
-        for record in records:
-            entry = self._entries.get(record.id)
-            live = entry is not None and not entry.done.is_set()
-            status = self._status_of(entry) if live and entry else _status_of_record(record)
-            if phase is None or status.phase == phase:
-                out.append(status)
-        return out
+        """Every migration, newest first, in full (``page`` for a page of them)."""
+        page = await self.page(MigrationFilter(outcome=outcome, phase=phase), limit=None)
+        return [m for m in page.migrations if isinstance(m, MigrationStatus)]
+
+    async def page(
+        self,
+        where: MigrationFilter | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int | None = DEFAULT_PAGE_SIZE,
+        full: bool = True,
+    ) -> MigrationList:
+        """A page of migrations, newest first, from ``cursor`` (the previous page's
+        ``next_cursor``; None: the newest); summaries, or each in full.  The journal
+        filters and pages; a migration running here shows its live phase.  Raises
+        ValueError for a cursor this service never gave."""
+        after = None if cursor is None else Cursor.decode(cursor)
+        page = await self.journal.page(where, after=after, limit=limit, full=full)
+        next_cursor = None if page.next is None else page.next.encode()
+        if full:
+            statuses = []
+            for entry in page.entries:
+                assert entry.record is not None
+                statuses.append(self._live_status(entry.id) or status_of_record(entry.record))
+            return MigrationList(migrations=statuses, next_cursor=next_cursor)
+        summaries: builtins.list[MigrationSummary] = []
+        for entry in page.entries:
+            summary = summary_of(entry)
+            live = self._live_status(entry.id)
+            if live is not None:
+                summary = summary.model_copy(
+                    update={
+                        "phase": live.phase,
+                        "committed": live.committed,
+                        "in_doubt": live.in_doubt,
+                        "outcome": live.outcome,
+                        "finished_at": live.finished_at,
+                    }
+                )
+            summaries.append(summary)
+        return MigrationList(migrations=summaries, next_cursor=next_cursor)
+
+    def _live_status(self, migration_id: str) -> MigrationStatus | None:
+        """The status of a migration running here, or ended here while the journal
+        refused its report (None: the journal has the last word)."""
+        entry = self._entries.get(migration_id)
+        if entry is None or (entry.done.is_set() and entry.finish_written):
+            return None
+        return self._status_of(entry)
+
+    @property
+    def journal_failure(self) -> str | None:
+        """Why the journal refused the last write; None while it takes writes."""
+        return self._writer.failure
+
+    @property
+    def journal_tried(self) -> trio.Event:
+        """Set after the journal writer's next pass (which, after a failure, retries)."""
+        return self._writer.tried
+
+    @property
+    def ready(self) -> bool:
+        """Recovered, accepting migrations, and the journal takes writes."""
+        return self.recovered and self.accepting and self.journal_failure is None
+
+    def unready_reason(self) -> str | None:
+        """Why the daemon is not ready, in words for /readyz (None: it is)."""
+        if not self.accepting:
+            return "the orchestrator is shutting down"
+        if not self.recovered:
+            return "the orchestrator is recovering unfinished migrations"
+        if self.journal_failure is not None:
+            return (
+                f"the journal refuses writes ({self.journal_failure}); the daemon tries "
+                "again every second and is ready once it takes them"
+            )
+        return None
 
     async def cancel(self, migration_id: str) -> MigrationStatus:
         """Roll a migration back; PastCommitPoint once the destination has won or it ended."""
@@ -434,8 +453,7 @@ class MigrationService:
                     with trio.CancelScope(shield=True):
                         await self.journal.record_control(migration_id, after)
                 except Exception as exc:
-                    self.ready = False
-                    self.journal_failure = str(exc)
+                    self._writer.failed(exc)
                     raise
                 entry.notify()
                 log.info("service.control", migration=migration_id, change=after.last_event)
@@ -470,10 +488,35 @@ class MigrationService:
                 yield None
 
     def devices(self) -> builtins.list[DeviceStatus]:
-        return [
-            status.model_copy(update={"migration": self._locks.get(key)})
-            for key, status in sorted(self._known.items())
-        ]
+        """The devices this daemon knows, by lock key (see ``DeviceStatus``): read
+        only, from the locks, the handle registry and the simulated devices' files."""
+        found = {key: status.model_copy(deep=True) for key, status in self._known.items()}
+        for key in self._locks:
+            if key not in found:  # an incoming migration's, or one recovered
+                backend, _, name = key.partition(":")
+                found[key] = DeviceStatus(device=key, backend=backend, name=name, migration=None)
+        for handed in self.handles.handed_over() if self.handles is not None else []:
+            key = handle_key(handed.kind, handed.handle)
+            status = found.setdefault(
+                key,
+                DeviceStatus(device=key, backend=handed.kind, name=handed.device, migration=None),
+            )
+            status.handle = handed.handle
+        simulated = (self.backends or {}).get("simulated")
+        if isinstance(simulated, SimulatedBackend):
+            for stored in simulated.stored_devices():
+                key = f"{simulated.name}:{stored.name}"
+                status = found.setdefault(
+                    key,
+                    DeviceStatus(
+                        device=key, backend=simulated.name, name=stored.name, migration=None
+                    ),
+                )
+                status.files.append(str(stored.path))
+                status.file_bytes += stored.bytes
+        for key, status in found.items():
+            status.migration = self._locks.get(key)
+        return [found[key] for key in sorted(found)]
 
     # -- internals ---------------------------------------------------------------
 
@@ -582,7 +625,7 @@ class MigrationService:
         outgoing = sum(1 for e in self._entries.values() if e.migration.destination.in_doubt)
         return outgoing + self.incoming.in_doubt()
 
-    def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> _Entry:
+    def _start(self, resolved: ResolvedPlan, migration_id: str, keys: builtins.list[str]) -> Entry:
         assert self._nursery is not None
         migration = self._migration(resolved, migration_id)
         entry = self._register(migration, resolved, time.time(), keys)
@@ -595,19 +638,19 @@ class MigrationService:
         resolved: ResolvedPlan,
         created_at: float,
         keys: builtins.list[str],
-    ) -> _Entry:
+    ) -> Entry:
         """Track a migration: its entry, its devices, its events on their way to the journal."""
-        entry = _Entry(migration=migration, created_at=created_at, keys=keys)
+        entry = Entry(migration=migration, created_at=created_at, keys=keys)
         self._entries[migration.id] = entry
         for device in resolved.devices:
             for key in device.keys:
                 self._known[key] = DeviceStatus(
                     device=key, backend=device.backend.name, name=device.name, migration=None
                 )
-        migration.observers.append(lambda event: self._journal_send.send_nowait((entry, event)))
+        migration.observers.append(lambda event: self._writer.send(entry, event))
         return entry
 
-    async def _run_one(self, entry: _Entry) -> None:
+    async def _run_one(self, entry: Entry) -> None:
         migration = entry.migration
         try:
             if self.metrics is not None:
@@ -624,93 +667,75 @@ class MigrationService:
         finally:
             await self._finish(entry)
 
-    async def _finish(self, entry: _Entry) -> None:
+    async def _finish(self, entry: Entry) -> None:
         """Journal the report after every event of the migration, then free its devices."""
         migration = entry.migration
         with trio.CancelScope(shield=True):
             if migration.report is not None:
-                self._journal_send.send_nowait((entry, _FINISH))
+                self._writer.send(entry, FINISH)
                 await entry.journaled.wait()
+                if entry.finish_written:
+                    await self._acknowledge_peer(migration)
             self._unlock(entry.keys, migration.id)
+            entry.finished_at = time.time()
             entry.done.set()
             entry.notify()
-            # The journal holds it from now on; a long-running daemon must not
-            # keep every migration (and its trace) it ever ran in memory.
-            if self._entries.get(migration.id) is entry:
-                del self._entries[migration.id]
+            # The journal holds it from now on; a long-running daemon must not keep
+            # every migration (and its trace) it ever ran in memory.  One whose report
+            # the journal refused stays until the writer gets it in.
+            if entry.finish_written or migration.report is None:
+                self._forget(entry)
             outcome = migration.report.outcome if migration.report else None
             log.info("service.finished", migration=migration.id, outcome=outcome)
 
-    async def _journal_writer(self) -> None:
-        """Writes each migration's events, then its report, to the journal, in order."""
-        try:
-            async for item in self._journal_receive:
-                await self._hold_during_downtime()
-                items = [item]
-                # Whatever is queued already goes in the same pass, in batches.
-                while True:
-                    try:
-                        items.append(self._journal_receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._write_in_order_or_log(items)
-        finally:
-            self._writer_done.set()
+    def _journal_written(self, entry: Entry) -> None:
+        """The writer got a migration's report into the journal."""
+        if entry.done.is_set():  # it ended while the journal refused the report
+            self._forget(entry)
 
-    async def _hold_during_downtime(self) -> None:
-        """Wait until no migration is inside its downtime window, or ``TRACE_HOLD_MAX_S``."""
-        with trio.move_on_after(TRACE_HOLD_MAX_S):
-            while True:
-                for entry in list(self._entries.values()):
-                    await entry.migration.downtime_window_closed()
-                # Each wait is a checkpoint, in which another migration's window
-                # may have opened (its first events already queued): the writer
-                # takes the queue only once none is open, with no await between.
-                if not any(e.migration.in_downtime_window for e in self._entries.values()):
-                    return
+    def _forget(self, entry: Entry) -> None:
+        if self._entries.get(entry.migration.id) is entry:
+            del self._entries[entry.migration.id]
 
-    async def _write_in_order_or_log(
-        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
-    ) -> None:
-        """Like ``_write_in_order``; a journal that fails makes the daemon unready
-        (the operator must see it) but never stalls the migrations waiting on it."""
-        try:
-            await self._write_in_order(items)
-        except Exception as exc:
-            self.ready = False
-            self.journal_failure = str(exc)
-            log.exception("service.journal_failed")
-            for entry, item in items:
-                if item is _FINISH:
-                    entry.journaled.set()
+    async def _acknowledge_peer(self, migration: Migration) -> None:
+        """Record, for retention, that the destination daemon of a migration between two
+        hosts holds its outcome: it reported its devices ran after the commit, which it
+        had recorded (it never asks the source again).  An outcome an operator settled,
+        or a migration rolled back (the destination may still ask how it ended), is kept
+        until acknowledged otherwise."""
+        destination = migration.destination
+        report = migration.report
+        if not isinstance(destination, RemoteDestination) or report is None:
+            return
+        if report.committed and destination.completed_outcome is not None:
+            try:
+                await self.journal.acknowledge(migration.id)
+            except Exception as exc:  # retention keeps it: nothing is lost
+                log.warning("service.acknowledge_failed", migration=migration.id, error=str(exc))
 
-    async def _write_in_order(
-        self, items: builtins.list[tuple[_Entry, TraceEvent | object]]
-    ) -> None:
-        batch: builtins.list[TraceEvent] = []
-        batch_entry: _Entry | None = None
-        with trio.CancelScope(shield=True):
-            for entry, item in items:
-                if batch and (entry is not batch_entry or item is _FINISH):
-                    assert batch_entry is not None
-                    await self._write_events(batch_entry, batch)
-                    batch = []
-                if item is _FINISH:
-                    report = entry.migration.report
-                    assert report is not None
-                    await self.journal.finish(entry.migration.id, report)
-                    entry.journaled.set()
-                else:
-                    assert isinstance(item, TraceEvent)
-                    batch_entry = entry
-                    batch.append(item)
-            if batch:
-                assert batch_entry is not None
-                await self._write_events(batch_entry, batch)
+    async def _retain(self, days: float) -> None:
+        """Prune what the journal may forget, now and every ``RETENTION_INTERVAL_S``;
+        a failure is logged and tried again next time."""
+        while True:
+            try:
+                pruned = await self.retain(time.time() - days * 86400)
+            except Exception as exc:
+                log.warning("service.retention_failed", error=str(exc))
+            else:
+                if pruned:
+                    log.info("service.retention", pruned=len(pruned), days=days)
+            self.retention_started.set()
+            await trio.sleep(RETENTION_INTERVAL_S)
 
-    async def _write_events(self, entry: _Entry, events: builtins.list[TraceEvent]) -> None:
-        await self.journal.record_events(entry.migration.id, events)
-        entry.notify()
+    async def retain(self, finished_before: float) -> builtins.list[str]:
+        """One retention pass: ask the peers of the finished migrations between two
+        hosts that ended before ``finished_before`` whether they hold the outcome
+        (``peer.acks``), record each that does, then prune (``Journal.prune``)."""
+        ca_file = self.tls.ca_file if self.tls is not None else None
+        for record in await self.journal.unacknowledged(finished_before):
+            if await peer_holds_outcome(record, ca_file):
+                await self.journal.acknowledge(record.id)
+        return await self.journal.prune(finished_before)
 
     async def _recover_all(self) -> None:
         # Incoming migrations (this daemon was their destination) recover in
@@ -743,7 +768,7 @@ class MigrationService:
 
     async def _recover_task(
         self,
-        entry: _Entry,
+        entry: Entry,
         record: MigrationRecord,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -763,7 +788,7 @@ class MigrationService:
         if self.metrics is not None and report is not None:
             self.metrics.record_report(report)
 
-    def _status_of(self, entry: _Entry) -> MigrationStatus:
+    def _status_of(self, entry: Entry) -> MigrationStatus:
         m = entry.migration
         # The outcome shows once the report is journaled and the devices are
         # free, so whoever sees it can act on it at once.
@@ -778,20 +803,9 @@ class MigrationService:
             committed=m.committed,
             in_doubt=m.destination.in_doubt,
             created_at=entry.created_at,
+            started_at=entry.created_at,
+            finished_at=entry.finished_at if report else None,
             progress=None if report else Progress(**progress),
             control=m.live.state,
             report=report,
         )
-
-
-def _status_of_record(record: MigrationRecord) -> MigrationStatus:
-    return MigrationStatus(
-        id=record.id,
-        vm=record.vm,
-        phase=record.phase,
-        outcome=record.outcome,
-        committed=record.committed,
-        created_at=record.created_at,
-        control=record.control or initial(record.plan),
-        report=record.report,
-    )

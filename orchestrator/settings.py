@@ -352,6 +352,18 @@ class Settings(BaseSettings):
             "still before their commit point then are rolled back."
         ),
     )
+    journal_retention_days: float | None = Field(
+        None,
+        gt=0,
+        le=36500,
+        allow_inf_nan=False,
+        description=(
+            "Prune from the journal the migrations that finished more than this many days "
+            "ago, at start and then hourly: only finished ones, and of those between two "
+            "hosts only the ones whose outcome the peer daemon acknowledged (it may still "
+            "ask about the others).  Off unless set: the journal keeps everything."
+        ),
+    )
     handover_socket: Path | None = Field(
         None,
         description=(

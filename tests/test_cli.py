@@ -20,7 +20,7 @@ from orchestrator import cli
 from orchestrator.api.models import MigrationEvent
 from orchestrator.cli import OUTCOME_EXIT_STATUS, ExitStatus, exit_status, main
 from orchestrator.report import ErrorInfo, MigrationReport, Outcome
-from orchestrator.service import MigrationStatus
+from orchestrator.status import MigrationStatus
 
 PLANS = Path(__file__).resolve().parent.parent / "config" / "plans"
 
@@ -314,6 +314,7 @@ def ended(outcome: Outcome | None) -> dict[str, tuple[int, str, str]]:
         outcome=outcome,
         committed=outcome in ("succeeded", "failed"),
         created_at=1.0,
+        started_at=1.0,
         report=report,
     )
     event = MigrationEvent(

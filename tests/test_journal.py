@@ -689,9 +689,14 @@ async def test_a_version_2_journal_upgrades_keeping_every_row_index_and_trigger(
 
     with raw(tmp_path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-        # Every index and trigger kept; version 6's arc history brings its key's index.
+        # Every index and trigger kept (version 7 makes the no-delete ones again, with
+        # retention's one way through); version 6's arc history brings its key's index,
+        # version 7 retention's tables their triggers.
         assert schema_objects(db) == objects | {
-            ("index", "sqlite_autoindex_arc_history_1", "arc_history")
+            ("index", "sqlite_autoindex_arc_history_1", "arc_history"),
+            ("trigger", "pruning_only_finished", "pruning"),
+            ("trigger", "peer_acks_no_delete", "peer_acks"),
+            ("trigger", "peer_acks_no_update", "peer_acks"),
         }
         assert db.execute("SELECT rowid, id FROM migrations ORDER BY rowid").fetchall() == rowids
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator import service as service_module
+from orchestrator import journal_writer
 from orchestrator.errors import PlanError
 from orchestrator.journal import Journal
 from orchestrator.metrics import Metrics
@@ -18,11 +19,11 @@ from orchestrator.service import (
     DeviceBusy,
     MigrationNotFound,
     MigrationService,
-    MigrationStatus,
     PastCommitPoint,
     ShuttingDown,
     TooManyMigrations,
 )
+from orchestrator.status import MigrationStatus
 from tests.helpers import SUCCESS_PHASES, make_plan, sim_device
 
 
@@ -212,7 +213,7 @@ async def test_the_trace_of_a_downtime_window_is_journaled_once_it_closes(
 async def test_the_trace_is_held_back_no_longer_than_the_bound(
     service: MigrationService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "TRACE_HOLD_MAX_S", 0.05)
+    monkeypatch.setattr(journal_writer, "TRACE_HOLD_MAX_S", 0.05)
     status, _ = await service.submit(plan_for("vm1", "gpu0", transition_ms=300))
     await _inside_stop_copy(service, status.id)
     await trio.sleep(0.2)
@@ -268,3 +269,42 @@ async def test_one_migration_past_max_migrations_is_refused_and_nothing_recorded
             await wait_done(svc, second.id)
             await svc.shutdown(grace_s=5)
             nursery.cancel_scope.cancel()
+
+
+async def test_devices_shows_migrations_handovers_and_simulated_files(tmp_path: Path) -> None:
+    from orchestrator.backends import backends_for
+    from orchestrator.handover import HandleRegistry
+
+    state = tmp_path / "state"
+    registry = HandleRegistry()
+    registry.register_vm(7, "vm9")
+    registry.hand_over(7, "vm9", "nic9", "vhost_vdpa", os.open(os.devnull, os.O_RDONLY))
+    async with await Journal.open(state) as journal:
+        backends = backends_for(state, handles=registry)
+        svc = MigrationService(journal, backends=backends, handles=registry)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            done, _ = await svc.submit(plan_for("vm1", "gpu0"))
+            await wait_done(svc, done.id)
+            running, _ = await svc.submit(plan_for("vm2", "gpu1", state_mib=1, drain_mib_s=4))
+            devices = {d.device: d for d in svc.devices()}
+            assert set(devices) == {
+                "simulated:gpu0",
+                "simulated:gpu1",
+                "vhost_vdpa:handle:vm9/nic9",
+            }
+            assert devices["simulated:gpu1"].migration == running.id
+            gpu0 = devices["simulated:gpu0"]
+            assert gpu0.migration is None and len(gpu0.files) == 2 and gpu0.file_bytes > 0
+            nic9 = devices["vhost_vdpa:handle:vm9/nic9"]
+            assert (nic9.backend, nic9.name, nic9.handle, nic9.migration) == (
+                "vhost_vdpa",
+                "nic9",
+                "vm9/nic9",
+                None,
+            )
+            # A fresh list each time: nothing accumulates across calls.
+            assert svc.devices() == svc.devices()
+            await svc.shutdown(grace_s=0)
+            nursery.cancel_scope.cancel()
+    registry.close_all()

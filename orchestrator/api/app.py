@@ -5,13 +5,15 @@ answer (or its exception, through ``errors``) into JSON; there is no
 migration logic here.  Every endpoint is ``async def``: a sync one would run
 in a worker thread and triple the tail latency.
 
-Routes (all but ``/healthz`` need a bearer token, see ``middleware``):
+Routes (all but ``/healthz`` need a bearer token, see ``middleware``; a query
+parameter a route does not take is refused with 422, never ignored):
 
     POST /v1/migrations                 a plan in, its MigrationStatus out (201 accepted: it may
                                         still end refused; 200 when the Idempotency-Key
                                         repeats; 422 an invalid plan, nothing recorded)
-    GET  /v1/migrations                 filter by ?outcome= (succeeded, refused, rolled_back,
-                                        failed) and ?phase=
+    GET  /v1/migrations                 a page of summaries, newest first: ?limit= ?cursor=
+                                        (the last page's next_cursor), filters ?vm= ?outcome=
+                                        ?phase= ?since= (RFC 3339), ?view=full for each status
     GET  /v1/migrations/{id}            report + phase + live progress
     PATCH /v1/migrations/{id}           new downtime limit / bandwidth cap, until the pre-copy
                                         decision (200; 409 after it)
@@ -36,15 +38,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
 
 from orchestrator import __version__
 from orchestrator.control import ControlRequest
 from orchestrator.errors import OrchestratorError
 from orchestrator.flow import Phase
-from orchestrator.journal import JournalEvent
+from orchestrator.journal import Cursor, JournalEvent, MigrationFilter
 from orchestrator.peer.incoming_models import (
     IncomingReady,
     IncomingReplies,
@@ -54,7 +59,14 @@ from orchestrator.peer.incoming_models import (
 from orchestrator.peer.messages import encode
 from orchestrator.plan import Plan
 from orchestrator.report import Outcome
-from orchestrator.service import DeviceStatus, MigrationService, MigrationStatus
+from orchestrator.service import MigrationService
+from orchestrator.status import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    DeviceStatus,
+    MigrationList,
+    MigrationStatus,
+)
 
 from .errors import install_error_handlers
 from .middleware import BearerAuth, BodySizeLimit, CrashGuard
@@ -76,6 +88,12 @@ class SettleIncoming(BaseModel):
 
     decision: Literal["commit", "abort"]
     force: bool = Field(False, description="Settle even if the source answers.")
+
+
+class BadRequest(OrchestratorError):
+    """A header that cannot be read (the body and query answer 422 with field paths)."""
+
+    status_hint = 400
 
 
 class Forbidden(OrchestratorError):
@@ -107,6 +125,7 @@ Service = Annotated[MigrationService, Depends(_service)]
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
+        400: "A header that cannot be read (see the message).",
         401: "No bearer token (the answer has `WWW-Authenticate: Bearer`).",
         403: "The bearer token is not valid.",
         404: "No migration with this id.",
@@ -120,8 +139,38 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+async def _known_query(request: Request) -> None:
+    """A query parameter the route does not take is refused (422 names it), not
+    ignored: ``?limit=1&vmm=x`` must not answer as if no filter had been asked."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"unknown parameter (this route takes: {takes})",
+                    "type": "unknown_parameter",
+                }
+                for name in unknown
+            ]
+        )
+
+
 open_router = APIRouter(tags=["probes"])
-router = APIRouter(responses=_errors(401, 403))
+router = APIRouter(responses=_errors(401, 403), dependencies=[Depends(_known_query)])
 
 
 @open_router.get(
@@ -140,13 +189,10 @@ async def healthz() -> Health:
     responses=_errors(503),
 )
 async def readyz(service: Service) -> Readiness:
-    if not service.ready:
-        raise NotReady(
-            "the orchestrator is shutting down"
-            if not service.accepting
-            else "the orchestrator is recovering unfinished migrations"
-        )
-    return Readiness(ready=True)
+    reason = service.unready_reason()
+    if reason is not None:
+        raise NotReady(reason)
+    return Readiness(ready=True, recovered=True, accepting=True, journal_writable=True)
 
 
 @router.get(
@@ -196,8 +242,9 @@ async def submit_migration(
         ),
     ] = None,
 ) -> MigrationStatus:
-    if service.accepting and not service.ready:
-        raise NotReady("the orchestrator is recovering unfinished migrations; try again shortly")
+    reason = service.unready_reason() if service.accepting else None
+    if reason is not None:
+        raise NotReady(f"{reason}; try again shortly")
     status, created = await service.submit(plan, idempotency_key)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/migrations/{status.id}"
@@ -218,8 +265,9 @@ async def submit_migration(
     responses=_errors(409, 413, 422, 429, 503),
 )
 async def prepare_incoming(request: IncomingRequest, service: Service) -> IncomingReady:
-    if not service.accepting or not service.ready:
-        raise NotReady("the orchestrator is not ready to receive a migration")
+    reason = service.unready_reason()
+    if reason is not None:
+        raise NotReady(f"not ready to receive a migration: {reason}")
     return await service.incoming.prepare(request)
 
 
@@ -307,14 +355,33 @@ async def migration_decision(
     return encode(answer)
 
 
+def _cursor(value: str | None) -> str | None:
+    """A cursor must be one this daemon gave (422 ``query.cursor`` otherwise)."""
+    if value is not None:
+        Cursor.decode(value)  # ValueError: pydantic names the parameter
+    return value
+
+
 @router.get(
     "/v1/migrations",
     tags=["migrations"],
-    summary="Every migration this daemon knows, newest first.",
+    summary="The migrations this daemon knows, newest first, a page at a time.",
+    description=(
+        "Each entry is a summary (id, VM, phase, outcome, start and end times, downtime, "
+        "device count, error); `view=full` gives each migration's full status instead, "
+        "report included, as `GET /v1/migrations/{id}` does.  At most `limit` entries "
+        f"(default {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE}: more is refused, never "
+        "cut); `next_cursor` is where the next page starts (pass it as `cursor` with the "
+        "same filters), null after the last.  The order (newest first) is stable: a "
+        "migration started meanwhile does not shift the pages after the first.  Filters "
+        "combine: `vm`, `outcome`, `phase` (the last one journaled) and `since`.  422 "
+        "names the parameter for an unknown one or a bad value."
+    ),
     responses=_errors(422),
 )
 async def list_migrations(
     service: Service,
+    vm: Annotated[str | None, Query(min_length=1, description="Only this VM's migrations.")] = None,
     outcome: Annotated[
         Outcome | None,
         Query(
@@ -323,8 +390,34 @@ async def list_migrations(
         ),
     ] = None,
     phase: Annotated[Phase | None, Query(description="Only migrations in this phase.")] = None,
-) -> list[MigrationStatus]:
-    return await service.list(outcome=outcome, phase=None if phase is None else phase.value)
+    since: Annotated[
+        AwareDatetime | None,
+        Query(
+            description="Only migrations started at or after this RFC 3339 time "
+            "(2026-12-08T01:00:00Z; the offset is required)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int,
+        Query(ge=1, le=MAX_PAGE_SIZE, description="The most entries in this page."),
+    ] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[
+        str | None,
+        Query(description="The `next_cursor` of the previous page."),
+        AfterValidator(_cursor),
+    ] = None,
+    view: Annotated[
+        Literal["summary", "full"],
+        Query(description="summary: one line per migration; full: each one's full status."),
+    ] = "summary",
+) -> MigrationList:
+    where = MigrationFilter(
+        vm=vm,
+        outcome=outcome,
+        phase=None if phase is None else phase.value,
+        since=None if since is None else since.timestamp(),
+    )
+    return await service.page(where, cursor=cursor, limit=limit, full=view == "full")
 
 
 @router.get(
@@ -414,30 +507,46 @@ async def cancel_migration(migration_id: str, service: Service) -> MigrationStat
                 }
             },
         },
-        **_errors(404, 422),
+        **_errors(400, 404, 422),
     },
 )
 async def migration_events(
     migration_id: str,
     service: Service,
     last_event_id: Annotated[
-        int | None,
+        str | None,
         Header(
             alias="Last-Event-ID",
-            ge=0,
-            # Event ids are the journal's 64-bit sequence numbers: a larger one names
-            # no event, and would overflow the query after the 200 went out.
-            le=2**63 - 1,
-            description="Resume after the event with this id.",
+            description="Resume after the event with this id: a decimal from 0 to 2^63-1 "
+            "(400 for anything else).",
         ),
     ] = None,
 ) -> StreamingResponse:
+    after_seq = _event_id(last_event_id)
     await service.status(migration_id)  # 404 now, not in the middle of a 200
     return StreamingResponse(
-        _event_stream(service, migration_id, last_event_id or 0),
+        _event_stream(service, migration_id, after_seq),
         media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+#: The largest event id: the journal's sequence numbers are SQLite's 64-bit integers.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _event_id(header: str | None) -> int:
+    """The seq a ``Last-Event-ID`` names (0: none given); BadRequest for a header that
+    names no event, before the 200 goes out."""
+    if header is None:
+        return 0
+    text = header.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_EVENT_ID:
+        raise BadRequest(
+            f"Last-Event-ID {header[:40]!r} is not an event id: send the id of an event "
+            f"of this stream (a decimal from 0 to {MAX_EVENT_ID})"
+        )
+    return int(text)
 
 
 #: An event stream quiet this long sends a comment line: proxies and load balancers
@@ -465,7 +574,13 @@ def format_sse(event: JournalEvent) -> bytes:
 @router.get(
     "/v1/devices",
     tags=["devices"],
-    summary="The devices this daemon has migrated, and the migration holding each, if any.",
+    summary="The devices this daemon knows, and the migration holding each, if any.",
+    description=(
+        "Read only.  Every device a migration used since the daemon started, every one an "
+        "unfinished migration holds (recovered ones and incoming ones included), every one "
+        "a VMM handed over (`handle`), and every simulated device whose files are in the "
+        "state directory (`files`, `file_bytes`: they outlive migrations), by lock key."
+    ),
 )
 async def list_devices(service: Service) -> list[DeviceStatus]:
     return service.devices()

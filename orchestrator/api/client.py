@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,7 @@ import httpx
 
 from orchestrator import __version__
 from orchestrator.errors import Problem
-from orchestrator.service import MigrationStatus
+from orchestrator.status import DeviceStatus, MigrationList, MigrationStatus
 
 from .models import MigrationEvent
 
@@ -146,6 +146,15 @@ class Client:
     def status(self, migration_id: str) -> MigrationStatus:
         response = self._request("GET", f"/v1/migrations/{_quote(migration_id)}")
         return MigrationStatus.model_validate(response.json())
+
+    def page(self, params: Mapping[str, str | int]) -> MigrationList:
+        """One page of ``GET /v1/migrations`` (its query: filters, limit, cursor, view)."""
+        response = self._request("GET", "/v1/migrations", params=dict(params))
+        return MigrationList.model_validate(response.json())
+
+    def devices(self) -> list[DeviceStatus]:
+        response = self._request("GET", "/v1/devices")
+        return [DeviceStatus.model_validate(d) for d in response.json()]
 
     def cancel(self, migration_id: str) -> MigrationStatus:
         response = self._request("POST", f"/v1/migrations/{_quote(migration_id)}/cancel")

@@ -108,6 +108,8 @@ def problems_of_request(errors: Iterable[Mapping[str, Any]]) -> tuple[list[Probl
         loc = tuple(error.get("loc", ()))
         if loc[:1] != ("body",):
             all_in_body = False
+            if error.get("type") == "value_error":  # a validator's own words, unprefixed
+                error = {**error, "msg": str(error.get("msg", "")).removeprefix("Value error, ")}
             problems.extend(problems_from_errors([error]))
             continue
         rest = loc[1:]

@@ -99,3 +99,8 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool = Field(description="The service recovered the journal and accepts migrations.")
+    recovered: bool = Field(description="The migrations the journal held unfinished are resolved.")
+    accepting: bool = Field(description="Not shutting down: new migrations are accepted.")
+    journal_writable: bool = Field(
+        description="The journal takes writes (a 503 names the failure while it does not)."
+    )

@@ -617,6 +617,15 @@ class IncomingMigration:
             self.journaled = True
         except Exception as exc:  # journal trouble is logged, never loses the VM
             self.log.exception("incoming.journal_finish_failed", error=str(exc))
+        if self.journaled and not self.machine.committed:
+            # Not committed, it ended with the outcome the source journaled (its
+            # FinalOutcome, or its answer to a query): the source will not ask again,
+            # so retention may prune this record.  Failing that, it is only kept.
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.journal.acknowledge(self.id)
+            except Exception as exc:
+                self.log.warning("incoming.acknowledge_failed", error=str(exc))
         self.log.info("incoming.end", outcome=outcome)
         self.done.set()
 

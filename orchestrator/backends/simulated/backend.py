@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel
 
@@ -34,6 +34,15 @@ def _params(params: BaseModel) -> SimulatedParams:
     if not isinstance(params, SimulatedParams):
         raise TypeError(f"expected SimulatedParams, got {type(params).__name__}")
     return params
+
+
+class StoredDevice(NamedTuple):
+    """A persistent simulated device endpoint: its file and the file's size."""
+
+    name: str
+    side: Side
+    path: Path
+    bytes: int
 
 
 class SimulatedBackend(Backend):
@@ -62,6 +71,26 @@ class SimulatedBackend(Backend):
         if not name or name.startswith(".") or "/" in name or "\0" in name:
             raise ValueError(f"device name {name!r} cannot name a file")
         return self.state_dir / "simulated" / side.value / f"{name}.sim"
+
+    def stored_devices(self) -> list[StoredDevice]:
+        """The device files this backend keeps, by name then side (none in memory):
+        what an operator sees of them (``GET /v1/devices``).  Reads directories only."""
+        if self.state_dir is None:
+            return []
+        found = []
+        for side in Side:
+            folder = self.state_dir / "simulated" / side.value
+            try:
+                paths = sorted(folder.glob("*.sim"))
+            except OSError:
+                continue
+            for path in paths:
+                try:
+                    size = path.stat().st_size
+                except OSError:  # removed meanwhile
+                    continue
+                found.append(StoredDevice(path.stem, side, path, size))
+        return sorted(found, key=lambda d: (d.name, d.side.value))
 
     def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
         params = _params(source)
