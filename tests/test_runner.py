@@ -623,3 +623,18 @@ async def test_a_rollback_resumes_the_ordered_device_before_its_peers(
     nic_runs = back.index(("nic0", "RUNNING"))
     assert all(to != "RUNNING" for d, to in back[:nic_runs] if d != "nic0")
     assert {("gpu0", "RUNNING"), ("gpu1", "RUNNING")} <= set(back[nic_runs:])
+
+
+async def test_a_strict_budget_is_checked_before_the_ordered_device_stops(
+    autojump_clock: Any,
+) -> None:
+    devices = [*gpus(2), sim_device("nic0", p2p=False, transition_ms=1, seed=9)]
+    m = Migration(make_resolved(devices, downtime_policy="strict", downtime_limit_ms=1000))
+    r = await m.run()
+    await check_all(m)
+    assert r.outcome == "succeeded", r.error
+    assert r.budget is not None
+    steps = [c["step"] for c in r.budget["checks"]]
+    # Once as the peers stand in their grace states (before nic0 stops), once more
+    # as the source barrier releases them.
+    assert steps.count("stop_arcs") == 2, steps

@@ -468,7 +468,7 @@ class Migration:
             names=names,
         )
         if flow.ordered is not None:
-            sw.peers_graced = Barrier("peers_graced", len(names) - 1, lambda: None)
+            sw.peers_graced = Barrier("peers_graced", len(names) - 1, self._peers_graced)
         self.recorder.barrier_members = {
             "source_p2p": len(flow.barrier_members(SOURCE)),
             "destination_p2p": len(flow.barrier_members(Side.DESTINATION)),
@@ -687,6 +687,13 @@ class Migration:
             raise self.ctx.abort(
                 "peer_error", f"waiting for the switchover acknowledgement: {exc}"
             ) from None
+
+    def _peers_graced(self) -> None:
+        assert self.flow is not None
+        # Run by the last peer to reach its grace state: the ordered device's stop is
+        # the window's first, so the strict budget is checked before it, as before
+        # any stop without one.
+        self.budget.check("stop_arcs", self.flow)
 
     def _source_barrier_released(self) -> None:
         assert self.flow is not None
