@@ -39,7 +39,7 @@ import stat
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import trio
 
@@ -48,6 +48,7 @@ from orchestrator.cli_client import WatchBar, add_client_commands, client_comman
 from orchestrator.cli_output import (
     OUTCOME_EXIT_STATUS,
     ExitStatus,
+    ProgressTerminal,
     exit_status,
     exit_status_help,
     help_layout,
@@ -216,8 +217,13 @@ def _run(args: argparse.Namespace, interactive: bool) -> int:
     resolved = _load(args.plan)
     refuse_handles(resolved)  # no daemon here, so no handed-over devices
     migration = Migration(resolved)
-    show_progress = interactive and not args.no_progress
-    trio.run(_run_migration, migration, show_progress)
+    terminal = None
+    if interactive and not args.no_progress:
+        # Log lines go above the progress line, never onto it.
+        terminal = ProgressTerminal(sys.stderr)
+        level = args.log_level or "warning"
+        logs.configure(level, args.log_format or "console", stream=cast(TextIO, terminal))
+    trio.run(_run_migration, migration, terminal)
     report = migration.report
     assert report is not None
     if args.json:
@@ -227,11 +233,11 @@ def _run(args: argparse.Namespace, interactive: bool) -> int:
     return exit_status(report.outcome)
 
 
-async def _run_migration(migration: Migration, show_progress: bool) -> None:
+async def _run_migration(migration: Migration, terminal: ProgressTerminal | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_signal, migration)
-        if show_progress:
-            nursery.start_soon(_show_progress, migration, sys.stderr)
+        if terminal is not None:
+            nursery.start_soon(_show_progress, migration, terminal)
         await migration.run()
         nursery.cancel_scope.cancel()
 
@@ -249,15 +255,13 @@ async def _cancel_on_signal(migration: Migration) -> None:
                 )
 
 
-async def _show_progress(migration: Migration, out: TextIO) -> None:
+async def _show_progress(migration: Migration, terminal: ProgressTerminal) -> None:
     try:
         while True:
-            out.write("\r\x1b[K" + progress_line(migration.progress()))
-            out.flush()
+            terminal.show(progress_line(migration.progress()))
             await trio.sleep(0.1)
     finally:
-        out.write("\r\x1b[K")
-        out.flush()
+        terminal.clear()
 
 
 def print_summary(report: MigrationReport, resolved: ResolvedPlan, out: TextIO) -> None:

@@ -210,3 +210,41 @@ def print_status(status: MigrationStatus, as_json: bool, out: TextIO) -> None:
         )
     if status.report is not None:
         print_report(status.report, out)
+
+
+class ProgressTerminal:
+    """A terminal stream that keeps one progress line at its bottom: whatever else is
+    written to it (log lines) goes above it, never glued onto it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.line = ""
+        self._at_line_start = True
+
+    def show(self, line: str) -> None:
+        """Draw (or redraw) the progress line."""
+        self.line = line
+        self.out.write("\r\x1b[K" + line)
+        self.out.flush()
+
+    def clear(self) -> None:
+        self.line = ""
+        self.out.write("\r\x1b[K")
+        self.out.flush()
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        if self._at_line_start and self.line:
+            self.out.write("\r\x1b[K")  # the progress line gives way
+        self.out.write(text)
+        self._at_line_start = text.endswith("\n")
+        if self._at_line_start and self.line:
+            self.out.write(self.line)  # and comes back below
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()

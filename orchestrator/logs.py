@@ -27,7 +27,9 @@ def configure(
         # JSON renderer alone would write "exc_info": true and lose it.
         rendering = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        rendering = [structlog.dev.ConsoleRenderer(colors=False)]
+        # Colour on a terminal only: a file or a pipe gets plain text.
+        isatty = getattr(stream or sys.stderr, "isatty", None)
+        rendering = [structlog.dev.ConsoleRenderer(colors=bool(isatty and isatty()))]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

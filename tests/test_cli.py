@@ -377,3 +377,26 @@ def test_validate_prints_the_order_a_plan_will_use(capsys: pytest.CaptureFixture
     code = main(["validate", str(PLANS / "refused-non-p2p-mix.toml")])
     out = capsys.readouterr().out
     assert code == 2 and "'nic0', 'nic1'" in out and "no order helps" in out
+
+
+def test_log_lines_go_above_the_progress_line_never_onto_it() -> None:
+    import io
+
+    from orchestrator.cli_output import ProgressTerminal
+
+    out = io.StringIO()
+    terminal = ProgressTerminal(out)
+    terminal.show("[####----] precopy")
+    print("2026-12-08 [warning] device.failure", file=terminal)
+    terminal.show("[#####---] source_grace")
+    terminal.clear()
+    text = out.getvalue()
+    assert text == (
+        "\r\x1b[K[####----] precopy"
+        "\r\x1b[K2026-12-08 [warning] device.failure\n[####----] precopy"
+        "\r\x1b[K[#####---] source_grace"
+        "\r\x1b[K"
+    )
+    # What a terminal shows: each line rewritten from its start, the log on its own.
+    screen = [line.rsplit("\r\x1b[K", 1)[-1] for line in text.split("\n")]
+    assert screen == ["2026-12-08 [warning] device.failure", ""]
