@@ -470,6 +470,7 @@ async def serve(
                 advertise=settings.data.advertise,
                 tls=identity,
                 decision_key=_decision_key(settings.state_dir),
+                compat=settings.compat,
             )
             app = create_app(
                 service,

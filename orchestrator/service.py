@@ -55,6 +55,7 @@ import trio
 from pydantic import BaseModel, Field
 
 from orchestrator.backends import Backend
+from orchestrator.compat import CompatSettings
 from orchestrator.control import Control, ControlRefused, ControlRequest, initial
 from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration, TraceEvent
 from orchestrator.errors import OrchestratorError, PlanError, Problem
@@ -188,8 +189,11 @@ class MigrationService:
         advertise: str | None = None,
         decision_key: bytes | None = None,
         tls: TlsIdentity | None = None,
+        compat: CompatSettings | None = None,
     ) -> None:
         self.journal = journal
+        #: The ``[compat]`` policy every migration it coordinates compares identities by.
+        self.compat = compat or CompatSettings()
         #: This host's TLS identity for migration traffic (``[tls]``), if any.
         self.tls = tls
         self.metrics = metrics
@@ -499,7 +503,9 @@ class MigrationService:
     ) -> Migration:
         spec = resolved.plan.destination
         if spec is None:
-            return Migration(resolved, migration_id=migration_id, journal=self.journal)
+            return Migration(
+                resolved, migration_id=migration_id, journal=self.journal, compat=self.compat
+            )
         contact = SourceContact(self.source_api or "", self.decision_token(migration_id))
 
         def remote(driver: DeviceDriver, limiter: RateLimiter | None) -> RemoteDestination:
@@ -517,7 +523,11 @@ class MigrationService:
             )
 
         return Migration(
-            resolved, migration_id=migration_id, journal=self.journal, destination=remote
+            resolved,
+            migration_id=migration_id,
+            journal=self.journal,
+            destination=remote,
+            compat=self.compat,
         )
 
     async def decision(self, migration_id: str, token: str) -> DecisionAnswer | None:

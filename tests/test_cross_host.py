@@ -227,7 +227,7 @@ async def test_a_destination_of_another_protocol_version_refuses_before_anything
         assert status["outcome"] == "refused", status["report"]
         error = status["report"]["error"]
         assert "no common protocol version" in error["message"], error
-        assert "source speaks 1 to 2, this daemon 7 to 8" in error["message"], error
+        assert "source speaks 1 to 3, this daemon 7 to 8" in error["message"], error
         assert [d["source_state"] for d in status["report"]["devices"]] == ["RUNNING"]
         # Nothing was prepared there: its devices are free, its journal empty.
         assert b.journal_rows(status["id"]) == []

@@ -112,6 +112,15 @@ from orchestrator.backends import vfio_uapi as uapi
 from orchestrator.backends.base import Backend, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
 from orchestrator.backends.threaded import ThreadedDevice
+from orchestrator.backends.vfio_identity import (
+    CONFIG_BYTES,
+    IDENTITY_FIELDS,
+    config_fields,
+    sysfs_fields,
+    traced_sysfs,
+    vfio_identity,
+)
+from orchestrator.compat import Identity
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.handover import HandleRegistry
 from orchestrator.states import SAVING_STATES, Capabilities, DeviceState, MigrationFlags, Side
@@ -393,6 +402,14 @@ class Syscalls:
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
 
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        """``pread(2)``: a region of the device, such as its config space."""
+        return os.pread(fd, size, offset)
+
+    def fd_path(self, fd: int) -> str:
+        """What a descriptor opens, as ``/proc/self/fd`` links it (a cdev's path)."""
+        return os.readlink(f"/proc/self/fd/{fd}")
+
     def poll(self, fd: int, events: int, timeout_ms: int) -> bool:
         """Whether ``fd`` has any of ``events`` (or an error) within the timeout."""
         poller = select.poll()
@@ -538,6 +555,8 @@ class VfioDevice(ThreadedDevice):
         self._claimed: str | None = None
         #: Its model for the arc history, once opened by address (see _model_of).
         self._model: str | None = None
+        #: Its sysfs directory, once opened by address.
+        self._sysfs: Path | None = None
         self._state: DeviceState | None = None
         self._stream: _Stream | None = None
         self._last_digest: str | None = None
@@ -594,6 +613,11 @@ class VfioDevice(ThreadedDevice):
                 with self._lock:
                     self._device_fd = fd
         return await self._in_thread("open", self._open_blocking)
+
+    async def device_identity(self) -> Identity:
+        """PCI IDs, mdev type, driver and its version, migration flags
+        (``orchestrator.backends.vfio_identity``)."""
+        return await self._in_thread("identity", self._identity_blocking)
 
     async def get_state(self) -> DeviceState:
         return await self._in_thread(
@@ -790,6 +814,7 @@ class VfioDevice(ThreadedDevice):
             raise self._error("open", errno.ENODEV, exc.message) from None
         self.identity = location.identity
         self._model = _model_of(location.sysfs)
+        self._sysfs = location.sysfs
         key = str(location.sysfs)
         if not _REGISTRY.claim(key):
             raise self._error(
@@ -921,6 +946,29 @@ class VfioDevice(ThreadedDevice):
             elif err == errno.ENOENT:
                 hint = f"{path} does not exist (is the vfio module loaded?)"
             raise self._error(f"open({path})", err, hint) from None
+
+    def _identity_blocking(self, _: threading.Event) -> Identity:
+        fd = self._fd("identity")
+        sysfs = self._sysfs
+        if sysfs is None:  # handed over: traced back to its device where it can be
+            with contextlib.suppress(OSError):
+                sysfs = traced_sysfs(self.syscalls.fd_path(fd), self.sysfs_root)
+        fields = sysfs_fields(sysfs, self.sysfs_root) if sysfs is not None else {}
+        if "vendor" not in fields:  # an mdev, or a group's descriptor: its config space
+            fields.update(config_fields(self._config_header(fd)))
+        return vfio_identity(fields, self.capabilities)
+
+    def _config_header(self, fd: int) -> bytes:
+        """The first bytes of the device's PCI config space (none: no config region)."""
+        buf = uapi.region_info_request(uapi.VFIO_PCI_CONFIG_REGION_INDEX)
+        try:
+            self.syscalls.ioctl(fd, uapi.VFIO_DEVICE_GET_REGION_INFO, buf)
+            region = uapi.region_info_result(buf)
+            if not region.readable or region.size < CONFIG_BYTES:
+                return b""
+            return self.syscalls.pread(fd, CONFIG_BYTES, region.offset)
+        except OSError:
+            return b""  # not a PCI device: its sysfs is all there is
 
     def _query_capabilities(self) -> Capabilities:
         operation = "VFIO_DEVICE_FEATURE(MIGRATION)"
@@ -1142,6 +1190,7 @@ class VfioBackend(Backend):
 
     name: ClassVar[str] = "vfio"
     params_model: ClassVar[type[BaseModel]] = VfioParams
+    identity_fields: ClassVar[tuple[str, ...]] = IDENTITY_FIELDS
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.states import DeviceState
 
 __all__ = [
+    "IDENTITIES_VERSION",
     "MESSAGES",
     "PROTOCOL_VERSIONS",
     "Abort",
@@ -51,7 +52,11 @@ __all__ = [
 #: its range in the prepare call; the destination picks the newest both
 #: speak, or refuses before anything changes.
 #: Version 2 adds the strict budget's share (``Budget``, ``OverBudget``).
-PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+#: Version 3 adds each device's identity to the prepare answer (``identity``),
+#: which the source compares before any device leaves RUNNING.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: The first version whose prepare answer carries the devices' identities.
+IDENTITIES_VERSION = 3
 
 
 class MalformedMessage(ProtocolViolation):
