@@ -316,10 +316,13 @@ class Verdict:
 
     mismatches: list[Mismatch] = field(default_factory=list)
     accepted: list[Accepted] = field(default_factory=list)
+    #: Fields only one end reported: not compared.
+    unknown: list[str] = field(default_factory=list)
 
     def extend(self, other: Verdict) -> None:
         self.mismatches.extend(other.mismatches)
         self.accepted.extend(other.accepted)
+        self.unknown.extend(other.unknown)
 
     @property
     def message(self) -> str:
@@ -376,10 +379,16 @@ def compare(
             continue
         if src == dst:
             continue
+        if src is None or dst is None:
+            # One end could not tell (a handed-over device its host cannot trace):
+            # unknown is not a difference, and the report says it was not compared.
+            side = "source" if dst is None else "destination"
+            verdict.unknown.append(f"device {device!r}: {name} known on the {side} only")
+            continue
         by: str | None = None
         if name in accept:
             by = "the plan's accept_differences"
-        elif policy is not None and src is not None and dst is not None:
+        elif policy is not None:
             by = policy.rule_for(source.backend, source.model, name, src, dst)
         if by is None:
             verdict.mismatches.append(Mismatch(device, name, src, dst))

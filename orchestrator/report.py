@@ -220,6 +220,11 @@ class CompatibilityReport(BaseModel):
     mismatches: list[str] = Field(
         default_factory=list, description="Differences nothing accepted: the refusal's reasons."
     )
+    not_compared: list[str] = Field(
+        default_factory=list,
+        description="Fields only one end could read (a handed-over device its host cannot "
+        "trace to sysfs): unknown, so not compared.",
+    )
     policy: list[dict[str, Any]] = Field(
         default_factory=list,
         description="The coordinating daemon's [[compat.rules]] in force when it compared.",

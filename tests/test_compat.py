@@ -52,6 +52,15 @@ def test_equal_identities_pass_and_a_difference_names_device_field_and_values() 
     assert [m.field for m in two.mismatches] == ["firmware", "model"]
 
 
+def test_a_field_one_end_cannot_read_is_not_compared() -> None:
+    # A handed-over device its host cannot trace to sysfs reports no mdev type.
+    source = Identity("vfio", "mtty-1", {"mdev_type": "mtty-1", "vendor": "0x4348"})
+    destination = Identity("vfio", "0x4348:0x3253", {"vendor": "0x4348"})
+    verdict = compare("tty0", source, destination)
+    assert verdict.mismatches == []
+    assert verdict.unknown == ["device 'tty0': mdev_type known on the source only"]
+
+
 def test_the_plan_accepts_the_fields_it_names() -> None:
     verdict = compare("gpu0", sim(firmware="1"), sim(firmware="9"), accept=["firmware"])
     assert verdict.mismatches == []

@@ -1038,10 +1038,13 @@ class ConfigKernel(FakeKernel):
 
     OFFSET = 7 << 40
 
-    def __init__(self, config: bytes, fd_path: str = "anon_inode:[vfio-device]") -> None:
+    def __init__(
+        self, config: bytes, fd_path: str = "anon_inode:[vfio-device]", fd_info: str = ""
+    ) -> None:
         super().__init__()
         self.config = config
         self.path = fd_path
+        self.info = fd_info
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
         if request != uapi.VFIO_DEVICE_GET_REGION_INFO:
@@ -1060,6 +1063,9 @@ class ConfigKernel(FakeKernel):
 
     def fd_path(self, fd: int) -> str:
         return self.path
+
+    def fd_info(self, fd: int) -> str:
+        return self.info
 
 
 async def test_a_handed_over_descriptor_is_known_by_its_config_space() -> None:
@@ -1090,6 +1096,22 @@ async def test_a_handed_over_cdev_is_traced_back_to_its_device(tmp_path: Path) -
     assert identity.model == "0x10de:0x2330"
     assert identity.fields["driver"] == "mlx5_vfio_pci"
     assert identity.fields["revision"] == "0xa1"
+
+
+async def test_a_group_descriptor_is_traced_by_its_fdinfo(tmp_path: Path) -> None:
+    # Kernels that print vfio-device-syspath in fdinfo name the device of any descriptor.
+    root = fake_sysfs(tmp_path)
+    mdev = locate(VfioParams(mdev=UUID), root).sysfs
+    types = root / "devices" / "virtual" / "mtty" / "mtty" / "mdev_supported_types"
+    (types / "mtty-1").mkdir(parents=True)
+    _link(mdev / "mdev_type", types / "mtty-1")
+    info = f"pos:\t0\nflags:\t02000002\nvfio-device-syspath: /sys/bus/mdev/devices/{UUID}\n"
+    kernel = ConfigKernel(config_header(0x4348, 0x3253, 0, 0x4348, 0x3253), fd_info=info)
+    device = await fake_device(kernel)
+    device.sysfs_root = root
+    identity = await device.device_identity()
+    assert identity.model == "mtty-1"
+    assert identity.fields["vendor"] == "0x4348"  # an mdev's IDs: its config space
 
 
 def test_vfio_accept_differences_name_its_fields() -> None:

@@ -410,6 +410,10 @@ class Syscalls:
         """What a descriptor opens, as ``/proc/self/fd`` links it (a cdev's path)."""
         return os.readlink(f"/proc/self/fd/{fd}")
 
+    def fd_info(self, fd: int) -> str:
+        """The descriptor's ``/proc/self/fdinfo`` text."""
+        return Path(f"/proc/self/fdinfo/{fd}").read_text()
+
     def poll(self, fd: int, events: int, timeout_ms: int) -> bool:
         """Whether ``fd`` has any of ``events`` (or an error) within the timeout."""
         poller = select.poll()
@@ -952,7 +956,8 @@ class VfioDevice(ThreadedDevice):
         sysfs = self._sysfs
         if sysfs is None:  # handed over: traced back to its device where it can be
             with contextlib.suppress(OSError):
-                sysfs = traced_sysfs(self.syscalls.fd_path(fd), self.sysfs_root)
+                info = self.syscalls.fd_info(fd)
+                sysfs = traced_sysfs(self.syscalls.fd_path(fd), info, self.sysfs_root)
         fields = sysfs_fields(sysfs, self.sysfs_root) if sysfs is not None else {}
         if "vendor" not in fields:  # an mdev, or a group's descriptor: its config space
             fields.update(config_fields(self._config_header(fd)))

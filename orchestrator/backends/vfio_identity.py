@@ -16,8 +16,10 @@ The fields, each where the host tells it:
 * ``migration``: the migration capability flags (compatibility, not equality:
   the destination must have what the source's route uses).
 
-A descriptor handed over as a VFIO cdev (``/dev/vfio/devices/vfioN``) is traced
-back to its device through ``/sys/class/vfio-dev/vfioN/device``.  The identity's
+A handed-over descriptor is traced back to its device through the
+``vfio-device-syspath`` of its fdinfo, where the kernel prints one, or as a VFIO
+cdev (``/dev/vfio/devices/vfioN``) through ``/sys/class/vfio-dev/vfioN/device``.
+A field one end cannot read is not compared (the report lists it).  The identity's
 model, which ``[[compat.rules]]`` name, is the mdev type, else ``vendor:device``.
 """
 
@@ -78,10 +80,17 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def traced_sysfs(fd_path: str, sysfs_root: Path) -> Path | None:
+def traced_sysfs(fd_path: str, fd_info: str, sysfs_root: Path) -> Path | None:
     """The sysfs directory of the device a descriptor opens, where it can be told:
-    a VFIO cdev's (``/dev/vfio/devices/vfioN``); None for a group's device
-    descriptor (an anonymous inode) or anything else."""
+    the ``vfio-device-syspath`` its fdinfo gives (kernels that print it), else a
+    VFIO cdev's (``/dev/vfio/devices/vfioN``); None for a group's device
+    descriptor on an older kernel, or anything else."""
+    for line in fd_info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vfio-device-syspath" and value.strip().startswith("/sys/"):
+            path = sysfs_root.joinpath(*Path(value.strip()).parts[2:])
+            if path.exists():
+                return path.resolve()
     found = _CDEV.match(fd_path)
     if found is None:
         return None

@@ -551,6 +551,7 @@ class Migration:
         verdict = compare_all(pairs, self.compat)
         record.accepted = [a.as_json() for a in verdict.accepted]
         record.mismatches = [m.message for m in verdict.mismatches]
+        record.not_compared = list(verdict.unknown)
         for accepted in verdict.accepted:
             self.log.info("migration.difference_accepted", **accepted.as_json())
         if verdict.mismatches:

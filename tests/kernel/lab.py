@@ -253,6 +253,8 @@ def write_plan(path: Path, devices: list[dict[str, Any]], **top: Any) -> Path:
         lines.append("[[devices]]")
         lines.append(f'name = "{device["name"]}"')
         lines.append(f'backend = "{device["backend"]}"')
+        if "accept_differences" in device:
+            lines.append(f"accept_differences = {json.dumps(device['accept_differences'])}")
         for side in ("source", "destination"):
             fields = ", ".join(f"{k} = {json.dumps(v)}" for k, v in device[side].items())
             lines.append(f"{side} = {{ {fields} }}")
