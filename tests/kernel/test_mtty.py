@@ -296,6 +296,8 @@ def test_an_mtty_1_into_an_mtty_2_is_refused_before_any_change(
 
     # An operator who accepts the difference gets what the kernel says: the load
     # fails in pre-copy and the migration rolls back, the source's state intact.
+    with MttyHandle(source) as handle:
+        program(handle, 0, setting)  # its FIFO again: check_port drained it
     plan = write_plan(tmp_path / "accepted.toml", [{**device, "accept_differences": ["mdev_type"]}])
     result = orchestrator("run", plan, "--json")
     report = result.report()
