@@ -231,10 +231,25 @@ def _validate(args: argparse.Namespace) -> int:
             _print_problems(exc, sys.stdout)
         return ExitStatus.BAD_INPUT
     plan = resolved.plan
+    order = resolved.switchover_order()
     if args.json:
-        print(json.dumps({"valid": True, "vm": plan.vm, "devices": len(plan.devices)}))
+        print(
+            json.dumps(
+                {
+                    "valid": True,
+                    "vm": plan.vm,
+                    "devices": len(plan.devices),
+                    "order": order.as_dict() if order is not None else None,
+                }
+            )
+        )
     else:
         print(f"{args.plan}: valid: VM {plan.vm!r}, {len(plan.devices)} device(s)")
+        if order is None:
+            print("order: known once the devices are opened (their capabilities come from them)")
+        else:
+            for line in order.lines():
+                print(f"order: {line}")
     return ExitStatus.SUCCEEDED
 
 

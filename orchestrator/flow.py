@@ -16,9 +16,17 @@ DESIGN.md, chosen from its capabilities::
     destination   RUNNING -> ... -> RESUMING -> STOP -> RUNNING_P2P -> RUNNING
 
 A device without PRE_COPY skips pre-copy (all its state moves in
-STOP_COPY); a device without P2P has no grace state and so skips the
-barriers, which a plan only allows when the VM has a single device or when
-it declares ``p2p = false`` (the VM uses no peer-to-peer DMA).
+STOP_COPY).  A device without P2P has no grace state.  It skips the
+barriers when the VM has no other device or when the plan declares
+``p2p = false`` (the VM uses no peer-to-peer DMA).  Otherwise one such
+device (never two: each could DMA into the other while it is stopped) joins
+the barriers *by order*, as the VM's ``ordered`` device: on the source it
+stops after every peer stands in its grace state (a peer there may still
+receive DMA and starts none) and before any peer stops; on the destination
+it runs after every peer stands in RUNNING_P2P and before any peer runs
+fully; a rollback resumes it before its peers leave their grace states.
+Whenever it is stopped no peer can initiate DMA, and no peer is stopped
+while it runs.  ``switchover_order`` says the order a plan uses.
 
 The VM as a whole moves through phases (``Phase``): prepare, precopy,
 source_grace, stop_copy, destination_grace, commit, resume, release, or
@@ -30,15 +38,20 @@ raises ``ProtocolViolation`` and changes nothing):
 
 1. Source P2P barrier: no barrier device of the source stops (enters a
    state outside ``RUNNING_STATES``) while another barrier device of the
-   source could still issue P2P DMA (is in RUNNING or PRE_COPY).
+   source could still issue P2P DMA (is in RUNNING or PRE_COPY).  The
+   ordered device is a barrier device with no grace state: it stops only
+   once every peer is in its grace state, and no peer stops while it runs.
 2. Reverse barrier, in rollback: no barrier device of the source runs fully
    again (RUNNING or PRE_COPY) while another is still stopped.
 3. Destination barrier: no destination device runs fully before every
-   barrier device of the destination is in RUNNING_P2P or RUNNING.
+   barrier device of the destination is in RUNNING_P2P or RUNNING (so the
+   ordered device, which waits in STOP, runs before any peer).
 4. Commit: no destination device runs fully before the commit decision is
    recorded; no source device enters any running state after it.
 5. A device in ERROR leaves it only by a reset, and a reset device no
-   longer takes part in any barrier (its DMA context is gone).
+   longer takes part in any barrier (its DMA context is gone).  A device in
+   ERROR does not count as stopped for its peers: whatever DMA reaches it is
+   lost in the reset it is due for.
 
 The commit point is reached when every destination device has loaded its
 stream and stands in its grace state; the runner then records the decision
@@ -152,35 +165,62 @@ def check_capabilities(
     and checked again once they are opened.
     """
     problems: list[Problem] = []
-    multi = len(plan.devices) > 1
     index = {spec.name: i for i, spec in enumerate(plan.devices)}
     for name, (src, dst) in capabilities.items():
-        where = f"devices[{index.get(name, 0)}]"
         if src.p2p != dst.p2p:
             problems.append(
                 Problem(
-                    where,
+                    f"devices[{index.get(name, 0)}]",
                     f"device {name!r}: the source {'has' if src.p2p else 'lacks'} the P2P states "
                     f"but the destination {'has' if dst.p2p else 'lacks'} them; "
                     "both ends must agree "
                     "for the grace barriers to mean the same on both hosts",
                 )
             )
-        if multi and plan.p2p and not (src.p2p and dst.p2p):
-            problems.append(
-                Problem(
-                    where,
-                    f"device {name!r} has no P2P (NDMA) states, so it cannot take part in the "
-                    f"P2P grace barrier; a VM with {len(plan.devices)} devices may only migrate if "
-                    "every device has them, or if the plan declares p2p = false (the VM uses no "
-                    "peer-to-peer DMA between its devices)",
-                )
+    lacking = _lacking_p2p(plan, capabilities)
+    if len(lacking) > 1:
+        names = ", ".join(repr(n) for n in lacking)
+        problems.append(
+            Problem(
+                f"devices[{index.get(lacking[0], 0)}]",
+                f"devices {names} have no P2P (NDMA) states: one such device can join "
+                "the P2P set by order (it stops after its peers enter their grace states "
+                "and runs before they leave them), but with two no order helps, since each "
+                "could DMA into the other while it is stopped; the plan must declare "
+                "p2p = false (the VM uses no peer-to-peer DMA between its devices) or "
+                "migrate at most one device without P2P",
             )
+        )
     return problems
 
 
+def _lacking_p2p(
+    plan: Plan, capabilities: Mapping[str, tuple[Capabilities, Capabilities]]
+) -> list[str]:
+    """The devices of a multi-device P2P plan without the P2P states at either end,
+    in plan order."""
+    if len(plan.devices) < 2 or not plan.p2p:
+        return []
+    return [
+        spec.name
+        for spec in plan.devices
+        if spec.name in capabilities and not all(caps.p2p for caps in capabilities[spec.name])
+    ]
+
+
+def ordered_device(plan: Plan, capabilities: Mapping[str, Capabilities]) -> str | None:
+    """The VM's ordered device: the one device without P2P of a multi-device
+    plan that does not declare ``p2p = false`` (it takes part in the barriers
+    by order); None when there is none."""
+    if len(plan.devices) < 2 or not plan.p2p:
+        return None
+    lacking = [spec.name for spec in plan.devices if not capabilities[spec.name].p2p]
+    return lacking[0] if len(lacking) == 1 else None
+
+
 def barrier_skip_reason(plan: Plan, name: str, caps: Capabilities) -> str | None:
-    """Why a device skips the P2P barriers, or None when it takes part."""
+    """Why a device skips the P2P barriers, or None when it takes part (with its
+    grace state, or as the ordered device)."""
     if caps.p2p:
         return None
     if len(plan.devices) == 1:
@@ -188,9 +228,69 @@ def barrier_skip_reason(plan: Plan, name: str, caps: Capabilities) -> str | None
             f"device {name!r} has no P2P states; it is the VM's only device, "
             "so no peer can DMA to it"
         )
+    if plan.p2p:
+        return None
     return (
         f"device {name!r} has no P2P states; the plan declares p2p = false "
         "(the VM uses no peer-to-peer DMA), so it skips the grace barriers"
+    )
+
+
+def ordered_note(name: str) -> str:
+    return (
+        f"device {name!r} has no P2P states: it joins the P2P set by order, stopping "
+        "on the source after every peer stands in its grace state and before any "
+        "peer stops, and running on the destination before any peer leaves its "
+        "grace state"
+    )
+
+
+@dataclass(frozen=True)
+class SwitchoverOrder:
+    """The order of the switchover, as stages: the devices of one stage move
+    together, a stage begins once the one before it is done."""
+
+    #: Source, from running to stopped: (what the stage does, its devices).
+    source: tuple[tuple[str, tuple[str, ...]], ...]
+    #: Destination, from loaded to running.
+    destination: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def lines(self) -> list[str]:
+        def side(label: str, stages: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+            steps = " -> ".join(f"{what} [{', '.join(names)}]" for what, names in stages)
+            return f"{label}: {steps}"
+
+        return [side("source", self.source), side("destination", self.destination)]
+
+    def as_dict(self) -> dict[str, list[dict[str, object]]]:
+        return {
+            side: [{"step": what, "devices": list(names)} for what, names in stages]
+            for side, stages in (("source", self.source), ("destination", self.destination))
+        }
+
+
+def switchover_order(plan: Plan, capabilities: Mapping[str, Capabilities]) -> SwitchoverOrder:
+    """The order in which a plan's devices stop and run, given their (source)
+    capabilities: every device stops at once after the source barrier and runs
+    at once after the commit, except the ordered device, which has a stage of
+    its own between its peers' grace states and their stop (and run)."""
+    names = tuple(spec.name for spec in plan.devices)
+    ordered = ordered_device(plan, capabilities)
+    graced = tuple(n for n in names if capabilities[n].p2p and len(names) > 1)
+    if ordered is None:
+        src: list[tuple[str, tuple[str, ...]]] = []
+        if graced:
+            src.append(("grace", graced))
+        src.append(("stop", names))
+        dst: list[tuple[str, tuple[str, ...]]] = []
+        if graced:
+            dst.append(("grace", graced))
+        dst.append(("run", names))
+        return SwitchoverOrder(tuple(src), tuple(dst))
+    peers = tuple(n for n in names if n != ordered)
+    return SwitchoverOrder(
+        source=(("grace", peers), ("stop", (ordered,)), ("stop", peers)),
+        destination=(("grace", peers), ("run", (ordered,)), ("run", peers)),
     )
 
 
@@ -379,6 +479,8 @@ class MigrationFlow:
     phase: Phase = Phase.PREPARE
     committed: bool = False
     notes: list[str] = field(default_factory=list)
+    #: The one device without P2P that joins the barriers by order, if any.
+    ordered: str | None = None
     # Barrier members of each side that could issue P2P DMA (fully running,
     # or an arc there in flight), and those that are stopped (or stopping).
     # Kept up to date on every change so that checking an arc costs O(1)
@@ -399,6 +501,9 @@ class MigrationFlow:
         if problems:
             raise PlanError(problems)
         flow = cls(plan)
+        flow.ordered = ordered_device(plan, {n: caps[0] for n, caps in capabilities.items()})
+        if flow.ordered is not None:
+            flow.notes.append(ordered_note(flow.ordered))
         for spec in plan.devices:
             src, dst = capabilities[spec.name]
             skip = barrier_skip_reason(plan, spec.name, src)
@@ -423,6 +528,7 @@ class MigrationFlow:
         both ends; this one keeps the destination's invariants (3 to 5).
         """
         flow = cls(plan)
+        flow.ordered = ordered_device(plan, capabilities)
         for spec in plan.devices:
             caps = capabilities[spec.name]
             endpoint = Endpoint(
@@ -446,6 +552,11 @@ class MigrationFlow:
 
     def side(self, side: Side) -> list[Endpoint]:
         return [e for e in self.endpoints.values() if e.side is side]
+
+    def order(self) -> SwitchoverOrder:
+        """The order in which this migration's devices stop and run."""
+        endpoints = self.side(Side.SOURCE) or self.side(Side.DESTINATION)
+        return switchover_order(self.plan, {e.name: e.capabilities for e in endpoints})
 
     def barrier_members(self, side: Side) -> list[Endpoint]:
         return [e for e in self.side(side) if e.barrier and not e.reset]
@@ -540,13 +651,9 @@ class MigrationFlow:
         its barrier peers may still be stopped (invariant 2, resets included)."""
         e = self.endpoint(side, name)
         if side is Side.SOURCE and e.barrier and not e.reset:
-            # A peer in ERROR is no obstacle: it is itself to be reset.
-            stopped = {
-                n
-                for n in self._stopped[side]
-                if self.endpoints[(side, n)].state is not DeviceState.ERROR
-            }
-            peers = _others(stopped, name)
+            # A peer in ERROR is no obstacle (not among the stopped): it is itself
+            # to be reset.
+            peers = _others(self._stopped[side], name)
             if peers:
                 raise ProtocolViolation(
                     f"{_who(e)} may not be reset (it would read RUNNING) while {peers} is stopped"
@@ -590,7 +697,9 @@ class MigrationFlow:
         if e.barrier and not e.reset:
             if e.state in FULLY_RUNNING or e.pending in FULLY_RUNNING:
                 exposed.add(e.name)
-            if _stopped(e):
+            # A device in ERROR is no obstacle: whatever reaches it is lost in
+            # the reset it is due for.
+            if _stopped(e) and e.state is not DeviceState.ERROR:
                 stopped.add(e.name)
 
     def _check_barriers(self, e: Endpoint, target: DeviceState) -> None:

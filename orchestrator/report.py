@@ -291,3 +291,10 @@ class MigrationReport(BaseModel):
         description="The limits in force at the end and every change an operator made "
         "while the migration was in pre-copy.",
     )
+    order: dict[str, list[dict[str, Any]]] | None = Field(
+        None,
+        description="The order the devices stopped and ran in, per side (source, "
+        "destination): stages of step (grace, stop, run) and devices, each stage begun "
+        "once the one before it was done; a device without P2P states among P2P peers "
+        "has a stage of its own.  None when the devices were never opened together.",
+    )

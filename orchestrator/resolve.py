@@ -38,7 +38,7 @@ from orchestrator.backends import Backend, get_backend
 from orchestrator.backends.handles import NEEDS_DAEMON
 from orchestrator.compat import CAPABILITIES_FIELD, FEATURES_FIELD
 from orchestrator.errors import PlanError, Problem
-from orchestrator.flow import check_capabilities
+from orchestrator.flow import SwitchoverOrder, check_capabilities, switchover_order
 from orchestrator.handover import HANDLE_PARAM, HandleRegistry
 from orchestrator.plan import Plan, parse_plan, problems_from_validation, read_plan_data
 from orchestrator.states import Capabilities
@@ -72,6 +72,16 @@ class ResolvedPlan:
     def handles(self) -> list[str]:
         """Every handed-over device the plan names, once each."""
         return list(dict.fromkeys(h for d in self.devices for h in d.handles()))
+
+    def switchover_order(self) -> SwitchoverOrder | None:
+        """The order the devices will stop and run in, where every device's
+        capabilities are known without opening it (else None)."""
+        caps: dict[str, Capabilities] = {}
+        for d in self.devices:
+            if d.source_capabilities is None:
+                return None
+            caps[d.name] = d.source_capabilities
+        return switchover_order(self.plan, caps)
 
     def device_keys(self) -> list[str]:
         """Every device's lock keys, once each: what the service locks for this plan."""

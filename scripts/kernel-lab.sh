@@ -145,10 +145,18 @@ EOF
         cmd="$cmd '$(printf '%s' "$arg" | sed "s/'/'\\\\''/g")'"
     done
     # vng runs its helpers (virtme-run) by name: they live beside it in .venv.
-    PATH="$root/.venv/bin:$PATH" "$root/.venv/bin/vng" --run "/boot/vmlinuz-$kver" --disable-kvm --force-9p \
-        --cpus 2 --memory 2G --rwdir="$lab/results" \
-        --append "modprobe.blacklist=$blacklist" \
-        --exec "$cmd"
+    # QEMU opens the guest's stdout and stderr as files (/proc/self/fd/1, 2),
+    # truncating them: through a pipe, a log this script's output goes to (CI's)
+    # keeps what came before.  The exit status goes round the pipe in a file.
+    {
+        status=0
+        PATH="$root/.venv/bin:$PATH" "$root/.venv/bin/vng" --run "/boot/vmlinuz-$kver" \
+            --disable-kvm --force-9p --cpus 2 --memory 2G --rwdir="$lab/results" \
+            --append "modprobe.blacklist=$blacklist" \
+            --exec "$cmd" || status=$?
+        echo "$status" >"$lab/results/boot-status"
+    } 2>&1 | cat
+    return "$(cat "$lab/results/boot-status")"
 }
 
 case "${1:-}" in

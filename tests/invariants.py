@@ -32,17 +32,24 @@ def check_barriers_held(m: Migration) -> None:
     src_members = {e.name for e in m.flow.side(Side.SOURCE) if e.barrier}
     dst_members = {e.name for e in m.flow.side(Side.DESTINATION) if e.barrier}
     in_grace: dict[Side, set[str]] = {Side.SOURCE: set(), Side.DESTINATION: set()}
+    # The ordered device has no grace state: stopped (source) or loaded in STOP
+    # (destination) stands for it, and it needs none of its own to stop or run.
+    ordered = m.flow.ordered
+    own = {ordered} if ordered is not None else set()
     for e in _forward(m.trace):
-        if e.kind == "arc_end" and e.to_state in P2P_STATES and e.side is not None:
+        if e.kind == "arc_end" and e.side is not None:
             assert e.device is not None
-            in_grace[e.side].add(e.device)
+            if e.to_state in P2P_STATES or (e.device == ordered and e.to_state is DeviceState.STOP):
+                in_grace[e.side].add(e.device)
+            if e.device == ordered and e.to_state not in RUNNING_STATES and e.side is Side.SOURCE:
+                in_grace[e.side].add(e.device)
         if e.kind != "arc_begin" or e.device is None:
             continue
         if e.side is Side.SOURCE and e.device in src_members and e.to_state not in RUNNING_STATES:
-            missing = src_members - in_grace[Side.SOURCE]
+            missing = src_members - in_grace[Side.SOURCE] - (own & {e.device})
             assert not missing, f"source {e.device} stopped (seq {e.seq}) before {missing} in grace"
         if e.side is Side.DESTINATION and e.device in dst_members and e.to_state in FULLY_RUNNING:
-            missing = dst_members - in_grace[Side.DESTINATION]
+            missing = dst_members - in_grace[Side.DESTINATION] - (own & {e.device})
             assert not missing, (
                 f"destination {e.device} ran (seq {e.seq}) before {missing} in grace"
             )
@@ -142,7 +149,7 @@ def check_reverse_barrier(m: Migration) -> None:
         if e.side is not Side.SOURCE or e.device not in members:
             continue
         if (e.kind == "arc_end" and e.to_state is not None) or (
-            e.kind == "arc_failed" and e.to_state is not None
+            e.kind in ("arc_failed", "arc_settled") and e.to_state is not None
         ):
             state[e.device] = e.to_state
         runs = (e.kind == "arc_begin" and e.to_state in FULLY_RUNNING) or e.kind == "reset"
@@ -157,6 +164,62 @@ def check_reverse_barrier(m: Migration) -> None:
             state[e.device] = DeviceState.RUNNING
 
 
+def check_no_dma_into_a_stopped_device(m: Migration) -> None:
+    """(a), whatever the order, forward and back: on the source no barrier device
+    stops while another could still initiate P2P DMA (runs fully, or is on its
+    way there), and on either side none runs fully again, nor (source) is reset,
+    while another is stopped (a device in ERROR is not: it is to be reset)."""
+    if m.flow is None:
+        return
+    for side in Side:
+        _Replay(side, {e.name for e in m.flow.side(side) if e.barrier}).check(m.trace)
+
+
+class _Replay:
+    """One side's barrier devices, replayed from the trace."""
+
+    def __init__(self, side: Side, members: set[str]) -> None:
+        self.side = side
+        self.members = members
+        self.state = dict.fromkeys(members, DeviceState.RUNNING)
+        self.pending: dict[str, DeviceState] = {}
+
+    def exposed(self, n: str) -> bool:
+        return self.state[n] in FULLY_RUNNING or self.pending.get(n) in FULLY_RUNNING
+
+    def stopped(self, n: str) -> bool:
+        state, pending = self.state[n], self.pending.get(n)
+        stops = state not in RUNNING_STATES
+        stops |= pending is not None and pending not in RUNNING_STATES
+        return stops and state is not DeviceState.ERROR
+
+    def check(self, trace: list[TraceEvent]) -> None:
+        side, members = self.side, self.members
+        for e in trace:
+            name = e.device
+            if e.side is not side or name is None or name not in members:
+                continue
+            others = members - {name}
+            if e.kind == "arc_begin" and e.to_state is not None:
+                if side is Side.SOURCE and e.to_state not in RUNNING_STATES:
+                    risk = {n for n in others if self.exposed(n)}
+                    assert not risk, f"source {name} stopped (seq {e.seq}) while {risk} could DMA"
+                if e.to_state in FULLY_RUNNING and self.state[name] not in FULLY_RUNNING:
+                    risk = {n for n in others if self.stopped(n)}
+                    assert not risk, f"{side.value} {name} ran (seq {e.seq}) while {risk} stopped"
+                self.pending[name] = e.to_state
+            elif e.kind in ("arc_end", "arc_failed", "arc_settled"):
+                self.pending.pop(name, None)
+                if e.to_state is not None:
+                    self.state[name] = e.to_state
+            elif e.kind == "reset":
+                if side is Side.SOURCE:
+                    risk = {n for n in others if self.stopped(n)}
+                    assert not risk, f"source {name} reset (seq {e.seq}) while {risk} stopped"
+                # A reset device reads RUNNING and no longer takes part.
+                members.discard(name)
+
+
 def check_downtime_window_closed(m: Migration) -> None:
     """However the migration ended, it is no longer inside its downtime window
     (the daemon's journal writer holds back while any migration is)."""
@@ -166,6 +229,7 @@ def check_downtime_window_closed(m: Migration) -> None:
 async def check_all(m: Migration) -> None:
     check_barriers_held(m)
     check_reverse_barrier(m)
+    check_no_dma_into_a_stopped_device(m)
     check_commit_ordering(m)
     check_downtime_window_closed(m)
     await check_outcome(m)

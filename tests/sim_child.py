@@ -32,7 +32,8 @@ COMMIT_RECORD_S = 0.3
 
 
 def migration_plan() -> Plan:
-    """Two devices in the P2P barrier: one with pre-copy (dirtying), one without."""
+    """Two devices in the P2P barrier: one with pre-copy (dirtying), one without;
+    and one without P2P, which joins them by order (stops last, runs first)."""
     return make_plan(
         [
             sim_device(
@@ -44,6 +45,7 @@ def migration_plan() -> Plan:
                 destination={**SLOW, "drain_mib_s": 2.0},
             ),
             sim_device("nic0", state_mib=0.125, seed=12, pre_copy=False, **SLOW, destination=SLOW),
+            sim_device("vf0", state_mib=0.0625, seed=13, p2p=False, **SLOW, destination=SLOW),
         ],
         vm="vm-crash",
         # Slow arcs and a slow commit record: a limit the predicted window fits,

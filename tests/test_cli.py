@@ -360,3 +360,19 @@ def test_a_daemon_that_answers_5xx_or_not_at_all_is_unavailable(
     assert "stopping (503 shutting_down)" in capsys.readouterr().err
     assert main(["watch", "m1", *connection]) == 5  # the socket is gone
     assert "cannot reach the orchestrator" in capsys.readouterr().err
+
+
+def test_validate_prints_the_order_a_plan_will_use(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(PLANS / "one-nic-without-p2p.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "order: source: grace [gpu0, gpu1] -> stop [nic0] -> stop [gpu0, gpu1]" in out
+    assert "order: destination: grace [gpu0, gpu1] -> run [nic0] -> run [gpu0, gpu1]" in out
+    assert main(["validate", "--json", str(PLANS / "two-gpus-one-nic.toml")]) == 0
+    order = json.loads(capsys.readouterr().out)["order"]
+    assert order["source"] == [
+        {"step": "grace", "devices": ["gpu0", "gpu1", "nic0"]},
+        {"step": "stop", "devices": ["gpu0", "gpu1", "nic0"]},
+    ]
+    code = main(["validate", str(PLANS / "refused-non-p2p-mix.toml")])
+    out = capsys.readouterr().out
+    assert code == 2 and "'nic0', 'nic1'" in out and "no order helps" in out

@@ -18,6 +18,7 @@ from orchestrator.peer import messages
 from orchestrator.peer.remote import _KeepChannel
 from orchestrator.transport import StreamSender
 from tests.test_daemon import unix_client
+from tests.test_runner import assert_ordered
 from tests.two_daemons import Host, cross_plan, ended, two_daemons, until
 
 two_hosts = two_daemons
@@ -600,3 +601,31 @@ async def test_the_destination_answers_with_its_hosts_history_labelled_so(
     assert first["run_arcs"]["source"] != "history"
     assert last["run_arcs"]["source"] == "history"
     assert last["run_arcs"]["ms"] >= 5.0
+
+
+async def test_one_device_without_p2p_joins_by_order_between_two_daemons(
+    short_dir: Path, token_file: Path
+) -> None:
+    async with two_hosts(short_dir, token_file) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0", "gpu1", "nic0")
+        plan["devices"][2]["source"] = {**plan["devices"][2]["source"], "p2p": False}
+        status = await submit(a, plan)
+        report = status["report"]
+        assert status["outcome"] == "succeeded", report
+        assert [stage["devices"] for stage in report["order"]["destination"]] == [
+            ["gpu0", "gpu1"],
+            ["nic0"],
+            ["gpu0", "gpu1"],
+        ]
+        # The source's journal holds both hosts' arcs in the order they happened
+        # (the destination's as it reported them, one after another).
+        events = [
+            (e.kind, e.side, e.device, e.to_state)
+            async for e in a.service.follow(status["id"])
+            if e.kind in ("arc_begin", "arc_end")
+        ]
+        assert_ordered(events, "nic0")
+        far = await incoming(b, status["id"])
+        assert {n: d["state"] for n, d in far["devices"].items()} == dict.fromkeys(
+            ("gpu0", "gpu1", "nic0"), "RUNNING"
+        )

@@ -82,16 +82,89 @@ def test_routes_follow_capabilities() -> None:
         assert dst.grace is (S.RUNNING_P2P if caps.p2p else None)
 
 
-def test_multi_device_without_p2p_is_refused_naming_device() -> None:
-    plan = plan_of(3)
+def test_two_devices_without_p2p_are_refused_naming_both() -> None:
+    plan = plan_of(4)
     problems = check_capabilities(
-        plan, {"d0": (FULL, FULL), "d1": (BARE, BARE), "d2": (FULL, FULL)}
+        plan,
+        {"d0": (FULL, FULL), "d1": (BARE, BARE), "d2": (FULL, FULL), "d3": (PRECOPY_ONLY,) * 2},
     )
     assert len(problems) == 1
     assert problems[0].path == "devices[1]"
-    assert "'d1'" in problems[0].message and "p2p = false" in problems[0].message
+    message = problems[0].message
+    assert "'d1', 'd3'" in message and "p2p = false" in message and "no order" in message
     with pytest.raises(PlanError, match="d1"):
-        flow_of([FULL, BARE, FULL])
+        flow_of([FULL, BARE, FULL, PRECOPY_ONLY])
+
+
+def test_one_device_without_p2p_joins_the_p2p_set_by_order() -> None:
+    flow = flow_of([FULL, BARE, P2P_ONLY])
+    assert flow.ordered == "d1"
+    assert all(e.barrier for e in flow.endpoints.values())
+    assert len(flow.notes) == 1 and "'d1'" in flow.notes[0] and "by order" in flow.notes[0]
+    order = flow.order()
+    assert order.source == (("grace", ("d0", "d2")), ("stop", ("d1",)), ("stop", ("d0", "d2")))
+    assert order.destination == (("grace", ("d0", "d2")), ("run", ("d1",)), ("run", ("d0", "d2")))
+    assert order.lines()[0] == "source: grace [d0, d2] -> stop [d1] -> stop [d0, d2]"
+    # Without an ordered device every device stops, then runs, at once.
+    plain = flow_of([FULL, FULL]).order()
+    assert plain.source == (("grace", ("d0", "d1")), ("stop", ("d0", "d1")))
+    assert flow_of([BARE]).order().as_dict() == {
+        "source": [{"step": "stop", "devices": ["d0"]}],
+        "destination": [{"step": "run", "devices": ["d0"]}],
+    }
+
+
+def test_ordered_device_stops_last_runs_first_by_hand() -> None:
+    flow = flow_of([FULL, BARE, FULL])
+    src, dst = Side.SOURCE, Side.DESTINATION
+    for n in ("d0", "d1", "d2"):
+        walk(flow, dst, n, S.RESUMING)
+    flow.enter_phase(Phase.PRECOPY)
+    walk(flow, src, "d0", S.PRE_COPY)
+    walk(flow, src, "d2", S.PRE_COPY)
+    flow.enter_phase(Phase.SOURCE_GRACE)
+    # d1 may not stop while a peer could still DMA into it.
+    forbidden(flow, src, "d1", S.STOP_COPY)
+    walk(flow, src, "d0", S.PRE_COPY_P2P)
+    forbidden(flow, src, "d1", S.STOP_COPY)
+    walk(flow, src, "d2", S.PRE_COPY_P2P)
+    # Its peers are in their grace states: still none may stop while d1 runs.
+    forbidden(flow, src, "d0", S.STOP_COPY)
+    with pytest.raises(ProtocolViolation):
+        flow.enter_phase(Phase.STOP_COPY)
+    walk(flow, src, "d1", S.STOP_COPY)
+    flow.enter_phase(Phase.STOP_COPY)
+    walk(flow, src, "d0", S.STOP_COPY)
+    walk(flow, src, "d2", S.STOP_COPY)
+    flow.enter_phase(Phase.DESTINATION_GRACE)
+    walk(flow, dst, "d1", S.STOP)
+    for n in ("d0", "d2"):
+        walk(flow, dst, n, S.RUNNING_P2P)
+    assert flow.commit_point_reached()  # d1 counts once loaded, in STOP
+    flow.enter_phase(Phase.COMMIT)
+    flow.record_commit()
+    # No peer runs fully while d1 stands stopped; d1 runs first.
+    forbidden(flow, dst, "d0", S.RUNNING)
+    walk(flow, dst, "d1", S.RUNNING)
+    walk(flow, dst, "d0", S.RUNNING)
+    walk(flow, dst, "d2", S.RUNNING)
+
+
+def test_ordered_device_resumes_first_in_a_rollback() -> None:
+    flow = flow_of([FULL, BARE, FULL])
+    for step in forward_steps(flow):
+        if step[0] == "phase" and step[3] is Phase.DESTINATION_GRACE:
+            break
+        apply_step(flow, step)
+    flow.enter_phase(Phase.ROLLBACK)
+    steps = {(s.side, s.name): s for s in flow.rollback_plan().steps}
+    assert steps[(Side.SOURCE, "d1")].quiesce is None
+    for n in ("d0", "d2"):
+        assert steps[(Side.SOURCE, n)].quiesce is S.RUNNING_P2P
+        walk(flow, Side.SOURCE, n, S.RUNNING_P2P)
+    forbidden(flow, Side.SOURCE, "d0", S.RUNNING)
+    walk(flow, Side.SOURCE, "d1", S.RUNNING)
+    walk(flow, Side.SOURCE, "d0", S.RUNNING)
 
 
 def test_plan_declaring_no_p2p_dma_allows_mix_and_records_why() -> None:
@@ -228,8 +301,16 @@ def forward_steps(
             current = r.precopy or S.RUNNING
             for st in _arcs_between(flow, Side.SOURCE, n, current, r.grace):
                 yield ("arc", Side.SOURCE, n, st)
+    if flow.ordered is not None:
+        # Once its peers stand in their grace states, before the barrier lets them stop.
+        r = flow.endpoint(Side.SOURCE, flow.ordered).route
+        current = r.precopy or S.RUNNING
+        for st in _arcs_between(flow, Side.SOURCE, flow.ordered, current, S.STOP_COPY):
+            yield ("arc", Side.SOURCE, flow.ordered, st)
     yield ("phase", None, "", Phase.STOP_COPY)
     for n in names:
+        if n == flow.ordered:
+            continue
         r = flow.endpoint(Side.SOURCE, n).route
         current = r.grace or r.precopy or S.RUNNING
         for st in _arcs_between(flow, Side.SOURCE, n, current, S.STOP_COPY):
@@ -264,16 +345,24 @@ def apply_step(
 
 
 def execute_rollback(flow: MigrationFlow) -> None:
-    """Carry out rollback_plan the way the runner does, through the flow's guards."""
+    """Carry out rollback_plan the way the runner does, through the flow's guards:
+    every grace state first, then the ordered device, the resets, the others."""
     flow.enter_phase(Phase.ROLLBACK)
     plan = flow.rollback_plan()
     for step in plan.steps:
+        if not step.reset and step.quiesce is not None:
+            walk(flow, step.side, step.name, step.quiesce)
+    finals = [s for s in plan.for_side(Side.SOURCE) if s.final is not None]
+    for step in finals:
+        if step.name == flow.ordered:
+            assert step.final is not None
+            walk(flow, Side.SOURCE, step.name, step.final)
+    for step in plan.steps:
         if step.reset:
             flow.record_reset(step.side, step.name)
-        elif step.quiesce is not None:
-            walk(flow, step.side, step.name, step.quiesce)
-    for step in plan.for_side(Side.SOURCE):
-        if step.final is not None and not flow.endpoint(Side.SOURCE, step.name).reset:
+    for step in finals:
+        if step.name != flow.ordered and not flow.endpoint(Side.SOURCE, step.name).reset:
+            assert step.final is not None
             walk(flow, Side.SOURCE, step.name, step.final)
 
 
@@ -281,6 +370,8 @@ CAP_MIXES = [
     ([FULL, FULL, FULL], {}),
     ([P2P_ONLY, FULL], {}),
     ([FULL, BARE, PRECOPY_ONLY], {"p2p": False}),
+    ([FULL, BARE, FULL], {}),
+    ([P2P_ONLY, PRECOPY_ONLY], {}),
     ([BARE], {}),
     ([PRECOPY_ONLY], {}),
 ]
@@ -320,9 +411,10 @@ def test_rollback_resets_a_source_device_in_error_and_keeps_the_barrier() -> Non
     by_name = {(s.side, s.name): s for s in plan.steps}
     assert by_name[(Side.SOURCE, "d1")].reset
     assert by_name[(Side.SOURCE, "d0")].quiesce is S.RUNNING_P2P
-    # d0 may not run fully while d1 is still in ERROR (stopped).
     walk(flow, Side.SOURCE, "d0", S.RUNNING_P2P)
-    forbidden(flow, Side.SOURCE, "d0", S.RUNNING)
+    # d1 may not be reset (it would read RUNNING) while d0 is stopped; once d0 is
+    # in its grace state it may, and d0 runs.  A peer in ERROR is no obstacle to
+    # d0 running: whatever reaches d1 is lost in its reset.
     flow.record_reset(Side.SOURCE, "d1")
     walk(flow, Side.SOURCE, "d0", S.RUNNING)
 

@@ -30,10 +30,12 @@ DESTINATION_STATES = ["RUNNING_P2P", "STOP", "RESUMING", "RUNNING"]
 def device_lists(draw: st.DrawFn) -> tuple[list[dict[str, Any]], bool]:
     n = draw(st.integers(min_value=1, max_value=64))
     p2p_plan = draw(st.booleans())
+    # A P2P plan of several devices may have one without P2P: it joins by order.
+    ordered = draw(st.none() | st.integers(min_value=0, max_value=n - 1))
     devices: list[dict[str, Any]] = []
     for i in range(n):
         pre_copy = draw(st.booleans())
-        p2p = True if p2p_plan and n > 1 else draw(st.booleans())
+        p2p = i != ordered if p2p_plan and n > 1 else draw(st.booleans())
         source: dict[str, Any] = {
             "state_mib": draw(st.sampled_from([0.0625, 0.125, 0.25])),
             "dirty_mib_s": draw(st.sampled_from([0, 0.5, 4])),

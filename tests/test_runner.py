@@ -328,9 +328,13 @@ async def test_devices_whose_real_capabilities_do_not_fit_are_refused_before_any
 ) -> None:
     # The plan is built behind resolve()'s back, as if the device reported
     # other capabilities than its parameters implied.
-    good = make_resolved([sim_device("a"), sim_device("b")])
+    good = make_resolved([sim_device("a"), sim_device("b"), sim_device("c")])
     bare = make_resolved([sim_device("b", p2p=False)]).devices[0]
-    devices = (good.devices[0], ResolvedDevice(**{**bare.__dict__, "name": "b"}))
+    devices = (
+        good.devices[0],
+        ResolvedDevice(**{**bare.__dict__, "name": "b"}),
+        ResolvedDevice(**{**bare.__dict__, "name": "c"}),
+    )
     m = Migration(ResolvedPlan(plan=good.plan, devices=devices))
     report = await m.run()
     assert report.outcome == "refused"
@@ -339,7 +343,7 @@ async def test_devices_whose_real_capabilities_do_not_fit_are_refused_before_any
     assert {(d.source_state, d.destination_state) for d in report.devices} == {
         ("RUNNING", "RUNNING")
     }
-    assert "'b'" in report.error.message and "P2P" in report.error.message
+    assert "'b', 'c'" in report.error.message and "P2P" in report.error.message
     assert not [e for e in m.trace if e.kind == "arc_begin"]
 
 
@@ -527,3 +531,95 @@ async def test_a_failed_open_leaves_the_other_opens_to_answer(
     assert {(d.source_state, d.destination_state) for d in report.devices} == {
         ("unknown", "RUNNING")
     }
+
+
+# -- one device without P2P among P2P peers -------------------------------------------
+
+
+def assert_ordered(events: list[tuple[str, str | None, str | None, str | None]], x: str) -> None:
+    """The order of issue 22 in a trace of (kind, side, device, to_state): the
+    ordered device ``x`` stops on the source after every peer stands in its grace
+    state and before any peer stops, and runs on the destination after every peer
+    stands in RUNNING_P2P and before any peer runs."""
+    peers = {d for _, _, d, _ in events if d is not None and d != x}
+
+    def first(kind: str, side: str, device: str, states: set[str]) -> int:
+        return next(
+            i
+            for i, (k, s, d, to) in enumerate(events)
+            if k == kind and s == side and d == device and to in states
+        )
+
+    stopped = {"STOP_COPY", "STOP"}
+    x_stops = first("arc_begin", "source", x, stopped)
+    for peer in peers:
+        assert first("arc_end", "source", peer, {"PRE_COPY_P2P", "RUNNING_P2P"}) < x_stops
+        assert first("arc_begin", "source", peer, stopped) > first("arc_end", "source", x, stopped)
+    x_runs = first("arc_begin", "destination", x, {"RUNNING"})
+    x_ran = first("arc_end", "destination", x, {"RUNNING"})
+    for peer in peers:
+        assert first("arc_end", "destination", peer, {"RUNNING_P2P"}) < x_runs
+        assert first("arc_begin", "destination", peer, {"RUNNING"}) > x_ran
+
+
+def trace_tuples(m: Migration) -> list[tuple[str, str | None, str | None, str | None]]:
+    return [
+        (
+            e.kind,
+            e.side.value if e.side else None,
+            e.device,
+            e.to_state.name if e.to_state else None,
+        )
+        for e in m.trace
+    ]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+async def test_one_device_without_p2p_joins_the_p2p_set_by_order(
+    autojump_clock: Any, sequential: bool
+) -> None:
+    devices = [*gpus(2), sim_device("nic0", p2p=False, transition_ms=1, seed=9)]
+    m = Migration(make_resolved(devices), sequential_switchover=sequential)
+    r = await m.run()
+    await check_all(m)
+    assert r.outcome == "succeeded", r.error
+    assert_ordered(trace_tuples(m), "nic0")
+    assert r.order == {
+        "source": [
+            {"step": "grace", "devices": ["gpu0", "gpu1"]},
+            {"step": "stop", "devices": ["nic0"]},
+            {"step": "stop", "devices": ["gpu0", "gpu1"]},
+        ],
+        "destination": [
+            {"step": "grace", "devices": ["gpu0", "gpu1"]},
+            {"step": "run", "devices": ["nic0"]},
+            {"step": "run", "devices": ["gpu0", "gpu1"]},
+        ],
+    }
+    assert {d.name: d.barrier for d in r.devices}["nic0"] == "held"
+    assert any("'nic0'" in note and "by order" in note for note in r.notes)
+    # The model counts its stop after its peers' grace arcs, and its run before theirs.
+    assert r.window is not None
+
+
+async def test_a_rollback_resumes_the_ordered_device_before_its_peers(
+    autojump_clock: Any,
+) -> None:
+    devices = [*gpus(2), sim_device("nic0", p2p=False, transition_ms=1, seed=9)]
+    # Once loaded, gpu1's destination fails to settle: every source device is stopped.
+    devices[1]["destination"] = {"fault": {"at": "RESUMING->STOP", "kind": "error"}}
+    m = await migrate(devices)  # check_all replays the trace's DMA rules both ways
+    r = m.report
+    assert r is not None
+    assert r.outcome == "rolled_back", r.error
+    assert {d.source_state for d in r.devices} == {"RUNNING"}
+    events = trace_tuples(m)
+    rollback = next(i for i, e in enumerate(m.trace) if e.detail.get("phase") == "rollback")
+    stopped = {d for k, s, d, to in events[:rollback] if s == "source" and to == "STOP_COPY"}
+    assert stopped == {"gpu0", "gpu1", "nic0"}
+    back = [(d, to) for k, s, d, to in events[rollback:] if k == "arc_begin" and s == "source"]
+    # The GPUs first leave their stopped states for their grace state; the NIC,
+    # which has none, runs fully before either GPU does.
+    nic_runs = back.index(("nic0", "RUNNING"))
+    assert all(to != "RUNNING" for d, to in back[:nic_runs] if d != "nic0")
+    assert {("gpu0", "RUNNING"), ("gpu1", "RUNNING")} <= set(back[nic_runs:])

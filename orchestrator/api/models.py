@@ -67,8 +67,9 @@ class MigrationEvent(BaseModel):
     time: float = Field(description="Unix time it was journaled.")
     kind: str = Field(
         description=(
-            "phase, arc_begin, arc_end, arc_failed, reset, barrier, decision, commit, "
-            "finished, ... (also the SSE event name)"
+            "phase, arc_begin, arc_end, arc_failed, arc_settled (an arc cut short by a "
+            "rollback: to_state is where the device was found), reset, barrier, decision, "
+            "commit, finished, ... (also the SSE event name)"
         )
     )
     side: str | None = None

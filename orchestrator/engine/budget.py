@@ -252,16 +252,19 @@ class DowntimeBudget:
             return resume  # the devices still run: only the vCPUs resume
         # The orchestrator's own work for each device on the way back, as forward.
         resume += self.model.overhead_s(len(flow.side(S))) * 1000
-        quiesce, final = 0.0, 0.0
+        quiesce, final, first = 0.0, 0.0, 0.0
         for e in flow.side(S):
             start = (e.route.grace or e.state) if after == "grace_arcs" else DeviceState.STOP_COPY
             grace = DeviceState.RUNNING_P2P if e.barrier and e.capabilities.p2p else None
             if grace is not None and start is not grace:
                 quiesce = max(quiesce, self.model.walk(S, e.name, start, grace).ms)
                 final = max(final, self.model.walk(S, e.name, grace, DeviceState.RUNNING).ms)
+            elif e.name == flow.ordered:
+                # It runs before its peers leave their grace states.
+                first = self.model.walk(S, e.name, start, DeviceState.RUNNING).ms
             else:
                 final = max(final, self.model.walk(S, e.name, start, DeviceState.RUNNING).ms)
-        return quiesce + final + resume
+        return quiesce + first + final + resume
 
     def _rearm(self, rollback_ms: float) -> None:
         """The watchdog's cutoff: the limit less a rollback (``rollback_ms``) from

@@ -39,7 +39,7 @@ from orchestrator.engine.allowance import Allowance, Share
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import each_to_its_end
 from orchestrator.engine.vcpus import Vcpus
-from orchestrator.errors import PeerError
+from orchestrator.errors import PeerError, ProtocolViolation
 from orchestrator.plan import VmmEndpoint
 from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.resolve import ResolvedPlan
@@ -410,11 +410,22 @@ class DestinationEngine:
                 await self.driver.walk(DESTINATION, name, final)
             except DeviceFailure as failure:
                 completion.errors.append(failure.info)
+            except ProtocolViolation as exc:
+                # The ordered device stands stopped: running this one fully could
+                # DMA into it.  It waits in its grace state, for an operator.
+                message = f"left in its grace state: {exc}"
+                completion.errors.append(
+                    self.ctx.info("device_error", message, side=DESTINATION, device=name)
+                )
             self._path_s[name] += self.driver.busy.get((DESTINATION, name), 0.0) - busy_before
 
+        # The ordered device (no grace state) runs before any peer leaves its grace state.
+        if flow.ordered is not None:
+            await run(flow.ordered)
         async with trio.open_nursery() as nursery:
             for name in self.names:
-                nursery.start_soon(run, name)
+                if name != flow.ordered:
+                    nursery.start_soon(run, name)
         await self._resume_vcpus(completion)
         return completion
 

@@ -380,7 +380,13 @@ class DeviceDriver:
         flow = self._flow()
 
         async def settle(side: Side, name: str) -> None:
-            flow.arc_failed(side, name, await self.probe(side, name))
+            e = flow.endpoint(side, name)
+            before, target = e.state, e.pending
+            now = await self.probe(side, name)
+            flow.arc_failed(side, name, now)
+            # Whether it happened or not, the trace says where the device stands.
+            detail = {"target": target.name if target is not None else None}
+            self.ctx.trace.emit("arc_settled", side, name, before, now, detail)
 
         # Side by side: a rollback's pause waits for the slowest probe, not their sum.
         async with trio.open_nursery() as nursery:

@@ -115,6 +115,9 @@ class Switchover:
     names: list[str]
     #: Set when the source devices may enter their grace states (the vCPUs paused).
     grace: trio.Event = field(default_factory=trio.Event)
+    #: Where the VM has an ordered device (one without P2P among P2P peers): its
+    #: peers meet here once in their grace states, and only then does it stop.
+    peers_graced: Barrier | None = None
     #: Every source stream ended.
     all_drained: trio.Event = field(default_factory=trio.Event)
     #: QEMU before 10.0's order: one device stops and drains after another.

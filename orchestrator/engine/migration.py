@@ -472,6 +472,8 @@ class Migration:
             destination_barrier=Barrier("destination_p2p", len(names), lambda: None),
             names=names,
         )
+        if flow.ordered is not None:
+            sw.peers_graced = Barrier("peers_graced", len(names) - 1, lambda: None)
         self.recorder.barrier_members = {
             "source_p2p": len(flow.barrier_members(SOURCE)),
             "destination_p2p": len(flow.barrier_members(Side.DESTINATION)),

@@ -279,8 +279,11 @@ class DowntimeModel:
             stop.append(s)
             settle.append(st)
             run.append(rn)
+        # The ordered device stops between its peers' grace arcs and their stop
+        # arcs, and runs before they do: its arcs add to theirs.
+        ordered = flow.ordered
         comps["grace_arcs"] = _slowest(grace) if self.vcpus else Figure(0.0, "before the window")
-        comps["stop_arcs"] = _slowest(stop)
+        comps["stop_arcs"] = _then(devices, ordered, "stop_arcs", stop)
         comps["transfer"] = self.transfer(devices, bandwidth_bytes_s)
         comps["settle_arcs"] = _slowest(settle)
         commit = self.inputs.commit_s
@@ -297,7 +300,7 @@ class DowntimeModel:
                 if rtt is not None
                 else Figure(0.0, "unknown")
             )
-        comps["run_arcs"] = _slowest(run)
+        comps["run_arcs"] = _then(devices, ordered, "run_arcs", run)
         comps["resume"] = self.vmm(D) if self.vcpus else Figure(0.0, "no vmm")
         comps["overhead"] = Figure.of(self.overhead_s(len(remaining)), "estimated")
         total = sum(f.ms for f in comps.values())
@@ -443,6 +446,18 @@ def _weakest(sources: set[str]) -> str:
         if source in sources:
             return source
     return next(iter(sources), "none")
+
+
+def _then(
+    devices: Mapping[str, DeviceForecast], first: str | None, arcs: str, figures: list[Figure]
+) -> Figure:
+    """The slowest of ``figures``, or, where the ``first`` device's ``arcs`` go
+    before everyone else's, its figure then the slowest of the others'."""
+    if first is None or first not in devices:
+        return _slowest(figures)
+    own: Figure = getattr(devices[first], arcs)
+    rest = _slowest([getattr(d, arcs) for n, d in devices.items() if n != first])
+    return Figure(round(own.ms + rest.ms, 3), _weakest({own.source, rest.source}))
 
 
 def _slowest(figures: list[Figure]) -> Figure:

@@ -105,13 +105,22 @@ class SourceHalf:
             await sw.grace.wait()
             if route.grace is not None:
                 await driver.walk(SOURCE, name, route.grace)
+            busy_before = None
+            if sw.peers_graced is not None:
+                if name == flow.ordered:
+                    # Its peers start no DMA any more: it may stop, and must before they do.
+                    await sw.peers_graced.released.wait()
+                    busy_before = driver.busy.get((SOURCE, name), 0.0)
+                    await driver.walk(SOURCE, name, DeviceState.STOP_COPY)
+                else:
+                    await sw.peers_graced.arrive()
             self.recorder.barrier_wait(name, "source_p2p", await sw.source_barrier.arrive())
             if self.sequential:
                 async with sw.sequential:
-                    await self._stop_and_drain(name, sender)
+                    await self._stop_and_drain(name, sender, busy_before)
                     await sw.loaded[name].wait()
             else:
-                await self._stop_and_drain(name, sender)
+                await self._stop_and_drain(name, sender, busy_before)
         sw.drained_one()
 
     async def _announce_initial(self, name: str) -> bool:
@@ -123,8 +132,13 @@ class SourceHalf:
             raise self.driver.fail(Side.DESTINATION, name, "switchover_ack", exc) from None
         return True
 
-    async def _stop_and_drain(self, name: str, sender: StreamSender) -> None:
-        busy_before = self.driver.busy.get((SOURCE, name), 0.0)
+    async def _stop_and_drain(
+        self, name: str, sender: StreamSender, busy_before: float | None = None
+    ) -> None:
+        """Stop the device (``busy_before``: it stopped already, its calls counted from
+        there) and drain its stream to the end."""
+        if busy_before is None:
+            busy_before = self.driver.busy.get((SOURCE, name), 0.0)
         await self.driver.walk(SOURCE, name, DeviceState.STOP_COPY)
         await self._drain(name, sender, precopy=False)
         try:
@@ -214,9 +228,10 @@ class SourceHalf:
         vCPUs (``vcpus``: paused ones to resume).
 
         First every device that can leaves its stopped state for its grace state
-        (it accepts DMA again, starts none); then the devices in ERROR are reset
-        (their state is lost; a reset device reads RUNNING, so never while a peer
-        is still stopped); then the others run fully.  The vCPUs resume only if
+        (it accepts DMA again, starts none); then the ordered device, which has
+        none, runs fully; then the devices in ERROR are reset (their state is
+        lost; a reset device reads RUNNING, so never while a peer is still
+        stopped); then the others run fully.  The vCPUs resume only if
         every source device runs again: a guest must not run beside a device
         that cannot.
         """
@@ -226,13 +241,19 @@ class SourceHalf:
         async with trio.open_nursery() as nursery:
             for step in plan.for_side(SOURCE):
                 nursery.start_soon(self._quiesce, step.name, step.reset, step.quiesce, broken)
+        finals = {s.name: s.final for s in plan.for_side(SOURCE) if s.final is not None}
+        ordered = flow.ordered
+        if ordered in finals and ordered not in broken:
+            # The ordered device has no grace state: it runs again before any peer
+            # leaves its grace state (or is reset, reading RUNNING).
+            await self._final(ordered, finals.pop(ordered))
         async with trio.open_nursery() as nursery:
             for name in broken:
                 nursery.start_soon(self._reset, name)
         async with trio.open_nursery() as nursery:
-            for step in plan.for_side(SOURCE):
-                if step.final is not None and step.name not in broken:
-                    nursery.start_soon(self._final, step.name, step.final)
+            for name, final in finals.items():
+                if name not in broken:
+                    nursery.start_soon(self._final, name, final)
         if vcpus is not None:
             stuck = [e.name for e in flow.side(SOURCE) if e.state is not DeviceState.RUNNING]
             failed = await vcpus.resume_once_running(stuck, record="source_resume")
@@ -266,7 +287,9 @@ class SourceHalf:
         except ProtocolViolation as exc:
             # A peer could not leave a stopped state: running this device
             # fully would expose it to that peer.  It waits for an operator.
-            message = f"left in its grace state: {exc}"
+            flow = self.driver.flow
+            ordered = flow is not None and flow.ordered == name
+            message = f"left in {'its stopped' if ordered else 'its grace'} state: {exc}"
             self.rollback_errors.append(
                 self.ctx.info("device_error", message, side=SOURCE, device=name)
             )
