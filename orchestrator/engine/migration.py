@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from orchestrator.backends.base import Device
-from orchestrator.compat import CompatSettings, Identity, compare_all, route_needs
+from orchestrator.compat import CompatSettings
 from orchestrator.control import (
     Control,
     ControlRefused,
@@ -54,6 +54,7 @@ from orchestrator.engine.devices import (
     MigrationAborted,
 )
 from orchestrator.engine.gates import Barrier, RoundGate, Switchover, each_to_its_end
+from orchestrator.engine.identities import IdentityCheck
 from orchestrator.engine.model import DowntimeModel
 from orchestrator.engine.precopy import PrecopyRounds
 from orchestrator.engine.recorder import Recorder
@@ -63,7 +64,6 @@ from orchestrator.engine.trace import Observer, Trace, TraceEvent
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError, PlanError
 from orchestrator.flow import MigrationFlow, Phase, Remaining
-from orchestrator.peer.messages import IDENTITIES_VERSION
 from orchestrator.report import CompatibilityReport, ErrorInfo, MigrationReport
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
@@ -117,11 +117,6 @@ class Migration:
         compat: CompatSettings | None = None,
     ) -> None:
         self.resolved = resolved
-        #: The coordinating daemon's ``[compat]``: differences its identity check accepts.
-        self.compat = compat or CompatSettings()
-        #: The identity check's record (None until it ran).
-        self.compatibility: CompatibilityReport | None = None
-        self._source_identities: dict[str, Identity] = {}
         self.plan = resolved.plan
         self.id = migration_id or uuid.uuid4().hex
         self.journal = journal
@@ -131,6 +126,8 @@ class Migration:
         self.read_chunk_bytes = read_chunk_bytes
         self._trace = Trace(observers)
         self.ctx = EngineContext.create(self.plan, self.id, self._trace)
+        #: Source identities as the devices open, then the check (``engine.identities``).
+        self.identities = IdentityCheck(self.ctx, compat)
         self.log = self.ctx.log
         self.names = [d.name for d in resolved.devices]
         self.driver = DeviceDriver(self.ctx)
@@ -225,6 +222,11 @@ class Migration:
     def destinations(self) -> dict[str, Device]:
         """The destination devices, where this host drives them."""
         return {n: d for (side, n), d in self.driver.devices.items() if side is Side.DESTINATION}
+
+    @property
+    def compatibility(self) -> CompatibilityReport | None:
+        """The identity check's record (None until it ran)."""
+        return self.identities.report
 
     @property
     def committed(self) -> bool:
@@ -441,7 +443,8 @@ class Migration:
                 await self._for_each_device(self._require_running)
         except trio.TooSlowError:
             raise self.ctx.abort("phase_timeout", f"prepare took over {timeout:g} s") from None
-        self._check_identities()
+        assert self.flow is not None
+        self.identities.check(self.flow, self.names, self.destination)
         # What is known before any change (declared arcs, the commit): a history
         # figure does not refuse, since a refused migration never corrects it.
         self._check_reachable()
@@ -493,7 +496,7 @@ class Migration:
         async def open_source(name: str) -> None:
             caps[name] = await self.driver.open(SOURCE, name)
             if check and (identity := await self.driver.identity(SOURCE, name)) is not None:
-                self._source_identities[name] = identity
+                self.identities.source[name] = identity
 
         async def open_destination() -> None:
             destination_caps.update(await self.destination.open(check=check))
@@ -516,50 +519,6 @@ class Migration:
             ) from None
         self.driver.flow = flow
         return flow
-
-    def _check_identities(self) -> None:
-        """Before any device leaves RUNNING, on either host: every device's source
-        identity against its destination's.  A difference nothing accepts (the
-        route's needs, the plan's accept_differences, the [compat] rules) refuses
-        the migration, naming the device, the field and both values."""
-        flow = self.flow
-        assert flow is not None
-        destination = self.destination.identities()
-        self.compatibility = record = CompatibilityReport(
-            checked=destination is not None,
-            policy=[rule.model_dump(exclude_none=True) for rule in self.compat.rules],
-        )
-        if destination is None:
-            note = (
-                "device identities were not compared: the destination daemon predates them "
-                f"(protocol {IDENTITIES_VERSION} and later report them)"
-            )
-            self.destination.notes.append(note)
-            self.log.warning("migration.identities_unchecked")
-            return
-        accept = {spec.name: spec.accept_differences for spec in self.plan.devices}
-        pairs = []
-        for name in self.names:
-            src, dst = self._source_identities.get(name), destination.get(name)
-            record.identities[name] = {
-                "source": src.as_json() if src is not None else None,
-                "destination": dst.as_json() if dst is not None else None,
-            }
-            if src is None or dst is None:
-                continue  # a backend that reports none: the flow's checks are all there is
-            route = flow.endpoint(SOURCE, name).route
-            needs = route_needs(precopy=route.precopy is not None, grace=route.grace is not None)
-            pairs.append((name, src, dst, needs, accept.get(name, [])))
-        verdict = compare_all(pairs, self.compat)
-        record.accepted = [a.as_json() for a in verdict.accepted]
-        record.mismatches = [m.message for m in verdict.mismatches]
-        record.not_compared = list(verdict.unknown)
-        for accepted in verdict.accepted:
-            self.log.info("migration.difference_accepted", **accepted.as_json())
-        if verdict.mismatches:
-            first = verdict.mismatches[0].device
-            self.ctx.keep(self.ctx.info("identity_mismatch", verdict.message, device=first))
-            raise MigrationAborted(verdict.message)
 
     async def _require_running(self, name: str) -> None:
         await self.driver.require_running(SOURCE, name)
