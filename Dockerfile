@@ -37,9 +37,9 @@ COPY deploy/docker/install.sh deploy/docker/healthcheck.py deploy/docker/orchest
 RUN --mount=type=bind,from=builder,source=/wheels,target=/tmp/wheels \
     sh /tmp/install/install.sh /tmp/wheels && rm -rf /tmp/install
 
-# 8443: the REST API and /metrics (api.tcp).  The cross-host device-state data
-# channel will listen on its own port (7801 in deploy/kubernetes/) once it lands.
-EXPOSE 8443
+# 8443: the REST API and /metrics (api.tcp); 7801: the cross-host device-state
+# data channel (data.listen), which other hosts' daemons connect to.
+EXPOSE 8443 7801
 VOLUME ["/var/lib/orchestrator"]
 # Numeric, so that runAsNonRoot can check it without the image's /etc/passwd.
 USER 10001:10001

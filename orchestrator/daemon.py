@@ -397,6 +397,8 @@ async def serve(
                 trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
             )
         tokens = read_token_file(settings.api.token_file)
+        read_tokens = _role_tokens(settings.api.read_token_file, "api.read_token_file")
+        peer_tokens = _role_tokens(settings.api.peer_token_file, "api.peer_token_file")
         settings.check_cleartext()
         tls = check_tls(settings) is not None
         identity = load_identity(settings)
@@ -461,7 +463,9 @@ async def serve(
             stack.callback(handles.close_all)
             service = MigrationService(
                 journal,
-                Metrics(registry),
+                # The node, as the deployment names it (the DaemonSet's downward
+                # API), so that dashboards can filter by it.
+                Metrics(registry, node=os.environ.get("NODE_NAME") or socket.gethostname()),
                 # One registry: plans' handles are checked against it and the
                 # backends open handed-over devices from it.
                 backends=backends_for(settings.state_dir, handles=handles),
@@ -476,6 +480,8 @@ async def serve(
                 service,
                 registry=registry,
                 tokens=tokens,
+                read_tokens=read_tokens,
+                peer_tokens=peer_tokens,
                 max_body_bytes=settings.api.max_body_bytes,
             )
             sockets = [bind_unix_socket(socket_path)]
@@ -736,3 +742,8 @@ def _make_dir(path: Path, field: str) -> None:
             path.mkdir(mode=0o700, parents=True)
     except OSError as exc:
         raise SettingsError([Problem(field, f"cannot create {path}: {exc.strerror}")]) from None
+
+
+def _role_tokens(path: Path | None, field: str) -> tuple[str, ...]:
+    """The tokens of an optional role's file (none without one)."""
+    return () if path is None else read_token_file(path, field=field)

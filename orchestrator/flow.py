@@ -307,6 +307,9 @@ class Remaining:
     stop_copy_bytes: int
     #: False for a device without PRE_COPY: its bytes never shrink before the stop.
     pre_copy: bool = True
+    #: The device reported new initial data during this round, after its first
+    #: had drained: the destination must acknowledge it before any device stops.
+    initial_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,10 @@ def decide_precopy(
     """After a pre-copy round: go on, switch over, or abort.
 
     Converged means every device drained its initial data (the device asks
-    for that before a switchover) and the predicted downtime fits the limit:
+    for that before a switchover), none reported new initial data during the
+    round (``initial_back``: the next round's report, after the destination
+    was asked to acknowledge it, decides), and the predicted downtime fits the
+    limit:
     ``predicted_ms``, the whole window as the engine's model sees it, or (none
     given) the stop-copy bytes over the measured bandwidth, plus ``margin_ms``,
     how much longer the model says it may take.  Otherwise, after
@@ -358,17 +364,21 @@ def decide_precopy(
     limit = plan.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms
     budget_bytes = limit / 1000.0 * bandwidth_bytes_s
     initial_left = sorted(n for n, r in remaining.items() if r.pre_copy and r.initial_bytes > 0)
+    initial_back = sorted(n for n, r in remaining.items() if r.pre_copy and r.initial_back)
 
     def decided(action: Literal["continue", "switchover", "abort"], reason: str) -> PrecopyDecision:
         return PrecopyDecision(action, reason, expected_ms, stop_bytes, converged=False)
 
-    converged = not initial_left and expected_ms + margin_ms <= limit
+    converged = not initial_left and not initial_back and expected_ms + margin_ms <= limit
     plus = f" (+{margin_ms:.0f} ms margin)" if margin_ms else ""
-    why_not = (
-        f"initial data not drained on {', '.join(initial_left)}"
-        if initial_left
-        else f"the window is predicted at {expected_ms:.0f} ms{plus}, over the {limit:g} ms limit"
-    )
+    if initial_back:
+        why_not = f"new initial data came back on {', '.join(initial_back)} this round"
+    elif initial_left:
+        why_not = f"initial data not drained on {', '.join(initial_left)}"
+    else:
+        why_not = (
+            f"the window is predicted at {expected_ms:.0f} ms{plus}, over the {limit:g} ms limit"
+        )
     if forced:
         how = "it had converged" if converged else f"not converged: {why_not}"
         return PrecopyDecision(

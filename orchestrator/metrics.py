@@ -30,13 +30,21 @@ or, spelled out::
         # run() sets migration.report even when it re-raises a cancellation.
         metrics.migration_finished(migration.report, migration)
 
+Bytes sent, pre-copy rounds and what pre-copy still has to send move while
+migrations run: they are read at scrape time from the migrations in flight
+(their recorders) plus what the finished ones counted (``_Live``).
+
 Invariants it keeps:
 
-* Label values come from the project's enums and fixed vocabularies
-  (``Outcome``, ``Phase``, ``DeviceState``, ``BACKENDS``, the runner's
-  barriers and device error kinds), and every series for a known label value
-  exists from construction on, at zero, so that a rate or an alert on a
-  failure works before the first failure happens.
+* Series are bounded: label values come from the project's enums and fixed
+  vocabularies (``Outcome``, ``Phase``, ``DeviceState``, the backends, the
+  runner's barriers and error kinds), never a migration's or a VM's id.  No
+  ``_created`` series.
+* The counters alerts use (outcomes, device and VMM errors, bytes) exist from
+  construction on, at zero, for the backends this host has, so that a rate or
+  an alert on a failure works before the first failure happens; labelled
+  histograms appear with their first sample (an idle daemon exposes about 120
+  series: ``docs/metrics.md`` says what each family costs).
 * Times are in seconds and sizes in bytes, as the metric names say, whatever
   unit the report uses.
 """
@@ -44,11 +52,24 @@ Invariants it keeps:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import platform
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from orchestrator import __version__
 from orchestrator.backends import BACKENDS
 from orchestrator.flow import Phase
 from orchestrator.report import MigrationReport, Outcome
@@ -119,6 +140,13 @@ VMM_BUCKETS: Final = (
 )  # fmt: skip
 #: Pre-copy rounds per migration; plans cap them (``precopy_max_rounds``).
 PRECOPY_ROUND_BUCKETS: Final = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 75, 100)
+#: Measured downtime over the limit in force: at most 1 is the promise kept.
+LIMIT_BUCKETS: Final = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
+
+
+def present_backends() -> tuple[str, ...]:
+    """The backends this host has (their devices could be here)."""
+    return tuple(sorted(name for name, backend in BACKENDS.items() if backend.present()))
 
 
 def every_arc() -> tuple[tuple[DeviceState, DeviceState], ...]:
@@ -134,17 +162,38 @@ def every_arc() -> tuple[tuple[DeviceState, DeviceState], ...]:
 class Metrics:
     """The orchestrator's metrics, registered in ``registry``.
 
-    ``backends`` are the backend names whose series are created up front;
-    the registry's (``orchestrator.backends.BACKENDS``) by default.  A device
-    of another backend still gets its series, from its first sample on.
+    ``backends`` are the backend names whose counters are created up front:
+    those this host has (``present_backends``) by default.  A device of another
+    backend still gets its series, from its first sample on.  ``node`` names
+    the host in ``orchestrator_build_info`` (the DaemonSet passes its node's
+    name); ``process`` adds the process and Python platform collectors.
     """
 
     def __init__(
-        self, registry: CollectorRegistry, *, backends: Iterable[str] | None = None
+        self,
+        registry: CollectorRegistry,
+        *,
+        backends: Iterable[str] | None = None,
+        node: str = "",
+        process: bool = True,
     ) -> None:
+        # Counters' and histograms' _created series double what an idle daemon
+        # exposes and no dashboard reads them.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
-        known_backends = tuple(sorted(BACKENDS if backends is None else backends))
+        known_backends = tuple(sorted(present_backends() if backends is None else backends))
         self._active: dict[str, Migration] = {}
+        Info(
+            "orchestrator_build",
+            "The daemon's version, its Python and the node it runs on (the deployment's "
+            "name for the host): join on instance to filter by node.",
+            registry=registry,
+        ).info({"version": __version__, "python": platform.python_version(), "node": node})
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.live = _Live(self._active, known_backends)
+        registry.register(self.live)
 
         self.downtime = Histogram(
             "orchestrator_migration_downtime_seconds",
@@ -160,6 +209,13 @@ class Metrics:
             "how far the model can be trusted (1 is exact).",
             registry=registry,
             buckets=PREDICTION_BUCKETS,
+        )
+        self.limit_ratio = Histogram(
+            "orchestrator_downtime_limit_ratio",
+            "Measured downtime over the downtime limit in force: at most 1 is the promise "
+            "kept; the share of migrations above 1 is the share that broke it.",
+            registry=registry,
+            buckets=LIMIT_BUCKETS,
         )
         self.budget_rollbacks = Counter(
             "orchestrator_downtime_budget_rollbacks_total",
@@ -211,13 +267,6 @@ class Metrics:
             registry=registry,
             buckets=TRANSITION_BUCKETS,
         )
-        self.device_bytes = Counter(
-            "orchestrator_device_bytes_total",
-            "Bytes of device migration streams sent, by the phase they moved in "
-            "(precopy while the VM runs, stop_copy while it is stopped).",
-            ["backend", "phase"],
-            registry=registry,
-        )
         self.precopy_rounds = Histogram(
             "orchestrator_precopy_rounds",
             "Pre-copy rounds a migration took before its switchover decision.",
@@ -256,23 +305,14 @@ class Metrics:
             registry=registry,
         )
 
+        # The counters alerts and rates read, at zero; histograms with labels
+        # appear with their first sample (each label set costs ~20 series).
         for outcome in OUTCOMES:
             self.migrations.labels(outcome)
-        for side, action, _ in VMM_ACTIONS:
-            self.vmm_time.labels(side, action)
         for side in ("source", "destination"):
             for kind in VMM_ERROR_KINDS:
                 self.vmm_errors.labels(side, kind)
-        for phase in TIMED_PHASES:
-            self.phase_time.labels(phase.value)
-        for barrier in BARRIERS:
-            self.barrier_wait.labels(barrier)
-        all_arcs = every_arc()
         for backend in known_backends:
-            for start, end in all_arcs:
-                self.transition.labels(backend, start.name, end.name)
-            for phase in BYTES_PHASES:
-                self.device_bytes.labels(backend, phase.value)
             for kind in DEVICE_ERROR_KINDS:
                 self.device_errors.labels(backend, kind)
 
@@ -307,7 +347,8 @@ class Metrics:
         Call it exactly once per report, also when ``run()`` raised
         (``report`` is then ``migration.report``, or None if there is none).
         """
-        self._active.pop(migration.id, None)
+        if self._active.pop(migration.id, None) is not None:
+            self.live.settle(migration)
         if report is not None:
             self.record_report(report)
 
@@ -329,6 +370,9 @@ class Metrics:
         self.duration.observe(report.duration_ms / 1000)
         if report.downtime_ms is not None:
             self.downtime.observe(report.downtime_ms / 1000)
+            limit = report.precopy.downtime_limit_ms
+            if limit:
+                self.limit_ratio.observe(report.downtime_ms / limit)
             predicted = report.precopy.expected_downtime_ms
             if report.committed and predicted:
                 self.prediction.observe(report.downtime_ms / predicted)
@@ -342,10 +386,6 @@ class Metrics:
         backend_of: dict[str, str] = {}
         for device in report.devices:
             backend_of[device.name] = device.backend
-            self.device_bytes.labels(device.backend, Phase.PRECOPY.value).inc(device.bytes_precopy)
-            self.device_bytes.labels(device.backend, Phase.STOP_COPY.value).inc(
-                device.bytes_stopcopy
-            )
             for barrier, ms in device.barrier_wait_ms.items():
                 self.barrier_wait.labels(barrier).observe(ms / 1000)
         if report.vmm is not None:
@@ -358,3 +398,79 @@ class Metrics:
             self.device_errors.labels(backend_of.get(error.device, "unknown"), error.kind).inc()
         elif error is not None and error.kind in VMM_ERROR_KINDS and error.side is not None:
             self.vmm_errors.labels(error.side, error.kind).inc()
+
+
+class _Live(Collector):
+    """What moves while migrations run, read at scrape time: bytes sent and pre-copy
+    rounds (counters: the finished migrations' totals plus the ones in flight so
+    far) and what the migrations in flight still have to send (gauges)."""
+
+    def __init__(self, active: Mapping[str, Migration], backends: Iterable[str]) -> None:
+        self._active = active
+        self._bytes: dict[tuple[str, str], int] = {
+            (backend, phase.value): 0 for backend in backends for phase in BYTES_PHASES
+        }
+        self._rounds = 0
+
+    def settle(self, migration: Migration) -> None:
+        """``migration`` left the active set: what it counted stays counted."""
+        for key, nbytes in _bytes_of(migration).items():
+            self._bytes[key] = self._bytes.get(key, 0) + nbytes
+        self._rounds += migration.recorder.precopy.rounds
+
+    def collect(self) -> Iterator[Metric]:
+        sent = dict(self._bytes)
+        rounds = self._rounds
+        precopy_left = stop_copy = 0
+        for migration in list(self._active.values()):
+            for key, nbytes in _bytes_of(migration).items():
+                sent[key] = sent.get(key, 0) + nbytes
+            rounds += migration.recorder.precopy.rounds
+            for stats in migration.recorder.stats.values():
+                if stats.remaining is not None:
+                    precopy_left += stats.remaining.initial_bytes + stats.remaining.dirty_bytes
+                    stop_copy += stats.remaining.stop_copy_bytes
+        family = CounterMetricFamily(
+            "orchestrator_device_bytes",
+            "Bytes of device migration streams sent, by the phase they moved in "
+            "(precopy while the VM runs, stop_copy while it is stopped), counted as "
+            "they are sent.",
+            labels=["backend", "phase"],
+        )
+        for (backend, phase), nbytes in sorted(sent.items()):
+            family.add_metric([backend, phase], nbytes)
+        yield family
+        yield CounterMetricFamily(
+            "orchestrator_precopy_rounds_completed",
+            "Pre-copy rounds completed, counted as each ends.",
+            value=rounds,
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_precopy_remaining_bytes",
+            "What the migrations in flight still have to send in pre-copy (initial and "
+            "dirty bytes), as their devices last reported it.",
+            value=precopy_left,
+        )
+        yield GaugeMetricFamily(
+            "orchestrator_stop_copy_bytes",
+            "What the migrations in flight would send with their devices stopped, were "
+            "they to switch over now, as their devices last reported it.",
+            value=stop_copy,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so that registering checks them against the others' at once.
+        return self.collect()
+
+
+def _bytes_of(migration: Migration) -> dict[tuple[str, str], int]:
+    backend_of = {d.name: d.backend.name for d in migration.resolved.devices}
+    sent: dict[tuple[str, str], int] = {}
+    for name, stats in migration.recorder.stats.items():
+        backend = backend_of.get(name, "unknown")
+        for phase, nbytes in (
+            (Phase.PRECOPY.value, stats.bytes_precopy),
+            (Phase.STOP_COPY.value, stats.bytes_stopcopy),
+        ):
+            sent[(backend, phase)] = sent.get((backend, phase), 0) + nbytes
+    return sent

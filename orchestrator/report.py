@@ -89,12 +89,31 @@ class DeviceReport(BaseModel):
             "the device's share of the downtime."
         ),
     )
+    precopy_reinit: bool = Field(
+        False,
+        description="The source device opted in to reporting new initial data mid pre-copy "
+        "(the pre-copy information's second version); false: not available to it (an older "
+        "kernel or driver, or no pre-copy), and its initial data only shrinks.",
+    )
     destination_capabilities: dict[str, Any] | None = Field(
         None,
         description=(
             "The destination device's migration capabilities (flags, stop_copy_size, "
-            "dirty_logging), in a destination daemon's report of a migration between hosts."
+            "dirty_logging, precopy_reinit), in a destination daemon's report of a migration "
+            "between hosts."
         ),
+    )
+
+
+class InitialReturn(BaseModel):
+    """A source device reported new initial data after its first had drained."""
+
+    device: str
+    bytes: int = Field(description="The new initial data the device reported, in bytes.")
+    round: int = Field(description="The pre-copy round in which it was reported (from 1).")
+    reacknowledge: bool = Field(
+        description="Its initial data had been announced to the destination: the "
+        "switchover acknowledgement was asked for again, and no device stopped before it."
     )
 
 
@@ -123,6 +142,10 @@ class PrecopyReport(BaseModel):
         "(pause, grace_arcs, stop_arcs, transfer, settle_arcs, commit, control, run_arcs, "
         "resume, overhead) and per device, each figure with its source (measured, declared, "
         "estimated, unknown).",
+    )
+    initial_returns: list[InitialReturn] = Field(
+        default_factory=list,
+        description="Each time a source device reported new initial data mid pre-copy.",
     )
 
 

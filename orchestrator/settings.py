@@ -122,8 +122,27 @@ class ApiSettings(BaseModel):
     token_file: Path = Field(
         Path("/etc/orchestrator/api-tokens"),
         description=(
-            "File of the bearer tokens the API accepts, one per line; blank lines and lines "
-            "starting with # are ignored.  It must be readable by its owner only (mode 0600)."
+            "File of the operators' bearer tokens, one per line; blank lines and lines "
+            "starting with # are ignored.  An operate token may do everything: read, submit, "
+            "control, cancel, settle.  The file must be a regular file (symlinks are "
+            "followed) of this daemon's user, not writable by group or others nor readable "
+            "by others (mode 0600 or 0640), each token at least 32 bytes."
+        ),
+    )
+    read_token_file: Path | None = Field(
+        None,
+        description=(
+            "File of read-only tokens (same rules): GET routes, the event streams and "
+            "/metrics, nothing that changes anything.  For dashboards, Prometheus and "
+            "watchers."
+        ),
+    )
+    peer_token_file: Path | None = Field(
+        None,
+        description=(
+            "File of the tokens other hosts' daemons present (same rules): the routes a "
+            "source daemon calls on its destination (POST /v1/incoming and its messages), "
+            "nothing else.  Operate tokens are accepted there too."
         ),
     )
     tls_cert: Path | None = Field(
@@ -451,19 +470,21 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file {str(path)!r}: invalid TOML: {exc}") from None
 
 
-def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
+def read_token_file(
+    path: Path, *, check_mode: bool = True, field: str = "api.token_file"
+) -> tuple[str, ...]:
     """The bearer tokens in ``path``: one per line, blank lines and # comments ignored.
 
-    Refuses (SettingsError on ``api.token_file``) a file that is missing, not a
-    regular file (a FIFO is refused at once, never waited on), holds no token,
-    or, with ``check_mode``: a file that group or other may access, that
-    another user owns, or that sits in a directory every user may write to
-    (anyone could replace it), and a token shorter than ``MIN_TOKEN_CHARS``
-    (``x``, ``changeme``): every token in it grants full control of
-    migrations.  The client reads its token with ``check_mode=False``: that
-    file is its owner's business, not the daemon's.
+    Symlinks are followed (a Kubernetes Secret's mount is one).  Refuses
+    (SettingsError on ``field``) a file that is missing, not a regular file (a
+    FIFO is refused at once, never waited on), holds no token, or, with
+    ``check_mode``: a file that group or other may write or other may read,
+    that another user owns, or that sits in a directory every user may write
+    to (anyone could replace it), and a token shorter than ``MIN_TOKEN_BYTES``
+    (``x``, ``changeme``): a token grants what its file's role allows.  The
+    client reads its token with ``check_mode=False``: that file is its owner's
+    business, not the daemon's.
     """
-    field = "api.token_file"
     try:
         # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -480,17 +501,24 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
         if not stat.S_ISREG(mode):
             raise SettingsError([Problem(field, f"{path} is not a regular file")])
         if check_mode:
-            _check_token_file_owner(path, info.st_uid)
-        if check_mode and mode & 0o077:
+            _check_token_file_owner(path, info.st_uid, field)
+        if check_mode and mode & 0o027:
             who = " and ".join(
-                name for name, bits in (("group", 0o070), ("other", 0o007)) if mode & bits
+                name
+                for name, bits in (
+                    ("group (write)", 0o020),
+                    ("other (read)", 0o004),
+                    ("other (write)", 0o002),
+                    ("other (execute)", 0o001),
+                )
+                if mode & bits
             )
             raise SettingsError(
                 [
                     Problem(
                         field,
                         f"{path} is accessible by {who} (mode {stat.S_IMODE(mode):04o}): "
-                        f"make it readable by its owner only (chmod 600)",
+                        f"make it readable by its owner only (chmod 600; 640 for a group)",
                     )
                 ]
             )
@@ -515,14 +543,14 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
             ]
         )
     if check_mode:
-        short = [n for n, token in enumerate(tokens, 1) if len(token) < MIN_TOKEN_CHARS]
+        short = [n for n, token in enumerate(tokens, 1) if len(token.encode()) < MIN_TOKEN_BYTES]
         if short:
             raise SettingsError(
                 [
                     Problem(
                         field,
                         f"{path}: token {', '.join(map(str, short))} has fewer than "
-                        f"{MIN_TOKEN_CHARS} characters: anyone could guess it (make one "
+                        f"{MIN_TOKEN_BYTES} bytes: anyone could guess it (make one "
                         "with: python -c 'import secrets; print(secrets.token_urlsafe(32))')",
                     )
                 ]
@@ -531,17 +559,17 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> tuple[str, ...]:
 
 
 #: The shortest bearer token the daemon accepts (``x`` and ``changeme`` are guessed).
-MIN_TOKEN_CHARS = 16
+MIN_TOKEN_BYTES = 32
 
 
-def _check_token_file_owner(path: Path, uid: int) -> None:
-    """The daemon's own file, in a directory not every user may write to."""
-    field = "api.token_file"
+def _check_token_file_owner(path: Path, uid: int, field: str) -> None:
+    """The daemon's own file, in a directory not every user may write to (the
+    directory of the file itself, where a symlink leads)."""
     if uid != os.geteuid():
         raise SettingsError(
             [Problem(field, f"{path} is owned by uid {uid}, not by this daemon's ({os.geteuid()})")]
         )
-    folder = path.absolute().parent
+    folder = Path(os.path.realpath(path)).parent
     try:
         folder_mode = folder.stat().st_mode
     except OSError as exc:

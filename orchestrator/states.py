@@ -156,12 +156,15 @@ class Capabilities:
     ``dirty_logging`` is device DMA dirty logging
     (``VFIO_DEVICE_FEATURE_DMA_LOGGING_*``).  Pre-copy size information
     (``VFIO_MIG_GET_PRECOPY_INFO``) comes with the ``PRE_COPY`` flag in v2, so it
-    has no field of its own.
+    has no field of its own.  ``precopy_reinit``: the device opted in to the
+    second version of that information, by which it may report new initial
+    data mid pre-copy (false: not available, its initial data only shrinks).
     """
 
     flags: MigrationFlags = MigrationFlags.STOP_COPY
     stop_copy_size: bool = False
     dirty_logging: bool = False
+    precopy_reinit: bool = False
 
     def __post_init__(self) -> None:
         # Backends read the flags as a raw u64; accept that and keep the enum.

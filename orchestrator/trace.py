@@ -23,8 +23,8 @@ class TraceEvent:
     time: float
     # arc_begin, arc_end, arc_failed, arc_settled (an arc cut short by a
     # cancellation: to_state is where the device was found), reset, phase,
-    # barrier, commit, decision,
-    # switchover_ack, vmm_begin, vmm_end, vmm_failed (detail: action)
+    # barrier, commit, decision, switchover_ack, initial_back (detail: bytes,
+    # round, reacknowledge), vmm_begin, vmm_end, vmm_failed (detail: action)
     kind: str
     side: Side | None
     device: str | None

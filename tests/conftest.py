@@ -23,7 +23,7 @@ settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse, Phase
 
 
 #: The bearer token of the daemon tests' token file.
-TOKEN = "daemon-test-token-42"
+TOKEN = "daemon-test-token-0123456789abcdef-42"
 
 
 @pytest.fixture

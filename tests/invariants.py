@@ -220,6 +220,28 @@ class _Replay:
                 members.discard(name)
 
 
+def check_acknowledged_before_the_switchover(m: Migration) -> None:
+    """No source device takes a step of the switchover (its grace state, a stop)
+    before the destination acknowledged every device's initial data as last
+    announced: after every return of initial data that had to be acknowledged
+    again (``initial_back``)."""
+    acknowledged = False
+    for e in _forward(m.trace):
+        if e.kind == "switchover_ack":
+            acknowledged = True
+        elif e.kind == "initial_back" and e.detail.get("reacknowledge"):
+            assert not acknowledged, f"initial data of {e.device} came back after the ack"
+        elif (
+            e.kind == "arc_begin"
+            and e.side is Side.SOURCE
+            and e.to_state is not DeviceState.PRE_COPY
+        ):
+            assert acknowledged, (
+                f"source {e.device} {e.from_state} -> {e.to_state} (seq {e.seq}) before "
+                "the destination acknowledged the initial data"
+            )
+
+
 def check_downtime_window_closed(m: Migration) -> None:
     """However the migration ended, it is no longer inside its downtime window
     (the daemon's journal writer holds back while any migration is)."""
@@ -231,5 +253,6 @@ async def check_all(m: Migration) -> None:
     check_reverse_barrier(m)
     check_no_dma_into_a_stopped_device(m)
     check_commit_ordering(m)
+    check_acknowledged_before_the_switchover(m)
     check_downtime_window_closed(m)
     await check_outcome(m)

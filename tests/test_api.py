@@ -41,6 +41,8 @@ from tests.helpers import sim_device
 
 TOKEN = "token-for-tests-0123456789"
 OTHER_TOKEN = "a-second-valid-token"
+READ_TOKEN = "a-read-only-token-for-dashboards"
+PEER_TOKEN = "a-token-another-hosts-daemon-presents"
 MAX_BODY = 64 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +60,8 @@ PROTECTED = [
     ("GET", "/v1/migrations/some-id/events"),
     ("GET", "/v1/devices"),
 ]
+#: The routes another host's daemon calls (and nothing else a peer token opens).
+PEER_ROUTES = [("POST", "/v1/incoming"), ("POST", "/v1/incoming/some-id/messages")]
 
 
 @dataclass
@@ -79,7 +83,12 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         registry = CollectorRegistry()
         service = MigrationService(journal, Metrics(registry))
         app = create_app(
-            service, registry=registry, tokens=[TOKEN, OTHER_TOKEN], max_body_bytes=MAX_BODY
+            service,
+            registry=registry,
+            tokens=[TOKEN, OTHER_TOKEN],
+            read_tokens=[READ_TOKEN],
+            peer_tokens=[PEER_TOKEN],
+            max_body_bytes=MAX_BODY,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
@@ -710,6 +719,38 @@ async def test_every_route_but_healthz_needs_a_valid_token(
     for wrong in (TOKEN[:-1], TOKEN + "x", "x" * len(TOKEN)):
         async with api.anonymous(authorization=f"Bearer {wrong}") as forger:
             assert_error(await forger.request(method, path), 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [*PROTECTED, *PEER_ROUTES, ("POST", "/v1/incoming/some-id/settle")]
+)
+async def test_each_token_role_opens_its_routes_only(api: Api, method: str, path: str) -> None:
+    """read: every GET (statuses, events, /metrics); peer: what another host's daemon
+    calls; operate: everything.  A refusal names the role and what it needs."""
+    for token, role, allowed in (
+        (READ_TOKEN, "read", method == "GET"),
+        (PEER_TOKEN, "peer", (method, path) in PEER_ROUTES),
+        (TOKEN, "operate", True),
+    ):
+        async with api.anonymous(authorization=f"Bearer {token}") as client:
+            response = await client.request(method, path, json={})
+        if allowed:
+            assert response.status_code != 403, (role, response.text)
+        else:
+            error = assert_error(response, 403, "forbidden")
+            assert f"a {role} token may not {method} {path}" in error["message"]
+
+
+async def test_a_read_token_watches_but_changes_nothing(api: Api) -> None:
+    async with api.anonymous(authorization=f"Bearer {READ_TOKEN}") as reader:
+        assert_error(await reader.post("/v1/migrations", json=plan_body("vm1", "gpu0")), 403)
+        assert (await reader.get("/v1/migrations")).json() == []
+        assert (await reader.get("/metrics")).status_code == 200
+    status = await submit(api, plan_body("vm1", "gpu0"))
+    async with api.anonymous(authorization=f"Bearer {READ_TOKEN}") as reader:
+        assert_error(await reader.post(f"/v1/migrations/{status.id}/cancel"), 403)
+        assert (await reader.get(f"/v1/migrations/{status.id}")).status_code == 200
+    assert (await wait_outcome(api, status.id)).outcome == "succeeded"
 
 
 async def test_healthz_is_open_and_any_listed_token_works(api: Api) -> None:

@@ -629,3 +629,23 @@ async def test_one_device_without_p2p_joins_by_order_between_two_daemons(
         assert {n: d["state"] for n, d in far["devices"].items()} == dict.fromkeys(
             ("gpu0", "gpu1", "nic0"), "RUNNING"
         )
+
+
+async def test_a_source_daemon_needs_only_a_peer_token_of_its_destination(
+    short_dir: Path, token_file: Path
+) -> None:
+    peer_tokens = short_dir / "peer-tokens"
+    peer_token = "peer-token-of-host-a-0123456789abcdef"
+    peer_tokens.write_text(f"{peer_token}\n")
+    peer_tokens.chmod(0o600)
+    async with two_hosts(short_dir, token_file, peer_token_file=peer_tokens) as (a, b):
+        plan = cross_plan(b, token_file, "gpu0")
+        plan["destination"]["token_file"] = str(peer_tokens)
+        status = await submit(a, plan)
+        assert status["outcome"] == "succeeded", status["report"]
+        # The same token opens nothing else of the destination's API.
+        async with unix_client(b.socket, token=peer_token) as peer:
+            response = await peer.get("/v1/migrations")
+            assert response.status_code == 403
+            error = response.json()["error"]
+            assert "a peer token may not GET /v1/migrations" in error["message"]

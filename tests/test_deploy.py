@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import __version__
 from orchestrator.certificates import Certificates
-from orchestrator.metrics import OUTCOMES, Metrics
+from orchestrator.metrics import BARRIERS, OUTCOMES, TIMED_PHASES, Metrics, every_arc
 from orchestrator.settings import Settings, SettingsError, parse_host_port, read_token_file
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -56,8 +56,8 @@ KUBERNETES = DEPLOY / "kubernetes"
 #: Labels Prometheus attaches to every scraped series (target labels).
 TARGET_LABELS = frozenset({"instance", "job"})
 
-_METRIC = re.compile(r"\b(orchestrator_[A-Za-z0-9_]+)")
-_SELECTOR = re.compile(r"\b(orchestrator_[A-Za-z0-9_]+)\s*\{([^}]*)\}")
+_METRIC = re.compile(r"\b((?:orchestrator|process)_[A-Za-z0-9_]+)")
+_SELECTOR = re.compile(r"\b((?:orchestrator|process)_[A-Za-z0-9_]+)\s*\{([^}]*)\}")
 _MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!=|!~|=)\s*"([^"]*)"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 
@@ -69,7 +69,14 @@ def exported() -> dict[str, dict[str, set[str]]]:
     a query's identifiers are checked as they are, with no suffix stripping.
     """
     registry = CollectorRegistry()
-    Metrics(registry)
+    metrics = Metrics(registry, backends=["simulated"])
+    # Labelled histograms appear with their first sample: every label value they take.
+    for phase in TIMED_PHASES:
+        metrics.phase_time.labels(phase.value)
+    for barrier in BARRIERS:
+        metrics.barrier_wait.labels(barrier)
+    for start, end in every_arc():
+        metrics.transition.labels("simulated", start.name, end.name)
     # As a daemon with a [tls] identity exports it (its expiry, set at start).
     expiry = Certificates(registry).expiry
     assert expiry is not None
@@ -160,21 +167,37 @@ def test_dashboard_is_valid_json_with_datasource_variable() -> None:
 def test_dashboard_covers_the_metrics_asked_for() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = " ".join(t["expr"] for p in _panels(dashboard) for t in p["targets"])
-    for q in ("0.5", "0.9", "0.99"):
+    # Percentiles over the chosen window: a quiet hour still shows the last migrations.
+    for q in ("0.5", "0.99"):
         assert (
             f"histogram_quantile({q}, sum by (le) "
-            "(rate(orchestrator_migration_downtime_seconds_bucket"
+            '(increase(orchestrator_migration_downtime_seconds_bucket{instance=~"$instance"}'
+            "[$window])))"
         ) in exprs
     for name in (
         "orchestrator_migrations_total",
         "orchestrator_migrations_active",
+        "orchestrator_migrations_in_doubt",
+        "orchestrator_downtime_limit_ratio_bucket",
         "orchestrator_migration_phase_seconds_bucket",
         "orchestrator_device_bytes_total",
+        "orchestrator_precopy_remaining_bytes",
         "orchestrator_barrier_wait_seconds_bucket",
         "orchestrator_device_errors_total",
         "orchestrator_device_transition_seconds_bucket",
+        "process_resident_memory_bytes",
     ):
         assert name in exprs
+    assert "sum by (instance) (rate(orchestrator_device_bytes_total" in exprs
+    # Every query is filtered by the instance variable, which the node variable narrows.
+    for panel in _panels(dashboard):
+        for target in panel["targets"]:
+            selectors = re.findall(r"\b(?:orchestrator|process)_\w+(\{[^}]*\})?", target["expr"])
+            assert selectors and all('instance=~"$instance"' in s for s in selectors), target
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["node"]["definition"] == "label_values(orchestrator_build_info, node)"
+    assert "$node" in variables["instance"]["definition"]
+    assert variables["window"]["query"] == "1h,6h,24h,7d"
 
 
 def test_dashboard_queries_only_exported_metrics_and_labels(
@@ -587,9 +610,11 @@ def test_dockerfile_agrees_with_the_image_settings_and_install_script() -> None:
     # The image's settings load with the daemon's model, and EXPOSE is their port.
     config = DOCKER_DIR / "orchestrator.toml"
     settings = Settings.load(config)
-    assert settings.api.tcp_address is not None
+    assert settings.api.tcp_address is not None and settings.data.listen is not None
     (expose,) = (i.args for i in final if i.keyword == "EXPOSE")
-    assert expose == str(settings.api.tcp_address[1])
+    # The API's port and the data channel's: an image can receive migrations.
+    assert expose.split() == [str(settings.api.tcp_address[1]), settings.data.listen.split(":")[-1]]
+    assert settings.tls is not None and str(settings.tls.cert_file).startswith("/etc/orchestrator/")
     (volume,) = (i.args for i in final if i.keyword == "VOLUME")
     assert exec_form(volume) == [str(settings.state_dir)]
     assert settings.log.format == "json"

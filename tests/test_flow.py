@@ -429,9 +429,15 @@ def decide(
     bw: float = 100 * 2**20,
     rnd: int = 1,
     elapsed: float = 0.0,
+    forced: bool = False,
 ) -> tuple[str, str]:
     d = decide_precopy(
-        plan, round_number=rnd, remaining=remaining, bandwidth_bytes_s=bw, elapsed_s=elapsed
+        plan,
+        round_number=rnd,
+        remaining=remaining,
+        bandwidth_bytes_s=bw,
+        elapsed_s=elapsed,
+        forced=forced,
     )
     return d.action, d.reason
 
@@ -468,6 +474,36 @@ def test_waits_for_initial_bytes_even_when_small() -> None:
     plan = plan_of(1)
     action, reason = decide(plan, {"d0": Remaining(10, 0, 10)})
     assert action == "continue" and "initial data not drained on d0" in reason
+
+
+def test_no_convergence_on_the_round_initial_data_came_back() -> None:
+    # Drained by the round's end, and the window fits: still another round, since
+    # the destination has not acknowledged the new initial data.
+    plan = plan_of(2, downtime_limit_ms=100)
+    back = {"d0": Remaining(0, 0, 1 << 20, initial_back=True), "d1": Remaining(0, 0, 1 << 20)}
+    d = decide_precopy(
+        plan, round_number=3, remaining=back, bandwidth_bytes_s=100 * 2**20, elapsed_s=0
+    )
+    assert d.action == "continue" and not d.converged
+    assert d.reason == "new initial data came back on d0 this round"
+    # Not drained either: the return is what the reason names.
+    still = {**back, "d0": Remaining(4096, 0, 1 << 20, initial_back=True)}
+    assert decide(plan, still)[1] == "new initial data came back on d0 this round"
+    # The next round's report, drained, converges as before.
+    after = {**back, "d0": Remaining(0, 0, 1 << 20)}
+    assert decide(plan, after)[0] == "switchover"
+
+
+def test_a_return_does_not_stop_the_policy_or_the_operator() -> None:
+    back = {"d0": Remaining(0, 0, 1 << 20, initial_back=True)}
+    plan = plan_of(1, downtime_limit_ms=100, precopy_max_rounds=5, precopy_policy="abort")
+    action, reason = decide(plan, back, rnd=5)
+    assert action == "abort" and "(new initial data came back on d0 this round)" in reason
+    action, reason = decide(plan, back, rnd=2, forced=True)
+    assert action == "switchover" and "not converged: new initial data came back on d0" in reason
+    # A device without pre-copy has no initial data to come back.
+    fixed = {"d0": Remaining(0, 0, 1 << 20, pre_copy=False, initial_back=True)}
+    assert "came back" not in decide(plan_of(1, downtime_limit_ms=100), fixed)[1]
 
 
 def test_continues_then_applies_policy_at_max_rounds() -> None:

@@ -18,14 +18,13 @@ import trio.testing
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import __version__
 from orchestrator.engine import Migration
 from orchestrator.metrics import (
     BARRIERS,
     DEVICE_ERROR_KINDS,
     OUTCOMES,
-    TIMED_PHASES,
     Metrics,
-    every_arc,
 )
 from orchestrator.report import ErrorInfo, MigrationReport
 from tests.helpers import debian_tool, make_resolved, sim_device
@@ -88,8 +87,10 @@ def two_gpus(**destination: Any) -> list[dict[str, Any]]:
     ]
 
 
-def test_every_series_exists_at_zero_before_any_migration(registry: CollectorRegistry) -> None:
-    Metrics(registry)
+def test_every_series_alerts_read_exists_at_zero_before_any_migration(
+    registry: CollectorRegistry,
+) -> None:
+    Metrics(registry, backends=["simulated"], node="node-7")
     samples = scrape(registry)
     for outcome in OUTCOMES:
         assert value(samples, "orchestrator_migrations_total", outcome=outcome) == 0
@@ -101,20 +102,39 @@ def test_every_series_exists_at_zero_before_any_migration(registry: CollectorReg
         assert (
             value(samples, "orchestrator_device_bytes_total", backend="simulated", phase=phase) == 0
         )
-    for p in TIMED_PHASES:
-        assert value(samples, "orchestrator_migration_phase_seconds_count", phase=p.value) == 0
-    for barrier in BARRIERS:
-        assert value(samples, "orchestrator_barrier_wait_seconds_count", barrier=barrier) == 0
-    for start, end in every_arc():
-        labels = {"backend": "simulated", "from_state": start.name, "to_state": end.name}
-        assert value(samples, "orchestrator_device_transition_seconds_count", **labels) == 0
     for name in (
         "orchestrator_migration_downtime_seconds_count",
         "orchestrator_migration_duration_seconds_count",
+        "orchestrator_downtime_limit_ratio_count",
         "orchestrator_precopy_rounds_count",
+        "orchestrator_precopy_rounds_completed_total",
+        "orchestrator_precopy_remaining_bytes",
+        "orchestrator_stop_copy_bytes",
         "orchestrator_migrations_active",
+        "orchestrator_migrations_in_doubt",
     ):
         assert value(samples, name) == 0
+    build = [labels for (name, labels) in samples if name == "orchestrator_build_info"]
+    assert [dict(labels)["node"] for labels in build] == ["node-7"]
+    assert dict(build[0])["version"] == __version__
+    assert total(samples, "process_resident_memory_bytes") > 0
+    assert total(samples, "process_open_fds") > 0
+
+
+def test_an_idle_daemon_exposes_a_bounded_set_of_series(registry: CollectorRegistry) -> None:
+    """What each family costs idle (docs/metrics.md lists it): no labelled histogram
+    series before its first sample, no _created series, none for absent backends."""
+    Metrics(registry, backends=["simulated"])
+    samples = scrape(registry)
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    assert not [ls for _, ls in samples if ("backend", "vfio") in ls]
+    for name in (
+        "orchestrator_device_transition_seconds_count",
+        "orchestrator_migration_phase_seconds_count",
+        "orchestrator_barrier_wait_seconds_count",
+    ):
+        assert total(samples, name) == 0 and not [n for n, _ in samples if n == name]
+    assert len(samples) <= 110, len(samples)
 
 
 def test_downtime_buckets_span_1_ms_to_30_s(registry: CollectorRegistry) -> None:
@@ -390,6 +410,19 @@ def test_the_exposition_names_exactly_the_issue_s_metrics(
         # Issue 19: the downtime model's accuracy, and the strict budget's rollbacks.
         "orchestrator_downtime_prediction_ratio": "histogram",
         "orchestrator_downtime_budget_rollbacks": "counter",
+        # Issue 21: a fleet's dashboards.
+        "orchestrator_downtime_limit_ratio": "histogram",
+        "orchestrator_precopy_rounds_completed": "counter",
+        "orchestrator_precopy_remaining_bytes": "gauge",
+        "orchestrator_stop_copy_bytes": "gauge",
+        "orchestrator_build_info": "gauge",
+        "process_virtual_memory_bytes": "gauge",
+        "process_resident_memory_bytes": "gauge",
+        "process_start_time_seconds": "gauge",
+        "process_cpu_seconds": "counter",
+        "process_open_fds": "gauge",
+        "process_max_fds": "gauge",
+        "python_info": "gauge",
     }
     text = exposition(registry)
     for name in (
@@ -426,3 +459,65 @@ async def test_the_prediction_ratio_and_budget_rollbacks_are_counted(
     assert value(s, "orchestrator_downtime_budget_rollbacks_total", step="watchdog") == 1
     # A rollback's pause is no test of the prediction: still one observation.
     assert value(s, "orchestrator_downtime_prediction_ratio_count") == 1
+
+
+async def test_bytes_rounds_and_remaining_move_while_a_migration_runs(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    # Dirtying half as fast as it drains, against a tight limit: several rounds.
+    devices = [
+        sim_device("gpu0", state_mib=4, dirty_mib_s=4, drain_mib_s=8, transition_ms=1),
+        sim_device("gpu1", state_mib=4, dirty_mib_s=4, drain_mib_s=8, transition_ms=1),
+    ]
+    resolved = make_resolved(
+        devices, downtime_limit_ms=20, precopy_max_rounds=4, precopy_policy="switchover"
+    )
+    migration = Migration(resolved)
+    seen: list[tuple[float, float, float]] = []
+
+    async def watch() -> None:
+        # Scrape as a Prometheus would, while the migration is in flight.
+        while migration.report is None:
+            samples = scrape(registry)
+            seen.append(
+                (
+                    total(samples, "orchestrator_device_bytes_total", phase="precopy"),
+                    value(samples, "orchestrator_precopy_rounds_completed_total"),
+                    value(samples, "orchestrator_precopy_remaining_bytes"),
+                )
+            )
+            assert value(samples, "orchestrator_migrations_total", outcome="succeeded") == 0
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        with metrics.track(migration):
+            await migration.run()
+    report = migration.report
+    assert report is not None and report.outcome == "succeeded"
+    live_bytes = [b for b, _, _ in seen]
+    assert live_bytes == sorted(live_bytes), "a counter never goes down"
+    assert live_bytes[-1] > 0, "bytes counted before the migration ended"
+    assert any(r > 0 for _, r, _ in seen), seen
+    assert any(left > 0 for _, _, left in seen), seen
+    after = scrape(registry)
+    sent = sum(d.bytes_precopy for d in report.devices)
+    assert total(after, "orchestrator_device_bytes_total", phase="precopy") == sent
+    assert sent >= live_bytes[-1]
+    assert value(after, "orchestrator_precopy_rounds_completed_total") == report.precopy.rounds
+    assert value(after, "orchestrator_precopy_remaining_bytes") == 0
+
+
+async def test_downtime_against_its_limit(
+    autojump_clock: Any, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    migration = await run_tracked(metrics, two_gpus())
+    report = migration.report
+    assert report is not None and report.downtime_ms is not None
+    limit = report.precopy.downtime_limit_ms
+    assert limit
+    samples = scrape(registry)
+    assert value(samples, "orchestrator_downtime_limit_ratio_count") == 1
+    assert value(samples, "orchestrator_downtime_limit_ratio_sum") == pytest.approx(
+        report.downtime_ms / limit
+    )

@@ -43,6 +43,7 @@ import pytest
 from orchestrator import __version__
 
 from .conftest import TOKEN
+from .helpers import tls_identity
 from .test_deploy import dockerfile_instructions, exec_form
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -471,6 +472,18 @@ def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
     if image_root.uid is not None:
         for path in (token_file, wrong):
             os.chown(path, image_root.uid, image_root.uid)
+    # The image's [tls] identity, mounted where its settings say (under the scratch root).
+    import trustme  # the test extra's
+
+    identity = tls_identity(trustme.CA(), root / "etc" / "orchestrator" / "tls", "127.0.0.1")
+    if image_root.uid is not None:
+        for path in (
+            identity.cert_file.parent,
+            identity.cert_file,
+            identity.key_file,
+            identity.ca_file,
+        ):
+            os.chown(path, image_root.uid, image_root.uid)
     plan = _steady_plan(root / "var" / "lib" / "orchestrator" / "plan.json")
     plan.chmod(0o644)
     socket_path = root / "run" / "orchestrator" / "api.sock"
@@ -481,6 +494,10 @@ def test_image_daemon_and_its_healthcheck(image_root: ImageRoot) -> None:
         ORCHESTRATOR_API__UNIX_SOCKET=str(socket_path),
         ORCHESTRATOR_API__TOKEN_FILE=str(token_file),
         ORCHESTRATOR_API__TCP="127.0.0.1:0",
+        ORCHESTRATOR_DATA__LISTEN="127.0.0.1:0",
+        ORCHESTRATOR_TLS__CERT_FILE=str(identity.cert_file),
+        ORCHESTRATOR_TLS__KEY_FILE=str(identity.key_file),
+        ORCHESTRATOR_TLS__CA_FILE=str(identity.ca_file),
     )
     as_image_user = image_root.as_user()
     instructions = dockerfile_instructions(DOCKERFILE.read_text())

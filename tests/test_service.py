@@ -109,8 +109,11 @@ async def test_concurrent_retries_with_one_idempotency_key_all_get_the_first_mig
 async def test_a_plan_that_cannot_succeed_is_refused_and_not_recorded(
     service: MigrationService,
 ) -> None:
-    bad = make_plan([sim_device("gpu0"), sim_device("nic0", p2p=False)])
-    with pytest.raises(PlanError, match="nic0"):
+    # Two devices without P2P: no order can keep each from DMA into the other.
+    bad = make_plan(
+        [sim_device("gpu0"), sim_device("nic0", p2p=False), sim_device("nic1", p2p=False)]
+    )
+    with pytest.raises(PlanError, match="'nic0', 'nic1'"):
         await service.submit(bad)
     assert await service.list() == []
     assert service.devices() == []

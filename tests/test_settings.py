@@ -218,21 +218,35 @@ def test_a_missing_or_broken_config_file_is_named(tmp_path: Path) -> None:
 # -- token files ------------------------------------------------------------------------
 
 
+A_TOKEN = "long-enough-token-0123456789abcdef"  # 34 bytes
+B_TOKEN = "beta-token-0123456789abcdef-0123456"
+
+
 def test_tokens_one_per_line_without_blanks_or_comments(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "tokens", "# ops\n\n  alpha-token-0123456  \n#beta\nbeta-token-0123456\n"
-    )
-    assert read_token_file(path) == ("alpha-token-0123456", "beta-token-0123456")
+    path = write(tmp_path / "tokens", f"# ops\n\n  {A_TOKEN}  \n#beta\n{B_TOKEN}\n")
+    assert read_token_file(path) == (A_TOKEN, B_TOKEN)
 
 
-@pytest.mark.parametrize("token", ["x", "changeme", "fifteen-chars!!"])
+@pytest.mark.parametrize("token", ["x", "changeme", "thirty-one-bytes-is-too-short!!"])
 def test_a_guessable_token_is_refused_by_the_daemon(tmp_path: Path, token: str) -> None:
-    path = write(tmp_path / "tokens", f"long-enough-token-01\n{token}\n")
+    path = write(tmp_path / "tokens", f"{A_TOKEN}\n{token}\n")
     with pytest.raises(SettingsError) as exc:
         read_token_file(path)
     message = problems_of(exc)["api.token_file"]
-    assert "token 2 has fewer than 16 characters" in message and token not in message
+    assert "token 2 has fewer than 32 bytes" in message and token not in message
     assert read_token_file(path, check_mode=False)[1] == token  # a client's own business
+
+
+def test_a_token_is_measured_in_bytes(tmp_path: Path) -> None:
+    token = "ü" * 16  # 16 characters, 32 bytes
+    assert read_token_file(write(tmp_path / "tokens", f"{token}\n")) == (token,)
+
+
+def test_the_field_named_is_the_file_s_own(tmp_path: Path) -> None:
+    path = write(tmp_path / "tokens", "x\n")
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(path, field="api.read_token_file")
+    assert "fewer than 32 bytes" in problems_of(exc)["api.read_token_file"]
 
 
 def test_a_fifo_token_file_is_refused_at_once(tmp_path: Path) -> None:
@@ -246,19 +260,33 @@ def test_a_fifo_token_file_is_refused_at_once(tmp_path: Path) -> None:
 def test_a_token_file_anyone_could_replace_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
-    path = write(shared / "tokens", "long-enough-token-01\n")
+    path = write(shared / "tokens", f"{A_TOKEN}\n")
     shared.chmod(0o777)
     with pytest.raises(SettingsError) as exc:
         read_token_file(path)
     assert "which every user may write to" in problems_of(exc)["api.token_file"]
     shared.chmod(0o1777)  # sticky, as /tmp: only the file's owner may replace it
-    assert read_token_file(path) == ("long-enough-token-01",)
+    assert read_token_file(path) == (A_TOKEN,)
+
+
+def test_a_symlinked_token_file_is_judged_where_it_leads(tmp_path: Path) -> None:
+    """As a Kubernetes Secret's mount: the name is a symlink into a data directory."""
+    data = tmp_path / "..data"
+    data.mkdir(mode=0o700)
+    target = write(data / "api-tokens", f"{A_TOKEN}\n", 0o440)
+    link = tmp_path / "api-tokens"
+    link.symlink_to(target)
+    assert read_token_file(link) == (A_TOKEN,)
+    data.chmod(0o777)  # the directory it leads to is what anyone could write
+    with pytest.raises(SettingsError) as exc:
+        read_token_file(link)
+    assert "which every user may write to" in problems_of(exc)["api.token_file"]
 
 
 def test_a_token_file_another_user_owns_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write(tmp_path / "tokens", "long-enough-token-01\n")
+    path = write(tmp_path / "tokens", f"{A_TOKEN}\n")
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
     with pytest.raises(SettingsError) as exc:
         read_token_file(path)
@@ -267,16 +295,27 @@ def test_a_token_file_another_user_owns_is_refused(
 
 @pytest.mark.parametrize(
     ("mode", "who"),
-    [(0o640, "group"), (0o604, "other"), (0o644, "group and other"), (0o660, "group")],
+    [
+        (0o604, "other (read)"),
+        (0o660, "group (write)"),
+        (0o644, "other (read)"),
+        (0o602, "other (write)"),
+    ],
 )
 def test_a_token_file_others_may_read_is_refused(tmp_path: Path, mode: int, who: str) -> None:
-    path = write(tmp_path / "tokens", "secret\n", mode)
+    path = write(tmp_path / "tokens", f"{A_TOKEN}\n", mode)
     with pytest.raises(SettingsError) as exc:
         read_token_file(path)
     message = problems_of(exc)["api.token_file"]
-    assert f"accessible by {who} (mode {mode:04o})" in message and "chmod 600" in message
+    assert f"accessible by {who}" in message and f"(mode {mode:04o})" in message
+    assert "chmod 600" in message
     # A client reading its own token does not judge the file's mode.
-    assert read_token_file(path, check_mode=False) == ("secret",)
+    assert read_token_file(path, check_mode=False) == (A_TOKEN,)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o440])
+def test_a_token_file_its_group_may_read_is_accepted(tmp_path: Path, mode: int) -> None:
+    assert read_token_file(write(tmp_path / "tokens", f"{A_TOKEN}\n", mode)) == (A_TOKEN,)
 
 
 def test_a_missing_empty_or_odd_token_file_is_refused(tmp_path: Path) -> None:
@@ -313,7 +352,7 @@ def test_serve_with_bad_settings_exits_2_naming_the_fields(
     [
         (None, 0o600, "does not exist"),
         ("# nothing\n", 0o600, "holds no token"),
-        ("token\n", 0o644, "accessible by group and other"),
+        ("token\n", 0o644, "accessible by other (read)"),
     ],
 )
 def test_serve_refuses_a_bad_token_file(
@@ -365,3 +404,19 @@ def test_every_tls_and_data_setting_is_documented() -> None:
     for model in (TlsSettings, DataSettings):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_serve_refuses_a_bad_role_token_file_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = write(tmp_path / "tokens", f"{A_TOKEN}\n")
+    readers = write(tmp_path / "readers", "short\n")
+    config = write(
+        tmp_path / "orchestrator.toml",
+        f'state_dir = "{tmp_path / "s"}"\n[api]\ntoken_file = "{tokens}"\n'
+        f'read_token_file = "{readers}"\n',
+    )
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"api.read_token_file: {readers}: token 1 has fewer than 32 bytes" in err
+    assert "Traceback" not in err

@@ -1266,7 +1266,9 @@ async def test_open_reports_capabilities_and_close_ends_use() -> None:
         await device.state_digest()
     capabilities = await device.open()
     assert capabilities == Capabilities(
-        MigrationFlags.STOP_COPY | MigrationFlags.PRE_COPY, stop_copy_size=True
+        MigrationFlags.STOP_COPY | MigrationFlags.PRE_COPY,
+        stop_copy_size=True,
+        precopy_reinit=True,  # the simulator's default: it may report new initial data
     )
     assert await device.open() == capabilities  # idempotent
     digest = await device.state_digest()

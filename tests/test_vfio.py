@@ -123,7 +123,7 @@ def test_feature_buffers_byte_by_byte() -> None:
         0x20000,
         0x40000,
     )
-    assert [f.value for f in uapi.Feature] == [1, 2, 6, 7, 8, 9]
+    assert [f.value for f in uapi.Feature] == [1, 2, 6, 7, 8, 9, 12]
 
     buf = uapi.mig_state_request(uapi.FeatureOp.SET, int(S.STOP_COPY))
     assert bytes(buf) == native(16, 4) + native(0x20002, 4) + native(3, 4) + b"\xff" * 4
@@ -145,7 +145,9 @@ def test_precopy_and_region_info_layouts() -> None:
     assert bytes(buf) == native(24, 4) + bytes(20)
     buf[8:16] = native(24, 8)
     buf[16:24] = native(5, 8)
-    assert uapi.precopy_info_result(buf) == (24, 5)
+    assert uapi.precopy_info_result(buf) == (24, 5, 0)
+    buf[4:8] = native(uapi.PRECOPY_INFO_REINIT, 4)
+    assert uapi.precopy_info_result(buf) == (24, 5, 1)
 
     region = uapi.region_info_request(1)
     assert bytes(region[:16]) == native(32, 4) + native(0, 4) + native(1, 4) + native(0, 4)

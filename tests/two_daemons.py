@@ -171,6 +171,7 @@ def _host(
     processes: bool,
     placement: Placement,
     tls: TlsIdentity | None = None,
+    peer_token_file: Path | None = None,
 ) -> Host:
     base.mkdir()
     port = free_port() if not placement.prefix else 7800
@@ -182,6 +183,7 @@ def _host(
         f'unix_socket = "{base / "api.sock"}"',
         f'token_file = "{token_file}"',
         f'tcp = "{placement.ip}:{port}"',
+        *([f'peer_token_file = "{peer_token_file}"'] if peer_token_file else []),
         "[data]",
         f'listen = "{placement.ip}:0"',
     ]
@@ -214,15 +216,23 @@ async def two_daemons(
     processes: bool = False,
     placements: tuple[Placement, Placement] = (Placement(), Placement()),
     tls: bool = False,
+    peer_token_file: Path | None = None,
 ) -> AsyncIterator[tuple[Host, Host]]:
     """(source, destination), both ready; both stopped after.  ``tls``: each with a
-    [tls] identity of one test CA (mutual TLS data channel, https API)."""
+    [tls] identity of one test CA (mutual TLS data channel, https API);
+    ``peer_token_file``: the destination's tokens for other hosts' daemons."""
     ids: list[TlsIdentity | None] = [None, None]
     if tls:
         ids = list(issue_identities(short_dir, placements[0].ip, placements[1].ip))
     source = _host("source", short_dir / "a", token_file, processes, placements[0], ids[0])
     destination = _host(
-        "destination", short_dir / "b", token_file, processes, placements[1], ids[1]
+        "destination",
+        short_dir / "b",
+        token_file,
+        processes,
+        placements[1],
+        ids[1],
+        peer_token_file,
     )
     try:
         await destination.start()

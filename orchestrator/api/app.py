@@ -530,13 +530,18 @@ def create_app(
     *,
     registry: CollectorRegistry,
     tokens: Sequence[str],
+    read_tokens: Sequence[str] = (),
+    peer_tokens: Sequence[str] = (),
     max_body_bytes: int = 1 << 20,
 ) -> OrchestratorAPI:
-    """The API over ``service``, authenticated by ``tokens``; the caller runs the service."""
+    """The API over ``service``, authenticated by ``tokens`` (operate: everything),
+    ``read_tokens`` (GET routes and /metrics) and ``peer_tokens`` (the routes another
+    host's daemon calls); the caller runs the service."""
     app = build_app()
     app.state.orchestrator = ApiContext(service=service, registry=registry)
     # Added innermost first: CrashGuard ends up outermost.
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
-    app.add_middleware(BearerAuth, tokens=tokens, scoped=_decision_scope(service))
+    roles = {"operate": tokens, "read": read_tokens, "peer": peer_tokens}
+    app.add_middleware(BearerAuth, tokens=roles, scoped=_decision_scope(service))
     app.add_middleware(CrashGuard)
     return app

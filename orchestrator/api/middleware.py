@@ -9,9 +9,12 @@ error body as the routes (``errors.send_error``).  Outermost first:
   traceback and the server keeps serving.
 * ``BearerAuth``: every path but the open ones (``/healthz``) needs
   ``Authorization: Bearer <token>``: 401 with ``WWW-Authenticate: Bearer``
-  without one, 403 with a token that is not in the token file.  It runs
-  before any route is matched, so an unauthenticated client learns nothing,
-  not even which paths exist, and before the body is read.
+  without one, 403 with a token that is in no token file, or whose role does
+  not allow the request (``required_role``: a read token reads, a peer token
+  reaches the routes another host's daemon calls, an operate token does
+  everything).  It runs before any route is matched, so an unauthenticated
+  client learns nothing, not even which paths exist, and before the body is
+  read.
 * ``BodySizeLimit``: a request body over the limit is refused with 413,
   whether it declares its length (refused before a byte is read) or comes
   chunked (refused as soon as the count passes the limit).
@@ -20,6 +23,7 @@ error body as the routes (``errors.send_error``).  Outermost first:
 from __future__ import annotations
 
 import hmac
+import re
 import traceback
 from collections.abc import Callable, Collection, Sequence
 
@@ -31,6 +35,28 @@ from .errors import send_error
 log = structlog.get_logger("orchestrator.api")
 
 OPEN_PATHS = frozenset({"/healthz"})
+
+#: What each role's tokens may do.  ``operate`` covers every route; ``read``
+#: the GET routes (statuses, event streams, /metrics); ``peer`` the routes a
+#: source daemon calls on its destination, nothing else.
+ROLES = ("read", "operate", "peer")
+#: The roles whose tokens a request of each required role accepts.
+ACCEPTED = {
+    "read": frozenset({"read", "operate"}),
+    "operate": frozenset({"operate"}),
+    "peer": frozenset({"peer", "operate"}),
+}
+_PEER_PATHS = re.compile(r"/v1/incoming(/[A-Za-z0-9_-]{1,128}/messages)?")
+
+
+def required_role(method: str, path: str) -> str:
+    """The role a request needs: peer for the incoming routes a source daemon posts to,
+    read for any other GET (or HEAD), operate for the rest."""
+    if method == "POST" and _PEER_PATHS.fullmatch(path):
+        return "peer"
+    if method in ("GET", "HEAD"):
+        return "read"
+    return "operate"
 
 
 class CrashGuard:
@@ -68,20 +94,26 @@ class CrashGuard:
 
 
 class BearerAuth:
-    """``scoped(path, credentials)``, when given, may accept a credential that is
-    valid for that one path only (a migration's decision credential)."""
+    """``tokens`` maps each role (``ROLES``) to its tokens.  ``scoped(path,
+    credentials)``, when given, may accept a credential that is valid for that one
+    path only (a migration's decision credential)."""
 
     def __init__(
         self,
         app: ASGIApp,
-        tokens: Sequence[str],
+        tokens: dict[str, Sequence[str]],
         open_paths: Collection[str] = OPEN_PATHS,
         scoped: Callable[[str, bytes], bool] | None = None,
     ) -> None:
-        if not tokens:
-            raise ValueError("BearerAuth needs at least one token")
+        if not tokens.get("operate"):
+            raise ValueError("BearerAuth needs at least one operate token")
+        unknown = set(tokens) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}")
         self.app = app
-        self._tokens = tuple(token.encode("utf-8") for token in tokens)
+        self._tokens = tuple(
+            (role, token.encode("utf-8")) for role, some in tokens.items() for token in some
+        )
         self._open_paths = frozenset(open_paths)
         self._scoped = scoped
 
@@ -102,19 +134,34 @@ class BearerAuth:
                 [(b"www-authenticate", b"Bearer")],
             )
             return
-        if not self._known(credentials) and not (
-            self._scoped is not None and self._scoped(scope["path"], credentials)
-        ):
+        path = scope["path"]
+        roles = self._roles(credentials)
+        if not roles:
+            if self._scoped is not None and self._scoped(path, credentials):
+                await self.app(scope, receive, send)
+                return
             await send_error(send, 403, "forbidden", "the bearer token is not valid")
+            return
+        needed = required_role(scope["method"], path)
+        if not roles & ACCEPTED[needed]:
+            held = ", ".join(sorted(roles))
+            await send_error(
+                send,
+                403,
+                "forbidden",
+                f"a {held} token may not {scope['method']} {path}: it needs a {needed} token"
+                + (" (or an operate one)" if needed != "operate" else ""),
+            )
             return
         await self.app(scope, receive, send)
 
-    def _known(self, credentials: bytes) -> bool:
+    def _roles(self, credentials: bytes) -> frozenset[str]:
         # Compare with every token, in constant time each, whatever matched.
-        found = False
-        for token in self._tokens:
-            found |= hmac.compare_digest(token, credentials)
-        return found
+        found: set[str] = set()
+        for role, token in self._tokens:
+            if hmac.compare_digest(token, credentials):
+                found.add(role)
+        return frozenset(found)
 
 
 class _BodyTooLarge(Exception):

@@ -57,10 +57,14 @@ class PrecopyInfo:
     ``initial_bytes``: data of the initial pass not yet read; the device wants
     it drained before the switchover.  ``dirty_bytes``: an estimate of data
     that changed since it was read and will have to be sent again.
+    ``reinit``: the device says new initial data appeared since its last report
+    (only a device whose capabilities have ``precopy_reinit`` says so); its
+    ``initial_bytes`` count that new data.
     """
 
     initial_bytes: int
     dirty_bytes: int
+    reinit: bool = False
 
 
 class Device(abc.ABC):
@@ -195,6 +199,11 @@ class Backend(abc.ABC):
     #: The fields of its devices' identities (``Device.device_identity``): what a plan's
     #: ``accept_differences`` and a ``[[compat.rules]]`` entry may name.
     identity_fields: ClassVar[tuple[str, ...]] = ()
+
+    def present(self) -> bool:
+        """Whether this host could have devices of this backend (its kernel
+        interface exists); the metrics create their series for those only."""
+        return True
 
     def destination_defaults(self, source: BaseModel) -> Mapping[str, Any]:
         """Fields the destination table inherits from the source when it omits them."""

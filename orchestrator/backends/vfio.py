@@ -35,7 +35,9 @@ backend duplicates the descriptor and owns only its duplicate.
 
 Migration follows ``include/uapi/linux/vfio.h``: capabilities from
 ``VFIO_DEVICE_FEATURE_MIGRATION`` (and probes of ``MIG_DATA_SIZE`` and
-``DMA_LOGGING_START``), state changes with ``MIG_DEVICE_STATE`` (one arc
+``DMA_LOGGING_START``; a device with PRE_COPY opts in to the second version
+of the pre-copy information where a probe finds it, so that it may report
+new initial data mid pre-copy), state changes with ``MIG_DEVICE_STATE`` (one arc
 per call: the runner walks paths), the stream over the ``data_fd`` the
 kernel returns on entering a saving or resuming state,
 ``VFIO_MIG_GET_PRECOPY_INFO`` on that fd, and ``VFIO_DEVICE_RESET``.
@@ -493,11 +495,16 @@ class VfioDevice(ThreadedDevice):
                 f"precopy info exists only in PRE_COPY states, not {_name(state)}",
             )
 
+        # The flags are an output only once the device opted in (v2); before,
+        # the kernel may hand back whatever was passed in.
+        opted_in = self.capabilities is not None and self.capabilities.precopy_reinit
+
         def query(_: threading.Event) -> PrecopyInfo:
             buf = uapi.precopy_info_request()
             self._ioctl(stream.fd, uapi.VFIO_MIG_GET_PRECOPY_INFO, buf, operation)
-            initial, dirty = uapi.precopy_info_result(buf)
-            return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+            initial, dirty, flags = uapi.precopy_info_result(buf)
+            reinit = opted_in and bool(flags & uapi.PRECOPY_INFO_REINIT)
+            return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty, reinit=reinit)
 
         return await self._in_thread(operation, query)
 
@@ -785,18 +792,32 @@ class VfioDevice(ThreadedDevice):
             flags=flags,
             stop_copy_size=self._probe(uapi.Feature.MIG_DATA_SIZE, uapi.FeatureOp.GET),
             dirty_logging=self._probe(uapi.Feature.DMA_LOGGING_START, uapi.FeatureOp.SET),
+            precopy_reinit=MigrationFlags.PRE_COPY in flags and self._opt_in_precopy_v2(),
         )
+
+    def _opt_in_precopy_v2(self) -> bool:
+        """Opt in to the second version of the pre-copy information, where the
+        kernel has it: the device may then report new initial data mid pre-copy.
+        Without it (an older kernel, a driver that does not implement it) the
+        device keeps today's behaviour, and its capabilities say so."""
+        feature, op = uapi.Feature.MIG_PRECOPY_INFO_V2, uapi.FeatureOp.SET
+        return self._probe(feature, op) and self._feature_call(feature, op, "SET")
 
     def _probe(self, feature: uapi.Feature, op: uapi.FeatureOp) -> bool:
         """Whether the device supports ``op`` on ``feature`` (the PROBE flag)."""
-        buf = uapi.feature_request(feature, uapi.FeatureOp.PROBE | op)
+        return self._feature_call(feature, uapi.FeatureOp.PROBE | op, "PROBE")
+
+    def _feature_call(self, feature: uapi.Feature, op: uapi.FeatureOp, what: str) -> bool:
+        """A ``VFIO_DEVICE_FEATURE`` call without data; False where the kernel or
+        the driver lacks the feature, a device error for any other failure."""
+        buf = uapi.feature_request(feature, op)
         try:
             self.syscalls.ioctl(self._device_fd, uapi.VFIO_DEVICE_FEATURE, buf)
         except OSError as exc:
             if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                 return False
             raise self._error(
-                f"VFIO_DEVICE_FEATURE(PROBE {feature.name})", exc.errno or errno.EIO
+                f"VFIO_DEVICE_FEATURE({what} {feature.name})", exc.errno or errno.EIO
             ) from None
         return True
 
@@ -983,6 +1004,9 @@ class VfioBackend(Backend):
     name: ClassVar[str] = "vfio"
     params_model: ClassVar[type[BaseModel]] = VfioParams
     identity_fields: ClassVar[tuple[str, ...]] = IDENTITY_FIELDS
+
+    def present(self) -> bool:
+        return os.path.isdir("/dev/vfio")
 
     def __init__(
         self,

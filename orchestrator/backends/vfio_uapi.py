@@ -41,6 +41,7 @@ __all__ = [
     "FEATURE_HEADER",
     "IOMMU_DESTROY",
     "IOMMU_IOAS_ALLOC",
+    "PRECOPY_INFO_REINIT",
     "VFIO_API_VERSION",
     "VFIO_CHECK_EXTENSION",
     "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
@@ -195,6 +196,12 @@ class Feature(enum.IntEnum):
     DMA_LOGGING_STOP = 7
     DMA_LOGGING_REPORT = 8
     MIG_DATA_SIZE = 9
+    #: The second version of the pre-copy information: a SET (no data) opts in,
+    #: after which ``vfio_precopy_info.flags`` is an output and a driver may
+    #: report new initial data (:data:`PRECOPY_INFO_REINIT`).  Defined here as
+    #: the 2026 kernel interface proposes it; older kernels and drivers lack it,
+    #: so it is probed at run time (``PROBE | SET``) and only then used.
+    MIG_PRECOPY_INFO_V2 = 12
 
 
 # struct vfio_device_feature_migration: one aligned u64 of VFIO_MIGRATION_* flags.
@@ -209,6 +216,11 @@ FEATURE_DMA_LOGGING_CONTROL: Final = struct.Struct("=QIIQ")
 
 # struct vfio_precopy_info: argsz, flags, aligned u64 initial_bytes and dirty_bytes.
 PRECOPY_INFO: Final = struct.Struct("=IIQQ")
+#: An output bit of ``vfio_precopy_info.flags`` once the device opted in to
+#: ``Feature.MIG_PRECOPY_INFO_V2``: new initial data is on the stream, and
+#: ``initial_bytes`` counts it.  Without the opt-in the field is reserved (old
+#: kernels hand the caller's flags back), so it is read only after one.
+PRECOPY_INFO_REINIT: Final = 1 << 0
 
 # struct vfio_device_bind_iommufd: argsz, flags, s32 iommufd, u32 out_devid.
 BIND_IOMMUFD: Final = struct.Struct("=IIiI")
@@ -253,10 +265,10 @@ def precopy_info_request() -> bytearray:
     return bytearray(PRECOPY_INFO.pack(PRECOPY_INFO.size, 0, 0, 0))
 
 
-def precopy_info_result(buf: bytearray) -> tuple[int, int]:
-    """``(initial_bytes, dirty_bytes)``."""
-    _, _, initial, dirty = PRECOPY_INFO.unpack(buf)
-    return int(initial), int(dirty)
+def precopy_info_result(buf: bytearray) -> tuple[int, int, int]:
+    """``(initial_bytes, dirty_bytes, flags)``."""
+    _, flags, initial, dirty = PRECOPY_INFO.unpack(buf)
+    return int(initial), int(dirty), int(flags)
 
 
 @dataclass(frozen=True)

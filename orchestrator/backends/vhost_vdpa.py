@@ -852,6 +852,9 @@ class VhostVdpaBackend(Backend):
     params_model: ClassVar[type[BaseModel]] = VhostVdpaParams
     identity_fields: ClassVar[tuple[str, ...]] = IDENTITY_FIELDS
 
+    def present(self) -> bool:
+        return os.path.isdir("/sys/bus/vdpa")
+
     def __init__(
         self,
         handles: HandleRegistry | None = None,

@@ -148,6 +148,10 @@ class Destination(abc.ABC):
     async def initial_sent(self, name: str, nbytes: int) -> None:  # noqa: B027 - local: nothing to say
         """The device's initial pre-copy data (``nbytes``) is all sent."""
 
+    def initial_back(self, name: str) -> None:  # noqa: B027 - nothing announced, nothing to undo
+        """The device's initial data came back after it was announced: the
+        acknowledgement waits for its next announcement (``initial_sent``)."""
+
     async def acknowledged(self) -> None:  # noqa: B027
         """Return once every device's initial data is loaded (switchover-ack)."""
 
@@ -517,11 +521,16 @@ class LocalDestination(Destination):
         self._initial[name] = nbytes
         self._announced[name].set()
 
+    def initial_back(self, name: str) -> None:
+        if self._announced[name].is_set():
+            self._announced[name] = trio.Event()
+
     async def acknowledged(self) -> None:
         # As between hosts (QEMU's switchover-ack): no device stops while its
         # destination still loads its initial data, which would then load in
         # the downtime window at the destination's pace.  Every device announces
-        # it, some only once the decision is taken (a round cut short).
+        # it, some only once the decision is taken (a round cut short), and
+        # again when new initial data came back.
         for name in self.engine.names:
             await self._announced[name].wait()
             await self.engine.written_at_least(name, self._initial[name])

@@ -673,11 +673,13 @@ class Migration:
 
     async def _switchover_acknowledged(self) -> None:
         """No device stops before the destination acknowledged every device's
-        initial data (QEMU's switchover-ack)."""
+        initial data (QEMU's switchover-ack), as last announced: initial data
+        that came back mid pre-copy is announced again and acknowledged anew."""
         timeout = self.plan.timeouts.switchover_s
         try:
             with trio.fail_after(timeout):
                 await self.destination.acknowledged()
+            self._trace.emit("switchover_ack")
         except trio.TooSlowError:
             raise self.ctx.abort(
                 "phase_timeout",

@@ -25,7 +25,7 @@ import trio
 from orchestrator.engine.devices import EngineContext
 from orchestrator.engine.trace import TraceEvent
 from orchestrator.flow import Phase, Remaining
-from orchestrator.report import BarrierReport, PrecopyReport
+from orchestrator.report import BarrierReport, InitialReturn, PrecopyReport
 from orchestrator.states import RUNNING_STATES, DeviceState, Side
 
 __all__ = ["DOWNTIME_WINDOW", "DeviceStats", "Recorder"]
@@ -158,6 +158,26 @@ class Recorder:
         await self._window_closed.wait()
 
     # -- measurements -------------------------------------------------------------
+
+    def initial_back(self, name: str, nbytes: int, *, reacknowledge: bool) -> None:
+        """A source device reported new initial data in the round under way."""
+        back = InitialReturn(
+            device=name, bytes=nbytes, round=self.precopy.rounds + 1, reacknowledge=reacknowledge
+        )
+        self.precopy.initial_returns.append(back)
+        self.ctx.trace.emit(
+            "initial_back",
+            Side.SOURCE,
+            name,
+            detail={"bytes": nbytes, "round": back.round, "reacknowledge": reacknowledge},
+        )
+        self.ctx.log.info(
+            "migration.initial_back",
+            device=name,
+            bytes=nbytes,
+            round=back.round,
+            reacknowledge=reacknowledge,
+        )
 
     def barrier_wait(self, name: str, barrier: str, seconds: float) -> None:
         self.stats[name].barrier_wait_s[barrier] = seconds

@@ -129,12 +129,14 @@ async def _device_report(m: Migration, name: str, backend: str) -> DeviceReport:
     states = {Side.SOURCE: "unknown", Side.DESTINATION: "unknown"}
     resets = {Side.SOURCE: False, Side.DESTINATION: False}
     barrier = "held"
+    precopy_reinit = False
     if m.flow is not None:
         for side in Side:
             endpoint = m.flow.endpoint(side, name)
             states[side], resets[side] = endpoint.state.name, endpoint.reset
         if not m.flow.endpoint(Side.SOURCE, name).barrier:
             barrier = "skipped: no P2P states on this device"
+        precopy_reinit = m.flow.endpoint(Side.SOURCE, name).capabilities.precopy_reinit
     for side in Side:
         # Never moved by the migration: the device's own word, not the flow's.
         if (side, name) in m.observed_states:
@@ -160,6 +162,7 @@ async def _device_report(m: Migration, name: str, backend: str) -> DeviceReport:
         source_digest=source_digest,
         destination_digest=destination_digest,
         barrier=barrier,
+        precopy_reinit=precopy_reinit,
         barrier_wait_ms={k: round(v * 1000, 3) for k, v in stats.barrier_wait_s.items()},
         stop_copy_path_ms=round(stop_path_s * 1000, 3) if stop_path_s else None,
     )

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from orchestrator.backends.base import PrecopyInfo
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import Switchover
@@ -76,11 +77,13 @@ class SourceHalf:
                 await driver.walk(SOURCE, name, route.precopy)
             sw.precopy.ready_to_send()
             while True:
+                back: int | None = None  # new initial data reported this round
                 if route.precopy is not None:
                     # A round sends what was pending when it began, no more: a
                     # device that dirties faster than it drains must still end
                     # its round so that the convergence decision is taken.
                     info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
+                    back = _came_back(info, initial_announced, back)
                     pending = info.initial_bytes + info.dirty_bytes
                     await self._drain(
                         name, sender, precopy=True, limit=max(pending, 1), cut=sw.precopy.cut
@@ -90,11 +93,22 @@ class SourceHalf:
                     except PeerError as exc:
                         raise driver.fail(SOURCE, name, "send", exc) from None
                     info = await driver.call(SOURCE, name, "precopy_info", device.precopy_info)
+                    back = _came_back(info, initial_announced, back)
                     size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
-                    stats.remaining = Remaining(info.initial_bytes, info.dirty_bytes, size)
+                    stats.remaining = Remaining(
+                        info.initial_bytes, info.dirty_bytes, size, initial_back=back is not None
+                    )
                 elif stats.remaining is None:
                     size = await driver.call(SOURCE, name, "stop_copy_size", device.stop_copy_size)
                     stats.remaining = Remaining(0, 0, size, pre_copy=False)
+                if back is not None:
+                    # The acknowledgement the destination gave (or owes) covers
+                    # the old initial data only: it must be asked for again,
+                    # once the new data is sent, and no device stops before.
+                    self.recorder.initial_back(name, back, reacknowledge=initial_announced)
+                    if initial_announced:
+                        self.destination.initial_back(name)
+                        initial_announced = False
                 if not initial_announced and stats.remaining.initial_bytes == 0:
                     initial_announced = await self._announce_initial(name)
                 decision = await sw.rounds.arrive(name, stats.remaining)
@@ -304,6 +318,15 @@ class SourceHalf:
             failed = self.ctx.info("device_error", message, side=SOURCE, device=name)
         if failed is not None:
             self.rollback_errors.append(failed)
+
+
+def _came_back(info: PrecopyInfo, announced: bool, back: int | None) -> int | None:
+    """The new initial data a pre-copy report shows (None: none), with ``back``, what
+    the round showed before: the device says so (``reinit``), or its initial data
+    grew again after it was announced drained."""
+    if info.reinit or (announced and info.initial_bytes > 0):
+        return max(back or 0, info.initial_bytes)
+    return back
 
 
 @contextlib.asynccontextmanager

@@ -115,7 +115,9 @@ class Begin(Message):
 
 @dataclass(frozen=True, slots=True)
 class InitialSent(Message):
-    """A device's initial pre-copy data is sent: acknowledge once that much is loaded."""
+    """A device's initial pre-copy data is sent: acknowledge once that much is loaded.
+    Sent again, for more bytes, when new initial data came back mid pre-copy; the
+    ACK then says how much is loaded, and only one of at least ``nbytes`` counts."""
 
     OP: ClassVar[str] = "initial_sent"
     FROM: ClassVar[str] = "source"

@@ -84,6 +84,7 @@ def capabilities_from_json(data: Mapping[str, Any]) -> Capabilities:
         flags=MigrationFlags(int(data["flags"])),
         stop_copy_size=bool(data.get("stop_copy_size", False)),
         dirty_logging=bool(data.get("dirty_logging", False)),
+        precopy_reinit=bool(data.get("precopy_reinit", False)),
     )
 
 
@@ -211,6 +212,8 @@ class RemoteDestination(Destination):
         self._over_budget: p.OverBudget | None = None
         #: Each device's initial data, in bytes, as announced (InitialSent).
         self._initial: dict[str, int] = {}
+        #: Set while a device's announcement stands (not since its initial data came back).
+        self._announced = {name: trio.Event() for name in self.names}
         self._completed: p.Completed | None = None
         self._rolled_back: p.RolledBack | None = None
         #: The destination cannot be reached after the commit: the outcome waits on it.
@@ -677,7 +680,14 @@ class RemoteDestination(Destination):
     async def initial_sent(self, name: str, nbytes: int) -> None:
         assert self.channel is not None
         self._initial[name] = nbytes
+        self._announced[name].set()
+        # Sent again when new initial data came back: the destination answers
+        # each with an ACK once that much is loaded.
         await self.channel.send_control(encode(p.InitialSent(name, nbytes)))
+
+    def initial_back(self, name: str) -> None:
+        if self._announced[name].is_set():
+            self._announced[name] = trio.Event()
 
     def unacknowledged_bytes(self) -> dict[str, int]:
         # At most: how much of it the destination still loads, this side cannot
@@ -685,11 +695,19 @@ class RemoteDestination(Destination):
         channel = self.channel
         if channel is None:
             return {}
-        return {n: b for n, b in self._initial.items() if not channel.is_acknowledged(n)}
+        return {
+            n: b for n, b in self._initial.items() if not channel.is_acknowledged(n, at_least=b)
+        }
 
     async def acknowledged(self) -> None:
-        assert self.channel is not None
-        await self.channel.all_acknowledged()
+        channel = self.channel
+        assert channel is not None
+        # Every device's latest announcement, acknowledged: an ACK of less (the
+        # initial data before it came back) does not count.  A device not yet
+        # announced is announced once the decision is taken (a round cut short).
+        for name in channel.devices:
+            await self._announced[name].wait()
+            await channel.acknowledged(name, at_least=self._initial[name])
 
     def in_flight_bytes(self) -> int:
         return self.channel.in_flight_bytes() if self.channel is not None else 0

@@ -83,6 +83,7 @@ def capabilities_to_json(caps: Capabilities) -> dict[str, Any]:
         "flags": int(caps.flags),
         "stop_copy_size": caps.stop_copy_size,
         "dirty_logging": caps.dirty_logging,
+        "precopy_reinit": caps.precopy_reinit,
     }
 
 
@@ -559,8 +560,12 @@ class IncomingMigration:
         if message.device not in self.engine.written or self.channel is None:
             return
         if await self.engine.written_at_least(message.device, message.nbytes):
+            # What the device is known to have loaded, not what was handed to its
+            # load: the source compares it with its latest announcement (initial
+            # data that came back is announced again, for more bytes).
+            loaded = max(message.nbytes, self.engine.written[message.device])
             with contextlib.suppress(PeerError):
-                await self.channel.acknowledge(message.device)
+                await self.channel.acknowledge(message.device, loaded)
 
     async def _ask_the_source(self) -> None:
         """Ask the source daemon for the decision (or the outcome), with backoff."""

@@ -332,9 +332,17 @@ class SimulatedDevice(Device):
                 f"precopy info exists only in PRE_COPY states, not {self._state.name}",
                 errno.EINVAL,
             )
-        if self._saver is None:
+        saver = self._saver
+        if saver is None:
             raise self._no_stream("precopy_info")
-        return self._saver.precopy_info()
+        info = saver.precopy_info()
+        params = self.params
+        if info.initial_bytes == 0 and params.reinit_mib and not saver.reinitialised:
+            saver.drained_queries += 1
+            if saver.drained_queries == params.reinit_after:
+                saver.reinit(max(1, params.reinit_bytes // self._layout.page_size))
+                info = saver.precopy_info(reinit=True)
+        return info
 
     async def stop_copy_size(self) -> int:
         await _checkpoint()

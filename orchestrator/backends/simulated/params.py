@@ -58,6 +58,27 @@ class SimulatedParams(BaseModel):
     )
     p2p: bool = Field(default=True, description="The device has the P2P (NDMA) states.")
     pre_copy: bool = Field(default=True, description="The device has the PRE_COPY states.")
+    precopy_reinit: bool = Field(
+        default=True,
+        description="The device has the opt-in pre-copy information feature (its second "
+        "version), by which it may report new initial data mid pre-copy; false: it lacks it "
+        "(an older kernel or driver), as its capabilities then say.",
+    )
+    reinit_mib: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Source: MiB of new initial data the device reports once mid pre-copy (its "
+        "first pages, sent again as initial data); 0: never.  Needs pre_copy and precopy_reinit.",
+    )
+    reinit_after: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description="With reinit_mib: the pre-copy information query, counting those that find "
+        "the initial data drained, that reports the new initial data (1: the first; the "
+        "engine asks twice a round, as the round begins and as it ends).",
+    )
     seed: int = Field(default=0, description="Seed of the initial content and of the dirtying.")
     model: str = Field(
         default="sim",
@@ -107,6 +128,29 @@ class SimulatedParams(BaseModel):
             f"pre_copy = {str(pre_copy).lower()}), whose arcs are {', '.join(arc_names(graph))}"
         )
 
+    @field_validator("reinit_mib")
+    @classmethod
+    def _reinit_needs_the_feature(cls, value: float, info: ValidationInfo) -> float:
+        # A device that could never report it would make a test pass for want of it.
+        if not value:
+            return value
+        if info.data.get("pre_copy") is False:
+            raise ValueError("reinit_mib needs pre_copy = true: new initial data is a pre-copy's")
+        if info.data.get("precopy_reinit") is False:
+            raise ValueError(
+                "reinit_mib needs precopy_reinit = true: a device without the pre-copy "
+                "information's second version cannot report new initial data"
+            )
+        state_mib = info.data.get("state_mib")
+        if state_mib is not None and value > state_mib:
+            raise ValueError(f"reinit_mib ({value:g}) exceeds the state ({state_mib:g} MiB)")
+        return value
+
+    @property
+    def reinit_bytes(self) -> int:
+        """The new initial data ``reinit_mib`` asks for, in bytes (0: none)."""
+        return round(self.reinit_mib * MIB)
+
     @property
     def state_bytes(self) -> int:
         """The state size in bytes: ``state_mib`` rounded to whole 8-byte words."""
@@ -119,7 +163,8 @@ class SimulatedParams(BaseModel):
     @property
     def capabilities(self) -> Capabilities:
         flags = _flags(p2p=self.p2p, pre_copy=self.pre_copy)
-        return Capabilities(flags, stop_copy_size=True, dirty_logging=False)
+        reinit = self.precopy_reinit and self.pre_copy
+        return Capabilities(flags, stop_copy_size=True, dirty_logging=False, precopy_reinit=reinit)
 
     @property
     def identity(self) -> Identity:

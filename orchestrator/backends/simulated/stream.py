@@ -18,7 +18,10 @@ pre-copy is skipped or missing, STOP_COPY) until the device leaves the saving
 states; PRE_COPY -> PRE_COPY_P2P -> STOP_COPY keeps the same stream, and a
 later saving state starts a new one from scratch.  Pre-copy sends every page
 once in index order (the *initial* data), then the pages dirtied since they
-were sent.  In a PRE_COPY state ``read`` returns ``b""`` when nothing is
+were sent.  A device with ``reinit_mib`` sends its first pages (that much) once
+more as new initial data when a pre-copy information query finds its initial
+data drained for the ``reinit_after``-th time; that query says so (``reinit``)
+and counts them.  In a PRE_COPY state ``read`` returns ``b""`` when nothing is
 pending right now; in STOP_COPY it sends whatever is pending, the end record,
 then ``b""`` for ever.  Reads coalesce contiguous pages up to ``max_bytes``;
 a record larger than a read is split across reads.
@@ -92,6 +95,10 @@ class _Saver:
         self.pending_count = layout.n_pages
         self.zeros = memoryview(bytes(layout.n_pages))
         self.sweep_next = 0  # pages below it were sent by the initial sweep
+        self.sweep_stop = layout.n_pages  # where the initial sweep ends
+        #: Pre-copy information queries that found the initial data drained.
+        self.drained_queries = 0
+        self.reinitialised = False
         self.cursor = 0  # where the search for dirty pages resumes
         self.header_built = False
         self.end_built = False
@@ -142,9 +149,9 @@ class _Saver:
             self.initial_end = self.built
             return [header]
         fit = max(1, (budget - RUN_HEADER_SIZE) // layout.page_size)
-        if self.sweep_next < layout.n_pages:
+        if self.sweep_next < self.sweep_stop:
             start = self.sweep_next
-            stop = min(layout.n_pages, start + fit)
+            stop = min(self.sweep_stop, start + fit)
             self.sweep_next = stop
             record = self._run(start, stop)
             self.initial_end = self.built
@@ -186,18 +193,31 @@ class _Saver:
         self.built += len(header) + len(payload)
         return [header, payload]
 
-    def precopy_info(self) -> PrecopyInfo:
+    def reinit(self, n_pages: int) -> None:
+        """New initial data: the first ``n_pages`` pages are swept again, as initial
+        data, before any dirty page (once per stream)."""
+        n_pages = min(n_pages, self.layout.n_pages)
+        self.pending_count += self.pending.count(0, 0, n_pages)
+        self.pending[:n_pages] = b"\x01" * n_pages
+        self.sweep_next, self.sweep_stop = 0, n_pages
+        self.reinitialised = True
+
+    def precopy_info(self, *, reinit: bool = False) -> PrecopyInfo:
         layout = self.layout
-        unswept = layout.n_pages - self.sweep_next
+        unswept = self.sweep_stop - self.sweep_next
         initial_unread = max(0, self.initial_end - self.read_pos)
         initial = (
-            max(0, layout.size - self.sweep_next * layout.page_size)
+            max(
+                0,
+                min(layout.size, self.sweep_stop * layout.page_size)
+                - self.sweep_next * layout.page_size,
+            )
             + (0 if self.header_built else HEADER_SIZE)
             + initial_unread
         )
         built_unread = self.built - self.read_pos
         dirty = (self.pending_count - unswept) * layout.page_size + built_unread - initial_unread
-        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty)
+        return PrecopyInfo(initial_bytes=initial, dirty_bytes=dirty, reinit=reinit)
 
     def stop_copy_size(self) -> int:
         """Upper bound of what is left: one record per pending page, then the end."""

@@ -431,6 +431,8 @@ class SourceChannel(_Channel):
         }
         self._acked: dict[int, int] = {}
         self._ack_events = {i: trio.Event() for i in range(len(self.devices))}
+        #: Devices whose connection ended: no ACK will come for them any more.
+        self._acks_ended: set[int] = set()
         self._sending = 0
         self._busy_since = 0.0
 
@@ -464,20 +466,27 @@ class SourceChannel(_Channel):
             self.check()
             raise
 
-    def is_acknowledged(self, device: str) -> bool:
-        return self.device_index(device) in self._acked
+    def is_acknowledged(self, device: str, *, at_least: int = 0) -> bool:
+        """The destination acknowledged at least ``at_least`` bytes of the device's stream."""
+        return self._acked.get(self.device_index(device), -1) >= at_least
 
-    async def acknowledged(self, device: str) -> int:
+    async def acknowledged(self, device: str, *, at_least: int = 0) -> int:
         """Wait for the destination's acknowledgement that this device's initial data is loaded.
 
         Returns the byte count the destination had received for the device
-        when it acknowledged.  PeerError if the channel fails first.
+        when it acknowledged.  With ``at_least``, an ACK of fewer bytes does not
+        count (it acknowledged initial data that has grown since): this waits
+        for the next.  PeerError if the channel fails first.
         """
         index = self.device_index(device)
-        self.check()
-        await self._ack_events[index].wait()
-        if index in self._acked:
-            return self._acked[index]
+        while True:
+            self.check()
+            loaded = self._acked.get(index, -1)
+            if loaded >= at_least:
+                return loaded
+            if index in self._acks_ended:
+                break
+            await self._ack_events[index].wait()
         self.check()
         raise PeerError(f"the destination closed device {device!r}'s connection without an ACK")
 
@@ -493,8 +502,11 @@ class SourceChannel(_Channel):
 
     def _deliver_device_event(self, event: wire.Event, pool: _BufferPool) -> None:
         assert isinstance(event, wire.Ack)
-        self._acked[event.device] = event.loaded_bytes
-        self._ack_events[event.device].set()
+        index = event.device
+        self._acked[index] = max(self._acked.get(index, 0), event.loaded_bytes)
+        # Wake this ACK's waiters; a later ACK (more initial data) wakes the next.
+        woken, self._ack_events[index] = self._ack_events[index], trio.Event()
+        woken.set()
 
     def _wake_all(self) -> None:
         for event in self._ack_events.values():
@@ -515,6 +527,7 @@ class SourceChannel(_Channel):
             )
             return
         for i in validator.own:
+            self._acks_ended.add(i)
             self._ack_events[i].set()
         if validator.control:
             self._control_send.close()
@@ -882,11 +895,13 @@ class DestinationChannel(_Channel):
         elif validator.control:
             self._control_send.close()
 
-    async def acknowledge(self, device: str) -> None:
-        """Tell the source this device's initial data is loaded (the switchover-ack)."""
+    async def acknowledge(self, device: str, loaded: int | None = None) -> None:
+        """Tell the source this device's initial data is loaded (the switchover-ack):
+        ``loaded`` bytes of its stream (unset: every byte handed over so far)."""
         index = self.device_index(device)
         link = self._link_of(index)
-        loaded = self.receivers[device].loaded_bytes
+        if loaded is None:
+            loaded = self.receivers[device].loaded_bytes
         await link.write_frame(lambda encoder: _split(encoder.ack(index, loaded)))
 
     async def aclose(self) -> None:
