@@ -483,6 +483,7 @@ async def serve(
                 decision_key=_decision_key(settings.state_dir),
                 max_migrations=settings.max_migrations,
                 retention_days=settings.journal_retention_days,
+                compat=settings.compat,
             )
             app = create_app(
                 service,

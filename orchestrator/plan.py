@@ -114,6 +114,13 @@ class DeviceSpec(BaseModel):
     destination: dict[str, Any] = Field(
         default_factory=dict, description="Backend parameters of the destination device."
     )
+    accept_differences: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Identity fields of this device whose values may differ between source and "
+            'destination (for example ["firmware"]); the names are the backend\'s own.'
+        ),
+    )
 
 
 class RemoteDestination(BaseModel):

@@ -32,7 +32,9 @@ class ErrorInfo(BaseModel):
 
     kind: str = Field(
         description=(
-            "device_error, device_timeout, peer_error, plan_error, device_state (a device "
+            "device_error, device_timeout, peer_error, plan_error, identity_mismatch (a "
+            "source and destination device whose identities differ: refused before any "
+            "change), device_state (a device "
             "not RUNNING at the start), vmm_error, vmm_timeout, vmm_state (a VMM's vCPUs not "
             "where a migration starts), precopy_not_converged, downtime_unreachable (the "
             "window cannot fit the limit even with nothing to send: refused before any "
@@ -222,6 +224,36 @@ class Control(BaseModel):
         return self.events[-1] if self.events else None
 
 
+class CompatibilityReport(BaseModel):
+    """The identity check before any device left RUNNING (``orchestrator.compat``)."""
+
+    checked: bool = Field(
+        description="The identities were compared (false: the destination daemon predates "
+        "them, protocol before 3)."
+    )
+    identities: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per device, its source and destination identity (backend, model, fields).",
+    )
+    accepted: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Differences accepted: device, field, both values, and by what (the "
+        "plan's accept_differences or a [[compat.rules]] entry).",
+    )
+    mismatches: list[str] = Field(
+        default_factory=list, description="Differences nothing accepted: the refusal's reasons."
+    )
+    not_compared: list[str] = Field(
+        default_factory=list,
+        description="Fields only one end could read (a handed-over device its host cannot "
+        "trace to sysfs): unknown, so not compared.",
+    )
+    policy: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The coordinating daemon's [[compat.rules]] in force when it compared.",
+    )
+
+
 class MigrationReport(BaseModel):
     id: str
     vm: str
@@ -250,6 +282,11 @@ class MigrationReport(BaseModel):
     error: ErrorInfo | None = None
     vmm: VmmReport | None = Field(
         None, description="The vCPU pause and resume, when the plan has a [vmm] section."
+    )
+    compatibility: CompatibilityReport | None = Field(
+        None,
+        description="The device identity check (none: the migration ended before it, or "
+        "a recovery, which does not compare).",
     )
     window: dict[str, Any] | None = Field(
         None,

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.backends import Backend, get_backend
 from orchestrator.backends.handles import NEEDS_DAEMON
+from orchestrator.compat import CAPABILITIES_FIELD, FEATURES_FIELD
 from orchestrator.errors import PlanError, Problem
 from orchestrator.flow import SwitchoverOrder, check_capabilities, switchover_order
 from orchestrator.handover import HANDLE_PARAM, HandleRegistry
@@ -121,6 +122,7 @@ def resolve(
             continue
         for problem in backend.check_pair(source, destination):
             problems.append(Problem(f"{where}.{problem.path}", problem.message))
+        problems.extend(_accept_problems(backend, spec.accept_differences, where))
         for side, params in (("source", source), ("destination", destination)):
             handle = getattr(params, HANDLE_PARAM, None)
             if handles is not None and isinstance(handle, str):
@@ -168,6 +170,33 @@ def _shared_devices(plan: Plan, devices: list[ResolvedDevice]) -> list[Problem]:
                         f"(devices[{index[other]}]): {key}",
                     )
                 )
+    return problems
+
+
+def _accept_problems(backend: Backend, fields: list[str], where: str) -> list[Problem]:
+    """``accept_differences`` naming a field the backend's identities do not have, or
+    one compared for compatibility (the route's capabilities cannot be waived)."""
+    problems = []
+    for i, name in enumerate(fields):
+        path = f"{where}.accept_differences[{i}]"
+        if name in (CAPABILITIES_FIELD, FEATURES_FIELD) and name in backend.identity_fields:
+            problems.append(
+                Problem(
+                    path,
+                    f"{name!r} is compared for compatibility (the destination must have what "
+                    "the source uses), not equality: it cannot be accepted as a difference",
+                )
+            )
+        elif name not in backend.identity_fields:
+            fixed = (CAPABILITIES_FIELD, FEATURES_FIELD)
+            known = ", ".join(f for f in backend.identity_fields if f not in fixed)
+            problems.append(
+                Problem(
+                    path,
+                    f"unknown identity field {name!r} for {backend.name} devices "
+                    f"(they have {known or 'none'})",
+                )
+            )
     return problems
 
 

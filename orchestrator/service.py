@@ -58,6 +58,7 @@ import trio
 from orchestrator.backends import Backend
 from orchestrator.backends.handles import handle_key
 from orchestrator.backends.simulated.backend import SimulatedBackend
+from orchestrator.compat import CompatSettings
 from orchestrator.control import Control, ControlRefused, ControlRequest
 from orchestrator.engine import DeviceDriver, LeftInDoubt, Migration
 from orchestrator.errors import OrchestratorError, PlanError, Problem
@@ -144,6 +145,7 @@ class MigrationService:
         tls: TlsIdentity | None = None,
         max_migrations: int = 0,
         retention_days: float | None = None,
+        compat: CompatSettings | None = None,
     ) -> None:
         self.journal = journal
         #: Most migrations at once, outgoing and incoming together (0: no limit).
@@ -152,6 +154,8 @@ class MigrationService:
         self.retention_days = retention_days
         #: Set once retention's pass at start is done.
         self.retention_started = trio.Event()
+        #: The ``[compat]`` policy every migration it coordinates compares identities by.
+        self.compat = compat or CompatSettings()
         #: This host's TLS identity for migration traffic (``[tls]``), if any.
         self.tls = tls
         self.metrics = metrics
@@ -567,7 +571,9 @@ class MigrationService:
     ) -> Migration:
         spec = resolved.plan.destination
         if spec is None:
-            return Migration(resolved, migration_id=migration_id, journal=self.journal)
+            return Migration(
+                resolved, migration_id=migration_id, journal=self.journal, compat=self.compat
+            )
         contact = SourceContact(self.source_api or "", self.decision_token(migration_id))
 
         def remote(driver: DeviceDriver, limiter: RateLimiter | None) -> RemoteDestination:
@@ -585,7 +591,11 @@ class MigrationService:
             )
 
         return Migration(
-            resolved, migration_id=migration_id, journal=self.journal, destination=remote
+            resolved,
+            migration_id=migration_id,
+            journal=self.journal,
+            destination=remote,
+            compat=self.compat,
         )
 
     async def decision(self, migration_id: str, token: str) -> DecisionAnswer | None:

@@ -46,6 +46,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from orchestrator.compat import CompatSettings, rule_problems
 from orchestrator.errors import OrchestratorError, Problem
 from orchestrator.plan import UNIX_PATH_MAX as PLAN_UNIX_PATH_MAX
 from orchestrator.plan import problems_from_validation
@@ -380,6 +381,13 @@ class Settings(BaseSettings):
     tls: TlsSettings | None = Field(
         None, description="This host's TLS identity for migration traffic; off unless set."
     )
+    compat: CompatSettings = Field(
+        default_factory=CompatSettings,
+        description=(
+            "Device identity differences this daemon accepts when it coordinates a migration "
+            "([[compat.rules]]: backend, model, field, values or min/max, downgrade)."
+        ),
+    )
 
     @field_validator("handover_socket", mode="before")
     @classmethod
@@ -420,7 +428,18 @@ class Settings(BaseSettings):
         finally:
             _FILE_VALUES.reset(token)
         settings.check_cleartext()
+        settings.check_compat()
         return settings
+
+    def check_compat(self) -> None:
+        """SettingsError for a ``[[compat.rules]]`` entry naming a backend or an
+        identity field that does not exist (each with its path)."""
+        from orchestrator.backends import BACKENDS  # the backends' own field names
+
+        fields = {name: backend.identity_fields for name, backend in BACKENDS.items()}
+        problems = rule_problems(self.compat, fields)
+        if problems:
+            raise SettingsError(problems)
 
     def check_cleartext(self) -> None:
         """SettingsError when the data channel would listen beyond the loopback with

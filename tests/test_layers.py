@@ -9,6 +9,7 @@ import pytest
 
 PURE = [
     "orchestrator.states",
+    "orchestrator.compat",
     "orchestrator.flow",
     "orchestrator.plan",
     "orchestrator.errors",
@@ -114,6 +115,7 @@ def test_resolve_knows_plans_backends_and_handles_but_never_runs_anything() -> N
     allowed = {
         "orchestrator.backends",
         "orchestrator.backends.handles",
+        "orchestrator.compat",
         "orchestrator.errors",
         "orchestrator.flow",
         "orchestrator.handover",

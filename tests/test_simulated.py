@@ -1431,9 +1431,19 @@ def test_registry() -> None:
 
 def test_backend_plan_hooks() -> None:
     backend = SimulatedBackend()
-    source = SimulatedParams(state_mib=2, page_kib=64, p2p=False, seed=5, dirty_mib_s=9)
+    source = SimulatedParams(
+        state_mib=2, page_kib=64, p2p=False, seed=5, dirty_mib_s=9, model="m1", firmware="2.1"
+    )
     inherited = backend.destination_defaults(source)
-    assert inherited == {"state_mib": 2, "page_kib": 64, "p2p": False, "pre_copy": True, "seed": 5}
+    assert inherited == {
+        "state_mib": 2,
+        "page_kib": 64,
+        "p2p": False,
+        "pre_copy": True,
+        "seed": 5,
+        "model": "m1",
+        "firmware": "2.1",
+    }
     destination = SimulatedParams.model_validate({**inherited, "transition_ms": 3})
     assert backend.check_pair(source, destination) == []
     assert backend.static_capabilities(destination) == destination.capabilities

@@ -963,3 +963,160 @@ def test_a_devices_model_for_the_arc_history_is_its_mdev_type_or_pci_ids(
     assert _model_of(vf) == "vfio/pci:0x15b3:0x101e:mlx5_vfio_pci"
     # Nothing to tell it by: no history is kept for it.
     assert _model_of(root / "devices" / "platform" / "orphan") is None
+
+
+# --- identities ------------------------------------------------------------------------------
+
+
+def _pci_files(function: Path, **ids: str) -> None:
+    for name, value in ids.items():
+        (function / name).write_text(f"{value}\n")
+
+
+def test_a_pci_functions_identity_is_its_ids_driver_and_version(tmp_path: Path) -> None:
+    from orchestrator.backends.vfio_identity import sysfs_fields
+
+    root = fake_sysfs(tmp_path)
+    vf = locate(VfioParams(pci="3b:00.1"), root).sysfs
+    _pci_files(
+        vf,
+        vendor="0x15b3",
+        device="0x101e",
+        subsystem_vendor="0x15b3",
+        subsystem_device="0x0083",
+        revision="0x00",
+    )
+    module = root / "module" / "mlx5_vfio_pci"
+    module.mkdir(parents=True)
+    (module / "version").write_text("24.10-1.1.4\n")
+    _link(root / "bus" / "pci" / "drivers" / "mlx5_vfio_pci" / "module", module)
+    assert sysfs_fields(vf, root) == {
+        "vendor": "0x15b3",
+        "device": "0x101e",
+        "subsystem_vendor": "0x15b3",
+        "subsystem_device": "0x0083",
+        "revision": "0x00",
+        "driver": "mlx5_vfio_pci",
+        "driver_version": "24.10-1.1.4",
+    }
+
+
+def test_an_mdevs_identity_is_its_type(tmp_path: Path) -> None:
+    from orchestrator.backends.vfio_identity import sysfs_fields, vfio_identity
+    from orchestrator.compat import compare
+
+    root = fake_sysfs(tmp_path)
+    mdev = locate(VfioParams(mdev=UUID), root).sysfs
+    types = root / "devices" / "virtual" / "mtty" / "mtty" / "mdev_supported_types"
+    (types / "mtty-1").mkdir(parents=True)
+    (types / "mtty-2").mkdir(parents=True)
+    _link(mdev / "mdev_type", types / "mtty-2")
+    (root / "module" / "mtty").mkdir(parents=True)
+    (root / "module" / "mtty" / "version").write_text("0.1\n")
+    fields = sysfs_fields(mdev, root)
+    assert fields == {"mdev_type": "mtty-2", "driver": "mtty", "driver_version": "0.1"}
+    caps = Capabilities(ALL_FLAGS)
+    two = vfio_identity(fields, caps)
+    assert two.model == "mtty-2"
+    assert two.fields["migration"] == ("P2P", "PRE_COPY", "STOP_COPY")
+    one = vfio_identity({**fields, "mdev_type": "mtty-1"}, caps)
+    (mismatch,) = compare("tty0", one, two, needs=("STOP_COPY",)).mismatches
+    assert mismatch.message == (
+        "device 'tty0': mdev_type differs: source 'mtty-1', destination 'mtty-2'"
+    )
+
+
+def config_header(vendor: int, device: int, revision: int, sub_vendor: int, sub: int) -> bytes:
+    config = bytearray(0x30)
+    struct.pack_into("<HH", config, 0, vendor, device)
+    config[8] = revision
+    struct.pack_into("<HH", config, 0x2C, sub_vendor, sub)
+    return bytes(config)
+
+
+class ConfigKernel(FakeKernel):
+    """The fake device with a PCI config region (index 7) at a region offset, and a
+    descriptor that reads as ``fd_path``."""
+
+    OFFSET = 7 << 40
+
+    def __init__(
+        self, config: bytes, fd_path: str = "anon_inode:[vfio-device]", fd_info: str = ""
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.path = fd_path
+        self.info = fd_info
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
+        if request != uapi.VFIO_DEVICE_GET_REGION_INFO:
+            return super().ioctl(fd, request, arg)
+        assert isinstance(arg, bytearray) and fd == DEVICE_FD
+        index = uapi.REGION_INFO.unpack(arg)[2]
+        if index != uapi.VFIO_PCI_CONFIG_REGION_INDEX:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        flags = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
+        arg[:] = uapi.REGION_INFO.pack(len(arg), flags, index, 0, 256, self.OFFSET)
+        return 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        assert fd == DEVICE_FD and offset == self.OFFSET
+        return self.config[:size]
+
+    def fd_path(self, fd: int) -> str:
+        return self.path
+
+    def fd_info(self, fd: int) -> str:
+        return self.info
+
+
+async def test_a_handed_over_descriptor_is_known_by_its_config_space() -> None:
+    # A group's device descriptor names no sysfs directory: its config space tells.
+    kernel = ConfigKernel(config_header(0x4348, 0x3253, 0x10, 0x4348, 0x3253))
+    device = await fake_device(kernel)
+    identity = await device.device_identity()
+    assert identity.model == "0x4348:0x3253"
+    assert identity.fields == {
+        "vendor": "0x4348",
+        "device": "0x3253",
+        "revision": "0x10",
+        "subsystem_vendor": "0x4348",
+        "subsystem_device": "0x3253",
+        "migration": ("P2P", "PRE_COPY", "STOP_COPY"),
+    }
+
+
+async def test_a_handed_over_cdev_is_traced_back_to_its_device(tmp_path: Path) -> None:
+    root = fake_sysfs(tmp_path)
+    vf = locate(VfioParams(pci="3b:00.1"), root).sysfs
+    _pci_files(vf, vendor="0x10de", device="0x2330", revision="0xa1")
+    _link(root / "class" / "vfio-dev" / "vfio3" / "device", vf)
+    kernel = ConfigKernel(b"", fd_path="/dev/vfio/devices/vfio3")
+    device = await fake_device(kernel)
+    device.sysfs_root = root
+    identity = await device.device_identity()
+    assert identity.model == "0x10de:0x2330"
+    assert identity.fields["driver"] == "mlx5_vfio_pci"
+    assert identity.fields["revision"] == "0xa1"
+
+
+async def test_a_group_descriptor_is_traced_by_its_fdinfo(tmp_path: Path) -> None:
+    # Kernels that print vfio-device-syspath in fdinfo name the device of any descriptor.
+    root = fake_sysfs(tmp_path)
+    mdev = locate(VfioParams(mdev=UUID), root).sysfs
+    types = root / "devices" / "virtual" / "mtty" / "mtty" / "mdev_supported_types"
+    (types / "mtty-1").mkdir(parents=True)
+    _link(mdev / "mdev_type", types / "mtty-1")
+    info = f"pos:\t0\nflags:\t02000002\nvfio-device-syspath: /sys/bus/mdev/devices/{UUID}\n"
+    kernel = ConfigKernel(config_header(0x4348, 0x3253, 0, 0x4348, 0x3253), fd_info=info)
+    device = await fake_device(kernel)
+    device.sysfs_root = root
+    identity = await device.device_identity()
+    assert identity.model == "mtty-1"
+    assert identity.fields["vendor"] == "0x4348"  # an mdev's IDs: its config space
+
+
+def test_vfio_accept_differences_name_its_fields() -> None:
+    backend = VfioBackend()
+    assert "driver_version" in backend.identity_fields
+    assert "mdev_type" in backend.identity_fields

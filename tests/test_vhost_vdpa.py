@@ -271,3 +271,40 @@ def test_the_owner_channel_speaks_the_protocol(
 def test_an_owner_channel_nobody_serves_is_named(tmp_path: Path) -> None:
     with pytest.raises(OwnerError, match="cannot reach the VMM's owner channel"):
         SocketOwner(str(tmp_path / "nobody.sock"))
+
+
+def test_a_vdpa_identity_and_what_a_destination_must_match() -> None:
+    from orchestrator.backends.vhost_vdpa import vdpa_identity
+    from orchestrator.compat import compare
+    from orchestrator.states import Capabilities, MigrationFlags
+
+    caps = Capabilities(MigrationFlags.STOP_COPY | MigrationFlags.P2P)
+
+    def nic(features: int = 0x1_3000_0020, queue_size: int = 256) -> Any:
+        return vdpa_identity(
+            device_id=1,
+            features=features,
+            config_size=12,
+            queues=3,
+            queue_size=queue_size,
+            caps=caps,
+        )
+
+    source = nic()
+    assert source.model == "virtio-1"
+    assert source.fields == {
+        "device_id": 1,
+        "features": 0x1_3000_0020,
+        "config_size": 12,
+        "queues": 3,
+        "queue_size": 256,
+        "migration": ("P2P", "STOP_COPY"),
+    }
+    needs = ("P2P", "STOP_COPY")
+    # More features on the destination: what the source offers is all there.
+    assert compare("nic0", source, nic(features=0x1_3000_0060), needs=needs).mismatches == []
+    (fewer,) = compare("nic0", source, nic(features=0x1_0000_0020), needs=needs).mismatches
+    assert fewer.field == "features" and "0x30000000" in fewer.message
+    (rings,) = compare("nic0", source, nic(queue_size=128), needs=needs).mismatches
+    assert rings.message == "device 'nic0': queue_size differs: source 256, destination 128"
+    assert "queue_size" in VhostVdpaBackend.identity_fields

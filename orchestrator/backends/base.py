@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
+from orchestrator.compat import Identity
 from orchestrator.errors import DeviceError, Problem
 from orchestrator.states import Capabilities, DeviceState, Side
 
@@ -138,6 +139,11 @@ class Device(abc.ABC):
     async def close(self) -> None:
         """Release the device.  Safe to call more than once."""
 
+    async def device_identity(self) -> Identity | None:
+        """What must match for a migration stream to load (``orchestrator.compat``),
+        read once the device is open; None: the backend reports none."""
+        return None
+
     async def state_digest(self) -> str | None:
         """A digest of the device's internal state, where the backend can tell.
 
@@ -190,6 +196,9 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: The pydantic model of a ``source`` or ``destination`` table.
     params_model: ClassVar[type[BaseModel]]
+    #: The fields of its devices' identities (``Device.device_identity``): what a plan's
+    #: ``accept_differences`` and a ``[[compat.rules]]`` entry may name.
+    identity_fields: ClassVar[tuple[str, ...]] = ()
 
     def present(self) -> bool:
         """Whether this host could have devices of this backend (its kernel

@@ -131,6 +131,13 @@ from orchestrator.backends import vhost_vdpa_uapi as uapi
 from orchestrator.backends.base import Backend, PrecopyInfo, StreamChunk
 from orchestrator.backends.handles import check_handle, handle_key, open_handle
 from orchestrator.backends.threaded import ThreadedDevice
+from orchestrator.compat import (
+    CAPABILITIES_FIELD,
+    FEATURES_FIELD,
+    FieldValue,
+    Identity,
+    capability_names,
+)
 from orchestrator.errors import Problem
 from orchestrator.handover import HandleRegistry, HandoverError, check_kind
 from orchestrator.states import Capabilities, DeviceState, MigrationFlags, Side, is_arc
@@ -383,6 +390,10 @@ class VhostVdpaDevice(ThreadedDevice):
                 self.handles, self.params.handle, kind=self.backend, device=self.name
             )
         return await self._in_thread("open", lambda _: self._open_blocking())
+
+    async def device_identity(self) -> Identity:
+        """The virtio device id, offered features, config size, queue count and size."""
+        return await self._in_thread("identity", lambda _: self._identity_blocking())
 
     async def get_state(self) -> DeviceState:
         return await self._in_thread("VHOST_VDPA_GET_STATUS", lambda _: self._read_state())
@@ -731,6 +742,21 @@ class VhostVdpaDevice(ThreadedDevice):
         self._ioctl(request, buf, target)
         return int(uapi.U64.unpack(buf)[0])
 
+    def _identity_blocking(self) -> Identity:
+        return vdpa_identity(
+            device_id=self.device_id,
+            features=self._u64(uapi.VHOST_GET_FEATURES),
+            config_size=self.config_size,
+            queues=self.nvqs,
+            queue_size=self._u16(uapi.VHOST_VDPA_GET_VRING_NUM),
+            caps=self.capabilities,
+        )
+
+    def _u16(self, request: int) -> int:
+        buf = bytearray(uapi.U16.size)
+        self._ioctl(request, buf, None)
+        return int(uapi.U16.unpack(buf)[0])
+
     def _u32(self, request: int) -> int:
         buf = bytearray(uapi.U32.size)
         self._ioctl(request, buf, None)
@@ -784,11 +810,47 @@ def _differences(a: bytes, b: bytes) -> str:
 # --- the backend ---------------------------------------------------------------------------
 
 
+#: The identity fields of a vhost-vdpa device (``orchestrator.compat``).
+IDENTITY_FIELDS = (
+    "config_size",
+    "device_id",
+    FEATURES_FIELD,
+    CAPABILITIES_FIELD,
+    "queue_size",
+    "queues",
+)
+
+
+def vdpa_identity(
+    *,
+    device_id: int,
+    features: int,
+    config_size: int,
+    queues: int,
+    queue_size: int,
+    caps: Capabilities | None,
+) -> Identity:
+    """A vDPA device's identity: its virtio device id (the model, ``virtio-<id>``),
+    the features it offers (the destination must offer the source's), its config
+    space size, and its virtqueues' count and size (``VHOST_VDPA_GET_VRING_NUM``)."""
+    fields: dict[str, FieldValue] = {
+        "device_id": device_id,
+        FEATURES_FIELD: features,
+        "config_size": config_size,
+        "queues": queues,
+        "queue_size": queue_size,
+    }
+    if caps is not None:
+        fields[CAPABILITIES_FIELD] = capability_names(caps)
+    return Identity("vhost_vdpa", f"virtio-{device_id}", fields)
+
+
 class VhostVdpaBackend(Backend):
     """``backend = "vhost_vdpa"``: vDPA devices a VMM owns, on this host."""
 
     name: ClassVar[str] = "vhost_vdpa"
     params_model: ClassVar[type[BaseModel]] = VhostVdpaParams
+    identity_fields: ClassVar[tuple[str, ...]] = IDENTITY_FIELDS
 
     def present(self) -> bool:
         return os.path.isdir("/sys/bus/vdpa")

@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from orchestrator.compat import Identity
 from orchestrator.engine.allowance import Allowance, Share
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import each_to_its_end
@@ -111,8 +112,14 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
         """Open every destination device and (unless recovering: ``check`` false)
-        check it and the vCPUs are where a migration starts; their capabilities.
-        Raises MigrationAborted (nothing changed here) or a failure naming the device."""
+        check it and the vCPUs are where a migration starts, and read its identity;
+        their capabilities.  Raises MigrationAborted (nothing changed here) or a
+        failure naming the device."""
+
+    @abc.abstractmethod
+    def identities(self) -> Mapping[str, Identity] | None:
+        """Each destination device's identity, read by ``open`` (a device whose backend
+        reports none is left out); None: the destination's daemon predates identities."""
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[None]:
@@ -248,6 +255,8 @@ class DestinationEngine:
         self._vcpus_resumed = False
         #: The strict budget's share, where the source granted one (between hosts).
         self.allowance = Allowance()
+        #: Each device's identity, read by ``open`` (where its backend reports one).
+        self.identities: dict[str, Identity] = {}
 
     # -- before anything changes -------------------------------------------------
 
@@ -256,6 +265,8 @@ class DestinationEngine:
 
         async def open_one(name: str) -> None:
             caps[name] = await self.driver.open(DESTINATION, name)
+            if check and (identity := await self.driver.identity(DESTINATION, name)) is not None:
+                self.identities[name] = identity
 
         await each_to_its_end([functools.partial(open_one, name) for name in self.names])
         if check:
@@ -498,6 +509,9 @@ class LocalDestination(Destination):
 
     async def open(self, *, check: bool = True) -> Mapping[str, Capabilities]:
         return await self.engine.open(check=check)
+
+    def identities(self) -> Mapping[str, Identity]:
+        return self.engine.identities
 
     async def begin(self) -> None:
         await self.engine.begin()

@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from orchestrator.backends.base import Device
+from orchestrator.compat import Identity
 from orchestrator.engine.trace import Trace
 from orchestrator.errors import DeviceError, DeviceTimeout, PeerError
 from orchestrator.flow import MigrationFlow
@@ -276,6 +277,11 @@ class DeviceDriver:
         caps = await self.call(side, name, "open", device.open)
         self.opened.add((side, name))
         return caps
+
+    async def identity(self, side: Side, name: str) -> Identity | None:
+        """What must match for the device's stream to load (``orchestrator.compat``)."""
+        device = self.device(side, name)
+        return await self.call(side, name, "identity", device.device_identity)
 
     async def state(self, side: Side, name: str) -> DeviceState:
         device = self.device(side, name)

@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from orchestrator.backends.base import Device
+from orchestrator.compat import CompatSettings
 from orchestrator.control import (
     Control,
     ControlRefused,
@@ -53,6 +54,7 @@ from orchestrator.engine.devices import (
     MigrationAborted,
 )
 from orchestrator.engine.gates import Barrier, RoundGate, Switchover, each_to_its_end
+from orchestrator.engine.identities import IdentityCheck
 from orchestrator.engine.model import DowntimeModel
 from orchestrator.engine.precopy import PrecopyRounds
 from orchestrator.engine.recorder import Recorder
@@ -62,7 +64,7 @@ from orchestrator.engine.trace import Observer, Trace, TraceEvent
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError, PlanError
 from orchestrator.flow import MigrationFlow, Phase, Remaining
-from orchestrator.report import ErrorInfo, MigrationReport
+from orchestrator.report import CompatibilityReport, ErrorInfo, MigrationReport
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
 from orchestrator.transport import RateLimiter
@@ -112,6 +114,7 @@ class Migration:
         read_chunk_bytes: int = MIB,
         observers: list[Observer] | None = None,
         destination: DestinationFactory | None = None,
+        compat: CompatSettings | None = None,
     ) -> None:
         self.resolved = resolved
         self.plan = resolved.plan
@@ -123,6 +126,8 @@ class Migration:
         self.read_chunk_bytes = read_chunk_bytes
         self._trace = Trace(observers)
         self.ctx = EngineContext.create(self.plan, self.id, self._trace)
+        #: Source identities as the devices open, then the check (``engine.identities``).
+        self.identities = IdentityCheck(self.ctx, compat)
         self.log = self.ctx.log
         self.names = [d.name for d in resolved.devices]
         self.driver = DeviceDriver(self.ctx)
@@ -217,6 +222,11 @@ class Migration:
     def destinations(self) -> dict[str, Device]:
         """The destination devices, where this host drives them."""
         return {n: d for (side, n), d in self.driver.devices.items() if side is Side.DESTINATION}
+
+    @property
+    def compatibility(self) -> CompatibilityReport | None:
+        """The identity check's record (None until it ran)."""
+        return self.identities.report
 
     @property
     def committed(self) -> bool:
@@ -437,6 +447,8 @@ class Migration:
                 await self._for_each_device(self._require_running)
         except trio.TooSlowError:
             raise self.ctx.abort("phase_timeout", f"prepare took over {timeout:g} s") from None
+        assert self.flow is not None
+        self.identities.check(self.flow, self.names, self.destination)
         # What is known before any change (declared arcs, the commit): a history
         # figure does not refuse, since a refused migration never corrects it.
         self._check_reachable()
@@ -487,6 +499,8 @@ class Migration:
 
         async def open_source(name: str) -> None:
             caps[name] = await self.driver.open(SOURCE, name)
+            if check and (identity := await self.driver.identity(SOURCE, name)) is not None:
+                self.identities.source[name] = identity
 
         async def open_destination() -> None:
             destination_caps.update(await self.destination.open(check=check))

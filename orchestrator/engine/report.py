@@ -101,6 +101,7 @@ async def build_report(m: Migration) -> MigrationReport:
         window=window_report(m.trace, m.budget.forecast, downtime),
         budget=m.budget.as_report(downtime) if m.budget.checks else None,
         control=m.live.state,
+        compatibility=m.compatibility,
         order=m.flow.order().as_dict() if m.flow else None,
     )
 

@@ -21,6 +21,7 @@ from orchestrator.report import ErrorInfo, Outcome
 from orchestrator.states import DeviceState
 
 __all__ = [
+    "IDENTITIES_VERSION",
     "MESSAGES",
     "ORDERED_VERSION",
     "PROTOCOL_VERSIONS",
@@ -52,9 +53,13 @@ __all__ = [
 #: its range in the prepare call; the destination picks the newest both
 #: speak, or refuses before anything changes.
 #: Version 2 adds the strict budget's share (``Budget``, ``OverBudget``).
-#: Version 3: the destination runs a VM's ordered device (one without P2P among
-#: P2P peers) before its peers leave their grace states.
+#: Version 3 adds each device's identity to the prepare answer (``identity``),
+#: which the source compares before any device leaves RUNNING, and a destination
+#: that runs a VM's ordered device (one without P2P among P2P peers) before its
+#: peers leave their grace states.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: The first version whose prepare answer carries the devices' identities.
+IDENTITIES_VERSION = 3
 #: The first version whose destination keeps the ordered device's order.
 ORDERED_VERSION = 3
 

@@ -158,6 +158,7 @@ class IncomingRegistry:
                     "arcs_ms": migration.arcs_ms(name),
                     "history_arcs_ms": migration.arcs_ms(name, history=True),
                     "rate_bytes_s": migration.declared_rate_bytes_s(name),
+                    **migration.identity_json(name, version),
                 }
                 for name, c in caps.items()
             },

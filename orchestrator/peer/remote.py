@@ -38,6 +38,7 @@ import httpx
 import structlog
 import trio
 
+from orchestrator.compat import Identity
 from orchestrator.engine import (
     Completion,
     Destination,
@@ -50,7 +51,13 @@ from orchestrator.engine import (
 from orchestrator.errors import OrchestratorError, PeerError, PlanError, Problem, ProtocolViolation
 from orchestrator.peer import protocol as p
 from orchestrator.peer.backoff import FIRST_S, backoff
-from orchestrator.peer.messages import ORDERED_VERSION, PROTOCOL_VERSIONS, decode, encode
+from orchestrator.peer.messages import (
+    IDENTITIES_VERSION,
+    ORDERED_VERSION,
+    PROTOCOL_VERSIONS,
+    decode,
+    encode,
+)
 from orchestrator.plan import Plan
 from orchestrator.plan import RemoteDestination as RemoteDestinationSpec
 from orchestrator.report import ErrorInfo, Outcome
@@ -196,6 +203,9 @@ class RemoteDestination(Destination):
         self._declared_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
         self._history_arcs: dict[str, dict[tuple[DeviceState, DeviceState], float]] = {}
         self._declared_rates: dict[str, float] = {}
+        #: Per device, its identity from the prepare answer (None: a destination
+        #: daemon of a protocol before identities).
+        self._identities: dict[str, Identity] | None = None
         self._token: str | None = None
         self.version: int | None = None
         self.channel: SourceChannel | None = None
@@ -311,7 +321,13 @@ class RemoteDestination(Destination):
                 f"destination.url {self.base_url!r} is not https, and this daemon has a [tls] "
                 "identity: the prepare call carries the migration's secret",
             )
-        plan = self.plan.model_dump(mode="json", exclude={"destination"})
+        # The plan without what only this side reads (accept_differences: the source
+        # compares), so that a destination predating a field is still asked.
+        local_only: dict[str, Any] = {
+            "destination": True,
+            "devices": {"__all__": {"accept_differences"}},
+        }
+        plan = self.plan.model_dump(mode="json", exclude=local_only)
         request = {
             "migration_id": self.id,
             "plan": plan,
@@ -356,6 +372,12 @@ class RemoteDestination(Destination):
                 for name, info in body["devices"].items()
                 if info.get("rate_bytes_s") is not None
             }
+            if int(body["protocol"]) >= IDENTITIES_VERSION:
+                self._identities = {
+                    name: Identity.from_json(info["identity"])
+                    for name, info in body["devices"].items()
+                    if info["identity"] is not None
+                }
         except (KeyError, TypeError, ValueError) as exc:
             raise PeerError(
                 f"the destination daemon's prepare answer is malformed: {exc}"
@@ -366,6 +388,9 @@ class RemoteDestination(Destination):
         if missing:
             raise PeerError(f"the destination daemon did not prepare {', '.join(missing)}")
         return capabilities
+
+    def identities(self) -> Mapping[str, Identity] | None:
+        return self._identities
 
     def declared_arc_s(self, name: str, source: DeviceState, target: DeviceState) -> float | None:
         return self._declared_arcs.get(name, {}).get((source, target))
@@ -775,6 +800,11 @@ class RemoteDestination(Destination):
         answered = self.machine.state is not p.SourceState.PREPARING or self._recovering
         if self.machine.state is not p.SourceState.ABORTING:
             self._feed(p.LocalFailure(reason))
+        if self.channel is None:
+            # Refused before begin() (an identity or budget check after the prepare):
+            # the destination never began, so its Begin is not sent after all, or it
+            # would walk its devices to RESUMING only to reset them.
+            self._outbox = [m for m in self._outbox if not isinstance(m, p.Begin)]
         reached = True
         if self.failure is not None or self.channel is None:
             sent = len(self._outbox)

@@ -57,7 +57,7 @@ from orchestrator.flow import MigrationFlow, Phase
 from orchestrator.peer import protocol as p
 from orchestrator.peer.backoff import backoff
 from orchestrator.peer.incoming_models import IncomingNotServing, IncomingStatus
-from orchestrator.peer.messages import decode, encode
+from orchestrator.peer.messages import IDENTITIES_VERSION, decode, encode
 from orchestrator.report import DeviceReport, ErrorInfo, MigrationReport, Outcome
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side
@@ -195,6 +195,14 @@ class IncomingMigration:
             if seconds is not None:
                 figures[f"{source.name}->{target.name}"] = round(seconds * 1000, 3)
         return figures
+
+    def identity_json(self, name: str, version: int) -> dict[str, Any]:
+        """The device's identity for the prepare answer, from the protocol version
+        that carries it (``{"identity": ...}``; null where its backend reports none)."""
+        if version < IDENTITIES_VERSION:
+            return {}
+        identity = self.engine.identities.get(name)
+        return {"identity": identity.as_json() if identity is not None else None}
 
     def declared_rate_bytes_s(self, name: str) -> float | None:
         """How fast this device loads its stream, as its backend declares it."""

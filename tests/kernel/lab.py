@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,8 @@ def write_plan(path: Path, devices: list[dict[str, Any]], **top: Any) -> Path:
         lines.append("[[devices]]")
         lines.append(f'name = "{device["name"]}"')
         lines.append(f'backend = "{device["backend"]}"')
+        if "accept_differences" in device:
+            lines.append(f"accept_differences = {json.dumps(device['accept_differences'])}")
         for side in ("source", "destination"):
             fields = ", ".join(f"{k} = {json.dumps(v)}" for k, v in device[side].items())
             lines.append(f"{side} = {{ {fields} }}")
@@ -282,10 +285,24 @@ def _command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "orchestrator"]
 
 
+def _this_checkout(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this checkout first on the import path: the venv's ``orchestrator``
+    may be another checkout's editable install (a worktree shares its venv), whose
+    code the command would run instead of the code under test."""
+    root = str(Path(__file__).resolve().parents[2])
+    rest = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": f"{root}{os.pathsep}{rest}" if rest else root}
+
+
 def orchestrator(*args: str | Path, timeout: float = 120) -> RunResult:
     """``orchestrator ARGS`` as a user runs it."""
     proc = subprocess.run(
-        [*_command(), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+        [*_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=_this_checkout(os.environ),
     )
     return RunResult(proc.returncode, proc.stdout, proc.stderr)
 
@@ -323,6 +340,7 @@ class Daemon:
     def start(self) -> None:
         # The lab's own ORCHESTRATOR_* variables would be read as settings (and refused).
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+        env = _this_checkout(env)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*_command(), "--log-format", "json", "serve", "--config", str(self.config)],

@@ -254,33 +254,68 @@ async def test_a_stream_the_destination_cannot_load(mdevs: Mdevs) -> None:
         await destination.close()
 
 
-def test_a_rejected_stream_rolls_back_with_the_source_intact(mdevs: Mdevs, tmp_path: Path) -> None:
+def test_an_mtty_1_into_an_mtty_2_is_refused_before_any_change(
+    mdevs: Mdevs, tmp_path: Path
+) -> None:
     # mtty checks the port count in the stream's header: a single-port device's stream
-    # fed to a dual-port destination fails to load there, in pre-copy, while the source
-    # still runs.  The migration rolls back: source RUNNING, its state untouched.
+    # fed to a dual-port destination would fail to load there (EFAULT) in pre-copy.  The
+    # mdev types differ, and the identity check says so before any device leaves RUNNING.
     source, destination = mdevs.create("mtty-1"), mdevs.create("mtty-2")
     setting = PortSetting(scratch=0x5A, lcr=0x2B, ier=0x03, mcr=0x09, fifo=b"xyz")
     with MttyHandle(source) as handle:
         program(handle, 0, setting)
 
-    plan = write_plan(tmp_path / "mismatch.toml", [vfio_device("tty0", source, destination)])
+    device = vfio_device("tty0", source, destination)
+    plan = write_plan(tmp_path / "mismatch.toml", [device])
+    result = orchestrator("run", plan, "--json")
+    report = result.report()
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    assert report["outcome"] == "refused"
+    error = report["error"]
+    assert (error["kind"], error["device"]) == ("identity_mismatch", "tty0")
+    assert (
+        "device 'tty0': mdev_type differs: source 'mtty-1', destination 'mtty-2'"
+        in (error["message"])
+    )
+    identities = report["compatibility"]["identities"]["tty0"]
+    assert identities["source"]["model"] == "mtty-1"
+    assert identities["destination"]["model"] == "mtty-2"
+    # mtty's config space gives its PCI IDs; the driver is the type's parent.
+    assert identities["source"]["fields"]["vendor"] == "0x4348"
+    assert identities["source"]["fields"]["driver"] == "mtty"
+    (reported,) = report["devices"]
+    assert (reported["source_state"], reported["destination_state"]) == ("RUNNING", "RUNNING")
+    assert reported["source_reset"] is False and reported["destination_reset"] is False
+    assert reported["bytes_precopy"] == reported["bytes_stopcopy"] == 0
+    with MttyHandle(source) as handle:
+        assert handle.state() is S.RUNNING
+        check_port(handle, 0, setting)
+    with MttyHandle(destination) as handle:
+        assert handle.state() is S.RUNNING
+
+    # An operator who accepts the difference gets what the kernel says: the load
+    # fails in pre-copy and the migration rolls back, the source's state intact.
+    with MttyHandle(source) as handle:
+        program(handle, 0, setting)  # its FIFO again: check_port drained it
+    plan = write_plan(tmp_path / "accepted.toml", [{**device, "accept_differences": ["mdev_type"]}])
     result = orchestrator("run", plan, "--json")
     report = result.report()
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert report["outcome"] == "rolled_back"
+    assert report["compatibility"]["accepted"][0]["field"] == "mdev_type"
     error = report["error"]
     assert error["kind"] == "device_error"
     assert (error["side"], error["device"]) == ("destination", "tty0")
     assert error["operation"] == "write"
     assert "write(data_fd)" in error["message"] and destination in error["message"]
     assert "Bad address" in error["message"]
-    (device,) = report["devices"]
-    assert device["source_state"] == "RUNNING"
-    assert device["destination_state"] == "RUNNING"
-    assert device["destination_reset"] is True
-    assert device["source_reset"] is False
-
+    (reported,) = report["devices"]
+    assert reported["source_state"] == "RUNNING"
+    assert reported["destination_state"] == "RUNNING"
+    assert reported["destination_reset"] is True
+    assert reported["source_reset"] is False
     with MttyHandle(source) as handle:
         assert handle.state() is S.RUNNING
         check_port(handle, 0, setting)

@@ -5,7 +5,7 @@ live in memory and die with their objects; with one, each device endpoint
 lives in its own file (:mod:`.statefile`) and survives its process.
 
 Invariants: a destination inherits its source's size, page size,
-capabilities and seed unless its table says otherwise; a pair whose stream
+capabilities, seed, model and firmware unless its table says otherwise; a pair whose stream
 could not load (sizes or pages differ), or a persistent device whose seed
 its file cannot record, is refused before any device is opened.
 """
@@ -27,7 +27,7 @@ from orchestrator.errors import Problem
 from orchestrator.states import Capabilities, Side
 
 #: What a destination table inherits from its source when it omits them.
-_INHERITED = ("state_mib", "page_kib", "p2p", "pre_copy", "seed")
+_INHERITED = ("state_mib", "page_kib", "p2p", "pre_copy", "seed", "model", "firmware")
 
 
 def _params(params: BaseModel) -> SimulatedParams:
@@ -56,6 +56,7 @@ class SimulatedBackend(Backend):
 
     name: ClassVar[str] = "simulated"
     params_model: ClassVar[type[BaseModel]] = SimulatedParams
+    identity_fields: ClassVar[tuple[str, ...]] = ("firmware", "migration", "model")
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.state_dir = state_dir

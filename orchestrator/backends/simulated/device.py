@@ -101,6 +101,7 @@ from orchestrator.backends.simulated.statefile import (
     _StateFile,
 )
 from orchestrator.backends.simulated.stream import _BadStream, _Loader, _Saver, full_stream_bound
+from orchestrator.compat import Identity
 from orchestrator.errors import DeviceError
 from orchestrator.states import (
     RUNNING_STATES,
@@ -395,6 +396,11 @@ class SimulatedDevice(Device):
                 self._pages.view = memoryview(b"")
                 self._content = bytearray()
                 file.close()
+
+    async def device_identity(self) -> Identity:
+        """Its model and firmware, as its table gives them (``SimulatedParams.identity``)."""
+        await trio.lowlevel.checkpoint()
+        return self.params.identity
 
     async def state_digest(self) -> str:
         """The state digest (see the module docstring); unlike other calls, still

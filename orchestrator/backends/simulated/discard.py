@@ -20,6 +20,7 @@ import trio
 from orchestrator.backends import precise_sleep
 from orchestrator.backends.base import Device, PrecopyInfo, StreamChunk
 from orchestrator.backends.simulated.params import MIB, SimulatedParams
+from orchestrator.compat import Identity
 from orchestrator.states import Capabilities, DeviceState, Side, arcs
 
 __all__ = ["DiscardDevice"]
@@ -52,6 +53,11 @@ class DiscardDevice(Device):
         self._check_live("open", opening=True)
         self._open = True
         return self._capabilities
+
+    async def device_identity(self) -> Identity:
+        """Its model and firmware, as its table gives them (``SimulatedParams.identity``)."""
+        await trio.lowlevel.checkpoint()
+        return self.params.identity
 
     async def get_state(self) -> DeviceState:
         await trio.lowlevel.checkpoint()

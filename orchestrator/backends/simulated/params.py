@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from orchestrator.backends.simulated.faults import FaultSpec, arc_names
+from orchestrator.compat import CAPABILITIES_FIELD, FieldValue, Identity, capability_names
 from orchestrator.states import Capabilities, MigrationFlags, arcs
 
 MIB = 1 << 20
@@ -79,6 +80,19 @@ class SimulatedParams(BaseModel):
         "engine asks twice a round, as the round begins and as it ends).",
     )
     seed: int = Field(default=0, description="Seed of the initial content and of the dirtying.")
+    model: str = Field(
+        default="sim",
+        min_length=1,
+        max_length=128,
+        description="The device's model, part of its identity (a destination of another model "
+        "refuses the migration unless accepted).",
+    )
+    firmware: str = Field(
+        default="1.0",
+        min_length=1,
+        max_length=128,
+        description="The device's firmware version, part of its identity.",
+    )
     fault: FaultSpec | None = Field(default=None, description="A fault to inject, if any.")
     discard: bool = Field(
         default=False,
@@ -151,6 +165,16 @@ class SimulatedParams(BaseModel):
         flags = _flags(p2p=self.p2p, pre_copy=self.pre_copy)
         reinit = self.precopy_reinit and self.pre_copy
         return Capabilities(flags, stop_copy_size=True, dirty_logging=False, precopy_reinit=reinit)
+
+    @property
+    def identity(self) -> Identity:
+        """What a simulated device is: its model, firmware and capabilities."""
+        fields: dict[str, FieldValue] = {
+            "model": self.model,
+            "firmware": self.firmware,
+            CAPABILITIES_FIELD: capability_names(self.capabilities),
+        }
+        return Identity("simulated", self.model, fields)
 
 
 def _flags(*, p2p: bool, pre_copy: bool) -> MigrationFlags:
