@@ -16,8 +16,9 @@ import trio
 from pydantic import ValidationError
 
 from orchestrator.control import Control, ControlRefused, ControlRequest
+from orchestrator.convergence import Remaining, decide_precopy
 from orchestrator.engine import Migration, TraceEvent
-from orchestrator.flow import Phase, Remaining, decide_precopy
+from orchestrator.flow import Phase
 from orchestrator.transport import RateLimiter
 from tests.helpers import make_plan, make_resolved, sim_device
 from tests.invariants import check_all

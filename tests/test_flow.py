@@ -13,13 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from orchestrator.convergence import Remaining, decide_precopy
 from orchestrator.errors import PlanError, ProtocolViolation
 from orchestrator.flow import (
     MigrationFlow,
     Phase,
-    Remaining,
     check_capabilities,
-    decide_precopy,
     destination_route,
     source_route,
 )

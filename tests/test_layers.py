@@ -8,6 +8,7 @@ import sys
 import pytest
 
 PURE = [
+    "orchestrator.convergence",
     "orchestrator.states",
     "orchestrator.compat",
     "orchestrator.flow",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from orchestrator.flow import PrecopyDecision, Remaining
+from orchestrator.convergence import PrecopyDecision, Remaining
 
 if TYPE_CHECKING:
     from orchestrator.engine.precopy import PrecopyRounds

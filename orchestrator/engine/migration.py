@@ -44,6 +44,7 @@ from orchestrator.control import (
     with_limits,
     with_switchover_forced,
 )
+from orchestrator.convergence import Remaining
 from orchestrator.engine.allowance import OverBudget
 from orchestrator.engine.budget import DowntimeBudget
 from orchestrator.engine.control import LiveControl
@@ -63,7 +64,7 @@ from orchestrator.engine.source import SourceHalf
 from orchestrator.engine.trace import Observer, Trace, TraceEvent
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError, PlanError
-from orchestrator.flow import MigrationFlow, Phase, Remaining
+from orchestrator.flow import MigrationFlow, Phase
 from orchestrator.report import CompatibilityReport, ErrorInfo, MigrationReport
 from orchestrator.resolve import ResolvedPlan
 from orchestrator.states import Capabilities, DeviceState, Side

@@ -33,10 +33,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.convergence import Remaining
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import DeviceDriver
 from orchestrator.engine.trace import TraceEvent
-from orchestrator.flow import MigrationFlow, Remaining
+from orchestrator.flow import MigrationFlow
 from orchestrator.states import DeviceState, Side, path
 
 __all__ = [

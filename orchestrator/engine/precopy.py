@@ -3,7 +3,7 @@
 The last device to report a round calls :meth:`PrecopyRounds.decide`: the
 bandwidth is what crossed to the destination (not what the kernel still
 holds) over the time the rounds took, capped by the limit in force; the
-decision is ``flow.decide_precopy``'s, recorded in the report and the trace.
+decision is ``convergence.decide_precopy``'s, recorded in the report and the trace.
 The limits are the ones in force at the decision (``LiveControl``: an
 operator may change them, or force the switchover, while the rounds run).
 """
@@ -15,12 +15,13 @@ from collections.abc import Mapping
 
 import trio
 
+from orchestrator.convergence import PrecopyDecision, Remaining, decide_precopy
 from orchestrator.engine.control import LiveControl
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import EngineContext
 from orchestrator.engine.model import DowntimeModel, Forecast
 from orchestrator.engine.recorder import Recorder
-from orchestrator.flow import MigrationFlow, Phase, PrecopyDecision, Remaining, decide_precopy
+from orchestrator.flow import MigrationFlow, Phase
 
 __all__ = ["PrecopyRounds"]
 

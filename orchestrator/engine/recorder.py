@@ -22,9 +22,10 @@ from typing import Any
 
 import trio
 
+from orchestrator.convergence import Remaining
 from orchestrator.engine.devices import EngineContext
 from orchestrator.engine.trace import TraceEvent
-from orchestrator.flow import Phase, Remaining
+from orchestrator.flow import Phase
 from orchestrator.report import BarrierReport, InitialReturn, PrecopyReport
 from orchestrator.states import RUNNING_STATES, DeviceState, Side
 

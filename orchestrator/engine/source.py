@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator
 import trio
 
 from orchestrator.backends.base import PrecopyInfo
+from orchestrator.convergence import Remaining
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import DeviceDriver, DeviceFailure
 from orchestrator.engine.gates import Switchover
 from orchestrator.engine.recorder import Recorder
 from orchestrator.engine.vcpus import Vcpus
 from orchestrator.errors import PeerError, ProtocolViolation
-from orchestrator.flow import Remaining, RollbackPlan
+from orchestrator.flow import RollbackPlan
 from orchestrator.report import ErrorInfo
 from orchestrator.states import DeviceState, Side
 from orchestrator.transport import StreamSender
