@@ -98,7 +98,11 @@ class Identity:
         for name, value in fields.items():
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 values[str(name)] = tuple(value)
-            elif isinstance(value, (int, str)) and not isinstance(value, bool):
+            elif isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value < 1 << 64:
+                    raise TypeError(f"identity field {name!r}: {value} is out of range")
+                values[str(name)] = value
+            elif isinstance(value, str):
                 values[str(name)] = value
             else:
                 raise TypeError(f"identity field {name!r}: {value!r} is not a number or text")
@@ -185,6 +189,8 @@ class CompatRule(BaseModel):
         if self.values is not None and value not in self.values:
             return False
         key = version_key(value)
+        if (self.min is not None or self.max is not None) and (not key or key[0][0] != 0):
+            return False  # "unknown", "N/A", "": no version, inside no range
         if self.min is not None and key < version_key(self.min):
             return False
         return self.max is None or key <= version_key(self.max)
@@ -242,6 +248,14 @@ def rule_problems(
                     f"{where}.backend",
                     f"unknown backend {rule.backend!r} "
                     f"(known: {', '.join(sorted(fields_by_backend))})",
+                )
+            )
+        elif rule.field in (CAPABILITIES_FIELD, FEATURES_FIELD):
+            problems.append(
+                Problem(
+                    f"{where}.field",
+                    f"{rule.field!r} is compared for compatibility (the destination must "
+                    "offer what the source uses), never by rules",
                 )
             )
         elif rule.field not in known:
@@ -367,6 +381,7 @@ def compare(
     ``accept_differences`` for the device; ``policy``: the daemon's ``[compat]``.
     """
     verdict = Verdict()
+    by: str | None
     if source.backend != destination.backend:
         verdict.mismatches.append(Mismatch(device, "backend", source.backend, destination.backend))
         return verdict
@@ -380,12 +395,20 @@ def compare(
         if src == dst:
             continue
         if src is None or dst is None:
-            # One end could not tell (a handed-over device its host cannot trace):
-            # unknown is not a difference, and the report says it was not compared.
+            # One end could not tell (a handed-over device its host cannot trace, or
+            # a peer that left it out): an unknown is no proof of a match, so it is
+            # refused unless the plan accepts the field; the report says it was
+            # not compared.
             side = "source" if dst is None else "destination"
             verdict.unknown.append(f"device {device!r}: {name} known on the {side} only")
+            if name in accept:
+                by = "the plan's accept_differences"
+                verdict.accepted.append(Accepted(device, name, src, dst, by))
+            else:
+                why = f"known on the {side} only: the other end cannot tell"
+                verdict.mismatches.append(Mismatch(device, name, src, dst, why))
             continue
-        by: str | None = None
+        by = None
         if name in accept:
             by = "the plan's accept_differences"
         elif policy is not None:

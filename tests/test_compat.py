@@ -52,13 +52,38 @@ def test_equal_identities_pass_and_a_difference_names_device_field_and_values() 
     assert [m.field for m in two.mismatches] == ["firmware", "model"]
 
 
-def test_a_field_one_end_cannot_read_is_not_compared() -> None:
-    # A handed-over device its host cannot trace to sysfs reports no mdev type.
+def test_a_field_one_end_cannot_read_is_refused_unless_the_plan_accepts_it() -> None:
+    # A handed-over device its host cannot trace to sysfs reports no mdev type: its
+    # config-space IDs are every mtty type's, so nothing proves the two match.
     source = Identity("vfio", "mtty-1", {"mdev_type": "mtty-1", "vendor": "0x4348"})
     destination = Identity("vfio", "0x4348:0x3253", {"vendor": "0x4348"})
     verdict = compare("tty0", source, destination)
-    assert verdict.mismatches == []
+    (mismatch,) = verdict.mismatches
+    assert mismatch.message == (
+        "device 'tty0': mdev_type differs: source 'mtty-1', destination none "
+        "(known on the source only: the other end cannot tell)"
+    )
     assert verdict.unknown == ["device 'tty0': mdev_type known on the source only"]
+    # A peer that leaves fields out cannot make the check vacuous either.
+    bare = Identity("simulated", "h100", {})
+    assert {m.field for m in compare("gpu0", sim(), bare).mismatches} == {"model", "firmware"}
+    accepted = compare("tty0", source, destination, accept=["mdev_type"])
+    assert accepted.mismatches == [] and accepted.accepted[0].by.startswith("the plan's")
+
+
+def test_a_peer_s_identity_numbers_must_be_in_range() -> None:
+    for bad in (-1, 1 << 64):
+        with pytest.raises(TypeError, match="out of range"):
+            Identity.from_json({"backend": "vhost_vdpa", "model": "1", "fields": {"features": bad}})
+
+
+def test_a_version_range_holds_no_value_without_a_version() -> None:
+    rule = CompatRule(backend="simulated", field="firmware", min="535.0")
+    for value in ("unknown", "N/A", "", "-"):
+        assert not rule.accepts("535.54", value), value
+    assert rule.accepts("535.54", "550.1")
+    only_max = CompatRule(backend="simulated", field="firmware", max="2.0")
+    assert not only_max.accepts("1.0", "")
 
 
 def test_the_plan_accepts_the_fields_it_names() -> None:
@@ -144,6 +169,10 @@ def test_a_rule_says_what_it_accepts() -> None:
     )
     problems = rule_problems(policy, {"simulated": ("firmware", "model")})
     assert [p.path for p in problems] == ["compat.rules[1].backend", "compat.rules[2].field"]
+    rule = CompatRule(backend="simulated", field="migration", values=["STOP_COPY"])
+    migration = CompatSettings(rules=[rule])
+    (problem,) = rule_problems(migration, {"simulated": ("firmware", "migration")})
+    assert problem.path == "compat.rules[0].field" and "never by rules" in problem.message
     assert "simulated devices report no field 'colour' (they report firmware, model)" in str(
         problems[1]
     )
@@ -352,3 +381,23 @@ async def test_a_destination_before_identities_is_not_compared_and_says_so(
         assert status["outcome"] == "succeeded", report
         assert report["compatibility"]["checked"] is False
         assert any("identities were not compared" in note for note in report["notes"])
+
+
+async def test_a_destination_that_reports_no_identity_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A null in a peer's prepare answer (a bug, or a hostile peer) proves no match."""
+    from orchestrator.engine.devices import DeviceDriver
+    from orchestrator.states import Side
+
+    real = DeviceDriver.identity
+
+    async def none_on_the_destination(self: DeviceDriver, side: Side, name: str) -> Any:
+        return None if side is Side.DESTINATION else await real(self, side, name)
+
+    monkeypatch.setattr(DeviceDriver, "identity", none_on_the_destination)
+    m = Migration(make_resolved([sim_device("gpu0")]))
+    report = await m.run()
+    assert report.outcome == "refused"
+    assert report.error is not None and "the destination reported none" in report.error.message
+    assert not [e for e in m.trace if e.kind == "arc_begin"]

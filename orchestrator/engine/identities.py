@@ -11,7 +11,7 @@ needs, the plan's ``accept_differences``, the coordinating daemon's
 
 from __future__ import annotations
 
-from orchestrator.compat import CompatSettings, Identity, compare_all, route_needs
+from orchestrator.compat import CompatSettings, Identity, Mismatch, compare_all, route_needs
 from orchestrator.engine.destination import Destination
 from orchestrator.engine.devices import EngineContext, MigrationAborted
 from orchestrator.flow import MigrationFlow
@@ -50,18 +50,27 @@ class IdentityCheck:
             return
         accept = {spec.name: spec.accept_differences for spec in self.ctx.plan.devices}
         pairs = []
+        absent: list[Mismatch] = []
         for name in names:
             src, dst = self.source.get(name), theirs.get(name)
             record.identities[name] = {
                 "source": src.as_json() if src is not None else None,
                 "destination": dst.as_json() if dst is not None else None,
             }
-            if src is None or dst is None:
+            if src is None and dst is None:
                 continue  # a backend that reports none: the flow's checks are all there is
+            if src is None or dst is None:
+                # One end reported an identity, the other none: nothing proves a match.
+                missing = "source" if src is None else "destination"
+                absent.append(
+                    Mismatch(name, "identity", None, None, f"the {missing} reported none")
+                )
+                continue
             route = flow.endpoint(Side.SOURCE, name).route
             needs = route_needs(precopy=route.precopy is not None, grace=route.grace is not None)
             pairs.append((name, src, dst, needs, accept.get(name, [])))
         verdict = compare_all(pairs, self.compat)
+        verdict.mismatches[:0] = absent
         record.accepted = [a.as_json() for a in verdict.accepted]
         record.mismatches = [m.message for m in verdict.mismatches]
         record.not_compared = list(verdict.unknown)
