@@ -168,8 +168,12 @@ def test_a_vdpa_nic_migrates_with_its_ring_positions_and_no_frame_twice(
         assert guest.owners["destination"].requests == ["set_bases", "enable"]
 
         # The destination runs from the source's ring positions; the source stays stopped.
+        # vdpa_sim may already have taken the queued frame as it resumed (a kick that
+        # reached it while suspended is processed then), so its rings stand at the
+        # source's or one frame further; where they started, and that no frame went
+        # twice, the counts below prove.
         assert destination.status() == source.status() == 0x0F
-        assert guest.bases(destination) == at_suspend
+        assert guest.bases(destination) in (at_suspend, (at_suspend[0] + 1, at_suspend[1] + 1))
         # It never negotiated: the record brought the source's features (the kernel's
         # own account, through the vdpa tool's netlink, not the VMM's).
         assert negotiated("vdpa-dst") == negotiated("vdpa-src") != []
