@@ -179,28 +179,13 @@ def check_capabilities(
                     "for the grace barriers to mean the same on both hosts",
                 )
             )
-    lacking = _lacking_p2p(plan, capabilities)
-    if len(lacking) > 1:
-        names = ", ".join(repr(n) for n in lacking)
-        problems.append(
-            Problem(
-                f"devices[{index.get(lacking[0], 0)}]",
-                f"devices {names} have no P2P (NDMA) states: one such device can join "
-                "the P2P set by order (it stops after its peers enter their grace states "
-                "and runs before they leave them), but with two no order helps, since each "
-                "could DMA into the other while it is stopped; the plan must declare "
-                "p2p = false (the VM uses no peer-to-peer DMA between its devices) or "
-                "migrate at most one device without P2P",
-            )
-        )
+    problems.extend(_unorderable(plan, _lacking_p2p(plan, capabilities)))
     return problems
 
 
-def _lacking_p2p(
-    plan: Plan, capabilities: Mapping[str, tuple[Capabilities, Capabilities]]
-) -> list[str]:
-    """The devices of a multi-device P2P plan without the P2P states at either end,
-    in plan order."""
+def _lacking_p2p(plan: Plan, capabilities: Mapping[str, tuple[Capabilities, ...]]) -> list[str]:
+    """The devices of a multi-device P2P plan without the P2P states at an end (of
+    those whose capabilities are known), in plan order."""
     if len(plan.devices) < 2 or not plan.p2p:
         return []
     return [
@@ -210,13 +195,30 @@ def _lacking_p2p(
     ]
 
 
+def _unorderable(plan: Plan, lacking: list[str]) -> list[Problem]:
+    """The refusal of two or more devices without P2P: no order makes them safe."""
+    if len(lacking) < 2:
+        return []
+    index = {spec.name: i for i, spec in enumerate(plan.devices)}
+    names = ", ".join(repr(n) for n in lacking)
+    return [
+        Problem(
+            f"devices[{index.get(lacking[0], 0)}]",
+            f"devices {names} have no P2P (NDMA) states: one such device can join "
+            "the P2P set by order (it stops after its peers enter their grace states "
+            "and runs before they leave them), but with two no order helps, since each "
+            "could DMA into the other while it is stopped; the plan must declare "
+            "p2p = false (the VM uses no peer-to-peer DMA between its devices) or "
+            "migrate at most one device without P2P",
+        )
+    ]
+
+
 def ordered_device(plan: Plan, capabilities: Mapping[str, Capabilities]) -> str | None:
     """The VM's ordered device: the one device without P2P of a multi-device
     plan that does not declare ``p2p = false`` (it takes part in the barriers
     by order); None when there is none."""
-    if len(plan.devices) < 2 or not plan.p2p:
-        return None
-    lacking = [spec.name for spec in plan.devices if not capabilities[spec.name].p2p]
+    lacking = _lacking_p2p(plan, {n: (c,) for n, c in capabilities.items()})
     return lacking[0] if len(lacking) == 1 else None
 
 
@@ -399,11 +401,9 @@ class MigrationFlow:
         refuses (PlanError) what no order could make safe here either: two
         devices without P2P among P2P peers.
         """
-        problems = [
-            p
-            for p in check_capabilities(plan, {n: (c, c) for n, c in capabilities.items()})
-            if "no order helps" in p.message
-        ]
+        problems = _unorderable(
+            plan, _lacking_p2p(plan, {n: (c,) for n, c in capabilities.items()})
+        )
         if problems:
             raise PlanError(problems)
         flow = cls(plan)

@@ -137,8 +137,12 @@ class BearerAuth:
         path = scope["path"]
         roles = self._roles(credentials)
         if not roles:
-            scoped = self._scoped is not None and scope["method"] in ("GET", "HEAD")
-            if scoped and self._scoped is not None and self._scoped(path, credentials):
+            scoped = self._scoped
+            if (
+                scoped is not None
+                and scope["method"] in ("GET", "HEAD")
+                and scoped(path, credentials)
+            ):
                 await self.app(scope, receive, send)
                 return
             await send_error(send, 403, "forbidden", "the bearer token is not valid")
